@@ -1,0 +1,204 @@
+"""The one definition of a view: crop box, flip and patch masks (METHOD.md, "Views and masks").
+
+Every random draw that extraction and training must agree on is made here, from a
+counter-based generator: a value is a hash of its keys, never the next output of a
+stateful stream. So a draw depends only on (seed, image index, view, role[, teacher])
+or (seed, image index, epoch), and not on batch order, worker count, world size or
+machine. Everything is vectorised numpy on ``uint64`` (wrap-around arithmetic is the
+point of the hash), so a batch of a few thousand indices costs well under a millisecond
+per index.
+
+Roles keep the streams of different quantities apart:
+  crop (area, ratio, top, left; 10 attempts), flip, teacher mask, student mask.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+GRID = 14                      # 224 / 16
+NUM_PATCHES = GRID * GRID      # 196
+STUDENT_VISIBLE = 49           # 25% of 196
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
+
+# Teacher ids are part of the mask key; never renumber them.
+TEACHER_IDS = {"mae": 0, "mocov3": 1, "ibot": 2, "dino": 3}
+# Fraction of patches masked per teacher (paper: 0.50 / 0.40 / 0.30; dino is our choice).
+MASK_RATIOS = {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40}
+
+_ROLE_CROP, _ROLE_FLIP, _ROLE_TEACHER, _ROLE_STUDENT = 1, 2, 3, 4
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijective avalanche on uint64 arrays (wrapping multiply)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * _M1
+        x = x ^ (x >> np.uint64(27))
+        x = x * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def hash_keys(*keys) -> np.ndarray:
+    """Hash integer keys (scalars or broadcastable arrays, all >= 0) to uint64.
+
+    ``hash_keys(a, b, c)[j] == hash_keys(a[j], b[j], c[j])`` for every j: the value of
+    one element never depends on the other elements of a batch.
+    """
+    h = np.zeros((), dtype=np.uint64)
+    for k in keys:
+        k = np.asarray(k)
+        if k.dtype.kind not in "iu":
+            raise TypeError(f"hash keys must be integers, got {k.dtype}")
+        if k.dtype.kind == "i" and k.size and k.min() < 0:
+            raise ValueError("hash keys must be non-negative")
+        with np.errstate(over="ignore"):
+            h = _mix(h ^ _mix(k.astype(np.uint64) + _GOLDEN))
+    return h
+
+
+def uniform(*keys) -> np.ndarray:
+    """Uniform float64 in [0, 1) from the keys: (broadcast shape of keys,)."""
+    return (hash_keys(*keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _as_index(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got {x.dtype}")
+    return x.astype(np.int64)
+
+
+def view_params(seed: int, indices, views, widths, heights, *,
+                scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[np.ndarray, np.ndarray]:
+    """RandomResizedCrop box and horizontal flip of view ``v`` of image ``i``.
+
+    Args:
+        seed: int, the run's root seed.
+        indices: (B,) int, global image indices.
+        views: (B,) int (or a scalar), view numbers.
+        widths, heights: (B,) int, original image sizes in pixels.
+    Returns:
+        boxes: (B, 4) int64 ``[x, y, w, h]`` in original pixels (0 <= x, x + w <= W).
+        flips: (B,) bool.
+
+    The algorithm is torchvision's RandomResizedCrop.get_params (10 attempts of a
+    random area in ``scale`` and log-uniform aspect ratio in ``ratio``, else a centre
+    crop clamped to the ratio bounds), with every draw taken from the hash of
+    (seed, index, view, role, attempt) instead of a global generator.
+    """
+    idx = _as_index(indices, "indices")
+    view = np.broadcast_to(_as_index(views, "views"), idx.shape)
+    W = np.broadcast_to(np.asarray(widths, dtype=np.int64), idx.shape)
+    H = np.broadcast_to(np.asarray(heights, dtype=np.int64), idx.shape)
+    if idx.size and (W.min() < 1 or H.min() < 1):
+        raise ValueError("image sizes must be positive")
+    base = (seed, idx[:, None], view[:, None], _ROLE_CROP)
+    attempt = np.arange(CROP_ATTEMPTS, dtype=np.int64)[None, :] * 4
+    u_area, u_ratio, u_top, u_left = (uniform(*base, attempt + j) for j in range(4))
+
+    area = (W * H).astype(np.float64)[:, None]
+    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    ok = (w > 0) & (h > 0) & (w <= W[:, None]) & (h <= H[:, None])
+    top = np.floor(u_top * (H[:, None] - h + 1)).astype(np.int64)
+    left = np.floor(u_left * (W[:, None] - w + 1)).astype(np.int64)
+
+    first = np.argmax(ok, axis=1)
+    rows = np.arange(idx.size)
+    bw, bh = w[rows, first], h[rows, first]
+    bx, by = left[rows, first], top[rows, first]
+
+    # Fallback: centre crop with the aspect ratio clamped to the bounds.
+    none_ok = ~ok.any(axis=1)
+    if none_ok.any():
+        Wf, Hf = W[none_ok], H[none_ok]
+        in_ratio = Wf / Hf
+        fw = np.where(in_ratio < ratio[0], Wf,
+                      np.where(in_ratio > ratio[1], np.rint(Hf * ratio[1]).astype(np.int64), Wf))
+        fh = np.where(in_ratio < ratio[0], np.rint(Wf / ratio[0]).astype(np.int64),
+                      np.where(in_ratio > ratio[1], Hf, Hf))
+        bw[none_ok], bh[none_ok] = fw, fh
+        bx[none_ok], by[none_ok] = (Wf - fw) // 2, (Hf - fh) // 2
+
+    boxes = np.stack([bx, by, bw, bh], axis=1).astype(np.int64)
+    flips = uniform(seed, idx, view, _ROLE_FLIP) < 0.5
+    return boxes, flips
+
+
+def _random_subset(h: np.ndarray, n: int) -> np.ndarray:
+    """Rows of uint64 hashes (B, P) -> (B, n) int64: the n smallest, ascending ids."""
+    order = np.argsort(h, axis=1, kind="stable")[:, :n]
+    return np.sort(order, axis=1).astype(np.int64)
+
+
+def num_visible(mask_ratio: float, num_patches: int = NUM_PATCHES) -> int:
+    """round((1 - r) * P): 98 / 118 / 137 of 196 for r = 0.5 / 0.4 / 0.3."""
+    return int(round((1.0 - mask_ratio) * num_patches))
+
+
+def teacher_id(teacher) -> int:
+    if isinstance(teacher, (int, np.integer)):
+        return int(teacher)
+    try:
+        return TEACHER_IDS[teacher]
+    except KeyError:
+        raise KeyError(f"unknown teacher {teacher!r}; known: {sorted(TEACHER_IDS)}") from None
+
+
+def teacher_visible(seed: int, indices, views, teacher, *, mask_ratio: float | None = None,
+                    num_patches: int = NUM_PATCHES) -> np.ndarray:
+    """Visible patch ids of ``teacher`` for (image, view).
+
+    Args:
+        indices: (B,) int; views: (B,) int or scalar; teacher: name or id.
+        mask_ratio: fraction masked; defaults to MASK_RATIOS[teacher].
+    Returns: (B, n_k) int64 ascending in [0, num_patches), n_k = num_visible(mask_ratio).
+    """
+    idx = _as_index(indices, "indices")
+    view = np.broadcast_to(_as_index(views, "views"), idx.shape)
+    tid = teacher_id(teacher)
+    if mask_ratio is None:
+        if not isinstance(teacher, str):
+            raise ValueError("mask_ratio is required when the teacher is given by id")
+        mask_ratio = MASK_RATIOS[teacher]
+    patch = np.arange(num_patches, dtype=np.int64)[None, :]
+    h = hash_keys(seed, idx[:, None], view[:, None], _ROLE_TEACHER, tid, patch)
+    return _random_subset(h, num_visible(mask_ratio, num_patches))
+
+
+def student_visible(seed: int, indices, epoch: int, *, n_visible: int = STUDENT_VISIBLE,
+                    num_patches: int = NUM_PATCHES) -> np.ndarray:
+    """The student's visible patch ids for (image, epoch): (B, n_visible) int64 ascending."""
+    idx = _as_index(indices, "indices")
+    ep = np.broadcast_to(_as_index(epoch, "epoch"), idx.shape)
+    if not 0 < n_visible <= num_patches:
+        raise ValueError(f"n_visible must be in (0, {num_patches}], got {n_visible}")
+    patch = np.arange(num_patches, dtype=np.int64)[None, :]
+    h = hash_keys(seed, idx[:, None], ep[:, None], _ROLE_STUDENT, patch)
+    return _random_subset(h, n_visible)
+
+
+def epoch_view(indices, epoch: int, num_views: int) -> np.ndarray:
+    """View used for image i at epoch e: (e + i) mod V. (B,) int64."""
+    return (_as_index(indices, "indices") + int(epoch)) % int(num_views)
+
+
+def slot_of(indices, views, num_views: int) -> np.ndarray:
+    """Storage slot of (i, v): s = (v - i) mod V, so epoch e reads slot e mod V only."""
+    return (_as_index(views, "views") - _as_index(indices, "indices")) % int(num_views)
+
+
+def view_of_slot(indices, slot: int, num_views: int) -> np.ndarray:
+    """Inverse of ``slot_of``: the view of image i held in slot s, (s + i) mod V."""
+    return (_as_index(indices, "indices") + int(slot)) % int(num_views)
