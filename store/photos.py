@@ -1,0 +1,171 @@
+"""A small ImageFolder tree of real photographs, for tests and the demo.
+
+The photos are scikit-image's bundled samples (``skimage.data``: astronaut, coffee,
+chelsea, rocket, camera, coins, ...), downscaled so that the long side is at most
+``max_side`` pixels and saved in a deliberate mix of the formats and PIL modes that a
+real ImageNet-style tree contains and that the decoders must handle:
+
+=========  =============================  =====  ======
+class      file                           mode   format
+=========  =============================  =====  ======
+animals    chelsea.jpg                    RGB    JPEG
+animals    cat_portrait_cmyk.jpg          CMYK   JPEG
+animals    horse.png                      L      PNG
+objects    coffee.jpg                     RGB    JPEG
+objects    rocket_portrait.jpg            RGB    JPEG
+objects    logo_rgba.png                  RGBA   PNG
+objects    clock_gray.jpg                 L      JPEG
+objects    colorwheel_palette.png         P      PNG
+science    hubble.jpg                     RGB    JPEG
+science    immunohistochemistry.png       RGB    PNG
+science    coins.png                      L      PNG
+science    text_la.png                    LA     PNG
+science    microaneurysms_small.jpg       L      JPEG
+=========  =============================  =====  ======
+
+Aspect ratios vary (landscape, portrait, square, a small 64 px image). Every file is
+encoded deterministically, so the same call writes byte-identical files.
+With ``copies > 1`` each photo is also written as ``copies - 1`` further variants
+(``name_c01.jpg``, ...), each a different deterministic crop of the same photo, for a
+demo that wants more than 13 images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["PHOTOS", "write_photo_tree"]
+
+
+def _rgb(name: str) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        import skimage.data
+
+        return Image.fromarray(getattr(skimage.data, name)())
+
+    return load
+
+
+def _gray(name: str) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        import skimage.data
+
+        array = getattr(skimage.data, name)()
+        if array.dtype == bool:
+            array = np.where(array, 255, 0).astype(np.uint8)
+        return Image.fromarray(array, mode="L") if array.ndim == 2 else Image.fromarray(array).convert("L")
+
+    return load
+
+
+def _portrait(load: Callable[[], Image.Image]) -> Callable[[], Image.Image]:
+    """Central crop to a 2:3 portrait of a landscape photo."""
+
+    def crop() -> Image.Image:
+        image = load()
+        w, h = image.size
+        new_w = min(w, (2 * h) // 3)
+        left = (w - new_w) // 2
+        return image.crop((left, 0, left + new_w, h))
+
+    return crop
+
+
+def _with_alpha(load: Callable[[], Image.Image]) -> Callable[[], Image.Image]:
+    """Grayscale photo plus a radial alpha ramp: an LA image."""
+
+    def make() -> Image.Image:
+        gray = load().convert("L")
+        w, h = gray.size
+        yy, xx = np.mgrid[0:h, 0:w]
+        r = np.hypot((xx - w / 2) / (w / 2), (yy - h / 2) / (h / 2))
+        alpha = Image.fromarray(np.clip(255 * (1.2 - r), 0, 255).astype(np.uint8), mode="L")
+        return Image.merge("LA", (gray, alpha))
+
+    return make
+
+
+# (class, stem, loader, PIL mode to store, PIL format, file extension)
+PHOTOS: list[tuple[str, str, Callable[[], Image.Image], str, str, str]] = [
+    ("animals", "chelsea", _rgb("chelsea"), "RGB", "JPEG", "jpg"),
+    ("animals", "cat_portrait_cmyk", _portrait(_rgb("cat")), "CMYK", "JPEG", "jpg"),
+    ("animals", "horse", _gray("horse"), "L", "PNG", "png"),
+    ("objects", "coffee", _rgb("coffee"), "RGB", "JPEG", "jpg"),
+    ("objects", "rocket_portrait", _portrait(_rgb("rocket")), "RGB", "JPEG", "jpg"),
+    ("objects", "logo_rgba", _rgb("logo"), "RGBA", "PNG", "png"),
+    ("objects", "clock_gray", _gray("clock"), "L", "JPEG", "jpg"),
+    ("objects", "colorwheel_palette", _rgb("colorwheel"), "P", "PNG", "png"),
+    ("science", "hubble", _rgb("hubble_deep_field"), "RGB", "JPEG", "jpg"),
+    ("science", "immunohistochemistry", _rgb("immunohistochemistry"), "RGB", "PNG", "png"),
+    ("science", "coins", _gray("coins"), "L", "PNG", "png"),
+    ("science", "text_la", _with_alpha(_gray("text")), "LA", "PNG", "png"),
+    ("science", "microaneurysms_small", _gray("microaneurysms"), "L", "JPEG", "jpg"),
+]
+_SMALL_SIDE = {"microaneurysms_small": 64}
+
+
+def _variant_crop(image: Image.Image, copy: int) -> Image.Image:
+    """Copy 0 is the whole photo; copy c > 0 a deterministic crop of 60-95% of each side."""
+    if copy == 0:
+        return image
+    w, h = image.size
+    frac_w = 0.60 + 0.35 * ((copy * 0.618034) % 1.0)
+    frac_h = 0.60 + 0.35 * ((copy * 0.414214) % 1.0)
+    cw, ch = max(8, int(w * frac_w)), max(8, int(h * frac_h))
+    left = int((w - cw) * ((copy * 0.754878) % 1.0))
+    top = int((h - ch) * ((copy * 0.569840) % 1.0))
+    return image.crop((left, top, left + cw, top + ch))
+
+
+def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    w, h = image.size
+    scale = max_side / max(w, h)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    if mode == "P":
+        return image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    if mode == "RGBA" and image.mode != "RGBA":
+        return image.convert("RGBA")
+    return image.convert(mode)
+
+
+def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progress: bool = False) -> Path:
+    """Write the ImageFolder tree described in this module's docstring under ``out``.
+
+    Args:
+        out: root folder; created if missing. Existing files of the same names are overwritten.
+        max_side: the long side of each photo is downscaled to at most this many pixels.
+        copies: number of versions of each photo (1: the photo only; c > 1 adds c - 1 crops).
+        progress: show a tqdm bar.
+    Returns:
+        ``out`` as a Path: ``out/<class>/<stem>[_cNN].<ext>``.
+    """
+    from tqdm import tqdm
+
+    if max_side < 16:
+        raise ValueError(f"write_photo_tree: max_side must be >= 16, got {max_side}")
+    if copies < 1:
+        raise ValueError(f"write_photo_tree: copies must be >= 1, got {copies}")
+    out = Path(out)
+    jobs = [(photo, c) for photo in PHOTOS for c in range(copies)]
+    cache: dict[str, Image.Image] = {}
+    for (cls, stem, load, mode, fmt, ext), copy in tqdm(jobs, desc="photos", unit="img", disable=not progress):
+        if stem not in cache:
+            cache[stem] = load()
+        image = _variant_crop(cache[stem], copy)
+        image = _fit(image, min(max_side, _SMALL_SIDE.get(stem, max_side)))
+        image = _to_mode(image, mode)
+        folder = out / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        name = stem if copy == 0 else f"{stem}_c{copy:02d}"
+        options = {"quality": 90} if fmt == "JPEG" else {"optimize": False}
+        image.save(folder / f"{name}.{ext}", format=fmt, **options)
+    return out

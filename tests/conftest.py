@@ -1,0 +1,33 @@
+"""Session-wide fixtures shared by every test package.
+
+- ``photo_tree``: an ImageFolder tree of 13 real photos (scikit-image samples) in
+  3 classes, mixing RGB/CMYK/grayscale JPEG and RGB/RGBA/L/LA/palette PNG, long side
+  at most 256 px (see ``store/photos.py`` for the exact list).
+- ``prepared_data``: that tree packed by ``store.shards.prepare`` with
+  ``shard_size=5`` (3 shards: 5 + 5 + 3 samples, the last one partial).
+
+Both are built once per session and must be treated as read-only by tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def photo_tree(tmp_path_factory) -> Path:
+    """ImageFolder root ``<tmp>/photos/{animals,objects,science}/*.{jpg,png}``."""
+    from store.photos import write_photo_tree
+
+    return write_photo_tree(tmp_path_factory.mktemp("photo_tree") / "photos", max_side=256)
+
+
+@pytest.fixture(scope="session")
+def prepared_data(photo_tree, tmp_path_factory) -> Path:
+    """Root of a finished ``prepare`` of ``photo_tree`` (open it with ``ImageSet.open``)."""
+    from store.shards import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(photo_tree, out, shard_size=5, progress=False, workers=0)
+    return out
