@@ -1,0 +1,541 @@
+"""Packed images: ``prepare`` (SRC -> tar shards + DALI indices + manifest) and ``ImageSet``.
+
+The on-disk format is documented in ``docs/format.md`` ("Images (prepare)"); in short::
+
+    OUT/manifest.json          written last, atomically: OUT is a finished prepare iff it exists
+    OUT/manifest.columns       the per-sample table, one little-endian column after another
+    OUT/shards/shard-000000.tar  members {key}.{ext} (bytes exactly as read) and {key}.cls
+    OUT/shards/shard-000000.idx  DALI fn.readers.webdataset index (wds2idx "v1.2" text)
+
+with ``key = f"{index:09d}"`` and ``index`` the sample's stable global index: its row in the
+manifest, in the deterministic order of ``store.imagesource.list_source``. Packing the same
+SRC twice gives byte-identical shards, indices and manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from store.imagesource import BadImage, ImageInfo, SourceItem, SourceListing, inspect_image, list_source
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "ImageSet", "prepare"]
+
+FORMAT = "comad-images"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+COLUMNS = "manifest.columns"
+SHARD_DIR = "shards"
+_PARTIAL = re.compile(r"shard-\d{6,}\.(tar|idx)(\.tmp)?")
+_ALIGN = 64
+# (name, numpy dtype) of the per-sample table, in file order
+_COLUMN_DTYPES = [
+    ("index", "<i8"), ("label", "<i8"), ("width", "<i8"), ("height", "<i8"), ("shard", "<i8"),
+    ("offset", "<i8"), ("size", "<i8"), ("orientation", "u1"), ("mode", "u1"), ("ext", "u1"),
+    ("source_end", "<i8"), ("source_bytes", "u1"),
+]
+
+
+def _key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def _shard_stem(shard: int) -> str:
+    return f"shard-{shard:06d}"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _ShardWriter:
+    """Writes one shard to ``*.tmp`` names and renames tar and index into place on ``close``.
+
+    Tar members are USTAR with fixed metadata (mtime 0, uid/gid 0, empty owner names,
+    mode 0644), so the bytes depend only on the samples.
+    """
+
+    def __init__(self, folder: Path, shard: int, first: int):
+        self.stem = _shard_stem(shard)
+        self.shard, self.first, self.count = shard, first, 0
+        self.tar_path = folder / f"{self.stem}.tar"
+        self.idx_path = folder / f"{self.stem}.idx"
+        self._tmp = self.tar_path.with_name(self.tar_path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._index_lines: list[str] = []
+
+    def _add(self, name: str, data: bytes) -> int:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.type = tarfile.REGTYPE
+        offset = self._tar.offset + tarfile.BLOCKSIZE  # one USTAR header block precedes the data
+        self._tar.addfile(info, io.BytesIO(data))
+        return offset
+
+    def add(self, index: int, ext: str, data: bytes, label: int) -> int:
+        """Append sample ``index``; returns the byte offset of the image data in the tar."""
+        key = _key(index)
+        label_bytes = str(label).encode()
+        image_offset = self._add(f"{key}.{ext}", data)
+        label_offset = self._add(f"{key}.cls", label_bytes)
+        self._index_lines.append(f"{ext} {image_offset} {len(data)} {key}.{ext} "
+                                 f"cls {label_offset} {len(label_bytes)} {key}.cls")
+        self.count += 1
+        return image_offset
+
+    def close(self) -> dict:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        index_text = f"v1.2 {self.count}\n" + "".join(line + "\n" for line in self._index_lines)
+        _write_atomic(self.idx_path, index_text.encode())
+        sha = _sha256_file(self._tmp)
+        size = self._tmp.stat().st_size
+        os.replace(self._tmp, self.tar_path)
+        return {"name": self.stem, "index": self.shard, "first": self.first, "count": self.count,
+                "tar": f"{SHARD_DIR}/{self.tar_path.name}", "idx": f"{SHARD_DIR}/{self.idx_path.name}",
+                "bytes": size, "sha256": sha}
+
+
+def _check_item(item: SourceItem) -> tuple[bytes | None, ImageInfo | None, str | None]:
+    """Read and inspect one candidate: (data, info, None) if good, (None, None, reason) if bad."""
+    if item.error is not None:
+        return None, None, item.error
+    try:
+        data = item.read()
+    except OSError as error:
+        return None, None, f"cannot read ({type(error).__name__}: {error.strerror or error})"
+    try:
+        return data, inspect_image(data, source=item.source), None
+    except BadImage as bad:
+        return None, None, bad.reason
+
+
+def _ordered_map(fn: Callable, items: Iterable, *, workers: int) -> Iterator[tuple]:
+    """``(item, fn(item))`` in input order, ``workers`` threads, bounded look-ahead.
+
+    PIL releases the GIL while decoding, so threads give real parallelism here.
+    """
+    if workers <= 0:
+        for item in items:
+            yield item, fn(item)
+        return
+    window = 8 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window:
+                head, future = pending.popleft()
+                yield head, future.result()
+        while pending:
+            head, future = pending.popleft()
+            yield head, future.result()
+
+
+def _remove_partials(out: Path) -> int:
+    removed = 0
+    for name in (MANIFEST + ".tmp", COLUMNS, COLUMNS + ".tmp"):
+        if (out / name).exists():
+            (out / name).unlink()
+            removed += 1
+    shard_dir = out / SHARD_DIR
+    if shard_dir.is_dir():
+        for entry in os.scandir(shard_dir):
+            if _PARTIAL.fullmatch(entry.name):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def _columns_blob(columns: dict[str, np.ndarray]) -> tuple[bytes, list[dict]]:
+    parts, layout, offset = [], [], 0
+    for name, dtype in _COLUMN_DTYPES:
+        array = np.ascontiguousarray(columns[name], dtype=dtype)
+        pad = (-offset) % _ALIGN
+        parts.append(b"\0" * pad)
+        offset += pad
+        layout.append({"name": name, "dtype": dtype, "offset": offset, "count": int(array.size)})
+        parts.append(array.tobytes())
+        offset += array.nbytes
+    return b"".join(parts), layout
+
+
+def _dataset_digest(meta: dict) -> str:
+    """sha256 identifying the data: format version, class names, the sample table (which
+    holds relative source names, sizes, labels, ...) and every shard's content hash."""
+    canon = {
+        "format": FORMAT, "format_version": meta["format_version"], "classes": meta["classes"],
+        "modes": meta["modes"], "exts": meta["exts"], "columns_sha256": meta["columns"]["sha256"],
+        "shards": [[s["first"], s["count"], s["sha256"]] for s in meta["shards"]],
+    }
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad: bool = False,
+            progress: bool = True, workers: int | None = None,
+            echo: Callable[[str], None] | None = None) -> "ImageSet":
+    """Pack SRC (ImageFolder tree or WebDataset tars) into OUT; see ``docs/format.md``.
+
+    Args:
+        src: the source folder.
+        out: the output folder (created). If it holds a finished prepare of the same SRC
+            listing, nothing is done; of a different SRC or shard size, ``ValueError``.
+            Without ``manifest.json`` it is a half-written run and is redone from scratch.
+        shard_size: samples per tar shard (the last shard may be smaller).
+        skip_bad: leave unreadable / non-image files out (listed in the manifest's
+            ``rejects``) instead of stopping with ``BadImage`` naming the file.
+        progress: tqdm progress bar.
+        workers: threads reading and verifying images (None: ``min(8, cpu_count)``; 0: inline).
+        echo: where status messages go (None: stderr when ``progress``, else nowhere).
+    Returns:
+        The finished ``ImageSet``.
+    """
+    from tqdm import tqdm
+
+    src, out = Path(src), Path(out)
+    if shard_size < 1:
+        raise ValueError(f"prepare: shard_size must be >= 1, got {shard_size}")
+    say = echo if echo is not None else (_stderr if progress else (lambda message: None))
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    listing = list_source(src)
+
+    if (out / MANIFEST).exists():
+        done = ImageSet.open(out)
+        _check_same_prepare(done, listing, shard_size=shard_size)
+        rejected = f", {len(done.rejects)} files left out as bad" if done.rejects else ""
+        say(f"prepare: {out} already holds this prepare of {src} ({len(done)} samples in "
+            f"{len(done.shards)} shards{rejected}): nothing to do")
+        return done
+
+    out.mkdir(parents=True, exist_ok=True)
+    removed = _remove_partials(out)
+    if removed:
+        say(f"prepare: {out} has no {MANIFEST} (an unfinished run): starting over, removed {removed} partial files")
+    shard_dir = out / SHARD_DIR
+    shard_dir.mkdir(exist_ok=True)
+
+    cols: dict[str, list] = {name: [] for name, _ in _COLUMN_DTYPES if name != "source_bytes"}
+    sources: list[bytes] = []
+    modes: list[str] = []
+    exts: list[str] = []
+    rejects: list[dict] = []
+    shards: list[dict] = []
+    writer: _ShardWriter | None = None
+    total = len(listing) if listing.kind == "imagefolder" else None
+    bar = tqdm(total=total, desc=f"prepare {src.name}", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for item, (data, info, reason) in _ordered_map(_check_item, listing.items(), workers=workers):
+            bar.update(1)
+            if reason is not None:
+                where = str(src / item.source) if listing.kind == "imagefolder" else f"{src}/{item.source}"
+                if not skip_bad:
+                    raise BadImage(where, f"{reason} (use --skip-bad to leave such files out)")
+                rejects.append({"source": item.source, "reason": reason})
+                bar.set_postfix(rejected=len(rejects))
+                continue
+            index = len(sources)
+            shard = index // shard_size
+            if writer is None or writer.shard != shard:
+                if writer is not None:
+                    shards.append(writer.close())
+                writer = _ShardWriter(shard_dir, shard, first=index)
+            offset = writer.add(index, info.ext, data, item.label)
+            for table, value in ((modes, info.mode), (exts, info.ext)):
+                if value not in table:
+                    table.append(value)
+            for name, value in (("index", index), ("label", item.label), ("width", info.width),
+                                ("height", info.height), ("shard", shard), ("offset", offset),
+                                ("size", len(data)), ("orientation", info.orientation),
+                                ("mode", modes.index(info.mode)), ("ext", exts.index(info.ext))):
+                cols[name].append(value)
+            sources.append(os.fsencode(item.source))
+        if writer is not None:
+            shards.append(writer.close())
+    finally:
+        bar.close()
+    if not sources:
+        raise ValueError(f"prepare: no usable image in {src} ({len(rejects)} rejected)")
+
+    classes = listing.classes
+    if listing.kind == "webdataset" and not classes:
+        classes = [str(k) for k in range(max(cols["label"]) + 1)]
+    source_lengths = np.array([len(s) for s in sources], dtype=np.int64)
+    columns = {name: np.asarray(values) for name, values in cols.items()}
+    columns["source_end"] = np.cumsum(source_lengths)
+    columns["source_bytes"] = np.frombuffer(b"".join(sources), dtype=np.uint8)
+    blob, layout = _columns_blob(columns)
+    _write_atomic(out / COLUMNS, blob)
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "num_samples": len(sources),
+        "shard_size": shard_size, "key_format": "{index:09d}", "classes": classes,
+        "modes": modes, "exts": exts,
+        "source": {"kind": listing.kind, "root": str(src.resolve()), "num_files": listing.num_files,
+                   "listing_sha256": listing.sha256},
+        "columns": {"file": COLUMNS, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                    "layout": layout},
+        "shards": shards, "rejects": rejects,
+    }
+    meta["digest"] = _dataset_digest(meta)
+    _write_atomic(out / MANIFEST, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+    rejected = f", {len(rejects)} files left out as bad (see {MANIFEST} 'rejects')" if rejects else ""
+    say(f"prepare: packed {len(sources)} samples of {len(classes)} classes into {len(shards)} shards in {out}{rejected}")
+    return ImageSet.open(out)
+
+
+def _check_same_prepare(done: "ImageSet", listing: SourceListing, *, shard_size: int) -> None:
+    """Refuse to reuse a finished OUT that was made from another SRC listing or shard size."""
+    old = done.meta["source"]
+    if old["kind"] != listing.kind or old["listing_sha256"] != listing.sha256:
+        hint = ""
+        if listing.kind == "imagefolder" and old["kind"] == "imagefolder":
+            before = {done.source(i) for i in range(len(done))} | {r["source"] for r in done.rejects}
+            now = set(listing.names)
+            added, missing = sorted(now - before), sorted(before - now)
+            if added:
+                hint += f"; new in SRC: {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}"
+            if missing:
+                hint += f"; gone from SRC: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            if not added and not missing:
+                hint += "; same file names, but some sizes or modification times differ"
+        raise ValueError(
+            f"prepare: {done.root} was prepared from a different source ({old['kind']}, "
+            f"{old['num_files']} files, listing {old['listing_sha256'][:12]}) than {listing.root} is now "
+            f"({listing.kind}, {listing.num_files} files, listing {listing.sha256[:12]}){hint}. "
+            f"Prepare into a new folder, or delete {done.root} to redo it.")
+    if done.meta["shard_size"] != shard_size:
+        raise ValueError(f"prepare: {done.root} was prepared with shard_size={done.meta['shard_size']}, "
+                         f"not {shard_size}. Use --shard-size {done.meta['shard_size']}, or delete it to redo.")
+
+
+class ImageSet:
+    """A finished ``prepare``: the sample table plus random access to the encoded images.
+
+    ``read`` uses ``os.pread`` on one cached descriptor per shard, so one ImageSet may be
+    shared by threads; pickling (for DataLoader workers) drops the descriptors.
+    """
+
+    def __init__(self, root: Path, meta: dict, columns: dict[str, np.ndarray]):
+        self.root = Path(root)
+        self.meta = meta
+        self._columns = columns
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    # --- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: Path | str) -> "ImageSet":
+        """Open a finished prepare; ``FileNotFoundError`` / ``ValueError`` say what is wrong."""
+        root = Path(root)
+        manifest = root / MANIFEST
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageSet: {root} is not a folder (run `python cli.py prepare SRC {root}`)")
+        if not manifest.is_file():
+            raise FileNotFoundError(f"ImageSet: no {MANIFEST} in {root}: not a finished prepare "
+                                    f"(run `python cli.py prepare SRC {root}` to finish it)")
+        try:
+            meta = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"ImageSet: {manifest} is not valid JSON ({error})") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"ImageSet: {manifest} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"ImageSet: {manifest} has format_version {meta.get('format_version')}, "
+                             f"this code reads version {FORMAT_VERSION}")
+        col_path = root / meta["columns"]["file"]
+        if not col_path.is_file() or col_path.stat().st_size != meta["columns"]["bytes"]:
+            found = col_path.stat().st_size if col_path.is_file() else "missing"
+            raise ValueError(f"ImageSet: {col_path} should have {meta['columns']['bytes']} bytes, found {found}")
+        raw = np.fromfile(col_path, dtype=np.uint8)
+        columns = {}
+        for entry in meta["columns"]["layout"]:
+            dtype = np.dtype(entry["dtype"])
+            start = entry["offset"]
+            columns[entry["name"]] = raw[start:start + entry["count"] * dtype.itemsize].view(dtype)
+        n = meta["num_samples"]
+        missing = [name for name, _ in _COLUMN_DTYPES if name not in columns]
+        if missing:
+            raise ValueError(f"ImageSet: {col_path} lacks columns {missing}")
+        if not np.array_equal(columns["index"], np.arange(n)):
+            raise ValueError(f"ImageSet: {col_path}: the index column is not 0..{n - 1}")
+        for shard in meta["shards"]:
+            path = root / shard["tar"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                raise ValueError(f"ImageSet: shard {path} is missing or not {shard['bytes']} bytes long")
+        return cls(root, meta, columns)
+
+    # --- the table -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.meta["num_samples"]
+
+    def __repr__(self) -> str:
+        return f"ImageSet({str(self.root)!r}, samples={len(self)}, classes={len(self.classes)}, shards={len(self.shards)})"
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 class label of each sample."""
+        return self._columns["label"]
+
+    @property
+    def widths(self) -> np.ndarray:
+        """(N,) int64 stored width in pixels (before any EXIF rotation)."""
+        return self._columns["width"]
+
+    @property
+    def heights(self) -> np.ndarray:
+        """(N,) int64 stored height in pixels (before any EXIF rotation)."""
+        return self._columns["height"]
+
+    @property
+    def orientations(self) -> np.ndarray:
+        """(N,) uint8 EXIF orientation tag (1..8), 0 where the file has none."""
+        return self._columns["orientation"]
+
+    @property
+    def shard_of(self) -> np.ndarray:
+        """(N,) int64 shard number of each sample."""
+        return self._columns["shard"]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(N,) int64 byte offset of the image data in its shard's tar."""
+        return self._columns["offset"]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N,) int64 byte size of the encoded image."""
+        return self._columns["size"]
+
+    @property
+    def shards(self) -> list[dict]:
+        """Per shard: name, index, first, count (global indices [first, first + count)), tar, idx, bytes, sha256."""
+        return self.meta["shards"]
+
+    @property
+    def rejects(self) -> list[dict]:
+        """Files left out by ``--skip-bad``: ``{"source", "reason"}``."""
+        return self.meta["rejects"]
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the sample table and shard contents: identifies this data for stores and runs."""
+        return self.meta["digest"]
+
+    def tar_path(self, shard: int) -> Path:
+        return self.root / self.shards[shard]["tar"]
+
+    def index_path(self, shard: int) -> Path:
+        return self.root / self.shards[shard]["idx"]
+
+    def _check(self, i) -> int:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"ImageSet {self.root}: sample {i} out of range [0, {len(self)})")
+        return i
+
+    def source(self, i: int) -> str:
+        """Where sample i came from: path relative to SRC, or ``tar:member`` for WebDataset input."""
+        i = self._check(i)
+        end = self._columns["source_end"]
+        start = int(end[i - 1]) if i > 0 else 0
+        return os.fsdecode(self._columns["source_bytes"][start:int(end[i])].tobytes())
+
+    def mode(self, i: int) -> str:
+        """PIL mode of sample i as stored (``RGB``, ``L``, ``CMYK``, ``P``, ``RGBA``, ``LA``, ...)."""
+        return self.meta["modes"][int(self._columns["mode"][self._check(i)])]
+
+    def ext(self, i: int) -> str:
+        """Extension of sample i's image member (``jpg``, ``png``, ...)."""
+        return self.meta["exts"][int(self._columns["ext"][self._check(i)])]
+
+    # --- reading ---------------------------------------------------------------------------
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    fd = os.open(self.tar_path(shard), os.O_RDONLY)
+                    self._fds[shard] = fd
+        return fd
+
+    def read(self, i: int) -> bytes:
+        """Encoded image bytes of sample i, exactly as in SRC (thread-safe)."""
+        i = self._check(i)
+        shard, offset, size = int(self.shard_of[i]), int(self.offsets[i]), int(self.sizes[i])
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise OSError(f"ImageSet: short read of sample {i} from {self.tar_path(shard)} "
+                          f"({len(data)} of {size} bytes at offset {offset}): the shard is damaged")
+        return data
+
+    def read_many(self, indices: Sequence[int] | np.ndarray) -> list[bytes]:
+        """``[read(i) for i in indices]``, in the given order."""
+        return [self.read(i) for i in indices]
+
+    def verify(self, *, progress: bool = False) -> None:
+        """Re-hash the sample table and every shard against the manifest; ``ValueError`` on a mismatch."""
+        from tqdm import tqdm
+
+        if _sha256_file(self.root / self.meta["columns"]["file"]) != self.meta["columns"]["sha256"]:
+            raise ValueError(f"ImageSet: {self.root / self.meta['columns']['file']} does not match its sha256")
+        for shard in tqdm(self.shards, desc="verify shards", disable=not progress):
+            if _sha256_file(self.root / shard["tar"]) != shard["sha256"]:
+                raise ValueError(f"ImageSet: shard {self.root / shard['tar']} does not match its sha256")
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
