@@ -1,0 +1,329 @@
+"""The official teacher checkpoints: where they come from, how to read them safely, and
+how each one's key layout is converted to timm's ``vit_base_patch16_224`` names.
+
+Four released files (see ``docs/teachers.md`` for their layouts):
+
+========  ===============================  ==========================================
+teacher   official file                    weights (after unwrapping)
+========  ===============================  ==========================================
+mae       ``mae_pretrain_vit_base.pth``    ``model``: timm names (+ ``mask_token`` and
+                                           ``decoder_*`` in training checkpoints)
+mocov3    ``vit-b-300ep.pth.tar``          ``state_dict``: ``module.base_encoder.*``
+                                           (+ projector ``head.*``),
+                                           ``module.momentum_encoder.*``,
+                                           ``module.predictor.*``
+ibot      ``checkpoint_teacher.pth``       ``state_dict`` (full checkpoint: ``teacher``
+                                           with ``backbone.``/``head.``)
+dino      ``dino_vitbase16_pretrain.pth``  plain state dict (full checkpoint:
+                                           ``teacher`` with ``backbone.``/``head.``)
+========  ===============================  ==========================================
+
+Files are read with ``torch.load(weights_only=True)``: tensors, containers and
+``argparse.Namespace`` (the ``args`` entry of training checkpoints) only; a pickle that
+would construct anything else, or run code, is refused before anything runs.
+
+A conversion keeps exactly the backbone: it drops the keys that the format is known to
+carry besides it (decoders, heads, momentum encoders, ...) and nothing else, so a file
+of another kind fails with the missing and unexpected keys named.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VIT_B_ARCH = "vit_base_patch16_224"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely or is not the expected kind."""
+
+
+class CheckpointUnavailableError(FileNotFoundError):
+    """No checkpoint given, none in the cache, and the official file could not be fetched."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One official teacher release and the rules that convert its key layout.
+
+    containers: entries of the loaded file that may hold the weights, tried in order;
+        ``None`` means the file itself is a plain state dict.
+    keep_prefix: if set, only keys under this prefix are backbone weights (it is
+        stripped); other keys must match ``drop`` or they are unexpected.
+    strip_prefixes: prefixes removed (in order, each at most once) from every key.
+    drop: key prefixes (matched after stripping) that the format is known to carry
+        besides the backbone; they are removed.
+    """
+
+    name: str
+    filename: str
+    url: str
+    paper: str
+    containers: tuple[str | None, ...]
+    keep_prefix: str | None = None
+    strip_prefixes: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "mae": TeacherSpec(
+        name="mae",
+        filename="mae_pretrain_vit_base.pth",
+        url="https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+        paper="He et al., Masked Autoencoders Are Scalable Vision Learners (2021)",
+        containers=("model",),
+        drop=("mask_token", "decoder_"),
+    ),
+    "mocov3": TeacherSpec(
+        name="mocov3",
+        filename="vit-b-300ep.pth.tar",
+        url="https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+        paper="Chen, Xie, He, An Empirical Study of Training Self-Supervised ViTs (2021)",
+        containers=("state_dict",),
+        keep_prefix="module.base_encoder.",
+        drop=("head.", "module.momentum_encoder.", "module.predictor."),
+    ),
+    "ibot": TeacherSpec(
+        name="ibot",
+        filename="checkpoint_teacher.pth",
+        url=("https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/"
+             "ibot/vitb_16/checkpoint_teacher.pth"),
+        paper="Zhou et al., iBOT: Image BERT Pre-Training with Online Tokenizer (2021)",
+        containers=("state_dict", "teacher", None),
+        strip_prefixes=("module.", "backbone."),
+        drop=("head.", "masked_embed"),
+    ),
+    "dino": TeacherSpec(
+        name="dino",
+        filename="dino_vitbase16_pretrain.pth",
+        url=("https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/"
+             "dino_vitbase16_pretrain.pth"),
+        paper="Caron et al., Emerging Properties in Self-Supervised ViTs (2021)",
+        containers=("teacher", None),
+        strip_prefixes=("module.", "backbone."),
+        drop=("head.",),
+    ),
+}
+
+# Globals a weights-only load may construct besides tensors and containers.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def spec_of(name: str) -> TeacherSpec:
+    """The registry entry of teacher ``name``; a clear error for an unknown name."""
+    if name not in TEACHERS:
+        raise KeyError(f"unknown teacher {name!r}; known teachers: {', '.join(TEACHERS)}")
+    return TEACHERS[name]
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Only tensors, plain containers and ``argparse.Namespace`` may be constructed; the
+    allow-list is scoped to this call. Anything else (a class, a function, a
+    ``__reduce__`` that runs code) is refused with ``CheckpointError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a weights-only checkpoint (it asks to "
+            f"construct objects other than tensors, containers and argparse.Namespace). "
+            f"Loader said: {first}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap(spec: TeacherSpec, obj: Any) -> tuple[dict, str]:
+    """The weights dict inside a loaded file and a description of where it was found.
+
+    If none of the format's containers is present, the file's top level is returned as
+    is, so that the strict key check names what the file holds instead.
+    """
+    if not isinstance(obj, dict):
+        return {f"<{type(obj).__name__}>": obj}, "the file's top level"
+    for container in spec.containers:
+        if container is None:
+            if _is_state_dict(obj):
+                return obj, "the file's top level"
+        elif container in obj and isinstance(obj[container], dict):
+            return obj[container], f"entry {container!r}"
+    wanted = " or ".join("a plain state dict" if c is None else repr(c) for c in spec.containers)
+    return obj, f"the file's top level, which has no {wanted} (it holds: {_few(list(map(str, obj)))})"
+
+
+def convert_keys(spec: TeacherSpec, weights: dict) -> tuple[dict, list[str]]:
+    """Apply ``spec``'s key rules to a weights dict.
+
+    Returns (converted, dropped): the backbone weights under timm names and the original
+    names of the keys dropped as known non-backbone parts. Keys that are neither kept
+    nor known extras are passed through unchanged so that the strict check reports them.
+    """
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in weights.items():
+        new = key
+        if spec.keep_prefix is not None:
+            if new.startswith(spec.keep_prefix):
+                new = new[len(spec.keep_prefix):]
+            elif new.startswith(spec.drop):
+                dropped.append(key)
+                continue
+            else:
+                out[new] = value  # unexpected: reported by the strict check
+                continue
+        for prefix in spec.strip_prefixes:
+            if new.startswith(prefix):
+                new = new[len(prefix):]
+        if new.startswith(spec.drop):
+            dropped.append(key)
+            continue
+        out[new] = value
+    return out, dropped
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}, ..." if len(keys) > n else shown
+
+
+def check_keys(converted: dict, expected: dict[str, torch.Size], *, what: str,
+               path: Path | str, where: str) -> None:
+    """Raise ``CheckpointError`` unless ``converted`` has exactly the expected keys and shapes.
+
+    expected: timm name -> parameter shape of the target architecture.
+    The message names the file, a few missing and unexpected keys, and their counts.
+    """
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} is not a {what} checkpoint (weights read from {where}): "
+            f"{len(missing)} missing keys ({_few(missing) or 'none'}); "
+            f"{len(unexpected)} unexpected keys ({_few(unexpected) or 'none'})")
+    def found(value: Any) -> str:
+        return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+    bad = [f"{k}: file {found(converted[k])} vs model {tuple(shape)}"
+           for k, shape in expected.items()
+           if not isinstance(converted[k], torch.Tensor) or converted[k].shape != shape]
+    if bad:
+        raise CheckpointError(
+            f"{path} does not match the {what} architecture: {len(bad)} keys with other "
+            f"shapes ({_few(bad, 3)})")
+
+
+def expected_keys(arch: str = VIT_B_ARCH, model_kwargs: dict | None = None) -> dict[str, torch.Size]:
+    """timm name -> shape of every state-dict entry of ``arch`` (num_classes=0), built on
+    the meta device (no memory, no random numbers)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **(model_kwargs or {}))
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def load_official_state_dict(name: str, path: str | os.PathLike, *, arch: str = VIT_B_ARCH,
+                             model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+    """Read teacher ``name``'s official file at ``path`` and return its backbone weights
+    under timm names, checked strictly (keys and shapes) against ``arch``.
+
+    Returns: dict name -> float32 CPU tensor, exactly the keys of
+    ``timm.create_model(arch, num_classes=0).state_dict()``.
+    """
+    spec = spec_of(name)
+    path = Path(path)
+    obj = safe_load(path)
+    weights, where = _unwrap(spec, obj)
+    converted, _ = convert_keys(spec, weights)
+    what = f"{name} ({spec.filename}, {arch})"
+    check_keys(converted, expected_keys(arch, model_kwargs), what=what, path=path, where=where)
+    return {k: v.float() if v.is_floating_point() else v for k, v in converted.items()}
+
+
+def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hex sha256 of a state dict: names, dtypes, shapes and bytes, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$COMAD_CACHE`` if set, else ``~/.cache/comad``."""
+    return Path(os.environ.get("COMAD_CACHE", Path.home() / ".cache" / "comad"))
+
+
+def cached_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where teacher ``name``'s official file lives in the cache: ``CACHE/NAME/FILENAME``."""
+    spec = spec_of(name)
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / name / spec.filename
+
+
+def fetch_official(name: str, *, cache_dir: str | os.PathLike | None = None,
+                   timeout_s: float = 5.0, url: str | None = None) -> Path:
+    """Path of teacher ``name``'s official file, downloading it into the cache if absent.
+
+    The server is first asked (HEAD) with a ``timeout_s`` limit, so that a machine
+    without network fails within seconds; the download itself is
+    ``torch.hub.download_url_to_file`` (temporary file, then an atomic move).
+    ``url`` overrides the official address (mirrors, tests).
+    Raises ``CheckpointUnavailableError`` naming the file, the URL and where to put it.
+    """
+    spec = spec_of(name)
+    dest = cached_path(name, cache_dir)
+    if dest.is_file():
+        return dest
+    url = url or spec.url
+
+    def unavailable(reason: str) -> CheckpointUnavailableError:
+        return CheckpointUnavailableError(
+            f"no checkpoint given for teacher {name!r} and its official file "
+            f"{spec.filename} could not be downloaded from {url} ({reason}). Download it "
+            f"yourself from {url} and either put it at {dest} or pass its path as the "
+            f"checkpoint (--checkpoint {name}=PATH); random_init=True builds an untrained "
+            f"teacher for tests.")
+
+    try:
+        request = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            pass
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise unavailable(f"{type(err).__name__}: {reason}") from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), progress=True)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise unavailable(f"download failed: {err}") from None
+    return dest

@@ -1,0 +1,216 @@
+"""Frozen ViT-B/16 teachers and their masked forward (METHOD.md "Teachers").
+
+A teacher is timm's ``vit_base_patch16_224`` (num_classes=0) holding one of the official
+self-supervised checkpoints (``extract/checkpoints.py``), or, for tests, deterministic
+random weights. It runs MAE-style on its visible patches only: patch embedding, position
+embeddings (CLS included), then the masked patches are dropped and the blocks and the
+final LayerNorm run on CLS + the visible tokens. The output is one surface for every
+teacher::
+
+    {"cls": (B, 768) float32, "patch": (B, n, 768) float32, "index": (B, n) int64}
+
+Under CUDA the forward runs in bf16 autocast with scaled-dot-product attention (timm's
+fused attention, forced on); on the CPU it runs in fp32 unless ``amp=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from extract.checkpoints import (
+    TEACHERS,
+    VIT_B_ARCH,
+    fetch_official,
+    file_sha256,
+    load_official_state_dict,
+    spec_of,
+    state_dict_sha256,
+)
+
+__all__ = ["TEACHERS", "Teacher", "build_teacher", "random_init_seed"]
+
+
+class Teacher(nn.Module):
+    """A frozen, eval-mode ViT teacher with a masked forward.
+
+    Attributes: ``name`` (registry name), ``digest`` (sha256 of the checkpoint file, or
+    of the random weights), ``untrained`` (True for ``random_init``), ``source`` (file
+    path or ``"random-init"``), ``embed_dim`` (768 for ViT-B), ``num_patches`` (196),
+    ``amp`` (bf16 autocast on or off), ``arch`` (timm model name), ``vit`` (the timm model).
+    """
+
+    def __init__(self, vit: nn.Module, *, name: str, digest: str, untrained: bool,
+                 source: str, arch: str, amp: bool | None = None):
+        super().__init__()
+        for attr, bad in (("reg_token", None), ("no_embed_class", False)):
+            if getattr(vit, attr, bad) != bad:
+                raise ValueError(f"teacher {name}: {arch} has {attr}={getattr(vit, attr)!r}; "
+                                 f"the masked forward supports plain CLS + position-embedding ViTs")
+        if getattr(vit, "dynamic_img_size", False):
+            raise ValueError(f"teacher {name}: dynamic_img_size models are not supported")
+        self.vit = vit
+        self.name = name
+        self.digest = digest
+        self.untrained = untrained
+        self.source = source
+        self.arch = arch
+        self.embed_dim = int(vit.embed_dim)
+        self.num_patches = int(vit.patch_embed.num_patches)
+        self.img_size = tuple(vit.patch_embed.img_size)
+        self._amp = amp
+        for block in vit.blocks:  # scaled-dot-product attention, whatever TIMM_FUSED_ATTN says
+            if hasattr(block.attn, "fused_attn"):
+                block.attn.fused_attn = True
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """Teachers stay in eval mode; ``train()`` is a no-op kept for nn.Module callers."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vit.cls_token.device
+
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast: the value given at build, else on for CUDA and off for the CPU."""
+        return self.device.type == "cuda" if self._amp is None else bool(self._amp)
+
+    @property
+    def config(self) -> dict:
+        """What identifies this teacher's outputs (for store configs and run records)."""
+        return dict(name=self.name, digest=self.digest, untrained=self.untrained,
+                    source=self.source, arch=self.arch, embed_dim=self.embed_dim)
+
+    def _check_inputs(self, images: torch.Tensor, visible: torch.Tensor | None) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.img_size:
+            raise ValueError(f"teacher {self.name}: images must be (B, 3, {self.img_size[0]}, "
+                             f"{self.img_size[1]}), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"teacher {self.name}: images must be a float tensor (normalised), "
+                            f"got {images.dtype}")
+        if visible is None:
+            return
+        if visible.ndim != 2 or visible.shape[0] != images.shape[0]:
+            raise ValueError(f"teacher {self.name}: visible must be (B, n) with B="
+                             f"{images.shape[0]}, got {tuple(visible.shape)}")
+        if visible.dtype != torch.int64:
+            raise TypeError(f"teacher {self.name}: visible must be int64 patch ids, got {visible.dtype}")
+        if visible.device.type == "cpu" and visible.numel():  # checked without a device sync
+            if int(visible.min()) < 0 or int(visible.max()) >= self.num_patches:
+                raise ValueError(f"teacher {self.name}: visible patch ids must lie in "
+                                 f"[0, {self.num_patches}), got [{int(visible.min())}, "
+                                 f"{int(visible.max())}]")
+            if visible.shape[1] > 1 and not bool((visible[:, 1:] > visible[:, :-1]).all()):
+                raise ValueError(f"teacher {self.name}: visible patch ids must be strictly "
+                                 f"ascending in every row")
+
+    def _encode(self, images: torch.Tensor, visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Shared body of ``forward``/``forward_full``; ``visible=None`` keeps all patches."""
+        self._check_inputs(images, visible)
+        vit, device = self.vit, self.device
+        images = images.to(device, non_blocking=True)
+        autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                    if self.amp else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            x = vit.patch_embed(images)                          # (B, N, C)
+            batch, _, width = x.shape
+            pos = vit.pos_embed                                  # (1, 1 + N, C)
+            x = x + pos[:, 1:]
+            if visible is None:
+                index = torch.arange(self.num_patches, device=device).expand(batch, -1)
+            else:
+                index = visible.to(device, non_blocking=True)
+                x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, width))  # (B, n, C)
+            cls = (vit.cls_token + pos[:, :1]).expand(batch, -1, -1)
+            x = torch.cat([cls.to(x.dtype), x], dim=1)           # (B, 1 + n, C)
+            x = vit.norm_pre(x)
+            x = vit.blocks(x)
+            x = vit.norm(x).float()
+        return {"cls": x[:, 0], "patch": x[:, 1:], "index": index}
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Masked forward on the visible patches plus CLS.
+
+        images: (B, 3, 224, 224) float, ImageNet-normalised (any device; moved to the
+            teacher's).
+        visible: (B, n) int64, strictly ascending patch ids in [0, 196) (row-major 14 x 14
+            grid). Values are validated when ``visible`` is on the CPU.
+        Returns {"cls": (B, C) float32, "patch": (B, n, C) float32 (the final-LayerNorm
+            tokens of the visible patches, in the order of ``visible``),
+            "index": (B, n) int64 (= ``visible``)}, all on the teacher's device.
+        """
+        return self._encode(images, visible)
+
+    def forward_full(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unmasked forward (all 196 patches), for benchmarks and reference checks.
+
+        images: (B, 3, 224, 224) float. Returns {"cls": (B, C), "patch": (B, 196, C),
+            "index": (B, 196) int64 = arange(196)}, float32.
+        """
+        return self._encode(images, None)
+
+
+def random_init_seed(name: str, seed: int = 0) -> int:
+    """The torch seed of ``build_teacher(name, random_init=True, seed=seed)``: a hash of
+    (name, seed), so that different teachers get different weights."""
+    digest = hashlib.sha256(f"comad-teacher-init|{name}|{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _create(arch: str, model_kwargs: dict | None) -> nn.Module:
+    import timm
+
+    return timm.create_model(arch, pretrained=False, num_classes=0, **(model_kwargs or {}))
+
+
+def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
+                  random_init: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+                  amp: bool | None = None, cache_dir: str | os.PathLike | None = None,
+                  fetch_timeout_s: float = 5.0, arch: str = VIT_B_ARCH,
+                  model_kwargs: dict | None = None) -> Teacher:
+    """Build teacher ``name`` ("mae", "mocov3", "ibot", "dino"), frozen and in eval mode.
+
+    checkpoint: the official file (any of the layouts in ``extract/checkpoints.py``).
+        Without one, ``CACHE/NAME/FILENAME`` is used, fetched from the official URL if
+        absent (``fetch_timeout_s`` bounds the first contact); without network the error
+        says which file to download and from where.
+    random_init: untrained weights drawn from ``random_init_seed(name, seed)`` inside a
+        forked RNG: identical in every process, global RNG untouched; ``untrained=True``.
+    amp: bf16 autocast; default on for CUDA, off for the CPU.
+    arch / model_kwargs: the timm architecture (tests shrink it; the official checkpoints
+        need the default ViT-B/16).
+    """
+    spec_of(name)
+    if random_init and checkpoint is not None:
+        raise ValueError(f"teacher {name}: give either checkpoint= or random_init=True, not both")
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_init_seed(name, seed))
+            vit = _create(arch, model_kwargs)
+        digest = state_dict_sha256(vit.state_dict())
+        source, untrained = "random-init", True
+    else:
+        if checkpoint is None:
+            path = fetch_official(name, cache_dir=cache_dir, timeout_s=fetch_timeout_s)
+        else:
+            path = Path(checkpoint)
+        weights = load_official_state_dict(name, path, arch=arch, model_kwargs=model_kwargs)
+        with torch.device("meta"):
+            vit = _create(arch, model_kwargs)
+        vit.load_state_dict(weights, strict=True, assign=True)
+        left = [n for n, t in list(vit.named_parameters()) + list(vit.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"teacher {name}: {arch} has tensors the checkpoint does not "
+                               f"fill: {left[:5]}")
+        digest = file_sha256(path)
+        source, untrained = str(path), False
+    teacher = Teacher(vit, name=name, digest=digest, untrained=untrained, source=source,
+                      arch=arch, amp=amp)
+    return teacher.to(device)
