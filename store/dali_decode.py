@@ -1,0 +1,297 @@
+"""The pixels of a view, decoded by DALI: the fast path of ``store/decode.py``.
+
+The pipeline takes encoded bytes and view boxes from Python (``fn.external_source``),
+decodes only the crop (``fn.decoders.image_slice`` with an absolute pixel anchor and
+shape; libjpeg-turbo/nvJPEG decode just the region for JPEGs), resizes it to
+``size x size`` (linear, antialiased), mirrors it and normalises it
+(``fn.crop_mirror_normalize``, MEAN/STD from ``store/decode.py``, CHW float32).
+The pixel rules are those of ``store/decode.py`` (alpha dropped, EXIF orientation
+ignored, 16-bit scaled by 1/257), so the result agrees with ``pil_views`` within the
+tolerance stated in ``tests/store/test_decode.py``.
+
+Two ways to use it:
+
+- ``decoder(datas, boxes, flips)``: decode one batch and wait for it;
+- ``decoder.submit(...)`` then ``decoder.get()``: up to ``prefetch`` batches in flight,
+  decoded by DALI's own threads while the caller computes; ``get`` returns them in
+  submission order. ``decoder.map(batches)`` wraps this into a generator.
+
+Batches may hold any number of samples from 1 to ``batch_size`` (a final partial batch
+is fine). If DALI fails on a batch (corrupt bytes, a box outside its image), ``get``
+raises an error naming the offending samples (found with a PIL header read), drops the
+batches still in flight and rebuilds the pipeline on the next call.
+"""
+from __future__ import annotations
+
+import collections
+import io
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from store.decode import MEAN, STD, check_box
+
+_Batch = tuple  # (datas, boxes, flips) or (datas, boxes, flips, keys)
+
+
+class DaliViewDecoder:
+    """Decode batches of views with DALI.
+
+    Arguments (keyword only):
+      batch_size: largest number of samples in one batch.
+      device: "cpu" (CPU operators, no GPU needed) or "cuda" (nvJPEG/nvImageCodec
+        "mixed" decoder and GPU resize/normalise; outputs live on the GPU).
+      num_threads: DALI CPU worker threads.
+      size: output side in pixels.
+      prefetch: most batches that may be submitted and not yet collected with ``get``.
+      normalize: True -> (pixels / 255 - MEAN) / STD; False -> float pixel values 0..255.
+      device_id: CUDA device for device="cuda" (default: torch's current device).
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        device: str = "cpu",
+        num_threads: int = 2,
+        size: int = 224,
+        prefetch: int = 2,
+        normalize: bool = True,
+        device_id: int | None = None,
+    ):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"DaliViewDecoder: device must be 'cpu' or 'cuda', got {device!r}")
+        if batch_size < 1 or num_threads < 1 or size < 1 or prefetch < 1:
+            raise ValueError(
+                f"DaliViewDecoder: batch_size, num_threads, size and prefetch must be >= 1, got "
+                f"{batch_size}, {num_threads}, {size}, {prefetch}"
+            )
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "DaliViewDecoder(device='cuda') needs a CUDA GPU, but torch.cuda.is_available() "
+                    "is False; use device='cpu'"
+                )
+            device_id = torch.cuda.current_device() if device_id is None else device_id
+        self.batch_size = batch_size
+        self.device = device
+        self.num_threads = num_threads
+        self.size = size
+        self.prefetch = prefetch
+        self.normalize = normalize
+        self.device_id = device_id if device == "cuda" else None
+        self._pipe = None
+        self._pending: collections.deque = collections.deque()
+
+    # -- pipeline -------------------------------------------------------------------
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        # crop_mirror_normalize works on 0..255 pixels: (p - 255 * MEAN) / (255 * STD).
+        mean = [m * 255.0 for m in MEAN] if self.normalize else [0.0, 0.0, 0.0]
+        std = [s * 255.0 for s in STD] if self.normalize else [1.0, 1.0, 1.0]
+        cuda = self.device == "cuda"
+
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            # One DALI-side output slot; the runs themselves queue up behind
+            # schedule_run, and ``prefetch`` bounds how many we let queue.
+            prefetch_queue_depth=1,
+        )
+        def view_pipeline():
+            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+            anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
+            shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
+            mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+            extra = dict(device="mixed", jpeg_fancy_upsampling=True) if cuda else dict(device="cpu")
+            image = fn.decoders.image_slice(
+                data,
+                anchor,
+                shape,
+                output_type=types.RGB,
+                axis_names="WH",
+                adjust_orientation=False,
+                **extra,
+            )
+            image = fn.resize(
+                image,
+                size=[self.size, self.size],
+                mode="stretch",
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
+            return fn.crop_mirror_normalize(
+                image,
+                mirror=mirror,
+                mean=mean,
+                std=std,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+            )
+
+        pipe = view_pipeline()
+        pipe.build()
+        return pipe
+
+    # -- batches --------------------------------------------------------------------
+    def _check(self, datas, boxes, flips, keys):
+        n = len(datas)
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(
+                f"DaliViewDecoder: a batch needs 1 to {self.batch_size} samples, got {n}"
+            )
+        boxes = np.asarray(boxes)
+        flips = np.asarray(flips)
+        if boxes.shape != (n, 4) or flips.shape != (n,):
+            raise ValueError(
+                f"DaliViewDecoder: for {n} images expected boxes ({n}, 4) and flips ({n},), "
+                f"got {boxes.shape} and {flips.shape}"
+            )
+        if not np.issubdtype(boxes.dtype, np.integer):
+            raise ValueError(f"DaliViewDecoder: boxes must be integer pixels, got dtype {boxes.dtype}")
+        if keys is not None and len(keys) != n:
+            raise ValueError(f"DaliViewDecoder: got {len(keys)} keys for {n} images")
+        bad = np.flatnonzero((boxes[:, 2] < 1) | (boxes[:, 3] < 1) | (boxes[:, 0] < 0) | (boxes[:, 1] < 0))
+        if len(bad):
+            k = int(bad[0])
+            raise ValueError(f"DaliViewDecoder: {self._name(k, keys)} has an invalid box {boxes[k].tolist()}")
+        return boxes.astype(np.int32), flips.astype(bool)
+
+    @staticmethod
+    def _name(k: int, keys) -> str:
+        return f"sample {k} of the batch" + (f" (key {keys[k]!r})" if keys is not None else "")
+
+    def submit(
+        self,
+        datas: Sequence[bytes],
+        boxes: np.ndarray,
+        flips: np.ndarray,
+        *,
+        keys: Sequence[str] | None = None,
+    ) -> None:
+        """Queue one batch for decoding and return at once.
+
+        datas: B encoded images (bytes); boxes: (B, 4) int (x, y, w, h) in each image's
+        stored pixels; flips: (B,) bool; keys: optional B names used in error messages.
+        Raises RuntimeError if ``prefetch`` batches are already waiting for ``get``.
+        """
+        if len(self._pending) >= self.prefetch:
+            raise RuntimeError(
+                f"DaliViewDecoder: {len(self._pending)} batches already in flight "
+                f"(prefetch={self.prefetch}); call get() before submitting more"
+            )
+        boxes32, flips = self._check(datas, boxes, flips, keys)
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe = self._pipe
+        pipe.feed_input("data", [np.frombuffer(d, dtype=np.uint8) for d in datas])
+        pipe.feed_input("anchor", [np.ascontiguousarray(b[:2]) for b in boxes32])
+        pipe.feed_input("shape", [np.ascontiguousarray(b[2:]) for b in boxes32])
+        pipe.feed_input("mirror", [np.array(int(f), dtype=np.int32) for f in flips])
+        pipe.schedule_run()
+        self._pending.append((list(datas), boxes32, keys))
+
+    def get(self) -> torch.Tensor:
+        """Wait for the oldest submitted batch.
+
+        Returns float32 (B, 3, size, size), on the CPU for device="cpu" and on the GPU
+        for device="cuda" (written on torch's current stream); normalised if
+        ``normalize``, else pixel values 0..255.
+        """
+        if not self._pending:
+            raise RuntimeError("DaliViewDecoder.get: nothing was submitted")
+        datas, boxes, keys = self._pending.popleft()
+        try:
+            (out,) = self._pipe.outputs()
+        except Exception as error:
+            self._pipe = None  # a failed DALI pipeline cannot be used again
+            self._pending.clear()
+            raise RuntimeError(
+                f"DaliViewDecoder: DALI failed on a batch of {len(datas)} views; "
+                f"{self._diagnose(datas, boxes, keys)} (batches in flight were dropped)"
+            ) from error
+        return self._to_torch(out, len(datas))
+
+    def _to_torch(self, out, n: int) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        if self.device == "cuda":
+            target = torch.empty((n, 3, self.size, self.size), dtype=torch.float32, device=f"cuda:{self.device_id}")
+            feed_ndarray(out.as_tensor(), target, cuda_stream=torch.cuda.current_stream(self.device_id))
+        else:
+            # The one copy out of DALI's buffers, which the next run reuses.
+            target = torch.empty((n, 3, self.size, self.size), dtype=torch.float32)
+            feed_ndarray(out.as_tensor(), target)
+        return target
+
+    def _diagnose(self, datas, boxes, keys) -> str:
+        """Find which samples DALI could not handle, reading headers with PIL."""
+        from PIL import Image
+
+        problems = []
+        for k, data in enumerate(datas):
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height = image.size
+                    image.load()
+            except Exception as error:  # noqa: BLE001 - reported, not swallowed
+                problems.append(f"{self._name(k, keys)} cannot be decoded ({type(error).__name__}: {error})")
+                continue
+            try:
+                check_box(boxes[k], width=width, height=height, what=self._name(k, keys))
+            except ValueError as error:
+                problems.append(str(error))
+        if not problems:
+            return "PIL reads every image and box of it, see the DALI error above"
+        return "; ".join(problems)
+
+    def __call__(
+        self,
+        datas: Sequence[bytes],
+        boxes: np.ndarray,
+        flips: np.ndarray,
+        *,
+        keys: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Decode one batch and wait for it: datas B bytes, boxes (B, 4) int, flips (B,) bool
+        -> float32 (B, 3, size, size). Not allowed while submitted batches are pending."""
+        if self._pending:
+            raise RuntimeError(
+                f"DaliViewDecoder: {len(self._pending)} submitted batches are not collected; "
+                "call get() first"
+            )
+        self.submit(datas, boxes, flips, keys=keys)
+        return self.get()
+
+    def map(self, batches: Iterable[_Batch]) -> Iterator[torch.Tensor]:
+        """Decode an iterable of ``(datas, boxes, flips)`` (or ``(..., keys)``) tuples,
+        keeping up to ``prefetch`` batches in flight; yields float32 (B, 3, size, size)
+        in input order."""
+        if self._pending:
+            raise RuntimeError("DaliViewDecoder.map: submitted batches are not collected; call get() first")
+        try:
+            for batch in batches:
+                if len(self._pending) >= self.prefetch:
+                    yield self.get()
+                datas, boxes, flips, *rest = batch
+                self.submit(datas, boxes, flips, keys=rest[0] if rest else None)
+            while self._pending:
+                yield self.get()
+        finally:
+            self.drain()
+
+    def drain(self) -> None:
+        """Wait for and discard every batch still in flight (e.g. after abandoning ``map``)."""
+        while self._pending:
+            try:
+                self.get()
+            except RuntimeError:
+                pass  # get() already dropped the rest and reset the pipeline
+
+    @property
+    def pending(self) -> int:
+        """Number of submitted batches not yet collected."""
+        return len(self._pending)
