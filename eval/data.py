@@ -1,0 +1,257 @@
+"""Labelled images for evaluation: a packed set (``prepare``) or an ImageFolder tree.
+
+``EvalImages(root, transform=...)`` reads either layout, detected by the presence of
+``root/manifest.json``:
+
+- packed: ``store.shards.ImageSet`` (classes and labels from the manifest);
+- ImageFolder: ``root/<class name>/<image file>``, classes sorted by name, files
+  sorted by path (the ILSVRC-2012 train/val layout).
+
+Images are decoded with PIL and converted to RGB whatever their mode. Random
+transforms never touch the global generators of the caller: each sample is
+transformed under generators seeded from (seed, epoch, index), so a sample's
+augmentation does not depend on worker count or batch order, and a resumed run sees
+the same pixels as an uninterrupted one.
+
+Transforms: ``eval_transform`` (resize to size/0.875, center crop, ImageNet
+normalisation: 256/224 at 224), ``probe_train_transform`` (MAE linear probe:
+RandomResizedCrop + flip), ``finetune_transform`` (timm ``create_transform``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "EvalImages",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "eval_transform",
+    "probe_train_transform",
+    "finetune_transform",
+    "to_rgb",
+    "seeded_rngs",
+    "derive_seed",
+    "make_loader",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_PCT = 0.875  # 224 / 256
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".pbm",
+                    ".pnm", ".tif", ".tiff", ".gif")
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys (counter-based: same keys, same seed)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int, *, cuda_devices: Sequence[torch.device] = ()):
+    """Run a block with torch (CPU and given CUDA devices), ``random`` and
+    ``numpy.random`` global generators seeded from ``seed``; restore them after.
+
+    torchvision/timm augmentations and timm's drop path and Mixup draw from these
+    global generators; this keeps their draws keyed and the caller's state intact.
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    devices = [d.index if d.index is not None else torch.cuda.current_device()
+               for d in cuda_devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # also seeds the forked CUDA generators
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (palette via RGBA, 16/32-bit gray scaled to 8 bits)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    return img.convert("RGB")
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Labelled images from a packed set or an ImageFolder tree.
+
+    ``classes``: if given (e.g. the train set's classes when opening val), labels are
+    indices into it and every class of this set must appear in it; otherwise this
+    set's own sorted classes. ``__getitem__`` returns (transform(image), label int).
+    """
+
+    def __init__(self, root: Path, *, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None, seed: int = 0):
+        self.root = Path(root)
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset {self.root}: no such directory")
+        if (self.root / "manifest.json").exists():
+            from store.shards import ImageSet
+
+            self._packed = ImageSet.open(self.root)
+            self._files = None
+            own_classes = list(self._packed.classes)
+            own_labels = np.asarray(self._packed.labels, dtype=np.int64)
+            self.layout = "packed"
+        else:
+            self._packed = None
+            own_classes, self._files, own_labels = _scan_image_folder(self.root)
+            self.layout = "imagefolder"
+        if classes is None:
+            self.classes = own_classes
+            self.labels = own_labels
+        else:
+            self.classes = list(classes)
+            index = {c: j for j, c in enumerate(self.classes)}
+            unknown = [c for c in own_classes if c not in index]
+            if unknown:
+                raise ValueError(
+                    f"dataset {self.root}: classes not in the reference (train) set: "
+                    f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
+                    f" ({len(unknown)} of {len(own_classes)})")
+            remap = np.array([index[c] for c in own_classes], dtype=np.int64)
+            self.labels = remap[own_labels] if len(own_labels) else own_labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Key the random transforms of the next pass by ``epoch``."""
+        self.epoch = int(epoch)
+
+    def read(self, i: int) -> bytes:
+        """Encoded bytes of image ``i``."""
+        if self._packed is not None:
+            return self._packed.read(int(i))
+        return self._files[i].read_bytes()
+
+    def image(self, i: int) -> Image.Image:
+        """Decoded RGB image ``i``."""
+        where = self._packed.source(int(i)) if self._packed is not None else self._files[i]
+        try:
+            with Image.open(io.BytesIO(self.read(i))) as img:
+                img.load()
+                return to_rgb(img)
+        except Exception as err:
+            raise ValueError(f"dataset {self.root}: sample {i} ({where}) cannot be decoded: "
+                             f"{err}") from err
+
+    def __getitem__(self, i: int):
+        img = self.image(i)
+        if self.transform is not None:
+            with seeded_rngs(derive_seed(self.seed, self.epoch, i)):
+                img = self.transform(img)
+        return img, int(self.labels[i])
+
+
+def _scan_image_folder(root: Path):
+    if (root / "shards").is_dir() and any((root / "shards").glob("*.tar")):
+        raise ValueError(
+            f"dataset {root}: has shards/*.tar but no manifest.json: an unfinished `prepare` "
+            f"(the manifest is written last); run prepare again to finish it")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        hint = ""
+        if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
+            hint = " It holds image files directly; put them in one folder per class."
+        raise ValueError(
+            f"dataset {root}: neither a packed set (no manifest.json) nor an ImageFolder "
+            f"tree (no class subfolders: expected {root}/<class>/<image>).{hint}")
+    files: list[Path] = []
+    labels: list[int] = []
+    empty: list[str] = []
+    for label, d in enumerate(subdirs):
+        found = sorted(p for p in d.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            empty.append(d.name)
+        files += found
+        labels += [label] * len(found)
+    if empty:
+        raise ValueError(
+            f"dataset {root}: class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
+            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''} "
+            f"({len(empty)} of {len(subdirs)})")
+    return [d.name for d in subdirs], files, np.asarray(labels, dtype=np.int64)
+
+
+def eval_transform(size: int = 224, *, interpolation: str = "bicubic") -> Callable:
+    """Resize shorter side to size/0.875 (256 at 224), center crop ``size``, normalise.
+
+    Returns a PIL -> (3, size, size) float32 transform.
+    """
+    from torchvision import transforms as T
+
+    mode = T.InterpolationMode(interpolation)
+    return T.Compose([
+        T.Resize(int(round(size / CROP_PCT)), interpolation=mode),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def probe_train_transform(size: int = 224) -> Callable:
+    """MAE linear-probe augmentation: RandomResizedCrop (bicubic) + flip, normalise.
+
+    Returns a PIL -> (3, size, size) float32 transform.
+    """
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def finetune_transform(size: int = 224, *, auto_augment: str = "rand-m9-mstd0.5-inc1",
+                       re_prob: float = 0.25, color_jitter: float | None = None) -> Callable:
+    """MAE/DeiT fine-tune training augmentation via timm ``create_transform``:
+    RandomResizedCrop, flip, RandAugment, random erasing (pixel mode), bicubic.
+
+    Returns a PIL -> (3, size, size) float32 transform.
+    """
+    from timm.data import create_transform
+
+    return create_transform(input_size=size, is_training=True, auto_augment=auto_augment,
+                            color_jitter=color_jitter, interpolation="bicubic",
+                            re_prob=re_prob, re_mode="pixel", re_count=1,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, shuffle: bool,
+                seed: int = 0, epoch: int = 0, num_workers: int = 0, drop_last: bool = False,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order is keyed by (seed, epoch), never by the global RNG."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x5EED))
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+        num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
+        persistent_workers=False)

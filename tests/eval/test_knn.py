@@ -1,0 +1,146 @@
+"""eval/knn.py and eval/data.py: the k-NN vote, the datasets, `eval knn` end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+import cli
+from eval.data import EvalImages, eval_transform
+from eval.knn import knn_accuracy, knn_scores, topk_accuracy
+
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def make_toy_folder(root, *, per_class, seed):
+    """ImageFolder of 40x48 images: a class-coloured rectangle on a noisy gray field,
+    saved as JPEG, PNG and palette PNG in turn."""
+    rng = np.random.default_rng(seed)
+    for c, (name, rgb) in enumerate(COLOURS.items()):
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            img = rng.integers(90, 140, size=(40, 48, 3)).astype(np.uint8)
+            y, x = rng.integers(0, 12), rng.integers(0, 14)
+            img[y:y + 26, x:x + 32] = np.clip(np.array(rgb) + rng.integers(-20, 20, 3), 0, 255)
+            pil = Image.fromarray(img)
+            if j % 3 == 0:
+                pil.save(root / name / f"{j:03d}.jpg", quality=90)
+            elif j % 3 == 1:
+                pil.save(root / name / f"{j:03d}.png")
+            else:
+                pil.convert("P").save(root / name / f"{j:03d}.png")
+    return root
+
+
+def test_knn_vote_matches_hand_computed_weights():
+    memory = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
+    labels = torch.tensor([0, 1, 1, 2])
+    query = torch.tensor([[1.0, 0.0]])
+    scores = knn_scores(memory, labels, query, num_classes=3, k=2, temperature=0.5)
+    expected = torch.tensor([[math.exp(1.0 / 0.5), math.exp(0.8 / 0.5), 0.0]])
+    torch.testing.assert_close(scores, expected)
+
+
+def test_knn_on_separable_features_is_above_95_percent_and_blocking_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(10, 64, generator=g), dim=1)
+    mem_labels = torch.arange(10).repeat_interleave(50)
+    qry_labels = torch.arange(10).repeat_interleave(20)
+    mem = F.normalize(centres[mem_labels] + 0.15 * torch.randn(500, 64, generator=g), dim=1)
+    qry = F.normalize(centres[qry_labels] + 0.15 * torch.randn(200, 64, generator=g), dim=1)
+    acc = knn_accuracy(mem, mem_labels, qry, qry_labels, num_classes=10)
+    assert acc["top1"] > 95.0 and acc["top5"] >= acc["top1"]
+    whole = knn_scores(mem, mem_labels, qry, num_classes=10, max_elements=10 ** 9)
+    blocked = knn_scores(mem, mem_labels, qry, num_classes=10, max_elements=1500)  # 3 rows
+    torch.testing.assert_close(whole, blocked)
+    # random labels: the vote is at chance, so the metric can fail
+    shuffled = mem_labels[torch.randperm(500, generator=g)]
+    assert knn_accuracy(mem, shuffled, qry, qry_labels, num_classes=10)["top1"] < 40.0
+
+
+def test_topk_accuracy_counts_hits_within_k():
+    scores = torch.tensor([[0.9, 0.05, 0.03, 0.01, 0.005, 0.005],
+                           [0.1, 0.2, 0.3, 0.15, 0.12, 0.13],
+                           [0.0, 0.0, 0.1, 0.2, 0.3, 0.4]])
+    acc = topk_accuracy(scores, torch.tensor([0, 0, 0]))
+    assert acc["top1"] == pytest.approx(100 / 3) and acc["top5"] == pytest.approx(200 / 3)
+
+
+def test_image_folder_dataset_reads_every_mode_as_rgb_and_aligns_val_classes(tmp_path):
+    root = make_toy_folder(tmp_path / "train", per_class=3, seed=0)
+    ds = EvalImages(root, transform=eval_transform(32))
+    assert ds.layout == "imagefolder" and ds.classes == ["blue", "green", "red"]
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    x, y = ds[4]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
+    assert ds.image(2).mode == "RGB"  # saved as palette PNG
+    (tmp_path / "val" / "red").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "val" / "red" / "a.png")
+    val = EvalImages(tmp_path / "val", classes=ds.classes)
+    assert val.labels.tolist() == [2]  # "red" keeps the train index, not its own 0
+
+
+@pytest.mark.parametrize("case", ["flat", "empty_class", "unfinished_pack", "foreign_class"])
+def test_dataset_in_wrong_layout_fails_naming_what_is_missing(tmp_path, case):
+    root = tmp_path / "data"
+    root.mkdir()
+    if case == "flat":
+        Image.new("RGB", (8, 8)).save(root / "a.png")
+        expected = r"no class subfolders: expected .*data/<class>/<image>.*one folder per class"
+    elif case == "empty_class":
+        make_toy_folder(root, per_class=1, seed=0)
+        (root / "zebra").mkdir()
+        (root / "zebra" / "notes.txt").write_text("x")
+        expected = r"class folders without images .*: zebra \(1 of 4\)"
+    elif case == "unfinished_pack":
+        make_toy_folder(root, per_class=1, seed=0)
+        (root / "shards").mkdir()
+        (root / "shards" / "shard-000000.tar").write_bytes(b"")
+        expected = r"has shards/\*.tar but no manifest.json: an unfinished `prepare`"
+    else:
+        make_toy_folder(root, per_class=1, seed=0)
+        expected = r"classes not in the reference \(train\) set: blue, green \(2 of 3\)"
+    with pytest.raises(ValueError, match=expected):
+        EvalImages(root, classes=["red"] if case == "foreign_class" else None)
+
+
+def test_eval_knn_command_separates_toy_classes_and_writes_record(tmp_path):
+    train = make_toy_folder(tmp_path / "train", per_class=12, seed=1)
+    val = make_toy_folder(tmp_path / "val", per_class=6, seed=2)
+    ck = tmp_path / "student.pth"
+    net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+    torch.save({"model": net.state_dict()}, ck)
+    out = tmp_path / "knn.json"
+    res = CliRunner().invoke(cli.main, [
+        "eval", "knn", "--checkpoint", str(ck), "--model-arg", "img_size=32",
+        "--model-arg", "depth=2", "--train", str(train), "--val", str(val),
+        "--out", str(out), "--device", "cpu", "--batch-size", "16", "--workers", "0"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rec = json.loads(out.read_text())
+    assert rec["metrics"]["top1"] > 95.0, rec["metrics"]
+    assert rec["task"] == "knn" and len(rec["checkpoint"]["sha256"]) == 64
+    assert rec["git_commit"] is not None
+    s = rec["settings"]
+    assert (s["k"], s["k_effective"], s["temperature"]) == (20, 20, 0.07)
+    assert (s["train_images"], s["val_images"], s["num_classes"]) == (36, 18, 3)
+    assert s["timm_kwargs"] == {"img_size": 32, "depth": 2} and s["input_size"] == 32
+    assert "top1" in res.output and "knn" in res.output
+
+
+def test_eval_knn_command_refuses_checkpoint_of_other_size(tmp_path):
+    train = make_toy_folder(tmp_path / "train", per_class=1, seed=1)
+    ck = tmp_path / "student.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32,
+                                 depth=2).state_dict(), ck)
+    res = CliRunner().invoke(cli.main, [
+        "eval", "knn", "--checkpoint", str(ck), "--model-arg", "depth=2",
+        "--train", str(train), "--val", str(train), "--out", str(tmp_path / "r.json"),
+        "--device", "cpu", "--workers", "0"])
+    assert res.exit_code != 0
+    assert "pos_embed: checkpoint (1, 5, 192) vs model (1, 197, 192)" in str(res.exception)
+    assert not (tmp_path / "r.json").exists()
