@@ -1,0 +1,117 @@
+"""Teacher adapters: A_k(t) = LayerNorm(W_k t + b_k), teacher width (768) -> student width.
+
+Initialised from the principal components of the teacher's stored tokens
+(``init_from_pca``): W = the top ``out_dim`` principal directions, b = -W @ mean, so
+W t + b are the token's coordinates in its best ``out_dim``-dim least-squares subspace
+(``mean + W^T (W t + b)`` is the optimal rank-``out_dim`` reconstruction of t).
+
+Mode ``frozen`` (default): every parameter has requires_grad=False and the forward runs
+without autograd. Mode ``trainable``: W, b and the LayerNorm affine learn, and a linear
+decoder U: out_dim -> in_dim gives the reconstruction term
+
+    recon = mean_tokens ||U A(t) - t||^2 / mean_tokens ||t - mean_batch(t)||^2
+
+i.e. the fraction of the tokens' variance that the adapter output fails to explain
+(0: perfect, 1: no better than the batch mean; the denominator is detached). It keeps
+a trainable adapter informative, since a collapsed adapter (a constant output) scores 1.
+``collapse_monitor`` gives the mean cosine between different tokens' targets.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TeacherAdapter(nn.Module):
+    """One teacher's adapter; see the module docstring."""
+
+    def __init__(self, *, in_dim: int = 768, out_dim: int = 192, trainable: bool = False,
+                 name: str = "teacher"):
+        super().__init__()
+        self.name = name
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.trainable = trainable
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim, eps=1e-6)
+        self.decoder = nn.Linear(out_dim, in_dim) if trainable else None
+        if not trainable:
+            self.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_from_pca(self, mean, components) -> None:
+        """Set W = components[:out_dim], b = -W @ mean (LayerNorm reset to identity).
+
+        mean: (in_dim,), components: (>= out_dim, in_dim), rows are principal directions
+        sorted by decreasing variance; numpy arrays or tensors, any float dtype.
+        Raises ValueError naming the teacher on a shape mismatch or non-finite values.
+        """
+        mean = torch.as_tensor(np.asarray(mean) if not torch.is_tensor(mean) else mean).double()
+        comps = torch.as_tensor(np.asarray(components) if not torch.is_tensor(components)
+                                else components).double()
+        if mean.shape != (self.in_dim,):
+            raise ValueError(f"adapter {self.name}: PCA mean has shape {tuple(mean.shape)}, "
+                             f"expected ({self.in_dim},)")
+        if comps.ndim != 2 or comps.shape[1] != self.in_dim or comps.shape[0] < self.out_dim:
+            raise ValueError(f"adapter {self.name}: PCA components have shape {tuple(comps.shape)}, "
+                             f"expected (>= {self.out_dim}, {self.in_dim})")
+        if not (torch.isfinite(mean).all() and torch.isfinite(comps).all()):
+            raise ValueError(f"adapter {self.name}: PCA statistics contain NaN or inf")
+        w = comps[: self.out_dim]
+        self.proj.weight.copy_(w.float())
+        self.proj.bias.copy_((-w @ mean).float())
+        self.norm.reset_parameters()
+
+    def linear(self, tokens: torch.Tensor) -> torch.Tensor:
+        """W t + b, before the LayerNorm. tokens: (..., in_dim) -> (..., out_dim) float32."""
+        return self.proj(tokens.float())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A(t). tokens: (..., in_dim) any float dtype -> (..., out_dim) float32 (under
+        autocast the dtype follows autocast). Frozen adapters run without autograd."""
+        if self.trainable:
+            return self.norm(self.proj(tokens.float()))
+        with torch.no_grad():
+            return self.norm(self.proj(tokens.float()))
+
+    def reconstruction_loss(self, tokens: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
+        """Fraction of unexplained variance of U A(t) (trainable mode only).
+
+        tokens: (N, in_dim) the raw tokens, adapted: (N, out_dim) = A(tokens).
+        Returns a float32 scalar.
+        """
+        if self.decoder is None:
+            raise RuntimeError(f"adapter {self.name} is frozen and has no reconstruction decoder")
+        t = tokens.float()
+        err = (self.decoder(adapted).float() - t).pow(2).sum(-1).mean()
+        with torch.no_grad():
+            var = (t - t.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return err / var
+
+
+def collapse_monitor(targets: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between different tokens: a collapse alarm.
+
+    targets: (N, D) float, N >= 2. Returns a float32 scalar in [-1/(N-1), 1]; 1 means
+    all tokens point the same way (collapse). O(N D): uses ||sum of unit vectors||^2.
+    No gradient.
+    """
+    with torch.no_grad():
+        u = nn.functional.normalize(targets.float(), dim=-1)
+        n = u.shape[0]
+        total = u.sum(0).pow(2).sum()
+        self_sim = u.pow(2).sum()          # = number of non-zero tokens
+        return (total - self_sim) / max(n * (n - 1), 1)
+
+
+def fit_pca(tokens: torch.Tensor, *, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of a token sample: tokens (N, C) float -> (mean (C,), components (k, C)) float32,
+    rows sorted by decreasing variance. Helper for tests and small runs; stores
+    compute their own statistics."""
+    x = tokens.double()
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    if vh.shape[0] < k:
+        raise ValueError(f"fit_pca: {k} components asked, only {vh.shape[0]} available "
+                         f"from {tuple(tokens.shape)} tokens")
+    return mean.float(), vh[:k].float()

@@ -1,0 +1,232 @@
+"""The CoMAD objective: student + decoder + adapters + gate + losses, batch -> loss dict.
+
+A batch (from the feature store or from online teachers) is::
+
+    {"index": (B,) int64, "view": (B,) int64,
+     "images": (B, 3, 224, 224) float32 normalised,
+     "student_visible": (B, 49) int64 ascending patch ids in [0, 196),
+     "teachers": {name: {"cls": (B, 768), "patch": (B, n_k, 768),
+                         "index": (B, n_k) int64 ascending}}}
+
+Tokens may be float16; they are cast to float32 before the adapters. Teacher tokens are
+scattered by their ``index`` onto the 197-slot grid (slot 0 = CLS, slot 1 + p = patch p).
+
+DDP: only ``objective.trainable`` (a :class:`StudentSide`: student, decoder and, when
+adapters train, the adapters) has parameters that learn; wrap just it, e.g.
+``objective.wrap_trainable(lambda m: DDP(m, device_ids=[rank]))``, and optimise
+``objective.trainable.parameters()``. Frozen adapters stay outside, unwrapped.
+
+``forward`` returns tensors only (no ``.item()``, no host sync): ``loss`` (with graph)
+and detached parts ``loss_token``, ``loss_spatial``, ``loss_recon`` (0 for frozen
+adapters), ``gate/<teacher>`` (the teacher's share of the fused targets: mean of w_k
+over all positions with a target, so the shares sum to 1), ``collapse/<teacher>``
+(mean cosine between different adapted patch tokens of that teacher in the batch),
+``coverage`` (fraction of the 196 positions with a target).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from train.adapters import TeacherAdapter, collapse_monitor
+from train.gate import fuse, gate_weights
+from train.losses import spatial_kl, spatial_mse, token_kl, token_mse
+from train.student import NUM_PATCHES, FeatureDecoder, MaskedStudent, load_student_checkpoint
+
+
+class StudentSide(nn.Module):
+    """Everything that learns: student encoder, decoder, trainable adapters (or None).
+
+    forward(images (B,3,224,224), visible (B,n) int64, tokens {name: (B, 1+n_k, C)})
+    -> dict with "cls" (B, D), "patch" (B, n, D), "map" (B, 196, D), and for trainable
+    adapters "adapted" {name: (B, 1+n_k, D)} and "recon" (scalar, mean over teachers).
+    """
+
+    def __init__(self, *, student: MaskedStudent, decoder: FeatureDecoder,
+                 adapters: nn.ModuleDict | None):
+        super().__init__()
+        self.student, self.decoder, self.adapters = student, decoder, adapters
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor,
+                tokens: Mapping[str, torch.Tensor]) -> dict:
+        cls, patch = self.student(images, visible)
+        out = {"cls": cls, "patch": patch, "map": self.decoder(cls, patch, visible)}
+        if self.adapters is not None:
+            adapted, recon = {}, []
+            for name, adapter in self.adapters.items():
+                a = adapter(tokens[name])
+                adapted[name] = a
+                recon.append(adapter.reconstruction_loss(tokens[name].flatten(0, 1),
+                                                         a.flatten(0, 1)))
+            out["adapted"] = adapted
+            out["recon"] = torch.stack(recon).mean()
+        return out
+
+
+class CoMADObjective(nn.Module):
+    """batch -> {"loss", parts}; see the module docstring. Build with build_objective."""
+
+    def __init__(self, *, student: MaskedStudent, decoder: FeatureDecoder,
+                 adapters: Mapping[str, TeacherAdapter], adapters_trainable: bool,
+                 gate_mode: str = "consensus", gate_tau: float = 0.1, loss_kind: str = "kl",
+                 tau: float = 1.0, tau_spatial: float = 4.0, spatial_weight: float = 1.0,
+                 recon_weight: float = 1.0):
+        super().__init__()
+        if loss_kind not in ("kl", "mse"):
+            raise ValueError(f"loss kind {loss_kind!r}; use 'kl' or 'mse'")
+        self.teacher_names = list(adapters)
+        adapters = nn.ModuleDict(dict(adapters))
+        self.trainable = StudentSide(student=student, decoder=decoder,
+                                     adapters=adapters if adapters_trainable else None)
+        self.frozen_adapters = None if adapters_trainable else adapters
+        self.gate_mode, self.gate_tau = gate_mode, gate_tau
+        self.loss_kind, self.tau, self.tau_spatial = loss_kind, tau, tau_spatial
+        self.spatial_weight, self.recon_weight = spatial_weight, recon_weight
+
+    # ---- module access ------------------------------------------------------------
+    def wrap_trainable(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace ``self.trainable`` by ``wrap(self.trainable)`` (e.g. DDP, compile)."""
+        self.trainable = wrap(self.trainable)
+
+    def trainable_modules(self) -> nn.Module:
+        """The (possibly wrapped) module whose parameters learn."""
+        return self.trainable
+
+    def student_side(self) -> StudentSide:
+        """The unwrapped StudentSide (through DDP ``.module`` / compile ``._orig_mod``)."""
+        m = self.trainable
+        while not isinstance(m, StudentSide):
+            inner = getattr(m, "module", None)
+            m = inner if isinstance(inner, nn.Module) else getattr(m, "_orig_mod")
+        return m
+
+    @property
+    def student(self) -> MaskedStudent:
+        return self.student_side().student
+
+    @property
+    def adapters(self) -> nn.ModuleDict:
+        return self.frozen_adapters if self.frozen_adapters is not None else self.student_side().adapters
+
+    # ---- the step -----------------------------------------------------------------
+    def forward(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """batch: see the module docstring. Returns the loss dict (tensors only)."""
+        images, visible = batch["images"], batch["student_visible"]
+        teachers = batch["teachers"]
+        missing = [n for n in self.teacher_names if n not in teachers]
+        if missing:
+            raise KeyError(f"batch lacks teacher(s) {missing}; it has {sorted(teachers)}")
+        b, n_vis = visible.shape
+        if images.shape[0] != b:
+            raise ValueError(f"batch images {tuple(images.shape)} and student_visible "
+                             f"{tuple(visible.shape)} disagree on the batch size")
+
+        tokens, slots = {}, {}
+        for name in self.teacher_names:
+            t = teachers[name]
+            if t["patch"].shape[:2] != t["index"].shape or t["cls"].shape[0] != b:
+                raise ValueError(f"batch teacher {name!r}: cls {tuple(t['cls'].shape)}, patch "
+                                 f"{tuple(t['patch'].shape)}, index {tuple(t['index'].shape)} "
+                                 f"disagree (batch {b})")
+            tokens[name] = torch.cat([t["cls"].unsqueeze(1), t["patch"]], dim=1).float()
+            zero = torch.zeros(b, 1, dtype=t["index"].dtype, device=t["index"].device)
+            slots[name] = torch.cat([zero, t["index"] + 1], dim=1)          # (B, 1 + n_k)
+
+        out = self.trainable(images, visible, tokens)
+        z_cls, z_patch, s_map = out["cls"], out["patch"], out["map"]
+        if "adapted" in out:
+            adapted = out["adapted"]
+        else:
+            adapted = {name: self.frozen_adapters[name](tokens[name]) for name in self.teacher_names}
+
+        # dense per-teacher grid (K, B, 197, D) and seen mask (K, B, 197)
+        dense, seen = [], []
+        for name in self.teacher_names:
+            a = adapted[name]
+            idx = slots[name]
+            grid = torch.zeros(b, 1 + NUM_PATCHES, a.shape[-1], dtype=a.dtype, device=a.device)
+            dense.append(torch.scatter(grid, 1, idx.unsqueeze(-1).expand(-1, -1, a.shape[-1]), a))
+            mask = torch.zeros(b, 1 + NUM_PATCHES, dtype=torch.bool, device=a.device)
+            seen.append(mask.scatter(1, idx, True))
+        dense, seen = torch.stack(dense), torch.stack(seen)
+
+        # the student's token at every slot: z where visible, S elsewhere, z_cls at CLS
+        with torch.no_grad():
+            u = torch.cat([z_cls.unsqueeze(1), s_map], dim=1).detach().clone()
+            vis_idx = (visible + 1).unsqueeze(-1).expand(-1, -1, u.shape[-1])
+            u = u.scatter(1, vis_idx, z_patch.detach().to(u.dtype))
+        w = gate_weights(student=u, adapted=dense, seen=seen, mode=self.gate_mode, tau=self.gate_tau)
+        y = fuse(adapted=dense, weights=w)                                   # (B, 197, D)
+        has_target = seen.any(0)                                             # (B, 197)
+
+        # token loss: CLS + student-visible positions with a target
+        y_vis = torch.gather(y[:, 1:], 1, visible.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        tok_student = torch.cat([z_cls.unsqueeze(1), z_patch], dim=1)
+        tok_target = torch.cat([y[:, :1], y_vis], dim=1)
+        tok_valid = torch.cat([has_target[:, :1], torch.gather(has_target[:, 1:], 1, visible)], dim=1)
+        map_valid = has_target[:, 1:]
+        if self.loss_kind == "kl":
+            l_tok = token_kl(student=tok_student, target=tok_target, valid=tok_valid, tau=self.tau)
+            l_sp = spatial_kl(student=s_map, target=y[:, 1:], valid=map_valid, tau=self.tau_spatial)
+        else:
+            l_tok = token_mse(student=tok_student, target=tok_target, valid=tok_valid)
+            l_sp = spatial_mse(student=s_map, target=y[:, 1:], valid=map_valid)
+        loss = l_tok + self.spatial_weight * l_sp
+        l_rec = out.get("recon")
+        if l_rec is not None:
+            loss = loss + self.recon_weight * l_rec
+        else:
+            l_rec = torch.zeros((), device=loss.device)
+
+        logs = {"loss": loss, "loss_token": l_tok.detach(), "loss_spatial": l_sp.detach(),
+                "loss_recon": l_rec.detach()}
+        with torch.no_grad():
+            n_target = has_target.sum().clamp_min(1)
+            for k, name in enumerate(self.teacher_names):
+                logs[f"gate/{name}"] = w[k].sum() / n_target
+                logs[f"collapse/{name}"] = collapse_monitor(adapted[name][:, 1:].flatten(0, 1))
+            logs["coverage"] = map_valid.float().mean()
+        return logs
+
+
+def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective:
+    """Build the objective from a :class:`train.config.Config`.
+
+    teacher_stats: {name: (mean (C,), components (>= D, C))} for every teacher in
+    ``cfg.data.teachers`` (needed when ``cfg.adapters.init == "pca"``). The parameters
+    are initialised under a forked RNG seeded by ``cfg.train.seed``: the same seed gives
+    the same model and the global RNG is left untouched. A ``cfg.model.checkpoint``
+    then replaces the student encoder's weights (strictly).
+    """
+    names = list(cfg.data.teachers)
+    if cfg.adapters.init == "pca":
+        if teacher_stats is None:
+            raise ValueError("adapters.init='pca' needs teacher_stats (the store's per-teacher "
+                             "PCA mean and components); pass them or set adapters.init=random")
+        absent = [n for n in names if n not in teacher_stats]
+        if absent:
+            raise ValueError(f"teacher_stats lack teacher(s) {absent}; they have {sorted(teacher_stats)}")
+    d = cfg.model.embed_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        student = MaskedStudent(arch=cfg.model.arch, embed_dim=d, depth=cfg.model.depth,
+                                num_heads=cfg.model.num_heads, drop_path=cfg.model.drop_path)
+        decoder = FeatureDecoder(in_dim=d, width=cfg.decoder.width, depth=cfg.decoder.depth,
+                                 num_heads=cfg.decoder.num_heads, mlp_ratio=cfg.decoder.mlp_ratio,
+                                 out_dim=d, pos_embed=cfg.decoder.pos_embed)
+        trainable = cfg.adapters.mode == "trainable"
+        adapters = {n: TeacherAdapter(in_dim=cfg.adapters.in_dim, out_dim=d, trainable=trainable,
+                                      name=n) for n in names}
+    if cfg.adapters.init == "pca":
+        for n in names:
+            mean, comps = teacher_stats[n]
+            adapters[n].init_from_pca(mean, comps)
+    if cfg.model.checkpoint:
+        load_student_checkpoint(student, cfg.model.checkpoint)
+    return CoMADObjective(student=student, decoder=decoder, adapters=adapters,
+                          adapters_trainable=trainable, gate_mode=cfg.gate.mode,
+                          gate_tau=cfg.gate.tau, loss_kind=cfg.loss.kind, tau=cfg.loss.tau,
+                          tau_spatial=cfg.loss.tau_spatial, spatial_weight=cfg.loss.spatial_weight,
+                          recon_weight=cfg.loss.recon_weight)
