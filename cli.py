@@ -18,7 +18,127 @@ def main():
 # --- commands: store (prepare, inspect) --------------------------------------------
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--shard-size", type=click.IntRange(min=1), default=256,
+              help="Samples per tar shard (the last shard may hold fewer).")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave unreadable or non-image files out (listed in the manifest's 'rejects') "
+                   "instead of stopping at the first one.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Threads reading and verifying images (0: none; default: min(8, CPU count)).")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def prepare(src, out, shard_size, skip_bad, workers, progress):
+    """Pack SRC (ImageFolder tree or folder of WebDataset .tar shards) into OUT: tar shards with
+    DALI index files and a manifest giving every image a stable global index (docs/format.md).
+
+    Re-running on a finished OUT does nothing; an unfinished OUT is redone."""
+    from store.shards import PrepareError
+    from store.shards import prepare as prepare_images
+
+    try:
+        prepare_images(src, out, shard_size=shard_size, skip_bad=skip_bad, progress=progress,
+                       workers=workers, echo=lambda message: click.echo(message, err=True))
+    except PrepareError as error:
+        raise click.ClickException(str(error)) from None
+
+
 # --- commands: extract (extract, verify) -------------------------------------------
+
+
+def _device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--teacher", required=True, type=click.Choice(["mae", "mocov3", "ibot", "dino"]),
+              help="Which frozen ViT-B/16 teacher to run.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Images packed by `prepare`.")
+@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False),
+              help="Feature store (zarr v3) to create or resume.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The teacher's official checkpoint file; fetched if omitted and the network allows.")
+@click.option("--random-init", is_flag=True,
+              help="Untrained teacher (tests, demos); the store records that it is untrained.")
+@click.option("--views", type=int, default=4, help="Cached views per image (V).")
+@click.option("--seed", type=int, default=0, help="Root seed of crops and masks.")
+@click.option("--codec", type=click.Choice(["fp16", "int8", "pca"]), default="fp16",
+              help="How tokens are stored (docs/format.md).")
+@click.option("--pca-dim", type=int, default=256, help="Principal components kept by --codec pca.")
+@click.option("--batch-size", type=int, default=64, help="Images per teacher forward.")
+@click.option("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
+@click.option("--decoder", type=click.Choice(["dali", "pil"]), default="dali",
+              help="JPEG decoder: DALI (GPU decoder on CUDA) or the PIL reference.")
+@click.option("--threads", type=int, default=2, help="Decoder threads.")
+@click.option("--stats-images", type=int, default=1024,
+              help="Images whose tokens give the adapter statistics (mean, principal components).")
+@click.option("--max-blocks", type=int, default=None,
+              help="Stop after this many (shard, view-slot) blocks (a partial run; resume later).")
+@click.option("--estimate", is_flag=True,
+              help="Measure a short run, print bytes on disk and hours for the whole run, and exit.")
+@click.option("--ranks", type=int, default=None,
+              help="With --estimate: ranks to project for (default: this run's world size).")
+def extract(teacher, data, store_path, checkpoint, random_init, views, seed, codec, pca_dim,
+            batch_size, device, decoder, threads, stats_images, max_blocks, estimate, ranks):
+    """Stage 1: run one teacher over every (image, view) of DATA into the STORE.
+
+    Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards."""
+    from extract import dist
+    from extract.runner import Extractor, run_extraction
+    from extract.teachers import build_teacher
+    from store.shards import ImageSet
+
+    device = dist.local_device(_device(device))
+    dist.init_from_env(device)
+    ds = ImageSet.open(data)
+    model = build_teacher(teacher, checkpoint=checkpoint, random_init=random_init, seed=seed,
+                          device=device)
+    if estimate:
+        from extract.estimate import estimate_run, format_estimate
+        ex = Extractor(model, ds, seed=seed, views=views, batch_size=batch_size, device=device,
+                       decoder=decoder, num_threads=threads)
+        e = estimate_run(ex, codec=codec, pca_dim=pca_dim, num_images=len(ds), views=views,
+                         ranks=ranks or dist.world_size())
+        click.echo(format_estimate(e))
+        return
+    summary = run_extraction(teacher=model, data=ds, store_path=store_path, views=views, seed=seed,
+                             codec=codec, pca_dim=pca_dim, batch_size=batch_size, device=device,
+                             decoder=decoder, num_threads=threads, stats_images=stats_images,
+                             max_blocks=max_blocks)
+    if dist.rank() == 0:
+        click.echo(f"{teacher}: {summary['blocks']} blocks written, {summary['skipped']} already complete, "
+                   f"{summary['images_per_second']:.1f} img/s -> {store_path}")
+    dist.shutdown()
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("store_path", metavar="STORE", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The images the store was extracted from.")
+@click.option("--teacher", "teachers", multiple=True, help="Check only these teachers (repeatable).")
+@click.option("--no-values", is_flag=True, help="Skip the scan of token values for non-finite numbers.")
+def verify(store_path, data, teachers, no_values):
+    """Check a store: completeness, ids and views against DATA, teacher configs, finite values.
+
+    Exits non-zero on any problem."""
+    from extract.verify import verify_store
+    from store.shards import ImageSet
+
+    problems, summary = verify_store(store_path, ImageSet.open(data), teachers=list(teachers) or None,
+                                     scan_values=not no_values)
+    for name, t in summary.get("teachers", {}).items():
+        click.echo(f"{name}: {t['complete']}/{t['blocks']} blocks complete, codec {t['codec']}, "
+                   f"{'untrained' if t['untrained'] else 'trained'} teacher")
+    if problems:
+        for p in problems:
+            click.echo(f"PROBLEM: {p}", err=True)
+        raise SystemExit(1)
+    click.echo(f"OK: {store_path} is complete and consistent with {data}")
 
 
 # --- commands: train (train, export) -----------------------------------------------

@@ -1,0 +1,203 @@
+"""Stage 1: run one frozen teacher over every (image, view) and write its tokens to the store.
+
+Work is a list of (image shard, slot) blocks. Each rank (torchrun) owns the image shards
+``shard % world_size == rank``, so ranks never coordinate beyond creating the store, and a
+killed run resumes by skipping blocks already marked complete. Within a rank, decoding of
+the next batch, the teacher forward of this one and the write of the previous block
+overlap (a decode thread, the main thread, a writer thread).
+
+Every batch is made of consecutive images of one block, in order, so the tokens of a
+block do not depend on how many ranks ran or where a previous run was killed.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from extract import dist
+from store import codecs
+from store import views as V
+from store.features import DataInfo, FeatureStore, TeacherStore
+
+
+@dataclass
+class ViewBatch:
+    """Decoded views of consecutive images of one block.
+
+    index (B,) int64; view (B,) int64; boxes (B, 4) int64; flips (B,) bool;
+    visible (B, n_k) int64; images (B, 3, 224, 224) float32 normalised.
+    """
+    index: np.ndarray
+    view: np.ndarray
+    boxes: np.ndarray
+    flips: np.ndarray
+    visible: np.ndarray
+    images: torch.Tensor
+
+
+def make_decoder(kind: str, *, batch_size: int, device: str, num_threads: int = 2):
+    """A callable (datas, boxes, flips) -> (B, 3, 224, 224) float32 normalised tensor."""
+    if kind == "dali":
+        from store.decode import DaliViewDecoder
+        return DaliViewDecoder(batch_size=batch_size, device="cuda" if device.startswith("cuda") else "cpu",
+                               num_threads=num_threads)
+    if kind == "pil":
+        from store.decode import pil_views
+        return pil_views
+    raise ValueError(f"unknown decoder {kind!r}; choose 'dali' or 'pil'")
+
+
+def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str) -> dict:
+    """What identifies a teacher's tokens: stored in the store and checked on reopening."""
+    ratio = V.MASK_RATIOS[teacher.name]
+    return dict(teacher=teacher.name, source=str(teacher.source), checkpoint_digest=teacher.digest,
+                untrained=bool(teacher.untrained), mask_ratio=ratio, n_visible=V.num_visible(ratio),
+                resolution=224, patch_size=16, embed_dim=768, codec=codec,
+                pca_dim=int(pca_dim) if codec == "pca" else 0, precision=precision)
+
+
+class Extractor:
+    """Decode views, run the teacher on its visible patches, return (B, T, 768) tokens."""
+
+    def __init__(self, teacher, data, *, seed: int, views: int, batch_size: int, device: str,
+                 decoder: str = "dali", num_threads: int = 2):
+        self.teacher = teacher
+        self.data = data
+        self.seed, self.views, self.batch_size = seed, views, batch_size
+        self.device = torch.device(device)
+        self.decode = make_decoder(decoder, batch_size=batch_size, device=device, num_threads=num_threads)
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else nullcontext())
+
+    def view_batch(self, index: np.ndarray, datas: list[bytes], slot: int) -> ViewBatch:
+        view = V.view_of_slot(index, slot, self.views)
+        boxes, flips = V.view_params(self.seed, index, view, self.data.widths[index], self.data.heights[index])
+        visible = V.teacher_visible(self.seed, index, view, self.teacher.name)
+        images = self.decode(datas, boxes, flips)
+        return ViewBatch(index, view, boxes, flips, visible, images)
+
+    @torch.inference_mode()
+    def tokens(self, vb: ViewBatch) -> torch.Tensor:
+        """(B, 1 + n_k, 768) float32: CLS then visible patch tokens after the final norm."""
+        images = vb.images.to(self.device, non_blocking=True)
+        visible = torch.from_numpy(vb.visible).to(self.device)
+        with self.amp:
+            out = self.teacher(images, visible)
+        return torch.cat([out["cls"][:, None], out["patch"]], dim=1).float()
+
+    def batches(self, index: np.ndarray, slot: int):
+        """Yield (ViewBatch, tokens) over ``index`` in order; decoding runs one batch ahead."""
+        datas = self.data.read_many(index)
+        starts = range(0, len(index), self.batch_size)
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+            def submit(a):
+                b = min(a + self.batch_size, len(index))
+                return pool.submit(self.view_batch, index[a:b], datas[a:b], slot)
+            pending = submit(0)
+            for k, a in enumerate(starts):
+                vb = pending.result()
+                if k + 1 < len(starts):
+                    pending = submit(starts[k + 1])
+                yield vb, self.tokens(vb)
+
+
+def compute_stats(extractor: Extractor, *, num_images: int) -> dict:
+    """Mean and principal components of the teacher's tokens (CLS and patches) on slot 0
+    views of the first ``num_images`` images: mean (C,), components (C, C) rows by
+    decreasing variance, eigenvalues (C,), count."""
+    index = np.arange(min(num_images, len(extractor.data)))
+    total, s1, s2 = 0, torch.zeros(768, dtype=torch.float64), torch.zeros(768, 768, dtype=torch.float64)
+    for _, tok in extractor.batches(index, slot=0):
+        x = tok.reshape(-1, tok.shape[-1]).double().cpu()
+        total += x.shape[0]
+        s1 += x.sum(0)
+        s2 += x.T @ x
+    mean = s1 / total
+    cov = s2 / total - torch.outer(mean, mean)
+    evals, evecs = torch.linalg.eigh(cov)
+    order = torch.argsort(evals, descending=True)
+    return dict(mean=mean.float().numpy(), components=evecs[:, order].T.float().numpy(),
+                eigenvalues=evals[order].clamp_min(0).float().numpy(), count=total)
+
+
+def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, codec: str,
+                       pca_dim: int, precision: str) -> TeacherStore:
+    """Rank 0 creates (or checks) the store and the teacher's group; the others then open it."""
+    info = DataInfo.of(data)
+    config = teacher_config(teacher, codec=codec, pca_dim=pca_dim, precision=precision)
+    if dist.rank() == 0:
+        FeatureStore.create_or_open(store_path, data=info, views=views, seed=seed).create_teacher(
+            teacher.name, config)
+    dist.barrier()
+    fs = FeatureStore.open(store_path, data=info, views=views, seed=seed)
+    return fs.create_teacher(teacher.name, config)
+
+
+def run_extraction(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec: str = "fp16",
+                   pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
+                   decoder: str = "dali", num_threads: int = 2, stats_images: int = 1024,
+                   max_blocks: int | None = None, progress: bool = True) -> dict:
+    """Extract ``teacher``'s tokens for every (image, view) into ``store_path``.
+
+    Returns a summary: blocks done and skipped, images written, seconds, images per second.
+    ``max_blocks`` stops after that many blocks (used to measure a short run).
+    """
+    precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    ts = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
+                            codec=codec, pca_dim=pca_dim, precision=precision)
+    ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,
+                   decoder=decoder, num_threads=num_threads)
+    if not ts.has_stats:
+        if dist.rank() == 0:
+            st = compute_stats(ex, num_images=stats_images)
+            ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"])
+        dist.barrier()
+        ts = FeatureStore.open(store_path).teacher(teacher.name)
+
+    done = ts.complete_matrix()
+    mine = [k for k in range(len(ts.root.shards)) if k % dist.world_size() == dist.rank()]
+    todo = [(k, s) for k in mine for s in range(views) if not done[s, k]]
+    skipped = sum(1 for k in mine for s in range(views) if done[s, k])
+    if max_blocks is not None:
+        todo = todo[:max_blocks]
+    total = sum(ts.root.shards[k][1] for k, _ in todo)
+    if skipped and dist.rank() == 0:
+        tqdm.write(f"{teacher.name}: {skipped} blocks already complete, {len(todo)} to do")
+
+    t0, written = time.perf_counter(), 0
+    bar = tqdm(total=total, unit="img", desc=f"extract {teacher.name}", disable=not progress or total == 0,
+               dynamic_ncols=True)
+    with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+        pending = None
+        for shard, slot in todo:
+            first, count = ts.root.shards[shard]
+            index = np.arange(first, first + count)
+            parts, tokens = [], []
+            for vb, tok in ex.batches(index, slot):
+                parts.append(vb)
+                tokens.append(tok)
+                bar.update(len(vb.index))
+            tok = torch.cat(tokens)
+            payload = codecs.encode(codec, tok, pca=ts.pca)
+            block = dict(index=index, view=np.concatenate([p.view for p in parts]),
+                         boxes=np.concatenate([p.boxes for p in parts]),
+                         flips=np.concatenate([p.flips for p in parts]),
+                         visible=np.concatenate([p.visible for p in parts]), payload=payload)
+            if pending is not None:
+                pending.result()          # at most one block in flight; surfaces write errors
+            pending = writer.submit(ts.write_block, slot, shard, **block)
+            written += count
+            bar.set_postfix(img_s=f"{written / (time.perf_counter() - t0):.1f}")
+        if pending is not None:
+            pending.result()
+    bar.close()
+    dist.barrier()
+    seconds = time.perf_counter() - t0
+    return dict(teacher=teacher.name, blocks=len(todo), skipped=skipped, images=written,
+                seconds=seconds, images_per_second=written / seconds if seconds > 0 else float("nan"))

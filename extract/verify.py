@@ -1,0 +1,82 @@
+"""`verify`: check a feature store against its data, block by block.
+
+Reports (and returns as a list of problem strings): incomplete blocks; index, view, box,
+flip and mask disagreement with a fresh draw from store/views.py for DATA; configuration
+that differs between teachers where it must agree; statistics missing; non-finite values.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from store import views as V
+from store.features import DataInfo, FeatureStore, StoreError
+
+# Keys that every teacher of one store must share.
+SHARED_KEYS = ("seed", "views", "resolution", "patch_size", "embed_dim")
+
+
+def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_values: bool = True,
+                 progress: bool = True) -> tuple[list[str], dict]:
+    """Returns (problems, summary). No problem means the store is complete and consistent."""
+    problems: list[str] = []
+    try:
+        fs = FeatureStore.open(store_path, data=DataInfo.of(data))
+    except StoreError as e:
+        return [str(e)], {}
+    names = teachers or fs.teachers
+    if not names:
+        return [f"{store_path}: the store holds no teacher"], {}
+    summary = {"teachers": {}, "num_samples": fs.num_samples, "views": fs.views, "seed": fs.seed}
+    configs = {}
+    for name in names:
+        try:
+            ts = fs.teacher(name)
+        except StoreError as e:
+            problems.append(str(e))
+            continue
+        configs[name] = ts.config
+        missing = ts.missing()
+        done = ts.complete_matrix()
+        summary["teachers"][name] = dict(blocks=int(done.size), complete=int(done.sum()),
+                                         codec=ts.codec, untrained=ts.config.get("untrained"))
+        if missing:
+            problems.append(f"{name}: {len(missing)} of {done.size} blocks incomplete "
+                            f"(first: slot {missing[0][0]}, shard {missing[0][1]})")
+        if not ts.has_stats:
+            problems.append(f"{name}: adapter statistics missing")
+        elif not np.isfinite(ts.stats["components"]).all():
+            problems.append(f"{name}: adapter statistics are not finite")
+        blocks = [(s, k) for s in range(fs.views) for k in range(len(fs.shards)) if done[s, k]]
+        for slot, shard in tqdm(blocks, desc=f"verify {name}", unit="block", disable=not progress):
+            problems.extend(_check_block(ts, data, slot, shard, scan_values=scan_values))
+    for key in SHARED_KEYS:
+        values = {n: c.get(key) for n, c in configs.items()}
+        if len(set(map(repr, values.values()))) > 1:
+            problems.append(f"teachers disagree on {key}: {values}")
+    return problems, summary
+
+
+def _check_block(ts, data, slot: int, shard: int, *, scan_values: bool) -> list[str]:
+    where = f"{ts.name} slot {slot} shard {shard}"
+    keys = ["index", "view", "boxes", "flips", "visible"] + (ts.payload_keys if scan_values else [])
+    rows = ts._rows(shard)
+    b = {k: ts.group[k][slot, rows] for k in keys}
+    out = []
+    index = np.arange(rows.start, rows.stop)
+    if not np.array_equal(b["index"], index):
+        return [f"{where}: sample ids do not match the data's indices"]
+    view = V.view_of_slot(index, slot, ts.root.views)
+    if not np.array_equal(b["view"], view):
+        out.append(f"{where}: view numbers differ from (slot + index) mod V")
+    boxes, flips = V.view_params(ts.root.seed, index, view, data.widths[index], data.heights[index])
+    if not (np.array_equal(b["boxes"], boxes) and np.array_equal(b["flips"], flips)):
+        out.append(f"{where}: stored crops/flips differ from the views of this data and seed")
+    visible = V.teacher_visible(ts.root.seed, index, view, ts.name, mask_ratio=ts.config["mask_ratio"])
+    if not np.array_equal(b["visible"], visible):
+        out.append(f"{where}: stored masks differ from the masks of this seed")
+    if scan_values:
+        for k in ts.payload_keys:
+            if b[k].dtype.kind == "f" and not np.isfinite(b[k]).all():
+                out.append(f"{where}: non-finite values in {k}")
+    return out
