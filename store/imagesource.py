@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "BadImage",
+    "PrepareError",
     "ImageInfo",
     "SourceItem",
     "SourceListing",
@@ -55,7 +56,11 @@ CLASSES_FILE = "classes.txt"
 _EXIF_ORIENTATION = 0x0112
 
 
-class BadImage(ValueError):
+class PrepareError(ValueError):
+    """``prepare`` refuses its input or output; the message says why and what to do."""
+
+
+class BadImage(PrepareError):
     """An input file or sample that is not a usable image; ``reason`` says why."""
 
     def __init__(self, source: str, reason: str):
@@ -173,7 +178,8 @@ def list_source(src: Path) -> SourceListing:
     otherwise sub-folders mean an ImageFolder tree.
 
     Raises:
-        FileNotFoundError: SRC does not exist or holds neither tars nor class folders.
+        FileNotFoundError: SRC does not exist.
+        PrepareError: SRC holds neither tars nor class folders.
         NotADirectoryError: SRC is a file.
     """
     src = Path(src)
@@ -188,7 +194,7 @@ def list_source(src: Path) -> SourceListing:
         return _list_webdataset(src, tars)
     if folders:
         return _list_imagefolder(src, folders)
-    raise FileNotFoundError(f"prepare: {src} holds neither class folders (ImageFolder) nor *.tar shards (WebDataset)")
+    raise PrepareError(f"prepare: {src} holds neither class folders (ImageFolder) nor *.tar shards (WebDataset)")
 
 
 def _listing_line(name: str, stat: os.stat_result) -> bytes:
@@ -230,7 +236,7 @@ def _list_webdataset(src: Path, tars: list[os.DirEntry]) -> SourceListing:
         names.append(CLASSES_FILE)
         classes = [line.strip() for line in classes_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(set(classes)) != len(classes):
-            raise ValueError(f"prepare: {classes_path} names a class twice")
+            raise PrepareError(f"prepare: {classes_path} names a class twice")
     files = []
     for entry in tars:
         digest.update(_listing_line(entry.name, entry.stat()))

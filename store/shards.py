@@ -28,9 +28,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from store.imagesource import BadImage, ImageInfo, SourceItem, SourceListing, inspect_image, list_source
+from store.imagesource import BadImage, ImageInfo, PrepareError, SourceItem, SourceListing, inspect_image, list_source
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ImageSet", "prepare"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "BadImage", "ImageSet", "PrepareError", "prepare"]
 
 FORMAT = "comad-images"
 FORMAT_VERSION = 1
@@ -212,7 +212,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
     Args:
         src: the source folder.
         out: the output folder (created). If it holds a finished prepare of the same SRC
-            listing, nothing is done; of a different SRC or shard size, ``ValueError``.
+            listing, nothing is done; of a different SRC or shard size, ``PrepareError``.
             Without ``manifest.json`` it is a half-written run and is redone from scratch.
         shard_size: samples per tar shard (the last shard may be smaller).
         skip_bad: leave unreadable / non-image files out (listed in the manifest's
@@ -227,13 +227,17 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
 
     src, out = Path(src), Path(out)
     if shard_size < 1:
-        raise ValueError(f"prepare: shard_size must be >= 1, got {shard_size}")
+        raise PrepareError(f"prepare: shard_size must be >= 1, got {shard_size}")
     say = echo if echo is not None else (_stderr if progress else (lambda message: None))
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     listing = list_source(src)
 
     if (out / MANIFEST).exists():
-        done = ImageSet.open(out)
+        try:
+            done = ImageSet.open(out)
+        except ValueError as error:
+            raise PrepareError(f"prepare: {out} has a {MANIFEST} that does not open ({error}); "
+                               f"delete {out} to redo it") from None
         _check_same_prepare(done, listing, shard_size=shard_size)
         rejected = f", {len(done.rejects)} files left out as bad" if done.rejects else ""
         say(f"prepare: {out} already holds this prepare of {src} ({len(done)} samples in "
@@ -287,7 +291,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
     finally:
         bar.close()
     if not sources:
-        raise ValueError(f"prepare: no usable image in {src} ({len(rejects)} rejected)")
+        raise PrepareError(f"prepare: no usable image in {src} ({len(rejects)} rejected)")
 
     classes = listing.classes
     if listing.kind == "webdataset" and not classes:
@@ -330,13 +334,13 @@ def _check_same_prepare(done: "ImageSet", listing: SourceListing, *, shard_size:
                 hint += f"; gone from SRC: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
             if not added and not missing:
                 hint += "; same file names, but some sizes or modification times differ"
-        raise ValueError(
+        raise PrepareError(
             f"prepare: {done.root} was prepared from a different source ({old['kind']}, "
             f"{old['num_files']} files, listing {old['listing_sha256'][:12]}) than {listing.root} is now "
             f"({listing.kind}, {listing.num_files} files, listing {listing.sha256[:12]}){hint}. "
             f"Prepare into a new folder, or delete {done.root} to redo it.")
     if done.meta["shard_size"] != shard_size:
-        raise ValueError(f"prepare: {done.root} was prepared with shard_size={done.meta['shard_size']}, "
+        raise PrepareError(f"prepare: {done.root} was prepared with shard_size={done.meta['shard_size']}, "
                          f"not {shard_size}. Use --shard-size {done.meta['shard_size']}, or delete it to redo.")
 
 

@@ -1,0 +1,306 @@
+"""prepare / ImageSet: the packed-image format (store/shards.py, store/imagesource.py)."""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from store.imagesource import BadImage, PrepareError
+from store.photos import PHOTOS
+from store.shards import ImageSet, prepare
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _small_tree(photo_tree: Path, dst: Path, per_class: int = 2) -> Path:
+    """A copy of the first ``per_class`` photos of each class of the photo tree."""
+    for folder in sorted(photo_tree.iterdir()):
+        (dst / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:per_class]:
+            shutil.copy2(f, dst / folder.name / f.name)
+    return dst
+
+
+def _pil_info(data: bytes) -> tuple[int, int, str]:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.width, im.height, im.mode
+
+
+# --- the photo tree -----------------------------------------------------------------------
+def test_photo_tree_holds_every_documented_mode_and_is_deterministic(photo_tree, tmp_path):
+    seen = {}
+    for cls, stem, _, mode, fmt, ext in PHOTOS:
+        with Image.open(photo_tree / cls / f"{stem}.{ext}") as im:
+            assert (im.format, im.mode) == (fmt, mode), stem
+            assert max(im.size) <= 256
+            seen[mode] = True
+    assert {"RGB", "CMYK", "L", "P", "RGBA", "LA"} <= set(seen)
+    from store.photos import write_photo_tree
+
+    again = write_photo_tree(tmp_path / "again", max_side=256)
+    assert _files(again) == _files(photo_tree)
+
+
+# --- round trips --------------------------------------------------------------------------
+def test_prepared_samples_match_source_files_bytes_labels_and_sizes(photo_tree, prepared_data):
+    ds = ImageSet.open(prepared_data)
+    expected = sorted((cls, f"{stem}.{ext}") for cls, stem, _, _, _, ext in PHOTOS)  # sorted classes, then files
+    assert len(ds) == len(PHOTOS) == 13
+    assert ds.classes == ["animals", "objects", "science"]
+    assert [s["count"] for s in ds.shards] == [5, 5, 3]
+    assert [s["first"] for s in ds.shards] == [0, 5, 10]
+    for i, (cls, name) in enumerate(expected):
+        src = photo_tree / cls / name
+        assert ds.source(i) == f"{cls}/{name}"
+        assert ds.read(i) == src.read_bytes()
+        assert ds.classes[ds.labels[i]] == cls
+        assert (int(ds.widths[i]), int(ds.heights[i]), ds.mode(i)) == _pil_info(src.read_bytes())
+        assert ds.ext(i) == name.rsplit(".", 1)[1]
+        assert ds.shard_of[i] == i // 5
+    for arr in (ds.labels, ds.widths, ds.heights, ds.shard_of):
+        assert arr.dtype == np.int64 and arr.shape == (13,)
+
+
+def test_webdataset_library_reads_every_shard_with_labels(prepared_data):
+    import webdataset as wds
+
+    ds = ImageSet.open(prepared_data)
+    urls = [str(ds.tar_path(s)) for s in range(len(ds.shards))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(len(ds))]
+    for i, sample in enumerate(samples):
+        assert sample[ds.ext(i)] == ds.read(i)
+        assert int(sample["cls"]) == ds.labels[i]
+
+
+def test_dali_webdataset_reader_with_our_index_files_reads_and_decodes_every_sample(prepared_data):
+    from nvidia.dali import fn, pipeline_def, types
+
+    ds = ImageSet.open(prepared_data)
+    tars = [str(ds.tar_path(s)) for s in range(len(ds.shards))]
+    idx = [str(ds.index_path(s)) for s in range(len(ds.shards))]
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def pipe():
+        image, cls = fn.readers.webdataset(
+            paths=tars, index_paths=idx, ext=["jpg;png", "cls"], missing_component_behavior="error",
+            pad_last_batch=True, random_shuffle=False, name="reader")
+        return image, cls, fn.decoders.image(image, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size("reader") == len(ds)
+    got = []
+    while len(got) < len(ds):
+        image, cls, decoded = p.run()
+        for j in range(len(image)):
+            got.append((np.array(image[j]).tobytes(), int(bytes(np.array(cls[j]))), np.array(decoded[j]).shape))
+    for i in range(len(ds)):
+        data, label, shape = got[i]
+        assert data == ds.read(i)
+        assert label == ds.labels[i]
+        assert shape == (ds.heights[i], ds.widths[i], 3)  # CMYK, P, LA, RGBA all decode to RGB
+
+
+def test_index_files_equal_what_dalis_wds2idx_tool_writes(prepared_data, tmp_path):
+    from wds2idx import IndexCreator
+
+    ds = ImageSet.open(prepared_data)
+    for s in range(len(ds.shards)):
+        with IndexCreator(str(ds.tar_path(s)), str(tmp_path / f"{s}.idx"), verbose=False) as creator:
+            creator.create_index()
+        assert (tmp_path / f"{s}.idx").read_text() == ds.index_path(s).read_text()
+
+
+def test_packing_twice_gives_byte_identical_shards_and_manifest(photo_tree, prepared_data, tmp_path):
+    again = prepare(photo_tree, tmp_path / "again", shard_size=5, progress=False, workers=2)
+    assert _files(tmp_path / "again") == _files(prepared_data)
+    assert again.digest == ImageSet.open(prepared_data).digest
+    import tarfile
+
+    for shard in range(len(again.shards)):
+        with tarfile.open(again.tar_path(shard)) as tar:
+            members = tar.getmembers()
+        assert len(members) == 2 * again.shards[shard]["count"]
+        for member in members:
+            assert (member.mtime, member.uid, member.gid, member.uname, member.gname) == (0, 0, 0, "", "")
+            index = int(member.name.split(".")[0])
+            if not member.name.endswith(".cls"):  # the manifest's offset is the image data's
+                assert (member.offset_data, member.size) == (again.offsets[index], again.sizes[index])
+
+
+def test_read_is_thread_safe_and_survives_pickling(prepared_data):
+    ds = ImageSet.open(prepared_data)
+    want = [ds.read(i) for i in range(len(ds))]
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(len(ds)), 20))
+    fresh = ImageSet.open(prepared_data)  # descriptors opened concurrently by the threads
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(fresh.read, order))
+    assert all(got[k] == want[i] for k, i in enumerate(order))
+    clone = pickle.loads(pickle.dumps(fresh))
+    assert clone.read_many([12, 0, 7]) == [want[12], want[0], want[7]]
+    with pytest.raises(IndexError, match="sample 13 out of range"):
+        ds.read(13)
+
+
+# --- bad input ----------------------------------------------------------------------------
+@pytest.fixture
+def bad_tree(photo_tree, tmp_path) -> Path:
+    root = _small_tree(photo_tree, tmp_path / "bad")
+    jpeg = (photo_tree / "animals" / "chelsea.jpg").read_bytes()
+    (root / "objects" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "science" / "notes.jpg").write_text("this is not an image\n")
+    return root
+
+
+@pytest.mark.parametrize("bad_name", ["truncated.jpg", "notes.jpg"])
+def test_a_bad_file_stops_prepare_and_the_error_names_it(bad_tree, tmp_path, bad_name):
+    for other in ("truncated.jpg", "notes.jpg"):
+        if other != bad_name:
+            next(bad_tree.rglob(other)).unlink()
+    with pytest.raises(BadImage, match=bad_name) as caught:
+        prepare(bad_tree, tmp_path / "out", progress=False, workers=0)
+    assert "--skip-bad" in str(caught.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_skip_bad_lists_rejects_with_reasons_and_packs_the_rest(bad_tree, tmp_path):
+    ds = prepare(bad_tree, tmp_path / "out", shard_size=4, skip_bad=True, progress=False, workers=2)
+    rejects = {r["source"]: r["reason"] for r in ds.rejects}
+    assert set(rejects) == {"objects/truncated.jpg", "science/notes.jpg"}
+    assert "truncated" in rejects["objects/truncated.jpg"]
+    assert "not an image" in rejects["science/notes.jpg"]
+    assert len(ds) == 6
+    for i in range(len(ds)):
+        assert ds.read(i) == (bad_tree / ds.source(i)).read_bytes()
+
+
+# --- WebDataset input ---------------------------------------------------------------------
+def _tree_to_webdataset(tree: Path, dst: Path, *, classes_file: bool) -> Path:
+    import webdataset as wds
+
+    dst.mkdir()
+    classes = sorted(p.name for p in tree.iterdir())
+    files = [(label, f) for label, c in enumerate(classes) for f in sorted((tree / c).iterdir())]
+    for part in range(2):
+        with wds.TarWriter(str(dst / f"train-{part:04d}.tar")) as sink:
+            for k, (label, f) in enumerate(files[part * 7:(part + 1) * 7]):
+                sink.write({"__key__": f"{f.parent.name}_{f.stem}", f.suffix[1:]: f.read_bytes(), "cls": label})
+    if classes_file:
+        (dst / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    return dst
+
+
+@pytest.mark.parametrize("classes_file", [True, False])
+def test_webdataset_input_gives_the_same_samples_as_the_tree(photo_tree, prepared_data, tmp_path, classes_file):
+    src = _tree_to_webdataset(photo_tree, tmp_path / "wds", classes_file=classes_file)
+    ds = prepare(src, tmp_path / "out", shard_size=5, progress=False, workers=0)
+    tree = ImageSet.open(prepared_data)
+    assert len(ds) == len(tree)
+    assert ds.classes == (tree.classes if classes_file else ["0", "1", "2"])
+    assert np.array_equal(ds.labels, tree.labels)
+    assert np.array_equal(ds.widths, tree.widths) and np.array_equal(ds.heights, tree.heights)
+    assert ds.read_many(range(len(ds))) == tree.read_many(range(len(tree)))
+    assert ds.source(0).startswith("train-0000.tar:animals_")
+
+
+def test_webdataset_sample_without_label_is_rejected_or_stops(photo_tree, tmp_path):
+    import webdataset as wds
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    data = (photo_tree / "animals" / "chelsea.jpg").read_bytes()
+    with wds.TarWriter(str(src / "a.tar")) as sink:
+        sink.write({"__key__": "good", "jpg": data, "cls": 1})
+        sink.write({"__key__": "nolabel", "jpg": data})
+    with pytest.raises(BadImage, match="nolabel.jpg.*no 'cls' member"):
+        prepare(src, tmp_path / "out", progress=False, workers=0)
+    ds = prepare(src, tmp_path / "out", skip_bad=True, progress=False, workers=0)
+    assert len(ds) == 1 and ds.classes == ["0", "1"] and ds.labels.tolist() == [1]
+    assert ds.rejects == [{"source": "a.tar:nolabel.jpg", "reason": "sample has no 'cls' member (label)"}]
+
+
+# --- finished, changed and half-written outputs -------------------------------------------
+def test_rerun_on_finished_out_does_nothing_and_says_so(photo_tree, tmp_path):
+    src = _small_tree(photo_tree, tmp_path / "src")
+    prepare(src, tmp_path / "out", shard_size=2, progress=False, workers=0)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    said = []
+    ds = prepare(src, tmp_path / "out", shard_size=2, progress=False, workers=0, echo=said.append)
+    assert len(said) == 1 and "nothing to do" in said[0]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == stamps
+    assert len(ds) == 6
+    with pytest.raises(PrepareError, match="shard_size=2, not 3"):
+        prepare(src, tmp_path / "out", shard_size=3, progress=False, workers=0)
+
+
+def test_changed_source_is_refused_naming_the_change(photo_tree, tmp_path):
+    src = _small_tree(photo_tree, tmp_path / "src")
+    prepare(src, tmp_path / "out", progress=False, workers=0)
+    shutil.copy2(photo_tree / "objects" / "logo_rgba.png", src / "objects" / "extra.png")
+    with pytest.raises(PrepareError, match="different source.*new in SRC: objects/extra.png"):
+        prepare(src, tmp_path / "out", progress=False, workers=0)
+    (src / "objects" / "extra.png").unlink()
+    (src / "animals" / "chelsea.jpg").write_bytes((photo_tree / "objects" / "coffee.jpg").read_bytes())
+    with pytest.raises(PrepareError, match="sizes or modification times differ"):
+        prepare(src, tmp_path / "out", progress=False, workers=0)
+
+
+def test_half_written_out_is_never_opened_and_is_redone(photo_tree, tmp_path):
+    src = _small_tree(photo_tree, tmp_path / "src")
+    prepare(src, tmp_path / "out", shard_size=4, progress=False, workers=0)
+    before = _files(tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").unlink()
+    (tmp_path / "out" / "shards" / "shard-000001.tar").write_bytes(b"half")
+    (tmp_path / "out" / "shards" / "shard-000002.tar.tmp").write_bytes(b"half")
+    with pytest.raises(FileNotFoundError, match="not a finished prepare"):
+        ImageSet.open(tmp_path / "out")
+    said = []
+    prepare(src, tmp_path / "out", shard_size=4, progress=False, workers=0, echo=said.append)
+    assert "starting over" in said[0] and "nothing to do" not in " ".join(said)
+    assert _files(tmp_path / "out") == before
+
+
+def test_open_refuses_other_format_versions_and_damaged_shards(prepared_data, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared_data, copy)
+    meta = json.loads((copy / "manifest.json").read_text())
+    meta["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format_version 99, this code reads version 1"):
+        ImageSet.open(copy)
+    meta["format_version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(meta))
+    with open(copy / "shards" / "shard-000001.tar", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="shard-000001.tar is missing or not"):
+        ImageSet.open(copy)
+
+
+# --- command line -------------------------------------------------------------------------
+def test_cli_prepare_help_shows_defaults_and_bad_file_fails_naming_it(bad_tree, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    runner = CliRunner()
+    shown = runner.invoke(main, ["prepare", "--help"])
+    assert shown.exit_code == 0 and "default: 256" in shown.output and "--skip-bad" in shown.output
+    failed = runner.invoke(main, ["prepare", str(bad_tree), str(tmp_path / "out"), "--no-progress", "--workers", "0"])
+    assert failed.exit_code == 1, failed.output
+    assert "Error: " in failed.output and ("notes.jpg" in failed.output or "truncated.jpg" in failed.output)
+    assert isinstance(failed.exception, SystemExit)  # a clean message, not a traceback
+    ok = runner.invoke(main, ["prepare", str(bad_tree), str(tmp_path / "out"), "--skip-bad", "--shard-size", "3",
+                              "--no-progress", "--workers", "0"])
+    assert ok.exit_code == 0, ok.output
+    assert "packed 6 samples" in ok.output and "2 files left out" in ok.output
+    assert len(ImageSet.open(tmp_path / "out").shards) == 2
