@@ -21,6 +21,7 @@ import re
 import sys
 import tarfile
 import threading
+from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -251,7 +252,9 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
     shard_dir = out / SHARD_DIR
     shard_dir.mkdir(exist_ok=True)
 
-    cols: dict[str, list] = {name: [] for name, _ in _COLUMN_DTYPES if name != "source_bytes"}
+    # compact growing columns (1.28M Python ints per column would cost ~40 MB each)
+    cols = {name: array("q" if dtype == "<i8" else "B") for name, dtype in _COLUMN_DTYPES
+            if name not in ("source_end", "source_bytes")}
     sources: list[bytes] = []
     modes: list[str] = []
     exts: list[str] = []
@@ -297,7 +300,8 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
     if listing.kind == "webdataset" and not classes:
         classes = [str(k) for k in range(max(cols["label"]) + 1)]
     source_lengths = np.array([len(s) for s in sources], dtype=np.int64)
-    columns = {name: np.asarray(values) for name, values in cols.items()}
+    columns = {name: np.frombuffer(values, dtype=np.int64 if values.typecode == "q" else np.uint8)
+               for name, values in cols.items()}
     columns["source_end"] = np.cumsum(source_lengths)
     columns["source_bytes"] = np.frombuffer(b"".join(sources), dtype=np.uint8)
     blob, layout = _columns_blob(columns)
@@ -344,6 +348,24 @@ def _check_same_prepare(done: "ImageSet", listing: SourceListing, *, shard_size:
                          f"not {shard_size}. Use --shard-size {done.meta['shard_size']}, or delete it to redo.")
 
 
+def _load_columns(root: Path, meta: dict) -> dict[str, np.ndarray]:
+    """Memory-map the sample table: read-only views, paged in on use (fast open, shared by forks)."""
+    col_path = root / meta["columns"]["file"]
+    size = col_path.stat().st_size if col_path.is_file() else "missing"
+    if size != meta["columns"]["bytes"]:
+        raise ValueError(f"ImageSet: {col_path} should have {meta['columns']['bytes']} bytes, found {size}")
+    raw = np.memmap(col_path, dtype=np.uint8, mode="r")
+    columns = {}
+    for entry in meta["columns"]["layout"]:
+        dtype = np.dtype(entry["dtype"])
+        start = entry["offset"]
+        columns[entry["name"]] = raw[start:start + entry["count"] * dtype.itemsize].view(dtype)
+    missing = [name for name, _ in _COLUMN_DTYPES if name not in columns]
+    if missing:
+        raise ValueError(f"ImageSet: {col_path} lacks columns {missing}")
+    return columns
+
+
 class ImageSet:
     """A finished ``prepare``: the sample table plus random access to the encoded images.
 
@@ -378,25 +400,17 @@ class ImageSet:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"ImageSet: {manifest} has format_version {meta.get('format_version')}, "
                              f"this code reads version {FORMAT_VERSION}")
-        col_path = root / meta["columns"]["file"]
-        if not col_path.is_file() or col_path.stat().st_size != meta["columns"]["bytes"]:
-            found = col_path.stat().st_size if col_path.is_file() else "missing"
-            raise ValueError(f"ImageSet: {col_path} should have {meta['columns']['bytes']} bytes, found {found}")
-        raw = np.fromfile(col_path, dtype=np.uint8)
-        columns = {}
-        for entry in meta["columns"]["layout"]:
-            dtype = np.dtype(entry["dtype"])
-            start = entry["offset"]
-            columns[entry["name"]] = raw[start:start + entry["count"] * dtype.itemsize].view(dtype)
+        columns = _load_columns(root, meta)
         n = meta["num_samples"]
-        missing = [name for name, _ in _COLUMN_DTYPES if name not in columns]
-        if missing:
-            raise ValueError(f"ImageSet: {col_path} lacks columns {missing}")
         if not np.array_equal(columns["index"], np.arange(n)):
-            raise ValueError(f"ImageSet: {col_path}: the index column is not 0..{n - 1}")
+            raise ValueError(f"ImageSet: {root / COLUMNS}: the index column is not 0..{n - 1}")
         for shard in meta["shards"]:
-            path = root / shard["tar"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            path = os.path.join(root, shard["tar"])
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                size = None
+            if size != shard["bytes"]:
                 raise ValueError(f"ImageSet: shard {path} is missing or not {shard['bytes']} bytes long")
         return cls(root, meta, columns)
 
@@ -537,9 +551,10 @@ class ImageSet:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_fds"], state["_lock"] = {}, None
+        state["_fds"], state["_lock"], state["_columns"] = {}, None, None  # re-mapped on unpickling
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._columns = _load_columns(self.root, self.meta)
