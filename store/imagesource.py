@@ -173,9 +173,9 @@ def inspect_image(data: bytes, *, source: str) -> ImageInfo:
     return ImageInfo(width=width, height=height, mode=mode, ext=FORMAT_EXT[fmt], orientation=orientation)
 
 
-def list_source(src: Path) -> SourceListing:
+def list_source(src: Path, *, progress: bool = False) -> SourceListing:
     """List SRC, deciding its kind: top-level ``*.tar`` files mean WebDataset shards,
-    otherwise sub-folders mean an ImageFolder tree.
+    otherwise sub-folders mean an ImageFolder tree. ``progress``: a tqdm bar over class folders.
 
     Raises:
         FileNotFoundError: SRC does not exist.
@@ -193,7 +193,7 @@ def list_source(src: Path) -> SourceListing:
     if tars:
         return _list_webdataset(src, tars)
     if folders:
-        return _list_imagefolder(src, folders)
+        return _list_imagefolder(src, folders, progress=progress)
     raise PrepareError(f"prepare: {src} holds neither class folders (ImageFolder) nor *.tar shards (WebDataset)")
 
 
@@ -213,11 +213,13 @@ def _walk_files(folder: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:
             yield name, entry
 
 
-def _list_imagefolder(src: Path, folders: list[os.DirEntry]) -> SourceListing:
+def _list_imagefolder(src: Path, folders: list[os.DirEntry], *, progress: bool) -> SourceListing:
+    from tqdm import tqdm
+
     digest = hashlib.sha256(b"imagefolder\n")
     files: list[tuple[str, Path, int]] = []
     classes = [f.name for f in folders]
-    for label, folder in enumerate(folders):
+    for label, folder in enumerate(tqdm(folders, desc=f"list {src.name}", unit="class", disable=not progress)):
         digest.update(b"class\t" + os.fsencode(folder.name) + b"\n")
         for name, entry in _walk_files(Path(folder.path), folder.name):
             digest.update(_listing_line(name, entry.stat()))

@@ -231,7 +231,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
         raise PrepareError(f"prepare: shard_size must be >= 1, got {shard_size}")
     say = echo if echo is not None else (_stderr if progress else (lambda message: None))
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    listing = list_source(src)
+    listing = list_source(src, progress=progress)
 
     if (out / MANIFEST).exists():
         try:

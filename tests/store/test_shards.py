@@ -304,3 +304,23 @@ def test_cli_prepare_help_shows_defaults_and_bad_file_fails_naming_it(bad_tree, 
     assert ok.exit_code == 0, ok.output
     assert "packed 6 samples" in ok.output and "2 files left out" in ok.output
     assert len(ImageSet.open(tmp_path / "out").shards) == 2
+
+
+def test_exif_orientation_is_recorded_and_size_is_as_stored(photo_tree, tmp_path):
+    src = _small_tree(photo_tree, tmp_path / "src", per_class=1)
+    with Image.open(photo_tree / "objects" / "coffee.jpg") as im:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 CW to display"
+        im.save(src / "objects" / "rotated.jpg", exif=exif.tobytes())
+        stored = im.size
+    ds = prepare(src, tmp_path / "out", progress=False, workers=0)
+    i = [ds.source(k) for k in range(len(ds))].index("objects/rotated.jpg")
+    assert ds.orientations[i] == 6 and (ds.widths[i], ds.heights[i]) == stored
+    assert ds.orientations.tolist().count(0) == len(ds) - 1
+
+
+def test_source_with_neither_class_folders_nor_tars_is_refused(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "loose.jpg").write_bytes(b"x")
+    with pytest.raises(PrepareError, match="neither class folders"):
+        prepare(tmp_path / "src", tmp_path / "out", progress=False)
