@@ -185,7 +185,6 @@ def _eval_data_options(fn):
         click.option("--val", "val_dir", type=click.Path(exists=True, file_okay=False),
                      required=True,
                      help="Val split, same layouts; its classes must be among the train classes."),
-        click.option("--batch-size", type=int, default=256, help="Images per forward batch."),
         click.option("--workers", type=int, default=8, help="DataLoader worker processes."),
     ]):
         fn = opt(fn)
@@ -206,6 +205,7 @@ def _eval_report(*, out, task, metrics, settings, checkpoint):
 @eval_group.command("knn", context_settings=CONTEXT)
 @eval_options("runs/eval/knn.json")
 @_eval_data_options
+@click.option("--batch-size", type=int, default=256, help="Images per forward batch.")
 @click.option("--k", type=int, default=20, help="Neighbours that vote.")
 @click.option("--temperature", type=float, default=0.07, help="Vote weight exp(sim / T).")
 @click.option("--max-elements", type=int, default=1 << 26,
@@ -221,6 +221,96 @@ def eval_knn(checkpoint, model, model_args, out, device, train_dir, val_dir, bat
         train=train_dir, val=val_dir, device=device, k=k, temperature=temperature,
         batch_size=batch_size, num_workers=workers, max_elements=max_elements)
     _eval_report(out=out, task="knn", metrics=metrics, settings=settings,
+                 checkpoint=checkpoint)
+
+
+@eval_group.command("linear", context_settings=CONTEXT)
+@eval_options("runs/eval/linear.json")
+@_eval_data_options
+@click.option("--epochs", type=int, default=90, help="Training epochs (MAE: 90).")
+@click.option("--warmup-epochs", type=float, default=10, help="Linear warm-up epochs (MAE: 10).")
+@click.option("--batch-size", type=int, default=16384,
+              help="Images per optimiser step (MAE: 16384); gathered from micro-batches.")
+@click.option("--micro-batch", type=int, default=256,
+              help="Images per backbone forward (memory only; the step sees --batch-size).")
+@click.option("--blr", type=float, default=0.1, help="Base lr; lr = blr * batch-size / 256.")
+@click.option("--lr", type=float, default=None, help="Absolute lr, overrides --blr.")
+@click.option("--weight-decay", type=float, default=0.0, help="Weight decay (MAE: 0).")
+@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default="lars",
+              help="LARS as in MAE, or SGD with momentum 0.9.")
+@click.option("--cache-features/--no-cache-features", default=False,
+              help="Train on center-crop features extracted once: fast, but without the "
+                   "protocol's RandomResizedCrop+flip (recorded in the result).")
+@click.option("--seed", type=int, default=0, help="Seed of head init, order and augmentation.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Per-epoch checkpoints and log  [default: OUT without .json + .run]")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
+def eval_linear(checkpoint, model, model_args, out, device, train_dir, val_dir, workers,
+                epochs, warmup_epochs, batch_size, micro_batch, blr, lr, weight_decay,
+                optimizer, cache_features, seed, run_dir, resume):
+    """Linear probe (MAE protocol): frozen backbone, BatchNorm(affine=False) + Linear on
+    the CLS token; top-1."""
+    from pathlib import Path
+
+    from eval.common import parse_model_args
+    from eval.linear import run_linear
+
+    metrics, settings = run_linear(
+        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args),
+        train=train_dir, val=val_dir, run_dir=Path(run_dir or Path(out).with_suffix(".run")),
+        device=device, epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size,
+        micro_batch=micro_batch, blr=blr, lr=lr, weight_decay=weight_decay,
+        optimizer=optimizer, cache_features=cache_features, seed=seed, num_workers=workers,
+        resume=resume)
+    _eval_report(out=out, task="linear", metrics=metrics, settings=settings,
+                 checkpoint=checkpoint)
+
+
+@eval_group.command("finetune", context_settings=CONTEXT)
+@eval_options("runs/eval/finetune.json")
+@_eval_data_options
+@click.option("--epochs", type=int, default=100, help="Epochs (ViT-Tiny choice; MAE ViT-B: 100).")
+@click.option("--warmup-epochs", type=float, default=5, help="Linear warm-up epochs.")
+@click.option("--batch-size", type=int, default=1024, help="Images per optimiser step.")
+@click.option("--accum-iter", type=int, default=1,
+              help="Gradient accumulation: micro-batch = batch-size / accum-iter.")
+@click.option("--blr", type=float, default=5e-4, help="Base lr; lr = blr * batch-size / 256.")
+@click.option("--lr", type=float, default=None, help="Absolute lr, overrides --blr.")
+@click.option("--min-lr", type=float, default=1e-6, help="Floor of the cosine schedule.")
+@click.option("--weight-decay", type=float, default=0.05, help="AdamW weight decay.")
+@click.option("--layer-decay", type=float, default=0.75,
+              help="Layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L/H).")
+@click.option("--drop-path", type=float, default=0.1, help="Stochastic depth rate.")
+@click.option("--smoothing", type=float, default=0.1, help="Label smoothing.")
+@click.option("--mixup", type=float, default=0.8, help="Mixup alpha (0 disables).")
+@click.option("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables).")
+@click.option("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm RandAugment spec.")
+@click.option("--reprob", type=float, default=0.25, help="Random erasing probability.")
+@click.option("--eval-every", type=int, default=1, help="Evaluate on val every N epochs.")
+@click.option("--seed", type=int, default=0, help="Seed of head init, order, augmentation.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Per-epoch checkpoints and log  [default: OUT without .json + .run]")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
+def eval_finetune(checkpoint, model, model_args, out, device, train_dir, val_dir, workers,
+                  epochs, warmup_epochs, batch_size, accum_iter, blr, lr, min_lr,
+                  weight_decay, layer_decay, drop_path, smoothing, mixup, cutmix,
+                  auto_augment, reprob, eval_every, seed, run_dir, resume):
+    """End-to-end fine-tuning (MAE/DeiT recipe: layer decay, RandAugment, mixup/cutmix,
+    label smoothing, drop path, AdamW, cosine); top-1/top-5."""
+    from pathlib import Path
+
+    from eval.common import parse_model_args
+    from eval.finetune import run_finetune
+
+    metrics, settings = run_finetune(
+        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args),
+        train=train_dir, val=val_dir, run_dir=Path(run_dir or Path(out).with_suffix(".run")),
+        device=device, epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size,
+        accum_iter=accum_iter, blr=blr, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+        layer_decay=layer_decay, drop_path=drop_path, smoothing=smoothing, mixup=mixup,
+        cutmix=cutmix, auto_augment=auto_augment, reprob=reprob, eval_every=eval_every,
+        seed=seed, num_workers=workers, resume=resume)
+    _eval_report(out=out, task="finetune", metrics=metrics, settings=settings,
                  checkpoint=checkpoint)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +32,9 @@ __all__ = [
     "resolve_device",
     "cls_features",
     "input_size_of",
+    "cosine_lr",
+    "save_atomic",
+    "check_resume_settings",
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +104,9 @@ def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224
     if "num_classes" in timm_kwargs:
         raise ValueError("load_backbone: num_classes is always 0 (a backbone); "
                          "add a head after loading")
-    net = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
+    with torch.random.fork_rng(devices=[]):  # random init must not move the caller's RNG
+        torch.manual_seed(0)
+        net = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
     if checkpoint is not None:
         state = read_state_dict(Path(checkpoint))
         own = net.state_dict()
@@ -173,6 +179,39 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+def cosine_lr(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+              base_lr: float, min_lr: float = 0.0) -> float:
+    """MAE's per-step schedule: linear warm-up over ``warmup_epochs`` (fractional
+    epochs), then a half-cycle cosine from ``base_lr`` down to ``min_lr``."""
+    epoch = step / steps_per_epoch
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    progress = min((epoch - warmup_epochs) / span, 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_resume_settings(saved: Mapping[str, Any], current: Mapping[str, Any], *,
+                          where: Path, ignore: Iterable[str] = ()) -> None:
+    """Refuse to resume a run whose settings differ; the message names every key."""
+    skip = set(ignore)
+    keys = sorted((set(saved) | set(current)) - skip)
+    norm = lambda v: json.loads(json.dumps(v, default=_jsonable))  # noqa: E731
+    diff = [f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys
+            if norm(saved.get(k)) != norm(current.get(k))]
+    if diff:
+        raise ValueError(f"cannot resume from {where}: settings differ: " + "; ".join(diff))
 
 
 def checkpoint_digest(path: Path) -> str:

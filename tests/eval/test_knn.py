@@ -17,6 +17,16 @@ from eval.knn import knn_accuracy, knn_scores, topk_accuracy
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is far faster
+    (no OpenMP spin-waiting on busy cores); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_toy_folder(root, *, per_class, seed):
     """ImageFolder of 40x48 images: a class-coloured rectangle on a noisy gray field,
     saved as JPEG, PNG and palette PNG in turn."""

@@ -1,0 +1,246 @@
+"""Linear probe on the frozen CLS token (the MAE protocol).
+
+Head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (weight
+trunc-normal std 0.01, bias 0). Backbone frozen in eval mode. MAE recipe defaults:
+LARS (momentum 0.9, trust coefficient 0.001), base lr 0.1, lr = base * batch / 256,
+weight decay 0, batch 16384, 90 epochs, 10 warm-up epochs, half-cycle cosine to 0,
+RandomResizedCrop + flip on train images, resize 256 / center crop 224 on val.
+
+Large batches without large memory: the backbone is frozen, so images go through it
+in loader-sized micro-batches under ``no_grad``; their CLS features are gathered
+until ``batch_size`` rows are ready and the head takes one step on all of them
+(BatchNorm statistics over the whole batch). This is the same optimisation as one
+batch of ``batch_size`` images.
+
+``cache_features=True`` extracts each train image's feature once from its center crop
+and trains on those: much faster, but without the protocol's augmentation; the
+result's settings say so. Val features are always computed once (the backbone is
+frozen and val has no augmentation, so this changes nothing).
+
+A run checkpoints its head and optimiser to ``run_dir/last.pt`` after every epoch and
+``resume=True`` continues from there (refusing different settings).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+__all__ = ["LARS", "probe_head", "run_linear"]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MAE's linear probe: SGD with momentum whose update for every
+    parameter with more than one dimension is weight-decayed and rescaled by
+    ``trust_coefficient * ||p|| / ||update||``; 1-D parameters get plain momentum SGD.
+    """
+
+    def __init__(self, params, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    one = torch.ones_like(p_norm)
+                    q = torch.where(p_norm > 0.0,
+                                    torch.where(u_norm > 0.0,
+                                                group["trust_coefficient"] * p_norm / u_norm,
+                                                one), one)
+                    update = update.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(update)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def probe_head(dim: int, num_classes: int, *, seed: int = 0) -> nn.Sequential:
+    """BatchNorm1d(dim, affine=False, eps=1e-6) + Linear(dim, num_classes).
+
+    Input (B, dim) float32 features, output (B, num_classes) logits. Initialised from
+    ``seed`` without touching the global generator.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6),
+                             nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(head[1].weight, std=0.01)
+        nn.init.zeros_(head[1].bias)
+    return head
+
+
+@torch.no_grad()
+def _features(backbone: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """images (B, 3, H, W) float32 -> CLS features (B, D) float32 (bf16 autocast on CUDA)."""
+    from eval.common import cls_features
+
+    images = images.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return cls_features(backbone, images).float()
+
+
+def _feature_table(backbone, dataset, *, device, batch_size, num_workers, desc):
+    from eval.data import make_loader
+
+    feats, labels = [], []
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
+    for images, target in tqdm(loader, desc=desc, unit="batch", leave=False):
+        feats.append(_features(backbone, images, device))
+        labels.append(torch.as_tensor(target, dtype=torch.int64).to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int, seed: int,
+                   backbone, train_set, cached, device, num_workers) -> Iterator:
+    """Yield ``steps`` batches (features (batch_size, D) float32, labels (batch_size,))."""
+    from eval.data import derive_seed, make_loader
+
+    if cached is not None:
+        feats, labels = cached
+        gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x11))
+        order = torch.randperm(feats.shape[0], generator=gen).to(feats.device)
+        for s in range(steps):
+            idx = order[s * batch_size:(s + 1) * batch_size]
+            yield feats[idx], labels[idx]
+        return
+    loader = make_loader(train_set, batch_size=micro_batch, shuffle=True, seed=seed,
+                         epoch=epoch, num_workers=num_workers, pin_memory=device.type == "cuda")
+    buf_f, buf_l, have, done = [], [], 0, 0
+    for images, target in loader:
+        buf_f.append(_features(backbone, images, device))
+        buf_l.append(torch.as_tensor(target, dtype=torch.int64).to(device))
+        have += len(target)
+        while have >= batch_size and done < steps:
+            f, lab = torch.cat(buf_f), torch.cat(buf_l)
+            yield f[:batch_size], lab[:batch_size]
+            buf_f, buf_l, have, done = [f[batch_size:]], [lab[batch_size:]], have - batch_size, done + 1
+        if done == steps:
+            return
+
+
+def run_linear(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], train: Path,
+               val: Path, run_dir: Path, device: str = "auto", epochs: int = 90,
+               warmup_epochs: float = 10, batch_size: int = 16384, micro_batch: int = 256,
+               blr: float = 0.1, lr: float | None = None, weight_decay: float = 0.0,
+               optimizer: str = "lars", cache_features: bool = False, seed: int = 0,
+               num_workers: int = 8, resume: bool = False) -> tuple[dict, dict]:
+    """Train and evaluate the probe. Returns (metrics, settings) for ``write_result``."""
+    from eval.common import (check_resume_settings, checkpoint_digest, cosine_lr,
+                             input_size_of, load_backbone, resolve_device, save_atomic)
+    from eval.data import CROP_PCT, EvalImages, eval_transform, probe_train_transform
+    from eval.knn import topk_accuracy
+
+    dev = resolve_device(device)
+    backbone = load_backbone(checkpoint, model=model, **timm_kwargs).to(dev).eval()
+    backbone.requires_grad_(False)
+    size = input_size_of(backbone)
+    train_tf = eval_transform(size) if cache_features else probe_train_transform(size)
+    train_set = EvalImages(train, transform=train_tf, seed=seed)
+    val_set = EvalImages(val, transform=eval_transform(size), classes=train_set.classes)
+    steps = len(train_set) // batch_size
+    if steps == 0:
+        raise ValueError(f"linear probe: --batch-size {batch_size} is larger than the train "
+                         f"set ({len(train_set)} images in {train})")
+    abs_lr = lr if lr is not None else blr * batch_size / 256
+    settings = {
+        "protocol": "MAE linear probe: frozen backbone, CLS token, "
+                    "BatchNorm1d(affine=False, eps=1e-6) + Linear",
+        "model": model, "timm_kwargs": timm_kwargs, "input_size": size,
+        "checkpoint_sha256": checkpoint_digest(Path(checkpoint)),
+        "optimizer": optimizer, "momentum": 0.9, "epochs": epochs,
+        "warmup_epochs": warmup_epochs, "batch_size": batch_size, "blr": blr, "lr": abs_lr,
+        "weight_decay": weight_decay, "schedule": "linear warm-up + half-cycle cosine to 0",
+        "seed": seed,
+        "augment": ("NONE: center-crop features cached once (--cache-features; deviates from "
+                    "the MAE protocol, which uses RandomResizedCrop + flip)") if cache_features
+        else "RandomResizedCrop (bicubic) + horizontal flip (MAE)",
+        "val_transform": f"resize {round(size / CROP_PCT)} bicubic, center crop {size}",
+        "train": str(train), "val": str(val), "train_images": len(train_set),
+        "val_images": len(val_set), "num_classes": len(train_set.classes),
+        "steps_per_epoch": steps,
+    }
+    head = probe_head(int(backbone.num_features), len(train_set.classes), seed=seed).to(dev)
+    if optimizer == "lars":
+        opt = LARS(head.parameters(), lr=abs_lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(head.parameters(), lr=abs_lr, momentum=0.9,
+                              weight_decay=weight_decay)
+    else:
+        raise ValueError(f"linear probe: unknown optimizer {optimizer!r} (lars or sgd)")
+
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    start, history = 0, []
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"--resume: no {last} to resume from")
+        state = torch.load(last, map_location=dev, weights_only=True)
+        check_resume_settings(json.loads(state["settings"]), settings, where=last)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), json.loads(state["history"])
+    elif last.exists():
+        raise FileExistsError(f"{last} exists: pass --resume to continue that run or choose "
+                              f"another --run-dir")
+
+    val_f, val_l = _feature_table(backbone, val_set, device=dev, batch_size=micro_batch,
+                                  num_workers=num_workers, desc="val features")
+    cached = None
+    if cache_features and start < epochs:
+        cached = _feature_table(backbone, train_set, device=dev, batch_size=micro_batch,
+                                num_workers=num_workers, desc="train features (center crop)")
+    bar = tqdm(total=epochs * steps, initial=start * steps, desc="linear probe", unit="step")
+    for epoch in range(start, epochs):
+        head.train()
+        for s, (f, lab) in enumerate(_epoch_batches(
+                epoch=epoch, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
+                seed=seed, backbone=backbone, train_set=train_set, cached=cached, device=dev,
+                num_workers=num_workers)):
+            step_lr = cosine_lr(epoch * steps + s, steps_per_epoch=steps, epochs=epochs,
+                                warmup_epochs=warmup_epochs, base_lr=abs_lr)
+            for group in opt.param_groups:
+                group["lr"] = step_lr
+            loss = F.cross_entropy(head(f), lab)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+        loss_value = float(loss.detach())  # host sync once per epoch
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"linear probe: non-finite loss at epoch {epoch}")
+        acc = _evaluate(head, val_f, val_l, topk_accuracy)
+        history.append({"epoch": epoch + 1, "loss": loss_value, **acc})
+        bar.set_postfix(loss=f"{loss_value:.3f}", top1=f"{acc['top1']:.2f}")
+        save_atomic({"head": head.state_dict(), "optimizer": opt.state_dict(),
+                     "epoch": epoch + 1, "settings": json.dumps(settings, default=str),
+                     "history": json.dumps(history)}, last)
+        with open(run_dir / "log.jsonl", "a") as log:
+            log.write(json.dumps(history[-1]) + "\n")
+    bar.close()
+    final = _evaluate(head, val_f, val_l, topk_accuracy)
+    metrics = {**final, "best_top1": max([h["top1"] for h in history] + [final["top1"]])}
+    return metrics, settings
+
+
+@torch.no_grad()
+def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, accuracy) -> dict:
+    """feats (N, D) float32, labels (N,) int64 -> top-1/top-5 percent (head in eval mode)."""
+    head.eval()
+    return accuracy(head(feats), labels)

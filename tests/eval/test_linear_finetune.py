@@ -1,0 +1,191 @@
+"""eval/linear.py and eval/finetune.py: the optimiser pieces, both commands end to end,
+resumption after a kill, and refusal to resume a different run."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import cli
+import eval.common
+from eval.common import cosine_lr
+from eval.linear import LARS, probe_head, run_linear
+
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+MODEL_ARGS = ["--model-arg", "img_size=32", "--model-arg", "depth=2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is far faster
+    (no OpenMP spin-waiting on busy cores); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_toy_folder(root, *, per_class, seed):
+    """ImageFolder of 40x48 images: a class-coloured rectangle on a noisy gray field."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            img = rng.integers(90, 140, size=(40, 48, 3)).astype(np.uint8)
+            y, x = rng.integers(0, 12), rng.integers(0, 14)
+            img[y:y + 26, x:x + 32] = np.clip(np.array(rgb) + rng.integers(-20, 20, 3), 0, 255)
+            Image.fromarray(img).save(root / name / f"{j:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    base = tmp_path_factory.mktemp("toy")
+    train = make_toy_folder(base / "train", per_class=4, seed=1)
+    val = make_toy_folder(base / "val", per_class=2, seed=2)
+    ck = base / "student.pth"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+    torch.save(net.state_dict(), ck)
+    return train, val, ck
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+def _interrupt_after_first_save(monkeypatch):
+    """Make the run die right after its first per-epoch checkpoint is durable."""
+    real = eval.common.save_atomic
+
+    def save_then_die(obj, path):
+        real(obj, path)
+        raise SimulatedKill("after epoch 1")
+
+    monkeypatch.setattr(eval.common, "save_atomic", save_then_die)
+
+
+def test_lars_scales_matrix_updates_by_trust_ratio_and_leaves_vectors_plain():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=2.0, weight_decay=0.5, momentum=0.9, trust_coefficient=0.01)
+    w.grad = torch.tensor([[0.5, -2.0]])
+    b.grad = torch.tensor([0.25])
+    opt.step()
+    update = torch.tensor([[0.5, -2.0]]) + 0.5 * torch.tensor([[3.0, 4.0]])  # [[2, 0]]
+    q = 0.01 * 5.0 / update.norm()
+    torch.testing.assert_close(w.data, torch.tensor([[3.0, 4.0]]) - 2.0 * q * update)
+    torch.testing.assert_close(b.data, torch.tensor([1.0 - 2.0 * 0.25]))  # no decay, no trust
+
+
+def test_probe_head_is_batchnorm_without_affine_then_linear_and_seeded():
+    head = probe_head(8, 3, seed=5)
+    bn, fc = head
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
+    assert isinstance(fc, torch.nn.Linear) and fc.weight.std() < 0.03
+    assert torch.equal(fc.weight, probe_head(8, 3, seed=5)[1].weight)
+    assert not torch.equal(fc.weight, probe_head(8, 3, seed=6)[1].weight)
+
+
+def test_cosine_lr_warms_up_linearly_then_decays_to_the_floor():
+    kw = dict(steps_per_epoch=10, epochs=10, warmup_epochs=2, base_lr=1.0, min_lr=0.1)
+    assert cosine_lr(0, **kw) == 0.0 and cosine_lr(10, **kw) == pytest.approx(0.5)
+    assert cosine_lr(20, **kw) == pytest.approx(1.0)
+    assert cosine_lr(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert cosine_lr(100, **kw) == pytest.approx(0.1)
+
+
+def test_eval_linear_command_learns_toy_classes_with_augmentation(toy, tmp_path):
+    train, val, ck = toy
+    out = tmp_path / "linear.json"
+    res = CliRunner().invoke(cli.main, [
+        "eval", "linear", "--checkpoint", str(ck), *MODEL_ARGS, "--train", str(train),
+        "--val", str(val), "--out", str(out), "--device", "cpu", "--workers", "0",
+        "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "6", "--micro-batch", "4",
+        "--optimizer", "sgd", "--lr", "0.1"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rec = json.loads(out.read_text())
+    assert rec["metrics"]["top1"] > 80.0, rec["metrics"]
+    s = rec["settings"]
+    assert s["augment"].startswith("RandomResizedCrop") and s["steps_per_epoch"] == 2
+    assert (s["optimizer"], s["lr"], s["batch_size"], s["epochs"]) == ("sgd", 0.1, 6, 3)
+    assert rec["checkpoint"]["sha256"] == s["checkpoint_sha256"]
+    logged = [json.loads(line) for line in (tmp_path / "linear.run" / "log.jsonl").open()]
+    assert [r["epoch"] for r in logged] == [1, 2, 3]
+
+
+def test_linear_probe_resumed_after_kill_ends_identical_and_refuses_other_settings(
+        toy, tmp_path, monkeypatch):
+    train, val, ck = toy
+    kw = dict(checkpoint=ck, model="vit_tiny_patch16_224", timm_kwargs={"img_size": 32,
+              "depth": 2}, train=train, val=val, device="cpu", epochs=2, warmup_epochs=1,
+              batch_size=4, micro_batch=4, cache_features=True, num_workers=0)
+    whole, _ = run_linear(run_dir=tmp_path / "whole", **kw)
+    with monkeypatch.context() as m:
+        _interrupt_after_first_save(m)
+        with pytest.raises(SimulatedKill):
+            run_linear(run_dir=tmp_path / "cut", **kw)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_linear(run_dir=tmp_path / "cut", **kw)
+    with pytest.raises(ValueError, match=r"settings differ: lr: saved 0\.0015625 vs now 0\.5"):
+        run_linear(run_dir=tmp_path / "cut", resume=True, **{**kw, "lr": 0.5})
+    resumed, settings = run_linear(run_dir=tmp_path / "cut", resume=True, **kw)
+    assert resumed == whole
+    assert settings["augment"].startswith("NONE: center-crop features cached")
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["head"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["head"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _finetune_args(train, val, ck, out):
+    return ["eval", "finetune", "--checkpoint", str(ck), *MODEL_ARGS, "--train", str(train),
+            "--val", str(val), "--out", str(out), "--device", "cpu", "--workers", "0",
+            "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--lr", "1e-3"]
+
+
+def test_eval_finetune_resumes_after_kill_to_identical_weights_without_touching_global_rng(
+        toy, tmp_path, monkeypatch):
+    train, val, ck = toy
+    rng_before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    runner = CliRunner()
+    res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "whole.json"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert torch.equal(rng_before[0], torch.get_rng_state())
+    assert rng_before[1] == random.getstate()
+    assert np.array_equal(rng_before[2], np.random.get_state()[1])
+
+    with monkeypatch.context() as m:
+        _interrupt_after_first_save(m)
+        res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "cut.json"))
+        assert isinstance(res.exception, SimulatedKill)
+    assert not (tmp_path / "cut.json").exists()
+    res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "cut.json")
+                        + ["--resume"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+    whole = torch.load(tmp_path / "whole.run" / "last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut.run" / "last.pt", weights_only=True)
+    assert whole["epoch"] == cut["epoch"] == 2
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "cut.json"))
+    assert a["metrics"] == b["metrics"] and set(a["metrics"]) == {"top1", "top5", "best_top1"}
+    s = a["settings"]
+    assert (s["mixup"], s["cutmix"], s["label_smoothing"], s["drop_path"]) == (0.8, 1.0, 0.1, 0.1)
+    assert s["auto_augment"] == "rand-m9-mstd0.5-inc1" and s["layer_decay"] == 0.75
+    # layer-wise lr decay: head at full lr, patch embedding at 0.75 ** (depth + 1)
+    scales = sorted({g["lr_scale"] for g in whole["optimizer"]["param_groups"]})
+    assert scales == pytest.approx([0.75 ** 3, 0.75 ** 2, 0.75, 1.0])
+
+
+def test_eval_finetune_refuses_odd_micro_batch_for_mixup(toy, tmp_path):
+    train, val, ck = toy
+    args = _finetune_args(train, val, ck, tmp_path / "r.json")
+    args[args.index("--batch-size") + 1] = "5"
+    res = CliRunner().invoke(cli.main, args)
+    assert res.exit_code != 0 and "even micro-batch, got 5" in str(res.exception)
