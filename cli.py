@@ -144,6 +144,52 @@ def verify(store_path, data, teachers, no_values):
 # --- commands: train (train, export) -----------------------------------------------
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Images packed by `prepare` (data.images).")
+@click.option("--store", "store_path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Feature store made by `extract` (data.store); --online uses it for the teachers' "
+                   "identity and statistics only.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML overrides of the default config (train/config.py).")
+@click.option("--online", is_flag=True, help="Run the teachers every step instead of reading the store "
+                                             "(the baseline).")
+@click.option("--epochs", type=int, default=None, help="Sets schedule.epochs.")
+@click.option("--steps", type=int, default=None, help="Stop after this many steps (schedule shortened to match).")
+@click.option("--batch-size", type=int, default=None, help="Sets train.batch_size (global, all ranks).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint left it.")
+@click.option("--ckpt-steps", type=int, default=0, help="Also checkpoint every N steps (0: epoch ends only).")
+@click.option("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, resume, ckpt_steps,
+          device, overrides):
+    """Stage 2: train the ViT-Tiny student against the store (or online teachers).
+
+    KEY=VALUE overrides any config value, e.g. gate.mode=uniform optim.base_lr=1e-4."""
+    from train.config import load_config
+    from train.loop import train as run
+
+    extra = [f"data.images={data}", f"data.store={store_path}", f"train.out_dir={out_dir}"]
+    if epochs is not None:
+        extra.append(f"schedule.epochs={epochs}")
+    if batch_size is not None:
+        extra.append(f"train.batch_size={batch_size}")
+    cfg = load_config(config_file, list(overrides) + extra)
+    summary = run(cfg, out_dir=out_dir, online=online, max_steps=steps, resume=resume, device=_device(device),
+                  ckpt_steps=ckpt_steps)
+    click.echo(f"trained {summary['steps']} steps; student -> {out_dir}/student.safetensors")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", metavar="OUT", type=click.Path(dir_okay=False))
+def export(run_dir, out):
+    """Write RUN's student as a plain timm vit_tiny_patch16_224 state dict (safetensors) to OUT."""
+    from train.export import export_run
+    click.echo(f"student -> {export_run(run_dir, out)}")
+
+
 # --- commands: eval (eval group) ---------------------------------------------------
 
 

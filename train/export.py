@@ -1,0 +1,67 @@
+"""The trained student as a plain timm ViT-Tiny state dict, and the loss-curve figure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def student_state_dict(student) -> dict[str, torch.Tensor]:
+    """timm ``vit_tiny_patch16_224`` keys. The classifier (``head``) was never trained: it is
+    written as zeros of the default 1000 classes so that timm's strict pretrained loading
+    accepts the file; create the model with ``num_classes=0`` (or fine-tune) to drop it."""
+    vit = student.vit if hasattr(student, "vit") else student
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in vit.state_dict().items()
+          if not k.startswith("head")}
+    width = sd["cls_token"].shape[-1]
+    sd["head.weight"] = torch.zeros(1000, width)
+    sd["head.bias"] = torch.zeros(1000)
+    return sd
+
+
+def export_student(student, out) -> Path:
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(student_state_dict(student), str(out), metadata={"format": "pt", "arch": "vit_tiny_patch16_224"})
+    return out
+
+
+def export_run(run_dir, out) -> Path:
+    """Rebuild the student from RUN/last.pt and its config, then export it."""
+    from train.config import Config
+    from train.objective import build_objective
+    run_dir = Path(run_dir)
+    ck_path = run_dir / "last.pt"
+    if not ck_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (last.pt) to export")
+    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    cfg = Config.from_dict(ck["meta"]["config"])
+    objective = build_objective(cfg, None)
+    objective.student_side().load_state_dict(ck["model"])
+    return export_student(objective.student, out)
+
+
+def plot_losses(metrics_path, out_png) -> Path | None:
+    """Token, spatial and total loss against step, from RUN/metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for key, label in (("loss", "total"), ("loss_token", "token KL"), ("loss_spatial", "spatial KL")):
+        if key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)

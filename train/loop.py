@@ -1,0 +1,278 @@
+"""Stage 2: the training loop (cached or online), with exact resume.
+
+Schedules are precomputed by step. The only host syncs are at logging intervals (loss
+parts and the non-finite check are accumulated on the device until then), at checkpoints
+and at the end. A non-finite loss stops the run naming the first bad step. Metrics go to
+RUN/metrics.jsonl (one JSON object per logged step), checkpoints to RUN/last.pt (atomic),
+the resolved config to RUN/config.yaml, and at the end the student to
+RUN/student.safetensors and the loss curves to RUN/loss.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from extract import dist
+from store.features import FeatureStore, StoreError
+from train.config import Config
+from train.loader import CachedSource, OnlineSource, Plan
+from train.objective import build_objective
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def lr_schedule(*, total_steps: int, warmup_steps: int, peak: float, kind: str = "cosine",
+                min_lr: float = 0.0) -> np.ndarray:
+    """(total_steps,) float64 learning rate per step: linear warm-up, then cosine (or flat)."""
+    s = np.arange(total_steps, dtype=np.float64)
+    warm = peak * (s + 1) / max(1, warmup_steps)
+    if kind == "cosine":
+        t = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        after = min_lr + (peak - min_lr) * 0.5 * (1 + np.cos(math.pi * np.clip(t, 0, 1)))
+    else:
+        after = np.full_like(s, peak)
+    return np.where(s < warmup_steps, warm, after)
+
+
+def param_groups(module: torch.nn.Module, *, weight_decay: float, decay_1d: bool) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and embeddings unless ``decay_1d``."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not decay_1d and (p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token"))):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def student_flops_per_image(cfg: Config, n_visible: int) -> float:
+    """Training FLOPs of one image (forward + backward = 3 x forward), matmuls only."""
+    def vit(depth, width, tokens, mlp=4.0):
+        per_block = 2 * tokens * (4 * width * width + 2 * mlp * width * width) + 4 * tokens * tokens * width
+        return depth * per_block
+    enc = vit(cfg.model.depth, cfg.model.embed_dim, n_visible + 1) + 2 * 196 * 768 * cfg.model.embed_dim * n_visible / 196
+    dec = vit(cfg.decoder.depth, cfg.decoder.width, 197, cfg.decoder.mlp_ratio)
+    return 3.0 * (enc + dec)
+
+
+def _teacher_stats(stores: dict) -> dict:
+    return {name: (ts.stats["mean"], ts.stats["components"]) for name, ts in stores.items()}
+
+
+def build_source(cfg: Config, plan: Plan, *, online: bool, device: str):
+    """The batch source and the teachers' statistics (adapter initialisation)."""
+    kw = dict(decoder=cfg.data.decoder, device=device, num_threads=max(1, cfg.data.num_workers))
+    cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers, **kw) if not online else None
+    if cached is not None:
+        return cached, _teacher_stats(cached.stores)
+    from extract.teachers import build_teacher
+    fs = FeatureStore.open(cfg.data.store, views=cfg.data.views, seed=cfg.data.seed)
+    stores = {name: fs.teacher(name) for name in cfg.data.teachers}
+    teachers = {}
+    for name, ts in stores.items():
+        c = ts.config
+        t = (build_teacher(name, random_init=True, seed=fs.seed, device=device) if c["untrained"]
+             else build_teacher(name, checkpoint=c["source"], device=device))
+        if t.digest != c["checkpoint_digest"]:
+            raise StoreError(f"online teacher {name} ({t.source}) is not the one the store was made with "
+                             f"(digest {t.digest[:12]} vs {c['checkpoint_digest'][:12]})")
+        teachers[name] = t
+    amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
+    return OnlineSource(plan, teachers=teachers, amp=amp, **kw), _teacher_stats(stores)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None = None, resume: bool = False,
+          device: str = "cpu", ckpt_steps: int = 0, progress: bool = True) -> dict:
+    """Train the student; returns {steps, images_per_second, last metrics, out_dir}.
+
+    ``max_steps`` caps the total number of optimiser steps (the schedule is still the one
+    of ``schedule.epochs`` unless max_steps is smaller, in which case it spans max_steps).
+    ``ckpt_steps`` > 0 also checkpoints every that many steps (besides every
+    ``train.ckpt_every`` epochs).
+    """
+    out = Path(out_dir)
+    dist.init_from_env(device)
+    rank, world = dist.rank(), dist.world_size()
+    device = dist.local_device(device)
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} ranks")
+    from store.shards import ImageSet
+    data = ImageSet.open(cfg.data.images)
+    plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, batch_size=cfg.train.batch_size // world,
+                rank=rank, world=world, window=cfg.data.shuffle_window, n_student=cfg.data.student_visible)
+    source, stats = build_source(cfg, plan, online=online, device=device)
+    spe = plan.steps_per_epoch
+    total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
+    warmup = int(round(total * cfg.schedule.warmup_epochs / cfg.schedule.epochs))  # same fraction if capped
+    lrs = lr_schedule(total_steps=total, warmup_steps=warmup, peak=cfg.derived()["lr"],
+                      kind=cfg.schedule.kind, min_lr=cfg.schedule.min_lr)
+
+    torch.manual_seed(cfg.train.seed)                       # model initialisation only
+    objective = build_objective(cfg, stats).to(device)
+    trainable = objective.trainable
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dev = torch.device(device)
+        objective.wrap_trainable(lambda m: DDP(m, device_ids=[dev.index] if dev.type == "cuda" else None))
+    opt = torch.optim.AdamW(param_groups(trainable, weight_decay=cfg.optim.weight_decay,
+                                         decay_1d=cfg.optim.decay_1d),
+                            lr=float(lrs[0]), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    meta = dict(config=cfg.to_dict(), git_commit=git_commit(), online=online, world_size=world,
+                total_steps=total, steps_per_epoch=spe)
+
+    step = 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "last.pt"
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["meta"]["config"] != meta["config"] or ck["meta"]["total_steps"] != total:
+            diff = [f"{s}.{k}: checkpoint {ck['meta']['config'].get(s, {}).get(k)!r}, now {v!r}"
+                    for s, sec in meta["config"].items() for k, v in sec.items()
+                    if ck["meta"]["config"].get(s, {}).get(k) != v]
+            if ck["meta"]["total_steps"] != total:
+                diff.append(f"total_steps: checkpoint {ck['meta']['total_steps']}, now {total}")
+            raise ValueError(f"cannot resume {ckpt_path}: it was made with another config:\n  " + "\n  ".join(diff))
+        objective.student_side().load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if torch.cuda.is_available() and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        step = int(ck["step"])
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume to continue it "
+                              "or choose another --out")
+    if rank == 0:
+        cfg.save(out / "config.yaml")
+        (out / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
+        _truncate_metrics(out / "metrics.jsonl", step)
+
+    def checkpoint():
+        if rank == 0:
+            _save_atomic(dict(model=objective.student_side().state_dict(), optimizer=opt.state_dict(),
+                              step=step, epoch=step // spe, step_in_epoch=step % spe, meta=meta,
+                              rng=dict(torch=torch.get_rng_state(),
+                                       cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
+                         ckpt_path)
+        dist.barrier()
+
+    dev = torch.device(device)
+    use_amp = dev.type == "cuda" and cfg.train.amp == "bf16"
+    flops = student_flops_per_image(cfg, cfg.data.student_visible)
+    peak = _peak_flops(dev)
+    bar = tqdm(total=total, initial=step, unit="step", desc="train" + (" (online)" if online else ""),
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    sums, n_sum, first_bad = None, 0, torch.full((), -1, dtype=torch.long, device=device)
+    t_log, img_log, t0, img0 = time.perf_counter(), 0, time.perf_counter(), 0
+    last = {}
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    try:
+        while step < total:
+            epoch, start = divmod(step, spe)
+            for s_in_epoch, cpu_batch in source.epoch(epoch, start_step=start):
+                batch = source.materialize(cpu_batch, device)
+                for g in opt.param_groups:
+                    g["lr"] = float(lrs[step])
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    parts = objective(batch)
+                loss = parts["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.train.clip_grad)
+                opt.step()
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+                det = {k: v.detach().float() for k, v in parts.items()}
+                sums = det if sums is None else {k: sums[k] + det[k] for k in det}
+                n_sum += 1
+                step += 1
+                img_log += plan.batch_size * world
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == total:
+                    if int(first_bad) >= 0:                     # host sync: logging interval
+                        raise NonFiniteLoss(f"non-finite loss at step {int(first_bad)}; stopping "
+                                            f"(last good checkpoint: {ckpt_path})")
+                    now = time.perf_counter()
+                    ips = img_log / (now - t_log)
+                    last = {"step": step, "epoch": epoch, "lr": float(lrs[step - 1]),
+                            **{k: float(v) / n_sum for k, v in sums.items()},
+                            "images_per_second": ips}
+                    if peak:
+                        last["mfu"] = ips / world * flops / peak
+                    if metrics_f:
+                        metrics_f.write(json.dumps(last) + "\n")
+                        metrics_f.flush()
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
+                    sums, n_sum, t_log, img_log = None, 0, now, 0
+                if (ckpt_steps and step % ckpt_steps == 0) or step % (spe * cfg.train.ckpt_every) == 0 \
+                        or step == total:
+                    checkpoint()
+                if step >= total:
+                    break
+    finally:
+        bar.close()
+        if metrics_f:
+            metrics_f.close()
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        from train.export import export_student, plot_losses
+        export_student(objective.student, out / "student.safetensors")
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    dist.barrier()
+    return dict(steps=step, out_dir=str(out), last=last, seconds=elapsed)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged lines past ``step`` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _peak_flops(dev: torch.device) -> float | None:
+    """The card's bf16 matrix rate, measured once with a large matmul (None on the CPU)."""
+    if dev.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize(dev)
+    return 20 * 2 * n ** 3 / (time.perf_counter() - t)
