@@ -138,6 +138,21 @@ class EvalImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getstate__(self):  # an open ImageSet (file descriptors, lock) is reopened, not pickled
+        state = dict(self.__dict__)
+        if state["_packed"] is not None:
+            state["_packed"] = None
+            state["_reopen"] = True
+        return state
+
+    def __setstate__(self, state):
+        reopen = state.pop("_reopen", False)
+        self.__dict__.update(state)
+        if reopen:
+            from store.shards import ImageSet
+
+            self._packed = ImageSet.open(self.root)
+
     def set_epoch(self, epoch: int) -> None:
         """Key the random transforms of the next pass by ``epoch``."""
         self.epoch = int(epoch)

@@ -1,6 +1,7 @@
 """eval/knn.py and eval/data.py: the k-NN vote, the datasets, `eval knn` end to end."""
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli
-from eval.data import EvalImages, eval_transform
+from eval.data import EvalImages, eval_transform, make_loader, probe_train_transform
 from eval.knn import knn_accuracy, knn_scores, topk_accuracy
 
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
@@ -93,6 +94,30 @@ def test_image_folder_dataset_reads_every_mode_as_rgb_and_aligns_val_classes(tmp
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "val" / "red" / "a.png")
     val = EvalImages(tmp_path / "val", classes=ds.classes)
     assert val.labels.tolist() == [2]  # "red" keeps the train index, not its own 0
+
+
+def test_packed_set_gives_the_same_samples_as_its_image_folder_with_any_worker_count(tmp_path):
+    from store.shards import prepare
+
+    src = make_toy_folder(tmp_path / "src", per_class=3, seed=0)
+    prepare(src, tmp_path / "packed", shard_size=4, progress=False, workers=0)
+    folder = EvalImages(src, transform=probe_train_transform(32), seed=7)
+    packed = EvalImages(tmp_path / "packed", transform=probe_train_transform(32), seed=7)
+    assert packed.layout == "packed" and packed.classes == folder.classes
+    assert packed.labels.tolist() == folder.labels.tolist()
+    batches = {}
+    for name, ds, workers in [("folder", folder, 0), ("packed", packed, 0),
+                              ("packed2", pickle.loads(pickle.dumps(packed)), 2)]:
+        loader = make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=1,
+                             num_workers=workers)
+        batches[name] = [(x.clone(), y.clone()) for x, y in loader]
+    for name in ("packed", "packed2"):
+        assert len(batches[name]) == len(batches["folder"]) == 3
+        for (xa, ya), (xb, yb) in zip(batches["folder"], batches[name]):
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    # the epoch changes the augmentation and the order: the comparison above can fail
+    other = [x for x, _ in make_loader(folder, batch_size=4, shuffle=True, seed=3, epoch=2)]
+    assert not torch.equal(other[0], batches["folder"][0][0])
 
 
 @pytest.mark.parametrize("case", ["flat", "empty_class", "unfinished_pack", "foreign_class"])
