@@ -130,7 +130,8 @@ def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int,
         while have >= batch_size and done < steps:
             f, lab = torch.cat(buf_f), torch.cat(buf_l)
             yield f[:batch_size], lab[:batch_size]
-            buf_f, buf_l, have, done = [f[batch_size:]], [lab[batch_size:]], have - batch_size, done + 1
+            buf_f, buf_l = [f[batch_size:]], [lab[batch_size:]]
+            have, done = have - batch_size, done + 1
         if done == steps:
             return
 
