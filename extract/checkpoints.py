@@ -73,6 +73,13 @@ class TeacherSpec:
     strip_prefixes: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
 
+    def convert(self, obj: Any) -> tuple[dict, str]:
+        """The converter: a loaded file -> (weights under timm names, where they were
+        found). Not yet checked against an architecture (``load_official_state_dict``
+        does that)."""
+        weights, where = _unwrap(self, obj)
+        return convert_keys(self, weights)[0], where
+
 
 TEACHERS: dict[str, TeacherSpec] = {
     "mae": TeacherSpec(
@@ -252,9 +259,7 @@ def load_official_state_dict(name: str, path: str | os.PathLike, *, arch: str = 
     """
     spec = spec_of(name)
     path = Path(path)
-    obj = safe_load(path)
-    weights, where = _unwrap(spec, obj)
-    converted, _ = convert_keys(spec, weights)
+    converted, where = spec.convert(safe_load(path))
     what = f"{name} ({spec.filename}, {arch})"
     check_keys(converted, expected_keys(arch, model_kwargs), what=what, path=path, where=where)
     return {k: v.float() if v.is_floating_point() else v for k, v in converted.items()}
