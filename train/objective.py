@@ -194,8 +194,9 @@ class CoMADObjective(nn.Module):
 def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective:
     """Build the objective from a :class:`train.config.Config`.
 
-    teacher_stats: {name: (mean (C,), components (>= D, C))} for every teacher in
-    ``cfg.data.teachers`` (needed when ``cfg.adapters.init == "pca"``). The parameters
+    teacher_stats: {name: (mean (C,), components (>= D, C))} (or {name: {"mean", "components"}},
+    as ``FeatureStore`` stats hold them) for every teacher in ``cfg.data.teachers``
+    (needed when ``cfg.adapters.init == "pca"``). The parameters
     are initialised under a forked RNG seeded by ``cfg.train.seed``: the same seed gives
     the same model and the global RNG is left untouched. A ``cfg.model.checkpoint``
     then replaces the student encoder's weights (strictly).
@@ -221,7 +222,8 @@ def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective
                                       name=n) for n in names}
     if cfg.adapters.init == "pca":
         for n in names:
-            mean, comps = teacher_stats[n]
+            st = teacher_stats[n]
+            mean, comps = (st["mean"], st["components"]) if isinstance(st, Mapping) else st
             adapters[n].init_from_pca(mean, comps)
     if cfg.model.checkpoint:
         load_student_checkpoint(student, cfg.model.checkpoint)
