@@ -360,6 +360,51 @@ def eval_finetune(checkpoint, model, model_args, out, device, train_dir, val_dir
                  checkpoint=checkpoint)
 
 
+@eval_group.command("detection", context_settings=CONTEXT)
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@eval_options("runs/eval/detection.json")
+@click.option("--epochs", type=int, default=100, help="Training epochs (ViTDet: 100).")
+@click.option("--image-size", type=int, default=1024,
+              help="LSJ crop and test size, a multiple of 32 (ViTDet: 1024).")
+@click.option("--batch-size", type=int, default=64, help="Images per optimiser step (ViTDet: 64).")
+@click.option("--lr", type=float, default=1e-4, help="AdamW lr for the whole batch (ViTDet: 1e-4 at 64).")
+@click.option("--weight-decay", type=float, default=0.1, help="AdamW weight decay.")
+@click.option("--layer-decay", type=float, default=0.7, help="Layer-wise lr decay of the ViT.")
+@click.option("--drop-path", type=float, default=0.1, help="Stochastic depth rate of the ViT.")
+@click.option("--warmup", type=int, default=250, help="Linear warm-up steps.")
+@click.option("--heads", type=click.Choice(["vitdet", "light"]), default="vitdet",
+              help="vitdet: conv heads with LayerNorm; light: torchvision Mask R-CNN v1 heads (CPU runs).")
+@click.option("--roi-batch", type=int, default=512, help="Sampled RoIs per training image.")
+@click.option("--max-images", type=int, default=None,
+              help="Use only the first N images (by id) of each split (short runs).")
+@click.option("--workers", type=int, default=8, help="DataLoader worker processes.")
+@click.option("--seed", type=int, default=0, help="Seed of sample order and augmentation.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Per-epoch checkpoint, log, COCO result files  [default: OUT without .json + .run]")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
+def eval_detection(data, checkpoint, model, model_args, out, device, epochs, image_size, batch_size,
+                   lr, weight_decay, layer_decay, drop_path, warmup, heads, roi_batch, max_images,
+                   workers, seed, run_dir, resume):
+    """COCO detection + instance segmentation: Mask R-CNN on a ViTDet simple feature pyramid,
+    trained on DATA's train split, box AP and mask AP on its val split (COCOeval).
+
+    DATA: annotations/instances_{train,val}2017.json + {train,val}2017/ (official COCO
+    2017), or annotations/instances_{train,val}.json + {train,val}/."""
+    from pathlib import Path
+
+    from eval.common import parse_model_args
+    from eval.detection import run_detection
+
+    metrics, settings = run_detection(
+        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args), data=data,
+        run_dir=Path(run_dir or Path(out).with_suffix(".run")), device=device, epochs=epochs,
+        image_size=image_size, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        layer_decay=layer_decay, drop_path=drop_path, warmup=warmup, heads=heads,
+        roi_batch=roi_batch, max_images=max_images, seed=seed, num_workers=workers, resume=resume)
+    _eval_report(out=out, task="detection", metrics=metrics, settings=settings,
+                 checkpoint=checkpoint)
+
+
 # --- commands: demo ----------------------------------------------------------------
 
 

@@ -1,0 +1,237 @@
+"""COCO detection and instance segmentation: Mask R-CNN on a ViTDet simple feature pyramid.
+
+Protocol defaults (ViTDet, Li et al. 2022, the recipe MAE-style papers report COCO with):
+1024 x 1024 large-scale jitter (scale 0.1-2.0), AdamW (betas 0.9/0.999, weight decay 0.1),
+lr 1e-4 at batch 64, layer-wise lr decay 0.7, drop path 0.1, 100 epochs, linear warm-up
+of 250 steps, lr x0.1 at 88.9% and 96.3% of the steps; test: longer side resized to 1024,
+padded to 1024 x 1024. Heads as ViTDet: two-conv RPN head, 4-conv + 1-fc box head and
+4-conv mask head with LayerNorm; anchors one size per level (32, 64, 128, 256, 512) at
+ratios 0.5/1/2; RoIAlign on strides 4-32 (7x7 boxes, 14x14 masks).
+Differences from ViTDet (choices): global attention in every block (no windows, no
+relative position bias), so that any plain timm checkpoint loads unchanged; the 64-image
+batch is one step (no gradient accumulation; lower --lr with --batch-size).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
+from eval.dense_train import (check_finite, epoch_order, load_checkpoint, param_groups, save_checkpoint, set_lr,
+                              warmup_factor)
+from eval.pyramid import SimpleFeaturePyramid
+
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+LR_STEPS = (0.889, 0.963)
+
+
+def _padded_transform_class():
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    class SquarePadTransform(GeneralizedRCNNTransform):
+        """Normalise; at test time resize the longer side to ``image_size`` (training images come
+        already jittered from the dataset); pad every batch to at least image_size x image_size."""
+
+        def __init__(self, *, image_size: int):
+            super().__init__(min_size=image_size, max_size=image_size, image_mean=[0.485, 0.456, 0.406],
+                             image_std=[0.229, 0.224, 0.225], size_divisible=32)
+            self.image_size = image_size
+
+        def resize(self, image, target=None):
+            if self.training:
+                return image, target
+            return super().resize(image, target)
+
+        def batch_images(self, images, size_divisible: int = 32):
+            """images: list of (3, h_i, w_i) -> (B, 3, S, S), S >= image_size, a multiple of 32."""
+            side = max(self.image_size, *(max(img.shape[-2:]) for img in images))
+            side = int(math.ceil(side / size_divisible) * size_divisible)
+            batch = images[0].new_zeros((len(images), 3, side, side))
+            for i, img in enumerate(images):
+                batch[i, :, :img.shape[1], :img.shape[2]].copy_(img)
+            return batch
+
+    return SquarePadTransform
+
+
+HEADS = ("vitdet", "light")
+
+
+def build_mask_rcnn(*, vit: nn.Module, num_classes: int, image_size: int, heads: str = "vitdet",
+                    roi_batch: int = 512) -> nn.Module:
+    """torchvision MaskRCNN on ``SimpleFeaturePyramid(vit)``.
+
+    num_classes: object classes K (background is added). heads: ``vitdet`` (two-conv RPN
+    head, 4-conv + 1-fc box head and 4-conv mask head, LayerNorm) or ``light`` (torchvision's
+    Mask R-CNN v1 heads: one-conv RPN head, 2-fc box head, 4-conv mask head without norm;
+    about 8x cheaper box head, for CPU runs). roi_batch: sampled RoIs per image in training.
+    Forward as torchvision's: training ``model(images, targets) -> dict of losses``; eval
+    ``model(images) -> list of dicts`` with boxes (n, 4), labels (n,), scores (n,),
+    masks (n, 1, H, W) at each input's size.
+    """
+    from timm.layers import LayerNorm2d
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if image_size % 32:
+        raise ValueError(f"detection image size must be a multiple of 32, got {image_size}")
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
+    backbone = SimpleFeaturePyramid(vit=vit, out_channels=256, pool_level=True)
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in ANCHOR_SIZES), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    per_location = anchors.num_anchors_per_location()[0]
+    if heads == "vitdet":
+        rpn_head = RPNHead(256, per_location, conv_depth=2)
+        box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=LayerNorm2d)
+        mask_head = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=LayerNorm2d)
+    else:
+        rpn_head = RPNHead(256, per_location, conv_depth=1)
+        box_head = TwoMLPHead(256 * 7 * 7, 1024)
+        mask_head = MaskRCNNHeads(256, [256] * 4, 1)
+    levels = ["0", "1", "2", "3"]
+    model = MaskRCNN(
+        backbone, num_classes=num_classes + 1, min_size=image_size, max_size=image_size,
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
+        rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=7, sampling_ratio=0),
+        box_head=box_head, box_batch_size_per_image=roi_batch,
+        mask_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=14, sampling_ratio=0),
+        mask_head=mask_head,
+    )
+    model.transform = _padded_transform_class()(image_size=image_size)
+    return model
+
+
+def _to_device(images, targets, device):
+    return [im.to(device, non_blocking=True) for im in images], [
+        {k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+
+
+@torch.no_grad()
+def predict(*, model: nn.Module, dataset: CocoInstances, batch_size: int, workers: int,
+            device: torch.device) -> tuple[list[dict], list[dict]]:
+    """Run ``model`` over ``dataset`` (train=False) -> (bbox results, segm results), COCO format."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate)
+    bbox, segm = [], []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for images, targets in tqdm(loader, desc="detect", unit="batch"):
+        with amp:
+            outputs = model([im.to(device) for im in images])
+        for target, output in zip(targets, outputs):
+            b, s = to_results(image_id=int(target["image_id"]), prediction=output,
+                              label_to_category=dataset.label_to_category)
+            bbox += b
+            segm += s
+    return bbox, segm
+
+
+def lr_at(step: int, *, total: int, lr: float, warmup: int) -> float:
+    """Step schedule: linear warm-up, then x0.1 at 88.9% and 96.3% of ``total`` steps."""
+    drops = sum(step >= int(f * total) for f in LR_STEPS)
+    return lr * warmup_factor(step, warmup) * 0.1 ** drops
+
+
+def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], data: Path, run_dir: Path,
+                  device: str = "auto", epochs: int = 100, image_size: int = 1024, batch_size: int = 64,
+                  lr: float = 1e-4, weight_decay: float = 0.1, layer_decay: float = 0.7, drop_path: float = 0.1,
+                  warmup: int = 250, heads: str = "vitdet", roi_batch: int = 512, max_images: int | None = None,
+                  seed: int = 0, num_workers: int = 8, resume: bool = False
+                  ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The whole protocol: train Mask R-CNN on ``data``'s train split, evaluate on its val split.
+
+    Returns (metrics, settings) for ``write_result``: box_/mask_ AP, AP50, AP75, APs, APm,
+    APl in percent (COCOeval). Writes to ``run_dir``: checkpoint.pt (after every epoch;
+    ``resume`` continues from it and refuses one made with other settings), log.jsonl (one
+    line per epoch) and bbox_results.json / segm_results.json (COCO result format, val).
+    ``max_images`` keeps the first N images (by id) of each split.
+    """
+    from eval.common import checkpoint_digest, load_backbone, resolve_device
+
+    dev = resolve_device(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_set = CocoInstances(data, "train", train=True, image_size=image_size, seed=seed, max_images=max_images)
+    val_set = CocoInstances(data, "val", train=False, image_size=image_size, max_images=max_images)
+    if val_set.category_ids != train_set.category_ids:
+        raise ValueError(f"{val_set.ann_file} and {train_set.ann_file} list different categories")
+    vit = load_backbone(checkpoint, model=model, **{"dynamic_img_size": True, "drop_path_rate": drop_path,
+                                                     **timm_kwargs})
+    net = build_mask_rcnn(vit=vit, num_classes=len(train_set.category_ids), image_size=image_size, heads=heads,
+                          roi_batch=roi_batch).to(dev)
+    settings = {
+        "protocol": "Mask R-CNN on a ViTDet simple feature pyramid (strides 4-32 + pool), LSJ train, "
+                    "COCOeval bbox/segm",
+        "model": model, "timm_kwargs": timm_kwargs, "checkpoint_sha256": checkpoint_digest(Path(checkpoint)),
+        "data": str(data), "epochs": epochs, "image_size": image_size, "batch_size": batch_size, "lr": lr,
+        "weight_decay": weight_decay, "layer_decay": layer_decay, "drop_path": drop_path, "warmup_steps": warmup,
+        "lr_steps": list(LR_STEPS), "heads": heads, "roi_batch": roi_batch, "max_images": max_images,
+        "seed": seed, "lsj_scale": list(train_set.scale_range), "train_images": len(train_set),
+        "val_images": len(val_set), "num_classes": len(train_set.category_ids),
+    }
+    optimizer = torch.optim.AdamW(param_groups(net, weight_decay=weight_decay, layer_decay=layer_decay), lr=lr,
+                                  betas=(0.9, 0.999))
+    checkpoint_file = run_dir / "checkpoint.pt"
+    start_epoch = 0
+    if resume and checkpoint_file.is_file():
+        start_epoch = load_checkpoint(checkpoint_file, model=net, optimizer=optimizer, settings=settings)["epoch"]
+        print(f"resumed from {checkpoint_file} after epoch {start_epoch}")
+    _train(model=net, optimizer=optimizer, dataset=train_set, run_dir=run_dir, start_epoch=start_epoch,
+           epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, workers=num_workers, device=dev,
+           settings=settings)
+    bbox, segm = predict(model=net, dataset=val_set, batch_size=min(batch_size, 8), workers=num_workers, device=dev)
+    write_results(run_dir / "bbox_results.json", bbox)
+    write_results(run_dir / "segm_results.json", segm)
+    metrics: dict[str, float] = OrderedDict()
+    for prefix, iou_type, results in (("box", "bbox", bbox), ("mask", "segm", segm)):
+        scores = evaluate(val_set.coco, results, iou_type=iou_type, image_ids=val_set.image_ids)
+        metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+    return metrics, {**settings, "device": str(dev), "run_dir": str(run_dir)}
+
+
+def _train(*, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: CocoInstances, run_dir: Path,
+           start_epoch: int, epochs: int, batch_size: int, lr: float, warmup: int, seed: int, workers: int,
+           device: torch.device, settings: dict[str, Any]) -> None:
+    """Epochs ``start_epoch..epochs-1``; checkpoint and one log line after each."""
+    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+    total = epochs * steps_per_epoch
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=epoch_order(seed=seed, epoch=epoch, size=len(dataset)),
+            num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
+        sums: dict[str, float] = {}
+        for i, (images, targets) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            set_lr(optimizer, lr_at(step, total=total, lr=lr, warmup=warmup))
+            images, targets = _to_device(images, targets, device)
+            with amp:
+                parts = model(images, targets)
+            loss = sum(parts.values())
+            check_finite(loss, step=step, parts=parts)  # one host sync per step (the progress bar reads it too)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        with open(run_dir / "log.jsonl", "a") as log:
+            log.write(json.dumps({"epoch": epoch + 1, "lr_end": lr_at(step, total=total, lr=lr, warmup=warmup),
+                                  **{k: v / steps_per_epoch for k, v in sums.items()}}) + "\n")
+        save_checkpoint(run_dir / "checkpoint.pt", model=model, optimizer=optimizer, progress={"epoch": epoch + 1},
+                        settings=settings)
