@@ -204,7 +204,8 @@ def _scan_image_folder(root: Path):
     empty: list[str] = []
     for label, d in enumerate(subdirs):
         found = sorted(p for p in d.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                       and p.is_file())
         if not found:
             empty.append(d.name)
         files += found

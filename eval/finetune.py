@@ -38,6 +38,9 @@ def build_classifier(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any
     token (weight trunc-normal std 2e-5, bias 0), drop path ``drop_path``."""
     from eval.common import load_backbone
 
+    if "drop_path_rate" in timm_kwargs:
+        raise ValueError("fine-tune: set drop path with drop_path (--drop-path), "
+                         "not as a model argument")
     net = load_backbone(checkpoint, model=model, drop_path_rate=drop_path, **timm_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
