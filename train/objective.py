@@ -111,8 +111,12 @@ class CoMADObjective(nn.Module):
         return self.frozen_adapters if self.frozen_adapters is not None else self.student_side().adapters
 
     # ---- the step -----------------------------------------------------------------
-    def forward(self, batch: Mapping) -> dict[str, torch.Tensor]:
-        """batch: see the module docstring. Returns the loss dict (tensors only)."""
+    def forward(self, batch: Mapping, *, return_weights: bool = False) -> dict[str, torch.Tensor]:
+        """batch: see the module docstring. Returns the loss dict (tensors only).
+
+        return_weights: also return "weights" (K, B, 197) float32, the gate weights of
+        ``self.teacher_names`` at CLS (slot 0) and each patch (slot 1 + p), for pictures.
+        """
         images, visible = batch["images"], batch["student_visible"]
         teachers = batch["teachers"]
         missing = [n for n in self.teacher_names if n not in teachers]
@@ -188,6 +192,8 @@ class CoMADObjective(nn.Module):
                 logs[f"gate/{name}"] = w[k].sum() / n_target
                 logs[f"collapse/{name}"] = collapse_monitor(adapted[name][:, 1:].flatten(0, 1))
             logs["coverage"] = map_valid.float().mean()
+        if return_weights:
+            logs["weights"] = w
         return logs
 
 
@@ -196,16 +202,16 @@ def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective
 
     teacher_stats: {name: (mean (C,), components (>= D, C))} (or {name: {"mean", "components"}},
     as ``FeatureStore`` stats hold them) for every teacher in ``cfg.data.teachers``
-    (needed when ``cfg.adapters.init == "pca"``). The parameters
+    (used when ``cfg.adapters.init == "pca"``). ``None`` leaves the adapters at their seeded
+    random init: only for rebuilding a model whose weights then come from a checkpoint
+    (export, evaluation); training with ``adapters.init=pca`` must pass the stats. The parameters
     are initialised under a forked RNG seeded by ``cfg.train.seed``: the same seed gives
     the same model and the global RNG is left untouched. A ``cfg.model.checkpoint``
     then replaces the student encoder's weights (strictly).
     """
     names = list(cfg.data.teachers)
-    if cfg.adapters.init == "pca":
-        if teacher_stats is None:
-            raise ValueError("adapters.init='pca' needs teacher_stats (the store's per-teacher "
-                             "PCA mean and components); pass them or set adapters.init=random")
+    use_pca = cfg.adapters.init == "pca" and teacher_stats is not None
+    if use_pca:
         absent = [n for n in names if n not in teacher_stats]
         if absent:
             raise ValueError(f"teacher_stats lack teacher(s) {absent}; they have {sorted(teacher_stats)}")
@@ -220,7 +226,7 @@ def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective
         trainable = cfg.adapters.mode == "trainable"
         adapters = {n: TeacherAdapter(in_dim=cfg.adapters.in_dim, out_dim=d, trainable=trainable,
                                       name=n) for n in names}
-    if cfg.adapters.init == "pca":
+    if use_pca:
         for n in names:
             st = teacher_stats[n]
             mean, comps = (st["mean"], st["components"]) if isinstance(st, Mapping) else st
