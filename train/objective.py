@@ -51,6 +51,8 @@ class StudentSide(nn.Module):
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor,
                 tokens: Mapping[str, torch.Tensor]) -> dict:
+        """images (B,3,224,224) float, visible (B,n) int64, tokens {name: (B,1+n_k,C) float32}
+        -> {"cls" (B,D), "patch" (B,n,D), "map" (B,196,D)[, "adapted", "recon"]}."""
         cls, patch = self.student(images, visible)
         out = {"cls": cls, "patch": patch, "map": self.decoder(cls, patch, visible)}
         if self.adapters is not None:
