@@ -28,6 +28,13 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+def tiny_vit(seed=0):
+    """A 2-block ViT-Tiny at 32 px, randomly initialised from ``seed`` (global RNG kept)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+
+
 def make_toy_folder(root, *, per_class, seed):
     """ImageFolder of 40x48 images: a class-coloured rectangle on a noisy gray field,
     saved as JPEG, PNG and palette PNG in turn."""
@@ -148,8 +155,7 @@ def test_eval_knn_command_separates_toy_classes_and_writes_record(tmp_path):
     train = make_toy_folder(tmp_path / "train", per_class=12, seed=1)
     val = make_toy_folder(tmp_path / "val", per_class=6, seed=2)
     ck = tmp_path / "student.pth"
-    net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
-    torch.save({"model": net.state_dict()}, ck)
+    torch.save({"model": tiny_vit().state_dict()}, ck)
     out = tmp_path / "knn.json"
     res = CliRunner().invoke(cli.main, [
         "eval", "knn", "--checkpoint", str(ck), "--model-arg", "img_size=32",
@@ -170,8 +176,7 @@ def test_eval_knn_command_separates_toy_classes_and_writes_record(tmp_path):
 def test_eval_knn_command_refuses_checkpoint_of_other_size(tmp_path):
     train = make_toy_folder(tmp_path / "train", per_class=1, seed=1)
     ck = tmp_path / "student.pth"
-    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32,
-                                 depth=2).state_dict(), ck)
+    torch.save(tiny_vit().state_dict(), ck)
     res = CliRunner().invoke(cli.main, [
         "eval", "knn", "--checkpoint", str(ck), "--model-arg", "depth=2",
         "--train", str(train), "--val", str(train), "--out", str(tmp_path / "r.json"),
