@@ -1,0 +1,181 @@
+"""Extraction end to end: cached tokens equal a fresh teacher forward, a SIGKILLed run
+resumes to the same store, two torchrun ranks write the same store as one, verify."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from extract.runner import Extractor, run_extraction
+from extract.teachers import build_teacher
+from extract.verify import verify_store
+from store import views as V
+from store.features import FeatureStore
+from store.shards import ImageSet
+
+ROOT = Path(__file__).resolve().parents[2]
+VIEWS = 2
+# fp32 CPU kernels sum in an order that depends on the thread count, and torchrun gives each
+# rank one thread: every run compared here uses one thread, so stores are bit-identical.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args):
+    return [sys.executable, str(ROOT / "cli.py"), *args]
+
+
+def _extract_args(data, store, teacher="mae", *extra):
+    return ["extract", "--teacher", teacher, "--data", str(data), "--store", str(store), "--random-init",
+            "--views", str(VIEWS), "--batch-size", "2", "--decoder", "pil", "--device", "cpu", *extra]
+
+
+def _arrays(store, teacher="mae"):
+    g = zarr.open_group(str(Path(store) / teacher), mode="r")
+    return {k: g[k][...] for k in ("index", "view", "boxes", "flips", "visible", "tokens", "complete")}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_teacher("mae", random_init=True, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference_store(prepared_data, tmp_path_factory, teacher):
+    """One uninterrupted single-process, single-thread run (the PIL decoder, as the CLI runs below)."""
+    store = tmp_path_factory.mktemp("ref") / "store"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_extraction(teacher=teacher, data=ImageSet.open(prepared_data), store_path=store, views=VIEWS,
+                       seed=0, batch_size=2, decoder="pil", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return store
+
+
+def test_cached_fp16_tokens_equal_a_fresh_forward(prepared_data, reference_store, teacher, one_thread):
+    """Bit-exact (after the fp16 cast) for the same batch composition and thread count."""
+    ds = ImageSet.open(prepared_data)
+    ts = FeatureStore.open(reference_store).teacher("mae")
+    ex = Extractor(teacher, ds, seed=0, views=VIEWS, batch_size=2, device="cpu", decoder="pil")
+    for idx in (np.array([0, 1]), np.array([12])):      # batches exactly as extraction made them
+        for slot in range(VIEWS):
+            got = ts.read_samples(slot, idx)
+            vb = ex.view_batch(idx, ds.read_many(idx), slot)
+            np.testing.assert_array_equal(got["boxes"], vb.boxes)
+            np.testing.assert_array_equal(got["visible"], vb.visible)
+            fresh = ex.tokens(vb)
+            torch.testing.assert_close(ts.decode(got), fresh.half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("codec,min_cos,max_rel", [("int8", 0.9999, 0.01), ("pca", None, None)])
+def test_other_codecs_are_faithful(prepared_data, reference_store, teacher, tmp_path, codec, min_cos, max_rel):
+    ds = ImageSet.open(prepared_data)
+    run_extraction(teacher=teacher, data=ds, store_path=tmp_path / "s", views=VIEWS, seed=0, batch_size=4,
+                   decoder="pil", codec=codec, pca_dim=256, progress=False)
+    ts = FeatureStore.open(tmp_path / "s").teacher("mae")
+    ref = FeatureStore.open(reference_store).teacher("mae")
+    idx = np.arange(len(ds))
+    a = ts.decode(ts.read_samples(0, idx)).flatten(0, 1)
+    b = ref.decode(ref.read_samples(0, idx)).flatten(0, 1)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    rel = (a - b).norm() / b.norm()
+    if codec == "int8":
+        assert cos.min() > min_cos and rel < max_rel
+    else:
+        # the pca codec keeps the top 256 directions: exact on that subspace up to fp16
+        basis = torch.from_numpy(ts.pca["basis"]).float()
+        mean = torch.from_numpy(ts.pca["mean"]).float()
+        proj = (b - mean) @ basis.T @ basis + mean
+        torch.testing.assert_close(a, proj, atol=2e-2, rtol=2e-2)
+
+
+def test_sigkill_then_resume_gives_identical_store(prepared_data, reference_store, tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.Popen(_cli(*_extract_args(prepared_data, store)), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (store / "mae" / "complete" / "zarr.json").exists():
+                done = FeatureStore.open(store).teacher("mae").complete_matrix()
+                if done.sum() >= 2:
+                    break
+            time.sleep(0.1)
+        assert proc.poll() is None, "extraction finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = FeatureStore.open(store).teacher("mae").complete_matrix()
+    assert 0 < partial.sum() < partial.size
+    out = subprocess.run(_cli(*_extract_args(prepared_data, store)), cwd=ROOT, capture_output=True,
+                         text=True, check=True, env=ENV)
+    assert "already complete" in out.stdout + out.stderr
+    got, want = _arrays(store), _arrays(reference_store)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    problems, _ = verify_store(store, ImageSet.open(prepared_data), progress=False)
+    assert problems == []
+
+
+def test_two_torchrun_ranks_write_the_same_store_as_one(prepared_data, reference_store, tmp_path):
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "cli.py"), *_extract_args(prepared_data, store)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=ENV)
+    got, want = _arrays(store), _arrays(reference_store)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_verify_reports_incomplete_and_mismatched_stores(prepared_data, photo_tree, reference_store, tmp_path):
+    ds = ImageSet.open(prepared_data)
+    assert verify_store(reference_store, ds, progress=False)[0] == []
+    # an incomplete block
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(reference_store, broken)
+    FeatureStore.open(broken).teacher("mae").group["complete"][1, 0] = 0
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("1 of" in p and "incomplete" in p for p in problems)
+    # a tampered mask
+    shutil.rmtree(broken)
+    shutil.copytree(reference_store, broken)
+    g = FeatureStore.open(broken).teacher("mae").group
+    vis = g["visible"][0, 0:5]
+    vis[0, 0] += 1
+    g["visible"][0, 0:5] = vis
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("stored masks differ" in p for p in problems)
+    # other data
+    from store.shards import prepare
+    other = prepare(photo_tree, tmp_path / "other", shard_size=4, progress=False)
+    problems, _ = verify_store(reference_store, other, progress=False)
+    assert problems and "does not match" in problems[0]
+    # the CLI exits non-zero
+    r = subprocess.run(_cli("verify", str(reference_store), "--data", str(tmp_path / "other")), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "PROBLEM" in r.stderr
+
+
+def test_estimate_prints_bytes_and_hours(prepared_data, tmp_path):
+    r = subprocess.run(_cli(*_extract_args(prepared_data, tmp_path / "s", "mae", "--estimate")), cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+    assert "GiB" in r.stdout and " h on 1 rank" in r.stdout
+    assert not (tmp_path / "s").exists()
