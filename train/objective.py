@@ -136,7 +136,7 @@ class CoMADObjective(nn.Module):
                 raise ValueError(f"batch teacher {name!r}: cls {tuple(t['cls'].shape)}, patch "
                                  f"{tuple(t['patch'].shape)}, index {tuple(t['index'].shape)} "
                                  f"disagree (batch {b})")
-            tokens[name] = torch.cat([t["cls"].unsqueeze(1), t["patch"]], dim=1).float()
+            tokens[name] = torch.cat([t["cls"].float().unsqueeze(1), t["patch"].float()], dim=1)
             zero = torch.zeros(b, 1, dtype=t["index"].dtype, device=t["index"].device)
             slots[name] = torch.cat([zero, t["index"] + 1], dim=1)          # (B, 1 + n_k)
 

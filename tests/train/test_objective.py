@@ -175,6 +175,23 @@ def test_objective_returns_loss_and_every_part_as_tensors_and_gate_shares_sum_to
     assert w.shape == (3, 2, 197) and torch.allclose(w[:, :, 0].sum(0), torch.ones(2))
 
 
+@pytest.mark.parametrize("mode", ["frozen", "trainable"])
+def test_bf16_autocast_with_float16_tokens_gives_finite_float32_losses_close_to_fp32(mode):
+    obj = build_objective(tiny_cfg(f"adapters.mode={mode}"))
+    batch = make_batch(seed=9, dtype=torch.float16)
+    ref = obj(batch)
+    seen = []
+    hook = obj.student.vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj(batch)
+    hook.remove()
+    assert seen == [torch.bfloat16]   # autocast really ran the matmuls in bf16
+    out["loss"].backward()
+    for k in ("loss", "loss_token", "loss_spatial", "loss_recon"):
+        assert out[k].dtype == torch.float32 and torch.isfinite(out[k]), k
+        assert torch.allclose(out[k], ref[k], rtol=0.05, atol=1e-3), k
+
+
 def test_gradients_reach_student_and_decoder_but_not_frozen_adapters():
     obj = build_objective(tiny_cfg())
     obj(make_batch())["loss"].backward()
