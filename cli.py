@@ -405,6 +405,53 @@ def eval_detection(data, checkpoint, model, model_args, out, device, epochs, ima
                  checkpoint=checkpoint)
 
 
+@eval_group.command("segmentation", context_settings=CONTEXT)
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@eval_options("runs/eval/segmentation.json")
+@click.option("--iters", type=int, default=160_000, help="Training iterations (BEiT/MAE: 160k).")
+@click.option("--image-size", type=int, default=512, help="Crop and slide-window size, a multiple of 32.")
+@click.option("--batch-size", type=int, default=16, help="Crops per optimiser step.")
+@click.option("--lr", type=float, default=1e-4, help="AdamW lr.")
+@click.option("--weight-decay", type=float, default=0.05, help="AdamW weight decay.")
+@click.option("--layer-decay", type=float, default=0.65, help="Layer-wise lr decay of the ViT.")
+@click.option("--drop-path", type=float, default=0.1, help="Stochastic depth rate of the ViT.")
+@click.option("--warmup", type=int, default=1500, help="Linear warm-up iterations (then poly decay).")
+@click.option("--channels", type=int, default=512, help="UperNet channels (FCN aux head: half).")
+@click.option("--aux-weight", type=float, default=0.4, help="FCN auxiliary loss weight (0: no aux head).")
+@click.option("--num-classes", type=int, default=150, help="Classes after reduce_zero_label (ADE20K: 150).")
+@click.option("--max-images", type=int, default=None,
+              help="Use only the first N images (by name) of each split (short runs).")
+@click.option("--checkpoint-every", type=int, default=2000, help="Checkpoint every N iterations.")
+@click.option("--workers", type=int, default=8, help="DataLoader worker processes.")
+@click.option("--seed", type=int, default=0, help="Seed of head init, order, augmentation, drop path.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint and log  [default: OUT without .json + .run]")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
+def eval_segmentation(data, checkpoint, model, model_args, out, device, iters, image_size,
+                      batch_size, lr, weight_decay, layer_decay, drop_path, warmup, channels,
+                      aux_weight, num_classes, max_images, checkpoint_every, workers, seed, run_dir,
+                      resume):
+    """ADE20K semantic segmentation: UperNet on a ViTDet simple feature pyramid, trained on
+    DATA's training split; mIoU and pixel accuracy on its validation split (slide inference).
+
+    DATA: images/{training,validation}/*.jpg + annotations/{training,validation}/*.png
+    (ADEChallengeData2016); label 0 is ignored, k -> k-1."""
+    from pathlib import Path
+
+    from eval.common import parse_model_args
+    from eval.segmentation import run_segmentation
+
+    metrics, settings = run_segmentation(
+        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args), data=data,
+        run_dir=Path(run_dir or Path(out).with_suffix(".run")), device=device, iters=iters,
+        image_size=image_size, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        layer_decay=layer_decay, drop_path=drop_path, warmup=warmup, channels=channels,
+        aux_weight=aux_weight, num_classes=num_classes, max_images=max_images, seed=seed,
+        checkpoint_every=checkpoint_every, num_workers=workers, resume=resume)
+    _eval_report(out=out, task="segmentation", metrics=metrics, settings=settings,
+                 checkpoint=checkpoint)
+
+
 # --- commands: demo ----------------------------------------------------------------
 
 

@@ -1,6 +1,9 @@
 """Training plumbing shared by the dense evaluations (detection, segmentation).
 
-Optimizer groups with layer-wise lr decay, a sample order keyed by (seed, epoch),
+Optimizer groups with layer-wise lr decay, a sample order keyed by (seed, epoch), loaders
+that leave the global RNG alone (model init and each training step run inside
+``eval.data.seeded_rngs`` keyed by (seed, step), so dropout, drop path and torchvision's
+RoI sampling are keyed too),
 checkpoints written atomically and refused on resume when the run's settings differ,
 and a non-finite-loss stop that names the step.
 """
@@ -72,6 +75,15 @@ def warmup_factor(step: int, warmup: int) -> float:
 def epoch_order(*, seed: int, epoch: int, size: int) -> list[int]:
     """A permutation of range(size) keyed by (seed, epoch): the sample order of one epoch."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(size).tolist()
+
+
+def ordered_loader(dataset: torch.utils.data.Dataset, *, order: list[int], batch_size: int, workers: int,
+                   collate_fn=None, drop_last: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``order`` (indices into ``dataset``) that never draws from the global RNG
+    (its worker base seed comes from a private generator; our datasets key their own draws)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                                       collate_fn=collate_fn, drop_last=drop_last, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Mapping[str, int],

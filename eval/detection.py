@@ -24,12 +24,14 @@ from torch import nn
 from tqdm import tqdm
 
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
-from eval.dense_train import (check_finite, epoch_order, load_checkpoint, param_groups, save_checkpoint, set_lr,
-                              warmup_factor)
+from eval.data import derive_seed, seeded_rngs
+from eval.dense_train import (check_finite, epoch_order, load_checkpoint, ordered_loader, param_groups,
+                              save_checkpoint, set_lr, warmup_factor)
 from eval.pyramid import SimpleFeaturePyramid
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 LR_STEPS = (0.889, 0.963)
+INIT_KEY, STEP_KEY = 0x1417, 0x57E9
 
 
 def _padded_transform_class():
@@ -123,8 +125,8 @@ def predict(*, model: nn.Module, dataset: CocoInstances, batch_size: int, worker
             device: torch.device) -> tuple[list[dict], list[dict]]:
     """Run ``model`` over ``dataset`` (train=False) -> (bbox results, segm results), COCO format."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate)
+    loader = ordered_loader(dataset, order=list(range(len(dataset))), batch_size=batch_size, workers=workers,
+                            collate_fn=collate)
     bbox, segm = [], []
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for images, targets in tqdm(loader, desc="detect", unit="batch"):
@@ -169,8 +171,9 @@ def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], 
         raise ValueError(f"{val_set.ann_file} and {train_set.ann_file} list different categories")
     vit = load_backbone(checkpoint, model=model, **{"dynamic_img_size": True, "drop_path_rate": drop_path,
                                                      **timm_kwargs})
-    net = build_mask_rcnn(vit=vit, num_classes=len(train_set.category_ids), image_size=image_size, heads=heads,
-                          roi_batch=roi_batch).to(dev)
+    with seeded_rngs(derive_seed(seed, INIT_KEY)):  # head initialisation keyed, global RNG untouched
+        net = build_mask_rcnn(vit=vit, num_classes=len(train_set.category_ids), image_size=image_size,
+                              heads=heads, roi_batch=roi_batch).to(dev)
     settings = {
         "protocol": "Mask R-CNN on a ViTDet simple feature pyramid (strides 4-32 + pool), LSJ train, "
                     "COCOeval bbox/segm",
@@ -211,21 +214,22 @@ def _train(*, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: CocoI
     for epoch in range(start_epoch, epochs):
         model.train()
         dataset.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=epoch_order(seed=seed, epoch=epoch, size=len(dataset)),
-            num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+        loader = ordered_loader(dataset, order=epoch_order(seed=seed, epoch=epoch, size=len(dataset)),
+                                batch_size=batch_size, workers=workers, collate_fn=collate,
+                                pin_memory=device.type == "cuda")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
         sums: dict[str, float] = {}
         for i, (images, targets) in enumerate(bar):
             step = epoch * steps_per_epoch + i
             set_lr(optimizer, lr_at(step, total=total, lr=lr, warmup=warmup))
             images, targets = _to_device(images, targets, device)
-            with amp:
-                parts = model(images, targets)
-            loss = sum(parts.values())
-            check_finite(loss, step=step, parts=parts)  # one host sync per step (the progress bar reads it too)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with seeded_rngs(derive_seed(seed, step, STEP_KEY), cuda_devices=[device]):
+                with amp:
+                    parts = model(images, targets)
+                loss = sum(parts.values())
+                check_finite(loss, step=step, parts=parts)  # one host sync per step (the progress bar reads it)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())

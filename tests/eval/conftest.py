@@ -1,0 +1,70 @@
+"""Fixtures of the dense evaluations: a tiny ViT checkpoint, a toy COCO set, a toy ADE20K set.
+
+All built once per session in the official layouts and read-only for tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+DENSE_VIT_ARGS = ("img_size=64", "depth=2")
+
+
+@pytest.fixture(scope="session")
+def dense_vit_checkpoint(tmp_path_factory) -> Path:
+    """A random 2-block vit_tiny_patch16_224 (img_size 64) saved as safetensors; load it with
+    ``--model-arg img_size=64 --model-arg depth=2`` (``DENSE_VIT_ARGS``)."""
+    import timm
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64, depth=2)
+    path = tmp_path_factory.mktemp("dense_vit") / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_coco_dir(tmp_path_factory) -> Path:
+    """Official COCO 2017 layout: 4 train and 2 val images of 64 px, category ids 3/7/11."""
+    from eval.toy_coco import make_toy_coco
+
+    return make_toy_coco(tmp_path_factory.mktemp("coco") / "coco", train=4, val=2, size=64, seed=1)
+
+
+def write_ade(root: Path, *, sizes: dict[str, list[tuple[int, int]]], seed: int = 0) -> Path:
+    """ADEChallengeData2016 layout under ``root``: per split, one JPEG and one label PNG per (h, w).
+
+    Label maps hold 0 ("other", ignored), 1, 2 and 150 in blocks; the image's colour follows the
+    label so that the task is learnable.
+    """
+    colours = {0: (128, 128, 128), 1: (220, 30, 30), 2: (30, 200, 40), 150: (30, 40, 220)}
+    for split, shapes in sizes.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i, (h, w) in enumerate(shapes):
+            rng = np.random.default_rng([seed, i, len(split)])
+            label = np.zeros((h, w), np.uint8)
+            y, x = int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))
+            label[:y, :x], label[:y, x:], label[y:, :x] = 1, 2, 150
+            label[y:, x:][: max(1, (h - y) // 3)] = 0
+            image = np.zeros((h, w, 3), np.uint8)
+            for value, colour in colours.items():
+                image[label == value] = colour
+            name = f"ADE_{split}_{i + 1:08d}"
+            Image.fromarray(image).save(root / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_ade_dir(tmp_path_factory) -> Path:
+    """ADE20K layout: 4 training and 2 validation images of assorted sizes (48-80 px)."""
+    return write_ade(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016",
+                     sizes={"training": [(48, 64), (64, 80), (80, 48), (64, 64)],
+                            "validation": [(48, 80), (72, 56)]})
