@@ -35,6 +35,15 @@ from store.decode import MEAN, STD, check_box
 _Batch = tuple  # (datas, boxes, flips) or (datas, boxes, flips, keys)
 
 
+def _dali_reason(error: Exception) -> str:
+    """The informative line of a DALI pipeline error (the one after 'encountered:')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for k, line in enumerate(lines[:-1]):
+        if line.startswith("encountered"):
+            return lines[k + 1]
+    return lines[0] if lines else type(error).__name__
+
+
 class DaliViewDecoder:
     """Decode batches of views with DALI.
 
@@ -210,8 +219,9 @@ class DaliViewDecoder:
             self._pipe = None  # a failed DALI pipeline cannot be used again
             self._pending.clear()
             raise RuntimeError(
-                f"DaliViewDecoder: DALI failed on a batch of {len(datas)} views; "
-                f"{self._diagnose(datas, boxes, keys)} (batches in flight were dropped)"
+                f"DaliViewDecoder: DALI failed on a batch of {len(datas)} views "
+                f"({_dali_reason(error)}); {self._diagnose(datas, boxes, keys)} "
+                "(batches in flight were dropped)"
             ) from error
         return self._to_torch(out, len(datas))
 
@@ -245,7 +255,7 @@ class DaliViewDecoder:
             except ValueError as error:
                 problems.append(str(error))
         if not problems:
-            return "PIL reads every image and box of it, see the DALI error above"
+            return "PIL reads every image and box of it"
         return "; ".join(problems)
 
     def __call__(

@@ -1,0 +1,211 @@
+"""Benchmark: images per second of the view decoders (PIL reference vs DALI), same photos.
+
+    python bench/decode.py                         # CPU: PIL and DALI on all cores
+    python bench/decode.py --device cuda           # adds DALI with the GPU decoder
+    python bench/decode.py --views 2048 --threads 8 --batch-size 128
+
+Photos: scikit-image's bundled photographs, resized to ImageNet's typical size (long
+side 500, e.g. 500x375) and re-encoded as JPEG quality 90 (about 50-100 kB each, like
+ImageNet's train images). Views: ``store.views.view_params`` (RandomResizedCrop boxes
+and flips), output 224x224, normalised float32, the exact work of extraction and
+training. Every path decodes the same list of (bytes, box, flip).
+
+Rows:
+  pil 1 proc       pil_views in this process, one core;
+  pil N procs      pil_views over a process pool of N workers (like DataLoader workers);
+  dali-cpu T thr   DaliViewDecoder(device="cpu", num_threads=T), 2 batches in flight;
+  dali-cuda        DaliViewDecoder(device="cuda") (only with --device cuda).
+It then prints how closely DALI agrees with PIL on the same views, per photo kind
+(mean / max |DALI - PIL| on the 0..255 scale, before normalisation).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: top-level packages
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "stereo_motorcycle")
+
+
+def make_photos(*, long_side: int = 500, quality: int = 90) -> list[bytes]:
+    """The benchmark photos as JPEG bytes, long side ``long_side`` pixels."""
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name in PHOTOS:
+        array = getattr(skimage.data, name)()
+        array = array[0] if isinstance(array, tuple) else array
+        image = Image.fromarray(array).convert("RGB")
+        w, h = image.size
+        scale = long_side / max(w, h)
+        image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+def kind_photos() -> dict[str, bytes]:
+    """One photo per decoding case, for the agreement table."""
+    import skimage.data
+    from PIL import Image
+
+    def enc(image, fmt, **kw):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kw)
+        return buffer.getvalue()
+
+    coffee = Image.fromarray(skimage.data.coffee()).resize((500, 333), Image.Resampling.LANCZOS)
+    camera = skimage.data.camera()
+    return {
+        "jpeg rgb": enc(coffee, "JPEG", quality=90),
+        "jpeg grey": enc(Image.fromarray(camera).resize((500, 500)), "JPEG", quality=90),
+        "jpeg cmyk": enc(coffee.convert("CMYK"), "JPEG", quality=90),
+        "png rgb": enc(coffee, "PNG"),
+        "png grey": enc(Image.fromarray(camera), "PNG"),
+        "png palette": enc(coffee.convert("P"), "PNG"),
+        "png rgba": enc(Image.fromarray(skimage.data.logo()), "PNG"),
+        "png grey+alpha": enc(Image.fromarray(skimage.data.logo()).convert("LA"), "PNG"),
+        "png 16-bit grey": enc(Image.fromarray(camera.astype(np.uint16) * 257), "PNG"),
+    }
+
+
+def views_of(datas: list[bytes], count: int, seed: int = 0):
+    """``count`` views cycling over ``datas``: (list of bytes, boxes (count, 4), flips (count,))."""
+    from PIL import Image
+
+    from store.views import view_params
+
+    dims = np.array([Image.open(io.BytesIO(d)).size for d in datas])
+    photo = np.arange(count) % len(datas)
+    boxes, flips = view_params(seed, np.arange(count), 0, dims[photo, 0], dims[photo, 1])
+    return [datas[p] for p in photo], boxes, flips
+
+
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker, as in a DataLoader worker
+
+
+def _pil_chunk(args):
+    from store.decode import pil_views
+
+    datas, boxes, flips = args
+    return pil_views(datas, boxes, flips).shape[0]
+
+
+def time_pil(datas, boxes, flips, *, procs: int, batch_size: int) -> float:
+    """Seconds for PIL to decode all views, in ``procs`` processes (1: this process)."""
+    from store.decode import pil_views
+
+    chunks = [(datas[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size])
+              for s in range(0, len(datas), batch_size)]
+    if procs == 1:
+        start = time.perf_counter()
+        for chunk in chunks:
+            pil_views(*chunk)
+        return time.perf_counter() - start
+    # spawn, not fork: a forked child inherits torch's OpenMP pool in a locked state and hangs.
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        list(pool.map(_pil_chunk, chunks[:procs]))  # warm the workers
+        start = time.perf_counter()
+        done = sum(pool.map(_pil_chunk, chunks))
+        elapsed = time.perf_counter() - start
+    assert done == len(datas)
+    return elapsed
+
+
+def time_dali(datas, boxes, flips, *, device: str, threads: int, batch_size: int) -> float:
+    """Seconds for DALI to decode all views, 2 batches in flight (after one warm-up batch)."""
+    import torch
+
+    from store.dali_decode import DaliViewDecoder
+
+    decoder = DaliViewDecoder(batch_size=batch_size, device=device, num_threads=threads, prefetch=2)
+    batches = [(datas[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size])
+               for s in range(0, len(datas), batch_size)]
+    decoder(*batches[0])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    done = sum(out.shape[0] for out in decoder.map(batches))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert done == len(datas)
+    return time.perf_counter() - start
+
+
+def agreement(*, views_per_kind: int, batch_size: int) -> list[tuple[str, float, float]]:
+    """(kind, mean |DALI - PIL|, max over views of the per-view mean) on the 0..255 scale."""
+    from store.dali_decode import DaliViewDecoder
+    from store.decode import pil_views
+
+    decoder = DaliViewDecoder(batch_size=batch_size, device="cpu", num_threads=2, normalize=False)
+    rows = []
+    for kind, data in kind_photos().items():
+        datas, boxes, flips = views_of([data], views_per_kind, seed=1)
+        per_view = []
+        for s in range(0, len(datas), batch_size):
+            part = slice(s, s + batch_size)
+            got = decoder(datas[part], boxes[part], flips[part])
+            want = pil_views(datas[part], boxes[part], flips[part], normalize=False)
+            per_view.append((got - want).abs().flatten(1).mean(1))
+        per_view = np.concatenate([p.numpy() for p in per_view])
+        rows.append((kind, float(per_view.mean()), float(per_view.max())))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="also time DALI on the GPU with cuda")
+    parser.add_argument("--views", type=int, default=512, help="views decoded per row")
+    parser.add_argument("--batch-size", type=int, default=64, help="views per batch")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for the multi-core rows")
+    parser.add_argument("--agreement-views", type=int, default=64, help="views per photo kind in the agreement table (0: skip)")
+    args = parser.parse_args(argv)
+
+    photos = make_photos()
+    datas, boxes, flips = views_of(photos, args.views)
+    kb = np.mean([len(p) for p in photos]) / 1e3
+    print(f"{len(photos)} JPEG photos, long side 500, mean {kb:.0f} kB; {args.views} views of 224x224; "
+          f"batch {args.batch_size}; {os.cpu_count()} cores visible")
+    rows = [("pil", 1, time_pil(datas, boxes, flips, procs=1, batch_size=args.batch_size))]
+    if args.threads > 1:
+        rows.append(("pil", args.threads, time_pil(datas, boxes, flips, procs=args.threads, batch_size=args.batch_size)))
+    rows.append(("dali-cpu", 1, time_dali(datas, boxes, flips, device="cpu", threads=1, batch_size=args.batch_size)))
+    if args.threads > 1:
+        rows.append(("dali-cpu", args.threads,
+                     time_dali(datas, boxes, flips, device="cpu", threads=args.threads, batch_size=args.batch_size)))
+    if args.device == "cuda":
+        rows.append(("dali-cuda", args.threads,
+                     time_dali(datas, boxes, flips, device="cuda", threads=args.threads, batch_size=args.batch_size)))
+    print(f"\n| {'decoder':<10} | {'threads/procs':>13} | {'images/s':>9} | {'ms/image/core':>13} |")
+    print(f"|{'-' * 12}|{'-' * 15}:|{'-' * 10}:|{'-' * 14}:|")
+    for name, workers, seconds in rows:
+        rate = args.views / seconds
+        print(f"| {name:<10} | {workers:>13} | {rate:>9.0f} | {1e3 * workers / rate:>13.2f} |")
+
+    if args.agreement_views:
+        print(f"\nDALI (cpu) vs PIL, {args.agreement_views} views per kind, |difference| on 0..255:")
+        print(f"| {'kind':<16} | {'mean':>6} | {'worst view':>10} |")
+        print(f"|{'-' * 18}|{'-' * 7}:|{'-' * 11}:|")
+        for kind, mean, worst in agreement(views_per_kind=args.agreement_views, batch_size=args.batch_size):
+            print(f"| {kind:<16} | {mean:>6.3f} | {worst:>10.3f} |")
+
+
+if __name__ == "__main__":
+    main()
