@@ -56,6 +56,10 @@ class DaliViewDecoder:
       prefetch: most batches that may be submitted and not yet collected with ``get``.
       normalize: True -> (pixels / 255 - MEAN) / STD; False -> float pixel values 0..255.
       device_id: CUDA device for device="cuda" (default: torch's current device).
+
+    The DALI pipeline is built on the first batch, so a decoder may be constructed
+    before worker processes fork; use one decoder per thread or process (it is not
+    thread-safe).
     """
 
     def __init__(
