@@ -31,3 +31,19 @@ def prepared_data(photo_tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare(photo_tree, out, shard_size=5, progress=False, workers=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_store(prepared_data, tmp_path_factory) -> Path:
+    """A complete feature store of ``prepared_data``: the three paper teachers, untrained
+    (random init, seed 0), 2 views, fp16 codec. Read-only for tests."""
+    from extract.runner import run_extraction
+    from extract.teachers import build_teacher
+    from store.shards import ImageSet
+
+    store = tmp_path_factory.mktemp("features") / "store"
+    data = ImageSet.open(prepared_data)
+    for name in ("mae", "mocov3", "ibot"):
+        run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data, store_path=store,
+                       views=2, seed=0, batch_size=4, decoder="pil", progress=False)
+    return store

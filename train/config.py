@@ -114,7 +114,9 @@ class DataConfig:
     student_visible: int = 49           # 25% of 196 patches
     decoder: str = "dali"               # image decoder: "dali" or "pil" (reference)
     num_workers: int = 8
-    shuffle_window: int = 8             # samples are shuffled within this many shards
+    shuffle_window: int = 4             # samples are shuffled within this many shards of a stream
+    streams: int = 8                    # independent shard streams (train/loader.py); a multiple
+                                        # of the world size, fixed so batches do not depend on it
 
 
 @dataclass
@@ -200,14 +202,15 @@ class Config:
                     "decoder.depth", "decoder.num_heads", "adapters.in_dim", "gate.tau",
                     "loss.tau", "loss.tau_spatial", "optim.base_lr", "optim.lr_reference_batch",
                     "schedule.epochs", "data.views", "data.student_visible",
-                    "train.batch_size", "train.log_every", "train.ckpt_every"]
+                    "train.batch_size", "train.log_every", "train.ckpt_every",
+                    "data.shuffle_window", "data.streams"]
         for key in positive:
             sec, name = key.split(".")
             if not getattr(getattr(self, sec), name) > 0:
                 raise ValueError(f"config {key}={getattr(getattr(self, sec), name)!r} must be > 0")
         nonneg = ["model.drop_path", "loss.spatial_weight", "loss.recon_weight", "optim.eps",
                   "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
-                  "data.seed", "data.num_workers", "data.shuffle_window", "train.clip_grad"]
+                  "data.seed", "data.num_workers", "train.clip_grad"]
         for key in nonneg:
             sec, name = key.split(".")
             if getattr(getattr(self, sec), name) < 0:

@@ -1,16 +1,23 @@
 """Training batches: from the feature store (cached) or from teachers run every step (online).
 
-Order (DESIGN.md "Hot paths"): at epoch e the image shards are shuffled by a hash of
-(seed, e); rank r of W takes every W-th shard of that order; its shards are grouped into
-windows of ``window`` shards, and the samples of a window are shuffled by a hash of
-(seed, e, index). Batches are consecutive slices of that local order, so image shards and
-feature blocks are read whole and in sequence, and a batch is a pure function of
-(seed, epoch, rank, world, step): resuming at step k needs no data read before it.
+Order (DESIGN.md "Hot paths"). The data is read as ``streams`` independent streams, a
+number fixed by the config and not by the world size. At epoch e the image shards are
+shuffled by a hash of (seed, e); stream j takes every ``streams``-th shard of that order,
+groups its shards into windows of ``window`` shards, and shuffles the samples of a window
+by a hash of (seed, e, index). Global batch k is the k-th slice of every stream, and rank
+r of W serves the streams j with j mod W == r. So:
+
+- image shards and feature blocks are read whole and in sequence, each by one rank only;
+- the samples of a global batch do not depend on the world size (1, 2, 4, 8 ranks with
+  8 streams see the same global batches), which is what lets a 2-rank run follow the
+  single-process loss curve;
+- a batch is a pure function of (seed, epoch, step): resuming at step k reads nothing
+  before it.
 
 Both sources give the same batch for the same step: the same images, views (e + i) mod V,
 crops, flips and student masks; only where the teacher tokens come from differs.
-Features and images are joined by index: a block's ``index`` array is checked against
-the image indices it must hold, and every teacher's crops against the others'.
+Features and images are joined by index: a block's ``index`` array is checked against the
+image indices it must hold, and every teacher's crops against the others'.
 """
 from __future__ import annotations
 
@@ -27,67 +34,91 @@ from store.features import DataInfo, FeatureStore, StoreError
 _ROLE_SHARD_ORDER, _ROLE_SAMPLE_ORDER = 11, 12
 
 
-def local_shards(num_shards: int, *, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
-    """Image shards rank ``rank`` reads at ``epoch``, in reading order: (n,) int64."""
+def stream_shards(num_shards: int, *, seed: int, epoch: int, stream: int, streams: int) -> np.ndarray:
+    """Image shards stream ``stream`` of ``streams`` reads at ``epoch``, in order: (n,) int64."""
     keys = V.hash_keys(seed, epoch, _ROLE_SHARD_ORDER, np.arange(num_shards))
-    order = np.argsort(keys, kind="stable")
-    return order[rank::world]
+    return np.argsort(keys, kind="stable")[stream::streams]
 
 
-def local_order(shards: list, *, seed: int, epoch: int, rank: int, world: int,
-                window: int) -> list[np.ndarray]:
-    """The rank's sample order at ``epoch`` as a list of windows: each (n_w,) int64 indices."""
-    mine = local_shards(len(shards), seed=seed, epoch=epoch, rank=rank, world=world)
+def stream_windows(shards: list, *, seed: int, epoch: int, stream: int, streams: int,
+                   window: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stream's windows at ``epoch``: [(shard ids (w,), shuffled sample indices (n_w,))]."""
+    mine = stream_shards(len(shards), seed=seed, epoch=epoch, stream=stream, streams=streams)
     out = []
     for a in range(0, len(mine), window):
-        idx = np.concatenate([np.arange(shards[k][0], shards[k][0] + shards[k][1]) for k in mine[a:a + window]])
+        ids = mine[a:a + window]
+        idx = np.concatenate([np.arange(shards[k][0], shards[k][0] + shards[k][1]) for k in ids])
         keys = V.hash_keys(seed, epoch, _ROLE_SAMPLE_ORDER, idx)
-        out.append(idx[np.argsort(keys, kind="stable")])
+        out.append((ids, idx[np.argsort(keys, kind="stable")]))
     return out
 
 
-def steps_per_epoch(shards: list, *, batch_size: int, world: int) -> int:
-    """Steps every rank can take in any epoch: only the full shards a rank is sure to get
-    count, so all ranks take the same number of steps (the rest of an epoch is dropped)."""
-    full = sum(1 for _, c in shards if c == max(c for _, c in shards))
-    per_rank = (full // world) * max(c for _, c in shards)
-    steps = per_rank // batch_size
+def steps_per_epoch(shards: list, *, global_batch: int, streams: int) -> int:
+    """Steps every stream can feed in any epoch: only the full shards a stream is sure to
+    get count (the rest of an epoch is dropped), so every rank takes the same steps."""
+    size = max(c for _, c in shards)
+    full = sum(1 for _, c in shards if c == size)
+    steps = (full // streams) * size // (global_batch // streams)
     if steps == 0:
-        raise ValueError(f"{len(shards)} image shards are too few for a batch of {batch_size} on "
-                         f"{world} rank(s); use a smaller batch or more data")
+        raise ValueError(f"{len(shards)} image shards of {size} are too few for a global batch of "
+                         f"{global_batch} over {streams} streams; use a smaller batch, fewer "
+                         "streams (data.streams) or more data")
     return steps
 
 
 @dataclass
 class Plan:
-    """What both sources share: data, seed, views, batch geometry and order."""
+    """What both sources share: data, seed, views, batch geometry and order.
+
+    ``batch_size`` is the global batch; this rank serves ``batch_size / world``."""
     data: object
     seed: int
     views: int
-    batch_size: int            # per rank
+    batch_size: int
     rank: int = 0
     world: int = 1
     window: int = 4
+    streams: int = 1
     n_student: int = V.STUDENT_VISIBLE
+
+    def __post_init__(self):
+        if self.streams % self.world:
+            raise ValueError(f"data.streams={self.streams} must be a multiple of the world size {self.world}")
+        if self.batch_size % self.streams:
+            raise ValueError(f"train.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
 
     @property
     def shards(self) -> list:
         return [[int(s["first"]), int(s["count"])] for s in self.data.shards]
 
     @property
+    def local_batch(self) -> int:
+        return self.batch_size // self.world
+
+    @property
+    def my_streams(self) -> list[int]:
+        return list(range(self.rank, self.streams, self.world))
+
+    @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.shards, batch_size=self.batch_size, world=self.world)
+        return steps_per_epoch(self.shards, global_batch=self.batch_size, streams=self.streams)
+
+    def windows(self, epoch: int) -> dict[int, list]:
+        """{stream: [(shard ids, shuffled indices), ...]} for this rank's streams."""
+        return {j: stream_windows(self.shards, seed=self.seed, epoch=epoch, stream=j, streams=self.streams,
+                                  window=self.window) for j in self.my_streams}
 
     def batch_indices(self, epoch: int):
-        """Yield (step, windows touched, (B,) indices) for every step of the epoch."""
-        wins = local_order(self.shards, seed=self.seed, epoch=epoch, rank=self.rank, world=self.world,
-                           window=self.window)
-        flat = np.concatenate(wins)
-        which = np.concatenate([np.full(len(w), k) for k, w in enumerate(wins)])
-        B = self.batch_size
+        """Yield (step, [(stream, window) touched], (local_batch,) indices) for every step."""
+        per = self.batch_size // self.streams
+        flat = {}
+        for j, wins in self.windows(epoch).items():
+            flat[j] = (np.concatenate([idx for _, idx in wins]),
+                       np.concatenate([np.full(len(idx), w) for w, (_, idx) in enumerate(wins)]))
         for step in range(self.steps_per_epoch):
-            sl = slice(step * B, (step + 1) * B)
-            yield step, sorted(set(which[sl].tolist())), wins, flat[sl]
+            sl = slice(step * per, (step + 1) * per)
+            touched = [(j, int(w)) for j in self.my_streams for w in sorted(set(flat[j][1][sl].tolist()))]
+            yield step, touched, np.concatenate([flat[j][0][sl] for j in self.my_streams])
 
 
 class _Prefetch:
@@ -135,7 +166,7 @@ class _Source:
         from extract.runner import make_decoder
         self.plan = plan
         self.prefetch = prefetch
-        self.decode = make_decoder(decoder, batch_size=plan.batch_size, device=device, num_threads=num_threads)
+        self.decode = make_decoder(decoder, batch_size=plan.local_batch, device=device, num_threads=num_threads)
 
     def _images(self, index, boxes, flips) -> torch.Tensor:
         return self.decode(self.plan.data.read_many(index), boxes, flips)
@@ -181,35 +212,35 @@ class CachedSource(_Source):
     def _batches(self, epoch: int, start_step: int):
         plan = self.plan
         slot = epoch % plan.views
-        mine = local_shards(len(plan.shards), seed=plan.seed, epoch=epoch, rank=plan.rank, world=plan.world)
-        cache: dict[int, dict] = {}
-        for step, touched, _, index in plan.batch_indices(epoch):
+        windows = plan.windows(epoch)
+        cache: dict[tuple[int, int], dict] = {}
+        for step, touched, index in plan.batch_indices(epoch):
             if step < start_step:
                 continue
-            for w in list(cache):
-                if w < touched[0]:
-                    del cache[w]
-            for w in touched:
-                if w not in cache:
-                    cache[w] = self._window(slot, mine[w * plan.window:(w + 1) * plan.window])
+            for key in [k for k in cache if k not in touched]:
+                del cache[key]          # streams only move forward: a window left is done
+            for j, w in touched:
+                if (j, w) not in cache:
+                    cache[j, w] = self._window(slot, windows[j][w][0])
             # where each sample of the batch lives: (window, row) -> fancy-index per window
+            keys = list(cache)
             where = np.full((len(index), 2), -1, dtype=np.int64)
-            for w in touched:
-                rows = cache[w]["row"]
-                for j, i in enumerate(index):
+            for n, key in enumerate(keys):
+                rows = cache[key]["row"]
+                for b, i in enumerate(index):
                     r = rows.get(int(i))
                     if r is not None:
-                        where[j] = (w, r)
+                        where[b] = (n, r)
             if (where[:, 0] < 0).any():
                 raise StoreError(f"image {int(index[where[:, 0] < 0][0])} is not in the blocks read "
                                  f"for step {step}")
 
             def gather(get):
-                first = get(cache[touched[0]])
+                first = get(cache[keys[0]])
                 out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
-                for w in touched:
-                    sel = where[:, 0] == w
-                    out[sel] = get(cache[w])[where[sel, 1]]
+                for n, key in enumerate(keys):
+                    sel = where[:, 0] == n
+                    out[sel] = get(cache[key])[where[sel, 1]]
                 return out
 
             if not np.array_equal(gather(lambda c: c["index"]), index):
@@ -248,7 +279,7 @@ class OnlineSource(_Source):
 
     def _batches(self, epoch: int, start_step: int):
         plan = self.plan
-        for step, _, _, index in plan.batch_indices(epoch):
+        for step, _, index in plan.batch_indices(epoch):
             if step < start_step:
                 continue
             view = V.epoch_view(index, epoch, plan.views)

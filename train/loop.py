@@ -126,8 +126,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} ranks")
     from store.shards import ImageSet
     data = ImageSet.open(cfg.data.images)
-    plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, batch_size=cfg.train.batch_size // world,
-                rank=rank, world=world, window=cfg.data.shuffle_window, n_student=cfg.data.student_visible)
+    plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, batch_size=cfg.train.batch_size,
+                rank=rank, world=world, window=cfg.data.shuffle_window, streams=cfg.data.streams,
+                n_student=cfg.data.student_visible)
     source, stats = build_source(cfg, plan, online=online, device=device)
     spe = plan.steps_per_epoch
     total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
@@ -135,7 +136,6 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     lrs = lr_schedule(total_steps=total, warmup_steps=warmup, peak=cfg.derived()["lr"],
                       kind=cfg.schedule.kind, min_lr=cfg.schedule.min_lr)
 
-    torch.manual_seed(cfg.train.seed)                       # model initialisation only
     objective = build_objective(cfg, stats).to(device)
     trainable = objective.trainable
     if world > 1:
@@ -217,12 +217,17 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                 sums = det if sums is None else {k: sums[k] + det[k] for k in det}
                 n_sum += 1
                 step += 1
-                img_log += plan.batch_size * world
+                img_log += plan.batch_size
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total:
                     if int(first_bad) >= 0:                     # host sync: logging interval
                         raise NonFiniteLoss(f"non-finite loss at step {int(first_bad)}; stopping "
                                             f"(last good checkpoint: {ckpt_path})")
+                    if world > 1:                               # the global batch's mean
+                        keys = sorted(sums)
+                        flat = torch.stack([sums[k] for k in keys])
+                        torch.distributed.all_reduce(flat)
+                        sums = {k: v / world for k, v in zip(keys, flat)}
                     now = time.perf_counter()
                     ips = img_log / (now - t_log)
                     last = {"step": step, "epoch": epoch, "lr": float(lrs[step - 1]),
