@@ -75,6 +75,27 @@ def student_flops_per_image(cfg: Config, n_visible: int) -> float:
     return 3.0 * (enc + dec)
 
 
+def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: bool) -> dict:
+    """One optimiser step on a materialised batch; returns the objective's loss dict."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    dev = batch["images"].device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        parts = objective(batch)
+    opt.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(objective.trainable.parameters(), clip_grad)
+    opt.step()
+    return parts
+
+
+def make_optimizer(cfg: Config, objective) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(objective.trainable, weight_decay=cfg.optim.weight_decay,
+                                          decay_1d=cfg.optim.decay_1d),
+                             lr=cfg.derived()["lr"], betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
 def _teacher_stats(stores: dict) -> dict:
     return {name: (ts.stats["mean"], ts.stats["components"]) for name, ts in stores.items()}
 
@@ -137,14 +158,11 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                       kind=cfg.schedule.kind, min_lr=cfg.schedule.min_lr)
 
     objective = build_objective(cfg, stats).to(device)
-    trainable = objective.trainable
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         dev = torch.device(device)
         objective.wrap_trainable(lambda m: DDP(m, device_ids=[dev.index] if dev.type == "cuda" else None))
-    opt = torch.optim.AdamW(param_groups(trainable, weight_decay=cfg.optim.weight_decay,
-                                         decay_1d=cfg.optim.decay_1d),
-                            lr=float(lrs[0]), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    opt = make_optimizer(cfg, objective)
     meta = dict(config=cfg.to_dict(), git_commit=git_commit(), online=online, world_size=world,
                 total_steps=total, steps_per_epoch=spe)
 
@@ -201,16 +219,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
             epoch, start = divmod(step, spe)
             for s_in_epoch, cpu_batch in source.epoch(epoch, start_step=start):
                 batch = source.materialize(cpu_batch, device)
-                for g in opt.param_groups:
-                    g["lr"] = float(lrs[step])
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    parts = objective(batch)
+                parts = train_step(objective, opt, batch, lr=float(lrs[step]), clip_grad=cfg.train.clip_grad,
+                                   amp=use_amp)
                 loss = parts["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.train.clip_grad)
-                opt.step()
                 bad = ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
                 det = {k: v.detach().float() for k, v in parts.items()}
