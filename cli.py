@@ -44,6 +44,39 @@ def prepare(src, out, shard_size, skip_bad, workers, progress):
         raise click.ClickException(str(error)) from None
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("store_path", metavar="STORE", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The images the store was extracted from (a `prepare` output).")
+@click.option("--index", required=True, type=int, help="Global image index of the sample.")
+@click.option("--view", type=int, default=0, help="View number v of that image.")
+@click.option("--epoch", type=int, default=None,
+              help="Epoch of the student mask shown  [default: the first epoch that trains on this view]")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A training run folder: adds its student's per-position gate weights.")
+@click.option("--out", type=click.Path(dir_okay=False), default="inspect.png", help="PNG to write.")
+@click.option("--device", default="auto", help="With --run: auto, cpu, cuda.")
+def inspect(store_path, data, index, view, epoch, run_dir, out, device):
+    """Draw one sample of STORE: the view (decoded crop), each teacher's mask, the student's mask
+    and, with --run, the gate weights w_k(p) of each teacher at every position."""
+    from store.features import StoreError
+    from store.inspect import load_sample, render_panel
+    from store.shards import ImageSet
+
+    try:
+        sample = load_sample(store_path, ImageSet.open(data), index=index, view=view, epoch=epoch,
+                             with_tokens=run_dir is not None)
+        weights = None
+        if run_dir is not None:
+            from train.report import gate_maps, load_run, sample_batch
+            dev = _device(device)
+            cfg, objective = load_run(run_dir, device=dev)
+            weights = gate_maps(objective, sample_batch([sample], cfg.data.teachers, device=dev))[0]
+        click.echo(f"panel -> {render_panel(sample, out, weights=weights)}")
+    except (StoreError, IndexError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+
+
 # --- commands: extract (extract, verify) -------------------------------------------
 
 
@@ -375,6 +408,8 @@ def eval_finetune(checkpoint, model, model_args, out, device, train_dir, val_dir
 @click.option("--heads", type=click.Choice(["vitdet", "light"]), default="vitdet",
               help="vitdet: conv heads with LayerNorm; light: torchvision Mask R-CNN v1 heads (CPU runs).")
 @click.option("--roi-batch", type=int, default=512, help="Sampled RoIs per training image.")
+@click.option("--scale-range", type=(float, float), default=(0.1, 2.0),
+              help="Large-scale jitter: resize to r * image-size, r ~ U(MIN, MAX).")
 @click.option("--max-images", type=int, default=None,
               help="Use only the first N images (by id) of each split (short runs).")
 @click.option("--workers", type=int, default=8, help="DataLoader worker processes.")
@@ -383,8 +418,8 @@ def eval_finetune(checkpoint, model, model_args, out, device, train_dir, val_dir
               help="Per-epoch checkpoint, log, COCO result files  [default: OUT without .json + .run]")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
 def eval_detection(data, checkpoint, model, model_args, out, device, epochs, image_size, batch_size,
-                   lr, weight_decay, layer_decay, drop_path, warmup, heads, roi_batch, max_images,
-                   workers, seed, run_dir, resume):
+                   lr, weight_decay, layer_decay, drop_path, warmup, heads, roi_batch, scale_range,
+                   max_images, workers, seed, run_dir, resume):
     """COCO detection + instance segmentation: Mask R-CNN on a ViTDet simple feature pyramid,
     trained on DATA's train split, box AP and mask AP on its val split (COCOeval).
 
@@ -400,7 +435,8 @@ def eval_detection(data, checkpoint, model, model_args, out, device, epochs, ima
         run_dir=Path(run_dir or Path(out).with_suffix(".run")), device=device, epochs=epochs,
         image_size=image_size, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         layer_decay=layer_decay, drop_path=drop_path, warmup=warmup, heads=heads,
-        roi_batch=roi_batch, max_images=max_images, seed=seed, num_workers=workers, resume=resume)
+        roi_batch=roi_batch, scale_range=scale_range, max_images=max_images, seed=seed,
+        num_workers=workers, resume=resume)
     _eval_report(out=out, task="detection", metrics=metrics, settings=settings,
                  checkpoint=checkpoint)
 
@@ -453,6 +489,41 @@ def eval_segmentation(data, checkpoint, model, model_args, out, device, iters, i
 
 
 # --- commands: demo ----------------------------------------------------------------
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", type=click.Path(file_okay=False), default="demo_out",
+              help="Folder for everything the demo makes; a rerun reuses what is there.")
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder holding the teachers' official files (extract/checkpoints.py names); "
+                   "teachers without one are untrained (random init).")
+@click.option("--copies", type=click.IntRange(min=1), default=4,
+              help="Training images = 13 photos x COPIES crops.")
+@click.option("--heldout-copies", type=click.IntRange(min=1), default=1,
+              help="Held-out images = 13 x this many further crops (never trained on).")
+@click.option("--steps", type=click.IntRange(min=1), default=60, help="Student training steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Student batch size.")
+@click.option("--bench-steps", type=click.IntRange(min=0), default=2,
+              help="Timed steps per throughput row (0: skip the measurement).")
+@click.option("--decoder", type=click.Choice(["dali", "pil"]), default="dali", help="Image decoder.")
+@click.option("--device", default="auto", help="auto, cpu, cuda.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars inside stages.")
+def demo(out, checkpoints, copies, heldout_copies, steps, batch_size, bench_steps, decoder, device, progress):
+    """Run the whole product on scikit-image photos: prepare, extract (mae, mocov3, ibot), verify,
+    train, evaluate, measure, and write OUT/report/README.md. A second run reuses the first's work."""
+    from train.demo import DemoError, DemoSettings, run_demo
+
+    settings = DemoSettings(copies=copies, heldout_copies=heldout_copies, steps=steps, batch_size=batch_size,
+                            bench_steps=bench_steps, decoder=decoder)
+    try:
+        result = run_demo(out=out, checkpoints=checkpoints, settings=settings, device=_device(device),
+                          progress=progress, echo=click.echo)
+    except DemoError as error:
+        raise click.ClickException(str(error)) from None
+    total = sum(s["seconds"] for s in result["stages"])
+    if result["reused"]:
+        click.echo("reused: " + "; ".join(result["reused"]))
+    click.echo(f"demo finished in {total:.0f} s; report: {result['report']}")
 
 
 if __name__ == "__main__":

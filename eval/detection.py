@@ -149,8 +149,9 @@ def lr_at(step: int, *, total: int, lr: float, warmup: int) -> float:
 def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], data: Path, run_dir: Path,
                   device: str = "auto", epochs: int = 100, image_size: int = 1024, batch_size: int = 64,
                   lr: float = 1e-4, weight_decay: float = 0.1, layer_decay: float = 0.7, drop_path: float = 0.1,
-                  warmup: int = 250, heads: str = "vitdet", roi_batch: int = 512, max_images: int | None = None,
-                  seed: int = 0, num_workers: int = 8, resume: bool = False
+                  warmup: int = 250, heads: str = "vitdet", roi_batch: int = 512,
+                  scale_range: tuple[float, float] = (0.1, 2.0), max_images: int | None = None, seed: int = 0,
+                  num_workers: int = 8, resume: bool = False
                   ) -> tuple[dict[str, float], dict[str, Any]]:
     """The whole protocol: train Mask R-CNN on ``data``'s train split, evaluate on its val split.
 
@@ -158,14 +159,16 @@ def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], 
     APl in percent (COCOeval). Writes to ``run_dir``: checkpoint.pt (after every epoch;
     ``resume`` continues from it and refuses one made with other settings), log.jsonl (one
     line per epoch) and bbox_results.json / segm_results.json (COCO result format, val).
-    ``max_images`` keeps the first N images (by id) of each split.
+    ``max_images`` keeps the first N images (by id) of each split; ``scale_range`` is the LSJ
+    range of the training resize (relative to ``image_size``).
     """
     from eval.common import checkpoint_digest, load_backbone, resolve_device
 
     dev = resolve_device(device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_set = CocoInstances(data, "train", train=True, image_size=image_size, seed=seed, max_images=max_images)
+    train_set = CocoInstances(data, "train", train=True, image_size=image_size, seed=seed, max_images=max_images,
+                              scale_range=tuple(scale_range))
     val_set = CocoInstances(data, "val", train=False, image_size=image_size, max_images=max_images)
     if val_set.category_ids != train_set.category_ids:
         raise ValueError(f"{val_set.ann_file} and {train_set.ann_file} list different categories")

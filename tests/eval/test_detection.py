@@ -137,6 +137,26 @@ def test_lsj_sample_keeps_boxes_on_their_masks_and_is_keyed_by_seed_epoch_index(
     assert len(draws) > 1  # the scale jitter differs between epochs
 
 
+def test_rle_annotations_give_the_same_masks_as_polygons_and_crowds_are_left_out(toy_coco_dir, tmp_path):
+    shutil.copytree(toy_coco_dir, tmp_path / "coco")
+    path = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    polygons = CocoInstances(tmp_path / "coco", "train", train=True, image_size=64)
+    dataset = json.loads(path.read_text())
+    for ann in dataset["annotations"]:  # every instance as compressed RLE instead of a polygon
+        rle = polygons.coco.annToRLE(ann)
+        ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    first = dataset["images"][0]
+    height, width = first["height"], first["width"]
+    dataset["annotations"].append({  # a crowd over the whole image, uncompressed RLE (COCO's crowd form)
+        "id": 999, "image_id": first["id"], "category_id": 3, "iscrowd": 1, "bbox": [0, 0, width, height],
+        "area": width * height, "segmentation": {"size": [height, width], "counts": [0, height * width]}})
+    path.write_text(json.dumps(dataset))
+    rles = CocoInstances(tmp_path / "coco", "train", train=True, image_size=64)
+    for index in range(len(rles)):
+        a, b = polygons[index][1], rles[index][1]
+        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["labels"], b["labels"])
+
+
 def _run(args):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -189,5 +209,5 @@ def test_detection_learns_coloured_shapes(tmp_path):
     """bench/detection_toy.py's run (docs/eval.md): box AP50 well above zero after a short CPU run."""
     from bench.detection_toy import run_toy
 
-    metrics = run_toy(tmp_path)
+    metrics = run_toy(tmp_path, threads=2)
     assert metrics["box_AP50"] > 20.0, metrics
