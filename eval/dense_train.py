@@ -114,5 +114,6 @@ def check_finite(loss: torch.Tensor, *, step: int, parts: Mapping[str, torch.Ten
     """
     value = float(loss.detach())
     if not math.isfinite(value):
-        detail = "" if parts is None else " (" + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()) + ")"
+        detail = "" if parts is None else " (" + ", ".join(
+            f"{k}={float(v.detach()):.4g}" for k, v in parts.items()) + ")"
         raise FloatingPointError(f"non-finite loss {value} at step {step}{detail}")

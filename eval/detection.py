@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from tqdm import tqdm
 
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
@@ -34,33 +35,29 @@ LR_STEPS = (0.889, 0.963)
 INIT_KEY, STEP_KEY = 0x1417, 0x57E9
 
 
-def _padded_transform_class():
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+class SquarePadTransform(GeneralizedRCNNTransform):
+    """Normalise; at test time resize the longer side to ``image_size`` (training images come
+    already jittered from the dataset); pad every batch to at least image_size x image_size."""
 
-    class SquarePadTransform(GeneralizedRCNNTransform):
-        """Normalise; at test time resize the longer side to ``image_size`` (training images come
-        already jittered from the dataset); pad every batch to at least image_size x image_size."""
+    def __init__(self, *, image_size: int):
+        super().__init__(min_size=image_size, max_size=image_size, image_mean=[0.485, 0.456, 0.406],
+                         image_std=[0.229, 0.224, 0.225], size_divisible=32)
+        self.image_size = image_size
 
-        def __init__(self, *, image_size: int):
-            super().__init__(min_size=image_size, max_size=image_size, image_mean=[0.485, 0.456, 0.406],
-                             image_std=[0.229, 0.224, 0.225], size_divisible=32)
-            self.image_size = image_size
+    def resize(self, image, target=None):
+        """image (3, h, w) float -> resized (eval) or unchanged (training), with its target."""
+        if self.training:
+            return image, target
+        return super().resize(image, target)
 
-        def resize(self, image, target=None):
-            if self.training:
-                return image, target
-            return super().resize(image, target)
-
-        def batch_images(self, images, size_divisible: int = 32):
-            """images: list of (3, h_i, w_i) -> (B, 3, S, S), S >= image_size, a multiple of 32."""
-            side = max(self.image_size, *(max(img.shape[-2:]) for img in images))
-            side = int(math.ceil(side / size_divisible) * size_divisible)
-            batch = images[0].new_zeros((len(images), 3, side, side))
-            for i, img in enumerate(images):
-                batch[i, :, :img.shape[1], :img.shape[2]].copy_(img)
-            return batch
-
-    return SquarePadTransform
+    def batch_images(self, images, size_divisible: int = 32):
+        """images: list of (3, h_i, w_i) -> (B, 3, S, S), S >= image_size, a multiple of 32, zero-padded."""
+        side = max(self.image_size, *(max(img.shape[-2:]) for img in images))
+        side = int(math.ceil(side / size_divisible) * size_divisible)
+        batch = images[0].new_zeros((len(images), 3, side, side))
+        for i, img in enumerate(images):
+            batch[i, :, :img.shape[1], :img.shape[2]].copy_(img)
+        return batch
 
 
 HEADS = ("vitdet", "light")
@@ -111,7 +108,7 @@ def build_mask_rcnn(*, vit: nn.Module, num_classes: int, image_size: int, heads:
         mask_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=14, sampling_ratio=0),
         mask_head=mask_head,
     )
-    model.transform = _padded_transform_class()(image_size=image_size)
+    model.transform = SquarePadTransform(image_size=image_size)
     return model
 
 
@@ -194,6 +191,8 @@ def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], 
     if resume and checkpoint_file.is_file():
         start_epoch = load_checkpoint(checkpoint_file, model=net, optimizer=optimizer, settings=settings)["epoch"]
         print(f"resumed from {checkpoint_file} after epoch {start_epoch}")
+    elif (run_dir / "log.jsonl").exists():  # a fresh run: the log starts over
+        (run_dir / "log.jsonl").unlink()
     _train(model=net, optimizer=optimizer, dataset=train_set, run_dir=run_dir, start_epoch=start_epoch,
            epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, workers=num_workers, device=dev,
            settings=settings)

@@ -185,6 +185,8 @@ def run_segmentation(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any
     if resume and checkpoint_file.is_file():
         start = load_checkpoint(checkpoint_file, model=net, optimizer=optimizer, settings=settings)["iter"]
         print(f"resumed from {checkpoint_file} after iteration {start}")
+    elif (run_dir / "log.jsonl").exists():  # a fresh run: the log starts over
+        (run_dir / "log.jsonl").unlink()
     _train(model=net, optimizer=optimizer, dataset=train_set, run_dir=run_dir, start=start, iters=iters,
            batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, workers=num_workers, device=dev,
            settings=settings, checkpoint_every=checkpoint_every)

@@ -69,6 +69,26 @@ def test_param_groups_decay_lr_by_depth_and_skip_weight_decay_on_norms_and_biase
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
+def test_default_vitdet_heads_train_and_predict_at_each_images_own_size(toy_coco_dir):
+    from eval.detection import build_mask_rcnn
+
+    train = CocoInstances(toy_coco_dir, "train", train=True, image_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_mask_rcnn(vit=_vit(dynamic_img_size=True), num_classes=3, image_size=64, heads="vitdet",
+                                roi_batch=16)
+        images, targets = zip(*(train[i] for i in range(2)))
+        losses = model.train()(list(images), list(targets))
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval().roi_heads.score_thresh = 0.0  # an untrained model: keep every detection
+    with torch.no_grad():
+        outputs = model([torch.rand(3, 40, 56), torch.rand(3, 96, 80)])
+    for (h, w), out in zip([(40, 56), (96, 80)], outputs):
+        assert len(out["boxes"]) > 0 and out["masks"].shape[1:] == (1, h, w)
+        assert out["boxes"][:, 2].max() <= w and out["boxes"][:, 3].max() <= h
+
+
 def test_official_and_short_layouts_resolve(toy_coco_dir, tmp_path):
     ann, images = resolve_layout(toy_coco_dir, "val")
     assert (ann.name, images.name) == ("instances_val2017.json", "val2017")
