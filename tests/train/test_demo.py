@@ -1,0 +1,142 @@
+"""The demo and its report: CKA detects distillation, gate maps are the objective's weights,
+`inspect --run` draws them, and a second demo run reuses everything the first made."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from store.shards import ImageSet
+from train import report
+from train.config import load_config
+from train.demo import DemoError, DemoSettings, run_demo
+from train.loop import train
+
+TINY_STUDENT = ["model.depth=2", "decoder.depth=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores are shared by the whole suite: keep torch to one thread here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(prepared_data, teacher_store, tmp_path_factory):
+    """A 2-block student trained 16 steps (batch 4, lr 1e-3) on the shared 13-image store."""
+    out = tmp_path_factory.mktemp("demo_run") / "run"
+    cfg = load_config(None, [f"data.images={prepared_data}", f"data.store={teacher_store}", "data.views=2",
+                             "data.shuffle_window=2", "data.decoder=pil", "data.num_workers=1", "data.streams=2",
+                             "train.batch_size=4", "train.log_every=4", "schedule.epochs=8",
+                             "schedule.warmup_epochs=1", "optim.base_lr=0.064", *TINY_STUDENT])
+    train(cfg, out_dir=out, max_steps=16, progress=False)
+    return out
+
+
+def _samples(prepared_data, teacher_store, indices, view=0):
+    return report.load_samples(teacher_store, ImageSet.open(prepared_data), indices=indices, views=[view] * len(indices),
+                               epoch=0, teachers=["mae", "mocov3", "ibot"])
+
+
+def test_linear_cka_is_one_under_rotation_and_scale_and_small_for_independent_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    assert report.linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0, abs=1e-9)
+    assert report.linear_cka(x, torch.randn(400, 12, generator=g)) < 0.1
+    half = torch.cat([x[:, :6], torch.randn(400, 6, generator=g)], 1)
+    assert 0.3 < report.linear_cka(x, half) < 0.8
+    with pytest.raises(ValueError, match="same N|\\(N, D1\\)"):
+        report.linear_cka(x, x[:10])
+
+
+def test_distillation_raises_cka_with_the_fused_targets_above_the_untrained_student(
+        prepared_data, teacher_store, tiny_run):
+    _, trained = report.load_run(tiny_run)
+    _, untrained = report.load_run(tiny_run, trained=False)
+    assert not torch.equal(trained.student.vit.blocks[0].attn.qkv.weight,
+                           untrained.student.vit.blocks[0].attn.qkv.weight)
+    batch = report.sample_batch(_samples(prepared_data, teacher_store, list(range(13))), trained.teacher_names)
+    scores = report.cka_scores(trained, untrained, batch)
+    print(scores)
+    covered = sum(1 + len(np.intersect1d(s.student_visible, np.concatenate(list(s.teacher_visible.values()))))
+                  for s in _samples(prepared_data, teacher_store, list(range(13))))
+    assert scores["tokens"] == covered and scores["gate"] == "agreement"
+    assert scores["fused"]["trained"] > scores["fused"]["untrained"] + 0.02
+
+
+def test_gate_maps_are_the_objectives_weights_nan_where_a_teacher_did_not_look(
+        prepared_data, teacher_store, tiny_run):
+    _, objective = report.load_run(tiny_run)
+    samples = _samples(prepared_data, teacher_store, [3, 9], view=1)
+    batch = report.sample_batch(samples, objective.teacher_names)
+    maps = report.gate_maps(objective, batch)
+    w = objective(batch, return_weights=True)["weights"]
+    for b, (s, m) in enumerate(zip(samples, maps)):
+        stack = np.stack([m[n] for n in objective.teacher_names])              # (K, 196)
+        for k, name in enumerate(objective.teacher_names):
+            seen = np.zeros(196, bool)
+            seen[s.teacher_visible[name]] = True
+            assert np.isnan(m[name][~seen]).all()
+            np.testing.assert_allclose(m[name][seen], w[k, b, 1:][torch.from_numpy(seen)].numpy(), rtol=1e-6)
+        anyone = ~np.isnan(stack).all(0)
+        np.testing.assert_allclose(np.nansum(stack[:, anyone], 0), 1.0, rtol=1e-5)
+
+
+def test_cli_inspect_with_a_run_draws_the_gate_weight_row(prepared_data, teacher_store, tiny_run, tmp_path):
+    from cli import main
+    args = ["inspect", str(teacher_store), "--data", str(prepared_data), "--index", "5", "--device", "cpu"]
+    plain = CliRunner().invoke(main, args + ["--out", str(tmp_path / "plain.png")])
+    gated = CliRunner().invoke(main, args + ["--out", str(tmp_path / "gated.png"), "--run", str(tiny_run)])
+    assert plain.exit_code == 0 and gated.exit_code == 0, plain.output + gated.output
+    assert Image.open(tmp_path / "gated.png").height > 1.7 * Image.open(tmp_path / "plain.png").height
+
+
+def _tiny_settings(**kw):
+    base = dict(copies=1, heldout_copies=1, views=2, steps=4, batch_size=4, stats_images=4, teacher_batch=8,
+                panels=2, bench_steps=0, decoder="pil", train_overrides=list(TINY_STUDENT) + ["decoder.width=96"],
+                teacher_kwargs={"depth": 1})
+    base.update(kw)
+    return DemoSettings(**base)
+
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "report" not in p.parts}
+
+
+def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a_killed_run(tmp_path):
+    out = tmp_path / "demo"
+    lines = []
+    first = run_demo(out=out, settings=_tiny_settings(), progress=False, echo=lines.append)
+    assert first["reused"] == [] and len(lines) == 9 and all(ln.startswith(f"[{k + 1}/9]") for k, ln in enumerate(lines))
+    readme = first["report"].read_text()
+    for part in ("UNTRAINED", "linear CKA", "Store size per codec", "panel_", "Not measured"):
+        assert part in readme
+    for png in ("losses.png", "gates.png"):
+        assert Image.open(out / "report" / png).width > 300
+    assert len(list((out / "report").glob("panel_*.png"))) == 2
+    before = _mtimes(out)
+
+    lines.clear()
+    second = run_demo(out=out, settings=_tiny_settings(), progress=False, echo=lines.append)
+    assert second["reused"] == ["photos", "prepared train shards", "prepared heldout shards",
+                                "train feature store (all teachers complete)",
+                                "heldout feature store (all teachers complete)", "training run (4 steps)",
+                                "CKA evaluation"]
+    assert _mtimes(out) == before                         # nothing outside the report was rewritten
+    assert second["cka"] == first["cka"]
+    assert "Reused from an earlier run" in second["report"].read_text()
+
+    with pytest.raises(DemoError, match=r"steps: .* has 4, now 5"):
+        run_demo(out=out, settings=_tiny_settings(steps=5), progress=False, echo=lines.append)
+
+    os.remove(out / "run" / "student.safetensors")        # as if killed after the last checkpoint
+    lines.clear()
+    run_demo(out=out, settings=_tiny_settings(), progress=False, echo=lines.append)
+    assert any("resumed to step 4" in ln for ln in lines)
+    assert (out / "run" / "student.safetensors").is_file()
