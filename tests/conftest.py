@@ -36,7 +36,8 @@ def prepared_data(photo_tree, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_store(prepared_data, tmp_path_factory) -> Path:
     """A complete feature store of ``prepared_data``: the three paper teachers, untrained
-    (random init, seed 0), 2 views, fp16 codec. Read-only for tests."""
+    (random init, seed 0), 2 views, fp16 codec; adapter statistics from 4 images only (a
+    rank-deficient but valid basis, to keep the fixture fast). Read-only for tests."""
     from extract.runner import run_extraction
     from extract.teachers import build_teacher
     from store.shards import ImageSet
@@ -45,5 +46,5 @@ def teacher_store(prepared_data, tmp_path_factory) -> Path:
     data = ImageSet.open(prepared_data)
     for name in ("mae", "mocov3", "ibot"):
         run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data, store_path=store,
-                       views=2, seed=0, batch_size=4, decoder="pil", progress=False)
+                       views=2, seed=0, batch_size=4, decoder="pil", progress=False, stats_images=4)
     return store

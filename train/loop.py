@@ -31,6 +31,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+# Paths may move between a run and its resume; what they hold is checked by digests.
+_MOVABLE = {"data.images", "data.store", "train.out_dir"}
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
@@ -174,12 +178,12 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["meta"]["config"] != meta["config"] or ck["meta"]["total_steps"] != total:
-            diff = [f"{s}.{k}: checkpoint {ck['meta']['config'].get(s, {}).get(k)!r}, now {v!r}"
-                    for s, sec in meta["config"].items() for k, v in sec.items()
-                    if ck["meta"]["config"].get(s, {}).get(k) != v]
-            if ck["meta"]["total_steps"] != total:
-                diff.append(f"total_steps: checkpoint {ck['meta']['total_steps']}, now {total}")
+        diff = [f"{s}.{k}: checkpoint {ck['meta']['config'].get(s, {}).get(k)!r}, now {v!r}"
+                for s, sec in meta["config"].items() for k, v in sec.items()
+                if f"{s}.{k}" not in _MOVABLE and ck["meta"]["config"].get(s, {}).get(k) != v]
+        if ck["meta"]["total_steps"] != total:
+            diff.append(f"total_steps: checkpoint {ck['meta']['total_steps']}, now {total}")
+        if diff:
             raise ValueError(f"cannot resume {ckpt_path}: it was made with another config:\n  " + "\n  ".join(diff))
         objective.student_side().load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

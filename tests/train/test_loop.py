@@ -124,12 +124,11 @@ def test_sigkill_and_resume_repeat_the_uninterrupted_loss_sequence(prepared_data
                    capture_output=True)
     assert _losses(run) == _losses(ref)
     # without --resume an existing run is refused; with another config the resume is refused
-    r = subprocess.run(_train_cmd(prepared_data, teacher_store, run), cwd=ROOT, env=ENV, capture_output=True,
-                       text=True)
-    assert r.returncode != 0 and "--resume" in r.stderr
-    r = subprocess.run(_train_cmd(prepared_data, teacher_store, run, "--resume", "gate.mode=uniform"), cwd=ROOT,
-                       env=ENV, capture_output=True, text=True)
-    assert r.returncode != 0 and "gate.mode: checkpoint 'consensus', now 'uniform'" in r.stderr
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(_cfg(prepared_data, teacher_store), out_dir=run, max_steps=6, progress=False)
+    with pytest.raises(ValueError, match="gate.mode: checkpoint 'consensus', now 'uniform'"):
+        train(_cfg(prepared_data, teacher_store, **{"gate.mode": "uniform"}), out_dir=run, max_steps=6,
+              resume=True, progress=False)
 
 
 def test_two_torchrun_ranks_follow_the_single_process_curve(prepared_data, teacher_store, tmp_path):
