@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from store.decode import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
+
 SPLITS = ("training", "validation")
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def resolve_layout(root: Path, split: str) -> tuple[Path, Path]:

@@ -29,6 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from store.decode import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD  # the project's one definition
+from store.decode import to_rgb as decode_to_rgb
+
 __all__ = [
     "EvalImages",
     "IMAGENET_MEAN",
@@ -43,8 +46,6 @@ __all__ = [
     "make_loader",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PCT = 0.875  # 224 / 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".tif", ".tiff", ".gif")
@@ -83,17 +84,10 @@ def seeded_rngs(seed: int, *, cuda_devices: Sequence[torch.device] = ()):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB (palette via RGBA, 16/32-bit gray scaled to 8 bits)."""
+    """Any PIL mode -> RGB by the project's one set of rules (store/decode.py: to_rgb)."""
     if img.mode == "RGB":
         return img
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
-    return img.convert("RGB")
+    return Image.fromarray(decode_to_rgb(img))
 
 
 class EvalImages(torch.utils.data.Dataset):

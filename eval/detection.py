@@ -29,6 +29,7 @@ from eval.data import derive_seed, seeded_rngs
 from eval.dense_train import (check_finite, epoch_order, load_checkpoint, ordered_loader, param_groups,
                               save_checkpoint, set_lr, warmup_factor)
 from eval.pyramid import SimpleFeaturePyramid
+from store.decode import MEAN, STD
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 LR_STEPS = (0.889, 0.963)
@@ -40,8 +41,8 @@ class SquarePadTransform(GeneralizedRCNNTransform):
     already jittered from the dataset); pad every batch to at least image_size x image_size."""
 
     def __init__(self, *, image_size: int):
-        super().__init__(min_size=image_size, max_size=image_size, image_mean=[0.485, 0.456, 0.406],
-                         image_std=[0.229, 0.224, 0.225], size_divisible=32)
+        super().__init__(min_size=image_size, max_size=image_size, image_mean=list(MEAN),
+                         image_std=list(STD), size_divisible=32)
         self.image_size = image_size
 
     def resize(self, image, target=None):
