@@ -16,7 +16,6 @@ Untrained teachers have an almost isotropic token spectrum, which is the worst c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

@@ -48,3 +48,28 @@ def teacher_store(prepared_data, tmp_path_factory) -> Path:
         run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data, store_path=store,
                        views=2, seed=0, batch_size=4, decoder="pil", progress=False, stats_images=4)
     return store
+
+
+@pytest.fixture
+def sigkill_when():
+    """``sigkill_when(cmd, ready, env=...)``: start ``cmd``, poll ``ready()`` every 50 ms and
+    SIGKILL the process as soon as it is true (asserting it was still running then)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    def run(cmd, ready, *, env=None, cwd=None, timeout=300):
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        try:
+            while time.time() < deadline and proc.poll() is None and not ready():
+                time.sleep(0.05)
+            assert proc.poll() is None, "the process finished before it could be killed"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return run

@@ -215,7 +215,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     bar = tqdm(total=total, initial=step, unit="step", desc="train" + (" (online)" if online else ""),
                disable=not progress or rank != 0, dynamic_ncols=True)
     sums, n_sum, first_bad = None, 0, torch.full((), -1, dtype=torch.long, device=device)
-    t_log, img_log, t0, img0 = time.perf_counter(), 0, time.perf_counter(), 0
+    t_log, img_log, t0 = time.perf_counter(), 0, time.perf_counter()
     last = {}
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
     try:

@@ -1,10 +1,8 @@
 """Extraction end to end: cached tokens equal a fresh teacher forward, a SIGKILLed run
 resumes to the same store, two torchrun ranks write the same store as one, verify."""
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,6 @@ import zarr
 from extract.runner import Extractor, run_extraction
 from extract.teachers import build_teacher
 from extract.verify import verify_store
-from store import views as V
 from store.features import FeatureStore
 from store.shards import ImageSet
 
@@ -104,24 +101,14 @@ def test_other_codecs_are_faithful(prepared_data, reference_store, teacher, tmp_
         torch.testing.assert_close(a, proj, atol=2e-2, rtol=2e-2)
 
 
-def test_sigkill_then_resume_gives_identical_store(prepared_data, reference_store, tmp_path):
+def test_sigkill_then_resume_gives_identical_store(prepared_data, reference_store, tmp_path, sigkill_when):
     store = tmp_path / "store"
-    proc = subprocess.Popen(_cli(*_extract_args(prepared_data, store)), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (store / "mae" / "complete" / "zarr.json").exists():
-                done = FeatureStore.open(store).teacher("mae").complete_matrix()
-                if done.sum() >= 2:
-                    break
-            time.sleep(0.1)
-        assert proc.poll() is None, "extraction finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def two_blocks_done():
+        return ((store / "mae" / "complete" / "zarr.json").exists()
+                and FeatureStore.open(store).teacher("mae").complete_matrix().sum() >= 2)
+
+    sigkill_when(_cli(*_extract_args(prepared_data, store)), two_blocks_done, env=ENV, cwd=ROOT)
     partial = FeatureStore.open(store).teacher("mae").complete_matrix()
     assert 0 < partial.sum() < partial.size
     out = subprocess.run(_cli(*_extract_args(prepared_data, store)), cwd=ROOT, capture_output=True,

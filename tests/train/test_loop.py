@@ -3,10 +3,8 @@ resume, two torchrun ranks, export to timm, refusals."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -100,25 +98,17 @@ def _train_cmd(data, store, out, *extra, steps=6):
             *_overrides(data, store)[2:]]
 
 
-def test_sigkill_and_resume_repeat_the_uninterrupted_loss_sequence(prepared_data, teacher_store, tmp_path):
+def test_sigkill_and_resume_repeat_the_uninterrupted_loss_sequence(prepared_data, teacher_store, tmp_path,
+                                                                   sigkill_when):
     ref, run = tmp_path / "ref", tmp_path / "run"
     subprocess.run(_train_cmd(prepared_data, teacher_store, ref), cwd=ROOT, env=ENV, check=True,
                    capture_output=True)
-    proc = subprocess.Popen(_train_cmd(prepared_data, teacher_store, run), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            m = run / "metrics.jsonl"
-            if m.exists() and len(m.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "training finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def three_steps_logged():
+        m = run / "metrics.jsonl"
+        return m.exists() and len(m.read_text().splitlines()) >= 3
+
+    sigkill_when(_train_cmd(prepared_data, teacher_store, run), three_steps_logged, env=ENV, cwd=ROOT)
     assert len(_losses(run)) < 6
     subprocess.run(_train_cmd(prepared_data, teacher_store, run, "--resume"), cwd=ROOT, env=ENV, check=True,
                    capture_output=True)
