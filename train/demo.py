@@ -50,9 +50,9 @@ class DemoSettings:
     max_side: int = 256             # long side of the photos in pixels
     views: int = 2                  # cached views per training image
     seed: int = 0
-    steps: int = 60                 # student steps
+    steps: int = 150                # student steps
     batch_size: int = 16
-    lr: float = 1e-3                # peak learning rate (base_lr = lr * 256 / batch) (choice)
+    lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
     codec: str = "fp16"
     decoder: str = "dali"           # "dali" or "pil"
     stats_images: int = 16          # images whose tokens give each teacher's adapter statistics
@@ -124,8 +124,9 @@ def _teacher_done(store: Path, data, name: str, source: str | None, views: int, 
 
 
 def extract_all(store: Path, data, *, views: int, stats_images: int, sources: dict, settings: DemoSettings,
-                device: str, built: dict, progress: bool) -> str:
-    """Run the missing teachers over ``data`` into ``store``; returns the stage note."""
+                device: str, built: dict, progress: bool) -> tuple[str, bool]:
+    """Run the missing teachers over ``data`` into ``store``; returns (stage note, all reused).
+    A teacher already complete is not even built; ``built`` caches the teachers that were."""
     from extract.runner import run_extraction
     from extract.teachers import build_teacher
 
@@ -145,7 +146,7 @@ def extract_all(store: Path, data, *, views: int, stats_images: int, sources: di
         rates.append(f"{name} {s['blocks']} blocks at {s['images_per_second']:.1f} img/s"
                      + (f" ({s['skipped']} already complete)" if s["skipped"] else ""))
     parts = [f"reused complete {', '.join(done)}"] if done else []
-    return "; ".join(parts + rates) + f" ({len(data)} images x {views} views)"
+    return "; ".join(parts + rates) + f" ({len(data)} images x {views} views)", len(done) == len(TEACHERS)
 
 
 def train_config(settings: DemoSettings, *, data: Path, store: Path, run_dir: Path, steps_per_epoch: int):
@@ -229,9 +230,11 @@ def codec_sizes(store: Path, *, teachers, num_images: int, views: int, samples: 
         rel = math.sqrt(row.pop("err") / row.pop("norm"))
         out.append(dict(row, rel_error=rel, demo_bytes=row["zstd_bytes"] * num_images * views,
                         imagenet_bytes=row["zstd_bytes"] * IMAGENET_IMAGES * 4))
-    actual = sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+    files = [p for p in Path(store).rglob("*") if p.is_file()]
+    actual = sum(p.stat().st_size for p in files)
+    stats = sum(p.stat().st_size for p in files if "stats" in p.relative_to(store).parts)
     fp16 = next(r for r in out if r["codec"] == "fp16")
-    return {"rows": out, "measured_samples": measured, "actual_bytes": actual,
+    return {"rows": out, "measured_samples": measured, "actual_bytes": actual, "stats_bytes": stats,
             "projected_fp16_bytes": fp16["demo_bytes"]}
 
 
@@ -309,12 +312,12 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     def pack():
         notes = []
         for split in ("train", "heldout"):
+            done = (out / "data" / split / "manifest.json").is_file()      # a finished prepare
             msgs = []
             data[split] = prepare(trees[split], out / "data" / split, shard_size=13, progress=False, workers=0,
                                   echo=msgs.append)
-            notes.append(f"{split}: {len(data[split])} images"
-                         + (" (nothing to do: reused)" if any("nothing to do" in m for m in msgs) else ""))
-            if any("nothing to do" in m for m in msgs):
+            notes.append(f"{split}: {len(data[split])} images" + (" (reused; prepare: nothing to do)" if done else ""))
+            if done:
                 reused.append(f"prepared {split} shards")
         return "; ".join(notes)
     stage("prepare", pack)
@@ -327,9 +330,10 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     def extract():
         notes = []
         for split in ("train", "heldout"):
-            note = extract_all(stores[split], data[split], views=views[split], stats_images=stats_images[split],
-                               sources=sources, settings=settings, device=device, built=built, progress=progress)
-            if "reused complete mae, mocov3, ibot" in note:
+            note, all_done = extract_all(stores[split], data[split], views=views[split],
+                                         stats_images=stats_images[split], sources=sources, settings=settings,
+                                         device=device, built=built, progress=progress)
+            if all_done:
                 reused.append(f"{split} feature store (all teachers complete)")
             notes.append(f"{split}: {note}")
         return "; ".join(notes)
@@ -403,11 +407,14 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     stage("throughput", throughput)
 
     def sizes():
-        if "sizes" not in meas:
+        was = "sizes" in meas
+        if was:
+            reused.append("store size measurement")
+        else:
             meas["sizes"] = codec_sizes(stores["train"], teachers=cfg.data.teachers, num_images=len(data["train"]),
                                         views=settings.views)
         s = meas["sizes"]
-        return ", ".join(f"{r['codec']} {r['zstd_bytes'] / 1024:.0f} KiB" for r in s["rows"]) + \
+        return ("reused: " if was else "") + ", ".join(f"{r['codec']} {r['zstd_bytes'] / 1024:.0f} KiB" for r in s["rows"]) + \
             f" per (image, view); store on disk {s['actual_bytes'] / 2**20:.1f} MiB"
     stage("sizes", sizes)
     m_path.parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +439,12 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             render_panel(s, report_dir / name, weights=w, weights_title="w",
                          title=f"held-out image {s.index} ({s.source}), trained student after {run['steps']} steps")
             panels.append(name)
+        history_path = report_dir / "stages.jsonl"                  # one line per demo invocation
+        history = [json.loads(ln) for ln in history_path.read_text().splitlines()] if history_path.is_file() else []
+        history.append({s["stage"]: s["seconds"] for s in stages})
+        history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
         info = {"teachers": {n: {"untrained": s is None, "source": s} for n, s in sources.items()},
+                "first_stages": history[0] if len(history) > 1 else None,
                 "data": {"train": len(data["train"]), "heldout": len(data["heldout"]), "views": settings.views},
                 "device": device, "stages": stages + [{"stage": "report", "seconds": float("nan"),
                                                        "note": "this file"}],

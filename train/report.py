@@ -246,11 +246,25 @@ def plot_gate_shares(rows: list[dict], out_png) -> Path:
 
 
 # ---- Markdown -------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list], *, left: int = 1) -> str:
-    """A Markdown table; the first ``left`` columns are left-aligned, the rest right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if k < left else "---:" for k in range(len(header))) + "|"]
+def _table(header: list[str], rows: list[list], *, align: str | None = None) -> str:
+    """A Markdown table; ``align`` has one letter per column, "l" or "r" (default: "lrr...r")."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _stage_table(stages: list[dict], first: dict | None) -> str:
+    """This invocation's stages; with ``first`` (stage -> seconds of the first invocation, which
+    did the work this one reused), a column with those times too."""
+    def sec(x):
+        return f"{x:.1f}" if x is not None and np.isfinite(x) else "-"
+    if first is None:
+        return _table(["stage", "seconds", "what happened"],
+                      [[s["stage"], sec(s["seconds"]), s["note"]] for s in stages], align="lrl")
+    return _table(["stage", "first run (s)", "this run (s)", "what happened in this run"],
+                  [[s["stage"], sec(first.get(s["stage"])), sec(s["seconds"]), s["note"]] for s in stages],
+                  align="lrrl")
 
 
 def write_markdown(path, info: dict) -> Path:
@@ -267,9 +281,7 @@ def write_markdown(path, info: dict) -> Path:
               f"Data: {info['data']['train']} training images and {info['data']['heldout']} held-out images "
               f"(scikit-image photos; the held-out ones are crops never used in training), "
               f"{info['data']['views']} cached views per training image, device `{info['device']}`.", "",
-              "## Stages", "", _table(["stage", "seconds", "what happened"],
-                                      [[s["stage"], f"{s['seconds']:.1f}" if np.isfinite(s["seconds"]) else "-", s["note"]]
-                                       for s in info["stages"]]).replace("|---|---:|---:|", "|---|---:|---|"), ""]
+              "## Stages", "", _stage_table(info["stages"], info.get("first_stages")), ""]
     run = info["run"]
     lines += ["## Training", "",
               f"{run['steps']} steps of batch {run['batch_size']} (lr {run['lr']:.2g}, cached store), final loss "
@@ -312,10 +324,12 @@ def write_markdown(path, info: dict) -> Path:
     lines += ["## Store size per codec", "",
               f"Measured by encoding {sz['measured_samples']} stored (image, view) samples of every teacher with "
               "each codec and compressing with zstd level 1 (the store's compressor); per (image, view) for the "
-              "three teachers together. The demo store itself is fp16: "
-              f"{sz['actual_bytes'] / 2**20:.1f} MiB on disk (`du`), projected "
-              f"{sz['projected_fp16_bytes'] / 2**20:.1f} MiB.", "",
-              _table(["codec", "raw KiB", "zstd KiB", "token rel. error", "this demo (MiB)",
+              "three teachers together; the error is relative to the stored fp16 tokens. The demo store itself "
+              f"is fp16: its files hold {sz['actual_bytes'] / 2**20:.1f} MiB, of which "
+              f"{sz['stats_bytes'] / 2**20:.1f} MiB are the adapter statistics and "
+              f"{(sz['actual_bytes'] - sz['stats_bytes']) / 2**20:.1f} MiB the samples (projected from the "
+              f"measurement: {sz['projected_fp16_bytes'] / 2**20:.1f} MiB).", "",
+              _table(["codec", "raw KiB", "zstd KiB", "rel. error", "this demo (MiB)",
                       "ImageNet-1K x 4 views (TiB)"],
                      [[r["codec"], f"{r['raw_bytes'] / 1024:.1f}", f"{r['zstd_bytes'] / 1024:.1f}",
                        f"{r['rel_error']:.4f}", f"{r['demo_bytes'] / 2**20:.1f}",

@@ -127,10 +127,11 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
     assert second["reused"] == ["photos", "prepared train shards", "prepared heldout shards",
                                 "train feature store (all teachers complete)",
                                 "heldout feature store (all teachers complete)", "training run (4 steps)",
-                                "CKA evaluation"]
+                                "CKA evaluation", "store size measurement"]
     assert _mtimes(out) == before                         # nothing outside the report was rewritten
     assert second["cka"] == first["cka"]
-    assert "Reused from an earlier run" in second["report"].read_text()
+    readme = second["report"].read_text()
+    assert "Reused from an earlier run" in readme and "| first run (s) | this run (s) |" in readme
 
     with pytest.raises(DemoError, match=r"steps: .* has 4, now 5"):
         run_demo(out=out, settings=_tiny_settings(steps=5), progress=False, echo=lines.append)
