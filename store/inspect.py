@@ -112,7 +112,7 @@ def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | Non
 
 
 def mask_image(crop: np.ndarray, visible: np.ndarray, *, dim: float = 0.25) -> np.ndarray:
-    """The crop with hidden patches dimmed toward grey.
+    """The crop with hidden patches dimmed toward a dark blue (visible on grey photos too).
 
     crop: (224, 224, 3) uint8; visible: (n,) int64 patch ids of the 14 x 14 grid.
     Returns (224, 224, 3) uint8.
@@ -121,7 +121,7 @@ def mask_image(crop: np.ndarray, visible: np.ndarray, *, dim: float = 0.25) -> n
     hidden[np.asarray(visible, dtype=np.int64)] = False
     cells = np.kron(hidden.reshape(V.GRID, V.GRID), np.ones((PATCH, PATCH), dtype=bool))
     out = crop.astype(np.float32)
-    out[cells] = dim * out[cells] + (1 - dim) * 96.0
+    out[cells] = dim * out[cells] + (1 - dim) * np.array([30.0, 30.0, 70.0], dtype=np.float32)
     return np.clip(out, 0, 255).astype(np.uint8)
 
 

@@ -300,7 +300,11 @@ def write_markdown(path, info: dict) -> Path:
               "trained row would stay at the untrained level.", "",
               _table(["student", "fused targets", *names],
                      [[lab, f"{c['fused'][lab]:.3f}", *[f"{c[n][lab]:.3f}" for n in names]]
-                      for lab in ("trained", "untrained")]), ""]
+                      for lab in ("trained", "untrained")]), "",
+              f"Trained minus untrained, fused targets: {c['fused']['trained'] - c['fused']['untrained']:+.3f}. "
+              "At this scale (tens of images, untrained teachers, a few hundred steps) the margin is small; "
+              "the per-teacher columns need not rise, since the student is pulled toward the fused target, "
+              "not toward any one teacher.", ""]
     lines += ["## Gate weights on held-out views", "",
               "Each panel: the view (decoded crop), each teacher's mask (dimmed = hidden), the student's mask, "
               "and below the per-position gate weight w_k(p) of each teacher (grey: that teacher did not see "
