@@ -278,7 +278,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     import torch
 
     from extract.verify import verify_store
-    from store.shards import ImageSet, prepare
+    from store.shards import prepare
     from train import report
     from train.loader import steps_per_epoch
 
@@ -288,6 +288,11 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     _check_settings(out, {**asdict(settings), "teachers": {n: s or "random-init" for n, s in sources.items()}})
     stages, reused, n_stages = [], [], 9
     built: dict = {}
+    from extract.checkpoints import TEACHERS as SPECS
+    echo("teachers: " + "; ".join(
+        f"{n} from {src}" if src else
+        f"{n} UNTRAINED (random init; no {Path(checkpoints) / SPECS[n].filename if checkpoints else '--checkpoints'})"
+        for n, src in sources.items()))
 
     def stage(name: str, fn):
         t0 = time.perf_counter()
@@ -414,7 +419,8 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             meas["sizes"] = codec_sizes(stores["train"], teachers=cfg.data.teachers, num_images=len(data["train"]),
                                         views=settings.views)
         s = meas["sizes"]
-        return ("reused: " if was else "") + ", ".join(f"{r['codec']} {r['zstd_bytes'] / 1024:.0f} KiB" for r in s["rows"]) + \
+        per_codec = ", ".join(f"{r['codec']} {r['zstd_bytes'] / 1024:.0f} KiB" for r in s["rows"])
+        return ("reused: " if was else "") + per_codec + \
             f" per (image, view); store on disk {s['actual_bytes'] / 2**20:.1f} MiB"
     stage("sizes", sizes)
     m_path.parent.mkdir(parents=True, exist_ok=True)

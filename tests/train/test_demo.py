@@ -39,8 +39,8 @@ def tiny_run(prepared_data, teacher_store, tmp_path_factory):
 
 
 def _samples(prepared_data, teacher_store, indices, view=0):
-    return report.load_samples(teacher_store, ImageSet.open(prepared_data), indices=indices, views=[view] * len(indices),
-                               epoch=0, teachers=["mae", "mocov3", "ibot"])
+    return report.load_samples(teacher_store, ImageSet.open(prepared_data), indices=indices,
+                               views=[view] * len(indices), epoch=0, teachers=["mae", "mocov3", "ibot"])
 
 
 def test_linear_cka_is_one_under_rotation_and_scale_and_small_for_independent_features():
@@ -113,7 +113,8 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
     out = tmp_path / "demo"
     lines = []
     first = run_demo(out=out, settings=_tiny_settings(), progress=False, echo=lines.append)
-    assert first["reused"] == [] and len(lines) == 9 and all(ln.startswith(f"[{k + 1}/9]") for k, ln in enumerate(lines))
+    assert first["reused"] == [] and len(lines) == 10 and lines[0].count("UNTRAINED") == 3
+    assert all(ln.startswith(f"[{k + 1}/9]") for k, ln in enumerate(lines[1:]))
     readme = first["report"].read_text()
     for part in ("UNTRAINED", "linear CKA", "Store size per codec", "panel_", "Not measured"):
         assert part in readme
@@ -141,3 +142,12 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
     run_demo(out=out, settings=_tiny_settings(), progress=False, echo=lines.append)
     assert any("resumed to step 4" in ln for ln in lines)
     assert (out / "run" / "student.safetensors").is_file()
+
+
+def test_teacher_sources_use_the_official_files_present_and_random_init_for_the_rest(tmp_path):
+    from train.demo import teacher_sources
+    (tmp_path / "mae_pretrain_vit_base.pth").write_bytes(b"x")
+    (tmp_path / "checkpoint.pth").write_bytes(b"x")                   # not an official name: ignored
+    assert teacher_sources(tmp_path) == {"mae": str((tmp_path / "mae_pretrain_vit_base.pth").resolve()),
+                                         "mocov3": None, "ibot": None}
+    assert teacher_sources(None) == {"mae": None, "mocov3": None, "ibot": None}
