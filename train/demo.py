@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 TEACHERS = ("mae", "mocov3", "ibot")
+MOVABLE = {"data.images", "data.store", "train.out_dir"}    # paths: OUT may move between runs (as train/loop)
 IMAGENET_IMAGES = 1_281_167
 
 
@@ -173,10 +174,10 @@ def train_or_reuse(cfg, run_dir: Path, *, steps: int, device: str, progress: boo
     if ck_path.is_file():
         meta = torch.load(ck_path, map_location="cpu", weights_only=False)
         step, meta = int(meta["step"]), meta["meta"]
-        if meta["config"] != cfg.to_dict() or meta["total_steps"] != steps:
-            diff = [f"{s}.{k}: run has {meta['config'].get(s, {}).get(k)!r}, demo wants {v!r}"
-                    for s, sec in cfg.to_dict().items() for k, v in sec.items()
-                    if meta["config"].get(s, {}).get(k) != v]
+        diff = [f"{s}.{k}: run has {meta['config'].get(s, {}).get(k)!r}, demo wants {v!r}"
+                for s, sec in cfg.to_dict().items() for k, v in sec.items()
+                if f"{s}.{k}" not in MOVABLE and meta["config"].get(s, {}).get(k) != v]
+        if diff or meta["total_steps"] != steps:
             raise DemoError(f"{run_dir} holds a run with another config (delete it or use another --out):\n  "
                             + "\n  ".join(diff or [f"total_steps {meta['total_steps']} vs {steps}"]))
         if step >= steps and (run_dir / "student.safetensors").is_file():
@@ -371,7 +372,8 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
 
     # 6-8: measurements, reused when nothing they depend on changed
     m_path = out / "report" / "measurements.json"
-    key = {"config": cfg.to_dict(), "steps": run["steps"], "settings": asdict(settings), "device": device,
+    key = {"config": {s: {k: v for k, v in sec.items() if f"{s}.{k}" not in MOVABLE}
+                      for s, sec in cfg.to_dict().items()}, "steps": run["steps"], "settings": asdict(settings), "device": device,
            "sources": sources, "mtime_ns": (run_dir / "last.pt").stat().st_mtime_ns}
     old = json.loads(m_path.read_text()) if m_path.is_file() else {}
     fresh = old.get("key") != json.loads(json.dumps(key))
@@ -381,7 +383,8 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
 
     def objective(kind: str):
         if kind not in objectives:
-            objectives[kind] = report.load_run(run_dir, device=device, trained=(kind == "trained"))[1]
+            objectives[kind] = report.load_run(run_dir, device=device, trained=(kind == "trained"),
+                                               store_path=stores["train"])[1]
         return objectives[kind]
 
     def evaluate():
