@@ -39,7 +39,7 @@ def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: b
     from store.shards import prepare
 
     photos = write_photo_tree(root / "photos", max_side=500, copies=copies)
-    data = prepare(photos, root / "data", shard_size=16, progress=progress)
+    data = prepare(photos, root / "data", shard_size=64, progress=progress)
     for name in ("mae", "mocov3", "ibot"):
         run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data,
                        store_path=root / "store", views=views, seed=0, batch_size=16, decoder="dali",
@@ -60,10 +60,14 @@ def _time_steps(objective, opt, batches, *, amp: bool, device) -> float:
     return time.perf_counter() - t
 
 
-def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 2, device: str = "cpu",
-            decoder: str = "dali", threads: int = 2, views: int = 1, streams: int = 1,
+def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 2, rounds: int = 3,
+            device: str = "cpu", decoder: str = "dali", threads: int = 2, views: int = 1, streams: int = 1,
             modes=("cached", "online", "ceiling")) -> list[dict]:
-    """Rows {mode, images_per_second, seconds, steps, batch_size, ...} measured in this process."""
+    """Rows {mode, images_per_second, seconds, steps, batch_size, ...} measured in this process.
+
+    The modes are timed in turn, ``rounds`` times (A B C A B C ...), each round over ``steps``
+    steps after ``warmup`` untimed ones, and each row keeps its median round: on a noisy
+    machine this compares the paths under the same conditions."""
     cfg = load_config(None, [f"data.images={data}", f"data.store={store}", f"data.views={views}",
                              f"data.decoder={decoder}", f"data.num_workers={threads}", f"data.streams={streams}",
                              "data.shuffle_window=2", f"train.batch_size={batch_size}"])
@@ -74,24 +78,31 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
         raise SystemExit(f"the data gives {plan.steps_per_epoch} steps of {batch_size} per epoch; "
                          f"need {need}: use more data or a smaller batch")
     amp = torch.device(device).type == "cuda"
-    rows = []
+    setups = {}
     for mode in modes:
         source, stats = build_source(cfg, plan, online=(mode == "online"), device=device)
         objective = build_objective(cfg, stats).to(device)
-        opt = make_optimizer(cfg, objective)
-        if mode == "ceiling":
-            batches = [source.materialize(b, device) for _, b in source.epoch(0)][:need]
-            _time_steps(objective, opt, batches[:warmup], amp=amp, device=device)
-            sec = _time_steps(objective, opt, batches[warmup:], amp=amp, device=device)
-        else:
-            it = iter(source.epoch(0))
+        batches = [source.materialize(b, device) for _, b in source.epoch(0)][:need] if mode == "ceiling" else None
+        setups[mode] = (source, objective, make_optimizer(cfg, objective), batches)
+    times = {mode: [] for mode in modes}
+    for r in range(rounds):
+        for mode, (source, objective, opt, batches) in setups.items():
+            if batches is not None:
+                _time_steps(objective, opt, batches[:warmup], amp=amp, device=device)
+                times[mode].append(_time_steps(objective, opt, batches[warmup:], amp=amp, device=device))
+                continue
+            it = iter(source.epoch(r))
             warm = (source.materialize(next(it)[1], device) for _ in range(warmup))
             _time_steps(objective, opt, warm, amp=amp, device=device)
             timed = (source.materialize(next(it)[1], device) for _ in range(steps))
-            sec = _time_steps(objective, opt, timed, amp=amp, device=device)
+            times[mode].append(_time_steps(objective, opt, timed, amp=amp, device=device))
             it.close()
+    rows = []
+    for mode in modes:
+        sec = sorted(times[mode])[len(times[mode]) // 2]
         rows.append(dict(mode=mode, images_per_second=steps * batch_size / sec, seconds=sec, steps=steps,
-                         batch_size=batch_size, device=str(device), decoder=decoder))
+                         rounds=rounds, batch_size=batch_size, device=str(device), decoder=decoder,
+                         spread=[steps * batch_size / t for t in times[mode]]))
     ceiling = next((r["images_per_second"] for r in rows if r["mode"] == "ceiling"), None)
     online = next((r["images_per_second"] for r in rows if r["mode"] == "online"), None)
     flops = student_flops_per_image(cfg, cfg.data.student_visible)
@@ -103,9 +114,11 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| path | images/s | x online | / ceiling | student TFLOP/s |", "|---|---:|---:|---:|---:|"]
+    lines = ["| path | images/s (median round) | rounds | x online | / ceiling | student TFLOP/s |",
+             "|---|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['images_per_second']:.1f} | {r['vs_online']:.2f} | "
+        spread = ", ".join(f"{v:.1f}" for v in r["spread"])
+        lines.append(f"| {r['mode']} | {r['images_per_second']:.1f} | {spread} | {r['vs_online']:.2f} | "
                      f"{r['vs_ceiling']:.2f} | {r['student_tflops']:.4f} |")
     return "\n".join(lines)
 
@@ -117,6 +130,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="the modes are timed in turn this many times")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decoder", default="dali", choices=["dali", "pil"])
     ap.add_argument("--threads", type=int, default=2, help="decoder threads")
@@ -128,10 +142,10 @@ def main():
             print("building a photo set and an untrained 3-teacher store ...", flush=True)
             data, store = make_demo_store(Path(tmp), copies=args.copies)
         rows = measure(data=data, store=store, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                       device=args.device, decoder=args.decoder, threads=args.threads)
+                       rounds=args.rounds, device=args.device, decoder=args.decoder, threads=args.threads)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\ntraining throughput on {name}, batch {args.batch_size}, {args.steps} timed steps, "
-          f"decoder {args.decoder}")
+    print(f"\ntraining throughput on {name}, batch {args.batch_size}, {args.rounds} rounds of {args.steps} "
+          f"timed steps, decoder {args.decoder}")
     print(format_rows(rows))
 
 

@@ -19,8 +19,8 @@ Layout (V views, N images, image shards of S, T = 1 + n_k tokens, C = 768)::
 Row (s, i) of every (V, N, ...) array holds view v = (s + i) mod V of image i (a "slot";
 store/views.py), so epoch e reads slot e mod V only and reads it by whole shards.
 Every per-sample array is chunked (1, S, ...) along the image axis, aligned with the
-image shards; token arrays are zarr shards of (1, S, T, C) with one inner chunk per
-sample, so a whole image shard is one file and a single sample can still be read alone.
+image shards; token arrays are zarr shards of (1, S, T, C) with uncompressed inner chunks
+of 16 samples, so a whole image shard is one file and a few samples can still be read alone.
 
 A (slot, image shard) is written in one call per array, its files are fsync'ed, and only
 then is ``complete[slot, shard]`` set: a shard not marked complete does not exist for
@@ -28,6 +28,7 @@ readers, and a killed writer leaves nothing a reader would trust.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ from store import codecs
 FORMAT = "comad-features"
 FORMAT_VERSION = 1
 EMBED_DIM = 768
+# Samples per inner chunk of the token arrays. zstd saves only 6-10% on float16/int8 tokens
+# but costs ~40% of read throughput, and one chunk per sample doubles the per-chunk cost
+# (measured with zarr-python 3.1 on 256 x 138 x 768 blocks: 1875 img/s with one zstd chunk
+# per sample, 4465 img/s with uncompressed chunks of 16); the small arrays keep zstd.
+INNER_CHUNK = 16
 
 
 class StoreError(RuntimeError):
@@ -183,11 +189,11 @@ class FeatureStore:
         zstd = ZstdCodec(level=1)
 
         def per_sample(key, shape, dtype, inner_chunks=False):
-            kw = dict(shape=(V, N, *shape), dtype=dtype, fill_value=0, compressors=zstd)
-            if inner_chunks:
-                kw.update(chunks=(1, 1, *shape), shards=(1, S, *shape))
+            kw = dict(shape=(V, N, *shape), dtype=dtype, fill_value=0)
+            if inner_chunks:   # token payload: one zarr shard per block, uncompressed inner chunks
+                kw.update(chunks=(1, math.gcd(S, INNER_CHUNK), *shape), shards=(1, S, *shape), compressors=None)
             else:
-                kw.update(chunks=(1, S, *shape))
+                kw.update(chunks=(1, S, *shape), compressors=zstd)
             g.create_array(key, **kw)
 
         per_sample("index", (), "int64")
