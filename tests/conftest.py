@@ -73,3 +73,17 @@ def sigkill_when():
                 proc.kill()
                 proc.wait()
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny models on a shared
+    2-core machine run far faster without OpenMP spin-waiting, and fp32 CPU results only
+    repeat bit for bit at a fixed thread count. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,14 +15,7 @@ from eval.common import (checkpoint_digest, format_table, git_commit, load_backb
 TINY = dict(img_size=32, depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is far faster
-    (no OpenMP spin-waiting on busy cores); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_model(**kw):

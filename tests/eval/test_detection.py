@@ -21,13 +21,7 @@ FAST = ["--image-size", "64", "--batch-size", "4", "--heads", "light", "--roi-ba
         "--warmup", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine run faster on one intra-op thread; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _vit(**kw):

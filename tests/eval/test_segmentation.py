@@ -19,13 +19,7 @@ ARGS = ["--model-arg", "img_size=64", "--model-arg", "depth=2"]
 FAST = ["--image-size", "64", "--batch-size", "2", "--channels", "32", "--workers", "0", "--warmup", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine run faster on one intra-op thread; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_reduce_zero_label_ignores_other_and_shifts_classes_down():

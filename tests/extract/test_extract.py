@@ -42,14 +42,6 @@ def teacher():
     return build_teacher("mae", random_init=True, seed=0)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference_store(prepared_data, tmp_path_factory, teacher):
     """One uninterrupted single-process, single-thread run (the PIL decoder, as the CLI runs below)."""
@@ -64,7 +56,7 @@ def reference_store(prepared_data, tmp_path_factory, teacher):
     return store
 
 
-def test_cached_fp16_tokens_equal_a_fresh_forward(prepared_data, reference_store, teacher, one_thread):
+def test_cached_fp16_tokens_equal_a_fresh_forward(prepared_data, reference_store, teacher, one_torch_thread):
     """Bit-exact (after the fp16 cast) for the same batch composition and thread count."""
     ds = ImageSet.open(prepared_data)
     ts = FeatureStore.open(reference_store).teacher("mae")

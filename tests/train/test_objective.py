@@ -20,12 +20,7 @@ TINY = ["model.embed_dim=48", "model.depth=2", "model.num_heads=3", "decoder.wid
         "decoder.num_heads=3", "adapters.in_dim=64", "adapters.init=random"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(*extra):
