@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.runner import Extractor, compute_stats  # noqa: E402
+from extract.runner import Extractor, token_stats  # noqa: E402
 from extract.teachers import build_teacher  # noqa: E402
 from store import codecs  # noqa: E402
 from store.features import DataInfo, FeatureStore  # noqa: E402
@@ -85,7 +85,7 @@ def codec_rows(tokens: dict, ds, *, root: Path, pca_dim: int, stats: dict) -> li
             ts = fs.create_teacher(name, dict(codec=codec, n_visible=tok.shape[1] - 1, pca_dim=pca_dim,
                                               mask_ratio=0.0, checkpoint_digest="bench", untrained=True))
             st = stats[name]
-            ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"])
+            ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"], indices=st["indices"])
             for k, (first, count) in enumerate(fs.shards):
                 t = time.perf_counter()
                 payload = codecs.encode(codec, tok[first:first + count], pca=ts.pca)
@@ -146,8 +146,7 @@ def main():
             rate_rows.append((name, teacher.untrained, batches[0].visible.shape[1], masked, full))
             tok = torch.cat([t for _, t in ex.batches(np.arange(len(ds)), 0)]).cpu()
             tokens[name] = tok
-            st = compute_stats(ex, num_images=len(ds))
-            stats[name] = st
+            stats[name] = dict(token_stats([tok]), indices=np.arange(len(ds)))   # every image, slot 0
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
         print(f"\nTeacher forward ({dev}, batch {args.batch_size}, {args.batches} timed batches, best of 3 rounds)")
         print("| teacher | weights | visible patches | masked img/s | full img/s | speed-up |")

@@ -107,23 +107,54 @@ class Extractor:
                 yield vb, self.tokens(vb)
 
 
-def compute_stats(extractor: Extractor, *, num_images: int) -> dict:
-    """Mean and principal components of the teacher's tokens (CLS and patches) on slot 0
-    views of the first ``num_images`` images: mean (C,), components (C, C) rows by
-    decreasing variance, eigenvalues (C,), count."""
-    index = np.arange(min(num_images, len(extractor.data)))
-    total, s1, s2 = 0, torch.zeros(768, dtype=torch.float64), torch.zeros(768, 768, dtype=torch.float64)
-    for _, tok in extractor.batches(index, slot=0):
+def token_stats(batches) -> dict:
+    """Mean and principal components of tokens given as an iterable of (B, T, C) tensors
+    (every token counts, CLS and patches): mean (C,), components (C, C) rows by decreasing
+    variance, eigenvalues (C,), count (tokens)."""
+    total, s1, s2 = 0, None, None
+    for tok in batches:
         x = tok.reshape(-1, tok.shape[-1]).double().cpu()
+        if s1 is None:
+            s1 = torch.zeros(x.shape[1], dtype=torch.float64)
+            s2 = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
         total += x.shape[0]
         s1 += x.sum(0)
         s2 += x.T @ x
+    if not total:
+        raise ValueError("no tokens to compute statistics from")
     mean = s1 / total
     cov = s2 / total - torch.outer(mean, mean)
     evals, evecs = torch.linalg.eigh(cov)
     order = torch.argsort(evals, descending=True)
     return dict(mean=mean.float().numpy(), components=evecs[:, order].T.float().numpy(),
                 eigenvalues=evals[order].clamp_min(0).float().numpy(), count=total)
+
+
+def compute_stats(extractor: Extractor, *, num_images: int) -> dict:
+    """``token_stats`` of a teacher pass over the slot-0 views of the statistics sample
+    (``views.stats_sample``: ``num_images`` images drawn over the whole set), plus
+    ``indices`` (n,), the sample."""
+    index = V.stats_sample(extractor.seed, len(extractor.data), num_images)
+    return dict(token_stats(tok for _, tok in extractor.batches(index, slot=0)), indices=index)
+
+
+def stats_from_store(ts: TeacherStore, *, num_images: int, batch_size: int = 64) -> dict | None:
+    """``compute_stats`` from the tokens already stored in slot 0 (codecs fp16, int8: the
+    decoded tokens the student will read), or None while a block holding part of the
+    sample is not complete yet."""
+    index = V.stats_sample(ts.root.seed, ts.root.num_samples, num_images)
+    firsts = np.array([f for f, _ in ts.root.shards])
+    shards = np.unique(np.searchsorted(firsts, index, side="right") - 1)
+    if not ts.complete_matrix()[0, shards].all():
+        return None
+    parts = (ts.decode({k: v for k, v in ts.read_samples(0, index[a:a + batch_size]).items()
+                        if k in ts.payload_keys})
+             for a in range(0, len(index), batch_size))
+    return dict(token_stats(parts), indices=index)
+
+
+def _write_stats(ts: TeacherStore, st: dict) -> None:
+    ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"], indices=st["indices"])
 
 
 def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, codec: str,
@@ -153,12 +184,17 @@ def run_extraction(*, teacher, data, store_path, views: int = 4, seed: int = 0, 
                             codec=codec, pca_dim=pca_dim, precision=precision)
     ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,
                    decoder=decoder, num_threads=num_threads)
-    if not ts.has_stats:
+    # The statistics (docs/format.md): the pca codec encodes with their basis, so they come
+    # first, from a teacher pass over the sample; fp16 and int8 take them from the stored
+    # slot-0 tokens once those blocks exist (no second teacher pass).
+    stats_first = codec == "pca"
+    stats_how = "already in the store" if ts.has_stats else None
+    if stats_first and stats_how is None:
         if dist.rank() == 0:
-            st = compute_stats(ex, num_images=stats_images)
-            ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"])
+            _write_stats(ts, compute_stats(ex, num_images=stats_images))
         dist.barrier()
         ts = FeatureStore.open(store_path).teacher(teacher.name)
+        stats_how = "teacher pass before the blocks"
 
     done = ts.complete_matrix()
     mine = [k for k in range(len(ts.root.shards)) if k % dist.world_size() == dist.rank()]
@@ -199,5 +235,16 @@ def run_extraction(*, teacher, data, store_path, views: int = 4, seed: int = 0, 
     bar.close()
     dist.barrier()
     seconds = time.perf_counter() - t0
+    if stats_how is None:
+        if dist.rank() == 0:
+            st = stats_from_store(FeatureStore.open(store_path).teacher(teacher.name), num_images=stats_images)
+            if st is not None:
+                _write_stats(ts, st)
+                stats_how = "from the stored slot-0 tokens"
+            else:
+                stats_how = "not yet (slot-0 blocks of the sample incomplete; resume extract)"
+                tqdm.write(f"{teacher.name}: adapter statistics {stats_how}")
+        dist.barrier()
     return dict(teacher=teacher.name, blocks=len(todo), skipped=skipped, images=written,
-                seconds=seconds, images_per_second=written / seconds if seconds > 0 else float("nan"))
+                seconds=seconds, images_per_second=written / seconds if seconds > 0 else float("nan"),
+                stats=stats_how)

@@ -2,7 +2,8 @@
 
 Reports (and returns as a list of problem strings): incomplete blocks; index, view, box,
 flip and mask disagreement with a fresh draw from store/views.py for DATA; configuration
-that differs between teachers where it must agree; statistics missing; non-finite values.
+that differs between teachers where it must agree; statistics missing, or drawn from
+another sample than ``views.stats_sample``; non-finite values.
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_va
                             f"(first: slot {missing[0][0]}, shard {missing[0][1]})")
         if not ts.has_stats:
             problems.append(f"{name}: adapter statistics missing")
-        elif not np.isfinite(ts.stats["components"]).all():
-            problems.append(f"{name}: adapter statistics are not finite")
+        else:
+            if not np.isfinite(ts.stats["components"]).all():
+                problems.append(f"{name}: adapter statistics are not finite")
+            problems.extend(_check_stats_sample(ts))
         blocks = [(s, k) for s in range(fs.views) for k in range(len(fs.shards)) if done[s, k]]
         for slot, shard in tqdm(blocks, desc=f"verify {name}", unit="block", disable=not progress):
             problems.extend(_check_block(ts, data, slot, shard, scan_values=scan_values))
@@ -55,6 +58,20 @@ def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_va
         if len(set(map(repr, values.values()))) > 1:
             problems.append(f"teachers disagree on {key}: {values}")
     return problems, summary
+
+
+def _check_stats_sample(ts) -> list[str]:
+    """The recorded statistics sample must be ``views.stats_sample`` of its size."""
+    got = ts.stats["indices"]
+    where = f"{ts.path}/stats/indices"
+    if got is None:
+        return [f"{where}: missing (statistics written before their sample was recorded; "
+                "extract this teacher into a new store)"]
+    want = V.stats_sample(ts.root.seed, ts.root.num_samples, max(1, len(got)))
+    if not np.array_equal(got, want):
+        return [f"{where}: the {len(got)} recorded images are not the keyed statistics sample "
+                f"of seed {ts.root.seed} (views.stats_sample)"]
+    return []
 
 
 def _check_block(ts, data, slot: int, shard: int, *, scan_values: bool) -> list[str]:

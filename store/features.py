@@ -15,6 +15,7 @@ Layout (V views, N images, image shards of S, T = 1 + n_k tokens, C = 768)::
         coeffs    (V, N, T, P)  float16             (pca codec)
         complete  (V, n_shards) int32   samples written; == expected count means complete
         stats/mean (C,)  stats/components (C, C)  stats/eigenvalues (C,)   float32
+        stats/indices (n,) int64   the images of the statistics sample (views.stats_sample)
 
 Row (s, i) of every (V, N, ...) array holds view v = (s + i) mod V of image i (a "slot";
 store/views.py), so epoch e reads slot e mod V only and reads it by whole shards.
@@ -251,11 +252,18 @@ class TeacherStore:
 
     # -- statistics (adapter initialisation, pca codec) ---------------------------------
     def write_stats(self, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray,
-                    count: int) -> None:
-        """mean (C,), components (C, C) rows = principal directions by decreasing variance."""
+                    count: int, *, indices) -> None:
+        """mean (C,), components (C, C) rows = principal directions by decreasing variance,
+        eigenvalues (C,); count: tokens used; indices (n,): the images whose slot-0 tokens
+        they came from (``views.stats_sample``), recorded so a reader can check the sample."""
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise StoreError(f"{self.path}: statistics indices must be a 1-D integer array, "
+                             f"got {indices.dtype} {indices.shape}")
         s = self.group.require_group("stats")
         for key, arr in (("mean", mean), ("components", components), ("eigenvalues", eigenvalues)):
             s.create_array(key, data=np.ascontiguousarray(arr, dtype=np.float32), overwrite=True)
+        s.create_array("indices", data=indices.astype(np.int64), overwrite=True)
         s.attrs["count"] = int(count)
         _fsync_tree(self.path / "stats")
         self.group.attrs["stats_complete"] = True
@@ -273,6 +281,8 @@ class TeacherStore:
             s = self.group["stats"]
             self._stats = {k: s[k][...] for k in ("mean", "components", "eigenvalues")}
             self._stats["count"] = int(s.attrs["count"])
+            # None for a store written before the sample was recorded (verify reports it)
+            self._stats["indices"] = s["indices"][...] if "indices" in s else None
         return self._stats
 
     @property

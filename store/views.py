@@ -9,7 +9,8 @@ point of the hash), so a batch of a few thousand indices costs well under a mill
 per index.
 
 Roles keep the streams of different quantities apart:
-  crop (area, ratio, top, left; 10 attempts), flip, teacher mask, student mask.
+  crop (area, ratio, top, left; 10 attempts), flip, teacher mask, student mask,
+  statistics sample.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ TEACHER_IDS = {"mae": 0, "mocov3": 1, "ibot": 2, "dino": 3}
 # Fraction of patches masked per teacher (paper: 0.50 / 0.40 / 0.30; dino is our choice).
 MASK_RATIOS = {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40}
 
-_ROLE_CROP, _ROLE_FLIP, _ROLE_TEACHER, _ROLE_STUDENT = 1, 2, 3, 4
+# Role ids are part of every key; never renumber them, add new ones at the end.
+_ROLE_CROP, _ROLE_FLIP, _ROLE_TEACHER, _ROLE_STUDENT, _ROLE_STATS = 1, 2, 3, 4, 5
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -202,3 +204,25 @@ def slot_of(indices, views, num_views: int) -> np.ndarray:
 def view_of_slot(indices, slot: int, num_views: int) -> np.ndarray:
     """Inverse of ``slot_of``: the view of image i held in slot s, (s + i) mod V."""
     return (_as_index(indices, "indices") + int(slot)) % int(num_views)
+
+
+def stats_sample(seed: int, num_samples: int, count: int) -> np.ndarray:
+    """The images whose slot-0 tokens give a teacher's statistics (adapters, ``pca`` codec).
+
+    Returns (min(count, num_samples),) int64, ascending: the ``count`` indices of smallest
+    hash(seed, index, role), ties broken by the smaller index. That is a uniform sample
+    without replacement of the whole set, whatever order the images are stored in (a
+    class-sorted set gives as many classes as i.i.d. sampling), the same for every teacher
+    and rank, and a larger ``count`` only adds indices (the sample of n is a prefix, by
+    hash, of the sample of n + 1).
+    """
+    n, count = int(num_samples), int(count)
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if count >= n:
+        return np.arange(n, dtype=np.int64)
+    h = hash_keys(seed, np.arange(n, dtype=np.int64), _ROLE_STATS)
+    threshold = np.partition(h, count - 1)[count - 1]
+    below = np.flatnonzero(h < threshold)
+    tied = np.flatnonzero(h == threshold)[: count - below.size]
+    return np.sort(np.concatenate([below, tied])).astype(np.int64)

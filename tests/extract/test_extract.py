@@ -93,6 +93,32 @@ def test_other_codecs_are_faithful(prepared_data, reference_store, teacher, tmp_
         torch.testing.assert_close(a, proj, atol=2e-2, rtol=2e-2)
 
 
+def _covariance(st) -> np.ndarray:
+    return st["components"].T.astype(np.float64) * st["eigenvalues"] @ st["components"].astype(np.float64)
+
+
+def test_statistics_come_from_the_stored_tokens_of_the_keyed_sample_as_a_teacher_pass_gives(
+        prepared_data, reference_store, teacher, one_torch_thread):
+    from extract.runner import compute_stats, stats_from_store
+    from store import views as V
+    ts = FeatureStore.open(reference_store).teacher("mae")
+    np.testing.assert_array_equal(ts.stats["indices"], V.stats_sample(0, 13, 1024))    # all 13 images
+    # a sample of 4 of the 13: not the first 4
+    stored = stats_from_store(ts, num_images=4)
+    np.testing.assert_array_equal(stored["indices"], V.stats_sample(0, 13, 4))
+    assert not np.array_equal(stored["indices"], np.arange(4))
+    ex = Extractor(teacher, ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=2, device="cpu",
+                   decoder="pil")
+    fresh = compute_stats(ex, num_images=4)
+    np.testing.assert_array_equal(fresh["indices"], stored["indices"])
+    assert fresh["count"] == stored["count"] == 4 * (1 + V.num_visible(V.MASK_RATIOS["mae"]))
+    # the same up to the fp16 rounding of the stored tokens (relative error ~2e-4)
+    scale = np.abs(fresh["mean"]).max()
+    np.testing.assert_allclose(stored["mean"], fresh["mean"], atol=1e-3 * scale)
+    a, b = _covariance(stored), _covariance(fresh)
+    assert np.linalg.norm(a - b) < 1e-3 * np.linalg.norm(b)
+
+
 def test_sigkill_then_resume_gives_identical_store(prepared_data, reference_store, tmp_path, sigkill_when):
     store = tmp_path / "store"
 
@@ -142,6 +168,13 @@ def test_verify_reports_incomplete_and_mismatched_stores(prepared_data, photo_tr
     g["visible"][0, 0:5] = vis
     problems, _ = verify_store(broken, ds, progress=False)
     assert any("stored masks differ" in p for p in problems)
+    # statistics recorded from another sample than the keyed one
+    shutil.rmtree(broken)
+    shutil.copytree(reference_store, broken)
+    stats = FeatureStore.open(broken).teacher("mae").group["stats"]
+    stats["indices"][...] = np.arange(13)[::-1].copy()
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("stats/indices" in p and "not the keyed statistics sample" in p for p in problems)
     # other data
     from store.shards import prepare
     other = prepare(photo_tree, tmp_path / "other", shard_size=4, progress=False)

@@ -35,7 +35,8 @@ def _block(ts, slot, shard, rng):
 def _with_stats(ts, rng):
     mean = rng.standard_normal(768).astype(np.float32)
     q, _ = np.linalg.qr(rng.standard_normal((768, 768)))
-    ts.write_stats(mean, q.T.astype(np.float32), np.linspace(2, 1, 768), count=100)
+    ts.write_stats(mean, q.T.astype(np.float32), np.linspace(2, 1, 768), count=100,
+                   indices=np.arange(4))
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8", "pca"])

@@ -143,3 +143,42 @@ def test_bad_keys_are_refused():
         V.hash_keys(np.array([-1]))
     with pytest.raises(KeyError, match="unknown teacher"):
         V.teacher_visible(0, np.arange(3), 0, "clip")
+
+
+def _imagenet_class_sorted_labels(num_classes=1000, num_samples=1_281_167):
+    """Labels of a class-sorted listing of ImageNet's shape: (N,) int, class c in one run."""
+    sizes = np.full(num_classes, num_samples // num_classes)
+    sizes[: num_samples % num_classes] += 1
+    return np.repeat(np.arange(num_classes), sizes), sizes
+
+
+def _expected_distinct_classes(sizes, n):
+    """E[#classes] in n draws without replacement: sum_c 1 - C(N - n_c, n) / C(N, n)."""
+    from math import lgamma
+    N = int(sizes.sum())
+
+    def log_comb(a, b):
+        return lgamma(a + 1) - lgamma(b + 1) - lgamma(a - b + 1)
+    return sum(1 - np.exp(log_comb(N - int(c), n) - log_comb(N, n)) for c in sizes)
+
+
+def test_stats_sample_of_a_class_sorted_imagenet_covers_as_many_classes_as_iid_sampling():
+    labels, sizes = _imagenet_class_sorted_labels()
+    expected = _expected_distinct_classes(sizes, 1024)
+    assert 630 < expected < 650                          # ~641 classes in 1024 i.i.d. draws
+    assert len(np.unique(labels[:1024])) == 1            # the first 1024 images: one class
+    for seed in (0, 1):
+        sample = V.stats_sample(seed, len(labels), 1024)
+        assert sample.shape == (1024,) and sample.dtype == np.int64
+        assert (np.diff(sample) > 0).all() and 0 <= sample[0] and sample[-1] < len(labels)
+        assert len(np.unique(labels[sample])) >= 0.9 * expected
+
+
+def test_stats_sample_is_keyed_nested_and_takes_everything_when_small():
+    a = V.stats_sample(0, 10_000, 64)
+    np.testing.assert_array_equal(a, V.stats_sample(0, 10_000, 64))
+    assert not np.array_equal(a, V.stats_sample(1, 10_000, 64))
+    assert np.isin(a, V.stats_sample(0, 10_000, 65)).all()            # a larger sample only adds
+    np.testing.assert_array_equal(V.stats_sample(0, 13, 1024), np.arange(13))
+    with pytest.raises(ValueError, match="count"):
+        V.stats_sample(0, 13, 0)
