@@ -6,11 +6,35 @@ are imported inside the command so that ``--help`` stays fast.
 """
 import click
 
+from store.errors import ExpectedError
+
 CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
 
+# What a command reports as ``Error: <message>`` (exit status 1) instead of a traceback:
+# the project's own errors (store/errors.py: a bad store, data, checkpoint, config or demo
+# setting, a diverged loss), ValueError (Python's type for a bad value given by the caller;
+# the config, layout and checkpoint checks raise it), OSError (missing, unreadable or
+# unwritable files, a full disk) and FloatingPointError (a diverged evaluation). Anything
+# else is a bug and keeps its traceback; --debug (or COMAD_DEBUG=1) keeps it for all.
+EXPECTED = (ExpectedError, ValueError, OSError, FloatingPointError)
 
-@click.group(context_settings=CONTEXT)
-def main():
+
+class Commands(click.Group):
+    """The top-level group: any command's expected error becomes one ``Error:`` line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EXPECTED as error:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(str(error) or type(error).__name__) from None
+
+
+@click.group(cls=Commands, context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, envvar="COMAD_DEBUG",
+              help="Show the traceback of expected errors too (also COMAD_DEBUG=1).")
+def main(debug):
     """CoMAD: distil MAE, MoCo v3 and iBOT ViT-B teachers into a ViT-Tiny from an
     offline teacher-feature cache."""
 
@@ -34,14 +58,10 @@ def prepare(src, out, shard_size, skip_bad, workers, progress):
     DALI index files and a manifest giving every image a stable global index (docs/format.md).
 
     Re-running on a finished OUT does nothing; an unfinished OUT is redone."""
-    from store.shards import PrepareError
     from store.shards import prepare as prepare_images
 
-    try:
-        prepare_images(src, out, shard_size=shard_size, skip_bad=skip_bad, progress=progress,
-                       workers=workers, echo=lambda message: click.echo(message, err=True))
-    except PrepareError as error:
-        raise click.ClickException(str(error)) from None
+    prepare_images(src, out, shard_size=shard_size, skip_bad=skip_bad, progress=progress,
+                   workers=workers, echo=lambda message: click.echo(message, err=True))
 
 
 @main.command(context_settings=CONTEXT)
@@ -59,7 +79,6 @@ def prepare(src, out, shard_size, skip_bad, workers, progress):
 def inspect(store_path, data, index, view, epoch, run_dir, out, device):
     """Draw one sample of STORE: the view (decoded crop), each teacher's mask, the student's mask
     and, with --run, the gate weights w_k(p) of each teacher at every position."""
-    from store.features import StoreError
     from store.inspect import load_sample, render_panel
     from store.shards import ImageSet
 
@@ -73,7 +92,7 @@ def inspect(store_path, data, index, view, epoch, run_dir, out, device):
             cfg, objective = load_run(run_dir, device=dev)
             weights = gate_maps(objective, sample_batch([sample], cfg.data.teachers, device=dev))[0]
         click.echo(f"panel -> {render_panel(sample, out, weights=weights)}")
-    except (StoreError, IndexError, ValueError, FileNotFoundError) as error:
+    except IndexError as error:         # an --index or --view out of range
         raise click.ClickException(str(error)) from None
 
 
@@ -511,15 +530,12 @@ def eval_segmentation(data, checkpoint, model, model_args, out, device, iters, i
 def demo(out, checkpoints, copies, heldout_copies, steps, batch_size, bench_steps, decoder, device, progress):
     """Run the whole product on scikit-image photos: prepare, extract (mae, mocov3, ibot), verify,
     train, evaluate, measure, and write OUT/report/README.md. A second run reuses the first's work."""
-    from train.demo import DemoError, DemoSettings, run_demo
+    from train.demo import DemoSettings, run_demo
 
     settings = DemoSettings(copies=copies, heldout_copies=heldout_copies, steps=steps, batch_size=batch_size,
                             bench_steps=bench_steps, decoder=decoder)
-    try:
-        result = run_demo(out=out, checkpoints=checkpoints, settings=settings, device=_device(device),
-                          progress=progress, echo=click.echo)
-    except DemoError as error:
-        raise click.ClickException(str(error)) from None
+    result = run_demo(out=out, checkpoints=checkpoints, settings=settings, device=_device(device),
+                      progress=progress, echo=click.echo)
     total = sum(s["seconds"] for s in result["stages"])
     if result["reused"]:
         click.echo("reused: " + "; ".join(result["reused"]))

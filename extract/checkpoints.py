@@ -40,14 +40,16 @@ from typing import Any
 
 import torch
 
+from store.errors import ExpectedError
+
 VIT_B_ARCH = "vit_base_patch16_224"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExpectedError, ValueError):
     """A checkpoint file that cannot be read safely or is not the expected kind."""
 
 
-class CheckpointUnavailableError(FileNotFoundError):
+class CheckpointUnavailableError(ExpectedError, FileNotFoundError):
     """No checkpoint given, none in the cache, and the official file could not be fetched."""
 
 
@@ -151,8 +153,8 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"refusing to load {path}: it is not a weights-only checkpoint (it asks to "
             f"construct objects other than tensors, containers and argparse.Namespace). "
             f"Loader said: {first}") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:        # a damaged or foreign file fails in many ways in the unpickler
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -315,9 +317,9 @@ def fetch_official(name: str, *, cache_dir: str | os.PathLike | None = None,
         return CheckpointUnavailableError(
             f"no checkpoint given for teacher {name!r} and its official file "
             f"{spec.filename} could not be downloaded from {url} ({reason}). Download it "
-            f"yourself from {url} and either put it at {dest} or pass its path as the "
-            f"checkpoint (--checkpoint {name}=PATH); random_init=True builds an untrained "
-            f"teacher for tests.")
+            f"yourself from {url} and either put it at {dest} or pass its path "
+            f"(`extract --teacher {name} --checkpoint PATH`); `--random-init` builds an "
+            f"untrained teacher for tests.")
 
     try:
         request = urllib.request.Request(url, method="HEAD")

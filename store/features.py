@@ -39,6 +39,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from store import codecs
+from store.errors import ExpectedError
 
 FORMAT = "comad-features"
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ EMBED_DIM = 768
 INNER_CHUNK = 16
 
 
-class StoreError(RuntimeError):
+class StoreError(ExpectedError, RuntimeError):
     """A store that is missing, incomplete, or does not match what the caller expects."""
 
 

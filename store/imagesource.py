@@ -28,6 +28,8 @@ from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
+from store.errors import ExpectedError
+
 __all__ = [
     "BadImage",
     "PrepareError",
@@ -56,7 +58,7 @@ CLASSES_FILE = "classes.txt"
 _EXIF_ORIENTATION = 0x0112
 
 
-class PrepareError(ValueError):
+class PrepareError(ExpectedError, ValueError):
     """``prepare`` refuses its input or output; the message says why and what to do."""
 
 

@@ -33,12 +33,14 @@ from typing import Callable
 
 import numpy as np
 
+from store.errors import ExpectedError
+
 TEACHERS = ("mae", "mocov3", "ibot")
 MOVABLE = {"data.images", "data.store", "train.out_dir"}    # paths: OUT may move between runs (as train/loop)
 IMAGENET_IMAGES = 1_281_167
 
 
-class DemoError(RuntimeError):
+class DemoError(ExpectedError, RuntimeError):
     """The demo cannot go on (settings differ from OUT's, a store fails verification, ...)."""
 
 

@@ -21,14 +21,15 @@ import torch
 from tqdm import tqdm
 
 from extract import dist
+from store.errors import ExpectedError
 from store.features import FeatureStore, StoreError
 from train.config import Config
 from train.loader import CachedSource, OnlineSource, Plan
 from train.objective import build_objective
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(ExpectedError, RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
 
 
 # Paths may move between a run and its resume; what they hold is checked by digests.

@@ -175,5 +175,5 @@ def test_eval_knn_command_refuses_checkpoint_of_other_size(tmp_path):
         "--train", str(train), "--val", str(train), "--out", str(tmp_path / "r.json"),
         "--device", "cpu", "--workers", "0"])
     assert res.exit_code != 0
-    assert "pos_embed: checkpoint (1, 5, 192) vs model (1, 197, 192)" in str(res.exception)
+    assert "pos_embed: checkpoint (1, 5, 192) vs model (1, 197, 192)" in res.output, res.output
     assert not (tmp_path / "r.json").exists()

@@ -181,4 +181,4 @@ def test_eval_finetune_refuses_odd_micro_batch_for_mixup(toy, tmp_path):
     args = _finetune_args(train, val, ck, tmp_path / "r.json")
     args[args.index("--batch-size") + 1] = "5"
     res = CliRunner().invoke(cli.main, args)
-    assert res.exit_code != 0 and "even micro-batch, got 5" in str(res.exception)
+    assert res.exit_code != 0 and "even micro-batch, got 5" in res.output, res.output
