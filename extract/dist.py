@@ -1,4 +1,4 @@
-"""Process-group helpers for torchrun: rank, world size, barrier; a no-op in one process."""
+"""Process-group helpers for torchrun: rank, world size, barrier, broadcast; a no-op in one process."""
 from __future__ import annotations
 
 import os
@@ -28,6 +28,15 @@ def world_size() -> int:
 def barrier() -> None:
     if world_size() > 1:
         td.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself in one process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def local_device(device: str) -> str:

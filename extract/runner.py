@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ from extract import dist
 from store import codecs
 from store import views as V
 from store.features import DataInfo, FeatureStore, TeacherStore
+from store.lock import StoreLocked, WriterLock
 
 
 @dataclass
@@ -170,15 +171,42 @@ def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, code
     return fs.create_teacher(teacher.name, config)
 
 
-def run_extraction(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec: str = "fp16",
-                   pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
-                   decoder: str = "dali", num_threads: int = 2, stats_images: int = 1024,
-                   max_blocks: int | None = None, progress: bool = True) -> dict:
-    """Extract ``teacher``'s tokens for every (image, view) into ``store_path``.
+@contextmanager
+def sole_writer(store_path, teacher: str):
+    """Hold the teacher group's writer lock (store/lock.py) for the block: rank 0 takes it for
+    the whole torchrun job (ranks own disjoint shards); if another process holds it, every
+    rank raises ``StoreLocked`` naming the holder."""
+    lock, refusal = WriterLock(store_path, teacher), None
+    if dist.rank() == 0:
+        try:
+            lock.acquire()
+        except StoreLocked as error:
+            refusal = str(error)
+    refusal = dist.broadcast(refusal)
+    if refusal is not None:
+        raise StoreLocked(refusal)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_extraction(*, teacher, store_path, **settings) -> dict:
+    """Extract ``teacher``'s tokens for every (image, view) into ``store_path`` (``_extract``'s
+    arguments), as the only writer of that teacher: a second one is refused (``StoreLocked``).
 
     Returns a summary: blocks done and skipped, images written, seconds, images per second.
     ``max_blocks`` stops after that many blocks (used to measure a short run).
     """
+    with sole_writer(store_path, teacher.name):
+        return _extract(teacher=teacher, store_path=store_path, **settings)
+
+
+def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec: str = "fp16",
+             pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
+             decoder: str = "dali", num_threads: int = 2, stats_images: int = 1024,
+             max_blocks: int | None = None, progress: bool = True) -> dict:
+    """``run_extraction`` without the writer lock."""
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
     ts = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
                             codec=codec, pca_dim=pca_dim, precision=precision)

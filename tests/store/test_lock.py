@@ -1,0 +1,73 @@
+"""One writer per teacher group: a second extract of the same store and teacher is refused
+in one line naming the holder; the kernel frees the lock when the holder is SIGKILLed."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from store.lock import StoreLocked, WriterLock, lock_path
+
+ROOT = Path(__file__).resolve().parents[2]
+# The holder: takes the lock with the API extract uses, says so, and waits to be killed.
+HOLD = ("import sys, time; from store.lock import WriterLock; WriterLock(sys.argv[1], sys.argv[2]).acquire(); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+def test_a_second_lock_is_refused_naming_the_holder_until_released(tmp_path):
+    first = WriterLock(tmp_path / "store", "mae").acquire()
+    assert first.path == tmp_path / "store.mae.lock"
+    with pytest.raises(StoreLocked, match=f"pid {os.getpid()} on host {socket.gethostname()}"):
+        WriterLock(tmp_path / "store", "mae").acquire()
+    with WriterLock(tmp_path / "store", "ibot"):          # another teacher of the same store
+        pass
+    first.release()
+    with WriterLock(tmp_path / "store", "mae"):
+        pass
+
+
+def test_run_extraction_holds_the_lock_while_it_writes(monkeypatch, tmp_path):
+    import extract.runner as runner
+
+    seen = []
+
+    def probe(*, teacher, store_path, **settings):
+        with pytest.raises(StoreLocked):
+            WriterLock(store_path, teacher.name).acquire()
+        seen.append(lock_path(store_path, teacher.name))
+        return {}
+    monkeypatch.setattr(runner, "_extract", probe)
+    teacher = type("Teacher", (), {"name": "mocov3"})()
+    runner.run_extraction(teacher=teacher, data=None, store_path=tmp_path / "store")
+    assert seen == [tmp_path / "store.mocov3.lock"]
+    with WriterLock(tmp_path / "store", "mocov3"):        # released afterwards
+        pass
+
+
+def test_second_extract_is_refused_in_one_line_and_a_rerun_proceeds_after_sigkill(
+        prepared_data, teacher_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(teacher_store, store)
+    args = ["extract", "--teacher", "mae", "--data", str(prepared_data), "--store", str(store), "--random-init",
+            "--views", "2", "--decoder", "pil", "--device", "cpu", "--batch-size", "4"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store), "mae"], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        refused = CliRunner().invoke(main, args)
+        assert isinstance(refused.exception, SystemExit) and refused.exit_code == 1, refused.output
+        lines = refused.output.splitlines()
+        assert len(lines) == 1 and "Traceback" not in refused.output, refused.output
+        assert lines[0].startswith(f"Error: {store}/mae: another extract is writing it (pid {holder.pid} on host "
+                                   f"{socket.gethostname()} since "), lines[0]
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    rerun = CliRunner().invoke(main, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert "mae: 0 blocks written, 6 already complete" in rerun.output
