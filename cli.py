@@ -47,21 +47,27 @@ def main(debug):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--shard-size", type=click.IntRange(min=1), default=256,
               help="Samples per tar shard (the last shard may hold fewer).")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Key of the pseudo-random order the samples are written in (class-mixed shards).")
+@click.option("--pattern", default=None, metavar="GLOB", show_default="every *.tar",
+              help="WebDataset source: take only the top-level tars matching this glob, with brace "
+                   "expansion (e.g. 'imagenet1k-train-*.tar', 'train-{0000..0146}.tar').")
 @click.option("--skip-bad", is_flag=True,
               help="Leave unreadable or non-image files out (listed in the manifest's 'rejects') "
                    "instead of stopping at the first one.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Threads reading and verifying images (0: none; default: min(8, CPU count)).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def prepare(src, out, shard_size, skip_bad, workers, progress):
+def prepare(src, out, shard_size, seed, pattern, skip_bad, workers, progress):
     """Pack SRC (ImageFolder tree or folder of WebDataset .tar shards) into OUT: tar shards with
     DALI index files and a manifest giving every image a stable global index (docs/format.md).
+    Samples are written in a seeded pseudo-random order, so every shard mixes the classes.
 
     Re-running on a finished OUT does nothing; an unfinished OUT is redone."""
     from store.shards import prepare as prepare_images
 
-    prepare_images(src, out, shard_size=shard_size, skip_bad=skip_bad, progress=progress,
-                   workers=workers, echo=lambda message: click.echo(message, err=True))
+    prepare_images(src, out, shard_size=shard_size, seed=seed, pattern=pattern, skip_bad=skip_bad,
+                   progress=progress, workers=workers, echo=lambda message: click.echo(message, err=True))
 
 
 @main.command(context_settings=CONTEXT)

@@ -8,8 +8,11 @@ The on-disk format is documented in ``docs/format.md`` ("Images (prepare)"); in 
     OUT/shards/shard-000000.idx  DALI fn.readers.webdataset index (wds2idx "v1.2" text)
 
 with ``key = f"{index:09d}"`` and ``index`` the sample's stable global index: its row in the
-manifest, in the deterministic order of ``store.imagesource.list_source``. Packing the same
-SRC twice gives byte-identical shards, indices and manifest.
+manifest. Samples are written in a seeded pseudo-random permutation (``pack_order``) of the
+deterministic listing order of ``store.imagesource.list_source``, the usual practice for
+WebDataset shards: a class-sorted source (the ILSVRC folders) still gives class-mixed shards,
+so shard-sequential readers and any prefix of the indices see every class. Packing the same
+SRC with the same seed twice gives byte-identical shards, indices and manifest.
 """
 from __future__ import annotations
 
@@ -22,30 +25,45 @@ import sys
 import tarfile
 import threading
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from store import views as V
 from store.imagesource import BadImage, ImageInfo, PrepareError, SourceItem, SourceListing, inspect_image, list_source
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "BadImage", "ImageSet", "PrepareError", "prepare"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "BadImage", "ImageSet", "PrepareError", "pack_order", "prepare"]
 
 FORMAT = "comad-images"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples in a seeded permutation of the listing (1: in listing order)
+MAX_OPEN = 32  # shard descriptors an ImageSet keeps open (least recently used closed first)
 MANIFEST = "manifest.json"
 COLUMNS = "manifest.columns"
 SHARD_DIR = "shards"
 _PARTIAL = re.compile(r"shard-\d{6,}\.(tar|idx)(\.tmp)?")
 _ALIGN = 64
+_ROLE_PACK_ORDER = 21  # hash role of the packing order (store/views.py and train/loader.py use others)
 # (name, numpy dtype) of the per-sample table, in file order
 _COLUMN_DTYPES = [
     ("index", "<i8"), ("label", "<i8"), ("width", "<i8"), ("height", "<i8"), ("shard", "<i8"),
     ("offset", "<i8"), ("size", "<i8"), ("orientation", "u1"), ("mode", "u1"), ("ext", "u1"),
     ("source_end", "<i8"), ("source_bytes", "u1"),
 ]
+
+
+def pack_order(count: int, *, seed: int) -> np.ndarray:
+    """The order ``prepare`` writes ``count`` listed candidates in: (count,) int64, a permutation.
+
+    ``pack_order(n, seed=s)[j]`` is the listing position of the j-th candidate written:
+    candidates sorted by a keyed hash of (seed, role, position), so the order depends on
+    the seed and the number of candidates only, never on machine or thread count.
+    Rejected candidates are skipped, so sample index i is the i-th accepted candidate.
+    """
+    keys = V.hash_keys(seed, _ROLE_PACK_ORDER, np.arange(count, dtype=np.int64))
+    return np.argsort(keys, kind="stable").astype(np.int64)
 
 
 def _key(index: int) -> str:
@@ -191,10 +209,11 @@ def _columns_blob(columns: dict[str, np.ndarray]) -> tuple[bytes, list[dict]]:
 
 
 def _dataset_digest(meta: dict) -> str:
-    """sha256 identifying the data: format version, class names, the sample table (which
-    holds relative source names, sizes, labels, ...) and every shard's content hash."""
+    """sha256 identifying the data: format version, packing order, class names, the sample
+    table (which holds relative source names, sizes, labels, ...) and every shard's content hash."""
     canon = {
-        "format": FORMAT, "format_version": meta["format_version"], "classes": meta["classes"],
+        "format": FORMAT, "format_version": meta["format_version"], "order": meta["order"],
+        "classes": meta["classes"],
         "modes": meta["modes"], "exts": meta["exts"], "columns_sha256": meta["columns"]["sha256"],
         "shards": [[s["first"], s["count"], s["sha256"]] for s in meta["shards"]],
     }
@@ -205,17 +224,20 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad: bool = False,
-            progress: bool = True, workers: int | None = None,
-            echo: Callable[[str], None] | None = None) -> "ImageSet":
+def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: int = 0,
+            pattern: str | None = None, skip_bad: bool = False, progress: bool = True,
+            workers: int | None = None, echo: Callable[[str], None] | None = None) -> "ImageSet":
     """Pack SRC (ImageFolder tree or WebDataset tars) into OUT; see ``docs/format.md``.
 
     Args:
         src: the source folder.
         out: the output folder (created). If it holds a finished prepare of the same SRC
-            listing, nothing is done; of a different SRC or shard size, ``PrepareError``.
+            listing, nothing is done; of a different SRC, shard size or seed, ``PrepareError``.
             Without ``manifest.json`` it is a half-written run and is redone from scratch.
         shard_size: samples per tar shard (the last shard may be smaller).
+        seed: key of the packing order (``pack_order``), >= 0; recorded in the manifest.
+        pattern: WebDataset input: which top-level tars to take (glob with brace expansion,
+            e.g. ``imagenet1k-train-*.tar``); None takes every ``*.tar``.
         skip_bad: leave unreadable / non-image files out (listed in the manifest's
             ``rejects``) instead of stopping with ``BadImage`` naming the file.
         progress: tqdm progress bar.
@@ -229,9 +251,11 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
     src, out = Path(src), Path(out)
     if shard_size < 1:
         raise PrepareError(f"prepare: shard_size must be >= 1, got {shard_size}")
+    if seed < 0:
+        raise PrepareError(f"prepare: seed must be >= 0, got {seed}")
     say = echo if echo is not None else (_stderr if progress else (lambda message: None))
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    listing = list_source(src, progress=progress)
+    listing = list_source(src, pattern=pattern, progress=progress)
 
     if (out / MANIFEST).exists():
         try:
@@ -239,7 +263,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
         except ValueError as error:
             raise PrepareError(f"prepare: {out} has a {MANIFEST} that does not open ({error}); "
                                f"delete {out} to redo it") from None
-        _check_same_prepare(done, listing, shard_size=shard_size)
+        _check_same_prepare(done, listing, shard_size=shard_size, seed=seed)
         rejected = f", {len(done.rejects)} files left out as bad" if done.rejects else ""
         say(f"prepare: {out} already holds this prepare of {src} ({len(done)} samples in "
             f"{len(done.shards)} shards{rejected}): nothing to do")
@@ -261,10 +285,10 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
     rejects: list[dict] = []
     shards: list[dict] = []
     writer: _ShardWriter | None = None
-    total = len(listing) if listing.kind == "imagefolder" else None
-    bar = tqdm(total=total, desc=f"prepare {src.name}", unit="img", disable=not progress, dynamic_ncols=True)
+    order = pack_order(len(listing), seed=seed)
+    bar = tqdm(total=len(listing), desc=f"prepare {src.name}", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for item, (data, info, reason) in _ordered_map(_check_item, listing.items(), workers=workers):
+        for item, (data, info, reason) in _ordered_map(_check_item, listing.items(order), workers=workers):
             bar.update(1)
             if reason is not None:
                 where = str(src / item.source) if listing.kind == "imagefolder" else f"{src}/{item.source}"
@@ -298,7 +322,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
 
     classes = listing.classes
     if listing.kind == "webdataset" and not classes:
-        classes = [str(k) for k in range(max(cols["label"]) + 1)]
+        classes = [listing.json_names.get(k, str(k)) for k in range(max(cols["label"]) + 1)]
     source_lengths = np.array([len(s) for s in sources], dtype=np.int64)
     columns = {name: np.frombuffer(values, dtype=np.int64 if values.typecode == "q" else np.uint8)
                for name, values in cols.items()}
@@ -310,8 +334,9 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
         "format": FORMAT, "format_version": FORMAT_VERSION, "num_samples": len(sources),
         "shard_size": shard_size, "key_format": "{index:09d}", "classes": classes,
         "modes": modes, "exts": exts,
+        "order": {"kind": "keyed-hash", "seed": seed, "candidates": len(listing)},
         "source": {"kind": listing.kind, "root": str(src.resolve()), "num_files": listing.num_files,
-                   "listing_sha256": listing.sha256},
+                   "listing_sha256": listing.sha256, "pattern": listing.pattern},
         "columns": {"file": COLUMNS, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
                     "layout": layout},
         "shards": shards, "rejects": rejects,
@@ -323,11 +348,13 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, skip_bad
     return ImageSet.open(out)
 
 
-def _check_same_prepare(done: "ImageSet", listing: SourceListing, *, shard_size: int) -> None:
-    """Refuse to reuse a finished OUT that was made from another SRC listing or shard size."""
+def _check_same_prepare(done: "ImageSet", listing: SourceListing, *, shard_size: int, seed: int) -> None:
+    """Refuse to reuse a finished OUT that was made from another SRC listing, shard size or seed."""
     old = done.meta["source"]
     if old["kind"] != listing.kind or old["listing_sha256"] != listing.sha256:
         hint = ""
+        if old.get("pattern") != listing.pattern:
+            hint += f"; tars chosen by --pattern {old.get('pattern')!r} then, {listing.pattern!r} now"
         if listing.kind == "imagefolder" and old["kind"] == "imagefolder":
             before = {done.source(i) for i in range(len(done))} | {r["source"] for r in done.rejects}
             now = set(listing.names)
@@ -345,7 +372,10 @@ def _check_same_prepare(done: "ImageSet", listing: SourceListing, *, shard_size:
             f"Prepare into a new folder, or delete {done.root} to redo it.")
     if done.meta["shard_size"] != shard_size:
         raise PrepareError(f"prepare: {done.root} was prepared with shard_size={done.meta['shard_size']}, "
-                         f"not {shard_size}. Use --shard-size {done.meta['shard_size']}, or delete it to redo.")
+                           f"not {shard_size}. Use --shard-size {done.meta['shard_size']}, or delete it to redo.")
+    if done.meta["order"]["seed"] != seed:
+        raise PrepareError(f"prepare: {done.root} was prepared with seed={done.meta['order']['seed']}, "
+                           f"not {seed}. Use --seed {done.meta['order']['seed']}, or delete it to redo.")
 
 
 def _load_columns(root: Path, meta: dict) -> dict[str, np.ndarray]:
@@ -366,24 +396,77 @@ def _load_columns(root: Path, meta: dict) -> dict[str, np.ndarray]:
     return columns
 
 
+class _OpenShards:
+    """At most about ``max_open`` read-only descriptors of shard tars, least recently used
+    closed first (5005 ImageNet shards would exceed the common ``ulimit -n`` of 1024).
+
+    A descriptor is closed only while no thread is reading through it: closing one in use
+    would let ``os.open`` hand its number to another shard and the pending ``pread`` would
+    return that shard's bytes. So more than ``max_open`` may be open for a moment, at most
+    one per concurrent reader. Thread-safe.
+    """
+
+    def __init__(self, max_open: int):
+        if max_open < 1:
+            raise ValueError(f"ImageSet: max_open must be >= 1, got {max_open}")
+        self.max_open = max_open
+        self._lock = threading.Lock()
+        self._open: OrderedDict[int, list[int]] = OrderedDict()  # shard -> [fd, readers], LRU first
+
+    def pread(self, shard: int, path: Path, size: int, offset: int) -> bytes:
+        with self._lock:
+            entry = self._open.get(shard)
+            if entry is None:
+                entry = self._open[shard] = [os.open(path, os.O_RDONLY), 0]
+            else:
+                self._open.move_to_end(shard)
+            entry[1] += 1
+            self._shrink()
+        try:
+            return os.pread(entry[0], size, offset)
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                self._shrink()
+
+    def _shrink(self) -> None:
+        """Close idle descriptors, least recently used first, down to ``max_open`` (lock held)."""
+        excess = len(self._open) - self.max_open
+        if excess <= 0:
+            return
+        for shard in [k for k, (_, readers) in self._open.items() if readers == 0][:excess]:
+            os.close(self._open.pop(shard)[0])
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in [k for k, (_, readers) in self._open.items() if readers == 0]:
+                os.close(self._open.pop(shard)[0])
+
+
 class ImageSet:
     """A finished ``prepare``: the sample table plus random access to the encoded images.
 
-    ``read`` uses ``os.pread`` on one cached descriptor per shard, so one ImageSet may be
-    shared by threads; pickling (for DataLoader workers) drops the descriptors.
+    ``read`` uses ``os.pread`` on cached descriptors, at most about ``max_open`` at once
+    (least recently used closed first), so one ImageSet may be shared by threads and may
+    read any number of shards; pickling (for DataLoader workers) drops the descriptors.
     """
 
-    def __init__(self, root: Path, meta: dict, columns: dict[str, np.ndarray]):
+    def __init__(self, root: Path, meta: dict, columns: dict[str, np.ndarray], *, max_open: int = MAX_OPEN):
         self.root = Path(root)
         self.meta = meta
         self._columns = columns
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._files = _OpenShards(max_open)
 
     # --- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path | str) -> "ImageSet":
-        """Open a finished prepare; ``FileNotFoundError`` / ``ValueError`` say what is wrong."""
+    def open(cls, root: Path | str, *, max_open: int = MAX_OPEN) -> "ImageSet":
+        """Open a finished prepare; ``FileNotFoundError`` / ``ValueError`` say what is wrong.
+
+        ``max_open``: shard descriptors kept open at once (least recently used closed first).
+        """
         root = Path(root)
         manifest = root / MANIFEST
         if not root.is_dir():
@@ -397,6 +480,11 @@ class ImageSet:
             raise ValueError(f"ImageSet: {manifest} is not valid JSON ({error})") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"ImageSet: {manifest} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("format_version") == 1:
+            raise ValueError(f"ImageSet: {manifest} has format_version 1: its samples are in source order "
+                             f"(class-sorted shards for an ImageFolder); this code reads version "
+                             f"{FORMAT_VERSION} (samples in a seeded shuffled order). Prepare the source "
+                             f"again into a new folder: `python cli.py prepare SRC NEW_OUT`")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"ImageSet: {manifest} has format_version {meta.get('format_version')}, "
                              f"this code reads version {FORMAT_VERSION}")
@@ -412,7 +500,7 @@ class ImageSet:
                 size = None
             if size != shard["bytes"]:
                 raise ValueError(f"ImageSet: shard {path} is missing or not {shard['bytes']} bytes long")
-        return cls(root, meta, columns)
+        return cls(root, meta, columns, max_open=max_open)
 
     # --- the table -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -503,21 +591,11 @@ class ImageSet:
         return self.meta["exts"][int(self._columns["ext"][self._check(i)])]
 
     # --- reading ---------------------------------------------------------------------------
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    fd = os.open(self.tar_path(shard), os.O_RDONLY)
-                    self._fds[shard] = fd
-        return fd
-
     def read(self, i: int) -> bytes:
         """Encoded image bytes of sample i, exactly as in SRC (thread-safe)."""
         i = self._check(i)
         shard, offset, size = int(self.shard_of[i]), int(self.offsets[i]), int(self.sizes[i])
-        data = os.pread(self._fd(shard), size, offset)
+        data = self._files.pread(shard, self.tar_path(shard), size, offset)
         if len(data) != size:
             raise OSError(f"ImageSet: short read of sample {i} from {self.tar_path(shard)} "
                           f"({len(data)} of {size} bytes at offset {offset}): the shard is damaged")
@@ -537,11 +615,14 @@ class ImageSet:
             if _sha256_file(self.root / shard["tar"]) != shard["sha256"]:
                 raise ValueError(f"ImageSet: shard {self.root / shard['tar']} does not match its sha256")
 
+    @property
+    def open_files(self) -> int:
+        """Shard descriptors open now (at most ``max_open`` plus one per concurrent reader)."""
+        return len(self._files)
+
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        """Close the shard descriptors (reading again reopens them)."""
+        self._files.close()
 
     def __del__(self):
         try:
@@ -551,10 +632,10 @@ class ImageSet:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_fds"], state["_lock"], state["_columns"] = {}, None, None  # re-mapped on unpickling
+        state["_files"], state["_columns"] = self._files.max_open, None  # reopened / re-mapped on unpickling
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._files = _OpenShards(state["_files"])
         self._columns = _load_columns(self.root, self.meta)
