@@ -47,7 +47,7 @@ def main(debug):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--shard-size", type=click.IntRange(min=1), default=256,
               help="Samples per tar shard (the last shard may hold fewer).")
-@click.option("--seed", type=click.IntRange(min=0), default=0,
+@click.option("--seed", type=click.IntRange(min=0, max=2 ** 63 - 1), default=0,
               help="Key of the pseudo-random order the samples are written in (class-mixed shards).")
 @click.option("--pattern", default=None, metavar="GLOB", show_default="every *.tar",
               help="WebDataset source: take only the top-level tars matching this glob, with brace "
