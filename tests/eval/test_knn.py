@@ -112,20 +112,30 @@ def test_packed_set_gives_the_same_samples_as_its_image_folder_with_any_worker_c
     folder = EvalImages(src, transform=probe_train_transform(32), seed=7)
     packed = EvalImages(tmp_path / "packed", transform=probe_train_transform(32), seed=7)
     assert packed.layout == "packed" and packed.classes == folder.classes
-    assert packed.labels.tolist() == folder.labels.tolist()
+    # prepare writes the folder's samples in a seeded order: packed image i is the folder's
+    # image with the same relative path, with the same label and pixels
+    in_folder = {str(f.relative_to(src)): j for j, f in enumerate(folder._files)}
+    match = [in_folder[packed._packed.source(i)] for i in range(len(packed))]
+    assert sorted(match) == list(range(len(folder))) and match != sorted(match)
+    assert packed.labels.tolist() == folder.labels[match].tolist()
+    plain = {name: EvalImages(root, transform=eval_transform(32)) for name, root in
+             (("folder", src), ("packed", tmp_path / "packed"))}
+    for i, j in enumerate(match):
+        assert packed.read(i) == folder.read(j)
+        x, y = plain["packed"][i]
+        assert torch.equal(x, plain["folder"][j][0]) and y == plain["folder"][j][1]
     batches = {}
     for name, ds, workers in [("folder", folder, 0), ("packed", packed, 0),
                               ("packed2", pickle.loads(pickle.dumps(packed)), 2)]:
         loader = make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=1,
                              num_workers=workers)
         batches[name] = [(x.clone(), y.clone()) for x, y in loader]
-    for name in ("packed", "packed2"):
-        assert len(batches[name]) == len(batches["folder"]) == 3
-        for (xa, ya), (xb, yb) in zip(batches["folder"], batches[name]):
-            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert len(batches["packed"]) == len(batches["packed2"]) == len(batches["folder"]) == 3
+    for (xa, ya), (xb, yb) in zip(batches["packed"], batches["packed2"]):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
     # the epoch changes the augmentation and the order: the comparison above can fail
-    other = [x for x, _ in make_loader(folder, batch_size=4, shuffle=True, seed=3, epoch=2)]
-    assert not torch.equal(other[0], batches["folder"][0][0])
+    other = [x for x, _ in make_loader(packed, batch_size=4, shuffle=True, seed=3, epoch=2)]
+    assert not torch.equal(other[0], batches["packed"][0][0])
 
 
 @pytest.mark.parametrize("case", ["flat", "empty_class", "unfinished_pack", "foreign_class"])
