@@ -54,9 +54,13 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
     suffix = checkpoint.suffix.lower()
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(checkpoint), device="cpu")
+        try:
+            state = load_file(str(checkpoint), device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"checkpoint {checkpoint}: cannot be read as safetensors ({err})") from None
     elif suffix in _TORCH_SUFFIXES:
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -105,6 +105,13 @@ def test_eval_of_a_file_that_is_no_checkpoint_names_it(protocol, photo_tree, jun
                "--device", "cpu", "--workers", 0, "--out", tmp_path / "result.json"], junk)
 
 
+def test_eval_of_a_damaged_safetensors_file_names_it(photo_tree, tmp_path):
+    damaged = tmp_path / "student.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    one_error(["eval", "knn", "--checkpoint", damaged, "--train", photo_tree, "--val", photo_tree,
+               "--device", "cpu", "--workers", 0, "--out", tmp_path / "result.json"], damaged)
+
+
 @pytest.mark.parametrize("protocol", ["detection", "segmentation"])
 def test_eval_of_a_folder_in_the_wrong_layout_names_it(protocol, photo_tree, junk, tmp_path):
     one_error(["eval", protocol, photo_tree, "--checkpoint", junk, "--device", "cpu", "--workers", 0,
