@@ -67,11 +67,14 @@ class TeacherAdapter(nn.Module):
         return self.proj(tokens.float())
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A(t). tokens: (..., in_dim) any float dtype -> (..., out_dim) float32 (under
-        autocast the dtype follows autocast). Frozen adapters run without autograd."""
-        if self.trainable:
-            return self.norm(self.proj(tokens.float()))
-        with torch.no_grad():
+        """A(t). tokens: (..., in_dim) any float dtype -> (..., out_dim) float32, always.
+
+        Runs in float32 even under autocast: with the PCA init, W t and b = -W mean are
+        large and nearly cancel, so a bf16 matmul (relative error ~2^-8 of |W t|) would
+        leave little of the centred coordinates. The adapters are a small part of a step
+        (train/flops.py). Frozen adapters run without autograd."""
+        with torch.autocast(tokens.device.type, enabled=False), torch.set_grad_enabled(
+                self.trainable and torch.is_grad_enabled()):
             return self.norm(self.proj(tokens.float()))
 
     def reconstruction_loss(self, tokens: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,8 @@ class TeacherAdapter(nn.Module):
         if self.decoder is None:
             raise RuntimeError(f"adapter {self.name} is frozen and has no reconstruction decoder")
         t = tokens.float()
-        err = (self.decoder(adapted).float() - t).pow(2).sum(-1).mean()
+        with torch.autocast(t.device.type, enabled=False):    # t has a large mean: as forward
+            err = (self.decoder(adapted.float()) - t).pow(2).sum(-1).mean()
         with torch.no_grad():
             var = (t - t.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return err / var

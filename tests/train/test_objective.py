@@ -146,6 +146,33 @@ def test_frozen_adapter_has_no_grad_and_trainable_reconstruction_is_unexplained_
     assert torch.allclose(train.reconstruction_loss(t, train(t)), torch.tensor(1.0), atol=1e-5)
 
 
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_pca_adapters_under_bf16_autocast_match_fp32_where_a_bf16_matmul_does_not(trainable):
+    """Teacher tokens sit far from the origin (mean norm 20x their spread here): W t and
+    b = -W mean nearly cancel. Bound: max |bf16-autocast output - fp32 output| <= 1e-4 on
+    LayerNorm'd (unit-scale) outputs. The pre-fix form, LayerNorm(W t + b) with the matmul
+    under autocast, misses it by orders of magnitude."""
+    g = torch.Generator().manual_seed(11)
+    mean = 20 * torch.randn(768, generator=g) / 768 ** 0.5 * 4
+    tokens = mean + torch.randn(400, 768, generator=g) * torch.linspace(2, 0.1, 768)
+    adapter = TeacherAdapter(in_dim=768, out_dim=192, trainable=trainable)
+    adapter.init_from_pca(*fit_pca(tokens, k=192))
+    batch = tokens[:64].reshape(4, 16, 768).half()
+    ref = adapter(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(batch)
+        old = adapter.norm(adapter.proj(batch.float()))        # what forward did before
+        rec = adapter.reconstruction_loss(batch.flatten(0, 1), out.flatten(0, 1)) if trainable else None
+    out, old, ref = out.detach(), old.detach().float(), ref.detach()
+    err, err_old = float((out - ref).abs().max()), float((old - ref).abs().max())
+    print(f"trainable={trainable}: max |diff| vs fp32: now {err:.2e}, bf16 matmul {err_old:.2e}")
+    assert out.dtype == torch.float32 and err <= 1e-4
+    assert err_old > 100 * 1e-4
+    if trainable:
+        ref_rec = adapter.reconstruction_loss(batch.flatten(0, 1), ref.flatten(0, 1))
+        assert rec.dtype == torch.float32 and torch.allclose(rec, ref_rec, rtol=1e-5)
+
+
 def test_collapse_monitor_is_mean_cosine_between_different_tokens():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(7, 5, generator=g)
