@@ -4,7 +4,7 @@
     python bench/projection.py --gpus 8 --peak-tflops 700 --decode-per-gpu 2500 ...
 
 Exact: store bytes per (image, view) (extract/estimate.py: bytes_per_sample), FLOPs of the
-teachers' masked forward and of the student's step (train/loop.py: student_flops_per_image).
+teachers' masked forward and of the student's step (train/flops.py: step_flops_per_image).
 Assumed (arguments, each printed): the card's bf16 matmul rate, the fraction of it the
 teacher and the student reach, JPEG decode rate per GPU, and the node's store bandwidth.
 Replace them with what bench/extract.py, bench/train.py and `extract --estimate` measure
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from extract.estimate import bytes_per_sample  # noqa: E402
 from store import views as V  # noqa: E402
 from train.config import Config  # noqa: E402
-from train.loop import student_flops_per_image  # noqa: E402
+from train.flops import step_flops_per_image  # noqa: E402
 
 TEACHERS = ("mae", "mocov3", "ibot")
 
@@ -48,7 +48,8 @@ def main():
 
     n_vis = [V.num_visible(V.MASK_RATIOS[t]) for t in TEACHERS]
     tf = sum(teacher_flops(n) for n in n_vis)
-    sf = student_flops_per_image(Config(), V.STUDENT_VISIBLE)
+    sf = step_flops_per_image(Config(), n_visible=V.STUDENT_VISIBLE,
+                              teacher_tokens={t: 1 + n for t, n in zip(TEACHERS, n_vis)})["total"]
     peak = a.gpus * a.peak_tflops * 1e12
     decode = a.gpus * a.decode_per_gpu
     samples_x = a.images * a.views

@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.config import load_config  # noqa: E402
+from train.flops import step_flops_per_image  # noqa: E402
 from train.loader import Plan  # noqa: E402
-from train.loop import build_source, make_optimizer, student_flops_per_image, train_step  # noqa: E402
+from train.loop import build_source, make_optimizer, train_step  # noqa: E402
 from train.objective import build_objective  # noqa: E402
 
 
@@ -105,7 +106,9 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
                          spread=[steps * batch_size / t for t in times[mode]]))
     ceiling = next((r["images_per_second"] for r in rows if r["mode"] == "ceiling"), None)
     online = next((r["images_per_second"] for r in rows if r["mode"] == "online"), None)
-    flops = student_flops_per_image(cfg, cfg.data.student_visible)
+    from store import views as V
+    flops = step_flops_per_image(cfg, n_visible=cfg.data.student_visible, teacher_tokens={
+        n: 1 + V.num_visible(V.MASK_RATIOS[n]) for n in cfg.data.teachers})["total"]
     for r in rows:
         r["vs_online"] = r["images_per_second"] / online if online else None
         r["vs_ceiling"] = r["images_per_second"] / ceiling if ceiling else None
