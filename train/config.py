@@ -130,7 +130,7 @@ class TrainConfig:
     log_every: int = 50                 # steps between logged metrics (the only host syncs)
     ckpt_every: int = 1                 # epochs between checkpoints
     out_dir: str = "runs/comad"
-    compile: bool = False               # torch.compile the trainable modules
+    compile: bool = False               # torch.compile (inductor) the student side (train/loop.py)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -2,7 +2,8 @@
 
 Schedules are precomputed by step. The only host syncs are at logging intervals (loss
 parts and the non-finite check are accumulated on the device until then), at checkpoints
-and at the end. A non-finite loss stops the run naming the first bad step. Metrics go to
+and at the end. A non-finite loss stops the run naming the first bad step, on every rank
+alike (the ranks agree on it first). MFU counts what a step runs (train/flops.py). Metrics go to
 RUN/metrics.jsonl (one JSON object per logged step), checkpoints to RUN/last.pt (atomic),
 the resolved config to RUN/config.yaml, and at the end the student to
 RUN/student.safetensors and the loss curves to RUN/loss.png.
@@ -24,6 +25,7 @@ from extract import dist
 from store.errors import ExpectedError
 from store.features import FeatureStore, StoreError
 from train.config import Config
+from train.flops import step_flops_per_image
 from train.loader import CachedSource, OnlineSource, Plan
 from train.objective import build_objective
 
@@ -70,16 +72,6 @@ def param_groups(module: torch.nn.Module, *, weight_decay: float, decay_1d: bool
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def student_flops_per_image(cfg: Config, n_visible: int) -> float:
-    """Training FLOPs of one image (forward + backward = 3 x forward), matmuls only."""
-    def vit(depth, width, tokens, mlp=4.0):
-        per_block = 2 * tokens * (4 * width * width + 2 * mlp * width * width) + 4 * tokens * tokens * width
-        return depth * per_block
-    enc = vit(cfg.model.depth, cfg.model.embed_dim, n_visible + 1) + 2 * 196 * 768 * cfg.model.embed_dim * n_visible / 196
-    dec = vit(cfg.decoder.depth, cfg.decoder.width, 197, cfg.decoder.mlp_ratio)
-    return 3.0 * (enc + dec)
-
-
 def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: bool) -> dict:
     """One optimiser step on a materialised batch; returns the objective's loss dict."""
     for g in opt.param_groups:
@@ -96,9 +88,69 @@ def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp:
 
 
 def make_optimizer(cfg: Config, objective) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(objective.trainable, weight_decay=cfg.optim.weight_decay,
-                                          decay_1d=cfg.optim.decay_1d),
-                             lr=cfg.derived()["lr"], betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    """AdamW over the trainable parameters; the fused CUDA kernel when they are on a GPU."""
+    groups = param_groups(objective.trainable, weight_decay=cfg.optim.weight_decay,
+                          decay_1d=cfg.optim.decay_1d)
+    fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.derived()["lr"], betas=tuple(cfg.optim.betas),
+                             eps=cfg.optim.eps, fused=fused or None)
+
+
+def wrap_student_side(objective, *, world: int, device: str, use_compile: bool) -> None:
+    """DDP (more than one rank) and then ``torch.compile`` around the student side.
+
+    No buffer broadcast: the student side's only buffer is the decoder's fixed sin-cos
+    table, the same on every rank. Gradients are views into DDP's buckets (no copy)."""
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dev = torch.device(device)
+        objective.wrap_trainable(lambda m: DDP(m, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                               broadcast_buffers=False, gradient_as_bucket_view=True))
+    if use_compile:
+        objective.wrap_trainable(lambda m: torch.compile(m, backend=COMPILE_BACKEND))
+
+
+# torch.compile's backend for ``train.compile=true``; the tests use "aot_eager" (inductor's
+# first C++ compile of the student takes ~90 s on two CPU cores).
+COMPILE_BACKEND = "inductor"
+
+
+def rng_state(device: str) -> dict:
+    """The generators a step may draw from: the CPU one and, on CUDA, the device's own."""
+    dev = torch.device(device)
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+
+
+def restore_rng(state: dict, device: str) -> None:
+    """Restore ``rng_state``'s generators; the states are CPU byte tensors (load with
+    ``map_location="cpu"``), each set by its own setter on ``device``."""
+    torch.set_rng_state(state["torch"].cpu())
+    dev, cuda = torch.device(device), state.get("cuda")
+    if isinstance(cuda, (list, tuple)):         # older checkpoints: every visible GPU's state
+        cuda = cuda[dev.index or 0] if cuda else None
+    if dev.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), dev)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """RUN/last.pt onto the CPU: load_state_dict then copies weights and optimizer state
+    to where the parameters live, and the RNG states must stay CPU byte tensors."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def stop_if_non_finite(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) -> None:
+    """Raise NonFiniteLoss naming the first bad step of any rank, on every rank alike.
+
+    first_bad: () int64, this rank's first step with a non-finite loss, -1 if none. With
+    several ranks, all agree (all-reduce MIN over the bad steps) before anyone raises, so
+    no rank is left waiting in a collective. A host sync: call at logging intervals."""
+    bad = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, torch.iinfo(torch.int64).max))
+    if world > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+    step = int(bad)
+    if step != torch.iinfo(torch.int64).max:
+        raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (last good checkpoint: {ckpt_path})")
 
 
 def _teacher_stats(stores: dict) -> dict:
@@ -163,10 +215,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                       kind=cfg.schedule.kind, min_lr=cfg.schedule.min_lr)
 
     objective = build_objective(cfg, stats).to(device)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        dev = torch.device(device)
-        objective.wrap_trainable(lambda m: DDP(m, device_ids=[dev.index] if dev.type == "cuda" else None))
+    wrap_student_side(objective, world=world, device=device, use_compile=cfg.train.compile)
     opt = make_optimizer(cfg, objective)
     meta = dict(config=cfg.to_dict(), git_commit=git_commit(), online=online, world_size=world,
                 total_steps=total, steps_per_epoch=spe)
@@ -178,7 +227,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         diff = [f"{s}.{k}: checkpoint {ck['meta']['config'].get(s, {}).get(k)!r}, now {v!r}"
                 for s, sec in meta["config"].items() for k, v in sec.items()
                 if f"{s}.{k}" not in _MOVABLE and ck["meta"]["config"].get(s, {}).get(k) != v]
@@ -188,9 +237,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
             raise ValueError(f"cannot resume {ckpt_path}: it was made with another config:\n  " + "\n  ".join(diff))
         objective.student_side().load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if torch.cuda.is_available() and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        restore_rng(ck["rng"], device)
         step = int(ck["step"])
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume to continue it "
@@ -204,14 +251,13 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         if rank == 0:
             _save_atomic(dict(model=objective.student_side().state_dict(), optimizer=opt.state_dict(),
                               step=step, epoch=step // spe, step_in_epoch=step % spe, meta=meta,
-                              rng=dict(torch=torch.get_rng_state(),
-                                       cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
+                              rng=rng_state(device)),
                          ckpt_path)
         dist.barrier()
 
     dev = torch.device(device)
     use_amp = dev.type == "cuda" and cfg.train.amp == "bf16"
-    flops = student_flops_per_image(cfg, cfg.data.student_visible)
+    flops = None                                        # per image, from the first batch's shapes
     peak = _peak_flops(dev)
     bar = tqdm(total=total, initial=step, unit="step", desc="train" + (" (online)" if online else ""),
                disable=not progress or rank != 0, dynamic_ncols=True)
@@ -224,6 +270,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
             epoch, start = divmod(step, spe)
             for s_in_epoch, cpu_batch in source.epoch(epoch, start_step=start):
                 batch = source.materialize(cpu_batch, device)
+                if flops is None:
+                    flops = step_flops_per_image(cfg, n_visible=batch["student_visible"].shape[1], teacher_tokens={
+                        n: 1 + t["index"].shape[1] for n, t in batch["teachers"].items()})["total"]
                 parts = train_step(objective, opt, batch, lr=float(lrs[step]), clip_grad=cfg.train.clip_grad,
                                    amp=use_amp)
                 loss = parts["loss"]
@@ -236,9 +285,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                 img_log += plan.batch_size
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total:
-                    if int(first_bad) >= 0:                     # host sync: logging interval
-                        raise NonFiniteLoss(f"non-finite loss at step {int(first_bad)}; stopping "
-                                            f"(last good checkpoint: {ckpt_path})")
+                    stop_if_non_finite(first_bad, world=world, ckpt_path=ckpt_path)   # host sync
                     if world > 1:                               # the global batch's mean
                         keys = sorted(sums)
                         flat = torch.stack([sums[k] for k in keys])

@@ -194,3 +194,96 @@ def test_non_finite_loss_stops_the_run_naming_the_step(prepared_data, teacher_st
     cfg = _cfg(prepared_data, teacher_store, **{"train.log_every": 3})
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 1"):
         train(cfg, out_dir=tmp_path / "nan", max_steps=6, progress=False)
+
+
+def test_compiled_student_side_matches_eager_losses(prepared_data, teacher_store, tmp_path, monkeypatch):
+    """train.compile=true wraps the student side in torch.compile (after DDP, if any). The
+    aot_eager backend keeps this test short (inductor's first C++ compile of the student
+    takes ~90 s on two CPU cores); it traces the same graph inductor would compile."""
+    import train.loop as loop
+    monkeypatch.setattr(loop, "COMPILE_BACKEND", "aot_eager")
+    small = {"model.depth": 2, "data.teachers": "[mae]"}
+    train(_cfg(prepared_data, teacher_store, **small), out_dir=tmp_path / "eager", max_steps=2, progress=False)
+    train(_cfg(prepared_data, teacher_store, **small, **{"train.compile": "true"}), out_dir=tmp_path / "compiled",
+          max_steps=2, progress=False)
+    eager, compiled = np.array(_losses(tmp_path / "eager")), np.array(_losses(tmp_path / "compiled"))
+    print(f"eager {eager.tolist()}, compiled {compiled.tolist()}")
+    assert len(eager) == 2 and np.all(np.abs(compiled - eager) <= 1e-5 * np.abs(eager))
+    keys = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"].keys()
+    assert "student.vit.cls_token" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_resume_loads_to_the_cpu_and_restores_each_generator_with_its_own_setter(tmp_path, monkeypatch):
+    """A checkpoint loaded onto its device (map_location=device, as before) moves the CPU RNG
+    state there and torch.set_rng_state refuses it ("meta" stands in for a GPU); loaded onto
+    the CPU, the CPU state is restored exactly and the CUDA state goes, as a CPU byte
+    tensor, to torch.cuda.set_rng_state for the run's device."""
+    import train.loop as loop
+    torch.manual_seed(3)
+    cuda_state = torch.randint(0, 256, (16,), dtype=torch.uint8)      # stands in for a GPU's state
+    saved = dict(torch=torch.get_rng_state(), cuda=cuda_state)
+    path = tmp_path / "last.pt"
+    torch.save(dict(step=5, rng=saved), path)
+    expected = torch.rand(4)
+    with pytest.raises((RuntimeError, TypeError)):
+        torch.set_rng_state(torch.load(path, map_location="meta", weights_only=False)["rng"]["torch"])
+    ck = loop.load_checkpoint(path)
+    assert all(t.device.type == "cpu" for t in ck["rng"].values())
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    torch.rand(100)                                                     # move the generator on
+    loop.restore_rng(ck["rng"], "cuda:1")
+    assert torch.equal(torch.rand(4), expected)
+    ((state, device),) = calls
+    assert state.device.type == "cpu" and state.dtype == torch.uint8 and torch.equal(state, cuda_state)
+    assert device == torch.device("cuda:1")
+    calls.clear()
+    loop.restore_rng(ck["rng"], "cpu")                                  # a CPU run sets no CUDA state
+    assert calls == [] and torch.equal(torch.rand(4), expected)
+
+
+# Each rank runs the loop's check on its own first bad step (-1: none) for every case, then the
+# loop's next collective; before the fix a rank that raised left the other waiting in it.
+_CASES = [(-1, 3), (7, 4), (-1, -1)]
+_AGREE = """
+import datetime, os, sys
+import torch, torch.distributed as td
+from train.loop import NonFiniteLoss, stop_if_non_finite
+rank = int(os.environ["RANK"])
+td.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+for case in sys.argv[1:]:
+    bad = int(case.split(",")[rank])
+    try:
+        stop_if_non_finite(torch.tensor(bad), world=2, ckpt_path="last.pt")
+        td.all_reduce(torch.ones(3))    # the loop's next collective: the global mean of the losses
+        print("continued", flush=True)
+    except NonFiniteLoss as e:
+        print(e, flush=True)
+td.destroy_process_group()
+"""
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank_naming_the_same_step(tmp_path):
+    import socket
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    cases = [f"{a},{b}" for a, b in _CASES]
+    procs = [subprocess.Popen([sys.executable, str(script), *cases], cwd=tmp_path, env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    want = []
+    for case in _CASES:
+        first = min((b for b in case if b >= 0), default=None)
+        want.append("continued" if first is None
+                    else f"non-finite loss at step {first}; stopping (last good checkpoint: last.pt)")
+    assert [o[0].splitlines() for o in outs] == [want, want]
