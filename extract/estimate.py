@@ -18,8 +18,14 @@ from store import views as V
 
 # Per (image, view) bytes of the small arrays: index int64, view int16, boxes 4 x int32, flip.
 _META_BYTES = 8 + 2 + 16 + 1
-# The teacher's statistics: mean (C,), components (C, C), eigenvalues (C,) float32.
+# The teacher's statistics: mean (C,), components (C, C), eigenvalues (C,) float32, and
+# the sample's image indices int64 (store/features.py: write_stats).
 STATS_BYTES = (768 + 768 * 768 + 768) * 4
+
+
+def stats_bytes(num_images: int, stats_images: int) -> int:
+    """Uncompressed bytes of one teacher's statistics."""
+    return STATS_BYTES + 8 * min(num_images, stats_images)
 
 
 def bytes_per_sample(codec: str, n_visible: int, *, pca_dim: int = codecs.PCA_DIM) -> int:
@@ -30,7 +36,7 @@ def bytes_per_sample(codec: str, n_visible: int, *, pca_dim: int = codecs.PCA_DI
 
 
 def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views: int,
-                 ranks: int = 1, batches: int = 3) -> dict:
+                 ranks: int = 1, batches: int = 3, stats_images: int = 1024) -> dict:
     """Measure ``batches`` batches (after a warm-up) and project a full run."""
     bs = extractor.batch_size
     index = np.arange(min(len(extractor.data), bs * (batches + 1)))
@@ -55,7 +61,7 @@ def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views:
     samples = num_images * views
     return dict(teacher=extractor.teacher.name, codec=codec, measured_images=n,
                 images_per_second=rate, ranks=ranks, bytes_per_sample=per_sample,
-                total_bytes=per_sample * samples + STATS_BYTES,
+                total_bytes=per_sample * samples + stats_bytes(num_images, stats_images),
                 hours=samples / (rate * ranks) / 3600.0, num_images=num_images, views=views)
 
 

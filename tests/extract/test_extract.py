@@ -202,7 +202,7 @@ def test_estimated_bytes_match_the_finished_store_within_5_percent(prepared_data
     with torch.random.fork_rng(devices=[]):
         model = build_teacher(teacher, random_init=True, seed=0)
     ex = Extractor(model, data, seed=0, views=2, batch_size=2, device="cpu", decoder="pil", num_threads=1)
-    e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=2, batches=1)
+    e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=2, batches=1, stats_images=4)
     on_disk = sum(f.stat().st_size for f in (Path(teacher_store) / teacher).rglob("*") if f.is_file())
     print(f"{teacher}: estimated {e['total_bytes']} B, store {on_disk} B, "
           f"{e['total_bytes'] / on_disk - 1:+.2%}")
