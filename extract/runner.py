@@ -2,7 +2,8 @@
 
 Work is a list of (image shard, slot) blocks. Each rank (torchrun) owns the image shards
 ``shard % world_size == rank``, so ranks never coordinate beyond creating the store, and a
-killed run resumes by skipping blocks already marked complete. Within a rank, decoding of
+killed run resumes by skipping blocks already marked complete. Rank 0 holds the teacher's
+writer lock for the whole job (store/lock.py), so a second job is refused. Within a rank, decoding of
 the next batch, the teacher forward of this one and the write of the previous block
 overlap (a decode thread, the main thread, a writer thread).
 
