@@ -63,8 +63,9 @@ def _time_steps(objective, opt, batches, *, amp: bool, device) -> float:
 
 def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 2, rounds: int = 3,
             device: str = "cpu", decoder: str = "dali", threads: int = 2, views: int = 1, streams: int = 1,
-            modes=("cached", "online", "ceiling")) -> list[dict]:
+            modes=("cached", "online", "ceiling"), teachers: dict | None = None) -> list[dict]:
     """Rows {mode, images_per_second, seconds, steps, batch_size, ...} measured in this process.
+    ``teachers``: {name: Teacher} already built, for the online row (``build_source``).
 
     The modes are timed in turn, ``rounds`` times (A B C A B C ...), each round over ``steps``
     steps after ``warmup`` untimed ones, and each row keeps its median round: on a noisy
@@ -81,7 +82,7 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     amp = torch.device(device).type == "cuda"
     setups = {}
     for mode in modes:
-        source, stats = build_source(cfg, plan, online=(mode == "online"), device=device)
+        source, stats = build_source(cfg, plan, online=(mode == "online"), device=device, teachers=teachers)
         objective = build_objective(cfg, stats).to(device)
         batches = [source.materialize(b, device) for _, b in source.epoch(0)][:need] if mode == "ceiling" else None
         setups[mode] = (source, objective, make_optimizer(cfg, objective), batches)

@@ -53,7 +53,7 @@ class DemoSettings:
     max_side: int = 256             # long side of the photos in pixels
     views: int = 2                  # cached views per training image
     seed: int = 0
-    steps: int = 150                # student steps
+    steps: int = 100                # student steps
     batch_size: int = 16
     lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
     codec: str = "fp16"
@@ -86,6 +86,32 @@ def teacher_sources(checkpoints) -> dict[str, str | None]:
 
 
 # ---- stages ---------------------------------------------------------------------------------
+def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False) -> float:
+    """Images per second of one teacher forward on a batch of ``images`` seeded noise images
+    after a warm-up batch of 2: masked as in extraction (its visible patches of view 0, seed
+    0), or ``full`` (196 patches); fp32 on the CPU. The machine's speed, by which the demo's
+    time is normalised (bench/demo.py, docs/performance.md)."""
+    import torch
+
+    from store import views as V
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(images, 3, 224, 224, generator=g).to(device)
+    visible = torch.from_numpy(V.teacher_visible(0, np.arange(images), 0, teacher.name)).to(device)
+
+    def forward(n):
+        return teacher.forward_full(batch[:n]) if full else teacher(batch[:n], visible[:n])
+    with torch.inference_mode():
+        forward(2)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        forward(images)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    return images / (time.perf_counter() - t)
+
+
 def write_photos(root: Path, settings: DemoSettings) -> tuple[Path, Path, bool]:
     """(train tree, held-out tree, reused). Written once; ``done.json`` marks a finished write."""
     from store.photos import write_photo_tree
@@ -127,9 +153,11 @@ def _teacher_done(store: Path, data, name: str, source: str | None, views: int, 
 
 
 def extract_all(store: Path, data, *, views: int, stats_images: int, sources: dict, settings: DemoSettings,
-                device: str, built: dict, progress: bool) -> tuple[str, bool]:
+                device: str, built: dict, progress: bool, rate: dict | None = None) -> tuple[str, bool]:
     """Run the missing teachers over ``data`` into ``store``; returns (stage note, all reused).
-    A teacher already complete is not even built; ``built`` caches the teachers that were."""
+    A teacher already complete is not even built; ``built`` caches the teachers that were.
+    ``rate``, when given and empty, receives {"images_per_second": ``teacher_rate``} of the
+    first teacher built."""
     from extract.runner import run_extraction
     from extract.teachers import build_teacher
 
@@ -142,6 +170,8 @@ def extract_all(store: Path, data, *, views: int, stats_images: int, sources: di
             built[name] = (build_teacher(name, checkpoint=sources[name], device=device) if sources[name] else
                            build_teacher(name, random_init=True, seed=settings.seed, device=device,
                                          model_kwargs=settings.teacher_kwargs or None))
+            if rate is not None and not rate:
+                rate.update(teacher=name, images_per_second=teacher_rate(built[name], device=device))
         s = run_extraction(teacher=built[name], data=data, store_path=store, views=views, seed=settings.seed,
                            codec=settings.codec, batch_size=settings.teacher_batch, device=device,
                            decoder=settings.decoder, num_threads=2, stats_images=stats_images,
@@ -241,23 +271,51 @@ def codec_sizes(store: Path, *, teachers, num_images: int, views: int, samples: 
             "projected_fp16_bytes": fp16["demo_bytes"]}
 
 
-def measure_throughput(*, data: Path, store: Path, settings: DemoSettings, device: str) -> dict:
-    """Rows of ``bench.train.measure`` (cached / online / ceiling), or {"skipped": why}."""
+def training_throughput(metrics: list[dict], *, batch_size: int) -> dict | None:
+    """The cached row from the training stage itself: the median images/s of its logged
+    intervals (``train.log_every`` steps each), the first one (start-up) left out unless it is
+    the only one; None when nothing was logged."""
+    ips = [r["images_per_second"] for r in (metrics[1:] or metrics) if "images_per_second" in r]
+    if not ips:
+        return None
+    return dict(mode="cached", images_per_second=float(np.median(ips)), intervals=len(ips),
+                batch_size=batch_size, spread=[float(min(ips)), float(max(ips))], source="training stage")
+
+
+def measure_throughput(*, data: Path, store: Path, settings: DemoSettings, device: str,
+                       metrics: list[dict], teachers: dict | None = None) -> dict:
+    """Rows cached / ceiling / online, or {"skipped": why}.
+
+    cached: the training stage's own rate (``training_throughput``: the same store reads,
+    decoding and step, over the whole run); ceiling: ``bench.train.measure`` of the step alone
+    on batches in memory (3 rounds of ``bench_steps``); online: ``bench.train.measure`` with
+    the three teachers (the expensive row: 1 round of max(1, bench_steps // 2) steps after 1
+    warm-up), reusing ``teachers`` ({name: Teacher}) already built by the extract stage."""
     if settings.bench_steps < 1:
         return {"skipped": "bench_steps=0 (measurement turned off)"}
     try:
         from bench.train import measure
     except ImportError as error:
         return {"skipped": f"bench/train.py is not available ({error})"}
+    cached = training_throughput(metrics, batch_size=settings.batch_size)
+    if cached is None:
+        return {"skipped": "the training stage logged no throughput to give the cached row"}
     warmup = 1
+    common = dict(data=data, store=store, batch_size=settings.batch_size, steps=settings.bench_steps,
+                  warmup=warmup, device=device, decoder=settings.decoder, threads=2, views=settings.views,
+                  streams=1)
     try:
-        rows = measure(data=data, store=store, batch_size=settings.batch_size, steps=settings.bench_steps,
-                       warmup=warmup, device=device, decoder=settings.decoder, threads=2, views=settings.views,
-                       streams=1, modes=("cached", "ceiling", "online"))
+        ceiling = measure(**common, rounds=3, modes=("ceiling",))
+        online = measure(**dict(common, steps=max(1, settings.bench_steps // 2)), rounds=1, modes=("online",),
+                         teachers=teachers)
     except SystemExit as error:                       # measure's own "too little data" refusal
         return {"skipped": str(error)}
+    rows = [cached, *ceiling, *online]
+    for r in rows:
+        r["vs_online"] = r["images_per_second"] / online[0]["images_per_second"]
+        r["vs_ceiling"] = r["images_per_second"] / ceiling[0]["images_per_second"]
     return {"rows": rows, "device": device, "batch_size": settings.batch_size, "steps": settings.bench_steps,
-            "warmup": warmup}
+            "online_steps": online[0]["steps"], "warmup": warmup, "cached_intervals": cached["intervals"]}
 
 
 # ---- the pipeline -------------------------------------------------------------------------
@@ -298,10 +356,10 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
         for n, src in sources.items()))
 
     def stage(name: str, fn):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         note = fn()
         seconds = time.perf_counter() - t0
-        stages.append({"stage": name, "seconds": seconds, "note": note})
+        stages.append({"stage": name, "seconds": seconds, "cpu_seconds": time.process_time() - c0, "note": note})
         echo(f"[{len(stages)}/{n_stages}] {name:<10} {seconds:6.1f} s  {note}")
 
     # 1-2: photos and shards
@@ -335,18 +393,24 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     views = {"train": settings.views, "heldout": 1}
     stats_images = {"train": settings.stats_images, "heldout": min(4, settings.stats_images)}
 
+    rate: dict = {}
+
     def extract():
         notes = []
         for split in ("train", "heldout"):
             note, all_done = extract_all(stores[split], data[split], views=views[split],
                                          stats_images=stats_images[split], sources=sources, settings=settings,
-                                         device=device, built=built, progress=progress)
+                                         device=device, built=built, progress=progress, rate=rate)
             if all_done:
                 reused.append(f"{split} feature store (all teachers complete)")
             notes.append(f"{split}: {note}")
+        if rate:
+            notes.append(f"this machine: one {rate['teacher']} teacher forward (masked, as extracted) "
+                         f"{rate['images_per_second']:.2f} img/s")
         return "; ".join(notes)
     stage("extract", extract)
-    built.clear()                                         # free the teachers before training
+    if settings.bench_steps < 1:
+        built.clear()                 # free the teachers before training; else kept for the online row
 
     def verify():
         for split in ("train", "heldout"):
@@ -409,12 +473,15 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             reused.append("throughput measurement")
             return "reused the measurement of an earlier run"
         meas["throughput"] = measure_throughput(data=out / "data" / "train", store=stores["train"],
-                                                settings=settings, device=device)
+                                                settings=settings, device=device,
+                                                metrics=report.read_metrics(run_dir / "metrics.jsonl"),
+                                                teachers=built)
         rows = meas["throughput"].get("rows")
         if not rows:
             return f"skipped: {meas['throughput']['skipped']}"
         return ", ".join(f"{r['mode']} {r['images_per_second']:.1f} img/s" for r in rows)
     stage("throughput", throughput)
+    built.clear()
 
     def sizes():
         was = "sizes" in meas
@@ -464,7 +531,9 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
                 "cka": meas["cka"], "throughput": meas["throughput"], "sizes": meas["sizes"],
                 "panels": panels, "reused": list(reused)}
         report.write_markdown(report_dir / "README.md", info)
-        return f"{report_dir / 'README.md'} ({len(panels)} panels)"
+        return f"{report_dir / 'README.md'} ({len(panels)} panels; stages before this one " \
+               f"{sum(s['seconds'] for s in stages):.1f} s)"
     stage("report", write_report)
     return {"report": report_dir / "README.md", "stages": stages, "reused": reused, "cka": meas["cka"],
-            "throughput": meas["throughput"], "sizes": meas["sizes"], "run_dir": run_dir}
+            "throughput": meas["throughput"], "sizes": meas["sizes"], "run_dir": run_dir,
+            "teacher_rate": rate.get("images_per_second")}

@@ -157,8 +157,10 @@ def _teacher_stats(stores: dict) -> dict:
     return {name: (ts.stats["mean"], ts.stats["components"]) for name, ts in stores.items()}
 
 
-def build_source(cfg: Config, plan: Plan, *, online: bool, device: str):
-    """The batch source and the teachers' statistics (adapter initialisation)."""
+def build_source(cfg: Config, plan: Plan, *, online: bool, device: str, teachers: dict | None = None):
+    """The batch source and the teachers' statistics (adapter initialisation). ``teachers``
+    (online only): {name: Teacher} already built, used instead of building them (the demo
+    reuses its extraction's), checked against the store all the same."""
     kw = dict(decoder=cfg.data.decoder, device=device, num_threads=max(1, cfg.data.num_workers))
     cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers, **kw) if not online else None
     if cached is not None:
@@ -166,10 +168,11 @@ def build_source(cfg: Config, plan: Plan, *, online: bool, device: str):
     from extract.teachers import build_teacher
     fs = FeatureStore.open(cfg.data.store, views=cfg.data.views, seed=cfg.data.seed)
     stores = {name: fs.teacher(name) for name in cfg.data.teachers}
-    teachers = {}
+    prebuilt, teachers = teachers or {}, {}
     for name, ts in stores.items():
         c = ts.config
-        t = (build_teacher(name, random_init=True, seed=fs.seed, device=device) if c["untrained"]
+        t = (prebuilt[name].to(device) if name in prebuilt else
+             build_teacher(name, random_init=True, seed=fs.seed, device=device) if c["untrained"]
              else build_teacher(name, checkpoint=c["source"], device=device))
         if t.digest != c["checkpoint_digest"]:
             raise StoreError(f"online teacher {name} ({t.source}) is not the one the store was made with "

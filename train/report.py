@@ -313,9 +313,13 @@ def write_markdown(path, info: dict) -> Path:
     lines += ["## Training throughput", ""]
     tp = info["throughput"]
     if tp.get("rows"):
-        lines += [f"Measured in this demo on `{tp['device']}` with `bench.train.measure` "
-                  f"(batch {tp['batch_size']}, {tp['steps']} timed steps after {tp['warmup']} warm-up; a short "
-                  "measurement, noisy on a shared CPU).", "",
+        lines += [f"Measured in this demo on `{tp['device']}`, batch {tp['batch_size']}: the cached row is the "
+                  "training stage's own rate (the median of "
+                  f"{tp.get('cached_intervals', '?')} logged intervals of the run; the first, with the start-up, is "
+                  "left out when there are others); ceiling and online are "
+                  f"`bench.train.measure` after {tp['warmup']} warm-up step (ceiling: the median of 3 rounds of "
+                  f"{tp['steps']} timed steps; online: 1 round of {tp.get('online_steps', tp['steps'])}). Short "
+                  "measurements, noisy on a shared CPU.", "",
                   _table(["path", "images/s", "x online", "/ ceiling"],
                          [[r["mode"], f"{r['images_per_second']:.1f}",
                            "-" if r.get("vs_online") is None else f"{r['vs_online']:.2f}",

@@ -74,8 +74,11 @@ def test_cached_fp16_tokens_equal_a_fresh_forward(prepared_data, reference_store
 @pytest.mark.parametrize("codec,min_cos,max_rel", [("int8", 0.9999, 0.01), ("pca", None, None)])
 def test_other_codecs_are_faithful(prepared_data, reference_store, teacher, tmp_path, codec, min_cos, max_rel):
     ds = ImageSet.open(prepared_data)
-    run_extraction(teacher=teacher, data=ds, store_path=tmp_path / "s", views=VIEWS, seed=0, batch_size=4,
-                   decoder="pil", codec=codec, pca_dim=256, progress=False)
+    summary = run_extraction(teacher=teacher, data=ds, store_path=tmp_path / "s", views=VIEWS, seed=0,
+                             batch_size=4, decoder="pil", codec=codec, pca_dim=256, progress=False)
+    # pca encodes with the statistics' basis: a teacher pass first; int8 reads its own stored tokens
+    assert summary["stats"] == ("teacher pass before the blocks" if codec == "pca"
+                                else "from the stored slot-0 tokens")
     ts = FeatureStore.open(tmp_path / "s").teacher("mae")
     ref = FeatureStore.open(reference_store).teacher("mae")
     idx = np.arange(len(ds))

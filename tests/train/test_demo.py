@@ -145,3 +145,14 @@ def test_teacher_sources_use_the_official_files_present_and_random_init_for_the_
     assert teacher_sources(tmp_path) == {"mae": str((tmp_path / "mae_pretrain_vit_base.pth").resolve()),
                                          "mocov3": None, "ibot": None}
     assert teacher_sources(None) == {"mae": None, "mocov3": None, "ibot": None}
+
+
+def test_cached_throughput_row_is_the_training_stages_median_rate_without_its_first_interval():
+    from train.demo import training_throughput
+    metrics = [{"step": 5, "images_per_second": 1.0}, {"step": 10, "images_per_second": 30.0},
+               {"step": 15, "images_per_second": 10.0}, {"step": 20, "images_per_second": 20.0}]
+    row = training_throughput(metrics, batch_size=16)
+    assert row["mode"] == "cached" and row["images_per_second"] == 20.0 and row["intervals"] == 3
+    assert row["spread"] == [10.0, 30.0]
+    assert training_throughput(metrics[:1], batch_size=16)["images_per_second"] == 1.0   # the only one
+    assert training_throughput([], batch_size=16) is None
