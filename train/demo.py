@@ -6,12 +6,15 @@ Stages (each prints one line with its time; a second run reuses what the first m
                  each of the 13 photos) and held-out (``heldout_copies`` further crops);
  2. prepare      both trees packed into shards (a finished prepare says "nothing to do");
  3. extract      the three teachers over every (image, view) of both sets (complete
-                 teachers are skipped without being built; partial ones resume);
+                 teachers are skipped without being built; partial ones resume); the
+                 statistics come from the stored tokens (no second teacher pass); the note
+                 gives this machine's ViT-B forward rate (``teacher_rate``);
  4. verify       both stores against their data;
  5. train        the student on the cached store (a finished run with the same config is
                  reused, an unfinished one resumed);
  6. evaluate     linear CKA of trained vs untrained student on the held-out views;
- 7. throughput   cached vs online vs in-memory ceiling (``bench.train.measure``);
+ 7. throughput   cached (the training stage's own rate) vs online vs in-memory ceiling
+                 (``bench.train.measure``; the online row reuses the extract stage's teachers);
  8. sizes        the store's bytes per codec, measured on its own tokens;
  9. report       OUT/report/README.md with figures and panels.
 
