@@ -19,6 +19,7 @@ take explicit keyword arguments.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,15 +109,18 @@ class DataConfig:
 
     store: str = ""                     # feature store directory (required to train)
     images: str = ""                    # packed image set (prepare output) (required to train)
-    views: int = 4                      # V cached views per image; epoch e uses (e + i) mod V
+    views: int | str = "auto"           # V cached views per image; epoch e uses (e + i) mod V;
+                                        # "auto": the store's V (an explicit V must equal it)
     seed: int = 0                       # root of every view/mask draw (must match the store)
     teachers: tuple[str, ...] = ("mae", "mocov3", "ibot")
     student_visible: int = 49           # 25% of 196 patches
     decoder: str = "dali"               # image decoder: "dali" or "pil" (reference)
     num_workers: int = 8
     shuffle_window: int = 4             # samples are shuffled within this many shards of a stream
-    streams: int = 8                    # independent shard streams (train/loader.py); a multiple
-                                        # of the world size, fixed so batches do not depend on it
+    streams: int | str = "auto"         # independent shard streams (train/loader.py), fixed so
+                                        # batches do not depend on the world size; "auto": the most
+                                        # of 8, 4, 2, 1 that suit the data and the global batch
+                                        # (train/loader.py: auto_streams)
 
 
 @dataclass
@@ -124,7 +128,7 @@ class TrainConfig:
     """The loop: batch, precision, clipping, logging and checkpoint intervals."""
 
     batch_size: int = 4096              # global batch over all ranks
-    clip_grad: float = 3.0              # (choice) max grad norm; 0 disables clipping
+    clip_grad: float = 0.0              # max grad norm; 0 (MAE's recipe) disables clipping
     amp: str = "bf16"                   # "bf16" autocast on GPU or "none"; CPU runs fp32
     seed: int = 0                       # model initialisation and any training-time noise
     log_every: int = 50                 # steps between logged metrics (the only host syncs)
@@ -132,6 +136,11 @@ class TrainConfig:
     out_dir: str = "runs/comad"
     compile: bool = False               # torch.compile (inductor) the student side (train/loop.py)
 
+
+# Keys whose value "auto" is resolved when a run starts (train/loader.py: resolve_data) and
+# written resolved into the run's config.yaml.
+AUTO = "auto"
+AUTO_KEYS = ("data.views", "data.streams")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "decoder.pos_embed": ("sincos", "learned"),
@@ -201,13 +210,18 @@ class Config:
         positive = ["model.embed_dim", "model.depth", "model.num_heads", "decoder.width",
                     "decoder.depth", "decoder.num_heads", "adapters.in_dim", "gate.tau",
                     "loss.tau", "loss.tau_spatial", "optim.base_lr", "optim.lr_reference_batch",
-                    "schedule.epochs", "data.views", "data.student_visible",
+                    "schedule.epochs", "data.student_visible",
                     "train.batch_size", "train.log_every", "train.ckpt_every",
-                    "data.shuffle_window", "data.streams"]
+                    "data.shuffle_window"]
         for key in positive:
             sec, name = key.split(".")
             if not getattr(getattr(self, sec), name) > 0:
                 raise ValueError(f"config {key}={getattr(getattr(self, sec), name)!r} must be > 0")
+        for key in AUTO_KEYS:
+            sec, name = key.split(".")
+            value = getattr(getattr(self, sec), name)
+            if value != AUTO and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"config {key}={value!r} must be {AUTO!r} or an integer > 0")
         nonneg = ["model.drop_path", "loss.spatial_weight", "loss.recon_weight", "optim.eps",
                   "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                   "data.seed", "data.num_workers", "train.clip_grad"]
@@ -344,6 +358,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return ValueError(f"config {key}={shown} is not a valid {_type_name(tp)}")
 
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):   # e.g. int | str: the first type that takes it
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value if raw is None else _FromString(raw, value), arm, key)
+            except ValueError:
+                continue
+        raise bad()
     if origin is tuple:
         args = typing.get_args(tp)
         if raw is not None and isinstance(value, str):

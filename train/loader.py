@@ -4,15 +4,24 @@ Order (DESIGN.md "Hot paths"). The data is read as ``streams`` independent strea
 number fixed by the config and not by the world size. At epoch e the image shards are
 shuffled by a hash of (seed, e); stream j takes every ``streams``-th shard of that order,
 groups its shards into windows of ``window`` shards, and shuffles the samples of a window
-by a hash of (seed, e, index). Global batch k is the k-th slice of every stream, and rank
-r of W serves the streams j with j mod W == r. So:
+by a hash of (seed, e, index). Global batch k is the k-th slice of every stream. Rank r of
+W serves the streams j with j mod W == r; when W is a multiple of the streams (a small set
+read as one or two streams), the W / streams ranks of stream j = r // (W / streams) serve
+equal parts of its slice. So:
 
-- image shards and feature blocks are read whole and in sequence, each by one rank only;
+- image shards and feature blocks are read whole and in sequence, each by one rank only
+  (by the ranks sharing a stream when there are fewer streams than ranks);
 - the samples of a global batch do not depend on the world size (1, 2, 4, 8 ranks with
-  8 streams see the same global batches), which is what lets a 2-rank run follow the
-  single-process loss curve;
+  8 streams, or with 1 stream, see the same global batches), which is what lets a 2-rank
+  run follow the single-process loss curve and resume a run on another world size;
 - a batch is a pure function of (seed, epoch, step): resuming at step k reads nothing
   before it.
+
+``data.streams=auto`` (``auto_streams``) takes the most of 8, 4, 2, 1 streams that the data
+and the global batch allow without dropping more than a tenth of what one stream would
+train on per epoch: 8 on ImageNet, 1 on a set of a few dozen images. ``resolve_data``
+turns ``auto`` (streams, and views, which come from the store) into numbers once, when a
+run starts; the run's config.yaml records them.
 
 Both sources give the same batch for the same step: the same images, views (e + i) mod V,
 crops, flips and student masks; only where the teacher tokens come from differs.
@@ -21,15 +30,18 @@ image indices it must hold, and every teacher's crops against the others'.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
 
 from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
+from train.config import AUTO, Config
 
 _ROLE_SHARD_ORDER, _ROLE_SAMPLE_ORDER = 11, 12
 
@@ -66,11 +78,60 @@ def steps_per_epoch(shards: list, *, global_batch: int, streams: int) -> int:
     return steps
 
 
+AUTO_STREAMS = (8, 4, 2, 1)       # data.streams=auto picks from these, most first
+AUTO_STREAMS_KEEP = 0.9           # ... keeping at least this share of one stream's steps
+
+
+def auto_streams(shards: list, *, global_batch: int) -> int:
+    """``data.streams=auto``: the most streams of ``AUTO_STREAMS`` that divide the global batch
+    and give at least ``AUTO_STREAMS_KEEP`` of the steps per epoch one stream gives (each
+    stream drops its last partial slice and the shards it cannot be sure of).
+
+    A function of the shards and the global batch only, never of the world size, so every
+    world size resolves it alike. Raises ValueError when the data is too small for even one
+    stream."""
+    one = steps_per_epoch(shards, global_batch=global_batch, streams=1)
+    for s in AUTO_STREAMS:
+        if global_batch % s:
+            continue
+        try:
+            steps = steps_per_epoch(shards, global_batch=global_batch, streams=s)
+        except ValueError:
+            continue
+        if steps >= AUTO_STREAMS_KEEP * one:
+            return s
+    return 1
+
+
+def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Config:
+    """``cfg`` with ``data.views`` and ``data.streams`` set to numbers.
+
+    data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
+    V; an explicit V that differs is refused (StoreError naming the store and the key).
+    ``streams``: ``auto`` takes ``recorded["streams"]`` when given (the ``data`` section of
+    the config a resumed run recorded), else ``auto_streams``."""
+    store = FeatureStore.open(cfg.data.store)
+    views = cfg.data.views
+    if views == AUTO:
+        views = store.views
+    elif views != store.views:
+        raise StoreError(f"{store.path}: holds {store.views} views per image but the config sets "
+                         f"data.views={views}; leave data.views at auto or set it to {store.views}")
+    streams = cfg.data.streams
+    if streams == AUTO:
+        streams = (recorded or {}).get("streams", AUTO)
+    if streams == AUTO:
+        shards = [[int(s["first"]), int(s["count"])] for s in data.shards]
+        streams = auto_streams(shards, global_batch=cfg.train.batch_size)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=int(views), streams=int(streams)))
+
+
 @dataclass
 class Plan:
     """What both sources share: data, seed, views, batch geometry and order.
 
-    ``batch_size`` is the global batch; this rank serves ``batch_size / world``."""
+    ``batch_size`` is the global batch; this rank serves ``batch_size / world``: the whole
+    slices of its streams, or, with fewer streams than ranks, its part of one stream's."""
     data: object
     seed: int
     views: int
@@ -82,10 +143,13 @@ class Plan:
     n_student: int = V.STUDENT_VISIBLE
 
     def __post_init__(self):
-        if self.streams % self.world:
-            raise ValueError(f"data.streams={self.streams} must be a multiple of the world size {self.world}")
+        if self.streams % self.world and self.world % self.streams:
+            raise ValueError(f"data.streams={self.streams} and the world size {self.world}: one must be "
+                             "a multiple of the other")
         if self.batch_size % self.streams:
             raise ValueError(f"train.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
+        if self.batch_size % self.world:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by {self.world} ranks")
 
     @property
     def shards(self) -> list:
@@ -97,7 +161,19 @@ class Plan:
 
     @property
     def my_streams(self) -> list[int]:
-        return list(range(self.rank, self.streams, self.world))
+        if self.streams % self.world == 0:
+            return list(range(self.rank, self.streams, self.world))
+        return [self.rank // (self.world // self.streams)]
+
+    @property
+    def my_rows(self) -> slice:
+        """The rows of each of its streams' per-step slices this rank serves."""
+        per = self.batch_size // self.streams
+        if self.streams % self.world == 0:
+            return slice(0, per)
+        share = self.world // self.streams
+        part, n = self.rank % share, per // share
+        return slice(part * n, (part + 1) * n)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -111,12 +187,13 @@ class Plan:
     def batch_indices(self, epoch: int):
         """Yield (step, [(stream, window) touched], (local_batch,) indices) for every step."""
         per = self.batch_size // self.streams
+        rows = self.my_rows
         flat = {}
         for j, wins in self.windows(epoch).items():
             flat[j] = (np.concatenate([idx for _, idx in wins]),
                        np.concatenate([np.full(len(idx), w) for w, (_, idx) in enumerate(wins)]))
         for step in range(self.steps_per_epoch):
-            sl = slice(step * per, (step + 1) * per)
+            sl = slice(step * per + rows.start, step * per + rows.stop)
             touched = [(j, int(w)) for j in self.my_streams for w in sorted(set(flat[j][1][sl].tolist()))]
             yield step, touched, np.concatenate([flat[j][0][sl] for j in self.my_streams])
 
@@ -191,6 +268,7 @@ class CachedSource(_Source):
         for name in teachers:
             ts = self.fs.teacher(name)
             ts.require_complete()
+            _check_mask_ratio(ts)
             self.stores[name] = ts
 
     def _window(self, slot: int, shard_ids) -> dict:
@@ -267,6 +345,17 @@ class CachedSource(_Source):
             out["teachers"][name] = {"cls": tok[:, 0], "patch": tok[:, 1:],
                                      "index": t["visible"].to(device).long()}
         return out
+
+
+def _check_mask_ratio(ts) -> None:
+    """The store's masks must be the ones this code draws for the teacher (store/views.py
+    MASK_RATIOS, what the online path and the method use); else StoreError, one line."""
+    ratio = V.MASK_RATIOS[ts.name]
+    stored = (ts.config.get("mask_ratio"), ts.n_visible)
+    if stored != (ratio, V.num_visible(ratio)):
+        raise StoreError(f"{ts.path}: config mask_ratio={stored[0]} (n_visible {stored[1]}) but this run "
+                         f"masks teacher {ts.name} at {ratio} (n_visible {V.num_visible(ratio)}, "
+                         "store/views.py MASK_RATIOS); extract a new store")
 
 
 class OnlineSource(_Source):

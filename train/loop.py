@@ -26,7 +26,7 @@ from store.errors import ExpectedError
 from store.features import FeatureStore, StoreError
 from train.config import Config
 from train.flops import step_flops_per_image
-from train.loader import CachedSource, OnlineSource, Plan
+from train.loader import CachedSource, OnlineSource, Plan, resolve_data
 from train.objective import build_objective
 
 
@@ -207,6 +207,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} ranks")
     from store.shards import ImageSet
     data = ImageSet.open(cfg.data.images)
+    cfg = resolve_data(cfg, data, recorded=_recorded_data(out) if resume else None)
     plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, batch_size=cfg.train.batch_size,
                 rank=rank, world=world, window=cfg.data.shuffle_window, streams=cfg.data.streams,
                 n_student=cfg.data.student_visible)
@@ -322,6 +323,13 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     dist.barrier()
     return dict(steps=step, out_dir=str(out), last=last, seconds=elapsed)
+
+
+def _recorded_data(out: Path) -> dict | None:
+    """The ``data`` section of the run's resolved config.yaml, if it has one."""
+    import yaml
+    path = out / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}).get("data") if path.is_file() else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

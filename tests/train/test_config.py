@@ -17,7 +17,8 @@ def test_defaults_are_methods_values_and_lr_is_derived_from_batch():
     assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
     assert (cfg.schedule.epochs, cfg.train.batch_size) == (300, 4096)
     assert cfg.data.teachers == ("mae", "mocov3", "ibot")
-    assert (cfg.data.views, cfg.data.student_visible) == (4, 49)
+    assert (cfg.data.views, cfg.data.streams, cfg.data.student_visible) == ("auto", "auto", 49)
+    assert cfg.train.clip_grad == 0.0
     assert cfg.derived()["lr"] == pytest.approx(1.5e-4 * 4096 / 256)
     assert apply_overrides(cfg, ["train.batch_size=256"]).derived()["lr"] == pytest.approx(1.5e-4)
 

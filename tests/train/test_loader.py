@@ -1,0 +1,95 @@
+"""train/loader.py: the order of the global batches (no model), ``auto`` streams and views,
+and the store checks of the cached path."""
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from store.features import FeatureStore, StoreError
+from store.shards import ImageSet
+from train.config import load_config
+from train.loader import CachedSource, Plan, auto_streams, resolve_data
+
+
+def _data(counts):
+    """A stand-in for an ImageSet: only ``shards`` is read by Plan."""
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return SimpleNamespace(shards=[{"first": int(f), "count": int(c)} for f, c in zip(firsts, counts)])
+
+
+def _global_batches(data, *, world, streams, batch, epoch):
+    """Per step: the ranks' local batches, each (batch / world,)."""
+    ranks = [list(Plan(data, seed=3, views=2, batch_size=batch, rank=r, world=world, window=2,
+                       streams=streams).batch_indices(epoch)) for r in range(world)]
+    return [[ranks[r][k][2] for r in range(world)] for k in range(len(ranks[0]))]
+
+
+@pytest.mark.parametrize("streams", [1, 2, 8])
+def test_every_world_size_sees_the_same_global_batches_with_fewer_or_more_streams_than_ranks(streams):
+    data = _data([16] * 21 + [5])
+    batch = 32
+    ref = _global_batches(data, world=1, streams=streams, batch=batch, epoch=1)
+    assert len(ref) > 3
+    for world in (2, 4, 8):
+        got = _global_batches(data, world=world, streams=streams, batch=batch, epoch=1)
+        assert len(got) == len(ref)
+        for k, (mine, one) in enumerate(zip(got, ref)):
+            assert all(len(m) == batch // world for m in mine)
+            together = np.concatenate(mine)
+            assert len(np.unique(together)) == batch, (world, k)           # ranks never overlap
+            assert np.array_equal(np.sort(together), np.sort(one[0])), (world, k)
+
+
+def test_a_world_size_that_neither_divides_nor_is_divided_by_the_streams_is_refused():
+    with pytest.raises(ValueError, match="data.streams=2 and the world size 3"):
+        Plan(_data([16] * 8), seed=0, views=2, batch_size=12, world=3, streams=2)
+
+
+@pytest.mark.parametrize("counts, batch, expected", [
+    ([256] * 5004 + [143], 4096, 8),   # ImageNet-1k train: 1,281,167 images
+    ([41], 8, 1),                      # a few dozen photos in one shard
+    ([5, 5, 3], 4, 2),                 # the session's 13 photos in shards of 5
+    ([256] * 3 + [232], 256, 1),       # 1000 images: 2 streams would train on 2 of 3 steps
+    ([256] * 39 + [16], 256, 4),       # 10000 images: 4 streams keep 36 of 39 steps, 8 only 32
+    ([256] * 39 + [16], 90, 2),        # a batch that 4 and 8 streams do not divide
+])
+def test_auto_streams_takes_the_most_streams_that_keep_nine_tenths_of_an_epoch(counts, batch, expected):
+    assert auto_streams([[0, c] for c in counts], global_batch=batch) == expected
+
+
+def test_auto_streams_refuses_a_set_smaller_than_one_batch():
+    with pytest.raises(ValueError, match="1 image shards of 6 are too few for a global batch of 8"):
+        auto_streams([[0, 6]], global_batch=8)
+
+
+def test_auto_views_come_from_the_store_and_a_disagreeing_value_is_refused_in_one_line(prepared_data,
+                                                                                        teacher_store):
+    data = ImageSet.open(prepared_data)
+    base = [f"data.images={prepared_data}", f"data.store={teacher_store}", "train.batch_size=4"]
+    cfg = resolve_data(load_config(None, base), data)
+    assert (cfg.data.views, cfg.data.streams) == (2, 2)
+    assert resolve_data(load_config(None, base + ["data.views=2", "data.streams=1"]), data).data.streams == 1
+    # a resumed run keeps the streams it recorded
+    assert resolve_data(load_config(None, base), data, recorded={"views": 2, "streams": 1}).data.streams == 1
+    with pytest.raises(StoreError) as e:
+        resolve_data(load_config(None, base + ["data.views=4"]), data)
+    assert str(e.value) == (f"{teacher_store}: holds 2 views per image but the config sets data.views=4; "
+                            "leave data.views at auto or set it to 2")
+    for bad in ("data.views=four", "data.streams=0"):
+        with pytest.raises(ValueError, match=f"config {bad.split('=')[0]}=.* must be 'auto' or an integer > 0"):
+            load_config(None, [bad])
+
+
+def test_the_cached_path_refuses_a_store_masked_at_other_ratios(prepared_data, teacher_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(teacher_store, store)
+    group = FeatureStore.open(store).teacher("ibot").group
+    group.attrs["config"] = {**group.attrs["config"], "mask_ratio": 0.25}
+    plan = Plan(ImageSet.open(prepared_data), seed=0, views=2, batch_size=4, window=2, streams=2)
+    with pytest.raises(StoreError) as e:
+        CachedSource(plan, store_path=store, teachers=("mae", "ibot"), decoder="pil")
+    assert str(e.value) == (f"{store / 'ibot'}: config mask_ratio=0.25 (n_visible 137) but this run masks "
+                            "teacher ibot at 0.3 (n_visible 137, store/views.py MASK_RATIOS); extract a new store")
