@@ -1,7 +1,8 @@
 """What every evaluation shares: loading a backbone checkpoint, describing a result.
 
 ``load_backbone`` turns a plain timm ViT state dict (the student export, or any timm
-checkpoint) into a strict, headless timm model. ``write_result`` writes the one JSON
+checkpoint) into a strict, headless timm model; the all-zero placeholder classifier of the
+student export is dropped, a trained classifier is refused as an unexpected key. ``write_result`` writes the one JSON
 record an evaluation leaves behind: the metric, the protocol settings, the sha256 of
 the checkpoint that was evaluated and the git commit of the code that evaluated it.
 """
@@ -100,8 +101,9 @@ def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224
     ``timm_kwargs`` go to ``timm.create_model`` (e.g. ``img_size=32``,
     ``drop_path_rate=0.1``). ``checkpoint=None`` gives a randomly initialised model
     (for baselines and tests). The model is returned on the CPU in eval mode.
-    Any missing key, unexpected key or shape mismatch raises ``ValueError`` naming
-    all of them.
+    An all-zero classifier (the student export's placeholder) is dropped first
+    (``drop_placeholder_head``); then any missing key, unexpected key or shape
+    mismatch raises ``ValueError`` naming all of them.
     """
     import timm
 
@@ -112,7 +114,8 @@ def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224
         torch.manual_seed(0)
         net = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
     if checkpoint is not None:
-        state = read_state_dict(Path(checkpoint))
+        from train.export import drop_placeholder_head
+        state = drop_placeholder_head(read_state_dict(Path(checkpoint)), net)
         own = net.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -161,6 +161,8 @@ def load_student_checkpoint(student: MaskedStudent, path: str | Path) -> None:
                 break
     if not isinstance(state, dict):
         raise ValueError(f"student checkpoint {path} does not hold a state dict")
+    from train.export import drop_placeholder_head
+    state = drop_placeholder_head(state, student.vit)   # an export's all-zero classifier
     own = student.vit.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
