@@ -3,6 +3,7 @@
     python bench/train.py                      # builds a small photo set + store in a temp dir
     python bench/train.py --data D --store S   # on your own prepared data and store
     python bench/train.py --device cuda        # GPU: DALI GPU decoder, bf16 autocast
+    python bench/train.py --views 4            # the built-in store with 4 views (epochs read slot e mod 4)
 
 All three rows use the same objective, batch size, steps and machine:
 
@@ -16,6 +17,7 @@ Prints a table; ``measure(...)`` returns its rows for the demo report.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.config import load_config  # noqa: E402
 from train.flops import step_flops_per_image  # noqa: E402
-from train.loader import Plan  # noqa: E402
+from train.loader import Plan, resolve_data  # noqa: E402
 from train.loop import build_source, make_optimizer, train_step  # noqa: E402
 from train.objective import build_objective  # noqa: E402
 
@@ -48,56 +50,64 @@ def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: b
     return root / "data", root / "store"
 
 
-def _time_steps(objective, opt, batches, *, amp: bool, device) -> float:
+def _time_steps(objective, opt, batches, *, amp: bool, device, clip_grad: float) -> float:
     """Seconds for the steps over ``batches`` (an iterator of materialised batches)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t = time.perf_counter()
     for b in batches:
-        train_step(objective, opt, b, lr=1e-4, clip_grad=3.0, amp=amp)
+        train_step(objective, opt, b, lr=1e-4, clip_grad=clip_grad, amp=amp)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return time.perf_counter() - t
 
 
 def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 2, rounds: int = 3,
-            device: str = "cpu", decoder: str = "dali", threads: int = 2, views: int = 1, streams: int = 1,
-            modes=("cached", "online", "ceiling"), teachers: dict | None = None) -> list[dict]:
+            device: str = "cpu", decoder: str = "dali", threads: int = 2, views: int | str = "auto",
+            streams: int = 1, modes=("cached", "online", "ceiling"), teachers: dict | None = None) -> list[dict]:
     """Rows {mode, images_per_second, seconds, steps, batch_size, ...} measured in this process.
     ``teachers``: {name: Teacher} already built, for the online row (``build_source``).
 
     The modes are timed in turn, ``rounds`` times (A B C A B C ...), each round over ``steps``
     steps after ``warmup`` untimed ones, and each row keeps its median round: on a noisy
-    machine this compares the paths under the same conditions."""
+    machine this compares the paths under the same conditions. ``views``: the store's V
+    (``auto``) or a number that must equal it. The ceiling's batches are the first
+    ``warmup + steps`` of epoch 0, materialised once."""
+    from store.shards import ImageSet
+    images = ImageSet.open(data)
     cfg = load_config(None, [f"data.images={data}", f"data.store={store}", f"data.views={views}",
                              f"data.decoder={decoder}", f"data.num_workers={threads}", f"data.streams={streams}",
                              "data.shuffle_window=2", f"train.batch_size={batch_size}"])
-    from store.shards import ImageSet
-    plan = Plan(ImageSet.open(data), seed=0, views=views, batch_size=batch_size, window=2, streams=streams)
+    cfg = resolve_data(cfg, images)
+    plan = Plan(images, seed=0, views=cfg.data.views, batch_size=batch_size, window=2, streams=streams)
     need = warmup + steps
     if plan.steps_per_epoch < need:
         raise SystemExit(f"the data gives {plan.steps_per_epoch} steps of {batch_size} per epoch; "
                          f"need {need}: use more data or a smaller batch")
-    amp = torch.device(device).type == "cuda"
+    amp, clip = torch.device(device).type == "cuda", cfg.train.clip_grad
     setups = {}
     for mode in modes:
         source, stats = build_source(cfg, plan, online=(mode == "online"), device=device, teachers=teachers)
         objective = build_objective(cfg, stats).to(device)
-        batches = [source.materialize(b, device) for _, b in source.epoch(0)][:need] if mode == "ceiling" else None
+        batches = None
+        if mode == "ceiling":
+            epoch = source.epoch(0)
+            batches = [source.materialize(b, device) for _, b in itertools.islice(epoch, need)]
+            epoch.close()
         setups[mode] = (source, objective, make_optimizer(cfg, objective), batches)
     times = {mode: [] for mode in modes}
     for r in range(rounds):
         for mode, (source, objective, opt, batches) in setups.items():
             if batches is not None:
-                _time_steps(objective, opt, batches[:warmup], amp=amp, device=device)
-                times[mode].append(_time_steps(objective, opt, batches[warmup:], amp=amp, device=device))
+                _time_steps(objective, opt, batches[:warmup], amp=amp, device=device, clip_grad=clip)
+                times[mode].append(_time_steps(objective, opt, batches[warmup:], amp=amp, device=device, clip_grad=clip))
                 continue
             it = iter(source.epoch(r))
             warm = (source.materialize(next(it)[1], device) for _ in range(warmup))
-            _time_steps(objective, opt, warm, amp=amp, device=device)
+            _time_steps(objective, opt, warm, amp=amp, device=device, clip_grad=clip)
             timed = (source.materialize(next(it)[1], device) for _ in range(steps))
-            times[mode].append(_time_steps(objective, opt, timed, amp=amp, device=device))
+            times[mode].append(_time_steps(objective, opt, timed, amp=amp, device=device, clip_grad=clip))
             it.close()
     rows = []
     for mode in modes:
@@ -139,14 +149,18 @@ def main():
     ap.add_argument("--decoder", default="dali", choices=["dali", "pil"])
     ap.add_argument("--threads", type=int, default=2, help="decoder threads")
     ap.add_argument("--copies", type=int, default=16, help="photo copies for the built-in data (13 per copy)")
+    ap.add_argument("--views", type=int, default=None,
+                    help="views per image: extracted into the built-in store (default 1); with --store, "
+                         "must equal the store's (default: the store's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data, store = args.data, args.store
         if data is None or store is None:
             print("building a photo set and an untrained 3-teacher store ...", flush=True)
-            data, store = make_demo_store(Path(tmp), copies=args.copies)
+            data, store = make_demo_store(Path(tmp), copies=args.copies, views=args.views or 1)
         rows = measure(data=data, store=store, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                       rounds=args.rounds, device=args.device, decoder=args.decoder, threads=args.threads)
+                       rounds=args.rounds, device=args.device, decoder=args.decoder, threads=args.threads,
+                       views=args.views or "auto")
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ntraining throughput on {name}, batch {args.batch_size}, {args.rounds} rounds of {args.steps} "
           f"timed steps, decoder {args.decoder}")
