@@ -26,7 +26,7 @@ def student_state_dict(student) -> dict[str, torch.Tensor]:
 
 
 def drop_placeholder_head(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` without a classifier that is all zeros, when ``net`` has none.
+    """``state`` without a classifier (weight and bias) that is all zeros, when ``net`` has none.
 
     An all-zero classifier carries nothing: it is the placeholder ``student_state_dict``
     writes so that timm's default ``pretrained=True`` loading, strict with 1000
@@ -38,8 +38,8 @@ def drop_placeholder_head(state: Mapping[str, torch.Tensor], net: nn.Module) -> 
     own = net.state_dict()
     out = dict(state)
     for name in names:
-        keys = [k for k in (f"{name}.weight", f"{name}.bias") if k in out and k not in own]
-        if keys and all(not out[k].any() for k in keys):
+        keys = (f"{name}.weight", f"{name}.bias")
+        if all(k in out and k not in own and not out[k].any() for k in keys):
             for k in keys:
                 del out[k]
     return out

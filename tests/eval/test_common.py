@@ -73,6 +73,17 @@ def test_checkpoint_with_head_and_missing_block_fails_naming_keys(tmp_path):
     assert "missing keys" in msg and "blocks.1.attn.qkv.weight" in msg
 
 
+def test_an_all_zero_classifier_as_export_writes_it_is_dropped_and_a_trained_one_is_not(tmp_path):
+    src = _tiny_model()
+    state = {**src.state_dict(), "head.weight": torch.zeros(1000, 192), "head.bias": torch.zeros(1000)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "export.safetensors"))
+    assert _same_outputs(src, load_backbone(tmp_path / "export.safetensors", **TINY))
+    state["head.bias"][3] = 0.5
+    torch.save(state, tmp_path / "trained.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys \(2\): head.bias, head.weight"):
+        load_backbone(tmp_path / "trained.pth", **TINY)
+
+
 def test_checkpoint_of_another_architecture_fails(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(timm.create_model("vit_small_patch16_224", num_classes=0, **TINY).state_dict(),
