@@ -526,7 +526,7 @@ def eval_segmentation(data, checkpoint, model, model_args, out, device, iters, i
               help="Training images = 13 photos x COPIES crops.")
 @click.option("--heldout-copies", type=click.IntRange(min=1), default=1,
               help="Held-out images = 13 x this many further crops (never trained on).")
-@click.option("--steps", type=click.IntRange(min=1), default=100, help="Student training steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=150, help="Student training steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Student batch size.")
 @click.option("--bench-steps", type=click.IntRange(min=0), default=2,
               help="Timed steps per throughput row (0: skip the measurement).")

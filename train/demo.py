@@ -56,7 +56,7 @@ class DemoSettings:
     max_side: int = 256             # long side of the photos in pixels
     views: int = 2                  # cached views per training image
     seed: int = 0
-    steps: int = 100                # student steps
+    steps: int = 150                # student steps
     batch_size: int = 16
     lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
     codec: str = "fp16"
