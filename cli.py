@@ -205,14 +205,16 @@ def verify(store_path, data, teachers, no_values):
 @main.command(context_settings=CONTEXT)
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Images packed by `prepare` (data.images).")
-@click.option("--store", "store_path", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Feature store made by `extract` (data.store); --online uses it for the teachers' "
-                   "identity and statistics only.")
+@click.option("--store", "store_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Feature store made by `extract` (data.store). The online sources use it for the "
+                   "teachers' identity and statistics only; online-fresh can go without one "
+                   "(data.teachers_from).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML overrides of the default config (train/config.py).")
-@click.option("--online", is_flag=True, help="Run the teachers every step instead of reading the store "
-                                             "(the baseline).")
+@click.option("--online", is_flag=True, help="Same as data.source=online-replay: run the teachers every "
+                                             "step on the store's views (data.source=online-fresh: on a "
+                                             "new view every epoch).")
 @click.option("--epochs", type=int, default=None, help="Sets schedule.epochs.")
 @click.option("--steps", type=int, default=None, help="Stop after this many steps (schedule shortened to match).")
 @click.option("--batch-size", type=int, default=None, help="Sets train.batch_size (global, all ranks).")
@@ -228,7 +230,7 @@ def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_s
     from train.config import load_config
     from train.loop import train as run
 
-    extra = [f"data.images={data}", f"data.store={store_path}", f"train.out_dir={out_dir}"]
+    extra = [f"data.images={data}", f"train.out_dir={out_dir}"] + ([f"data.store={store_path}"] if store_path else [])
     if epochs is not None:
         extra.append(f"schedule.epochs={epochs}")
     if batch_size is not None:

@@ -8,9 +8,14 @@ machine. Everything is vectorised numpy on ``uint64`` (wrap-around arithmetic is
 point of the hash), so a batch of a few thousand indices costs well under a millisecond
 per index.
 
-Roles keep the streams of different quantities apart:
-  crop (area, ratio, top, left; 10 attempts), flip, teacher mask, student mask,
-  statistics sample.
+Roles keep the streams of different quantities apart. Every role id in the project is
+registered here (never renumber one; a new quantity takes a new id):
+  1-5    crop (area, ratio, top, left; 10 attempts), flip, teacher mask of the cached views,
+         keyed by (seed, index, view); student mask, keyed by (seed, index, epoch);
+         statistics sample;
+  11-12  shard order and sample order of an epoch (defined in train/loader.py);
+  21-23  fresh views (online-fresh training): crop, flip, teacher mask, keyed by
+         (seed, index, epoch) -- a new view of every image in every epoch.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ MASK_RATIOS = {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40}
 
 # Role ids are part of every key; never renumber them, add new ones at the end.
 _ROLE_CROP, _ROLE_FLIP, _ROLE_TEACHER, _ROLE_STUDENT, _ROLE_STATS = 1, 2, 3, 4, 5
+_ROLE_FRESH_CROP, _ROLE_FRESH_FLIP, _ROLE_FRESH_TEACHER = 21, 22, 23
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -98,11 +104,34 @@ def view_params(seed: int, indices, views, widths, heights, *,
     """
     idx = _as_index(indices, "indices")
     view = np.broadcast_to(_as_index(views, "views"), idx.shape)
+    return _crop_and_flip(seed, idx, view, widths, heights, roles=(_ROLE_CROP, _ROLE_FLIP),
+                          scale=scale, ratio=ratio)
+
+
+def fresh_view_params(seed: int, indices, epoch, widths, heights, *,
+                      scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[np.ndarray, np.ndarray]:
+    """The fresh view of image ``i`` at ``epoch`` (online-fresh training): the same
+    RandomResizedCrop and flip as :func:`view_params`, keyed by (seed, index, epoch) under
+    their own roles, so no epoch repeats another's crop.
+
+    Args: indices (B,) int; epoch int or (B,) int; widths, heights (B,) int.
+    Returns: boxes (B, 4) int64 ``[x, y, w, h]``, flips (B,) bool.
+    """
+    idx = _as_index(indices, "indices")
+    ep = np.broadcast_to(_as_index(epoch, "epoch"), idx.shape)
+    return _crop_and_flip(seed, idx, ep, widths, heights, roles=(_ROLE_FRESH_CROP, _ROLE_FRESH_FLIP),
+                          scale=scale, ratio=ratio)
+
+
+def _crop_and_flip(seed: int, idx: np.ndarray, key: np.ndarray, widths, heights, *, roles: tuple[int, int],
+                   scale, ratio) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes (B, 4) and flips (B,) drawn from hashes of (seed, idx, key, role, ...)."""
+    crop_role, flip_role = roles
     W = np.broadcast_to(np.asarray(widths, dtype=np.int64), idx.shape)
     H = np.broadcast_to(np.asarray(heights, dtype=np.int64), idx.shape)
     if idx.size and (W.min() < 1 or H.min() < 1):
         raise ValueError("image sizes must be positive")
-    base = (seed, idx[:, None], view[:, None], _ROLE_CROP)
+    base = (seed, idx[:, None], key[:, None], crop_role)
     attempt = np.arange(CROP_ATTEMPTS, dtype=np.int64)[None, :] * 4
     u_area, u_ratio, u_top, u_left = (uniform(*base, attempt + j) for j in range(4))
 
@@ -134,7 +163,7 @@ def view_params(seed: int, indices, views, widths, heights, *,
         bx[none_ok], by[none_ok] = (Wf - fw) // 2, (Hf - fh) // 2
 
     boxes = np.stack([bx, by, bw, bh], axis=1).astype(np.int64)
-    flips = uniform(seed, idx, view, _ROLE_FLIP) < 0.5
+    flips = uniform(seed, idx, key, flip_role) < 0.5
     return boxes, flips
 
 
@@ -169,13 +198,27 @@ def teacher_visible(seed: int, indices, views, teacher, *, mask_ratio: float | N
     """
     idx = _as_index(indices, "indices")
     view = np.broadcast_to(_as_index(views, "views"), idx.shape)
+    return _teacher_subset(seed, idx, view, _ROLE_TEACHER, teacher, mask_ratio, num_patches)
+
+
+def fresh_teacher_visible(seed: int, indices, epoch, teacher, *, mask_ratio: float | None = None,
+                          num_patches: int = NUM_PATCHES) -> np.ndarray:
+    """Visible patch ids of ``teacher`` on the fresh view of (image, epoch), keyed by
+    (seed, index, epoch) under their own role: (B, n_k) int64 ascending."""
+    idx = _as_index(indices, "indices")
+    ep = np.broadcast_to(_as_index(epoch, "epoch"), idx.shape)
+    return _teacher_subset(seed, idx, ep, _ROLE_FRESH_TEACHER, teacher, mask_ratio, num_patches)
+
+
+def _teacher_subset(seed: int, idx: np.ndarray, key: np.ndarray, role: int, teacher, mask_ratio,
+                    num_patches: int) -> np.ndarray:
     tid = teacher_id(teacher)
     if mask_ratio is None:
         if not isinstance(teacher, str):
             raise ValueError("mask_ratio is required when the teacher is given by id")
         mask_ratio = MASK_RATIOS[teacher]
     patch = np.arange(num_patches, dtype=np.int64)[None, :]
-    h = hash_keys(seed, idx[:, None], view[:, None], _ROLE_TEACHER, tid, patch)
+    h = hash_keys(seed, idx[:, None], key[:, None], role, tid, patch)
     return _random_subset(h, num_visible(mask_ratio, num_patches))
 
 

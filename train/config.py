@@ -109,6 +109,16 @@ class DataConfig:
 
     store: str = ""                     # feature store directory (required to train)
     images: str = ""                    # packed image set (prepare output) (required to train)
+    source: str = "cached"              # teacher tokens: "cached" (read from the store),
+                                        # "online-replay" (teachers run every step on the store's
+                                        # V views), "online-fresh" (teachers run every step on a new
+                                        # crop, flip and masks per (image, epoch); docs/method.md)
+    teachers_from: str = ""             # online-fresh without data.store: "random-init" or a folder
+                                        # of the official checkpoint files (extract/checkpoints.py)
+    stats_images: int = 1024            # online-fresh without data.store: images of the keyed
+                                        # sample whose tokens give the adapter statistics
+    random_teacher_depth: int = 12      # blocks of data.teachers_from=random-init teachers (12: ViT-B/16;
+                                        # tests shrink them)
     views: int | str = "auto"           # V cached views per image; epoch e uses (e + i) mod V;
                                         # "auto": the store's V (an explicit V must equal it)
     seed: int = 0                       # root of every view/mask draw (must match the store)
@@ -150,6 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.kind": ("kl", "mse"),
     "schedule.kind": ("cosine", "constant"),
     "data.decoder": ("dali", "pil"),
+    "data.source": ("cached", "online-replay", "online-fresh"),
     "train.amp": ("bf16", "none"),
 }
 
@@ -212,7 +223,7 @@ class Config:
                     "loss.tau", "loss.tau_spatial", "optim.base_lr", "optim.lr_reference_batch",
                     "schedule.epochs", "data.student_visible",
                     "train.batch_size", "train.log_every", "train.ckpt_every",
-                    "data.shuffle_window"]
+                    "data.shuffle_window", "data.stats_images", "data.random_teacher_depth"]
         for key in positive:
             sec, name = key.split(".")
             if not getattr(getattr(self, sec), name) > 0:

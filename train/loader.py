@@ -107,16 +107,20 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     """``cfg`` with ``data.views`` and ``data.streams`` set to numbers.
 
     data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
-    V; an explicit V that differs is refused (StoreError naming the store and the key).
+    V (1 without a store: online-fresh); an explicit V that differs is refused (StoreError naming
+    the store and the key).
     ``streams``: ``auto`` takes ``recorded["streams"]`` when given (the ``data`` section of
     the config a resumed run recorded), else ``auto_streams``."""
-    store = FeatureStore.open(cfg.data.store)
     views = cfg.data.views
-    if views == AUTO:
-        views = store.views
-    elif views != store.views:
-        raise StoreError(f"{store.path}: holds {store.views} views per image but the config sets "
-                         f"data.views={views}; leave data.views at auto or set it to {store.views}")
+    if cfg.data.store:
+        store = FeatureStore.open(cfg.data.store)
+        if views == AUTO:
+            views = store.views
+        elif views != store.views:
+            raise StoreError(f"{store.path}: holds {store.views} views per image but the config sets "
+                             f"data.views={views}; leave data.views at auto or set it to {store.views}")
+    elif views == AUTO:
+        views = 1           # no store (online-fresh): no cached views; V only picks the statistics' views
     streams = cfg.data.streams
     if streams == AUTO:
         streams = (recorded or {}).get("streams", AUTO)

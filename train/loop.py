@@ -23,10 +23,9 @@ from tqdm import tqdm
 
 from extract import dist
 from store.errors import ExpectedError
-from store.features import FeatureStore, StoreError
 from train.config import Config
 from train.flops import step_flops_per_image
-from train.loader import CachedSource, OnlineSource, Plan, resolve_data
+from train.loader import CachedSource, Plan, resolve_data
 from train.objective import build_objective
 
 
@@ -157,29 +156,21 @@ def _teacher_stats(stores: dict) -> dict:
     return {name: (ts.stats["mean"], ts.stats["components"]) for name, ts in stores.items()}
 
 
-def build_source(cfg: Config, plan: Plan, *, online: bool, device: str, teachers: dict | None = None):
-    """The batch source and the teachers' statistics (adapter initialisation). ``teachers``
-    (online only): {name: Teacher} already built, used instead of building them (the demo
-    reuses its extraction's), checked against the store all the same."""
+def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = None, run_dir=None,
+                 teachers: dict | None = None):
+    """The batch source of ``cfg.data.source`` and the teachers' statistics (adapter
+    initialisation). ``online`` (the old switch) overrides it: True is online-replay, False
+    cached. ``run_dir`` keeps the statistics of an online-fresh run without a store.
+    ``teachers`` (online only): {name: Teacher} already built, used instead of building them
+    (the demo reuses its extraction's), checked against the store all the same."""
+    source = cfg.data.source if online is None else ("online-replay" if online else "cached")
     kw = dict(decoder=cfg.data.decoder, device=device, num_threads=max(1, cfg.data.num_workers))
-    cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers, **kw) if not online else None
-    if cached is not None:
+    if source == "cached":
+        cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers, **kw)
         return cached, _teacher_stats(cached.stores)
-    from extract.teachers import build_teacher
-    fs = FeatureStore.open(cfg.data.store, views=cfg.data.views, seed=cfg.data.seed)
-    stores = {name: fs.teacher(name) for name in cfg.data.teachers}
-    prebuilt, teachers = teachers or {}, {}
-    for name, ts in stores.items():
-        c = ts.config
-        t = (prebuilt[name].to(device) if name in prebuilt else
-             build_teacher(name, random_init=True, seed=fs.seed, device=device) if c["untrained"]
-             else build_teacher(name, checkpoint=c["source"], device=device))
-        if t.digest != c["checkpoint_digest"]:
-            raise StoreError(f"online teacher {name} ({t.source}) is not the one the store was made with "
-                             f"(digest {t.digest[:12]} vs {c['checkpoint_digest'][:12]})")
-        teachers[name] = t
-    amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
-    return OnlineSource(plan, teachers=teachers, amp=amp, **kw), _teacher_stats(stores)
+    from train.online import build_online_source
+    return build_online_source(cfg, plan, fresh=(source == "online-fresh"), run_dir=run_dir, prebuilt=teachers,
+                               **kw)
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -197,8 +188,14 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     ``max_steps`` caps the total number of optimiser steps (the schedule is still the one
     of ``schedule.epochs`` unless max_steps is smaller, in which case it spans max_steps).
     ``ckpt_steps`` > 0 also checkpoints every that many steps (besides every
-    ``train.ckpt_every`` epochs).
+    ``train.ckpt_every`` epochs). ``online=True`` is the old switch for
+    ``data.source=online-replay``.
     """
+    if online:
+        if cfg.data.source == "online-fresh":
+            raise ValueError("--online (online-replay) contradicts data.source=online-fresh; give one of them")
+        from train.config import apply_overrides
+        cfg = apply_overrides(cfg, ["data.source=online-replay"])
     out = Path(out_dir)
     dist.init_from_env(device)
     rank, world = dist.rank(), dist.world_size()
@@ -211,7 +208,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, batch_size=cfg.train.batch_size,
                 rank=rank, world=world, window=cfg.data.shuffle_window, streams=cfg.data.streams,
                 n_student=cfg.data.student_visible)
-    source, stats = build_source(cfg, plan, online=online, device=device)
+    source, stats = build_source(cfg, plan, device=device, run_dir=out)
     spe = plan.steps_per_epoch
     total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
     warmup = int(round(total * cfg.schedule.warmup_epochs / cfg.schedule.epochs))  # same fraction if capped
@@ -221,7 +218,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     objective = build_objective(cfg, stats).to(device)
     wrap_student_side(objective, world=world, device=device, use_compile=cfg.train.compile)
     opt = make_optimizer(cfg, objective)
-    meta = dict(config=cfg.to_dict(), git_commit=git_commit(), online=online, world_size=world,
+    meta = dict(config=cfg.to_dict(), git_commit=git_commit(), source=cfg.data.source, world_size=world,
                 total_steps=total, steps_per_epoch=spe)
 
     step = 0
@@ -263,7 +260,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     use_amp = dev.type == "cuda" and cfg.train.amp == "bf16"
     flops = None                                        # per image, from the first batch's shapes
     peak = _peak_flops(dev)
-    bar = tqdm(total=total, initial=step, unit="step", desc="train" + (" (online)" if online else ""),
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"train ({cfg.data.source})",
                disable=not progress or rank != 0, dynamic_ncols=True)
     sums, n_sum, first_bad = None, 0, torch.full((), -1, dtype=torch.long, device=device)
     t_log, img_log, t0 = time.perf_counter(), 0, time.perf_counter()

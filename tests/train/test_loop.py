@@ -316,3 +316,99 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_naming_the_same_step(tmp_p
         want.append("continued" if first is None
                     else f"non-finite loss at step {first}; stopping (last good checkpoint: last.pt)")
     assert [o[0].splitlines() for o in outs] == [want, want]
+
+
+# ---- online-fresh: a new view per (image, epoch) ------------------------------------------------
+FRESH = {"data.source": "online-fresh", "data.teachers_from": "random-init", "data.random_teacher_depth": 1,
+         "data.teachers": "[mae,ibot]", "data.stats_images": 4}
+
+
+def _fresh_cmd(data, out, *extra, steps=4):
+    """A CLI run of online-fresh without a store: shallow random teachers, statistics on 4 images."""
+    return [sys.executable, str(ROOT / "cli.py"), "train", "--data", str(data), "--out", str(out),
+            "--steps", str(steps), "--ckpt-steps", "1", "--device", "cpu", *extra,
+            *_overrides(data, "", **FRESH)[2:]]
+
+
+def _views_by_index(source, epoch):
+    """{image index: (teacher mae's visible ids, the decoded crop)} over one epoch's CPU batches."""
+    out = {}
+    for _, b in source.epoch(epoch):
+        for k, i in enumerate(b["index"].tolist()):
+            out[i] = (b["teachers"]["mae"]["visible"][k], b["images"][k])
+    return out
+
+
+def test_fresh_views_differ_every_epoch_while_replayed_views_repeat_with_period_v(prepared_data):
+    from train.loader import OnlineSource
+    from train.online import FreshSource
+    plan = Plan(ImageSet.open(prepared_data), seed=0, views=2, batch_size=4, window=2, streams=2)
+    replay = OnlineSource(plan, teachers={"mae": None}, decoder="pil")      # CPU batches only: no teacher runs
+    fresh = FreshSource(plan, teachers={"mae": None}, decoder="pil")
+    r = [_views_by_index(replay, e) for e in range(4)]
+    f = [_views_by_index(fresh, e) for e in range(4)]
+
+    def same(a, b):
+        return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    compared = 0
+    for e in range(4):
+        for d in range(e + 1, 4):
+            for i in set(r[e]) & set(r[d]):
+                compared += 1
+                assert same(r[e][i], r[d][i]) == ((d - e) % 2 == 0), (i, e, d)     # period V = 2
+                assert not same(f[e][i], f[d][i]), (i, e, d)
+                assert not torch.equal(f[e][i][0], f[d][i][0]) and not torch.equal(f[e][i][1], f[d][i][1])
+    assert compared > 20
+    # the same images, order and student masks as the replay source: only the views differ
+    for (_, a), (_, b) in zip(replay.epoch(1), fresh.epoch(1)):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["student_visible"], b["student_visible"])
+
+
+def test_fresh_view_global_batches_do_not_depend_on_the_world_size(prepared_data):
+    from train.online import FreshSource
+    data = ImageSet.open(prepared_data)
+
+    def batches(rank, world):
+        plan = Plan(data, seed=0, views=2, batch_size=4, window=2, streams=2, rank=rank, world=world)
+        return [b for e in (0, 1) for _, b in FreshSource(plan, teachers={"mae": None}, decoder="pil").epoch(e)]
+
+    one, r0, r1 = batches(0, 1), batches(0, 2), batches(1, 2)
+    assert len(one) == len(r0) == len(r1) == 4
+    for g, a, b in zip(one, r0, r1):          # rank 0's half then rank 1's is the global batch
+        assert torch.equal(g["index"], torch.cat([a["index"], b["index"]]))
+        assert torch.equal(g["images"], torch.cat([a["images"], b["images"]]))
+        assert torch.equal(g["student_visible"], torch.cat([a["student_visible"], b["student_visible"]]))
+        assert torch.equal(g["teachers"]["mae"]["visible"],
+                           torch.cat([a["teachers"]["mae"]["visible"], b["teachers"]["mae"]["visible"]]))
+
+
+def test_fresh_view_training_resumes_after_sigkill_and_runs_on_two_ranks(prepared_data, tmp_path, sigkill_when,
+                                                                         one_torch_thread):
+    ref, run, two = tmp_path / "ref", tmp_path / "run", tmp_path / "two"
+    train(_cfg(prepared_data, "", **FRESH), out_dir=ref, max_steps=4, progress=False)       # in this process
+
+    def two_steps_logged():
+        m = run / "metrics.jsonl"
+        return m.exists() and len(m.read_text().splitlines()) >= 2
+
+    sigkill_when(_fresh_cmd(prepared_data, run), two_steps_logged, env=ENV, cwd=ROOT)
+    assert len(_losses(run)) < 4
+    subprocess.run(_fresh_cmd(prepared_data, run, "--resume"), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    assert len(_losses(ref)) == 4 and _losses(run) == _losses(ref)      # and the same in another process
+    assert json.loads((ref / "run.json").read_text())["source"] == "online-fresh"
+    assert (ref / "teacher_stats.npz").is_file()
+    # a run folder's statistics are never replaced by others'
+    with pytest.raises(StoreError, match="teacher_stats.npz holds the adapter statistics"):
+        train(_cfg(prepared_data, "", **{**FRESH, "data.stats_images": 5}), out_dir=run, max_steps=4,
+              resume=True, progress=False)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_fresh_cmd(prepared_data, two)[1:]]
+    subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    a, b = np.array(_losses(ref)), np.array(_losses(two))
+    rel = np.abs(a - b) / a
+    print(f"online-fresh, one process vs two ranks, relative loss difference per step: {np.round(rel, 4).tolist()}")
+    # The global batches are the same (the test above); the losses differ for the reasons the
+    # cached two-rank test gives, more with two shallow random teachers (measured: at most 1.4%).
+    assert len(b) == 4 and rel.max() < 3e-2
