@@ -1,0 +1,256 @@
+"""What the teacher cache costs: the same student trained three ways, scored on held-out views.
+
+    python bench/cache_cost.py                          # CPU, demo photos, shallow random teachers
+    python bench/cache_cost.py --views 1 2 4 --json cost.json
+    python bench/cache_cost.py --data D --heldout H --checkpoints CKPT --teacher-depth 12 \\
+        --device cuda --decoder dali --batch-size 256 --steps 5000 --views 1 2 4 --out WORK
+
+The three ways (``data.source``, docs/method.md "Three ways to train"), each from the same
+initial student, adapters (the statistics of the first store), images, batch order, student
+masks, learning-rate schedule and number of steps:
+
+- cached:         teacher tokens read from a store of V views per image (view (e + i) mod V);
+- online-replay:  the teachers run every step on the same V views (equal to cached up to
+                  the store's fp16 rounding: a check of the cache, not of V);
+- online-fresh:   the teachers run every step on a new crop, flip and masks per (image,
+                  epoch): the paper's setting, the reference the cache is measured against.
+
+Each row reports, on held-out images (their own 1-view store; the student's epoch-0 masks):
+the linear CKA of the student with the fused targets as the demo computes it
+(``train.report.cka_scores``; the untrained student's value beside it), the objective's
+token loss, and the training images/s (teacher forwards included for the online rows; the
+cached row's store was made beforehand, its extraction time is its own column). The
+teachers' own images/s on this machine are measured in the same run: the teachers used,
+and one full ViT-B/16 teacher (the official architecture) when the used ones are shallow.
+
+Defaults are sized for a 2-core CPU in a few minutes: 13 demo photos x 2 crops for training
+(3 steps of 8 per epoch) and x 1 for held-out, random-init teachers of 1 block, 24 steps of 8. What such a run can
+and cannot show is in docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extract.runner import run_extraction  # noqa: E402
+from extract.teachers import build_teacher  # noqa: E402
+from store import views as V  # noqa: E402
+from store.shards import ImageSet, prepare  # noqa: E402
+from train import report  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.loader import CachedSource, OnlineSource, Plan  # noqa: E402
+from train.loop import lr_schedule, make_optimizer, train_step  # noqa: E402
+from train.objective import build_objective  # noqa: E402
+from train.online import FreshSource  # noqa: E402
+
+TEACHERS = ("mae", "mocov3", "ibot")
+
+
+def demo_data(root: Path, *, copies: int, heldout_copies: int, max_side: int = 256) -> tuple[ImageSet, ImageSet]:
+    """The demo's photo sets (train: 13 x copies crops, held-out: 13 x heldout_copies others)."""
+    from train.demo import DemoSettings, write_photos
+    train_tree, held_tree, _ = write_photos(root / "photos", DemoSettings(copies=copies, heldout_copies=heldout_copies,
+                                                                          max_side=max_side))
+    return (prepare(train_tree, root / "data" / "train", shard_size=13, progress=False, workers=0),
+            prepare(held_tree, root / "data" / "heldout", shard_size=13, progress=False, workers=0))
+
+
+def make_teachers(names, *, checkpoints, depth: int, device: str) -> dict:
+    """Official teachers from ``checkpoints`` (a folder of extract/checkpoints.py files), else
+    seeded random-init ones with ``depth`` blocks."""
+    from extract.checkpoints import TEACHERS as SPECS
+    if checkpoints:
+        return {n: build_teacher(n, checkpoint=Path(checkpoints) / SPECS[n].filename, device=device) for n in names}
+    kwargs = None if depth == 12 else {"depth": depth}
+    return {n: build_teacher(n, random_init=True, seed=0, device=device, model_kwargs=kwargs) for n in names}
+
+
+def teacher_rate(teachers: dict, *, device: str, batch: int = 8, rounds: int = 2) -> float:
+    """Images/s of the teachers together (one forward of each per image), on random views."""
+    dev = torch.device(device)
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(dev)
+    idx = np.arange(batch)
+    vis = {n: torch.from_numpy(V.teacher_visible(0, idx, 0, n)).to(dev) for n in teachers}
+    times = []
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        for r in range(rounds + 1):                      # the first round warms up
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            for n, teacher in teachers.items():
+                teacher(images, vis[n])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if r:
+                times.append(time.perf_counter() - t)
+    return batch / float(np.median(times))
+
+
+def run_config(args, *, data: Path, store: Path | None, views: int, source: str):
+    """The student's config (train/config.py defaults; the bench's batch, lr and teachers)."""
+    lr = args.lr * 256 / args.batch_size
+    return load_config(None, [f"data.images={data}", f"data.store={store or ''}", f"data.views={views}",
+                              f"data.source={source}", f"data.teachers=[{','.join(args.teachers)}]",
+                              f"data.decoder={args.decoder}", f"data.num_workers={args.threads}",
+                              "data.streams=1", "data.shuffle_window=2", f"train.batch_size={args.batch_size}",
+                              f"optim.base_lr={lr!r}", "schedule.epochs=1", "schedule.warmup_epochs=0"])
+
+
+def train_one(source, *, cfg, stats, steps: int, device: str) -> tuple:
+    """Train a fresh student (cfg.train.seed) for ``steps`` on ``source``; (objective, seconds)."""
+    objective = build_objective(cfg, stats).to(device)
+    opt = make_optimizer(cfg, objective)
+    lrs = lr_schedule(total_steps=steps, warmup_steps=max(1, steps // 10), peak=cfg.derived()["lr"])
+    amp = torch.device(device).type == "cuda"
+    step, t0 = 0, time.perf_counter()
+    spe = source.plan.steps_per_epoch
+    while step < steps:
+        for _, cpu_batch in source.epoch(step // spe, start_step=step % spe):
+            train_step(objective, opt, source.materialize(cpu_batch, device), lr=float(lrs[step]),
+                       clip_grad=cfg.train.clip_grad, amp=amp)
+            step += 1
+            if step == steps:
+                break
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return objective.eval(), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def held_out_scores(objective, untrained, batch: dict) -> dict:
+    cka = report.cka_scores(objective, untrained, batch)
+    parts = objective(batch)
+    return {"cka_fused": cka["fused"]["trained"], "cka_fused_untrained": cka["fused"]["untrained"],
+            "token_loss": float(parts["loss_token"]), "tokens": cka["tokens"]}
+
+
+def measure(args, work: Path, echo=print) -> dict:
+    device = args.device
+    if args.data:
+        train_set, held_set = ImageSet.open(args.data), ImageSet.open(args.heldout)
+    else:
+        train_set, held_set = demo_data(work, copies=args.copies, heldout_copies=1)
+    echo(f"data: {len(train_set)} training images, {len(held_set)} held-out images")
+    teachers = make_teachers(args.teachers, checkpoints=args.checkpoints, depth=args.teacher_depth, device=device)
+    rates = {"used": teacher_rate(teachers, device=device)}
+    if not args.checkpoints and args.teacher_depth != 12:
+        rates["vit_b16"] = teacher_rate({"mae": build_teacher("mae", random_init=True, seed=0, device=device)},
+                                        device=device, batch=4)
+    echo("teacher images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+
+    def extract(data, store, views):
+        t = time.perf_counter()
+        for name, teacher in teachers.items():
+            run_extraction(teacher=teacher, data=data, store_path=store, views=views, seed=0, batch_size=args.teacher_batch,
+                           device=device, decoder=args.decoder, num_threads=args.threads,
+                           stats_images=args.stats_images, progress=False)
+        return time.perf_counter() - t
+
+    held_store = work / "features" / "heldout"
+    extract(held_set, held_store, 1)
+    stores, extract_seconds = {}, {}
+    for v in args.views:
+        stores[v] = work / "features" / f"train_v{v}"
+        extract_seconds[v] = extract(train_set, stores[v], v)
+        echo(f"extracted the V={v} store in {extract_seconds[v]:.1f} s")
+    from store.features import FeatureStore
+    fs = FeatureStore.open(stores[args.views[0]])
+    stats = {n: (fs.teacher(n).stats["mean"], fs.teacher(n).stats["components"]) for n in args.teachers}
+
+    samples = report.load_samples(held_store, held_set, indices=np.arange(len(held_set)), epoch=0,
+                                  teachers=list(args.teachers))
+    held_batch = report.sample_batch(samples, args.teachers, device=device)
+    cfg = run_config(args, data=train_set.root, store=stores[args.views[0]], views=args.views[0], source="cached")
+    untrained = build_objective(cfg, stats).to(device).eval()
+    amp = torch.device(device).type == "cuda"
+    kw = dict(decoder=args.decoder, device=device, num_threads=args.threads)
+
+    runs = [("online-fresh", None)] + [(m, v) for v in args.views for m in ("cached", "online-replay")]
+    rows = []
+    for mode, v in runs:
+        plan = Plan(train_set, seed=0, views=v or 1, batch_size=args.batch_size, window=2, streams=1)
+        if plan.steps_per_epoch < 1:
+            raise SystemExit("too little data for one batch")
+        if mode == "cached":
+            source = CachedSource(plan, store_path=stores[v], teachers=args.teachers, **kw)
+        else:
+            cls = FreshSource if mode == "online-fresh" else OnlineSource
+            source = cls(plan, teachers=teachers, amp=amp, **kw)
+        objective, seconds = train_one(source, cfg=cfg, stats=stats, steps=args.steps, device=device)
+        row = {"mode": mode, "views": v, "steps": args.steps, "batch_size": args.batch_size,
+               "epochs": args.steps / plan.steps_per_epoch, "train_seconds": seconds,
+               "images_per_second": args.steps * args.batch_size / seconds,
+               "extract_seconds": extract_seconds[v] if mode == "cached" else None,
+               **held_out_scores(objective, untrained, held_batch)}
+        rows.append(row)
+        echo(f"{mode:<13} V={v or '-'}: CKA {row['cka_fused']:.3f}, token loss {row['token_loss']:.4f}, "
+             f"{row['images_per_second']:.1f} img/s")
+    return {"rows": rows, "teacher_images_per_second": rates, "device": device,
+            "machine": torch.cuda.get_device_name(device) if amp else f"CPU ({torch.get_num_threads()} threads)",
+            "train_images": len(train_set), "heldout_images": len(held_set),
+            "teachers": {"names": list(args.teachers), "checkpoints": args.checkpoints,
+                         "depth": None if args.checkpoints else args.teacher_depth},
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+def format_table(result: dict) -> str:
+    lines = ["| mode | V | held-out CKA, fused targets (untrained) | held-out token loss | train images/s "
+             "| store extraction s |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        ext = f"{r['extract_seconds']:.1f}" if r["extract_seconds"] is not None else "-"
+        lines.append(f"| {r['mode']} | {r['views'] or '-'} | {r['cka_fused']:.3f} ({r['cka_fused_untrained']:.3f}) | "
+                     f"{r['token_loss']:.4f} | {r['images_per_second']:.1f} | {ext} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, help="prepared training images (default: the demo photos)")
+    ap.add_argument("--heldout", type=Path, help="prepared held-out images (with --data)")
+    ap.add_argument("--checkpoints", type=Path, help="folder of the official teacher files (default: random init)")
+    ap.add_argument("--teacher-depth", type=int, default=1, help="blocks of random-init teachers (12: ViT-B/16)")
+    ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(V.TEACHER_IDS))
+    ap.add_argument("--views", type=int, nargs="+", default=[2], help="V of the cached and replay rows (one "
+                    "store each)")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    ap.add_argument("--copies", type=int, default=2, help="demo photos: training crops per photo")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decoder", default="pil", choices=["dali", "pil"])
+    ap.add_argument("--threads", type=int, default=2, help="decoder threads")
+    ap.add_argument("--teacher-batch", type=int, default=16)
+    ap.add_argument("--stats-images", type=int, default=16, help="images of the adapter statistics")
+    ap.add_argument("--out", type=Path, help="keep the photos and stores here (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, help="also write the result as JSON")
+    args = ap.parse_args(argv)
+    if (args.data is None) != (args.heldout is None):
+        ap.error("--data and --heldout go together")
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(args, args.out or Path(tmp))
+    result["total_seconds"] = time.perf_counter() - t0
+    result["load_average"] = {"start": load0, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
+    rates = ", ".join(f"{k} {v:.1f}" for k, v in result["teacher_images_per_second"].items())
+    print(f"\nwhat the cache costs on {result['machine']}: {result['train_images']} training / "
+          f"{result['heldout_images']} held-out images, {args.steps} steps of {args.batch_size}, teachers "
+          f"{'official' if args.checkpoints else f'random-init, {args.teacher_depth} blocks'}; teacher images/s "
+          f"(all teachers per image): {rates}; {result['total_seconds']:.0f} s in all; load average "
+          f"{load0:.1f} at the start, {result['load_average']['end']:.1f} at the end on {os.cpu_count()} CPUs")
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
