@@ -166,6 +166,9 @@ def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = 
     source = cfg.data.source if online is None else ("online-replay" if online else "cached")
     kw = dict(decoder=cfg.data.decoder, device=device, num_threads=max(1, cfg.data.num_workers))
     if source == "cached":
+        if not cfg.data.store:
+            raise ValueError("data.source=cached reads the teacher tokens from a store: give --store "
+                             "(data.store), or train online (data.source=online-fresh)")
         cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers, **kw)
         return cached, _teacher_stats(cached.stores)
     from train.online import build_online_source

@@ -412,3 +412,19 @@ def test_fresh_view_training_resumes_after_sigkill_and_runs_on_two_ranks(prepare
     # The global batches are the same (the test above); the losses differ for the reasons the
     # cached two-rank test gives, more with two shallow random teachers (measured: at most 1.4%).
     assert len(b) == 4 and rel.max() < 3e-2
+
+
+def test_sources_without_a_store_name_what_they_miss(prepared_data, tmp_path):
+    with pytest.raises(ValueError, match="data.source=cached reads the teacher tokens from a store"):
+        train(_cfg(prepared_data, ""), out_dir=tmp_path / "a", max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="online-replay replays the store's views: set data.store"):
+        train(_cfg(prepared_data, "", **{"data.source": "online-replay"}), out_dir=tmp_path / "b", max_steps=1,
+              progress=False)
+    with pytest.raises(ValueError, match="online-fresh without data.store needs data.teachers_from"):
+        train(_cfg(prepared_data, "", **{"data.source": "online-fresh"}), out_dir=tmp_path / "c", max_steps=1,
+              progress=False)
+    with pytest.raises(ValueError, match="contradicts data.source=online-fresh"):
+        train(_cfg(prepared_data, "", **FRESH), out_dir=tmp_path / "d", online=True, max_steps=1, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing official checkpoint file"):
+        train(_cfg(prepared_data, "", **{**FRESH, "data.teachers_from": str(tmp_path)}), out_dir=tmp_path / "e",
+              max_steps=1, progress=False)
