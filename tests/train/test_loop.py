@@ -410,7 +410,8 @@ def test_fresh_view_training_resumes_after_sigkill_and_runs_on_two_ranks(prepare
     rel = np.abs(a - b) / a
     print(f"online-fresh, one process vs two ranks, relative loss difference per step: {np.round(rel, 4).tolist()}")
     # The global batches are the same (the test above); the losses differ for the reasons the
-    # cached two-rank test gives, more with two shallow random teachers (measured: at most 1.4%).
+    # cached two-rank test gives, more with two shallow random teachers (measured: at most 0.9% and 1.4%
+    # in two runs).
     assert len(b) == 4 and rel.max() < 3e-2
 
 
