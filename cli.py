@@ -133,6 +133,12 @@ def _device(device: str) -> str:
 @click.option("--decoder", type=click.Choice(["dali", "pil"]), default="dali",
               help="JPEG decoder: DALI (GPU decoder on CUDA) or the PIL reference.")
 @click.option("--threads", type=int, default=2, help="Decoder threads.")
+@click.option("--hw-decoder-load", type=click.FloatRange(0, 1), default=0.65,
+              help="DALI on a GPU: share of the JPEGs for the hardware decoder (A100/H100); DALI's "
+                   "default until bench/gpu_check.py has measured a better one.")
+@click.option("--preallocate-hint", type=(click.IntRange(min=0), click.IntRange(min=0)), default=(0, 0),
+              metavar="W H", help="DALI on a GPU: preallocate the hardware decoder's buffers for W x H "
+                                  "images (0 0: no hint).")
 @click.option("--stats-images", type=int, default=1024,
               help="Images whose tokens give the adapter statistics (mean, principal components).")
 @click.option("--max-blocks", type=int, default=None,
@@ -142,7 +148,8 @@ def _device(device: str) -> str:
 @click.option("--ranks", type=int, default=None,
               help="With --estimate: ranks to project for (default: this run's world size).")
 def extract(teacher, data, store_path, checkpoint, random_init, views, seed, codec, pca_dim,
-            batch_size, device, decoder, threads, stats_images, max_blocks, estimate, ranks):
+            batch_size, device, decoder, threads, hw_decoder_load, preallocate_hint, stats_images, max_blocks,
+            estimate, ranks):
     """Stage 1: run one teacher over every (image, view) of DATA into the STORE.
 
     Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards."""
@@ -156,10 +163,12 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
     ds = ImageSet.open(data)
     model = build_teacher(teacher, checkpoint=checkpoint, random_init=random_init, seed=seed,
                           device=device)
+    settings = dict(hw_decoder_load=hw_decoder_load, preallocate_width_hint=preallocate_hint[0],
+                    preallocate_height_hint=preallocate_hint[1])
     if estimate:
         from extract.estimate import estimate_run, format_estimate
         ex = Extractor(model, ds, seed=seed, views=views, batch_size=batch_size, device=device,
-                       decoder=decoder, num_threads=threads)
+                       decoder=decoder, num_threads=threads, decoder_settings=settings)
         e = estimate_run(ex, codec=codec, pca_dim=pca_dim, num_images=len(ds), views=views,
                          ranks=ranks or dist.world_size(), stats_images=stats_images)
         click.echo(format_estimate(e))
@@ -167,7 +176,7 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
     summary = run_extraction(teacher=model, data=ds, store_path=store_path, views=views, seed=seed,
                              codec=codec, pca_dim=pca_dim, batch_size=batch_size, device=device,
                              decoder=decoder, num_threads=threads, stats_images=stats_images,
-                             max_blocks=max_blocks)
+                             max_blocks=max_blocks, decoder_settings=settings)
     if dist.rank() == 0:
         click.echo(f"{teacher}: {summary['blocks']} blocks written, {summary['skipped']} already complete, "
                    f"{summary['images_per_second']:.1f} img/s -> {store_path}")

@@ -3,9 +3,11 @@
 Work is a list of (image shard, slot) blocks. Each rank (torchrun) owns the image shards
 ``shard % world_size == rank``, so ranks never coordinate beyond creating the store, and a
 killed run resumes by skipping blocks already marked complete. Rank 0 holds the teacher's
-writer lock for the whole job (store/lock.py), so a second job is refused. Within a rank, decoding of
-the next batch, the teacher forward of this one and the write of the previous block
-overlap (a decode thread, the main thread, a writer thread).
+writer lock for the whole job (store/lock.py), so a second job is refused. Within a rank,
+decoding of the next batches, the teacher forward of this one and the write of the previous
+block overlap (one decode thread over all of the rank's batches, block after block; the main
+thread; a writer thread). On CUDA the decode thread also pins each batch and copies it to
+the GPU on its own stream, ordered for the teacher's stream by an event.
 
 Every batch is made of consecutive images of one block, in order, so the tokens of a
 block do not depend on how many ranks ran or where a previous run was killed.
@@ -26,6 +28,7 @@ from store import codecs
 from store import views as V
 from store.features import DataInfo, FeatureStore, TeacherStore
 from store.lock import StoreLocked, WriterLock
+from store.prefetch import DeviceCopier, Prefetch
 
 
 @dataclass
@@ -33,22 +36,30 @@ class ViewBatch:
     """Decoded views of consecutive images of one block.
 
     index (B,) int64; view (B,) int64; boxes (B, 4) int64; flips (B,) bool;
-    visible (B, n_k) int64; images (B, 3, 224, 224) float32 normalised.
+    visible (B, n_k) int64; images (B, 3, 224, 224) float32 normalised (None once the
+    batch was handed to the device: ``Extractor.stream``).
     """
     index: np.ndarray
     view: np.ndarray
     boxes: np.ndarray
     flips: np.ndarray
     visible: np.ndarray
-    images: torch.Tensor
+    images: torch.Tensor | None
 
 
-def make_decoder(kind: str, *, batch_size: int, device: str, num_threads: int = 2):
-    """A callable (datas, boxes, flips) -> (B, 3, 224, 224) float32 normalised tensor."""
+def make_decoder(kind: str, *, batch_size: int, device: str, num_threads: int = 2,
+                 hw_decoder_load: float | None = None, preallocate_width_hint: int = 0,
+                 preallocate_height_hint: int = 0):
+    """A callable (datas, boxes, flips) -> (B, 3, 224, 224) float32 normalised tensor.
+
+    DALI decodes on the GPU that ``device`` names (``cuda:1`` -> GPU 1); the hardware
+    decoder's settings (``store/dali_decode.py``; None: DALI's default) only matter there."""
     if kind == "dali":
-        from store.decode import DaliViewDecoder
-        return DaliViewDecoder(batch_size=batch_size, device="cuda" if device.startswith("cuda") else "cpu",
-                               num_threads=num_threads)
+        from store.dali_decode import HW_DECODER_LOAD, DaliViewDecoder
+        return DaliViewDecoder(batch_size=batch_size, device=device, num_threads=num_threads,
+                               hw_decoder_load=HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
+                               preallocate_width_hint=preallocate_width_hint,
+                               preallocate_height_hint=preallocate_height_hint)
     if kind == "pil":
         from store.decode import pil_views
         return pil_views
@@ -65,15 +76,22 @@ def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str) -> dict
 
 
 class Extractor:
-    """Decode views, run the teacher on its visible patches, return (B, T, 768) tokens."""
+    """Decode views, run the teacher on its visible patches, return (B, T, 768) tokens.
+
+    ``decoder_settings``: the hardware decoder's settings for ``make_decoder``;
+    ``prefetch``: batches the decode thread may run ahead of the teacher."""
 
     def __init__(self, teacher, data, *, seed: int, views: int, batch_size: int, device: str,
-                 decoder: str = "dali", num_threads: int = 2):
+                 decoder: str = "dali", num_threads: int = 2, decoder_settings: dict | None = None,
+                 prefetch: int = 2):
         self.teacher = teacher
         self.data = data
         self.seed, self.views, self.batch_size = seed, views, batch_size
         self.device = torch.device(device)
-        self.decode = make_decoder(decoder, batch_size=batch_size, device=device, num_threads=num_threads)
+        self.decode = make_decoder(decoder, batch_size=batch_size, device=device, num_threads=num_threads,
+                                   **(decoder_settings or {}))
+        self.copier = DeviceCopier(self.device)
+        self.prefetch = prefetch
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else nullcontext())
 
@@ -84,29 +102,50 @@ class Extractor:
         images = self.decode(datas, boxes, flips)
         return ViewBatch(index, view, boxes, flips, visible, images)
 
-    @torch.inference_mode()
     def tokens(self, vb: ViewBatch) -> torch.Tensor:
         """(B, 1 + n_k, 768) float32: CLS then visible patch tokens after the final norm."""
-        images = vb.images.to(self.device, non_blocking=True)
-        visible = torch.from_numpy(vb.visible).to(self.device)
+        return self._forward(vb.images.to(self.device), torch.from_numpy(vb.visible).to(self.device))
+
+    @torch.inference_mode()
+    def _forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         with self.amp:
             out = self.teacher(images, visible)
         return torch.cat([out["cls"][:, None], out["patch"]], dim=1).float()
 
+    def stream(self, blocks):
+        """Tokens of every batch of ``blocks`` ([(index (n,) int64, slot)], in order), with one
+        decode thread running ``prefetch`` batches ahead across block boundaries, so that
+        decoding overlaps the teacher also when a block is a single batch.
+
+        Every batch holds consecutive images of one block, cut from the block's start, as
+        ``batches`` cuts them. Yields (block number, ViewBatch without its images,
+        (B, 1 + n_k, 768) float32 tokens on the device, whether it is the block's last batch).
+        On CUDA the decode thread also pins the batch and starts its copy to the GPU."""
+        blocks = list(blocks)
+
+        def produce():
+            for k, (index, slot) in enumerate(blocks):
+                datas = self.data.read_many(index)
+                for a in range(0, len(index), self.batch_size):
+                    b = min(a + self.batch_size, len(index))
+                    vb = self.view_batch(index[a:b], datas[a:b], slot)
+                    sent = self.copier.send({"images": vb.images, "visible": torch.from_numpy(vb.visible)})
+                    vb.images = None
+                    yield k, vb, sent, b == len(index)
+
+        pf = Prefetch(produce(), self.prefetch, context=self.copier.producer_stream, name="decode")
+        try:
+            for k, vb, sent, last in pf:
+                moved = self.copier.receive(sent)
+                yield k, vb, self._forward(moved["images"], moved["visible"]), last
+        finally:
+            pf.close()
+
     def batches(self, index: np.ndarray, slot: int):
-        """Yield (ViewBatch, tokens) over ``index`` in order; decoding runs one batch ahead."""
-        datas = self.data.read_many(index)
-        starts = range(0, len(index), self.batch_size)
-        with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
-            def submit(a):
-                b = min(a + self.batch_size, len(index))
-                return pool.submit(self.view_batch, index[a:b], datas[a:b], slot)
-            pending = submit(0)
-            for k, a in enumerate(starts):
-                vb = pending.result()
-                if k + 1 < len(starts):
-                    pending = submit(starts[k + 1])
-                yield vb, self.tokens(vb)
+        """Yield (ViewBatch without its images, tokens) over ``index`` in order (``stream``
+        of one block)."""
+        for _, vb, tok, _ in self.stream([(index, slot)]):
+            yield vb, tok
 
 
 def token_stats(batches) -> dict:
@@ -206,13 +245,15 @@ def run_extraction(*, teacher, store_path, **settings) -> dict:
 def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec: str = "fp16",
              pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
              decoder: str = "dali", num_threads: int = 2, stats_images: int = 1024,
-             max_blocks: int | None = None, progress: bool = True) -> dict:
-    """``run_extraction`` without the writer lock."""
+             max_blocks: int | None = None, progress: bool = True,
+             decoder_settings: dict | None = None) -> dict:
+    """``run_extraction`` without the writer lock. ``decoder_settings``: the GPU decoder's
+    settings (``make_decoder``)."""
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
     ts = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
                             codec=codec, pca_dim=pca_dim, precision=precision)
     ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,
-                   decoder=decoder, num_threads=num_threads)
+                   decoder=decoder, num_threads=num_threads, decoder_settings=decoder_settings)
     # The statistics (docs/format.md): the pca codec encodes with their basis, so they come
     # first, from a teacher pass over the sample; fp16 and int8 take them from the stored
     # slot-0 tokens once those blocks exist (no second teacher pass).
@@ -238,16 +279,20 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     t0, written = time.perf_counter(), 0
     bar = tqdm(total=total, unit="img", desc=f"extract {teacher.name}", disable=not progress or total == 0,
                dynamic_ncols=True)
+    blocks = []
+    for shard, slot in todo:
+        first, count = ts.root.shards[shard]
+        blocks.append((np.arange(first, first + count), slot))
     with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        pending = None
-        for shard, slot in todo:
-            first, count = ts.root.shards[shard]
-            index = np.arange(first, first + count)
-            parts, tokens = [], []
-            for vb, tok in ex.batches(index, slot):
-                parts.append(vb)
-                tokens.append(tok)
-                bar.update(len(vb.index))
+        pending, parts, tokens = None, [], []
+        for k, vb, tok, last in ex.stream(blocks):     # one decode thread over all blocks
+            parts.append(vb)
+            tokens.append(tok)
+            bar.update(len(vb.index))
+            if not last:
+                continue
+            (shard, slot), (index, _) = todo[k], blocks[k]
+            count = len(index)
             tok = torch.cat(tokens)
             payload = codecs.encode(codec, tok, pca=ts.pca)
             block = dict(index=index, view=np.concatenate([p.view for p in parts]),
@@ -257,6 +302,7 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
             if pending is not None:
                 pending.result()          # at most one block in flight; surfaces write errors
             pending = writer.submit(ts.write_block, slot, shard, **block)
+            parts, tokens = [], []
             written += count
             bar.set_postfix(img_s=f"{written / (time.perf_counter() - t0):.1f}")
         if pending is not None:

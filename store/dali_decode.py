@@ -16,6 +16,17 @@ Two ways to use it:
   decoded by DALI's own threads while the caller computes; ``get`` returns them in
   submission order. ``decoder.map(batches)`` wraps this into a generator.
 
+On the GPU (``device="cuda"``) the pipeline runs on ``device_id`` (derive it from a torch
+device with ``dali_device_id``: ``cuda:1`` decodes on GPU 1, not on GPU 0 followed by a
+copy across GPUs). ``get`` takes DALI's outputs bound to the decoder's own CUDA stream
+(``outputs(cuda_stream=...)``: no host wait), copies them into a torch tensor on that
+stream and makes the caller's current stream wait for the copy with an event, so the
+decoding thread never waits on the GPU and never on the training stream. The nvJPEG
+hardware decoder (A100, H100 and later) takes ``hw_decoder_load`` of the JPEG work (DALI's
+default 0.65 until a GPU has measured the best value for this pipeline;
+``bench/gpu_check.py``) and may preallocate its buffers for images of
+``preallocate_width_hint`` x ``preallocate_height_hint`` pixels (0: no hint).
+
 Batches may hold any number of samples from 1 to ``batch_size`` (a final partial batch
 is fine). If DALI fails on a batch (corrupt bytes, a box outside its image), ``get``
 raises an error naming the offending samples (found with a PIL header read), drops the
@@ -34,6 +45,22 @@ from store.decode import MEAN, STD, check_box
 
 _Batch = tuple  # (datas, boxes, flips) or (datas, boxes, flips, keys)
 
+# DALI's own defaults for the hardware JPEG decoder (fn.decoders.image_slice); the share of
+# the work it takes is to be replaced by the value a GPU measures (bench/gpu_check.py).
+HW_DECODER_LOAD = 0.65
+PREALLOCATE_HINT = (0, 0)
+
+
+def dali_device_id(device) -> int | None:
+    """DALI's ``device_id`` for a torch device: None for the CPU, N for ``cuda:N``, and
+    torch's current device for a bare ``cuda``. Raises ValueError for other device types."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        raise ValueError(f"DALI decodes on 'cpu' or 'cuda[:N]', got device {str(device)!r}")
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
 
 def _dali_reason(error: Exception) -> str:
     """The informative line of a DALI pipeline error (the one after 'encountered:')."""
@@ -49,13 +76,17 @@ class DaliViewDecoder:
 
     Arguments (keyword only):
       batch_size: largest number of samples in one batch.
-      device: "cpu" (CPU operators, no GPU needed) or "cuda" (nvJPEG/nvImageCodec
-        "mixed" decoder and GPU resize/normalise; outputs live on the GPU).
+      device: "cpu" (CPU operators, no GPU needed) or "cuda" / "cuda:N" / a torch.device
+        (nvJPEG/nvImageCodec "mixed" decoder and GPU resize/normalise on that GPU; outputs
+        live there).
       num_threads: DALI CPU worker threads.
       size: output side in pixels.
       prefetch: most batches that may be submitted and not yet collected with ``get``.
       normalize: True -> (pixels / 255 - MEAN) / STD; False -> float pixel values 0..255.
-      device_id: CUDA device for device="cuda" (default: torch's current device).
+      device_id: CUDA device; by default the one ``device`` names (``dali_device_id``);
+        if both are given they must agree.
+      hw_decoder_load, preallocate_width_hint, preallocate_height_hint: the nvJPEG hardware
+        decoder's settings (device="cuda" only; see the module docstring).
 
     The DALI pipeline is built on the first batch, so a decoder may be constructed
     before worker processes fork; use one decoder per thread or process (it is not
@@ -66,19 +97,36 @@ class DaliViewDecoder:
         self,
         *,
         batch_size: int,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         num_threads: int = 2,
         size: int = 224,
         prefetch: int = 2,
         normalize: bool = True,
         device_id: int | None = None,
+        hw_decoder_load: float = HW_DECODER_LOAD,
+        preallocate_width_hint: int = PREALLOCATE_HINT[0],
+        preallocate_height_hint: int = PREALLOCATE_HINT[1],
     ):
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"DaliViewDecoder: device must be 'cpu' or 'cuda', got {device!r}")
+        try:
+            kind, index = torch.device(device).type, torch.device(device).index
+        except RuntimeError:
+            kind, index = str(device), None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"DaliViewDecoder: device must be 'cpu' or 'cuda[:N]', got {str(device)!r}")
+        if kind == "cuda" and index is not None and device_id is not None and device_id != index:
+            raise ValueError(f"DaliViewDecoder: device {str(device)!r} and device_id={device_id} disagree")
+        device = kind
         if batch_size < 1 or num_threads < 1 or size < 1 or prefetch < 1:
             raise ValueError(
                 f"DaliViewDecoder: batch_size, num_threads, size and prefetch must be >= 1, got "
                 f"{batch_size}, {num_threads}, {size}, {prefetch}"
+            )
+        if not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"DaliViewDecoder: hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+        if preallocate_width_hint < 0 or preallocate_height_hint < 0:
+            raise ValueError(
+                "DaliViewDecoder: preallocate_width_hint and preallocate_height_hint must be >= 0, got "
+                f"{preallocate_width_hint}, {preallocate_height_hint}"
             )
         if device == "cuda":
             if not torch.cuda.is_available():
@@ -86,7 +134,8 @@ class DaliViewDecoder:
                     "DaliViewDecoder(device='cuda') needs a CUDA GPU, but torch.cuda.is_available() "
                     "is False; use device='cpu'"
                 )
-            device_id = torch.cuda.current_device() if device_id is None else device_id
+            device_id = dali_device_id(f"cuda:{index}" if index is not None else "cuda") if device_id is None \
+                else device_id
         self.batch_size = batch_size
         self.device = device
         self.num_threads = num_threads
@@ -94,8 +143,12 @@ class DaliViewDecoder:
         self.prefetch = prefetch
         self.normalize = normalize
         self.device_id = device_id if device == "cuda" else None
+        self.hw_decoder_load = float(hw_decoder_load)
+        self.preallocate_hint = (int(preallocate_width_hint), int(preallocate_height_hint))
         self._pipe = None
         self._pending: collections.deque = collections.deque()
+        self._stream = None  # the decoder's CUDA stream (made with the pipeline)
+        self._in_copy: collections.deque = collections.deque()  # (event, DALI output) until copied
 
     # -- pipeline -------------------------------------------------------------------
     def _build(self):
@@ -119,7 +172,11 @@ class DaliViewDecoder:
             anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
             shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-            extra = dict(device="mixed", jpeg_fancy_upsampling=True) if cuda else dict(device="cpu")
+            extra = dict(device="cpu")
+            if cuda:
+                extra = dict(device="mixed", jpeg_fancy_upsampling=True, hw_decoder_load=self.hw_decoder_load,
+                             preallocate_width_hint=self.preallocate_hint[0],
+                             preallocate_height_hint=self.preallocate_hint[1])
             image = fn.decoders.image_slice(
                 data,
                 anchor,
@@ -147,6 +204,8 @@ class DaliViewDecoder:
 
         pipe = view_pipeline()
         pipe.build()
+        if cuda and self._stream is None:
+            self._stream = torch.cuda.Stream(torch.device("cuda", self.device_id))
         return pipe
 
     # -- batches --------------------------------------------------------------------
@@ -211,14 +270,15 @@ class DaliViewDecoder:
         """Wait for the oldest submitted batch.
 
         Returns float32 (B, 3, size, size), on the CPU for device="cpu" and on the GPU
-        for device="cuda" (written on torch's current stream); normalised if
-        ``normalize``, else pixel values 0..255.
+        for device="cuda" (ready on the caller's current stream: that stream waits for the
+        copy, the host does not); normalised if ``normalize``, else pixel values 0..255.
         """
         if not self._pending:
             raise RuntimeError("DaliViewDecoder.get: nothing was submitted")
         datas, boxes, keys = self._pending.popleft()
         try:
-            (out,) = self._pipe.outputs()
+            # On the GPU: outputs bound to our stream, no host synchronisation.
+            (out,) = self._pipe.outputs(cuda_stream=self._stream) if self.device == "cuda" else self._pipe.outputs()
         except Exception as error:
             self._pipe = None  # a failed DALI pipeline cannot be used again
             self._pending.clear()
@@ -233,12 +293,29 @@ class DaliViewDecoder:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         if self.device == "cuda":
-            target = torch.empty((n, 3, self.size, self.size), dtype=torch.float32, device=f"cuda:{self.device_id}")
-            feed_ndarray(out.as_tensor(), target, cuda_stream=torch.cuda.current_stream(self.device_id))
-        else:
-            # The one copy out of DALI's buffers, which the next run reuses.
-            target = torch.empty((n, 3, self.size, self.size), dtype=torch.float32)
-            feed_ndarray(out.as_tensor(), target)
+            return self._to_torch_cuda(out, n, feed_ndarray)
+        # The one copy out of DALI's buffers, which the next run reuses.
+        target = torch.empty((n, 3, self.size, self.size), dtype=torch.float32)
+        feed_ndarray(out.as_tensor(), target)
+        return target
+
+    def _to_torch_cuda(self, out, n: int, feed_ndarray) -> torch.Tensor:
+        """Copy DALI's GPU output into a torch tensor on the decoder's stream, ordered for the
+        caller's current stream by an event. A copy (not a DLPack view of DALI's buffer) so
+        that the memory is torch's: the caching allocator then keeps it alive for every
+        stream that uses it (``record_stream``), which it cannot do for DALI's memory."""
+        device = torch.device("cuda", self.device_id)
+        while self._in_copy and self._in_copy[0][0].query():
+            self._in_copy.popleft()  # copies that finished: DALI may reuse those buffers
+        with torch.cuda.stream(self._stream):
+            target = torch.empty((n, 3, self.size, self.size), dtype=torch.float32, device=device)
+        feed_ndarray(out.as_tensor(), target, cuda_stream=self._stream)
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        self._in_copy.append((done, out))  # DALI's buffer stays alive until the copy ran
+        caller = torch.cuda.current_stream(device)
+        caller.wait_event(done)
+        target.record_stream(caller)
         return target
 
     def _diagnose(self, datas, boxes, keys) -> str:

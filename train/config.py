@@ -126,6 +126,10 @@ class DataConfig:
     student_visible: int = 49           # 25% of 196 patches
     decoder: str = "dali"               # image decoder: "dali" or "pil" (reference)
     num_workers: int = 8
+    hw_decoder_load: float = 0.65       # DALI on a GPU: share of the JPEGs for the hardware decoder
+                                        # (DALI's default, to be replaced by what bench/gpu_check.py measures)
+    preallocate_width_hint: int = 0     # DALI on a GPU: hardware decoder buffers for images of
+    preallocate_height_hint: int = 0    # this size (0: no hint)
     shuffle_window: int = 4             # samples are shuffled within this many shards of a stream
     streams: int | str = "auto"         # independent shard streams (train/loader.py), fixed so
                                         # batches do not depend on the world size; "auto": the most
@@ -235,11 +239,14 @@ class Config:
                 raise ValueError(f"config {key}={value!r} must be {AUTO!r} or an integer > 0")
         nonneg = ["model.drop_path", "loss.spatial_weight", "loss.recon_weight", "optim.eps",
                   "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
-                  "data.seed", "data.num_workers", "train.clip_grad"]
+                  "data.seed", "data.num_workers", "train.clip_grad", "data.preallocate_width_hint",
+                  "data.preallocate_height_hint"]
         for key in nonneg:
             sec, name = key.split(".")
             if getattr(getattr(self, sec), name) < 0:
                 raise ValueError(f"config {key}={getattr(getattr(self, sec), name)!r} must be >= 0")
+        if not 0 <= self.data.hw_decoder_load <= 1:
+            raise ValueError(f"config data.hw_decoder_load={self.data.hw_decoder_load!r} must be in [0, 1]")
         if self.model.embed_dim % self.model.num_heads:
             raise ValueError(f"config model.embed_dim={self.model.embed_dim} is not divisible by "
                              f"model.num_heads={self.model.num_heads}")

@@ -31,8 +31,6 @@ image indices it must hold, and every teacher's crops against the others'.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -41,6 +39,7 @@ import torch
 
 from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
+from store.prefetch import DeviceCopier, Prefetch
 from train.config import AUTO, Config
 
 _ROLE_SHARD_ORDER, _ROLE_SAMPLE_ORDER = 11, 12
@@ -202,62 +201,35 @@ class Plan:
             yield step, touched, np.concatenate([flat[j][0][sl] for j in self.my_streams])
 
 
-class _Prefetch:
-    """Run a generator in a background thread, ``depth`` items ahead; errors re-raised."""
-
-    _END = object()
-
-    def __init__(self, gen, depth: int):
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(gen,), daemon=True, name="prefetch")
-        self.thread.start()
-
-    def _run(self, gen):
-        try:
-            for item in gen:
-                while not self.stop.is_set():
-                    try:
-                        self.q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-            self.q.put(self._END)
-        except BaseException as e:       # surfaced in the consumer
-            self.q.put(e)
-
-    def __iter__(self):
-        while True:
-            item = self.q.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self):
-        self.stop.set()
-
-
 class _Source:
     def __init__(self, plan: Plan, *, decoder: str = "dali", device: str = "cpu", num_threads: int = 2,
-                 prefetch: int = 2):
+                 prefetch: int = 2, decoder_settings: dict | None = None):
         from extract.runner import make_decoder
         self.plan = plan
         self.prefetch = prefetch
-        self.decode = make_decoder(decoder, batch_size=plan.local_batch, device=device, num_threads=num_threads)
+        self.decode = make_decoder(decoder, batch_size=plan.local_batch, device=device, num_threads=num_threads,
+                                   **(decoder_settings or {}))
+        self.copier = DeviceCopier(device)
 
     def _images(self, index, boxes, flips) -> torch.Tensor:
         return self.decode(self.plan.data.read_many(index), boxes, flips)
 
+    def _staged(self, epoch: int, start_step: int):
+        """The producer: batches with what the step needs already on its way to the device
+        (pinned, copied on the copier's stream); index and view stay on the host."""
+        for step, batch in self._batches(epoch, start_step):
+            host = {k: batch.pop(k) for k in _HOST_KEYS}
+            yield step, (host, self.copier.send(batch))
+
     def epoch(self, epoch: int, *, start_step: int = 0):
-        """Yield (step, CPU batch) for the epoch from ``start_step``; prefetched in a thread."""
-        gen = self._batches(epoch, start_step)
-        pf = _Prefetch(gen, self.prefetch)
+        """Yield (step, batch) for the epoch from ``start_step``, made in a thread ahead of
+        the step; ``materialize`` turns a batch into the step's input. On the CPU the batch is
+        the plain CPU batch; on CUDA what the step reads is on the device already, ordered on
+        the caller's current stream by an event (the host does not wait for the copies)."""
+        pf = Prefetch(self._staged(epoch, start_step), self.prefetch, context=self.copier.producer_stream)
         try:
-            yield from pf
+            for step, (host, sent) in pf:
+                yield step, {**host, **self.copier.receive(sent)}
         finally:
             pf.close()
 
@@ -345,7 +317,7 @@ class CachedSource(_Source):
         out = _move_common(batch, device)
         for name, ts in self.stores.items():
             t = batch["teachers"][name]
-            tok = ts.decode({k: t[k].to(device, non_blocking=True) for k in ts.payload_keys}, device=device)
+            tok = ts.decode({k: t[k].to(device) for k in ts.payload_keys}, device=device)
             out["teachers"][name] = {"cls": tok[:, 0], "patch": tok[:, 1:],
                                      "index": t["visible"].to(device).long()}
         return out
@@ -398,7 +370,12 @@ class OnlineSource(_Source):
         return out
 
 
+# What the step does not read: kept on the host (reports and tests read them there).
+_HOST_KEYS = ("index", "view")
+
+
 def _move_common(batch: dict, device) -> dict:
-    return {"index": batch["index"].to(device), "view": batch["view"].to(device),
-            "images": batch["images"].to(device, non_blocking=True),
+    """index and view as they are (host); images and the student's mask on ``device`` (a
+    no-op for the batches of ``epoch`` on CUDA, which are there already)."""
+    return {"index": batch["index"], "view": batch["view"], "images": batch["images"].to(device),
             "student_visible": batch["student_visible"].to(device), "teachers": {}}

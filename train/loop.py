@@ -164,7 +164,8 @@ def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = 
     ``teachers`` (online only): {name: Teacher} already built, used instead of building them
     (the demo reuses its extraction's), checked against the store all the same."""
     source = cfg.data.source if online is None else ("online-replay" if online else "cached")
-    kw = dict(decoder=cfg.data.decoder, device=device, num_threads=max(1, cfg.data.num_workers))
+    kw = dict(decoder=cfg.data.decoder, device=device, num_threads=max(1, cfg.data.num_workers),
+              decoder_settings=decoder_settings(cfg))
     if source == "cached":
         if not cfg.data.store:
             raise ValueError("data.source=cached reads the teacher tokens from a store: give --store "
@@ -174,6 +175,12 @@ def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = 
     from train.online import build_online_source
     return build_online_source(cfg, plan, fresh=(source == "online-fresh"), run_dir=run_dir, prebuilt=teachers,
                                **kw)
+
+
+def decoder_settings(cfg: Config) -> dict:
+    """The GPU decoder's settings of the config, as ``make_decoder`` takes them."""
+    return dict(hw_decoder_load=cfg.data.hw_decoder_load, preallocate_width_hint=cfg.data.preallocate_width_hint,
+                preallocate_height_hint=cfg.data.preallocate_height_hint)
 
 
 def _save_atomic(obj, path: Path) -> None:

@@ -211,3 +211,34 @@ def test_estimated_bytes_match_the_finished_store_within_5_percent(prepared_data
           f"{e['total_bytes'] / on_disk - 1:+.2%}")
     assert abs(e["total_bytes"] / on_disk - 1) < 0.05
     assert "zstd_ratio" not in e and e["measured_images"] == 2
+
+
+class _PixelTeacher(torch.nn.Module):
+    """A stand-in for a ViT with the Teacher call signature: tokens are pixel means, so the
+    test checks batching and order, not a network."""
+    name = "mae"
+
+    def forward(self, images, visible):
+        cells = images.unfold(2, 16, 16).unfold(3, 16, 16).mean((-1, -2)).flatten(2).transpose(1, 2)  # (B, 196, 3)
+        patch = torch.gather(cells, 1, visible[..., None].expand(-1, -1, 3)).repeat(1, 1, 256)
+        return {"cls": images.mean((2, 3)).repeat(1, 256), "patch": patch}
+
+
+def test_one_producer_over_all_blocks_cuts_batches_per_block(prepared_data):
+    """Extractor.stream runs one decode thread over every block of the rank, yet each batch
+    holds consecutive images of one block cut from the block's start (what makes the store
+    independent of the block order and of resumes), with the same tokens as block by block."""
+    ds = ImageSet.open(prepared_data)
+    ex = Extractor(_PixelTeacher(), ds, seed=0, views=VIEWS, batch_size=2, device="cpu", decoder="pil")
+    blocks = [(np.arange(5, 10), 1), (np.arange(0, 5), 0), (np.arange(10, 13), 1)]
+    got = list(ex.stream(blocks))
+    assert [(k, vb.index.tolist(), last) for k, vb, _, last in got] == [
+        (0, [5, 6], False), (0, [7, 8], False), (0, [9], True), (1, [0, 1], False), (1, [2, 3], False),
+        (1, [4], True), (2, [10, 11], False), (2, [12], True)]
+    for k, (index, slot) in enumerate(blocks):
+        alone = torch.cat([tok for _, tok in ex.batches(index, slot)])
+        streamed = torch.cat([tok for j, _, tok, _ in got if j == k])
+        torch.testing.assert_close(streamed, alone, rtol=0, atol=0)
+        views = np.concatenate([vb.view for j, vb, _, _ in got if j == k])
+        np.testing.assert_array_equal(views, (index + slot) % VIEWS)
+    assert all(vb.images is None for _, vb, _, _ in got)       # handed to the device, not kept

@@ -283,3 +283,35 @@ def test_decoder_is_importable_from_store_decode():
     from store.dali_decode import DaliViewDecoder
 
     assert store.decode.DaliViewDecoder is DaliViewDecoder
+
+
+def test_dali_device_id_is_derived_from_the_torch_device():
+    from store.dali_decode import dali_device_id
+
+    assert dali_device_id("cpu") is None and dali_device_id(torch.device("cpu")) is None
+    assert dali_device_id("cuda:1") == 1 and dali_device_id(torch.device("cuda", 3)) == 3
+    with pytest.raises(ValueError, match="'cpu' or 'cuda"):
+        dali_device_id("meta")
+
+
+def test_cuda_decoder_runs_on_the_gpu_its_device_names(monkeypatch):
+    """cuda:N decodes on GPU N (not on torch's current device, then a copy across GPUs), for
+    the decoder and for every caller going through make_decoder. The pipeline is built on the
+    first batch, so its settings can be read without a GPU."""
+    from extract.runner import make_decoder
+    from store.dali_decode import DaliViewDecoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert DaliViewDecoder(batch_size=2, device="cuda:1").device_id == 1
+    assert DaliViewDecoder(batch_size=2, device="cuda").device_id == 0
+    assert DaliViewDecoder(batch_size=2, device="cuda", device_id=2).device_id == 2
+    decoder = make_decoder("dali", batch_size=2, device="cuda:3", hw_decoder_load=0.4,
+                           preallocate_width_hint=500, preallocate_height_hint=375)
+    assert (decoder.device, decoder.device_id) == ("cuda", 3)
+    assert decoder.hw_decoder_load == 0.4 and decoder.preallocate_hint == (500, 375)
+    assert make_decoder("dali", batch_size=2, device="cpu").device_id is None
+    with pytest.raises(ValueError, match="disagree"):
+        DaliViewDecoder(batch_size=2, device="cuda:1", device_id=0)
+    with pytest.raises(ValueError, match="hw_decoder_load must be in"):
+        DaliViewDecoder(batch_size=2, device="cuda:1", hw_decoder_load=1.5)
