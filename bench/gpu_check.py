@@ -105,12 +105,13 @@ class Report:
             if s["figures"]:
                 lines += ["| figure | value | what it measures |", "|---|---:|---|"]
                 for f in s["figures"]:
-                    lines.append(f"| {f['name']} | {_fmt(f['value'])} {f['unit']} | {f['measures']} |")
+                    lines.append(f"| {_cell(f['name'])} | {_cell(_fmt(f['value']))} {f['unit']} | "
+                                 f"{_cell(f['measures'])} |")
                 lines.append("")
             if s["checks"]:
                 lines += ["| check | result | detail |", "|---|---|---|"]
                 for c in s["checks"]:
-                    lines.append(f"| {c['name']} | {'ok' if c['ok'] else '**FAILED**'} | {c['detail']} |")
+                    lines.append(f"| {_cell(c['name'])} | {'ok' if c['ok'] else '**FAILED**'} | {_cell(c['detail'])} |")
                 lines.append("")
         return "\n".join(lines)
 
@@ -118,7 +119,12 @@ class Report:
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
-    return str(value).replace("|", "/")
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    """Text for one markdown table cell: pipes escaped, one line."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _sync(device: torch.device) -> None:
@@ -345,6 +351,10 @@ def _run_until(cmd: list[str], ready, *, log: Path, timeout: float) -> tuple[int
                 proc.wait()
 
 
+def killed_step(name: str) -> bool:
+    return name.endswith("SIGKILL")
+
+
 def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
     from store.photos import write_photo_tree
 
@@ -355,8 +365,9 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
     data, store, run, logs = tmp / "data", tmp / "store", tmp / "run", tmp / "logs"
     logs.mkdir()
     views, batch = size["views"], size["train_batch"]
+    # checkpoints at step 30 (--ckpt-steps) and at the end only; every step logged
     overrides = [f"data.views={views}", "data.streams=1", "data.shuffle_window=2", "train.log_every=1",
-                 f"data.num_workers={min(os.cpu_count() or 1, 4)}"]
+                 "train.ckpt_every=1000", f"data.num_workers={min(os.cpu_count() or 1, 4)}"]
     train = ["train", "--data", data, "--store", store, "--out", run, "--steps", TRAIN_STEPS,
              "--ckpt-steps", KILL_AFTER, "--batch-size", batch, "--device", dev, *overrides]
     steps = [("prepare", ["prepare", photos, data, "--shard-size", size["shard"], "--no-progress"], n)]
@@ -377,7 +388,7 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
     for k, (name, args, images) in enumerate(steps):
         log = logs / f"{k}.log"
         start = time.perf_counter()
-        if name.endswith("SIGKILL"):
+        if killed_step(name):
             # log_every=1: a line past step 30 means the step-30 checkpoint is on disk, and the
             # step-40 one is not (it is written after step 40's line)
             rc, killed = _run_until(_cli(*args), lambda: any(KILL_AFTER < s < TRAIN_STEPS
@@ -402,6 +413,11 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
             detail += f": {tail}"
         if not rep.check(sec, name, ok, detail):
             return
+        if killed_step(name):
+            saved = int(torch.load(run / "last.pt", map_location="cpu", weights_only=False)["step"])
+            if not rep.check(sec, "checkpoint left by the killed run", saved == KILL_AFTER,
+                             f"last.pt at step {saved} (expected {KILL_AFTER})"):
+                return
     logged = _metric_steps(metrics)
     rep.check(sec, "resume logged every step once", logged == list(range(1, TRAIN_STEPS + 1)),
               f"metrics.jsonl steps {logged[:3]}...{logged[-3:]} ({len(logged)} lines)")

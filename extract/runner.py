@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,9 +283,9 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     for shard, slot in todo:
         first, count = ts.root.shards[shard]
         blocks.append((np.arange(first, first + count), slot))
-    with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+    with ThreadPoolExecutor(1, thread_name_prefix="write") as writer, closing(ex.stream(blocks)) as batches:
         pending, parts, tokens = None, [], []
-        for k, vb, tok, last in ex.stream(blocks):     # one decode thread over all blocks
+        for k, vb, tok, last in batches:               # one decode thread over all blocks
             parts.append(vb)
             tokens.append(tok)
             bar.update(len(vb.index))

@@ -27,6 +27,10 @@ Both sources give the same batch for the same step: the same images, views (e + 
 crops, flips and student masks; only where the teacher tokens come from differs.
 Features and images are joined by index: a block's ``index`` array is checked against the
 image indices it must hold, and every teacher's crops against the others'.
+
+Batches are made in a background thread (``store/prefetch.py``) while the step runs; on
+CUDA that thread also pins what the step reads and copies it to the GPU on its own stream,
+and the step's stream waits for an event, not the host. Index and view stay on the host.
 """
 from __future__ import annotations
 
