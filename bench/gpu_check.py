@@ -415,6 +415,8 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
             detail += f": {tail}"
         if not rep.check(sec, name, ok, detail):
             return
+        if name == "verify":
+            ctx["data"], ctx["store"] = data, store      # section 6 measures on this store
         if killed_step(name):
             saved = int(torch.load(run / "last.pt", map_location="cpu", weights_only=False)["step"])
             if not rep.check(sec, "checkpoint left by the killed run", saved == KILL_AFTER,
@@ -428,7 +430,6 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
     rep.figure(sec, "knn top-1", top1, "%", f"k-NN top-1 of the 40-step student, train = val = the {n} photos "
                "(a smoke figure: the data is tiny)")
     rep.check(sec, "knn result", top1 is not None and np.isfinite(top1), f"top1 {top1}")
-    ctx["data"], ctx["store"] = data, store
 
 
 # -- 6. training throughput ------------------------------------------------------------
@@ -438,7 +439,7 @@ def check_training(rep: Report, sec: dict, ctx: dict) -> None:
     from train.loop import student_flops_per_image
 
     if "store" not in ctx:
-        raise RuntimeError("needs the store of section 5, which did not finish")
+        raise RuntimeError("needs the store of section 5, which did not get past verify")
     device, size = ctx["device"], ctx["size"]
     rows = measure(data=ctx["data"], store=ctx["store"], batch_size=size["train_batch"], steps=size["bench_steps"],
                    warmup=size["bench_warmup"], rounds=size["bench_rounds"], device=str(device), decoder="dali",
