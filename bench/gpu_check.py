@@ -20,7 +20,7 @@ Sections:
 5. the real command line on generated photos (long side 500), in subprocesses:
    prepare -> extract (mae, mocov3, ibot) -> verify -> train 40 steps, SIGKILLed after its
    step-30 checkpoint (a preempted job) -> train --resume (the last 10 steps) -> export ->
-   eval knn; each step's wall time and images/s;
+   eval knn (--quick: 8 steps, killed after 6); each step's wall time and images/s;
 6. training images/s on that store: cached, online and the in-memory ceiling
    (bench/train.py), and the student's MFU in each.
 
@@ -55,11 +55,10 @@ VIEW_BOUND, MEAN_BOUND = 0.6, 0.3
 # Sizes of a run: the full one for a GPU, and --quick (CI on 2 CPU cores, <= 3 minutes).
 FULL = dict(budget_s=540, agree_views=32, decode_views=2048, decode_batch=128, fwd_batch=256, fwd_iters=8,
             copies=80, shard=128, views=2, ex_batch=128, stats=256, train_batch=128, bench_steps=6,
-            bench_warmup=2, bench_rounds=3, peak_n=8192, knn_batch=256, knn_k=20)
+            bench_warmup=2, bench_rounds=3, peak_n=8192, knn_batch=256, knn_k=20, train_steps=40, kill_after=30)
 QUICK = dict(budget_s=180, agree_views=4, decode_views=64, decode_batch=32, fwd_batch=2, fwd_iters=1,
              copies=1, shard=4, views=1, ex_batch=4, stats=4, train_batch=4, bench_steps=2,
-             bench_warmup=1, bench_rounds=1, peak_n=1024, knn_batch=16, knn_k=5)
-TRAIN_STEPS, KILL_AFTER = 40, 30
+             bench_warmup=1, bench_rounds=1, peak_n=1024, knn_batch=16, knn_k=5, train_steps=8, kill_after=6)
 
 
 class Report:
@@ -367,20 +366,21 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
     data, store, run, logs = tmp / "data", tmp / "store", tmp / "run", tmp / "logs"
     logs.mkdir()
     views, batch = size["views"], size["train_batch"]
-    # checkpoints at step 30 (--ckpt-steps) and at the end only; every step logged
+    n_steps, kill_after = size["train_steps"], size["kill_after"]
+    # checkpoints at step kill_after (--ckpt-steps) and at the end only; every step logged
     overrides = [f"data.views={views}", "data.streams=1", "data.shuffle_window=2", "train.log_every=1",
                  "train.ckpt_every=1000", f"data.num_workers={min(os.cpu_count() or 1, 4)}"]
-    train = ["train", "--data", data, "--store", store, "--out", run, "--steps", TRAIN_STEPS,
-             "--ckpt-steps", KILL_AFTER, "--batch-size", batch, "--device", dev, *overrides]
+    train = ["train", "--data", data, "--store", store, "--out", run, "--steps", n_steps,
+             "--ckpt-steps", kill_after, "--batch-size", batch, "--device", dev, *overrides]
     steps = [("prepare", ["prepare", photos, data, "--shard-size", size["shard"], "--no-progress"], n)]
     for name in TEACHERS:
         steps.append((f"extract {name}", ["extract", "--teacher", name, "--random-init", "--data", data,
                                           "--store", store, "--views", views, "--batch-size", size["ex_batch"],
                                           "--stats-images", size["stats"], "--device", dev], n * views))
     steps += [("verify", ["verify", store, "--data", data], n * views * len(TEACHERS)),
-              (f"train {KILL_AFTER} of {TRAIN_STEPS} steps, then SIGKILL", train, KILL_AFTER * batch),
-              (f"train --resume ({TRAIN_STEPS - KILL_AFTER} steps)", [*train, "--resume"],
-               (TRAIN_STEPS - KILL_AFTER) * batch),
+              (f"train {kill_after} of {n_steps} steps, then SIGKILL", train, kill_after * batch),
+              (f"train --resume ({n_steps - kill_after} steps)", [*train, "--resume"],
+               (n_steps - kill_after) * batch),
               ("export", ["export", run, tmp / "student.safetensors"], None),
               ("eval knn", ["eval", "knn", "--checkpoint", tmp / "student.safetensors", "--train", data,
                             "--val", data, "--device", dev, "--batch-size", size["knn_batch"], "--workers", 2,
@@ -391,13 +391,13 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
         log = logs / f"{k}.log"
         start = time.perf_counter()
         if killed_step(name):
-            # log_every=1: a line past step 30 means the step-30 checkpoint is on disk, and the
-            # step-40 one is not (it is written after step 40's line)
-            rc, killed = _run_until(_cli(*args), lambda: any(KILL_AFTER < s < TRAIN_STEPS
+            # log_every=1: a line past step kill_after means that checkpoint is on disk, and the
+            # final one is not (it is written after the last step's line)
+            rc, killed = _run_until(_cli(*args), lambda: any(kill_after < s < n_steps
                                                              for s in _metric_steps(metrics)),
                                     log=log, timeout=3 * ctx["size"]["budget_s"])
             ok = killed
-            detail = "killed after its step-30 checkpoint" if killed else f"exit {rc} before it could be killed"
+            detail = f"killed after its step-{kill_after} checkpoint" if killed else f"exit {rc} before it could be killed"
         else:
             try:
                 proc = subprocess.run(_cli(*args), cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -419,15 +419,15 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
             ctx["data"], ctx["store"] = data, store      # section 6 measures on this store
         if killed_step(name):
             saved = int(torch.load(run / "last.pt", map_location="cpu", weights_only=False)["step"])
-            if not rep.check(sec, "checkpoint left by the killed run", saved == KILL_AFTER,
-                             f"last.pt at step {saved} (expected {KILL_AFTER})"):
+            if not rep.check(sec, "checkpoint left by the killed run", saved == kill_after,
+                             f"last.pt at step {saved} (expected {kill_after})"):
                 return
     logged = _metric_steps(metrics)
-    rep.check(sec, "resume logged every step once", logged == list(range(1, TRAIN_STEPS + 1)),
+    rep.check(sec, "resume logged every step once", logged == list(range(1, n_steps + 1)),
               f"metrics.jsonl steps {logged[:3]}...{logged[-3:]} ({len(logged)} lines)")
     result = json.loads((tmp / "knn.json").read_text())
     top1 = result["metrics"].get("top1")
-    rep.figure(sec, "knn top-1", top1, "%", f"k-NN top-1 of the 40-step student, train = val = the {n} photos "
+    rep.figure(sec, "knn top-1", top1, "%", f"k-NN top-1 of the {n_steps}-step student, train = val = the {n} photos "
                "(a smoke figure: the data is tiny)")
     rep.check(sec, "knn result", top1 is not None and np.isfinite(top1), f"top1 {top1}")
 
