@@ -435,8 +435,6 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
 # -- 6. training throughput ------------------------------------------------------------
 def check_training(rep: Report, sec: dict, ctx: dict) -> None:
     from bench.train import measure
-    from train.config import load_config
-    from train.loop import student_flops_per_image
 
     if "store" not in ctx:
         raise RuntimeError("needs the store of section 5, which did not get past verify")
@@ -444,16 +442,15 @@ def check_training(rep: Report, sec: dict, ctx: dict) -> None:
     rows = measure(data=ctx["data"], store=ctx["store"], batch_size=size["train_batch"], steps=size["bench_steps"],
                    warmup=size["bench_warmup"], rounds=size["bench_rounds"], device=str(device), decoder="dali",
                    threads=min(os.cpu_count() or 1, 4), views=size["views"], streams=1)
-    flops = student_flops_per_image(load_config(None, []), 49)
     what = {"cached": "store blocks + DALI decoding in a prefetch thread + the step",
             "online": "the same decoding + the three ViT-B teachers' forward + the step",
             "ceiling": "the step alone on batches already on the device"}
     for r in rows:
-        mfu = r["images_per_second"] * flops / ctx["peak"]
+        mfu = r["student_tflops"] * 1e12 / ctx["peak"]
         rep.figure(sec, f"{r['mode']}", r["images_per_second"], "images/s",
                    f"{what[r['mode']]}; batch {r['batch_size']}, median of {r['rounds']} rounds of {r['steps']} steps")
-        rep.figure(sec, f"{r['mode']} MFU", mfu, "", "student training FLOPs (train/loop.py count) x images/s "
-                   "over the measured peak")
+        rep.figure(sec, f"{r['mode']} MFU", mfu, "", "the step's FLOPs per image (train/flops.py: what the step "
+                   "runs) x images/s over the measured peak")
         rep.check(sec, f"{r['mode']} ran", np.isfinite(r["images_per_second"]) and r["images_per_second"] > 0,
                   f"{r['images_per_second']:.1f} images/s")
     by = {r["mode"]: r["images_per_second"] for r in rows}
