@@ -36,8 +36,10 @@ def prepared_data(photo_tree, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_store(prepared_data, tmp_path_factory) -> Path:
     """A complete feature store of ``prepared_data``: the three paper teachers, untrained
-    (random init, seed 0), 2 views, fp16 codec; adapter statistics from 4 images only (a
-    rank-deficient but valid basis, to keep the fixture fast). Read-only for tests."""
+    (random init, seed 0), 2 views, fp16 codec; adapter statistics from all 13 images (taken
+    from the stored tokens, so they cost no teacher pass; a 4-image basis made the fused-target
+    CKA of tests/train/test_demo.py depend on which 4 images the keyed sample drew).
+    Read-only for tests."""
     from extract.runner import run_extraction
     from extract.teachers import build_teacher
     from store.shards import ImageSet
@@ -46,7 +48,7 @@ def teacher_store(prepared_data, tmp_path_factory) -> Path:
     data = ImageSet.open(prepared_data)
     for name in ("mae", "mocov3", "ibot"):
         run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data, store_path=store,
-                       views=2, seed=0, batch_size=4, decoder="pil", progress=False, stats_images=4)
+                       views=2, seed=0, batch_size=4, decoder="pil", progress=False, stats_images=13)
     return store
 
 
