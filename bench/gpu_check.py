@@ -58,7 +58,7 @@ FULL = dict(budget_s=540, agree_views=32, decode_views=2048, decode_batch=128, f
             bench_warmup=2, bench_rounds=3, peak_n=8192, knn_batch=256, knn_k=20, train_steps=40, kill_after=30)
 QUICK = dict(budget_s=180, agree_views=4, decode_views=64, decode_batch=32, fwd_batch=2, fwd_iters=1,
              copies=1, shard=4, views=1, ex_batch=4, stats=4, train_batch=4, bench_steps=2,
-             bench_warmup=1, bench_rounds=1, peak_n=1024, knn_batch=16, knn_k=5, train_steps=8, kill_after=6)
+             bench_warmup=1, bench_rounds=1, peak_n=2048, knn_batch=16, knn_k=5, train_steps=8, kill_after=6)
 
 
 class Report:
@@ -308,7 +308,7 @@ def check_teachers(rep: Report, sec: dict, ctx: dict) -> None:
         rep.figure(sec, f"{name} fraction of peak", frac, "", "its matmul FLOP/s over the measured peak")
         rep.check(sec, f"{name} tokens finite", bool(torch.isfinite(out["patch"]).all()),
                   f"patch tokens {tuple(out['patch'].shape)}")
-        del teacher
+        ctx.setdefault("teachers", {})[name] = teacher   # the online row of section 6 reuses them
 
 
 # -- 5. the command line end to end ---------------------------------------------------
@@ -441,7 +441,8 @@ def check_training(rep: Report, sec: dict, ctx: dict) -> None:
     device, size = ctx["device"], ctx["size"]
     rows = measure(data=ctx["data"], store=ctx["store"], batch_size=size["train_batch"], steps=size["bench_steps"],
                    warmup=size["bench_warmup"], rounds=size["bench_rounds"], device=str(device), decoder="dali",
-                   threads=min(os.cpu_count() or 1, 4), views=size["views"], streams=1)
+                   threads=min(os.cpu_count() or 1, 4), views=size["views"], streams=1,
+                   teachers=ctx.get("teachers"))
     what = {"cached": "store blocks + DALI decoding in a prefetch thread + the step",
             "online": "the same decoding + the three ViT-B teachers' forward + the step",
             "ceiling": "the step alone on batches already on the device"}
