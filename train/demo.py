@@ -92,8 +92,9 @@ def teacher_sources(checkpoints) -> dict[str, str | None]:
 def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False) -> float:
     """Images per second of one teacher forward on a batch of ``images`` seeded noise images
     after a warm-up batch of 2: masked as in extraction (its visible patches of view 0, seed
-    0), or ``full`` (196 patches); fp32 on the CPU. The machine's speed, by which the demo's
-    time is normalised (bench/demo.py, docs/performance.md)."""
+    0), or ``full`` (196 patches); fp32 on the CPU, bf16 autocast on CUDA (as extraction runs).
+    The machine's speed, by which the demo's time is normalised (bench/demo.py,
+    docs/performance.md); bench/cache_cost.py combines it over its teachers."""
     import torch
 
     from store import views as V
@@ -101,10 +102,11 @@ def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False) -
     g = torch.Generator().manual_seed(0)
     batch = torch.randn(images, 3, 224, 224, generator=g).to(device)
     visible = torch.from_numpy(V.teacher_visible(0, np.arange(images), 0, teacher.name)).to(device)
+    dev = torch.device(device)
 
     def forward(n):
         return teacher.forward_full(batch[:n]) if full else teacher(batch[:n], visible[:n])
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         forward(2)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
