@@ -12,13 +12,13 @@ naming the file.
 Training transform (mmsegmentation's ADE20K pipeline, the one BEiT/MAE report with), for
 crop size S (512): resize keeping the aspect ratio into (4S r, S r) with r ~ U(0.5, 2.0);
 random S x S crop, retried up to 10 times until no class covers more than 75% of the crop;
-horizontal flip (p 0.5); photometric distortion (brightness +-32, contrast and saturation
-x[0.5, 1.5], hue +-18 degrees, each with p 0.5); ImageNet mean/std; pad to S x S (image 0,
-label 255). All draws are keyed by (seed, epoch, index). Test: the image resized keeping
+horizontal flip (p 0.5); photometric distortion (``photometric``, mmseg's
+PhotoMetricDistortion); ImageNet mean/std; pad to S x S (image 0, label 255). All draws are keyed by (seed, epoch, index). Test: the image resized keeping
 the ratio into (4S, S); the model slides an S x S window over it (``segmentation.py``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,23 +97,72 @@ def fit_scale(height: int, width: int, *, long_side: float, short_side: float) -
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def photometric(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """mmseg PhotoMetricDistortion on (3, H, W) float32 in [0, 1]; returns the same shape, clamped."""
+@dataclass(frozen=True)
+class Distortion:
+    """One draw of mmseg's PhotoMetricDistortion; ``None`` means the step is skipped (p 0.5 each).
+
+    On mmseg's scales: ``brightness`` is added to 0..255 pixel values (U(-32, 32));
+    ``contrast`` multiplies them (U(0.5, 1.5)); ``saturation`` multiplies HSV S
+    (U(0.5, 1.5), S clipped to 1); ``hue`` is an integer added to OpenCV's 0..180 hue
+    (numpy's ``randint(-18, 18)``, i.e. -18..17, so a shift of 2 * hue degrees).
+    ``contrast_first``: contrast right after brightness, else last (p 0.5).
+    """
+
+    brightness: float | None
+    contrast: float | None
+    contrast_first: bool
+    saturation: float | None
+    hue: int | None
+
+
+def draw_distortion(rng: np.random.Generator, *, brightness_delta: float = 32, contrast_range=(0.5, 1.5),
+                    saturation_range=(0.5, 1.5), hue_delta: int = 18) -> Distortion:
+    """mmseg PhotoMetricDistortion's draws (defaults as mmseg) from ``rng``."""
+    brightness = float(rng.uniform(-brightness_delta, brightness_delta)) if rng.random() < 0.5 else None
+    contrast_first = bool(rng.random() < 0.5)
+    contrast = float(rng.uniform(*contrast_range)) if rng.random() < 0.5 else None
+    saturation = float(rng.uniform(*saturation_range)) if rng.random() < 0.5 else None
+    hue = int(rng.integers(-hue_delta, hue_delta)) if rng.random() < 0.5 else None
+    return Distortion(brightness, contrast, contrast_first, saturation, hue)
+
+
+def scale_saturation(image: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 1] with HSV S multiplied by ``alpha`` and clipped to 1; H and V kept.
+
+    With V = max(r, g, b) and S = (V - min) / V, a channel c at fixed hue is V - (V - c) and
+    (V - c) scales with S, so c' = V - min(alpha, 1 / S) (V - c); grey pixels stay grey.
+    """
+    value = image.amax(dim=0, keepdim=True)
+    spread = value - image.amin(dim=0, keepdim=True)
+    limit = torch.where(spread > 0, value / spread.clamp_min(1e-12), torch.full_like(spread, alpha))
+    return (value - torch.clamp(limit, max=alpha) * (value - image)).clamp(0, 1)
+
+
+def shift_hue(image: torch.Tensor, delta: int) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 1] with the hue moved by ``delta`` on OpenCV's 0..180 scale (2 delta degrees)."""
     from torchvision.transforms.v2 import functional as TF
 
-    if rng.random() < 0.5:
-        image = (image + rng.uniform(-32, 32) / 255.0).clamp(0, 1)
-    contrast_first = rng.random() < 0.5
-    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-    if contrast_first and contrast is not None:
-        image = (image * contrast).clamp(0, 1)
-    if rng.random() < 0.5:
-        image = TF.adjust_saturation(image, float(rng.uniform(0.5, 1.5)))
-    if rng.random() < 0.5:
-        image = TF.adjust_hue(image, float(rng.uniform(-18, 18) / 360.0))
-    if not contrast_first and contrast is not None:
-        image = (image * contrast).clamp(0, 1)
+    return TF.adjust_hue(image, delta / 180.0)     # hue_factor is a fraction of the circle
+
+
+def apply_distortion(image: torch.Tensor, d: Distortion) -> torch.Tensor:
+    """(3, H, W) float32 RGB in [0, 1] -> the same, distorted as mmseg does (clamped after each step)."""
+    if d.brightness is not None:
+        image = (image + d.brightness / 255.0).clamp(0, 1)
+    if d.contrast_first and d.contrast is not None:
+        image = (image * d.contrast).clamp(0, 1)
+    if d.saturation is not None:
+        image = scale_saturation(image, d.saturation)
+    if d.hue is not None:
+        image = shift_hue(image, d.hue)
+    if not d.contrast_first and d.contrast is not None:
+        image = (image * d.contrast).clamp(0, 1)
     return image
+
+
+def photometric(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """mmseg PhotoMetricDistortion on (3, H, W) float32 in [0, 1]; returns the same shape, clamped."""
+    return apply_distortion(image, draw_distortion(rng))
 
 
 class AdeSegmentation(torch.utils.data.Dataset):
