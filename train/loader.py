@@ -1,27 +1,9 @@
 """Training batches: from the feature store (cached) or from teachers run every step (online).
 
-Order (DESIGN.md "Hot paths"). The data is read as ``streams`` independent streams, a
-number fixed by the config and not by the world size. At epoch e the image shards are
-shuffled by a hash of (seed, e); stream j takes every ``streams``-th shard of that order,
-groups its shards into windows of ``window`` shards, and shuffles the samples of a window
-by a hash of (seed, e, index). Global batch k is the k-th slice of every stream. Rank r of
-W serves the streams j with j mod W == r; when W is a multiple of the streams (a small set
-read as one or two streams), the W / streams ranks of stream j = r // (W / streams) serve
-equal parts of its slice. So:
-
-- image shards and feature blocks are read whole and in sequence, each by one rank only
-  (by the ranks sharing a stream when there are fewer streams than ranks);
-- the samples of a global batch do not depend on the world size (1, 2, 4, 8 ranks with
-  8 streams, or with 1 stream, see the same global batches), which is what lets a 2-rank
-  run follow the single-process loss curve and resume a run on another world size;
-- a batch is a pure function of (seed, epoch, step): resuming at step k reads nothing
-  before it.
-
-``data.streams=auto`` (``auto_streams``) takes the most of 8, 4, 2, 1 streams that the data
-and the global batch allow without dropping more than a tenth of what one stream would
-train on per epoch: 8 on ImageNet, 1 on a set of a few dozen images. ``resolve_data``
-turns ``auto`` (streams, and views, which come from the store) into numbers once, when a
-run starts; the run's config.yaml records them.
+The order (which samples global batch k of epoch e holds, which rank serves which part,
+steps per epoch, ``data.streams=auto``) is train/order.py; ``Plan`` joins it to the data.
+``resolve_data`` turns ``auto`` (streams, and views, which come from the store) into numbers
+once, when a run starts; the run's config.yaml records them.
 
 Both sources give the same batch for the same step: the same images, views (e + i) mod V,
 crops, flips and student masks; only where the teacher tokens come from differs.
@@ -35,7 +17,7 @@ and the step's stream waits for an event, not the host. Index and view stay on t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -45,65 +27,7 @@ from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
 from store.prefetch import DeviceCopier, Prefetch
 from train.config import AUTO, Config
-
-_ROLE_SHARD_ORDER, _ROLE_SAMPLE_ORDER = 11, 12
-
-
-def stream_shards(num_shards: int, *, seed: int, epoch: int, stream: int, streams: int) -> np.ndarray:
-    """Image shards stream ``stream`` of ``streams`` reads at ``epoch``, in order: (n,) int64."""
-    keys = V.hash_keys(seed, epoch, _ROLE_SHARD_ORDER, np.arange(num_shards))
-    return np.argsort(keys, kind="stable")[stream::streams]
-
-
-def stream_windows(shards: list, *, seed: int, epoch: int, stream: int, streams: int,
-                   window: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The stream's windows at ``epoch``: [(shard ids (w,), shuffled sample indices (n_w,))]."""
-    mine = stream_shards(len(shards), seed=seed, epoch=epoch, stream=stream, streams=streams)
-    out = []
-    for a in range(0, len(mine), window):
-        ids = mine[a:a + window]
-        idx = np.concatenate([np.arange(shards[k][0], shards[k][0] + shards[k][1]) for k in ids])
-        keys = V.hash_keys(seed, epoch, _ROLE_SAMPLE_ORDER, idx)
-        out.append((ids, idx[np.argsort(keys, kind="stable")]))
-    return out
-
-
-def steps_per_epoch(shards: list, *, global_batch: int, streams: int) -> int:
-    """Steps every stream can feed in any epoch: only the full shards a stream is sure to
-    get count (the rest of an epoch is dropped), so every rank takes the same steps."""
-    size = max(c for _, c in shards)
-    full = sum(1 for _, c in shards if c == size)
-    steps = (full // streams) * size // (global_batch // streams)
-    if steps == 0:
-        raise ValueError(f"{len(shards)} image shards of {size} are too few for a global batch of "
-                         f"{global_batch} over {streams} streams; use a smaller batch, fewer "
-                         "streams (data.streams) or more data")
-    return steps
-
-
-AUTO_STREAMS = (8, 4, 2, 1)       # data.streams=auto picks from these, most first
-AUTO_STREAMS_KEEP = 0.9           # ... keeping at least this share of one stream's steps
-
-
-def auto_streams(shards: list, *, global_batch: int) -> int:
-    """``data.streams=auto``: the most streams of ``AUTO_STREAMS`` that divide the global batch
-    and give at least ``AUTO_STREAMS_KEEP`` of the steps per epoch one stream gives (each
-    stream drops its last partial slice and the shards it cannot be sure of).
-
-    A function of the shards and the global batch only, never of the world size, so every
-    world size resolves it alike. Raises ValueError when the data is too small for even one
-    stream."""
-    one = steps_per_epoch(shards, global_batch=global_batch, streams=1)
-    for s in AUTO_STREAMS:
-        if global_batch % s:
-            continue
-        try:
-            steps = steps_per_epoch(shards, global_batch=global_batch, streams=s)
-        except ValueError:
-            continue
-        if steps >= AUTO_STREAMS_KEEP * one:
-            return s
-    return 1
+from train.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (steps_per_epoch: old import path)
 
 
 def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Config:
@@ -135,7 +59,8 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
 
 @dataclass
 class Plan:
-    """What both sources share: data, seed, views, batch geometry and order.
+    """What both sources share: data, seed, views, batch geometry and order (``order``, a
+    train/order.Order of the data's shards; ValueError as Order refuses a geometry).
 
     ``batch_size`` is the global batch; this rank serves ``batch_size / world``: the whole
     slices of its streams, or, with fewer streams than ranks, its part of one stream's."""
@@ -149,14 +74,11 @@ class Plan:
     streams: int = 1
     n_student: int = V.STUDENT_VISIBLE
 
+    order: Order = field(init=False, repr=False)
+
     def __post_init__(self):
-        if self.streams % self.world and self.world % self.streams:
-            raise ValueError(f"data.streams={self.streams} and the world size {self.world}: one must be "
-                             "a multiple of the other")
-        if self.batch_size % self.streams:
-            raise ValueError(f"train.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
-        if self.batch_size % self.world:
-            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by {self.world} ranks")
+        self.order = Order(self.shards, seed=self.seed, batch_size=self.batch_size, rank=self.rank,
+                           world=self.world, window=self.window, streams=self.streams)
 
     @property
     def shards(self) -> list:
@@ -164,45 +86,20 @@ class Plan:
 
     @property
     def local_batch(self) -> int:
-        return self.batch_size // self.world
-
-    @property
-    def my_streams(self) -> list[int]:
-        if self.streams % self.world == 0:
-            return list(range(self.rank, self.streams, self.world))
-        return [self.rank // (self.world // self.streams)]
-
-    @property
-    def my_rows(self) -> slice:
-        """The rows of each of its streams' per-step slices this rank serves."""
-        per = self.batch_size // self.streams
-        if self.streams % self.world == 0:
-            return slice(0, per)
-        share = self.world // self.streams
-        part, n = self.rank % share, per // share
-        return slice(part * n, (part + 1) * n)
+        return self.order.local_batch
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.shards, global_batch=self.batch_size, streams=self.streams)
+        return self.order.steps_per_epoch
 
     def windows(self, epoch: int) -> dict[int, list]:
-        """{stream: [(shard ids, shuffled indices), ...]} for this rank's streams."""
-        return {j: stream_windows(self.shards, seed=self.seed, epoch=epoch, stream=j, streams=self.streams,
-                                  window=self.window) for j in self.my_streams}
+        """{stream: [(shard ids, shuffled indices), ...]} for this rank's streams (Order.windows)."""
+        return self.order.windows(epoch)
 
     def batch_indices(self, epoch: int):
-        """Yield (step, [(stream, window) touched], (local_batch,) indices) for every step."""
-        per = self.batch_size // self.streams
-        rows = self.my_rows
-        flat = {}
-        for j, wins in self.windows(epoch).items():
-            flat[j] = (np.concatenate([idx for _, idx in wins]),
-                       np.concatenate([np.full(len(idx), w) for w, (_, idx) in enumerate(wins)]))
-        for step in range(self.steps_per_epoch):
-            sl = slice(step * per + rows.start, step * per + rows.stop)
-            touched = [(j, int(w)) for j in self.my_streams for w in sorted(set(flat[j][1][sl].tolist()))]
-            yield step, touched, np.concatenate([flat[j][0][sl] for j in self.my_streams])
+        """Yield (step, [(stream, window) touched], (local_batch,) indices) for every step
+        (Order.batch_indices)."""
+        return self.order.batch_indices(epoch)
 
 
 class _Source:
