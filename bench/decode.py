@@ -133,7 +133,7 @@ def time_dali(datas, boxes, flips, *, device: str, threads: int, batch_size: int
     """Seconds for DALI to decode all views, 2 batches in flight (after one warm-up batch)."""
     import torch
 
-    from store.dali_decode import DaliViewDecoder
+    from store.decode import DaliViewDecoder
 
     decoder = DaliViewDecoder(batch_size=batch_size, device=device, num_threads=threads, prefetch=2)
     batches = [(datas[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size])
@@ -151,8 +151,7 @@ def time_dali(datas, boxes, flips, *, device: str, threads: int, batch_size: int
 
 def agreement(*, views_per_kind: int, batch_size: int) -> list[tuple[str, float, float]]:
     """(kind, mean |DALI - PIL|, max over views of the per-view mean) on the 0..255 scale."""
-    from store.dali_decode import DaliViewDecoder
-    from store.decode import pil_views
+    from store.decode import DaliViewDecoder, pil_views
 
     decoder = DaliViewDecoder(batch_size=batch_size, device="cpu", num_threads=2, normalize=False)
     rows = []

@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TEACHERS = ("mae", "mocov3", "ibot")
-# tests/store/test_decode.py: worst view and mean over views of |DALI - PIL| on 0..255;
-# the GPU decoder (nvJPEG's IDCT, the hardware decoder) is allowed twice as much there too.
-VIEW_BOUND, MEAN_BOUND = 0.6, 0.3
+# The tolerance between decoders (store/decode/pixels.py): worst view and mean over views of
+# |DALI - PIL| on 0..255; the GPU decoder is allowed CUDA_BOUND_SCALE times as much.
+from store.decode.pixels import CUDA_BOUND_SCALE, MEAN_BOUND, VIEW_BOUND  # noqa: E402
 
 # Sizes of a run: the full one for a GPU, and --quick (CI on 2 CPU cores, <= 3 minutes).
 FULL = dict(budget_s=540, agree_views=32, decode_views=2048, decode_batch=128, fwd_batch=256, fwd_iters=8,
@@ -196,12 +196,11 @@ def check_environment(rep: Report, sec: dict, ctx: dict) -> None:
 # -- 2. DALI vs PIL ------------------------------------------------------------------
 def check_agreement(rep: Report, sec: dict, ctx: dict) -> None:
     from bench.decode import kind_photos, views_of
-    from store.dali_decode import DaliViewDecoder
-    from store.decode import pil_views
+    from store.decode import DaliViewDecoder, pil_views
 
     device = ctx["device"]
     kind = "cuda" if device.type == "cuda" else "cpu"
-    scale = 2.0 if kind == "cuda" else 1.0
+    scale = CUDA_BOUND_SCALE if kind == "cuda" else 1.0
     n = ctx["size"]["agree_views"]
     decoder = DaliViewDecoder(batch_size=n, device=device, normalize=False)
     per_view = {}
@@ -242,7 +241,7 @@ def check_decode(rep: Report, sec: dict, ctx: dict) -> None:
                        "the same views; share of the JPEGs given to the hardware decoder (0: nvJPEG CUDA only)")
         best = max(loads, key=loads.get)
         rep.figure(sec, "best hw_decoder_load", best, "", "the measured choice: the default to put in "
-                   "store/dali_decode.py HW_DECODER_LOAD, train/config.py and cli.py")
+                   "store/decode/dali.py HW_DECODER_LOAD, train/config.py and cli.py")
     rows[f"DALI cpu, {cores} threads"] = n / time_dali(datas, boxes, flips, device="cpu", threads=cores,
                                                        batch_size=batch)
     procs = min(cores, 8) if device.type == "cuda" else 1
@@ -259,7 +258,7 @@ HW_LOADS = (0.0, 0.65, 1.0)
 def time_dali_cuda(datas, boxes, flips, *, device, threads: int, batch_size: int, hw_decoder_load: float) -> float:
     """Seconds for DALI on ``device`` to decode all views with this hardware decoder share,
     2 batches in flight, after one warm-up batch."""
-    from store.dali_decode import DaliViewDecoder
+    from store.decode import DaliViewDecoder
 
     decoder = DaliViewDecoder(batch_size=batch_size, device=device, num_threads=threads, prefetch=2,
                               hw_decoder_load=hw_decoder_load)

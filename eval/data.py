@@ -84,7 +84,7 @@ def seeded_rngs(seed: int, *, cuda_devices: Sequence[torch.device] = ()):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB by the project's one set of rules (store/decode.py: to_rgb)."""
+    """Any PIL mode -> RGB by the project's one set of rules (store/decode/pixels.py: to_rgb)."""
     if img.mode == "RGB":
         return img
     return Image.fromarray(decode_to_rgb(img))

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from extract import dist
 from store import codecs
 from store import views as V
+from store.decode import make_decoder
 from store.features import DataInfo, FeatureStore, TeacherStore
 from store.lock import StoreLocked, WriterLock
 from store.prefetch import DeviceCopier, Prefetch
@@ -45,25 +46,6 @@ class ViewBatch:
     flips: np.ndarray
     visible: np.ndarray
     images: torch.Tensor | None
-
-
-def make_decoder(kind: str, *, batch_size: int, device: str, num_threads: int = 2,
-                 hw_decoder_load: float | None = None, preallocate_width_hint: int = 0,
-                 preallocate_height_hint: int = 0):
-    """A callable (datas, boxes, flips) -> (B, 3, 224, 224) float32 normalised tensor.
-
-    DALI decodes on the GPU that ``device`` names (``cuda:1`` -> GPU 1); the hardware
-    decoder's settings (``store/dali_decode.py``; None: DALI's default) only matter there."""
-    if kind == "dali":
-        from store.dali_decode import HW_DECODER_LOAD, DaliViewDecoder
-        return DaliViewDecoder(batch_size=batch_size, device=device, num_threads=num_threads,
-                               hw_decoder_load=HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
-                               preallocate_width_hint=preallocate_width_hint,
-                               preallocate_height_hint=preallocate_height_hint)
-    if kind == "pil":
-        from store.decode import pil_views
-        return pil_views
-    raise ValueError(f"unknown decoder {kind!r}; choose 'dali' or 'pil'")
 
 
 def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str) -> dict:

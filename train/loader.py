@@ -105,7 +105,7 @@ class Plan:
 class _Source:
     def __init__(self, plan: Plan, *, decoder: str = "dali", device: str = "cpu", num_threads: int = 2,
                  prefetch: int = 2, decoder_settings: dict | None = None):
-        from extract.runner import make_decoder
+        from store.decode import make_decoder
         self.plan = plan
         self.prefetch = prefetch
         self.decode = make_decoder(decoder, batch_size=plan.local_batch, device=device, num_threads=num_threads,

@@ -1,13 +1,14 @@
-"""The pixels of a view, decoded by DALI: the fast path of ``store/decode.py``.
+"""The pixels of a view, decoded by DALI: the fast path of ``store/decode/pil.py``.
 
 The pipeline takes encoded bytes and view boxes from Python (``fn.external_source``),
 decodes only the crop (``fn.decoders.image_slice`` with an absolute pixel anchor and
 shape; libjpeg-turbo/nvJPEG decode just the region for JPEGs), resizes it to
 ``size x size`` (linear, antialiased), mirrors it and normalises it
-(``fn.crop_mirror_normalize``, MEAN/STD from ``store/decode.py``, CHW float32).
-The pixel rules are those of ``store/decode.py`` (alpha dropped, EXIF orientation
-ignored, 16-bit scaled by 1/257), so the result agrees with ``pil_views`` within the
-tolerance stated in ``tests/store/test_decode.py``.
+(``fn.crop_mirror_normalize``, CHW float32). The pixel rules, the crop conventions and
+the normalisation constants are those of ``store/decode/pixels.py`` (alpha dropped, EXIF
+orientation ignored, 16-bit scaled by 1/257), so the result agrees with ``pil_views``
+within ``pixels.VIEW_BOUND`` / ``pixels.MEAN_BOUND``. Importing this module does not
+import DALI: the pipeline is built (and DALI imported) on the first batch.
 
 Two ways to use it:
 
@@ -41,7 +42,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from store.decode import MEAN, STD, check_box
+from store.decode.pixels import CROP_AXES, SIZE, check_box, crop_anchor_shape, scaled_mean_std
 
 _Batch = tuple  # (datas, boxes, flips) or (datas, boxes, flips, keys)
 
@@ -99,7 +100,7 @@ class DaliViewDecoder:
         batch_size: int,
         device: str | torch.device = "cpu",
         num_threads: int = 2,
-        size: int = 224,
+        size: int = SIZE,
         prefetch: int = 2,
         normalize: bool = True,
         device_id: int | None = None,
@@ -155,8 +156,7 @@ class DaliViewDecoder:
         from nvidia.dali import fn, pipeline_def, types
 
         # crop_mirror_normalize works on 0..255 pixels: (p - 255 * MEAN) / (255 * STD).
-        mean = [m * 255.0 for m in MEAN] if self.normalize else [0.0, 0.0, 0.0]
-        std = [s * 255.0 for s in STD] if self.normalize else [1.0, 1.0, 1.0]
+        mean, std = scaled_mean_std(self.normalize)
         cuda = self.device == "cuda"
 
         @pipeline_def(
@@ -182,7 +182,7 @@ class DaliViewDecoder:
                 anchor,
                 shape,
                 output_type=types.RGB,
-                axis_names="WH",
+                axis_names=CROP_AXES,
                 adjust_orientation=False,
                 **extra,
             )
@@ -260,8 +260,9 @@ class DaliViewDecoder:
             self._pipe = self._build()
         pipe = self._pipe
         pipe.feed_input("data", [np.frombuffer(d, dtype=np.uint8) for d in datas])
-        pipe.feed_input("anchor", [np.ascontiguousarray(b[:2]) for b in boxes32])
-        pipe.feed_input("shape", [np.ascontiguousarray(b[2:]) for b in boxes32])
+        anchors, shapes = crop_anchor_shape(boxes32)
+        pipe.feed_input("anchor", list(anchors))
+        pipe.feed_input("shape", list(shapes))
         pipe.feed_input("mirror", [np.array(int(f), dtype=np.int32) for f in flips])
         pipe.schedule_run()
         self._pending.append((list(datas), boxes32, keys))

@@ -1,0 +1,23 @@
+"""The pixels of a view: one decoder package.
+
+- ``store.decode.pixels``: the pixel rules in one place (crop box, resize, flip,
+  normalisation constants, dtype and layout, the tolerance between decoders);
+- ``store.decode.pil``: the PIL reference decoder (``pil_view``, ``pil_views``);
+- ``store.decode.dali``: the DALI pipelines (``DaliViewDecoder``), the fast path;
+- ``store.decode.factory``: ``make_decoder``, the decoder a job asks for by name.
+
+Modules import downwards only (pixels <- pil, dali <- factory); this file re-exports their
+public names. Importing it does not import DALI (the pipeline imports it when first built).
+"""
+from store.decode.dali import HW_DECODER_LOAD, PREALLOCATE_HINT, DaliViewDecoder, dali_device_id
+from store.decode.factory import make_decoder
+from store.decode.pil import pil_view, pil_views
+from store.decode.pixels import (
+    CUDA_BOUND_SCALE, MEAN, MEAN_BOUND, SIZE, STD, VIEW_BOUND, check_box, denormalize, normalize_uint8, to_rgb,
+)
+
+__all__ = [
+    "CUDA_BOUND_SCALE", "HW_DECODER_LOAD", "MEAN", "MEAN_BOUND", "PREALLOCATE_HINT", "SIZE", "STD",
+    "VIEW_BOUND", "DaliViewDecoder", "check_box", "dali_device_id", "denormalize", "make_decoder",
+    "normalize_uint8", "pil_view", "pil_views", "to_rgb",
+]
