@@ -85,15 +85,16 @@ def prepare(src, out, shard_size, seed, pattern, skip_bad, workers, progress):
 def inspect(store_path, data, index, view, epoch, run_dir, out, device):
     """Draw one sample of STORE: the view (decoded crop), each teacher's mask, the student's mask
     and, with --run, the gate weights w_k(p) of each teacher at every position."""
-    from store.inspect import load_sample, render_panel
+    from store.inspect import load_sample
     from store.shards import ImageSet
+    from train.plots import render_panel
 
     try:
         sample = load_sample(store_path, ImageSet.open(data), index=index, view=view, epoch=epoch,
                              with_tokens=run_dir is not None)
         weights = None
         if run_dir is not None:
-            from train.report import gate_maps, load_run, sample_batch
+            from train.diagnostics import gate_maps, load_run, sample_batch
             dev = _device(device)
             cfg, objective = load_run(run_dir, device=dev)
             weights = gate_maps(objective, sample_batch([sample], cfg.data.teachers, device=dev))[0]
@@ -547,7 +548,8 @@ def eval_segmentation(data, checkpoint, model, model_args, out, device, iters, i
 def demo(out, checkpoints, copies, heldout_copies, steps, batch_size, bench_steps, decoder, device, progress):
     """Run the whole product on scikit-image photos: prepare, extract (mae, mocov3, ibot), verify,
     train, evaluate, measure, and write OUT/report/README.md. A second run reuses the first's work."""
-    from train.demo import DemoSettings, run_demo
+    from demo.pipeline import run_demo
+    from demo.stages import DemoSettings
 
     settings = DemoSettings(copies=copies, heldout_copies=heldout_copies, steps=steps, batch_size=batch_size,
                             bench_steps=bench_steps, decoder=decoder)

@@ -17,7 +17,7 @@ masks, learning-rate schedule and number of steps:
 
 Each row reports, on held-out images (their own 1-view store; the student's epoch-0 masks):
 the linear CKA of the student with the fused targets as the demo computes it
-(``train.report.cka_scores``; the untrained student's value beside it), the objective's
+(``train.diagnostics.cka_scores``; the untrained student's value beside it), the objective's
 token loss, and the training images/s (teacher forwards included for the online rows; the
 cached row's store was made beforehand, its extraction time is its own column). The
 teachers' own images/s on this machine are measured in the same run: the teachers used,
@@ -46,7 +46,7 @@ from extract.runner import run_extraction  # noqa: E402
 from extract.teachers import build_teacher  # noqa: E402
 from store import views as V  # noqa: E402
 from store.shards import ImageSet, prepare  # noqa: E402
-from train import report  # noqa: E402
+from train import diagnostics  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loader import CachedSource, OnlineSource, Plan  # noqa: E402
 from train.loop import lr_schedule, make_optimizer, train_step  # noqa: E402
@@ -58,9 +58,9 @@ TEACHERS = ("mae", "mocov3", "ibot")
 
 def demo_data(root: Path, *, copies: int, heldout_copies: int, max_side: int = 256) -> tuple[ImageSet, ImageSet]:
     """The demo's photo sets (train: 13 x copies crops, held-out: 13 x heldout_copies others)."""
-    from train.demo import DemoSettings, write_photos
-    train_tree, held_tree, _ = write_photos(root / "photos", DemoSettings(copies=copies, heldout_copies=heldout_copies,
-                                                                          max_side=max_side))
+    from samples.photos import write_photo_splits
+    train_tree, held_tree, _ = write_photo_splits(root / "photos", copies=copies, heldout_copies=heldout_copies,
+                                                  max_side=max_side)
     return (prepare(train_tree, root / "data" / "train", shard_size=13, progress=False, workers=0),
             prepare(held_tree, root / "data" / "heldout", shard_size=13, progress=False, workers=0))
 
@@ -77,8 +77,8 @@ def make_teachers(names, *, checkpoints, depth: int, device: str) -> dict:
 
 def teacher_rate(teachers: dict, *, device: str, batch: int = 8) -> float:
     """Images/s of the teachers together (one forward of each per image): the per-teacher
-    rates of ``train.demo.teacher_rate`` (masked, random views) combined, 1 / sum(1 / r)."""
-    from train.demo import teacher_rate as one_rate
+    rates of ``train.throughput.teacher_rate`` (masked, random views) combined, 1 / sum(1 / r)."""
+    from train.throughput import teacher_rate as one_rate
     return 1.0 / sum(1.0 / one_rate(t, device=device, images=batch) for t in teachers.values())
 
 
@@ -114,7 +114,7 @@ def train_one(source, *, cfg, stats, steps: int, device: str) -> tuple:
 
 @torch.no_grad()
 def held_out_scores(objective, untrained, batch: dict) -> dict:
-    cka = report.cka_scores(objective, untrained, batch)
+    cka = diagnostics.cka_scores(objective, untrained, batch)
     parts = objective(batch)
     return {"cka_fused": cka["fused"]["trained"], "cka_fused_untrained": cka["fused"]["untrained"],
             "token_loss": float(parts["loss_token"]), "tokens": cka["tokens"]}
@@ -153,9 +153,9 @@ def measure(args, work: Path, echo=print) -> dict:
     fs = FeatureStore.open(stores[args.views[0]])
     stats = {n: (fs.teacher(n).stats["mean"], fs.teacher(n).stats["components"]) for n in args.teachers}
 
-    samples = report.load_samples(held_store, held_set, indices=np.arange(len(held_set)), epoch=0,
+    samples = diagnostics.load_samples(held_store, held_set, indices=np.arange(len(held_set)), epoch=0,
                                   teachers=list(args.teachers))
-    held_batch = report.sample_batch(samples, args.teachers, device=device)
+    held_batch = diagnostics.sample_batch(samples, args.teachers, device=device)
     cfg = run_config(args, data=train_set.root, store=stores[args.views[0]], views=args.views[0], source="cached")
     untrained = build_objective(cfg, stats).to(device).eval()
     amp = torch.device(device).type == "cuda"

@@ -3,9 +3,9 @@
     python bench/demo.py                 # a fresh demo in a temporary folder
     python bench/demo.py --out DIR       # ... in DIR (must not exist yet; kept afterwards)
 
-Runs ``train.demo.run_demo`` with its default settings (what `python cli.py demo` runs) and
+Runs ``demo.pipeline.run_demo`` with its default settings (what `python cli.py demo` runs) and
 measures this machine's speed as the images per second of one ViT-B teacher forward
-(``train.demo.teacher_rate``: random-init mae, batch 8, fp32), masked as in extraction (98
+(``train.throughput.teacher_rate``: random-init mae, batch 8, fp32), masked as in extraction (98
 visible patches) and full (196 patches): before the demo, inside it (masked, the extract
 stage's note), and after it. The normalised total is ``total x masked rate / 3``: the time
 the demo would take on a machine whose ViT-B forward runs at 3 images/s (issue 9), assuming
@@ -34,7 +34,7 @@ REFERENCE_RATE = 3.0      # images/s of one ViT-B forward on the reference machi
 def _rates(device: str) -> tuple[float, float]:
     """(masked, full) images/s of a fresh random-init mae teacher."""
     from extract.teachers import build_teacher
-    from train.demo import teacher_rate
+    from train.throughput import teacher_rate
     teacher = build_teacher("mae", random_init=True, seed=0, device=device)
     return teacher_rate(teacher, device=device), teacher_rate(teacher, device=device, full=True)
 
@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    from train.demo import run_demo
+    from demo.pipeline import run_demo
 
     if args.out is not None and args.out.exists():
         raise SystemExit(f"{args.out} exists: bench/demo.py times a demo from scratch")

@@ -2,7 +2,7 @@
 
     python bench/detection_toy.py OUT [--train 32] [--epochs 4] [--threads 2]
 
-Writes the toy set (``eval/toy_coco.py``: coloured rectangles, ellipses and triangles on
+Writes the toy set (``samples/toy_coco.py``: coloured rectangles, ellipses and triangles on
 grey, 128 px) and a randomly initialised ViT-Tiny checkpoint under OUT, then runs
 
     python cli.py eval detection OUT/coco --checkpoint OUT/vit_tiny_random.safetensors \\
@@ -30,7 +30,7 @@ def run_toy(out: Path, *, train: int = 32, val: int = 16, epochs: int = 4, threa
     from safetensors.torch import save_file
 
     from cli import main
-    from eval.toy_coco import make_toy_coco
+    from samples.toy_coco import make_toy_coco
 
     out = Path(out)
     data = make_toy_coco(out / "coco", train=train, val=val, size=128, seed=0)

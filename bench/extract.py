@@ -122,7 +122,7 @@ def main():
     ap.add_argument("--pca-dim", type=int, default=256)
     ap.add_argument("--checkpoints", type=Path, default=None, help="folder with the official teacher files")
     args = ap.parse_args()
-    from store.photos import write_photo_tree
+    from samples.photos import write_photo_tree
     from store.shards import prepare
 
     with tempfile.TemporaryDirectory() as tmp:

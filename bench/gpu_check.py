@@ -356,7 +356,7 @@ def killed_step(name: str) -> bool:
 
 
 def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
-    from store.photos import write_photo_tree
+    from samples.photos import write_photo_tree
 
     device, size, tmp = ctx["device"], ctx["size"], ctx["tmp"]
     dev = str(device)
@@ -433,7 +433,7 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
 
 # -- 6. training throughput ------------------------------------------------------------
 def check_training(rep: Report, sec: dict, ctx: dict) -> None:
-    from bench.train import measure
+    from train.throughput import measure
 
     if "store" not in ctx:
         raise RuntimeError("needs the store of section 5, which did not get past verify")

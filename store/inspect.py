@@ -1,4 +1,4 @@
-"""`inspect`: one sample of a feature store as a picture.
+"""`inspect`: one sample of a feature store, as the panel (``train/plots.py: render_panel``) draws it.
 
 A sample is (image index i, view v). The panel shows what both stages agreed on for it:
 
@@ -9,7 +9,7 @@ A sample is (image index i, view v). The panel shows what both stages agreed on 
 - the student's mask at the first epoch that trains on this view (epoch e uses view
   (e + i) mod V, so that is epoch ``slot_of(i, v)``; any other epoch can be asked for);
 - optionally, per-position gate weights w_k(p) as 14 x 14 maps, one per teacher. They need
-  a trained student, so they are computed above this layer (``train/report.py``) and
+  a trained student, so they are computed above this layer (``train/diagnostics.py``) and
   passed in.
 
 Errors name the store, the data and what differs: an index or view out of range, a store
@@ -26,7 +26,7 @@ from store import views as V
 from store.decode import pil_view
 from store.features import DataInfo, FeatureStore, StoreError
 
-__all__ = ["SampleView", "load_sample", "mask_image", "render_panel", "write_panel"]
+__all__ = ["SampleView", "load_sample", "mask_image"]
 
 PATCH = 16
 
@@ -123,75 +123,3 @@ def mask_image(crop: np.ndarray, visible: np.ndarray, *, dim: float = 0.25) -> n
     out = crop.astype(np.float32)
     out[cells] = dim * out[cells] + (1 - dim) * np.array([30.0, 30.0, 70.0], dtype=np.float32)
     return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def render_panel(sample: SampleView, out_png, *, weights: dict | None = None,
-                 weights_title: str = "gate weight", title: str | None = None) -> Path:
-    """Draw the panel to ``out_png`` (PNG, matplotlib Agg).
-
-    weights: {teacher: (196,) float in [0, 1], NaN where the teacher did not see p}, the
-    per-position gate weights (row-major 14 x 14), or None to leave that row out.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(sample.teacher_visible)
-    cols = 2 + len(names)
-    rows = 2 if weights else 1
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.75 * rows + 0.4), dpi=110, squeeze=False)
-    tiles = [("view" + (" (flipped)" if sample.flip else ""), sample.crop)]
-    for name in names:
-        vis = sample.teacher_visible[name]
-        tiles.append((f"{name}{' (untrained)' if sample.untrained[name] else ''}\n"
-                      f"{len(vis)}/{V.NUM_PATCHES} visible", mask_image(sample.crop, vis)))
-    tiles.append((f"student, epoch {sample.epoch}\n{len(sample.student_visible)}/{V.NUM_PATCHES} visible",
-                  mask_image(sample.crop, sample.student_visible)))
-    for ax, (label, img) in zip(axes[0], tiles):
-        ax.imshow(img)
-        ax.set_title(label, fontsize=8)
-    if weights:
-        cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0.35, 0.35, 0.35, 0.9))
-        image = None
-        for ax, name in zip(axes[1], names):
-            w = np.asarray(weights[name], dtype=np.float64).reshape(V.GRID, V.GRID)
-            ax.imshow(sample.crop)
-            image = ax.imshow(np.ma.masked_invalid(w), cmap=cmap, vmin=0.0, vmax=1.0, alpha=0.8,
-                              extent=(0, 224, 224, 0), interpolation="nearest")
-            mean = np.nanmean(w) if np.isfinite(w).any() else float("nan")
-            ax.set_title(f"{weights_title} {name}\nmean {mean:.2f} where seen", fontsize=8)
-        dominant = np.full(V.NUM_PATCHES, np.nan)
-        stack = np.stack([np.nan_to_num(np.asarray(weights[n], dtype=np.float64), nan=-1.0) for n in names])
-        seen = (stack >= 0).any(0)
-        dominant[seen] = stack[:, seen].argmax(0)
-        ax = axes[1][len(names)]
-        tab = matplotlib.colormaps["tab10"].resampled(10)
-        colors = matplotlib.colors.ListedColormap([tab(k) for k in range(len(names))]).with_extremes(
-            bad=(0.35, 0.35, 0.35, 0.9))
-        ax.imshow(sample.crop)
-        ax.imshow(np.ma.masked_invalid(dominant.reshape(V.GRID, V.GRID)), cmap=colors, vmin=-0.5,
-                  vmax=len(names) - 0.5, alpha=0.7, extent=(0, 224, 224, 0), interpolation="nearest")
-        ax.set_title("largest weight", fontsize=8)
-        handles = [matplotlib.patches.Patch(color=tab(k), label=n) for k, n in enumerate(names)]
-        ax.legend(handles=handles, fontsize=6, loc="lower right", framealpha=0.8)
-        axes[1][-1].axis("off")
-        fig.colorbar(image, ax=axes[1][-1], fraction=0.6, label="w_k(p); grey: not seen")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title or f"{sample.store.name}: image {sample.index} ({sample.source}), view {sample.view}, "
-                 f"crop {sample.box.tolist()}", fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
-
-
-def write_panel(store_path, data, *, index: int, view: int = 0, out_png, epoch: int | None = None,
-                weights: dict | None = None) -> Path:
-    """``load_sample`` + ``render_panel``: the picture of one sample, without gate weights
-    unless they are given."""
-    sample = load_sample(store_path, data, index=index, view=view, epoch=epoch)
-    return render_panel(sample, out_png, weights=weights)

@@ -2,7 +2,7 @@
 
 - ``photo_tree``: an ImageFolder tree of 13 real photos (scikit-image samples) in
   3 classes, mixing RGB/CMYK/grayscale JPEG and RGB/RGBA/L/LA/palette PNG, long side
-  at most 256 px (see ``store/photos.py`` for the exact list).
+  at most 256 px (see ``samples/photos.py`` for the exact list).
 - ``prepared_data``: that tree packed by ``store.shards.prepare`` with
   ``shard_size=5`` (3 shards: 5 + 5 + 3 samples, the last one partial).
 
@@ -18,7 +18,7 @@ import pytest
 @pytest.fixture(scope="session")
 def photo_tree(tmp_path_factory) -> Path:
     """ImageFolder root ``<tmp>/photos/{animals,objects,science}/*.{jpg,png}``."""
-    from store.photos import write_photo_tree
+    from samples.photos import write_photo_tree
 
     return write_photo_tree(tmp_path_factory.mktemp("photo_tree") / "photos", max_side=256)
 

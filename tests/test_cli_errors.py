@@ -134,7 +134,7 @@ def test_debug_flag_and_environment_variable_keep_the_traceback(prepared_data, t
 def test_the_projects_own_errors_are_expected_errors():
     from extract.checkpoints import CheckpointError, CheckpointUnavailableError
     from store.shards import PrepareError
-    from train.demo import DemoError
+    from demo.stages import DemoError
     from train.loop import NonFiniteLoss
 
     for cls, builtin in ((StoreError, RuntimeError), (PrepareError, ValueError), (CheckpointError, ValueError),

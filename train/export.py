@@ -1,7 +1,6 @@
-"""The trained student as a plain timm ViT-Tiny state dict, and the loss-curve figure."""
+"""The trained student as a plain timm ViT-Tiny state dict (the loss-curve figure is in train/plots.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -66,27 +65,3 @@ def export_run(run_dir, out) -> Path:
     objective = build_objective(cfg, None)
     objective.student_side().load_state_dict(ck["model"])
     return export_student(objective.student, out)
-
-
-def plot_losses(metrics_path, out_png) -> Path | None:
-    """Token, spatial and total loss against step, from RUN/metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
-    if not rows:
-        return None
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    for key, label in (("loss", "total"), ("loss_token", "token KL"), ("loss_spatial", "spatial KL")):
-        if key in rows[0]:
-            ax.plot(steps, [r[key] for r in rows], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return Path(out_png)

@@ -325,7 +325,8 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
             metrics_f.close()
     elapsed = time.perf_counter() - t0
     if rank == 0:
-        from train.export import export_student, plot_losses
+        from train.export import export_student
+        from train.plots import plot_losses
         export_student(objective.student, out / "student.safetensors")
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     dist.barrier()

@@ -32,7 +32,7 @@ def dense_vit_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def toy_coco_dir(tmp_path_factory) -> Path:
     """Official COCO 2017 layout: 4 train and 2 val images of 64 px, category ids 3/7/11."""
-    from eval.toy_coco import make_toy_coco
+    from samples.toy_coco import make_toy_coco
 
     return make_toy_coco(tmp_path_factory.mktemp("coco") / "coco", train=4, val=2, size=64, seed=1)
 

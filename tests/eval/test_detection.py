@@ -14,7 +14,7 @@ from cli import main
 from eval.coco import CocoInstances, evaluate, resolve_layout, to_results, write_results
 from eval.dense_train import param_groups
 from eval.pyramid import SimpleFeaturePyramid
-from eval.toy_coco import make_toy_coco
+from samples.toy_coco import make_toy_coco
 
 ARGS = ["--model-arg", "img_size=64", "--model-arg", "depth=2"]
 FAST = ["--image-size", "64", "--batch-size", "4", "--heads", "light", "--roi-batch", "32", "--workers", "0",

@@ -8,8 +8,9 @@ from PIL import Image
 from store import views as V
 from store.decode import pil_view
 from store.features import StoreError
-from store.inspect import load_sample, mask_image, render_panel
+from store.inspect import load_sample, mask_image
 from store.shards import ImageSet, prepare
+from train.plots import render_panel
 
 
 def test_sample_holds_the_stored_crop_and_the_masks_drawn_by_views(prepared_data, teacher_store):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from store.imagesource import BadImage, PrepareError
-from store.photos import PHOTOS
+from samples.photos import PHOTOS
 from store.shards import ImageSet, pack_order, prepare
 
 
@@ -44,7 +44,7 @@ def test_photo_tree_holds_every_documented_mode_and_is_deterministic(photo_tree,
             assert max(im.size) <= 256
             seen[mode] = True
     assert {"RGB", "CMYK", "L", "P", "RGBA", "LA"} <= set(seen)
-    from store.photos import write_photo_tree
+    from samples.photos import write_photo_tree
 
     again = write_photo_tree(tmp_path / "again", max_side=256)
     assert _files(again) == _files(photo_tree)

@@ -31,13 +31,16 @@ demo that wants more than 13 images.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["PHOTOS", "write_photo_tree"]
+__all__ = ["PHOTOS", "write_photo_splits", "write_photo_tree"]
 
 
 def _rgb(name: str) -> Callable[[], Image.Image]:
@@ -148,7 +151,7 @@ def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progres
     Returns:
         ``out`` as a Path: ``out/<class>/<stem>[_cNN].<ext>``.
     """
-    from tqdm import tqdm
+    from store.progress import progress_bar
 
     if max_side < 16:
         raise ValueError(f"write_photo_tree: max_side must be >= 16, got {max_side}")
@@ -157,7 +160,7 @@ def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progres
     out = Path(out)
     jobs = [(photo, c) for photo in PHOTOS for c in range(copies)]
     cache: dict[str, Image.Image] = {}
-    for (cls, stem, load, mode, fmt, ext), copy in tqdm(jobs, desc="photos", unit="img", disable=not progress):
+    for (cls, stem, load, mode, fmt, ext), copy in progress_bar(jobs, progress=progress, desc="photos", unit="img"):
         if stem not in cache:
             cache[stem] = load()
         image = _variant_crop(cache[stem], copy)
@@ -169,3 +172,27 @@ def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progres
         options = {"quality": 90} if fmt == "JPEG" else {"optimize": False}
         image.save(folder / f"{name}.{ext}", format=fmt, **options)
     return out
+
+
+def write_photo_splits(root: Path, *, copies: int, heldout_copies: int, max_side: int = 256) -> tuple[Path, Path, bool]:
+    """Two ImageFolder trees of the photos: ``root/train`` (copies 0 .. ``copies`` - 1 of each
+    photo) and ``root/heldout`` (the next ``heldout_copies`` crops, never in training).
+
+    Returns (train tree, held-out tree, reused). Written once: ``root/done.json`` marks a
+    finished write, and a later call returns the trees as they are."""
+    root = Path(root)
+    train, heldout, done = root / "train", root / "heldout", root / "done.json"
+    if done.is_file():
+        return train, heldout, True
+    for d in (train, heldout, root / "staging"):
+        shutil.rmtree(d, ignore_errors=True)
+    staging = write_photo_tree(root / "staging", max_side=max_side, copies=copies + heldout_copies)
+    for path in sorted(staging.rglob("*.*")):
+        tail = path.stem.rsplit("_c", 1)
+        copy = int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 0
+        dest = (train if copy < copies else heldout) / path.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+    shutil.rmtree(staging)
+    done.write_text(json.dumps({"copies": copies, "heldout_copies": heldout_copies, "max_side": max_side}))
+    return train, heldout, False

@@ -1,6 +1,6 @@
 """An easy synthetic COCO set: coloured shapes on plain backgrounds, in the official layout.
 
-    python -m eval.toy_coco OUT [--train 200] [--val 40] [--size 128] [--seed 0] [--short]
+    python -m samples.toy_coco OUT [--train 200] [--val 40] [--size 128] [--seed 0] [--short]
 
 Each image has 1-3 non-overlapping shapes of three categories (red rectangle, green
 ellipse, blue triangle) on a grey background of random brightness. Annotations are

@@ -9,9 +9,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from store.shards import ImageSet
-from train import report
+from train import diagnostics as report
 from train.config import load_config
-from train.demo import DemoError, DemoSettings, run_demo
+from demo.pipeline import run_demo
+from demo.stages import DemoError, DemoSettings
 from train.loop import train
 
 TINY_STUDENT = ["model.depth=2", "decoder.depth=1"]
@@ -141,7 +142,7 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
 
 
 def test_teacher_sources_use_the_official_files_present_and_random_init_for_the_rest(tmp_path):
-    from train.demo import teacher_sources
+    from demo.stages import teacher_sources
     (tmp_path / "mae_pretrain_vit_base.pth").write_bytes(b"x")
     (tmp_path / "checkpoint.pth").write_bytes(b"x")                   # not an official name: ignored
     assert teacher_sources(tmp_path) == {"mae": str((tmp_path / "mae_pretrain_vit_base.pth").resolve()),
@@ -150,7 +151,7 @@ def test_teacher_sources_use_the_official_files_present_and_random_init_for_the_
 
 
 def test_cached_throughput_row_is_the_training_stages_median_rate_without_its_first_interval():
-    from train.demo import training_throughput
+    from demo.stages import training_throughput
     metrics = [{"step": 5, "images_per_second": 1.0}, {"step": 10, "images_per_second": 30.0},
                {"step": 15, "images_per_second": 10.0}, {"step": 20, "images_per_second": 20.0}]
     row = training_throughput(metrics, batch_size=16)

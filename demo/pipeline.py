@@ -1,0 +1,262 @@
+"""`demo`: the whole product on real photos in a few minutes, and a report of what it did.
+
+Stages (each prints one line with its time; a second run reuses what the first made):
+
+ 1. photos       scikit-image photos as two ImageFolder trees: training (``copies`` crops of
+                 each of the 13 photos) and held-out (``heldout_copies`` further crops);
+ 2. prepare      both trees packed into shards (a finished prepare says "nothing to do");
+ 3. extract      the three teachers over every (image, view) of both sets (complete
+                 teachers are skipped without being built; partial ones resume); the
+                 statistics come from the stored tokens (no second teacher pass); the note
+                 gives this machine's ViT-B forward rate (``teacher_rate``);
+ 4. verify       both stores against their data;
+ 5. train        the student on the cached store (a finished run with the same config is
+                 reused, an unfinished one resumed);
+ 6. evaluate     linear CKA of trained vs untrained student on the held-out views;
+ 7. throughput   cached (the training stage's own rate) vs online vs in-memory ceiling
+                 (``train.throughput.measure``; the online row reuses the extract stage's teachers);
+ 8. sizes        the store's bytes per codec, measured on its own tokens;
+ 9. report       OUT/report/README.md with figures and panels.
+
+Teachers are untrained (seeded random init) unless ``checkpoints`` holds their official
+files (names in ``extract/checkpoints.py``); the report says which. Measurements (stages
+6-8) are saved with a key of everything they depend on and reused when it is unchanged.
+OUT/demo.json records the settings; a rerun with other settings is refused, naming them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from demo.stages import (MOVABLE, DemoError, DemoSettings, codec_sizes, extract_all, measure_throughput,
+                         teacher_sources, train_config, train_or_reuse)
+from samples.photos import write_photo_splits
+
+__all__ = ["run_demo"]
+
+
+def _check_settings(out: Path, record: dict) -> None:
+    path = out / "demo.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {out} has {old.get(k)!r}, now {record.get(k)!r}" for k in sorted(set(old) | set(record))
+                if old.get(k) != record.get(k)]
+        if diff:
+            raise DemoError(f"{out} was made with other demo settings; use another --out (or delete it):\n  "
+                            + "\n  ".join(diff))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, device: str = "cpu",
+             progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Run every stage into ``out``; returns {"report": path, "stages": [...], "reused": [...], ...}."""
+    import torch
+
+    from extract.verify import verify_store
+    from store.shards import prepare
+    from demo import report
+    from train import diagnostics as diag
+    from train import plots
+    from train.loader import steps_per_epoch
+
+    settings = (settings or DemoSettings()).check()
+    out = Path(out).resolve()
+    sources = teacher_sources(checkpoints)
+    _check_settings(out, {**asdict(settings), "teachers": {n: s or "random-init" for n, s in sources.items()}})
+    stages, reused, n_stages = [], [], 9
+    built: dict = {}
+    from extract.checkpoints import TEACHERS as SPECS
+    echo("teachers: " + "; ".join(
+        f"{n} from {src}" if src else
+        f"{n} UNTRAINED (random init; no {Path(checkpoints) / SPECS[n].filename if checkpoints else '--checkpoints'})"
+        for n, src in sources.items()))
+
+    def stage(name: str, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        note = fn()
+        seconds = time.perf_counter() - t0
+        stages.append({"stage": name, "seconds": seconds, "cpu_seconds": time.process_time() - c0, "note": note})
+        echo(f"[{len(stages)}/{n_stages}] {name:<10} {seconds:6.1f} s  {note}")
+
+    # 1-2: photos and shards
+    trees = {}
+
+    def photos():
+        train_tree, held_tree, was = write_photo_splits(
+            out / "photos", copies=settings.copies, heldout_copies=settings.heldout_copies, max_side=settings.max_side)
+        trees.update(train=train_tree, heldout=held_tree)
+        if was:
+            reused.append("photos")
+        return f"{'reused' if was else 'wrote'} {train_tree} and {held_tree}"
+    stage("photos", photos)
+
+    data = {}
+
+    def pack():
+        notes = []
+        for split in ("train", "heldout"):
+            done = (out / "data" / split / "manifest.json").is_file()      # a finished prepare
+            msgs = []
+            data[split] = prepare(trees[split], out / "data" / split, shard_size=13, progress=False, workers=0,
+                                  echo=msgs.append)
+            notes.append(f"{split}: {len(data[split])} images" + (" (reused; prepare: nothing to do)" if done else ""))
+            if done:
+                reused.append(f"prepared {split} shards")
+        return "; ".join(notes)
+    stage("prepare", pack)
+
+    # 3-4: teacher stores
+    stores = {"train": out / "features" / "train", "heldout": out / "features" / "heldout"}
+    views = {"train": settings.views, "heldout": 1}
+    stats_images = {"train": settings.stats_images, "heldout": min(4, settings.stats_images)}
+
+    rate: dict = {}
+
+    def extract():
+        notes = []
+        for split in ("train", "heldout"):
+            note, all_done = extract_all(stores[split], data[split], views=views[split],
+                                         stats_images=stats_images[split], sources=sources, settings=settings,
+                                         device=device, built=built, progress=progress, rate=rate)
+            if all_done:
+                reused.append(f"{split} feature store (all teachers complete)")
+            notes.append(f"{split}: {note}")
+        if rate:
+            notes.append(f"this machine: one {rate['teacher']} teacher forward (masked, as extracted) "
+                         f"{rate['images_per_second']:.2f} img/s")
+        return "; ".join(notes)
+    stage("extract", extract)
+    if settings.bench_steps < 1:
+        built.clear()                 # free the teachers before training; else kept for the online row
+
+    def verify():
+        for split in ("train", "heldout"):
+            problems, _ = verify_store(stores[split], data[split], progress=False)
+            if problems:
+                raise DemoError(f"verify {stores[split]}:\n  " + "\n  ".join(problems))
+        return "both stores complete and consistent with their data"
+    stage("verify", verify)
+
+    # 5: training
+    spe = steps_per_epoch([[int(s["first"]), int(s["count"])] for s in data["train"].shards],
+                          global_batch=settings.batch_size, streams=1)
+    run_dir = out / "run"
+    cfg = train_config(settings, data=out / "data" / "train", store=stores["train"], run_dir=run_dir,
+                       steps_per_epoch=spe)
+    run = {}
+
+    def train_stage():
+        info, note = train_or_reuse(cfg, run_dir, steps=settings.steps, device=device, progress=progress)
+        run.update(info)
+        if note.startswith("reused"):
+            reused.append(f"training run ({info['steps']} steps)")
+        return note
+    stage("train", train_stage)
+
+    # 6-8: measurements, reused when nothing they depend on changed
+    m_path = out / "report" / "measurements.json"
+    key = {"config": {s: {k: v for k, v in sec.items() if f"{s}.{k}" not in MOVABLE}
+                      for s, sec in cfg.to_dict().items()}, "steps": run["steps"], "settings": asdict(settings), "device": device,
+           "sources": sources, "mtime_ns": (run_dir / "last.pt").stat().st_mtime_ns}
+    old = json.loads(m_path.read_text()) if m_path.is_file() else {}
+    fresh = old.get("key") != json.loads(json.dumps(key))
+    meas = {} if fresh else old
+    held_idx = np.arange(len(data["heldout"]))
+    objectives = {}
+
+    def objective(kind: str):
+        if kind not in objectives:
+            objectives[kind] = diag.load_run(run_dir, device=device, trained=(kind == "trained"),
+                                               store_path=stores["train"])[1]
+        return objectives[kind]
+
+    def evaluate():
+        if "cka" in meas:
+            reused.append("CKA evaluation")
+            return f"reused: CKA fused targets trained {meas['cka']['fused']['trained']:.3f} vs untrained " \
+                   f"{meas['cka']['fused']['untrained']:.3f}"
+        samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx, epoch=0,
+                                      teachers=list(cfg.data.teachers))
+        with torch.no_grad():
+            meas["cka"] = diag.cka_scores(objective("trained"), objective("untrained"),
+                                            diag.sample_batch(samples, cfg.data.teachers, device=device))
+        c = meas["cka"]["fused"]
+        return f"linear CKA with the fused targets on {len(held_idx)} held-out views: trained {c['trained']:.3f}, " \
+               f"untrained {c['untrained']:.3f}"
+    stage("evaluate", evaluate)
+
+    def throughput():
+        if meas.get("throughput", {}).get("rows"):
+            reused.append("throughput measurement")
+            return "reused the measurement of an earlier run"
+        meas["throughput"] = measure_throughput(data=out / "data" / "train", store=stores["train"],
+                                                settings=settings, device=device,
+                                                metrics=diag.read_metrics(run_dir / "metrics.jsonl"),
+                                                teachers=built)
+        rows = meas["throughput"].get("rows")
+        if not rows:
+            return f"skipped: {meas['throughput']['skipped']}"
+        return ", ".join(f"{r['mode']} {r['images_per_second']:.1f} img/s" for r in rows)
+    stage("throughput", throughput)
+    built.clear()
+
+    def sizes():
+        was = "sizes" in meas
+        if was:
+            reused.append("store size measurement")
+        else:
+            meas["sizes"] = codec_sizes(stores["train"], teachers=cfg.data.teachers, num_images=len(data["train"]),
+                                        views=settings.views)
+        s = meas["sizes"]
+        per_codec = ", ".join(f"{r['codec']} {r['zstd_bytes'] / 1024:.0f} KiB" for r in s["rows"])
+        return ("reused: " if was else "") + per_codec + \
+            f" per (image, view); store on disk {s['actual_bytes'] / 2**20:.1f} MiB"
+    stage("sizes", sizes)
+    m_path.parent.mkdir(parents=True, exist_ok=True)
+    m_path.write_text(json.dumps({"key": key, **{k: meas[k] for k in ("cka", "throughput", "sizes")}}, indent=1))
+
+    # 9: report
+    report_dir = out / "report"
+
+    def write_report():
+        rows = diag.read_metrics(run_dir / "metrics.jsonl")
+        plots.plot_losses(rows, report_dir / "losses.png")
+        plots.plot_gate_shares(rows, report_dir / "gates.png")
+        pick = np.unique(np.linspace(0, len(held_idx) - 1, max(1, settings.panels)).round().astype(int))
+        samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx[pick], epoch=0,
+                                      teachers=list(cfg.data.teachers))
+        maps = diag.gate_maps(objective("trained"), diag.sample_batch(samples, cfg.data.teachers,
+                                                                          device=device))
+        panels = []
+        for s, w in zip(samples, maps):
+            name = f"panel_{s.index:04d}.png"
+            plots.render_panel(s, report_dir / name, weights=w, weights_title="w",
+                         title=f"held-out image {s.index} ({s.source}), trained student after {run['steps']} steps")
+            panels.append(name)
+        history_path = report_dir / "stages.jsonl"                  # one line per demo invocation
+        history = [json.loads(ln) for ln in history_path.read_text().splitlines()] if history_path.is_file() else []
+        history.append({s["stage"]: s["seconds"] for s in stages})
+        history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        info = {"teachers": {n: {"untrained": s is None, "source": s} for n, s in sources.items()},
+                "first_stages": history[0] if len(history) > 1 else None,
+                "data": {"train": len(data["train"]), "heldout": len(data["heldout"]), "views": settings.views},
+                "device": device, "stages": stages + [{"stage": "report", "seconds": float("nan"),
+                                                       "note": "this file"}],
+                "run": {"steps": run["steps"], "batch_size": settings.batch_size, "lr": settings.lr,
+                        "final": rows[-1], "dir": str(run_dir)},
+                "cka": meas["cka"], "throughput": meas["throughput"], "sizes": meas["sizes"],
+                "panels": panels, "reused": list(reused)}
+        report.write_markdown(report_dir / "README.md", info)
+        return f"{report_dir / 'README.md'} ({len(panels)} panels; stages before this one " \
+               f"{sum(s['seconds'] for s in stages):.1f} s)"
+    stage("report", write_report)
+    return {"report": report_dir / "README.md", "stages": stages, "reused": reused, "cka": meas["cka"],
+            "throughput": meas["throughput"], "sizes": meas["sizes"], "run_dir": run_dir,
+            "teacher_rate": rate.get("images_per_second")}

@@ -1,0 +1,243 @@
+"""The demo's settings and the work of its stages (demo/pipeline.py runs them in order)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from store.errors import ExpectedError
+
+TEACHERS = ("mae", "mocov3", "ibot")
+MOVABLE = {"data.images", "data.store", "train.out_dir"}    # paths: OUT may move between runs (as train/loop)
+IMAGENET_IMAGES = 1_281_167
+
+
+class DemoError(ExpectedError, RuntimeError):
+    """The demo cannot go on (settings differ from OUT's, a store fails verification, ...)."""
+
+
+@dataclass
+class DemoSettings:
+    """What the demo makes. Everything here is recorded in OUT/demo.json."""
+
+    copies: int = 4                 # training images = 13 photos x copies (crops)
+    heldout_copies: int = 1         # held-out images = 13 x heldout_copies, crops not in training
+    max_side: int = 256             # long side of the photos in pixels
+    views: int = 2                  # cached views per training image
+    seed: int = 0
+    steps: int = 150                # student steps
+    batch_size: int = 16
+    lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
+    codec: str = "fp16"
+    decoder: str = "dali"           # "dali" or "pil"
+    stats_images: int = 16          # images whose tokens give each teacher's adapter statistics
+    teacher_batch: int = 16
+    panels: int = 3                 # held-out samples shown with their gate weights
+    bench_steps: int = 2            # timed steps per throughput row (0: skip the measurement)
+    train_overrides: list = field(default_factory=list)   # extra KEY=VALUE for the train config
+    teacher_kwargs: dict = field(default_factory=dict)    # timm kwargs of random teachers (tests)
+
+    def check(self) -> "DemoSettings":
+        for key in ("copies", "heldout_copies", "views", "steps", "batch_size", "stats_images",
+                    "teacher_batch"):
+            if getattr(self, key) < 1:
+                raise DemoError(f"demo setting {key}={getattr(self, key)} must be >= 1")
+        if self.decoder not in ("dali", "pil"):
+            raise DemoError(f"demo setting decoder={self.decoder!r}: use 'dali' or 'pil'")
+        return self
+
+
+def teacher_sources(checkpoints) -> dict[str, str | None]:
+    """{teacher: official file path, or None for a random-init teacher}."""
+    from extract.checkpoints import TEACHERS as SPECS
+    out = {}
+    for name in TEACHERS:
+        path = Path(checkpoints) / SPECS[name].filename if checkpoints else None
+        out[name] = str(path.resolve()) if path is not None and path.is_file() else None
+    return out
+
+
+def _teacher_done(store: Path, data, name: str, source: str | None, views: int, seed: int) -> bool:
+    from store.features import DataInfo, FeatureStore, StoreError
+    if not (store / "zarr.json").exists():
+        return False
+    try:
+        fs = FeatureStore.open(store, data=DataInfo.of(data), views=views, seed=seed)
+    except StoreError as error:
+        raise DemoError(f"{error}\n  (delete {store} or use another --out)") from None
+    if name not in fs.teachers:
+        return False
+    ts = fs.teacher(name)
+    if ts.config.get("source") != (source or "random-init"):
+        raise DemoError(f"{store}/{name} was extracted from {ts.config.get('source')}, not "
+                        f"{source or 'random-init'}; use another --out")
+    return ts.has_stats and not ts.missing()
+
+
+def extract_all(store: Path, data, *, views: int, stats_images: int, sources: dict, settings: DemoSettings,
+                device: str, built: dict, progress: bool, rate: dict | None = None) -> tuple[str, bool]:
+    """Run the missing teachers over ``data`` into ``store``; returns (stage note, all reused).
+    A teacher already complete is not even built; ``built`` caches the teachers that were.
+    ``rate``, when given and empty, receives {"images_per_second": ``teacher_rate``} of the
+    first teacher built."""
+    from extract.runner import run_extraction
+    from extract.teachers import build_teacher
+    from train.throughput import teacher_rate
+
+    done, rates = [], []
+    for name in TEACHERS:
+        if _teacher_done(store, data, name, sources[name], views, settings.seed):
+            done.append(name)
+            continue
+        if name not in built:
+            built[name] = (build_teacher(name, checkpoint=sources[name], device=device) if sources[name] else
+                           build_teacher(name, random_init=True, seed=settings.seed, device=device,
+                                         model_kwargs=settings.teacher_kwargs or None))
+            if rate is not None and not rate:
+                rate.update(teacher=name, images_per_second=teacher_rate(built[name], device=device))
+        s = run_extraction(teacher=built[name], data=data, store_path=store, views=views, seed=settings.seed,
+                           codec=settings.codec, batch_size=settings.teacher_batch, device=device,
+                           decoder=settings.decoder, num_threads=2, stats_images=stats_images,
+                           progress=progress)
+        rates.append(f"{name} {s['blocks']} blocks at {s['images_per_second']:.1f} img/s"
+                     + (f" ({s['skipped']} already complete)" if s["skipped"] else ""))
+    parts = [f"reused complete {', '.join(done)}"] if done else []
+    return "; ".join(parts + rates) + f" ({len(data)} images x {views} views)", len(done) == len(TEACHERS)
+
+
+def train_config(settings: DemoSettings, *, data: Path, store: Path, run_dir: Path, steps_per_epoch: int):
+    """The demo's training config (the defaults of train/config.py plus a short schedule)."""
+    from train.config import load_config
+    epochs = max(1, math.ceil(settings.steps / steps_per_epoch))
+    base_lr = settings.lr * 256 / settings.batch_size
+    overrides = [f"data.images={data}", f"data.store={store}", f"data.views={settings.views}",
+                 f"data.seed={settings.seed}", f"data.decoder={settings.decoder}", "data.num_workers=2",
+                 "data.streams=1", "data.shuffle_window=2", f"train.batch_size={settings.batch_size}",
+                 "train.log_every=5", f"train.ckpt_every={epochs}", f"schedule.epochs={epochs}",
+                 f"schedule.warmup_epochs={max(1, epochs // 10)}", f"optim.base_lr={base_lr!r}",
+                 f"train.out_dir={run_dir}", *settings.train_overrides]
+    return load_config(None, overrides)
+
+
+def train_or_reuse(cfg, run_dir: Path, *, steps: int, device: str, progress: bool) -> tuple[dict, str]:
+    """Train, resume or reuse the run in ``run_dir``; returns (info, note)."""
+    import torch
+
+    from train.loop import train
+    ck_path = run_dir / "last.pt"
+    resume = False
+    if ck_path.is_file():
+        meta = torch.load(ck_path, map_location="cpu", weights_only=False)
+        step, meta = int(meta["step"]), meta["meta"]
+        diff = [f"{s}.{k}: run has {meta['config'].get(s, {}).get(k)!r}, demo wants {v!r}"
+                for s, sec in cfg.to_dict().items() for k, v in sec.items()
+                if f"{s}.{k}" not in MOVABLE and meta["config"].get(s, {}).get(k) != v]
+        if diff or meta["total_steps"] != steps:
+            raise DemoError(f"{run_dir} holds a run with another config (delete it or use another --out):\n  "
+                            + "\n  ".join(diff or [f"total_steps {meta['total_steps']} vs {steps}"]))
+        if step >= steps and (run_dir / "student.safetensors").is_file():
+            return {"steps": step}, f"reused finished run ({step} steps) in {run_dir}"
+        resume = True
+    summary = train(cfg, out_dir=run_dir, max_steps=steps, resume=resume, device=device,
+                    ckpt_steps=max(10, steps // 3), progress=progress)
+    last = summary.get("last") or {}
+    note = (f"{'resumed' if resume else 'trained'} to step {summary['steps']}"
+            + (f", {last['images_per_second']:.1f} img/s at the end" if "images_per_second" in last else ""))
+    return {"steps": summary["steps"]}, note
+
+
+def codec_sizes(store: Path, *, teachers, num_images: int, views: int, samples: int = 16) -> dict:
+    """Bytes per (image, view) for each codec, measured on the store's own tokens.
+
+    For each teacher, the first ``samples`` images of slot 0 are decoded from the store and
+    encoded with every codec; ``zstd`` is the payload compressed with zstd level 1 (the
+    store's compressor) plus the small arrays uncompressed. ``rel_error`` is
+    ||decode(encode(t)) - t|| / ||t|| against the stored tokens.
+    """
+    import numcodecs
+    import torch
+
+    from extract.estimate import bytes_per_sample
+    from store import codecs
+    from store.features import FeatureStore
+
+    fs = FeatureStore.open(store)
+    zstd = numcodecs.Zstd(level=1)
+    rows = {c: {"codec": c, "raw_bytes": 0, "zstd_bytes": 0.0, "err": 0.0, "norm": 0.0} for c in codecs.CODECS}
+    measured = 0
+    for name in teachers:
+        ts = fs.teacher(name)
+        n = min(samples, fs.num_samples)
+        stored = ts.read_samples(0, np.arange(n))
+        tok = ts.decode({k: stored[k] for k in ts.payload_keys}).float()                    # (n, T, 768)
+        pca = {"mean": ts.stats["mean"], "basis": ts.stats["components"][:codecs.PCA_DIM]}
+        measured = n
+        for c, row in rows.items():
+            arrays = codecs.encode(c, tok, pca=pca)
+            packed = sum(len(zstd.encode(np.ascontiguousarray(a))) for a in arrays.values())
+            meta = bytes_per_sample(c, ts.n_visible) - sum(a[0].nbytes for a in arrays.values())
+            row["raw_bytes"] += bytes_per_sample(c, ts.n_visible)
+            row["zstd_bytes"] += packed / n + meta
+            back = codecs.decode(c, arrays, pca=pca)
+            row["err"] += float(torch.linalg.vector_norm(back - tok) ** 2)
+            row["norm"] += float(torch.linalg.vector_norm(tok) ** 2)
+    out = []
+    for row in rows.values():
+        rel = math.sqrt(row.pop("err") / row.pop("norm"))
+        out.append(dict(row, rel_error=rel, demo_bytes=row["zstd_bytes"] * num_images * views,
+                        imagenet_bytes=row["zstd_bytes"] * IMAGENET_IMAGES * 4))
+    files = [p for p in Path(store).rglob("*") if p.is_file()]
+    actual = sum(p.stat().st_size for p in files)
+    stats = sum(p.stat().st_size for p in files if "stats" in p.relative_to(store).parts)
+    fp16 = next(r for r in out if r["codec"] == "fp16")
+    return {"rows": out, "measured_samples": measured, "actual_bytes": actual, "stats_bytes": stats,
+            "projected_fp16_bytes": fp16["demo_bytes"]}
+
+
+def training_throughput(metrics: list[dict], *, batch_size: int) -> dict | None:
+    """The cached row from the training stage itself: the median images/s of its logged
+    intervals (``train.log_every`` steps each), the first one (start-up) left out unless it is
+    the only one; None when nothing was logged."""
+    ips = [r["images_per_second"] for r in (metrics[1:] or metrics) if "images_per_second" in r]
+    if not ips:
+        return None
+    return dict(mode="cached", images_per_second=float(np.median(ips)), intervals=len(ips),
+                batch_size=batch_size, spread=[float(min(ips)), float(max(ips))], source="training stage")
+
+
+def measure_throughput(*, data: Path, store: Path, settings: DemoSettings, device: str,
+                       metrics: list[dict], teachers: dict | None = None) -> dict:
+    """Rows cached / ceiling / online, or {"skipped": why}.
+
+    cached: the training stage's own rate (``training_throughput``: the same store reads,
+    decoding and step, over the whole run); ceiling: ``train.throughput.measure`` of the step alone
+    on batches in memory (3 rounds of ``bench_steps``); online: ``train.throughput.measure`` with
+    the three teachers (the expensive row: 1 round of max(1, bench_steps // 2) steps after 1
+    warm-up), reusing ``teachers`` ({name: Teacher}) already built by the extract stage."""
+    if settings.bench_steps < 1:
+        return {"skipped": "bench_steps=0 (measurement turned off)"}
+    from train.throughput import measure
+    cached = training_throughput(metrics, batch_size=settings.batch_size)
+    if cached is None:
+        return {"skipped": "the training stage logged no throughput to give the cached row"}
+    warmup = 1
+    common = dict(data=data, store=store, batch_size=settings.batch_size, steps=settings.bench_steps,
+                  warmup=warmup, device=device, decoder=settings.decoder, threads=2, views=settings.views,
+                  streams=1)
+    try:
+        ceiling = measure(**common, rounds=3, modes=("ceiling",))
+        online = measure(**dict(common, steps=max(1, settings.bench_steps // 2)), rounds=1, modes=("online",),
+                         teachers=teachers)
+    except SystemExit as error:                       # measure's own "too little data" refusal
+        return {"skipped": str(error)}
+    rows = [cached, *ceiling, *online]
+    for r in rows:
+        r["vs_online"] = r["images_per_second"] / online[0]["images_per_second"]
+        r["vs_ceiling"] = r["images_per_second"] / ceiling[0]["images_per_second"]
+    return {"rows": rows, "device": device, "batch_size": settings.batch_size, "steps": settings.bench_steps,
+            "online_steps": online[0]["steps"], "warmup": warmup, "cached_intervals": cached["intervals"]}
+
+

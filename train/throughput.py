@@ -1,0 +1,125 @@
+"""Throughput measurements, in this process: the training step's images/s by data path, and one
+teacher forward's images/s (the machine's speed by which the demo's time is normalised).
+
+- ``measure``: cached store vs online teachers vs the in-memory ceiling, timed in turn
+  (bench/train.py prints it as a table; the demo report's throughput section; bench/gpu_check.py);
+- ``teacher_rate``: one teacher forward on seeded noise images (the demo's extract note,
+  bench/demo.py, bench/cache_cost.py).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from store import views as V
+from train.config import load_config
+from train.flops import step_flops_per_image
+from train.loader import Plan, resolve_data
+from train.loop import build_source, make_optimizer, train_step
+from train.objective import build_objective
+
+__all__ = ["measure", "teacher_rate"]
+
+
+def _time_steps(objective, opt, batches, *, amp: bool, device, clip_grad: float) -> float:
+    """Seconds for the steps over ``batches`` (an iterator of materialised batches)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for b in batches:
+        train_step(objective, opt, b, lr=1e-4, clip_grad=clip_grad, amp=amp)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t
+
+
+def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 2, rounds: int = 3,
+            device: str = "cpu", decoder: str = "dali", threads: int = 2, views: int | str = "auto",
+            streams: int = 1, modes=("cached", "online", "ceiling"), teachers: dict | None = None) -> list[dict]:
+    """Rows {mode, images_per_second, seconds, steps, batch_size, ...} measured in this process.
+    ``teachers``: {name: Teacher} already built, for the online row (``build_source``).
+
+    The modes are timed in turn, ``rounds`` times (A B C A B C ...), each round over ``steps``
+    steps after ``warmup`` untimed ones, and each row keeps its median round: on a noisy
+    machine this compares the paths under the same conditions. ``views``: the store's V
+    (``auto``) or a number that must equal it. The ceiling's batches are the first
+    ``warmup + steps`` of epoch 0, materialised once."""
+    from store.shards import ImageSet
+
+    images = ImageSet.open(data)
+    cfg = load_config(None, [f"data.images={data}", f"data.store={store}", f"data.views={views}",
+                             f"data.decoder={decoder}", f"data.num_workers={threads}", f"data.streams={streams}",
+                             "data.shuffle_window=2", f"train.batch_size={batch_size}"])
+    cfg = resolve_data(cfg, images)
+    plan = Plan(images, seed=0, views=cfg.data.views, batch_size=batch_size, window=2, streams=streams)
+    need = warmup + steps
+    if plan.steps_per_epoch < need:
+        raise SystemExit(f"the data gives {plan.steps_per_epoch} steps of {batch_size} per epoch; "
+                         f"need {need}: use more data or a smaller batch")
+    amp, clip = torch.device(device).type == "cuda", cfg.train.clip_grad
+    setups = {}
+    for mode in modes:
+        source, stats = build_source(cfg, plan, online=(mode == "online"), device=device, teachers=teachers)
+        objective = build_objective(cfg, stats).to(device)
+        batches = None
+        if mode == "ceiling":
+            epoch = source.epoch(0)
+            batches = [source.materialize(b, device) for _, b in itertools.islice(epoch, need)]
+            epoch.close()
+        setups[mode] = (source, objective, make_optimizer(cfg, objective), batches)
+    times = {mode: [] for mode in modes}
+    for r in range(rounds):
+        for mode, (source, objective, opt, batches) in setups.items():
+            if batches is not None:
+                _time_steps(objective, opt, batches[:warmup], amp=amp, device=device, clip_grad=clip)
+                times[mode].append(_time_steps(objective, opt, batches[warmup:], amp=amp, device=device, clip_grad=clip))
+                continue
+            it = iter(source.epoch(r))
+            warm = (source.materialize(next(it)[1], device) for _ in range(warmup))
+            _time_steps(objective, opt, warm, amp=amp, device=device, clip_grad=clip)
+            timed = (source.materialize(next(it)[1], device) for _ in range(steps))
+            times[mode].append(_time_steps(objective, opt, timed, amp=amp, device=device, clip_grad=clip))
+            it.close()
+    rows = []
+    for mode in modes:
+        sec = sorted(times[mode])[len(times[mode]) // 2]
+        rows.append(dict(mode=mode, images_per_second=steps * batch_size / sec, seconds=sec, steps=steps,
+                         rounds=rounds, batch_size=batch_size, device=str(device), decoder=decoder,
+                         spread=[steps * batch_size / t for t in times[mode]]))
+    ceiling = next((r["images_per_second"] for r in rows if r["mode"] == "ceiling"), None)
+    online = next((r["images_per_second"] for r in rows if r["mode"] == "online"), None)
+    flops = step_flops_per_image(cfg, n_visible=cfg.data.student_visible, teacher_tokens={
+        n: 1 + V.num_visible(V.MASK_RATIOS[n]) for n in cfg.data.teachers})["total"]
+    for r in rows:
+        r["vs_online"] = r["images_per_second"] / online if online else None
+        r["vs_ceiling"] = r["images_per_second"] / ceiling if ceiling else None
+        r["student_tflops"] = r["images_per_second"] * flops / 1e12
+    return rows
+
+
+def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False) -> float:
+    """Images per second of one teacher forward on a batch of ``images`` seeded noise images
+    after a warm-up batch of 2: masked as in extraction (its visible patches of view 0, seed
+    0), or ``full`` (196 patches); fp32 on the CPU, bf16 autocast on CUDA (as extraction runs).
+    The machine's speed, by which the demo's time is normalised (bench/demo.py,
+    docs/performance.md); bench/cache_cost.py combines it over its teachers."""
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(images, 3, 224, 224, generator=g).to(device)
+    visible = torch.from_numpy(V.teacher_visible(0, np.arange(images), 0, teacher.name)).to(device)
+    dev = torch.device(device)
+
+    def forward(n):
+        return teacher.forward_full(batch[:n]) if full else teacher(batch[:n], visible[:n])
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        forward(2)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        forward(images)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    return images / (time.perf_counter() - t)
