@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="time each row this many times, report the best")
     parser.add_argument("--agreement-views", type=int, default=64, help="views per photo kind in the agreement table (0: skip)")
     args = parser.parse_args(argv)
-    from tqdm import tqdm
+    from store.progress import progress_bar
 
     photos = make_photos()
     datas, boxes, flips = views_of(photos, args.views)
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     if args.device == "cuda":
         plan.append(("dali-cuda", args.threads))
     rows = []
-    for name, workers in tqdm(plan, desc="rows", unit="row"):
+    for name, workers in progress_bar(plan, desc="rows", unit="row"):
         def once():
             if name == "pil":
                 return time_pil(datas, boxes, flips, procs=workers, batch_size=args.batch_size)

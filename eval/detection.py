@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from tqdm import tqdm
 
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
 from eval.data import derive_seed, seeded_rngs
@@ -30,6 +29,7 @@ from eval.dense_train import (check_finite, epoch_order, load_checkpoint, ordere
                               save_checkpoint, set_lr, warmup_factor)
 from eval.pyramid import SimpleFeaturePyramid
 from store.decode import MEAN, STD
+from store.progress import progress_bar
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 LR_STEPS = (0.889, 0.963)
@@ -127,7 +127,7 @@ def predict(*, model: nn.Module, dataset: CocoInstances, batch_size: int, worker
                             collate_fn=collate)
     bbox, segm = [], []
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for images, targets in tqdm(loader, desc="detect", unit="batch"):
+    for images, targets in progress_bar(loader, desc="detect", unit="batch"):
         with amp:
             outputs = model([im.to(device) for im in images])
         for target, output in zip(targets, outputs):
@@ -220,7 +220,7 @@ def _train(*, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: CocoI
         loader = ordered_loader(dataset, order=epoch_order(seed=seed, epoch=epoch, size=len(dataset)),
                                 batch_size=batch_size, workers=workers, collate_fn=collate,
                                 pin_memory=device.type == "cuda")
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
         sums: dict[str, float] = {}
         for i, (images, targets) in enumerate(bar):
             step = epoch * steps_per_epoch + i

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from store.progress import progress_bar
 
 __all__ = ["build_classifier", "evaluate_classifier", "run_finetune"]
 
@@ -57,7 +58,7 @@ def evaluate_classifier(net: nn.Module, loader, *, device: torch.device,
     net.eval()
     hits = torch.zeros(2, dtype=torch.float64)
     total = 0
-    for images, target in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, target in progress_bar(loader, desc=desc, unit="batch", leave=False):
         target = torch.as_tensor(target).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = net(images.to(device, non_blocking=True))
@@ -160,7 +161,7 @@ def run_finetune(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], t
     val_loader = make_loader(val_set, batch_size=micro, shuffle=False, num_workers=num_workers,
                              pin_memory=dev.type == "cuda")
     cuda = [dev] if dev.type == "cuda" else []
-    bar = tqdm(total=epochs * steps, initial=start * steps, desc="fine-tune", unit="step")
+    bar = progress_bar(total=epochs * steps, initial=start * steps, desc="fine-tune", unit="step")
     for epoch in range(start, epochs):
         net.train()
         loader = make_loader(train_set, batch_size=micro, shuffle=True, seed=seed, epoch=epoch,

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from store.progress import progress_bar
 
 __all__ = ["extract_features", "knn_scores", "knn_accuracy", "topk_accuracy", "run_knn"]
 
@@ -30,7 +31,7 @@ def extract_features(model: nn.Module, loader, *, device: torch.device,
 
     model = model.to(device).eval()
     feats, labels = [], []
-    for images, target in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, target in progress_bar(loader, desc=desc, unit="batch", leave=False):
         f = cls_features(model, images.to(device, non_blocking=True).float()).float()
         feats.append(F.normalize(f, dim=1).cpu())
         labels.append(torch.as_tensor(target, dtype=torch.int64))

@@ -30,7 +30,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from store.progress import progress_bar
 
 __all__ = ["LARS", "probe_head", "run_linear"]
 
@@ -101,7 +102,7 @@ def _feature_table(backbone, dataset, *, device, batch_size, num_workers, desc):
     feats, labels = [], []
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
-    for images, target in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, target in progress_bar(loader, desc=desc, unit="batch", leave=False):
         feats.append(_features(backbone, images, device))
         labels.append(torch.as_tensor(target, dtype=torch.int64).to(device))
     return torch.cat(feats), torch.cat(labels)
@@ -207,7 +208,7 @@ def run_linear(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], tra
     if cache_features and start < epochs:
         cached = _feature_table(backbone, train_set, device=dev, batch_size=micro_batch,
                                 num_workers=num_workers, desc="train features (center crop)")
-    bar = tqdm(total=epochs * steps, initial=start * steps, desc="linear probe", unit="step")
+    bar = progress_bar(total=epochs * steps, initial=start * steps, desc="linear probe", unit="step")
     for epoch in range(start, epochs):
         head.train()
         for s, (f, lab) in enumerate(_epoch_batches(

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from eval.ade import IGNORE, AdeSegmentation
 from eval.data import derive_seed, seeded_rngs
@@ -33,6 +32,7 @@ from eval.dense_train import (check_finite, epoch_order, load_checkpoint, ordere
                               save_checkpoint, set_lr, warmup_factor)
 from eval.pyramid import SimpleFeaturePyramid
 from eval.upernet import FCNHead, UperHead
+from store.progress import progress_bar
 
 INIT_KEY, STEP_KEY = 0x1417, 0x57E9
 
@@ -123,7 +123,7 @@ def evaluate(*, model: nn.Module, dataset: AdeSegmentation, device: torch.device
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for image, label in tqdm(loader, desc="segment", unit="image"):
+    for image, label in progress_bar(loader, desc="segment", unit="image"):
         with amp:
             logits = slide_logits(model, image.to(device), crop=size, stride=size * 2 // 3,
                                   num_classes=dataset.num_classes)
@@ -201,7 +201,7 @@ def _train(*, model: Segmenter, optimizer: torch.optim.Optimizer, dataset: AdeSe
     iteration, so a resumed run sees the same batches)."""
     steps_per_epoch = len(dataset) // batch_size
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=iters, initial=start, desc="train", unit="iter")
+    bar = progress_bar(total=iters, initial=start, desc="train", unit="iter")
     step, sums = start, {}
     while step < iters:
         epoch, skip = divmod(step, steps_per_epoch)

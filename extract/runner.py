@@ -30,6 +30,7 @@ from store.decode import make_decoder
 from store.features import DataInfo, FeatureStore, TeacherStore
 from store.lock import StoreLocked, WriterLock
 from store.prefetch import DeviceCopier, Prefetch
+from store.progress import progress_bar
 
 
 @dataclass
@@ -259,7 +260,7 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
         tqdm.write(f"{teacher.name}: {skipped} blocks already complete, {len(todo)} to do")
 
     t0, written = time.perf_counter(), 0
-    bar = tqdm(total=total, unit="img", desc=f"extract {teacher.name}", disable=not progress or total == 0,
+    bar = progress_bar(total=total, unit="img", desc=f"extract {teacher.name}", progress=progress and total > 0,
                dynamic_ncols=True)
     blocks = []
     for shard, slot in todo:

@@ -8,10 +8,10 @@ another sample than ``views.stats_sample``; non-finite values.
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
 
 from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
+from store.progress import progress_bar
 
 # Keys that every teacher of one store must share.
 SHARED_KEYS = ("seed", "views", "resolution", "patch_size", "embed_dim")
@@ -51,7 +51,7 @@ def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_va
                 problems.append(f"{name}: adapter statistics are not finite")
             problems.extend(_check_stats_sample(ts))
         blocks = [(s, k) for s in range(fs.views) for k in range(len(fs.shards)) if done[s, k]]
-        for slot, shard in tqdm(blocks, desc=f"verify {name}", unit="block", disable=not progress):
+        for slot, shard in progress_bar(blocks, desc=f"verify {name}", unit="block", progress=progress):
             problems.extend(_check_block(ts, data, slot, shard, scan_values=scan_values))
     for key in SHARED_KEYS:
         values = {n: c.get(key) for n, c in configs.items()}

@@ -277,13 +277,13 @@ def _walk_files(folder: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:
 
 
 def _list_imagefolder(src: Path, folders: list[os.DirEntry], *, progress: bool) -> SourceListing:
-    from tqdm import tqdm
+    from store.progress import progress_bar
 
     digest = hashlib.sha256(b"imagefolder\n")
     names: list[str] = []
     labels = array("q")
     classes = [f.name for f in folders]
-    for label, folder in enumerate(tqdm(folders, desc=f"list {src.name}", unit="class", disable=not progress)):
+    for label, folder in enumerate(progress_bar(folders, desc=f"list {src.name}", unit="class", progress=progress)):
         digest.update(b"class\t" + os.fsencode(folder.name) + b"\n")
         for name, entry in _walk_files(Path(folder.path), folder.name):
             digest.update(_listing_line(name, entry.stat()))
@@ -294,7 +294,7 @@ def _list_imagefolder(src: Path, folders: list[os.DirEntry], *, progress: bool) 
 
 
 def _list_webdataset(src: Path, tars: list[os.DirEntry], *, pattern: str | None, progress: bool) -> SourceListing:
-    from tqdm import tqdm
+    from store.progress import progress_bar
 
     digest = hashlib.sha256(b"webdataset\n")
     names = []
@@ -309,7 +309,7 @@ def _list_webdataset(src: Path, tars: list[os.DirEntry], *, pattern: str | None,
     listing = SourceListing(kind="webdataset", root=src, classes=classes, num_files=0, sha256="", names=names,
                             sources=[], labels=array("q"), pattern=pattern)
     named_by: dict[int, str] = {}  # label -> the sample whose json named it (for messages)
-    for entry in tqdm(tars, desc=f"list {src.name}", unit="tar", disable=not progress):
+    for entry in progress_bar(tars, desc=f"list {src.name}", unit="tar", progress=progress):
         digest.update(_listing_line(entry.name, entry.stat()))
         names.append(entry.name)
         listing._tars.append(Path(entry.path))

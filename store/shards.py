@@ -246,7 +246,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
     Returns:
         The finished ``ImageSet``.
     """
-    from tqdm import tqdm
+    from store.progress import progress_bar
 
     src, out = Path(src), Path(out)
     if shard_size < 1:
@@ -286,7 +286,8 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
     shards: list[dict] = []
     writer: _ShardWriter | None = None
     order = pack_order(len(listing), seed=seed)
-    bar = tqdm(total=len(listing), desc=f"prepare {src.name}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(listing), desc=f"prepare {src.name}", unit="img", progress=progress,
+                       dynamic_ncols=True)
     try:
         for item, (data, info, reason) in _ordered_map(_check_item, listing.items(order), workers=workers):
             bar.update(1)
@@ -607,11 +608,11 @@ class ImageSet:
 
     def verify(self, *, progress: bool = False) -> None:
         """Re-hash the sample table and every shard against the manifest; ``ValueError`` on a mismatch."""
-        from tqdm import tqdm
+        from store.progress import progress_bar
 
         if _sha256_file(self.root / self.meta["columns"]["file"]) != self.meta["columns"]["sha256"]:
             raise ValueError(f"ImageSet: {self.root / self.meta['columns']['file']} does not match its sha256")
-        for shard in tqdm(self.shards, desc="verify shards", disable=not progress):
+        for shard in progress_bar(self.shards, desc="verify shards", progress=progress):
             if _sha256_file(self.root / shard["tar"]) != shard["sha256"]:
                 raise ValueError(f"ImageSet: shard {self.root / shard['tar']} does not match its sha256")
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from extract import dist
 from store.errors import ExpectedError
+from store.progress import progress_bar
 from train.config import Config
 from train.flops import step_flops_per_image
 from train.loader import CachedSource, Plan, resolve_data
@@ -270,8 +270,8 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     use_amp = dev.type == "cuda" and cfg.train.amp == "bf16"
     flops = None                                        # per image, from the first batch's shapes
     peak = _peak_flops(dev)
-    bar = tqdm(total=total, initial=step, unit="step", desc=f"train ({cfg.data.source})",
-               disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=step, unit="step", desc=f"train ({cfg.data.source})",
+               progress=progress and rank == 0, dynamic_ncols=True)
     sums, n_sum, first_bad = None, 0, torch.full((), -1, dtype=torch.long, device=device)
     t_log, img_log, t0 = time.perf_counter(), 0, time.perf_counter()
     last = {}
