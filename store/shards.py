@@ -34,6 +34,7 @@ import numpy as np
 
 from store import views as V
 from store.imagesource import BadImage, ImageInfo, PrepareError, SourceItem, SourceListing, inspect_image, list_source
+from store.roles import Role
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BadImage", "ImageSet", "PrepareError", "pack_order", "prepare"]
 
@@ -45,7 +46,7 @@ COLUMNS = "manifest.columns"
 SHARD_DIR = "shards"
 _PARTIAL = re.compile(r"shard-\d{6,}\.(tar|idx)(\.tmp)?")
 _ALIGN = 64
-_ROLE_PACK_ORDER = 21  # hash role of the packing order (store/views.py and train/loader.py use others)
+_ROLE_PACK_ORDER = Role.PACK_ORDER  # hash role of the packing order (21; every role: store/roles.py)
 # (name, numpy dtype) of the per-sample table, in file order
 _COLUMN_DTYPES = [
     ("index", "<i8"), ("label", "<i8"), ("width", "<i8"), ("height", "<i8"), ("shard", "<i8"),

@@ -8,20 +8,16 @@ machine. Everything is vectorised numpy on ``uint64`` (wrap-around arithmetic is
 point of the hash), so a batch of a few thousand indices costs well under a millisecond
 per index.
 
-Roles keep the streams of different quantities apart. Every role id in the project is
-registered here (never renumber one; a new quantity takes a new id):
-  1-5    crop (area, ratio, top, left; 10 attempts), flip, teacher mask of the cached views,
-         keyed by (seed, index, view); student mask, keyed by (seed, index, epoch);
-         statistics sample;
-  11-12  shard order and sample order of an epoch (defined in train/loader.py);
-  21-23  fresh views (online-fresh training): crop, flip, teacher mask, keyed by
-         (seed, index, epoch) -- a new view of every image in every epoch.
+Roles keep the streams of different quantities apart; every role id in the project is
+registered in store/roles.py (``Role``), which refuses two names for one id.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from store.roles import Role
 
 GRID = 14                      # 224 / 16
 NUM_PATCHES = GRID * GRID      # 196
@@ -35,9 +31,6 @@ TEACHER_IDS = {"mae": 0, "mocov3": 1, "ibot": 2, "dino": 3}
 # Fraction of patches masked per teacher (paper: 0.50 / 0.40 / 0.30; dino is our choice).
 MASK_RATIOS = {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40}
 
-# Role ids are part of every key; never renumber them, add new ones at the end.
-_ROLE_CROP, _ROLE_FLIP, _ROLE_TEACHER, _ROLE_STUDENT, _ROLE_STATS = 1, 2, 3, 4, 5
-_ROLE_FRESH_CROP, _ROLE_FRESH_FLIP, _ROLE_FRESH_TEACHER = 21, 22, 23
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -104,7 +97,7 @@ def view_params(seed: int, indices, views, widths, heights, *,
     """
     idx = _as_index(indices, "indices")
     view = np.broadcast_to(_as_index(views, "views"), idx.shape)
-    return _crop_and_flip(seed, idx, view, widths, heights, roles=(_ROLE_CROP, _ROLE_FLIP),
+    return _crop_and_flip(seed, idx, view, widths, heights, roles=(Role.CROP, Role.FLIP),
                           scale=scale, ratio=ratio)
 
 
@@ -119,7 +112,7 @@ def fresh_view_params(seed: int, indices, epoch, widths, heights, *,
     """
     idx = _as_index(indices, "indices")
     ep = np.broadcast_to(_as_index(epoch, "epoch"), idx.shape)
-    return _crop_and_flip(seed, idx, ep, widths, heights, roles=(_ROLE_FRESH_CROP, _ROLE_FRESH_FLIP),
+    return _crop_and_flip(seed, idx, ep, widths, heights, roles=(Role.FRESH_CROP, Role.FRESH_FLIP),
                           scale=scale, ratio=ratio)
 
 
@@ -198,7 +191,7 @@ def teacher_visible(seed: int, indices, views, teacher, *, mask_ratio: float | N
     """
     idx = _as_index(indices, "indices")
     view = np.broadcast_to(_as_index(views, "views"), idx.shape)
-    return _teacher_subset(seed, idx, view, _ROLE_TEACHER, teacher, mask_ratio, num_patches)
+    return _teacher_subset(seed, idx, view, Role.TEACHER, teacher, mask_ratio, num_patches)
 
 
 def fresh_teacher_visible(seed: int, indices, epoch, teacher, *, mask_ratio: float | None = None,
@@ -207,7 +200,7 @@ def fresh_teacher_visible(seed: int, indices, epoch, teacher, *, mask_ratio: flo
     (seed, index, epoch) under their own role: (B, n_k) int64 ascending."""
     idx = _as_index(indices, "indices")
     ep = np.broadcast_to(_as_index(epoch, "epoch"), idx.shape)
-    return _teacher_subset(seed, idx, ep, _ROLE_FRESH_TEACHER, teacher, mask_ratio, num_patches)
+    return _teacher_subset(seed, idx, ep, Role.FRESH_TEACHER, teacher, mask_ratio, num_patches)
 
 
 def _teacher_subset(seed: int, idx: np.ndarray, key: np.ndarray, role: int, teacher, mask_ratio,
@@ -230,7 +223,7 @@ def student_visible(seed: int, indices, epoch: int, *, n_visible: int = STUDENT_
     if not 0 < n_visible <= num_patches:
         raise ValueError(f"n_visible must be in (0, {num_patches}], got {n_visible}")
     patch = np.arange(num_patches, dtype=np.int64)[None, :]
-    h = hash_keys(seed, idx[:, None], ep[:, None], _ROLE_STUDENT, patch)
+    h = hash_keys(seed, idx[:, None], ep[:, None], Role.STUDENT, patch)
     return _random_subset(h, n_visible)
 
 
@@ -264,7 +257,7 @@ def stats_sample(seed: int, num_samples: int, count: int) -> np.ndarray:
         raise ValueError(f"count must be >= 1, got {count}")
     if count >= n:
         return np.arange(n, dtype=np.int64)
-    h = hash_keys(seed, np.arange(n, dtype=np.int64), _ROLE_STATS)
+    h = hash_keys(seed, np.arange(n, dtype=np.int64), Role.STATS)
     threshold = np.partition(h, count - 1)[count - 1]
     below = np.flatnonzero(h < threshold)
     tied = np.flatnonzero(h == threshold)[: count - below.size]

@@ -29,7 +29,8 @@ and the global batch allow without dropping more than a tenth of what one stream
 train on per epoch: 8 on ImageNet, 1 on a set of a few dozen images.
 
 Shards are given as ``[[first, count], ...]``: shard s holds the sample indices
-``first .. first + count - 1`` (store/shards.ImageSet ``shards``).
+``first .. first + count - 1`` (store/shards.ImageSet ``shards``). The hashes' role ids:
+store/roles.py.
 """
 from __future__ import annotations
 
@@ -39,8 +40,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from store import views as V
-
-_ROLE_SHARD_ORDER, _ROLE_SAMPLE_ORDER = 11, 12   # hash roles (store/views.py lists every role)
+from store.roles import Role
 
 AUTO_STREAMS = (8, 4, 2, 1)       # data.streams=auto picks from these, most first
 AUTO_STREAMS_KEEP = 0.9           # ... keeping at least this share of one stream's steps
@@ -49,14 +49,14 @@ AUTO_STREAMS_KEEP = 0.9           # ... keeping at least this share of one strea
 def stream_shards(num_shards: int, *, seed: int, epoch: int, stream: int, streams: int) -> np.ndarray:
     """Image shards stream ``stream`` of ``streams`` reads at ``epoch``, in order: (n,) int64,
     n = num_shards // streams or one more."""
-    keys = V.hash_keys(seed, epoch, _ROLE_SHARD_ORDER, np.arange(num_shards))
+    keys = V.hash_keys(seed, epoch, Role.SHARD_ORDER, np.arange(num_shards))
     return np.argsort(keys, kind="stable")[stream::streams]
 
 
 def _window_samples(shards: Sequence, ids: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
     """The samples of the shards ``ids`` (w,), shuffled: (sum of their counts,) int64."""
     idx = np.concatenate([np.arange(shards[k][0], shards[k][0] + shards[k][1]) for k in ids])
-    keys = V.hash_keys(seed, epoch, _ROLE_SAMPLE_ORDER, idx)
+    keys = V.hash_keys(seed, epoch, Role.SAMPLE_ORDER, idx)
     return idx[np.argsort(keys, kind="stable")]
 
 
