@@ -16,7 +16,8 @@ Stages (each prints one line with its time; a second run reuses what the first m
  7. throughput   cached (the training stage's own rate) vs online vs in-memory ceiling
                  (``train.throughput.measure``; the online row reuses the extract stage's teachers);
  8. sizes        the store's bytes per codec, measured on its own tokens;
- 9. report       OUT/report/README.md with figures and panels.
+ 9. report       OUT/report/README.md with figures and panels, and the same report as one
+                 self-contained page, OUT/report/report.html (figures embedded).
 
 Teachers are untrained (seeded random init) unless ``checkpoints`` holds their official
 files (names in ``extract/checkpoints.py``); the report says which. Measurements (stages
@@ -174,7 +175,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     def objective(kind: str):
         if kind not in objectives:
             objectives[kind] = diag.load_run(run_dir, device=device, trained=(kind == "trained"),
-                                               store_path=stores["train"])[1]
+                                             store_path=stores["train"])[1]
         return objectives[kind]
 
     def evaluate():
@@ -183,10 +184,10 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             return f"reused: CKA fused targets trained {meas['cka']['fused']['trained']:.3f} vs untrained " \
                    f"{meas['cka']['fused']['untrained']:.3f}"
         samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx, epoch=0,
-                                      teachers=list(cfg.data.teachers))
+                                    teachers=list(cfg.data.teachers))
         with torch.no_grad():
             meas["cka"] = diag.cka_scores(objective("trained"), objective("untrained"),
-                                            diag.sample_batch(samples, cfg.data.teachers, device=device))
+                                          diag.sample_batch(samples, cfg.data.teachers, device=device))
         c = meas["cka"]["fused"]
         return f"linear CKA with the fused targets on {len(held_idx)} held-out views: trained {c['trained']:.3f}, " \
                f"untrained {c['untrained']:.3f}"
@@ -225,20 +226,19 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     # 9: report
     report_dir = out / "report"
 
-    def write_report():
+    def make_report():
         rows = diag.read_metrics(run_dir / "metrics.jsonl")
         plots.plot_losses(rows, report_dir / "losses.png")
         plots.plot_gate_shares(rows, report_dir / "gates.png")
         pick = np.unique(np.linspace(0, len(held_idx) - 1, max(1, settings.panels)).round().astype(int))
         samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx[pick], epoch=0,
-                                      teachers=list(cfg.data.teachers))
-        maps = diag.gate_maps(objective("trained"), diag.sample_batch(samples, cfg.data.teachers,
-                                                                          device=device))
+                                    teachers=list(cfg.data.teachers))
+        maps = diag.gate_maps(objective("trained"), diag.sample_batch(samples, cfg.data.teachers, device=device))
         panels = []
         for s, w in zip(samples, maps):
             name = f"panel_{s.index:04d}.png"
             plots.render_panel(s, report_dir / name, weights=w, weights_title="w",
-                         title=f"held-out image {s.index} ({s.source}), trained student after {run['steps']} steps")
+                               title=f"held-out image {s.index} ({s.source}), trained student after {run['steps']} steps")
             panels.append(name)
         history_path = report_dir / "stages.jsonl"                  # one line per demo invocation
         history = [json.loads(ln) for ln in history_path.read_text().splitlines()] if history_path.is_file() else []
@@ -248,15 +248,15 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
                 "first_stages": history[0] if len(history) > 1 else None,
                 "data": {"train": len(data["train"]), "heldout": len(data["heldout"]), "views": settings.views},
                 "device": device, "stages": stages + [{"stage": "report", "seconds": float("nan"),
-                                                       "note": "this file"}],
+                                                       "note": "these files"}],
                 "run": {"steps": run["steps"], "batch_size": settings.batch_size, "lr": settings.lr,
                         "final": rows[-1], "dir": str(run_dir)},
                 "cka": meas["cka"], "throughput": meas["throughput"], "sizes": meas["sizes"],
                 "panels": panels, "reused": list(reused)}
-        report.write_markdown(report_dir / "README.md", info)
-        return f"{report_dir / 'README.md'} ({len(panels)} panels; stages before this one " \
+        md, page = report.write_report(report_dir, info)
+        return f"{md} and {page.name} ({len(panels)} panels; stages before this one " \
                f"{sum(s['seconds'] for s in stages):.1f} s)"
-    stage("report", write_report)
-    return {"report": report_dir / "README.md", "stages": stages, "reused": reused, "cka": meas["cka"],
-            "throughput": meas["throughput"], "sizes": meas["sizes"], "run_dir": run_dir,
+    stage("report", make_report)
+    return {"report": report_dir / "README.md", "html": report_dir / "report.html", "stages": stages,
+            "reused": reused, "cka": meas["cka"], "throughput": meas["throughput"], "sizes": meas["sizes"], "run_dir": run_dir,
             "teacher_rate": rate.get("images_per_second")}

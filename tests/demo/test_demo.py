@@ -1,6 +1,9 @@
 """The demo and its report: CKA detects distillation, gate maps are the objective's weights,
 `inspect --run` draws them, and a second demo run reuses everything the first made."""
+import base64
+import io
 import os
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -106,6 +109,47 @@ def _mtimes(root):
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "report" not in p.parts}
 
 
+class _Refs(HTMLParser):
+    """Every attribute that can point outside the page, the images, and the text."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.images, self.text = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.images += tag == "img"
+        self.refs += [(tag, k, v or "") for k, v in attrs if k in ("src", "href", "srcset", "action", "data", "poster")]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _assert_self_contained(page, *, images, text):
+    source = page.read_text()
+    parser = _Refs()
+    parser.feed(source)
+    assert parser.images == images and len(parser.refs) == images, parser.refs
+    for tag, key, value in parser.refs:              # figures are data: URIs, nothing is a file or a server
+        assert tag == "img" and key == "src" and value.startswith("data:image/png;base64,"), (tag, key, value[:60])
+        assert Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1]))).width > 100
+    assert "http://" not in source and "https://" not in source and "url(" not in source and "@import" not in source
+    assert all(t in "".join(parser.text) for t in text)
+
+
+def test_html_report_embeds_its_figures_and_refuses_what_it_cannot_embed(tmp_path):
+    from demo.report import to_html, to_markdown
+    Image.new("RGB", (120, 40), (200, 10, 10)).save(tmp_path / "f.png")
+    blocks = [("h1", "T"), ("p", "a **b** `c<d>`"), ("table", ["x", "y"], [["1", "2"]], None), ("img", "fig", "f.png"),
+              ("ul", ["one"])]
+    (tmp_path / "r.html").write_text(to_html(blocks, tmp_path))
+    _assert_self_contained(tmp_path / "r.html", images=1, text=("T", "c<d>", "one"))
+    assert "<strong>b</strong>" in (tmp_path / "r.html").read_text()
+    assert "![fig](f.png)" in to_markdown(blocks) and "| x | y |" in to_markdown(blocks)
+    (tmp_path / "f.svg").write_text("<svg/>")
+    with pytest.raises(ValueError, match="f.svg"):
+        to_html([("img", "fig", "f.svg")], tmp_path)
+
+
 def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a_killed_run(tmp_path):
     out = tmp_path / "demo"
     lines = []
@@ -118,6 +162,7 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
     for png in ("losses.png", "gates.png"):
         assert Image.open(out / "report" / png).width > 300
     assert len(list((out / "report").glob("panel_*.png"))) == 2
+    _assert_self_contained(first["html"], images=4, text=("UNTRAINED", "linear CKA", "Store size per codec"))
     before = _mtimes(out)
 
     lines.clear()
@@ -130,6 +175,7 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
     assert second["cka"] == first["cka"]
     readme = second["report"].read_text()
     assert "Reused from an earlier run" in readme and "| first run (s) | this run (s) |" in readme
+    _assert_self_contained(second["html"], images=4, text=("Reused from an earlier run", "first run (s)"))
 
     with pytest.raises(DemoError, match=r"steps: .* has 4, now 5"):
         run_demo(out=out, settings=_tiny_settings(steps=5), progress=False, echo=lines.append)
