@@ -131,10 +131,10 @@ class DataConfig:
     preallocate_width_hint: int = 0     # DALI on a GPU: hardware decoder buffers for images of
     preallocate_height_hint: int = 0    # this size (0: no hint)
     shuffle_window: int = 4             # samples are shuffled within this many shards of a stream
-    streams: int | str = "auto"         # independent shard streams (train/loader.py), fixed so
+    streams: int | str = "auto"         # independent shard streams (train/order.py), fixed so
                                         # batches do not depend on the world size; "auto": the most
                                         # of 8, 4, 2, 1 that suit the data and the global batch
-                                        # (train/loader.py: auto_streams)
+                                        # (train/order.py: auto_streams)
 
 
 @dataclass

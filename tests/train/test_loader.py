@@ -1,5 +1,6 @@
-"""train/loader.py: the order of the global batches (no model), ``auto`` streams and views,
-and the store checks of the cached path."""
+"""train/loader.py: Plan's global batches (the order of train/order.py joined to the data; no
+model), ``auto`` streams and views, and the store checks of the cached path. The order alone
+and ``auto_streams``: tests/train/test_order.py."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ import pytest
 from store.features import FeatureStore, StoreError
 from store.shards import ImageSet
 from train.config import load_config
-from train.loader import CachedSource, Plan, auto_streams, resolve_data
+from train.loader import CachedSource, Plan, resolve_data
 
 
 def _data(counts):
@@ -46,23 +47,6 @@ def test_every_world_size_sees_the_same_global_batches_with_fewer_or_more_stream
 def test_a_world_size_that_neither_divides_nor_is_divided_by_the_streams_is_refused():
     with pytest.raises(ValueError, match="data.streams=2 and the world size 3"):
         Plan(_data([16] * 8), seed=0, views=2, batch_size=12, world=3, streams=2)
-
-
-@pytest.mark.parametrize("counts, batch, expected", [
-    ([256] * 5004 + [143], 4096, 8),   # ImageNet-1k train: 1,281,167 images
-    ([41], 8, 1),                      # a few dozen photos in one shard
-    ([5, 5, 3], 4, 2),                 # the session's 13 photos in shards of 5
-    ([256] * 3 + [232], 256, 1),       # 1000 images: 2 streams would train on 2 of 3 steps
-    ([256] * 39 + [16], 256, 4),       # 10000 images: 4 streams keep 36 of 39 steps, 8 only 32
-    ([256] * 39 + [16], 90, 2),        # a batch that 4 and 8 streams do not divide
-])
-def test_auto_streams_takes_the_most_streams_that_keep_nine_tenths_of_an_epoch(counts, batch, expected):
-    assert auto_streams([[0, c] for c in counts], global_batch=batch) == expected
-
-
-def test_auto_streams_refuses_a_set_smaller_than_one_batch():
-    with pytest.raises(ValueError, match="1 image shards of 6 are too few for a global batch of 8"):
-        auto_streams([[0, 6]], global_batch=8)
 
 
 def test_auto_views_come_from_the_store_and_a_disagreeing_value_is_refused_in_one_line(prepared_data,

@@ -159,3 +159,20 @@ def test_a_stream_reads_its_shards_whole_and_in_sequence():
         assert all(j == 1 for j, _ in touched)
         assert touched[0][1] >= last and [w for _, w in touched] == sorted(w for _, w in touched)
         last = touched[-1][1]
+
+
+@pytest.mark.parametrize("counts, batch, expected", [
+    ([256] * 5004 + [143], 4096, 8),   # ImageNet-1k train: 1,281,167 images
+    ([41], 8, 1),                      # a few dozen photos in one shard
+    ([5, 5, 3], 4, 2),                 # the session's 13 photos in shards of 5
+    ([256] * 3 + [232], 256, 1),       # 1000 images: 2 streams would train on 2 of 3 steps
+    ([256] * 39 + [16], 256, 4),       # 10000 images: 4 streams keep 36 of 39 steps, 8 only 32
+    ([256] * 39 + [16], 90, 2),        # a batch that 4 and 8 streams do not divide
+])
+def test_auto_streams_takes_the_most_streams_that_keep_nine_tenths_of_an_epoch(counts, batch, expected):
+    assert auto_streams([[0, c] for c in counts], global_batch=batch) == expected
+
+
+def test_auto_streams_refuses_a_set_smaller_than_one_batch():
+    with pytest.raises(ValueError, match="1 image shards of 6 are too few for a global batch of 8"):
+        auto_streams([[0, 6]], global_batch=8)
