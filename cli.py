@@ -126,7 +126,7 @@ def _device(device: str) -> str:
               help="Untrained teacher (tests, demos); the store records that it is untrained.")
 @click.option("--views", type=int, default=4, help="Cached views per image (V).")
 @click.option("--seed", type=int, default=0, help="Root seed of crops and masks.")
-@click.option("--codec", type=click.Choice(["fp16", "int8", "pca"]), default="fp16",
+@click.option("--codec", type=click.Choice(["fp16", "int8", "pca", "adapter"]), default="fp16",
               help="How tokens are stored (docs/format.md).")
 @click.option("--pca-dim", type=int, default=256, help="Principal components kept by --codec pca.")
 @click.option("--batch-size", type=int, default=64, help="Images per teacher forward.")

@@ -173,9 +173,9 @@ def codec_sizes(store: Path, *, teachers, num_images: int, views: int, samples: 
         n = min(samples, fs.num_samples)
         stored = ts.read_samples(0, np.arange(n))
         tok = ts.decode({k: stored[k] for k in ts.payload_keys}).float()                    # (n, T, 768)
-        pca = {"mean": ts.stats["mean"], "basis": ts.stats["components"][:codecs.PCA_DIM]}
         measured = n
         for c, row in rows.items():
+            pca = codecs.statistics(c, ts.stats)
             arrays = codecs.encode(c, tok, pca=pca)
             packed = sum(len(zstd.encode(np.ascontiguousarray(a))) for a in arrays.values())
             meta = bytes_per_sample(c, ts.n_visible) - sum(a[0].nbytes for a in arrays.values())

@@ -43,11 +43,13 @@ def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views:
     it = extractor.batches(index, slot=0)
     _, tok = next(it)                                   # warm-up: compile, allocate, first decode
     pca = None
-    if codec == "pca":                                  # a basis from the warm-up batch, on the host
+    if codec in codecs.NEEDS_STATS:                     # a basis from the warm-up batch, on the host
         x = tok.reshape(-1, tok.shape[-1]).double().cpu()
         mean = x.mean(0)
-        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        pca = {"mean": mean.float().numpy(), "basis": vt[:pca_dim].float().numpy()}
+        _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
+        dim = codecs.stored_dim(codec, pca_dim)
+        pca = {"mean": mean.float().numpy(), "basis": vt[:dim].float().numpy(),
+               "sqrt_eig": (sv[:dim] / max(len(x) - 1, 1) ** 0.5).clamp_min(1e-6).float().numpy()}
     t0, n = time.perf_counter(), 0
     for vb, tok in it:
         codecs.encode(codec, tok, pca=pca)              # ends with the copy to the host (a sync)

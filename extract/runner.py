@@ -55,7 +55,7 @@ def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str) -> dict
     return dict(teacher=teacher.name, source=str(teacher.source), checkpoint_digest=teacher.digest,
                 untrained=bool(teacher.untrained), mask_ratio=ratio, n_visible=V.num_visible(ratio),
                 resolution=224, patch_size=16, embed_dim=768, codec=codec,
-                pca_dim=int(pca_dim) if codec == "pca" else 0, precision=precision)
+                pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision)
 
 
 class Extractor:
@@ -237,10 +237,10 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
                             codec=codec, pca_dim=pca_dim, precision=precision)
     ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,
                    decoder=decoder, num_threads=num_threads, decoder_settings=decoder_settings)
-    # The statistics (docs/format.md): the pca codec encodes with their basis, so they come
-    # first, from a teacher pass over the sample; fp16 and int8 take them from the stored
-    # slot-0 tokens once those blocks exist (no second teacher pass).
-    stats_first = codec == "pca"
+    # The statistics (docs/format.md): the pca and adapter codecs encode with their basis, so
+    # they come first, from a teacher pass over the sample; fp16 and int8 take them from the
+    # stored slot-0 tokens once those blocks exist (no second teacher pass).
+    stats_first = codec in codecs.NEEDS_STATS
     stats_how = "already in the store" if ts.has_stats else None
     if stats_first and stats_how is None:
         if dist.rank() == 0:

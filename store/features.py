@@ -288,10 +288,10 @@ class TeacherStore:
 
     @property
     def pca(self) -> dict | None:
-        if self.codec != "pca":
+        """What the ``pca`` and ``adapter`` codecs encode with (store/codecs.py), else None."""
+        if self.codec not in codecs.NEEDS_STATS:
             return None
-        st = self.stats
-        return {"mean": st["mean"], "basis": st["components"][: int(self.config["pca_dim"])]}
+        return codecs.statistics(self.codec, self.stats, pca_dim=int(self.config["pca_dim"]))
 
     # -- writing ----------------------------------------------------------------------
     def _rows(self, shard: int) -> slice:

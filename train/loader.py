@@ -23,6 +23,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from store import codecs
 from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
 from store.prefetch import DeviceCopier, Prefetch
@@ -233,6 +234,20 @@ def _check_mask_ratio(ts) -> None:
         raise StoreError(f"{ts.path}: config mask_ratio={stored[0]} (n_visible {stored[1]}) but this run "
                          f"masks teacher {ts.name} at {ratio} (n_visible {V.num_visible(ratio)}, "
                          "store/views.py MASK_RATIOS); extract a new store")
+
+
+def check_codec(ts, *, trainable: bool, width: int) -> None:
+    """The store's codec must hold what the adapters read (store/codecs.py): a trainable
+    adapter learns from the full 768-wide tokens, a frozen one from the top ``width``
+    principal coefficients; else StoreError, one line."""
+    dim = int(ts.config.get("pca_dim") or 0) if ts.codec not in codecs.FULL_TOKENS else 0
+    if trainable and ts.codec not in codecs.FULL_TOKENS:
+        raise StoreError(f"{ts.path}: codec {ts.codec} keeps only {dim} principal coefficients per token, "
+                         f"but adapters.mode=trainable learns from the full tokens; use adapters.mode=frozen "
+                         f"or a store extracted with --codec {' or '.join(codecs.FULL_TOKENS)}")
+    if dim and dim < width:
+        raise StoreError(f"{ts.path}: codec {ts.codec} keeps {dim} principal coefficients per token, fewer "
+                         f"than the adapters' width {width} (model.embed_dim); extract with more")
 
 
 class OnlineSource(_Source):

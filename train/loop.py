@@ -25,7 +25,7 @@ from store.errors import ExpectedError
 from store.progress import progress_bar
 from train.config import Config
 from train.flops import step_flops_per_image
-from train.loader import CachedSource, Plan, resolve_data
+from train.loader import CachedSource, Plan, check_codec, resolve_data
 from train.objective import build_objective
 
 
@@ -171,6 +171,8 @@ def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = 
             raise ValueError("data.source=cached reads the teacher tokens from a store: give --store "
                              "(data.store), or train online (data.source=online-fresh)")
         cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers, **kw)
+        for ts in cached.stores.values():
+            check_codec(ts, trainable=cfg.adapters.mode == "trainable", width=cfg.model.embed_dim)
         return cached, _teacher_stats(cached.stores)
     from train.online import build_online_source
     return build_online_source(cfg, plan, fresh=(source == "online-fresh"), run_dir=run_dir, prebuilt=teachers,
