@@ -1,6 +1,6 @@
 """Training plumbing shared by the dense evaluations (detection, segmentation).
 
-Optimizer groups with layer-wise lr decay, a sample order keyed by (seed, epoch), loaders
+Optimizer groups with layer-wise lr decay (timm's param_groups_layer_decay), a sample order keyed by (seed, epoch), loaders
 that leave the global RNG alone (model init and each training step run inside
 ``eval.data.seeded_rngs`` keyed by (seed, step), so dropout, drop path and torchvision's
 RoI sampling are keyed too),
@@ -10,6 +10,7 @@ and a non-finite-loss stop that names the step.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,45 +21,46 @@ from torch import nn
 from eval.common import check_resume_settings, save_atomic
 
 
-def _vit_layer(name: str, depth: int) -> int:
-    """Layer index of a ViT parameter for layer-wise lr decay: 0 embeddings, i+1 block i, depth+1 after."""
-    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
 def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float,
                  vit_prefix: str = "backbone.vit.") -> list[dict]:
-    """AdamW parameter groups with layer-wise lr decay (BEiT/MAE/ViTDet recipe).
+    """AdamW parameter groups with layer-wise lr decay (BEiT/MAE/ViTDet recipe), by timm's
+    ``param_groups_layer_decay`` as ``eval/finetune.py`` uses it.
 
-    Parameters under ``vit_prefix`` get ``lr_scale = layer_decay ** (depth + 1 - layer)``
-    (embeddings most decayed, the last block ``layer_decay ** 1``); everything else
-    (pyramid, heads, the ViT's final norm) has scale 1. Biases, norm weights (any 1-D
-    tensor) and position/class tokens get no weight decay. Each group carries
-    ``lr_scale``; ``set_lr`` sets ``lr = base_lr * lr_scale``.
+    The ViT under ``vit_prefix`` is grouped by its own ``group_matcher``: embeddings are
+    layer 0, block i is layer i + 1 (the final norm goes with the last block); every other
+    parameter (pyramid, heads) is the top layer. ``lr_scale = layer_decay ** (top - layer)``:
+    embeddings ``layer_decay ** (depth + 1)``, the last block ``layer_decay``, heads 1. No
+    weight decay on 1-D tensors and the ViT's ``no_weight_decay()`` tokens. ``set_lr`` sets
+    ``lr = base_lr * lr_scale``.
     """
-    vit_depth = None
-    for name, module in model.named_modules():
-        if name + "." == vit_prefix:
-            vit_depth = len(module.blocks)
-    if vit_depth is None:
+    from timm.optim import param_groups_layer_decay
+
+    try:
+        vit = model.get_submodule(vit_prefix.rstrip("."))
+    except AttributeError:
+        vit = None
+    if vit is None or not hasattr(vit, "group_matcher"):
         raise ValueError(f"param_groups: no ViT found at prefix {vit_prefix!r}")
-    groups: dict[tuple[float, float], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith(vit_prefix):
-            sub = name[len(vit_prefix):]
-            scale = layer_decay ** (vit_depth + 1 - _vit_layer(sub, vit_depth))
-            no_decay = param.ndim <= 1 or sub.startswith(("cls_token", "reg_token", "pos_embed"))
-        else:
-            scale, no_decay = 1.0, param.ndim <= 1
-        decay = 0.0 if no_decay else weight_decay
-        group = groups.setdefault((scale, decay), {"params": [], "lr_scale": scale, "weight_decay": decay})
-        group["params"].append(param)
-    return list(groups.values())
+    return param_groups_layer_decay(_PrefixedGroups(model, vit, vit_prefix), weight_decay=weight_decay,
+                                    layer_decay=layer_decay,
+                                    no_weight_decay_list=[vit_prefix + n for n in vit.no_weight_decay()])
+
+
+class _PrefixedGroups:
+    """``model`` as timm's layer-decay grouping sees it: its parameters, and the group matcher
+    of its ViT with every pattern moved under ``prefix`` (unmatched names form the top layer)."""
+
+    def __init__(self, model: nn.Module, vit: nn.Module, prefix: str):
+        self.model = model
+        under = lambda pattern: "^" + re.escape(prefix) + "(?:" + pattern.lstrip("^") + ")"  # noqa: E731
+        self.matcher = {group: under(spec) if isinstance(spec, str) else [(under(p), s) for p, s in spec]
+                        for group, spec in vit.group_matcher(coarse=False).items() if spec is not None}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return self.matcher
+
+    def named_parameters(self, *args, **kwargs):
+        return self.model.named_parameters(*args, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -84,6 +86,23 @@ def ordered_loader(dataset: torch.utils.data.Dataset, *, order: list[int], batch
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
                                        collate_fn=collate_fn, drop_last=drop_last, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(0))
+
+
+def open_run_dir(run_dir: Path, *, resume: bool) -> Path:
+    """Create ``run_dir`` for a new run, or check that it holds one to resume; returns its checkpoint path.
+
+    A new run refuses a folder that already holds a run (its checkpoint or log) and ``resume``
+    refuses a folder without a checkpoint: both raise naming the folder, nothing is overwritten.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoint.pt"
+    if resume and not checkpoint.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint.pt to resume from")
+    if not resume and (checkpoint.exists() or (run_dir / "log.jsonl").exists()):
+        raise FileExistsError(f"{run_dir} holds a run already: pass --resume to continue it or choose "
+                              f"another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Mapping[str, int],

@@ -25,8 +25,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
 from eval.data import derive_seed, seeded_rngs
-from eval.dense_train import (check_finite, epoch_order, load_checkpoint, ordered_loader, param_groups,
-                              save_checkpoint, set_lr, warmup_factor)
+from eval.dense_train import (check_finite, epoch_order, load_checkpoint, open_run_dir, ordered_loader,
+                              param_groups, save_checkpoint, set_lr, warmup_factor)
 from eval.pyramid import SimpleFeaturePyramid
 from store.decode import MEAN, STD
 from store.progress import progress_bar
@@ -164,7 +164,7 @@ def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], 
 
     dev = resolve_device(device)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_file = open_run_dir(run_dir, resume=resume)
     train_set = CocoInstances(data, "train", train=True, image_size=image_size, seed=seed, max_images=max_images,
                               scale_range=tuple(scale_range))
     val_set = CocoInstances(data, "val", train=False, image_size=image_size, max_images=max_images)
@@ -187,13 +187,10 @@ def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], 
     }
     optimizer = torch.optim.AdamW(param_groups(net, weight_decay=weight_decay, layer_decay=layer_decay), lr=lr,
                                   betas=(0.9, 0.999))
-    checkpoint_file = run_dir / "checkpoint.pt"
     start_epoch = 0
-    if resume and checkpoint_file.is_file():
+    if resume:
         start_epoch = load_checkpoint(checkpoint_file, model=net, optimizer=optimizer, settings=settings)["epoch"]
         print(f"resumed from {checkpoint_file} after epoch {start_epoch}")
-    elif (run_dir / "log.jsonl").exists():  # a fresh run: the log starts over
-        (run_dir / "log.jsonl").unlink()
     _train(model=net, optimizer=optimizer, dataset=train_set, run_dir=run_dir, start_epoch=start_epoch,
            epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, workers=num_workers, device=dev,
            settings=settings)

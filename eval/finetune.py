@@ -92,6 +92,13 @@ def run_finetune(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], t
     from eval.data import (CROP_PCT, EvalImages, derive_seed, eval_transform,
                            finetune_transform, make_loader, seeded_rngs)
 
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if resume and not last.exists():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no last.pt to resume from")
+    if not resume and last.exists():
+        raise FileExistsError(f"{last} exists: pass --resume to continue that run or choose "
+                              f"another --run-dir")
     dev = resolve_device(device)
     if batch_size % accum_iter:
         raise ValueError(f"fine-tune: --batch-size {batch_size} is not a multiple of "
@@ -143,20 +150,13 @@ def run_finetune(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], t
     else:
         criterion = nn.CrossEntropyLoss()
 
-    run_dir = Path(run_dir)
-    last = run_dir / "last.pt"
     start, history = 0, []
     if resume:
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: no {last} to resume from")
         state = torch.load(last, map_location=dev, weights_only=True)
         check_resume_settings(json.loads(state["settings"]), settings, where=last)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), json.loads(state["history"])
-    elif last.exists():
-        raise FileExistsError(f"{last} exists: pass --resume to continue that run or choose "
-                              f"another --run-dir")
 
     val_loader = make_loader(val_set, batch_size=micro, shuffle=False, num_workers=num_workers,
                              pin_memory=dev.type == "cuda")

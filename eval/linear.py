@@ -149,6 +149,13 @@ def run_linear(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], tra
     from eval.data import CROP_PCT, EvalImages, eval_transform, probe_train_transform
     from eval.knn import topk_accuracy
 
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if resume and not last.exists():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no last.pt to resume from")
+    if not resume and last.exists():
+        raise FileExistsError(f"{last} exists: pass --resume to continue that run or choose "
+                              f"another --run-dir")
     dev = resolve_device(device)
     backbone = load_backbone(checkpoint, model=model, **timm_kwargs).to(dev).eval()
     backbone.requires_grad_(False)
@@ -187,20 +194,13 @@ def run_linear(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], tra
     else:
         raise ValueError(f"linear probe: unknown optimizer {optimizer!r} (lars or sgd)")
 
-    run_dir = Path(run_dir)
-    last = run_dir / "last.pt"
     start, history = 0, []
     if resume:
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: no {last} to resume from")
         state = torch.load(last, map_location=dev, weights_only=True)
         check_resume_settings(json.loads(state["settings"]), settings, where=last)
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), json.loads(state["history"])
-    elif last.exists():
-        raise FileExistsError(f"{last} exists: pass --resume to continue that run or choose "
-                              f"another --run-dir")
 
     val_f, val_l = _feature_table(backbone, val_set, device=dev, batch_size=micro_batch,
                                   num_workers=num_workers, desc="val features")

@@ -28,8 +28,8 @@ from torch import nn
 
 from eval.ade import IGNORE, AdeSegmentation
 from eval.data import derive_seed, seeded_rngs
-from eval.dense_train import (check_finite, epoch_order, load_checkpoint, ordered_loader, param_groups,
-                              save_checkpoint, set_lr, warmup_factor)
+from eval.dense_train import (check_finite, epoch_order, load_checkpoint, open_run_dir, ordered_loader,
+                              param_groups, save_checkpoint, set_lr, warmup_factor)
 from eval.pyramid import SimpleFeaturePyramid
 from eval.upernet import FCNHead, UperHead
 from store.progress import progress_bar
@@ -157,7 +157,7 @@ def run_segmentation(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any
         raise ValueError(f"segmentation crop size must be a multiple of 32, got {image_size}")
     dev = resolve_device(device)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_file = open_run_dir(run_dir, resume=resume)
     train_set = AdeSegmentation(data, "training", train=True, image_size=image_size, num_classes=num_classes,
                                 seed=seed, max_images=max_images)
     val_set = AdeSegmentation(data, "validation", train=False, image_size=image_size, num_classes=num_classes,
@@ -180,13 +180,10 @@ def run_segmentation(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any
     }
     optimizer = torch.optim.AdamW(param_groups(net, weight_decay=weight_decay, layer_decay=layer_decay), lr=lr,
                                   betas=(0.9, 0.999))
-    checkpoint_file = run_dir / "checkpoint.pt"
     start = 0
-    if resume and checkpoint_file.is_file():
+    if resume:
         start = load_checkpoint(checkpoint_file, model=net, optimizer=optimizer, settings=settings)["iter"]
         print(f"resumed from {checkpoint_file} after iteration {start}")
-    elif (run_dir / "log.jsonl").exists():  # a fresh run: the log starts over
-        (run_dir / "log.jsonl").unlink()
     _train(model=net, optimizer=optimizer, dataset=train_set, run_dir=run_dir, start=start, iters=iters,
            batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, workers=num_workers, device=dev,
            settings=settings, checkpoint_every=checkpoint_every)

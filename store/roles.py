@@ -10,7 +10,7 @@ when this module is imported.
          sample, keyed by (seed, index) -- store/views.py; stored in every feature store;
   11-12  shard order and sample order of an epoch, keyed by (seed, epoch) -- train/order.py;
          not stored (a run's checkpoint records seed and step);
-  21     packing order of ``prepare``, keyed by (seed, listing position) -- store/shards.py;
+  21     packing order of ``prepare``, keyed by (seed, listing position) -- store/pack.py;
          stored: it fixes which image every sample index of a prepared set is;
   31-33  fresh views (online-fresh training): crop, flip and teacher mask, keyed by
          (seed, index, epoch) -- store/views.py; not stored. Until issue 12 these were 21-23,

@@ -151,3 +151,22 @@ def test_a_bug_keeps_its_traceback(monkeypatch, prepared_data, tmp_path):
     monkeypatch.setattr(extract.verify, "verify_store", broken)
     r = CliRunner().invoke(main, ["verify", str(tmp_path), "--data", str(prepared_data)])
     assert isinstance(r.exception, KeyError)
+
+
+@pytest.mark.parametrize("protocol", ["detection", "segmentation"])
+def test_dense_eval_into_an_existing_run_without_resume_is_refused_naming_it(protocol, photo_tree, junk, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"a run's checkpoint")
+    line = one_error(["eval", protocol, photo_tree, "--checkpoint", junk, "--device", "cpu", "--workers", 0,
+                      "--out", tmp_path / "result.json", "--run-dir", run], run, "--resume")
+    assert "holds a run already" in line
+    assert (run / "checkpoint.pt").read_bytes() == b"a run's checkpoint"      # nothing overwritten
+
+
+@pytest.mark.parametrize("protocol", ["linear", "finetune", "detection", "segmentation"])
+def test_eval_resume_with_nothing_to_resume_is_an_error_naming_the_folder(protocol, photo_tree, junk, tmp_path):
+    data = [photo_tree] if protocol in ("detection", "segmentation") else ["--train", photo_tree, "--val", photo_tree]
+    run = tmp_path / "nothing"
+    one_error(["eval", protocol, *data, "--checkpoint", junk, "--device", "cpu", "--workers", 0,
+               "--out", tmp_path / "result.json", "--run-dir", run, "--resume"], run, "--resume")
