@@ -13,19 +13,18 @@ when it parses as the field's type). Derived values (the scaled learning rate) a
 computed once by :meth:`Config.derived` and written into the resolved YAML dump under
 ``derived:``; loading a dump checks that they still agree with their inputs.
 
+The machinery (strict merging, coercion, YAML, the derived-value check) is generic and
+lives in ``core/config.py``; this module holds the training sections and their checks.
 Only builders read this object (``train/objective.py: build_objective``); modules
 take explicit keyword arguments.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-import yaml
+from core import config as typed
 
 TEACHER_NAMES = ("mae", "mocov3", "ibot", "dino")
 
@@ -170,7 +169,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class Config:
+class Config(typed.TypedConfig):
     """The whole run. Sections are dataclasses; see the module docstring."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,68 +182,32 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    derived_inputs: ClassVar[Sequence[str]] = ("optim.base_lr", "train.batch_size")
+
     # ---- derived values ---------------------------------------------------------
     def derived(self) -> dict[str, Any]:
         """Values computed from the config, once: ``lr`` (peak learning rate)."""
         return {"lr": self.optim.base_lr * self.train.batch_size / self.optim.lr_reference_batch}
 
-    # ---- serialisation ----------------------------------------------------------
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain nested dict of YAML-safe values (tuples become lists)."""
-        out: dict[str, dict[str, Any]] = {}
-        for sec in dataclasses.fields(self):
-            values = {}
-            for f in dataclasses.fields(getattr(self, sec.name)):
-                v = getattr(getattr(self, sec.name), f.name)
-                values[f.name] = list(v) if isinstance(v, tuple) else v
-            out[sec.name] = values
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
-        """Build from a (possibly partial) nested dict over the defaults; strict."""
-        return merge_dict(cls(), data)
-
-    def to_yaml(self) -> str:
-        """The resolved config as YAML, with a ``derived:`` section for the record."""
-        doc = self.to_dict()
-        doc["derived"] = self.derived()
-        return yaml.safe_dump(doc, sort_keys=False)
-
-    def save(self, path: str | Path) -> None:
-        """Write :meth:`to_yaml` to ``path``."""
-        Path(path).write_text(self.to_yaml())
-
     def validate(self) -> "Config":
         """Check choices and ranges; raises ValueError naming the key. Returns self."""
-        for key, allowed in CHOICES.items():
-            sec, name = key.split(".")
-            value = getattr(getattr(self, sec), name)
-            if value not in allowed:
-                raise ValueError(f"config {key}={value!r} is not one of {list(allowed)}")
-        positive = ["model.embed_dim", "model.depth", "model.num_heads", "decoder.width",
-                    "decoder.depth", "decoder.num_heads", "adapters.in_dim", "gate.tau",
-                    "loss.tau", "loss.tau_spatial", "optim.base_lr", "optim.lr_reference_batch",
-                    "schedule.epochs", "data.student_visible",
-                    "train.batch_size", "train.log_every", "train.ckpt_every",
-                    "data.shuffle_window", "data.stats_images", "data.random_teacher_depth"]
-        for key in positive:
-            sec, name = key.split(".")
-            if not getattr(getattr(self, sec), name) > 0:
-                raise ValueError(f"config {key}={getattr(getattr(self, sec), name)!r} must be > 0")
+        typed.check_choices(self, CHOICES)
+        typed.check_positive(self, [
+            "model.embed_dim", "model.depth", "model.num_heads", "decoder.width",
+            "decoder.depth", "decoder.num_heads", "adapters.in_dim", "gate.tau",
+            "loss.tau", "loss.tau_spatial", "optim.base_lr", "optim.lr_reference_batch",
+            "schedule.epochs", "data.student_visible",
+            "train.batch_size", "train.log_every", "train.ckpt_every",
+            "data.shuffle_window", "data.stats_images", "data.random_teacher_depth"])
         for key in AUTO_KEYS:
-            sec, name = key.split(".")
-            value = getattr(getattr(self, sec), name)
+            value = typed.get(self, key)
             if value != AUTO and not (isinstance(value, int) and value > 0):
                 raise ValueError(f"config {key}={value!r} must be {AUTO!r} or an integer > 0")
-        nonneg = ["model.drop_path", "loss.spatial_weight", "loss.recon_weight", "optim.eps",
-                  "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
-                  "data.seed", "data.num_workers", "train.clip_grad", "data.preallocate_width_hint",
-                  "data.preallocate_height_hint"]
-        for key in nonneg:
-            sec, name = key.split(".")
-            if getattr(getattr(self, sec), name) < 0:
-                raise ValueError(f"config {key}={getattr(getattr(self, sec), name)!r} must be >= 0")
+        typed.check_nonneg(self, [
+            "model.drop_path", "loss.spatial_weight", "loss.recon_weight", "optim.eps",
+            "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
+            "data.seed", "data.num_workers", "train.clip_grad", "data.preallocate_width_hint",
+            "data.preallocate_height_hint"])
         if not 0 <= self.data.hw_decoder_load <= 1:
             raise ValueError(f"config data.hw_decoder_load={self.data.hw_decoder_load!r} must be in [0, 1]")
         if self.model.embed_dim % self.model.num_heads:
@@ -273,48 +236,19 @@ class Config:
         return self
 
 
+
 # ---- loading and overriding ---------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides.
 
     Raises FileNotFoundError naming a missing file and ValueError naming a bad key/value.
     """
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
-        if data is not None:
-            if not isinstance(data, Mapping):
-                raise ValueError(f"config file {path} must hold a mapping of sections, "
-                                 f"got {type(data).__name__}")
-            try:
-                cfg = merge_dict(cfg, data)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from e
-    return apply_overrides(cfg, overrides)
+    return typed.load_config(Config(), path, overrides)
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """Apply dotted ``section.key=value`` strings (value parsed as YAML, then type-checked)."""
-    nested: dict[str, dict[str, Any]] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or key.count(".") != 1:
-            raise ValueError(f"override {item!r} must look like section.key=value "
-                             f"(sections: {_names(Config)})")
-        sec, name = key.split(".")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        nested.setdefault(sec, {})[name] = _FromString(raw, value)
-    return merge_dict(cfg, nested)
+    return typed.apply_overrides(cfg, overrides)
 
 
 def merge_dict(cfg: Config, data: Mapping[str, Any]) -> Config:
@@ -323,108 +257,4 @@ def merge_dict(cfg: Config, data: Mapping[str, Any]) -> Config:
     A ``derived`` section is accepted only if it equals what the result derives (so a
     resolved dump loads back, but editing a derived value is refused).
     """
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config must be a mapping of sections, got {type(data).__name__}")
-    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    new_sections = {}
-    derived = None
-    for sec, values in data.items():
-        if sec == "derived":
-            derived = values
-            continue
-        if sec not in sections:
-            raise ValueError(f"unknown config section {sec!r}; valid sections: {_names(Config)}")
-        if not isinstance(values, Mapping):
-            raise ValueError(f"config section {sec!r} must be a mapping, got {values!r}")
-        section = new_sections.get(sec, sections[sec])
-        hints = typing.get_type_hints(type(section))
-        changes = {}
-        for name, value in values.items():
-            if name not in hints:
-                raise ValueError(f"unknown config key {sec}.{name}; valid keys in {sec!r}: "
-                                 f"{_names(type(section))}")
-            changes[name] = _coerce(value, hints[name], f"{sec}.{name}")
-        new_sections[sec] = dataclasses.replace(section, **changes)
-    out = dataclasses.replace(cfg, **new_sections).validate()
-    if derived is not None:
-        expected = out.derived()
-        if not isinstance(derived, Mapping) or set(derived) != set(expected) or any(
-                abs(float(derived[k]) - expected[k]) > 1e-12 * max(1.0, abs(expected[k]))
-                for k in expected):
-            raise ValueError(f"config derived={dict(derived) if isinstance(derived, Mapping) else derived!r} "
-                             f"disagrees with the values computed from the config {expected}; "
-                             "derived values are computed (change optim.base_lr or "
-                             "train.batch_size instead)")
-    return out
-
-
-class _FromString:
-    """A value that came from the command line: its raw text and its YAML parse."""
-
-    def __init__(self, raw: str, parsed: Any):
-        self.raw, self.parsed = raw, parsed
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the field type ``tp``; convert command-line strings."""
-    raw = None
-    if isinstance(value, _FromString):
-        raw, value = value.raw.strip(), value.parsed
-
-    def bad():
-        shown = raw if raw is not None else repr(value)
-        return ValueError(f"config {key}={shown} is not a valid {_type_name(tp)}")
-
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):   # e.g. int | str: the first type that takes it
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(value if raw is None else _FromString(raw, value), arm, key)
-            except ValueError:
-                continue
-        raise bad()
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if raw is not None and isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",")]
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        if len(args) == 2 and args[1] is Ellipsis:
-            items = [_coerce(v, args[0], key) for v in value]
-        else:
-            if len(value) != len(args):
-                raise bad()
-            items = [_coerce(v, a, key) for v, a in zip(value, args)]
-        return tuple(items)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if tp is str:
-        if raw is not None and not isinstance(value, str):
-            return raw  # command-line text that YAML read as a number etc.: keep it as typed
-        if isinstance(value, str):
-            return value
-        raise bad()
-    raise TypeError(f"config {key}: unsupported field type {tp!r}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp)
-
-
-def _names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+    return typed.merge_dict(cfg, data)

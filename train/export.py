@@ -7,6 +7,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from core.io import write_atomic
+from core.run import load_checkpoint
+from core.state import load_strict
+
 
 def student_state_dict(student) -> dict[str, torch.Tensor]:
     """timm ``vit_tiny_patch16_224`` keys. The classifier (``head``) was never trained: it is
@@ -45,11 +49,10 @@ def drop_placeholder_head(state: Mapping[str, torch.Tensor], net: nn.Module) -> 
 
 
 def export_student(student, out) -> Path:
-    from safetensors.torch import save_file
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(student_state_dict(student), str(out), metadata={"format": "pt", "arch": "vit_tiny_patch16_224"})
-    return out
+    """Write the student as a timm state dict (safetensors), atomically."""
+    from safetensors.torch import save
+    data = save(student_state_dict(student), metadata={"format": "pt", "arch": "vit_tiny_patch16_224"})
+    return write_atomic(out, data)
 
 
 def export_run(run_dir, out) -> Path:
@@ -60,8 +63,8 @@ def export_run(run_dir, out) -> Path:
     ck_path = run_dir / "last.pt"
     if not ck_path.exists():
         raise FileNotFoundError(f"{run_dir}: no checkpoint (last.pt) to export")
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(ck_path)
     cfg = Config.from_dict(ck["meta"]["config"])
     objective = build_objective(cfg, None)
-    objective.student_side().load_state_dict(ck["model"])
+    load_strict(objective.student_side(), ck["model"], what=f"checkpoint {ck_path}")
     return export_student(objective.student, out)

@@ -10,16 +10,15 @@ RUN/student.safetensors and the loss curves to RUN/loss.png.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from core.io import git_commit
+from core.optim import lr_schedule, param_groups
+from core.run import StepMetrics, first_non_finite, load_checkpoint, open_run, saved_config  # noqa: F401
+from core.state import load_strict
 from extract import dist
 from store.errors import ExpectedError
 from store.progress import progress_bar
@@ -35,40 +34,6 @@ class NonFiniteLoss(ExpectedError, RuntimeError):
 
 # Paths may move between a run and its resume; what they hold is checked by digests.
 _MOVABLE = {"data.images", "data.store", "train.out_dir"}
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def lr_schedule(*, total_steps: int, warmup_steps: int, peak: float, kind: str = "cosine",
-                min_lr: float = 0.0) -> np.ndarray:
-    """(total_steps,) float64 learning rate per step: linear warm-up, then cosine (or flat)."""
-    s = np.arange(total_steps, dtype=np.float64)
-    warm = peak * (s + 1) / max(1, warmup_steps)
-    if kind == "cosine":
-        t = (s - warmup_steps) / max(1, total_steps - warmup_steps)
-        after = min_lr + (peak - min_lr) * 0.5 * (1 + np.cos(math.pi * np.clip(t, 0, 1)))
-    else:
-        after = np.full_like(s, peak)
-    return np.where(s < warmup_steps, warm, after)
-
-
-def param_groups(module: torch.nn.Module, *, weight_decay: float, decay_1d: bool) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and embeddings unless ``decay_1d``."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if not decay_1d and (p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token"))):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: bool) -> dict:
@@ -132,23 +97,14 @@ def restore_rng(state: dict, device: str) -> None:
         torch.cuda.set_rng_state(cuda.cpu(), dev)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """RUN/last.pt onto the CPU: load_state_dict then copies weights and optimizer state
-    to where the parameters live, and the RNG states must stay CPU byte tensors."""
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def stop_if_non_finite(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) -> None:
     """Raise NonFiniteLoss naming the first bad step of any rank, on every rank alike.
 
     first_bad: () int64, this rank's first step with a non-finite loss, -1 if none. With
     several ranks, all agree (all-reduce MIN over the bad steps) before anyone raises, so
     no rank is left waiting in a collective. A host sync: call at logging intervals."""
-    bad = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, torch.iinfo(torch.int64).max))
-    if world > 1:
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-    step = int(bad)
-    if step != torch.iinfo(torch.int64).max:
+    step = first_non_finite(first_bad, world=world)
+    if step is not None:
         raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (last good checkpoint: {ckpt_path})")
 
 
@@ -185,14 +141,6 @@ def decoder_settings(cfg: Config) -> dict:
                 preallocate_height_hint=cfg.data.preallocate_height_hint)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None = None, resume: bool = False,
           device: str = "cpu", ckpt_steps: int = 0, progress: bool = True) -> dict:
     """Train the student; returns {steps, images_per_second, last metrics, out_dir}.
@@ -216,7 +164,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} ranks")
     from store.shards import ImageSet
     data = ImageSet.open(cfg.data.images)
-    cfg = resolve_data(cfg, data, recorded=_recorded_data(out) if resume else None)
+    cfg = resolve_data(cfg, data, recorded=(saved_config(out) or {}).get("data") if resume else None)
     plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, batch_size=cfg.train.batch_size,
                 rank=rank, world=world, window=cfg.data.shuffle_window, streams=cfg.data.streams,
                 n_student=cfg.data.student_visible)
@@ -230,42 +178,20 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     objective = build_objective(cfg, stats).to(device)
     wrap_student_side(objective, world=world, device=device, use_compile=cfg.train.compile)
     opt = make_optimizer(cfg, objective)
-    meta = dict(config=cfg.to_dict(), git_commit=git_commit(), source=cfg.data.source, world_size=world,
-                total_steps=total, steps_per_epoch=spe)
-
-    step = 0
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "last.pt"
-    if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = load_checkpoint(ckpt_path)
-        diff = [f"{s}.{k}: checkpoint {ck['meta']['config'].get(s, {}).get(k)!r}, now {v!r}"
-                for s, sec in meta["config"].items() for k, v in sec.items()
-                if f"{s}.{k}" not in _MOVABLE and ck["meta"]["config"].get(s, {}).get(k) != v]
-        if ck["meta"]["total_steps"] != total:
-            diff.append(f"total_steps: checkpoint {ck['meta']['total_steps']}, now {total}")
-        if diff:
-            raise ValueError(f"cannot resume {ckpt_path}: it was made with another config:\n  " + "\n  ".join(diff))
-        objective.student_side().load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        restore_rng(ck["rng"], device)
-        step = int(ck["step"])
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume to continue it "
-                              "or choose another --out")
-    if rank == 0:
-        cfg.save(out / "config.yaml")
-        (out / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
-        _truncate_metrics(out / "metrics.jsonl", step)
+    info = dict(source=cfg.data.source, world_size=world, steps_per_epoch=spe)
+    run = open_run(out, config=cfg, resume=resume, movable=_MOVABLE, compare=dict(total_steps=total), info=info,
+                   rank=rank)
+    meta = dict(config=cfg.to_dict(), git_commit=git_commit(), total_steps=total, **info)
+    step = run.step
+    if run.resumed:
+        load_strict(objective.student_side(), run.state["model"], what=f"checkpoint {run.checkpoint_path}")
+        opt.load_state_dict(run.state["optimizer"])
+        restore_rng(run.state["rng"], device)
+    ckpt_path = run.checkpoint_path
 
     def checkpoint():
-        if rank == 0:
-            _save_atomic(dict(model=objective.student_side().state_dict(), optimizer=opt.state_dict(),
-                              step=step, epoch=step // spe, step_in_epoch=step % spe, meta=meta,
-                              rng=rng_state(device)),
-                         ckpt_path)
+        run.save(dict(model=objective.student_side().state_dict(), optimizer=opt.state_dict(), step=step,
+                      epoch=step // spe, step_in_epoch=step % spe, meta=meta, rng=rng_state(device)))
         dist.barrier()
 
     dev = torch.device(device)
@@ -273,11 +199,10 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     flops = None                                        # per image, from the first batch's shapes
     peak = _peak_flops(dev)
     bar = progress_bar(total=total, initial=step, unit="step", desc=f"train ({cfg.data.source})",
-               progress=progress and rank == 0, dynamic_ncols=True)
-    sums, n_sum, first_bad = None, 0, torch.full((), -1, dtype=torch.long, device=device)
+                       progress=progress and rank == 0, dynamic_ncols=True)
+    acc = StepMetrics(device)
     t_log, img_log, t0 = time.perf_counter(), 0, time.perf_counter()
     last = {}
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
     try:
         while step < total:
             epoch, start = divmod(step, spe)
@@ -288,34 +213,22 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                         n: 1 + t["index"].shape[1] for n, t in batch["teachers"].items()})["total"]
                 parts = train_step(objective, opt, batch, lr=float(lrs[step]), clip_grad=cfg.train.clip_grad,
                                    amp=use_amp)
-                loss = parts["loss"]
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-                det = {k: v.detach().float() for k, v in parts.items()}
-                sums = det if sums is None else {k: sums[k] + det[k] for k in det}
-                n_sum += 1
+                acc.add(step, parts)
                 step += 1
                 img_log += plan.batch_size
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total:
-                    stop_if_non_finite(first_bad, world=world, ckpt_path=ckpt_path)   # host sync
-                    if world > 1:                               # the global batch's mean
-                        keys = sorted(sums)
-                        flat = torch.stack([sums[k] for k in keys])
-                        torch.distributed.all_reduce(flat)
-                        sums = {k: v / world for k, v in zip(keys, flat)}
+                    stop_if_non_finite(acc.first_bad, world=world, ckpt_path=ckpt_path)   # host sync
+                    means = acc.reduce(world)                   # the global batch's mean
                     now = time.perf_counter()
                     ips = img_log / (now - t_log)
-                    last = {"step": step, "epoch": epoch, "lr": float(lrs[step - 1]),
-                            **{k: float(v) / n_sum for k, v in sums.items()},
+                    last = {"step": step, "epoch": epoch, "lr": float(lrs[step - 1]), **means,
                             "images_per_second": ips}
                     if peak:
                         last["mfu"] = ips / world * flops / peak
-                    if metrics_f:
-                        metrics_f.write(json.dumps(last) + "\n")
-                        metrics_f.flush()
+                    run.log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
-                    sums, n_sum, t_log, img_log = None, 0, now, 0
+                    t_log, img_log = now, 0
                 if (ckpt_steps and step % ckpt_steps == 0) or step % (spe * cfg.train.ckpt_every) == 0 \
                         or step == total:
                     checkpoint()
@@ -323,8 +236,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                     break
     finally:
         bar.close()
-        if metrics_f:
-            metrics_f.close()
+        run.close()
     elapsed = time.perf_counter() - t0
     if rank == 0:
         from train.export import export_student
@@ -333,21 +245,6 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     dist.barrier()
     return dict(steps=step, out_dir=str(out), last=last, seconds=elapsed)
-
-
-def _recorded_data(out: Path) -> dict | None:
-    """The ``data`` section of the run's resolved config.yaml, if it has one."""
-    import yaml
-    path = out / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get("data") if path.is_file() else None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged lines past ``step`` (a resumed run logs them again)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _peak_flops(dev: torch.device) -> float | None:

@@ -1,0 +1,255 @@
+"""The run folder of a long job (training, an evaluation protocol, the demo), and its metrics.
+
+A run folder holds::
+
+    config.yaml     the resolved config (what the run was started or resumed with)
+    run.json        git commit and dirty flag, plus what the job records (``info``, ``compare``)
+    last.pt         the checkpoint (atomic: tmp + fsync + rename + directory fsync)
+    metrics.jsonl   one JSON object per logged step (``"step"`` in each)
+    events.out.*    TensorBoard scalars of the same rows, when ``tensorboard`` is installed
+
+:func:`open_run` opens a new run (refused when the folder already holds a checkpoint) or
+resumes one (refused when there is no checkpoint, or when the saved config differs from
+the current one in any key but the ``movable`` ones: the error is one line naming every
+differing key). On resume the checkpoint is loaded onto the CPU (``Run.state``) and
+metrics.jsonl is trimmed to its step, since the resumed run logs the later steps again.
+Only rank 0 writes; every rank checks and loads.
+
+:class:`StepMetrics` accumulates a step's scalar tensors on the device and finds the first
+step whose loss is not finite; it syncs with the host (and all-reduces over ranks) only
+when asked, at logging intervals.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import yaml
+
+from core.config import DERIVED, flatten
+from core.io import git_commit, git_dirty, save_atomic, write_atomic
+
+__all__ = ["Run", "open_run", "saved_config", "load_checkpoint", "trim_metrics", "read_metrics",
+           "settings_diff", "StepMetrics", "first_non_finite"]
+
+CONFIG, INFO, METRICS, CHECKPOINT = "config.yaml", "run.json", "metrics.jsonl", "last.pt"
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint onto the CPU: ``load_state_dict`` then copies weights and optimizer
+    state to where the parameters live, and RNG states must stay CPU byte tensors."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def saved_config(folder: str | Path) -> dict | None:
+    """The resolved config a run folder records (its config.yaml), or None without one."""
+    path = Path(folder) / CONFIG
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
+
+
+def settings_diff(saved: Mapping[str, Any], current: Mapping[str, Any], *,
+                  movable: Iterable[str] = ()) -> list[str]:
+    """``"key: checkpoint A, now B"`` for every dotted key whose values differ (nested
+    mappings are compared key by key; tuples equal lists; ``movable`` keys are skipped)."""
+    a, b = flatten(_plain(saved)), flatten(_plain(current))
+    skip = set(movable)
+    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b), key=_order(a, b))
+            if k not in skip and a.get(k) != b.get(k)]
+
+
+class Run:
+    """An open run folder (see the module docstring); use as a context manager."""
+
+    def __init__(self, path: Path, *, rank: int, state: dict | None, step: int,
+                 checkpoint: str = CHECKPOINT, tensorboard: bool = True):
+        self.path, self.rank, self.state, self.step = path, rank, state, step
+        self.checkpoint_path = path / checkpoint
+        self._metrics = None
+        self._tb = None
+        if rank == 0:
+            self._metrics = open(path / METRICS, "a")
+            self._tb = _tensorboard(path, purge_step=step + 1 if step else None) if tensorboard else None
+
+    @property
+    def resumed(self) -> bool:
+        return self.state is not None
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` (it has ``"step"``) to metrics.jsonl, and its numbers to TensorBoard."""
+        if self._metrics is None:
+            return
+        self._metrics.write(json.dumps(dict(row)) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, global_step=int(row["step"]))
+
+    def save(self, obj: Any, name: str | None = None) -> Path:
+        """Save ``obj`` atomically as the checkpoint (or as ``name`` in the folder); rank 0 only."""
+        path = self.checkpoint_path if name is None else self.path / name
+        if self.rank == 0:
+            save_atomic(obj, path)
+        return path
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[str] = (),
+             compare: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
+             rank: int = 0, checkpoint: str = CHECKPOINT, step_key: str = "step",
+             tensorboard: bool = True) -> Run:
+    """Open the run folder ``path`` for a new run, or resume the one it holds.
+
+    ``config``: the resolved config, a TypedConfig (written with its ``to_yaml``) or a
+    nested mapping. ``compare``: further values a resume must match (e.g. the total number
+    of steps), kept in run.json; ``info``: values run.json records without comparing them.
+    ``movable``: dotted config keys that may differ on resume (paths that may move).
+    Raises FileExistsError (a checkpoint exists and not ``resume``), FileNotFoundError
+    (``resume`` without a checkpoint) and ValueError (the settings differ).
+    """
+    path = Path(path)
+    ckpt = path / checkpoint
+    current = config.to_dict() if hasattr(config, "to_dict") else _plain(config)
+    compare = _plain(dict(compare or {}))
+    state, step = None, 0
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+        saved = {k: v for k, v in (saved_config(path) or {}).items() if k != DERIVED}
+        saved_info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
+        diff = settings_diff(saved, current, movable=movable)
+        diff += settings_diff({k: saved_info.get(k) for k in compare}, compare)
+        if diff:
+            raise ValueError(f"cannot resume {ckpt}: it was made with other settings: " + "; ".join(diff))
+        state = load_checkpoint(ckpt)
+        step = int(state.get(step_key, 0)) if isinstance(state, Mapping) else 0
+    elif ckpt.exists():
+        raise FileExistsError(f"{path} already holds a run ({checkpoint}); pass --resume to continue it "
+                              "or choose another --out")
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        text = config.to_yaml() if hasattr(config, "to_yaml") else yaml.safe_dump(current, sort_keys=False)
+        write_atomic(path / CONFIG, text)
+        record = dict(git_commit=git_commit(), git_dirty=git_dirty(), **_plain(dict(info or {})), **compare)
+        write_atomic(path / INFO, json.dumps(record, indent=2) + "\n")
+        trim_metrics(path / METRICS, step)
+    return Run(path, rank=rank, state=state, step=step, checkpoint=checkpoint, tensorboard=tensorboard)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (a line cut short by a kill is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def trim_metrics(path: str | Path, step: int) -> None:
+    """Drop logged rows past ``step`` (a resumed run logs them again), atomically."""
+    path = Path(path)
+    if path.exists():
+        keep = [r for r in read_metrics(path) if r["step"] <= step]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def first_non_finite(first_bad: torch.Tensor, *, world: int) -> int | None:
+    """The first step with a non-finite loss over all ranks, or None.
+
+    first_bad: () int64, this rank's first bad step, -1 if none. With several ranks all
+    agree (all-reduce MIN) before anyone acts on it, so no rank is left waiting in a
+    collective. A host sync: call at logging intervals."""
+    never = torch.iinfo(torch.int64).max
+    bad = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, never))
+    if world > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+    step = int(bad)
+    return None if step == never else step
+
+
+class StepMetrics:
+    """Sums of each step's scalar tensors, kept on the device between logging intervals."""
+
+    def __init__(self, device: str | torch.device, *, watch: str = "loss"):
+        self.watch = watch
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.sums: dict[str, torch.Tensor] | None = None
+        self.count = 0
+
+    def add(self, step: int, parts: Mapping[str, torch.Tensor]) -> None:
+        """Accumulate ``parts`` ({name: () tensor}) of ``step``; notes whether ``parts[watch]``
+        is finite. No host sync."""
+        det = {k: v.detach().float() for k, v in parts.items()}
+        bad = ~torch.isfinite(det[self.watch])
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
+                                     self.first_bad)
+        self.sums = det if self.sums is None else {k: self.sums[k] + det[k] for k in det}
+        self.count += 1
+
+    def first_non_finite(self, world: int = 1) -> int | None:
+        """The first step (of any rank) whose watched value was not finite, or None. A host sync."""
+        return first_non_finite(self.first_bad, world=world)
+
+    def reduce(self, world: int = 1) -> dict[str, float]:
+        """The means since the last call (over steps, and over ranks: an all-reduce), then reset."""
+        if self.sums is None:
+            return {}
+        sums = self.sums
+        if world > 1:
+            keys = sorted(sums)
+            flat = torch.stack([sums[k] for k in keys])
+            torch.distributed.all_reduce(flat)
+            sums = {k: v / world for k, v in zip(keys, flat)}
+        out = {k: float(v) / self.count for k, v in sums.items()}
+        self.sums, self.count = None, 0
+        return out
+
+
+def _tensorboard(path: Path, *, purge_step: int | None):
+    """A SummaryWriter into ``path`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(path), purge_step=purge_step)
+
+
+def _order(a: Mapping, b: Mapping):
+    keys = list(a) + [k for k in b if k not in a]
+    pos = {k: i for i, k in enumerate(keys)}
+    return lambda k: pos[k]
+
+
+def _plain(value: Any) -> Any:
+    """YAML/JSON-safe copy: tuples become lists, paths strings, tensors and numpy scalars numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()
+    return value
