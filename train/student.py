@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.state import load_strict, read_state_dict
+
 GRID = 14  # 224 / 16
 NUM_PATCHES = GRID * GRID
 
@@ -145,44 +147,13 @@ def load_student_checkpoint(student: MaskedStudent, path: str | Path) -> None:
     ``{"model": dict}`` / ``{"state_dict": dict}``) into ``student.vit``, strictly.
 
     Raises FileNotFoundError naming the file, ValueError naming missing, unexpected
-    or mis-shaped keys.
+    or mis-shaped keys (core/state.py).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"student checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for wrapper in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and len(state) <= 3:
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict):
-        raise ValueError(f"student checkpoint {path} does not hold a state dict")
     from train.export import drop_placeholder_head
+    state = read_state_dict(path, what="student checkpoint")
     state = drop_placeholder_head(state, student.vit)   # an export's all-zero classifier
-    own = student.vit.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches {_short(shapes)}")
-        raise ValueError(f"student checkpoint {path} does not match the student "
-                         f"(a timm state dict of the same arch, num_classes=0): " + "; ".join(parts))
-    student.vit.load_state_dict(state, strict=True)
-
-
-def _short(items: list[str], n: int = 8) -> str:
-    return str(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+    load_strict(student.vit, state, what=f"student checkpoint {path} does not match the student "
+                                         "(a timm state dict of the same arch, num_classes=0)")
 
 
 def count_params(module: nn.Module) -> int:
