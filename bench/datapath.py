@@ -1,0 +1,344 @@
+"""The cached training data path alone (read + decode + batch into tensors, no model).
+
+    python bench/datapath.py                  # 384 ImageNet-like photos, 3 rounds, a table
+    python bench/datapath.py --json rows.json # also the rows, for bench/projection.py
+    python bench/datapath.py --quick          # 48 photos, 1 round (the test)
+
+Three paths, each ending in the batch as tensors: the images and the three teachers'
+stored arrays (visible patches, codec payload) of the batch's rows:
+
+- ``today``: the original JPEG from the image shards (``ImageSet.read_many``), crop decode
+  by the product's decoder (DALI ``image_slice`` + resize + normalise to float32 CHW),
+  fp16 tokens (``read_block``, 547 KB/sample);
+- ``view_jpeg``: the stored view as a 224x224 JPEG q95 read from a tar aligned with the
+  block (one sequential read per block), decoded whole by DALI to uint8 HWC (no crop, no
+  resize; normalising is the device's work, in the step's ``materialize``), adapter-space
+  int8 features (``--codec adapter``, 69 KB/sample);
+- ``raw``: the stored view as raw uint8 224x224x3 pixels from such a tar (a copy, nothing
+  decoded), and the same adapter-space features.
+
+Normalising to float on this CPU (torch, fused) costs about 0.4 ms per 224x224 image, DALI's
+crop_mirror_normalize about 0.7 ms: ``today`` pays it in its decoder, the new paths hand the
+4x smaller uint8 batch to the device (on a GPU a few microseconds per image).
+
+The fixtures are made with the product's code: ``samples/imagenet_like.py`` photos (long side
+300-800 px, median ~500, JPEG q90-95), ``prepare``, and two stores written through
+``TeacherStore.write_block`` with the real codecs (fp16, adapter) and the real crops, flips
+and masks; the token values are seeded noise (the bench measures reading, not values). The
+view tars are written here (``write_view_tars``: ``STORE/views/s{slot}/{shard:05d}.tar``,
+members ``{index:09d}.jpg`` or ``.rgb``, rows in block order) as a stand-in for the
+extraction's writer.
+
+The paths are timed in turn (``rounds`` times: A B C A B C ...), one epoch over the data per
+round after an untimed warm-up, and each keeps its median round. ``images_per_s_per_core`` is
+images per second of CPU time of this process (every thread: DALI's too), which a shared
+machine disturbs much less than wall time; the wall rate and the load average are printed
+beside it. Bytes per sample-epoch: what was read (features + pixels) per sample in one epoch
+(V = 1: the whole store); every file is in the page cache, so this measures CPU cost, and
+bench/projection.py adds the disk at a stated bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from store import codecs  # noqa: E402
+from store import views as V  # noqa: E402
+from store.decode import make_decoder  # noqa: E402
+from store.decode.pixels import SIZE  # noqa: E402
+
+TEACHERS = ("mae", "mocov3", "ibot")
+PATHS = {"today": ("fp16", "original"), "view_jpeg": ("adapter", "jpg"), "raw": ("adapter", "rgb")}
+EMBED = 768
+
+
+# -- fixtures -------------------------------------------------------------------------
+def _synthetic_stats(seed: int) -> dict:
+    """A random orthonormal basis with decreasing eigenvalues (what the adapter codec needs)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(EMBED, EMBED, generator=g))
+    eig = torch.logspace(1, -3, EMBED)
+    return dict(mean=np.zeros(EMBED, np.float32), components=q.T.contiguous().numpy(),
+                eigenvalues=eig.numpy().astype(np.float32))
+
+
+def write_store(path: Path, data, *, codec: str, seed: int = 0, views: int = 1) -> Path:
+    """A three-teacher store of ``data`` in ``codec`` with seeded-noise tokens, written by the
+    product's writer (extract/runner.open_teacher_store, TeacherStore.write_block, codecs)."""
+    from extract.runner import open_teacher_store
+
+    for t, name in enumerate(TEACHERS):
+        teacher = SimpleNamespace(name=name, source="bench/datapath.py synthetic tokens",
+                                  digest=f"synthetic-{name}-{seed}", untrained=True)
+        ts = open_teacher_store(store_path=path, data=data, teacher=teacher, views=views, seed=seed,
+                                codec=codec, pca_dim=codecs.PCA_DIM, precision="fp32")
+        st = _synthetic_stats(seed + t)
+        ts.write_stats(st["mean"], st["components"], st["eigenvalues"], 1, indices=np.arange(1))
+        ts = type(ts)(ts.root, ts.group)          # reopen: the codec's statistics are now there
+        n_vis = V.num_visible(V.MASK_RATIOS[name])
+        g = torch.Generator().manual_seed(seed * 1000 + t)
+        for slot in range(views):
+            for k, (first, count) in enumerate(ts.root.shards):
+                index = np.arange(first, first + count)
+                view = V.view_of_slot(index, slot, views)
+                boxes, flips = V.view_params(seed, index, view, data.widths[index], data.heights[index])
+                tokens = torch.randn(count, n_vis + 1, EMBED, generator=g)
+                payload = codecs.encode(codec, tokens, pca=ts.pca)
+                ts.write_block(slot, k, index=index, view=view, boxes=boxes, flips=flips,
+                               visible=V.teacher_visible(seed, index, view, name), payload=payload)
+    return Path(path)
+
+
+def view_tar(store: Path, slot: int, shard: int) -> Path:
+    return Path(store) / "views" / f"s{slot}" / f"{shard:05d}.tar"
+
+
+def write_view_tars(store: Path, data, *, seed: int = 0, views: int = 1, quality: int = 95) -> None:
+    """Each (slot, shard) block's views as the teacher saw them (crop, resize, flip: the PIL
+    reference decoder), as ``{index:09d}.jpg`` (JPEG ``quality``) and ``.rgb`` (raw uint8
+    HxWx3) members of ``view_tar(store, slot, shard)`` / its ``.rgb.tar`` twin."""
+    from PIL import Image
+
+    from store.decode.pil import pil_view
+
+    for slot in range(views):
+        for k, s in enumerate(data.shards):
+            first, count = int(s["first"]), int(s["count"])
+            index = np.arange(first, first + count)
+            view = V.view_of_slot(index, slot, views)
+            boxes, flips = V.view_params(seed, index, view, data.widths[index], data.heights[index])
+            path = view_tar(store, slot, k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tj, \
+                    tarfile.open(path.with_suffix(".rgb.tar"), "w", format=tarfile.USTAR_FORMAT) as tr:
+                for i, box, flip in zip(index, boxes, flips):
+                    pixels = pil_view(data.read(int(i)), box, bool(flip))
+                    buf = io.BytesIO()
+                    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+                    for tar, name, blob in ((tj, f"{i:09d}.jpg", buf.getvalue()),
+                                            (tr, f"{i:09d}.rgb", pixels.tobytes())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(blob)
+                        tar.addfile(info, io.BytesIO(blob))
+
+
+def tar_members(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(offsets, sizes, names) of a tar's members, read once when a path is opened."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    return (np.array([m.offset_data for m in members], np.int64), np.array([m.size for m in members], np.int64),
+            [m.name for m in members])
+
+
+def build_fixture(root: Path, *, count: int, shard_size: int, seed: int = 0) -> dict:
+    from samples.imagenet_like import size_summary, write_imagenet_like
+    from store.shards import prepare
+
+    photos = write_imagenet_like(root / "photos", count=count, seed=seed)
+    data = prepare(photos, root / "data", shard_size=shard_size, progress=False)
+    stores = {codec: write_store(root / f"store_{codec}", data, codec=codec, seed=seed) for codec in ("fp16", "adapter")}
+    write_view_tars(stores["adapter"], data, seed=seed)
+    return dict(data=data, stores=stores, photos=size_summary(photos))
+
+
+class WholeJpegDecoder:
+    """Whole 224x224 JPEGs -> uint8 (B, 224, 224, 3) with DALI on the CPU (a stand-in for the
+    stored-view image source until it lands: decode only, no crop, resize or normalise)."""
+
+    def __init__(self, *, batch_size: int, num_threads: int):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
+        def pipe():
+            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def __call__(self, datas) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        self.pipe.feed_input("data", [np.frombuffer(d, np.uint8) for d in datas])
+        self.pipe.schedule_run()
+        (out,) = self.pipe.outputs()
+        target = torch.empty((len(datas), SIZE, SIZE, 3), dtype=torch.uint8)
+        feed_ndarray(out.as_tensor(), target)
+        return target
+
+
+# -- the paths ------------------------------------------------------------------------
+class Path_:
+    """One data path: blocks of (features, pixels) read per shard, batches gathered by
+    fancy indexing, decoded, turned into tensors; CPU and wall seconds per stage."""
+
+    def __init__(self, name: str, fx: dict, *, batch_size: int, threads: int):
+        from store.features import FeatureStore
+
+        self.name = name
+        codec, self.pixels = PATHS[name]
+        self.data = fx["data"]
+        fs = FeatureStore.open(fx["stores"][codec])
+        self.teachers = [fs.teacher(t) for t in TEACHERS]
+        self.store = fs.path
+        self.batch_size = batch_size
+        self.decode = {"original": lambda: make_decoder("dali", batch_size=batch_size, device="cpu",
+                                                        num_threads=threads),
+                       "jpg": lambda: WholeJpegDecoder(batch_size=batch_size, num_threads=threads),
+                       "rgb": lambda: None}[self.pixels]()
+        self.members = {}
+        if self.pixels != "original":
+            for k in range(len(fs.shards)):
+                p = view_tar(self.store, 0, k)
+                p = p if self.pixels == "jpg" else p.with_suffix(".rgb.tar")
+                self.members[k] = (p, *tar_members(p)[:2])
+
+    def _read(self, shard: int):
+        """Features and pixels of one block (slot 0) and the bytes read."""
+        blocks = [ts.read_block(0, shard) for ts in self.teachers]
+        nbytes = sum(a.nbytes for b in blocks for a in b.values())
+        index = blocks[0]["index"]
+        if self.pixels == "original":
+            pixels = self.data.read_many(index)
+            nbytes += sum(len(d) for d in pixels)
+        else:
+            path, offsets, sizes = self.members[shard]
+            with open(path, "rb") as f:
+                buf = f.read()
+            nbytes += len(buf)
+            if self.pixels == "jpg":
+                pixels = [buf[o:o + n] for o, n in zip(offsets, sizes)]
+            else:
+                flat = np.frombuffer(buf, np.uint8)
+                pixels = np.stack([flat[o:o + n] for o, n in zip(offsets, sizes)]).reshape(-1, SIZE, SIZE, 3)
+        return blocks, pixels, nbytes
+
+    def epoch(self, order: np.random.Generator, shards=None) -> dict:
+        """One pass over ``shards`` (default all) in a random order; per-stage seconds."""
+        cpu = dict(read=0.0, decode=0.0, batch=0.0)
+        n_images = n_bytes = n_pixels = n_crop = 0
+        shards = range(len(self.teachers[0].root.shards)) if shards is None else shards
+        wall = time.perf_counter()
+        for shard in order.permutation(list(shards)):
+            c = time.process_time()
+            blocks, pixels, nbytes = self._read(int(shard))
+            cpu["read"] += time.process_time() - c
+            n_bytes += nbytes
+            rows_all = order.permutation(len(blocks[0]["index"]))
+            for a in range(0, len(rows_all), self.batch_size):
+                rows = rows_all[a:a + self.batch_size]
+                c = time.process_time()
+                feats = [{k: torch.from_numpy(b[k][rows]) for k in ("visible", *ts.payload_keys)}
+                         for b, ts in zip(blocks, self.teachers)]
+                index = torch.from_numpy(blocks[0]["index"][rows])
+                c2 = time.process_time()
+                cpu["batch"] += c2 - c
+                boxes, flips = blocks[0]["boxes"][rows], blocks[0]["flips"][rows]
+                if self.pixels == "original":
+                    images = self.decode([pixels[r] for r in rows], boxes, flips)
+                    n_pixels += int((self.data.widths[index.numpy()] * self.data.heights[index.numpy()]).sum())
+                    n_crop += int((boxes[:, 2] * boxes[:, 3]).sum())
+                    assert images.shape == (len(rows), 3, SIZE, SIZE)
+                elif self.pixels == "jpg":
+                    images = self.decode([pixels[r] for r in rows])
+                    n_pixels += SIZE * SIZE * len(rows)
+                    n_crop += SIZE * SIZE * len(rows)
+                else:
+                    images = torch.from_numpy(pixels[rows])
+                cpu["decode"] += time.process_time() - c2
+                assert images.shape[0] == feats[0]["visible"].shape[0] == len(rows)
+                n_images += len(rows)
+        return dict(wall=time.perf_counter() - wall, cpu=cpu, images=n_images, bytes=n_bytes,
+                    pixels=n_pixels, crop=n_crop)
+
+
+def measure(fx: dict, *, rounds: int, batch_size: int, threads: int, seed: int = 0) -> list[dict]:
+    """Rows for every path, timed in alternating rounds (module docstring)."""
+    paths = [Path_(name, fx, batch_size=batch_size, threads=threads) for name in PATHS]
+    order = np.random.default_rng(seed)
+    for p in paths:
+        p.epoch(order, shards=[0])                  # warm-up: DALI pipelines built, files opened
+    runs = {p.name: [] for p in paths}
+    for _ in range(rounds):
+        for p in paths:
+            runs[p.name].append(p.epoch(order))
+    load = os.getloadavg()
+    rows = []
+    for p in paths:
+        rs = sorted(runs[p.name], key=lambda r: sum(r["cpu"].values()))
+        med = rs[len(rs) // 2]
+        n, cpu = med["images"], sum(med["cpu"].values())
+        rows.append(dict(
+            name=p.name, codec=PATHS[p.name][0], pixels_from=PATHS[p.name][1],
+            images_per_s_per_core=n / cpu, images_per_s=n / med["wall"],
+            bytes_per_sample=med["bytes"] / n, pixels_per_sample=med["pixels"] / n,
+            crop_pixels_per_sample=med["crop"] / n,
+            cpu_s_per_sample={k: v / n for k, v in med["cpu"].items()},
+            decode_cpu_s_per_pixel=(med["cpu"]["decode"] / med["pixels"]) if med["pixels"] else None,
+            rounds_images_per_s_per_core=[r["images"] / sum(r["cpu"].values()) for r in runs[p.name]],
+            images=n, rounds=rounds, batch_size=batch_size, threads=threads, loadavg=list(load),
+            cpus=os.cpu_count(), photos=fx["photos"]))
+    today = rows[0]
+    for r in rows:
+        r["x_today_per_core"] = r["images_per_s_per_core"] / today["images_per_s_per_core"]
+        r["bytes_vs_today"] = r["bytes_per_sample"] / today["bytes_per_sample"]
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| path | images/s per core (rounds) | x today | images/s wall | bytes/sample-epoch | x today "
+             "| pixels decoded/sample | CPU ms/sample read / decode / batch |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        spread = ", ".join(f"{v:.0f}" for v in r["rounds_images_per_s_per_core"])
+        c = r["cpu_s_per_sample"]
+        lines.append(f"| {r['name']} | {r['images_per_s_per_core']:.0f} ({spread}) | {r['x_today_per_core']:.2f} | "
+                     f"{r['images_per_s']:.0f} | {r['bytes_per_sample'] / 1e3:.1f} KB | {r['bytes_vs_today']:.3f} | "
+                     f"{r['pixels_per_sample']:.0f} | {c['read'] * 1e3:.2f} / {c['decode'] * 1e3:.2f} / "
+                     f"{c['batch'] * 1e3:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=384, help="ImageNet-like photos to generate")
+    ap.add_argument("--shard-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="DALI decoder threads")
+    ap.add_argument("--json", type=Path, help="write the rows here (a list of objects)")
+    ap.add_argument("--quick", action="store_true", help="48 photos, 1 round, batch 16 (the test)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.images, a.rounds, a.shard_size, a.batch_size = 48, 1, 16, 16
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"building {a.images} ImageNet-like photos, two stores and the view tars ...", flush=True)
+        t = time.perf_counter()
+        fx = build_fixture(Path(tmp), count=a.images, shard_size=a.shard_size)
+        print(f"  built in {time.perf_counter() - t:.0f} s; photos: {fx['photos']}", flush=True)
+        rows = measure(fx, rounds=a.rounds, batch_size=a.batch_size, threads=a.threads)
+    print(f"\ndata path alone, CPU, DALI threads {a.threads}, batch {a.batch_size}, {a.rounds} alternating rounds "
+          f"of one epoch ({rows[0]['images']} images), median round; load average "
+          + " / ".join(f"{x:.2f}" for x in rows[0]["loadavg"]) + f" on {os.cpu_count()} CPUs")
+    print(format_rows(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+        print(f"rows written to {a.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
