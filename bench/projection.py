@@ -1,7 +1,13 @@
 """Projection of a full ImageNet-1K run from the format, the FLOP counts and stated rates.
 
-    python bench/projection.py                       # the table in docs/running.md
+    python bench/projection.py                       # the format and FLOP tables
+    python bench/projection.py --datapath docs/datapath_cpu.json   # + which resource bounds each path
     python bench/projection.py --gpus 8 --peak-tflops 700 --decode-per-gpu 2500 ...
+
+``--datapath`` reads the rows of ``bench/datapath.py --json`` (measured: bytes read per
+sample-epoch, pixels decoded per sample, host CPU seconds per sample by stage) and shows,
+for the cached run of each data path and the online baseline, the time each resource needs
+and which one bounds the run (``datapath_rows``; docs/running.md section 6).
 
 Exact: store bytes per (image, view) (extract/estimate.py: bytes_per_sample), FLOPs of the
 teachers' masked forward and of the student's step (train/flops.py: step_flops_per_image).
@@ -18,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import json  # noqa: E402
+
 from extract.estimate import bytes_per_sample  # noqa: E402
 from store import views as V  # noqa: E402
 from train.config import Config  # noqa: E402
@@ -32,7 +40,65 @@ def teacher_flops(n_visible: int, d: int = 768, depth: int = 12) -> float:
     return depth * (24 * t * d * d + 4 * t * t * d) + 2 * 196 * (3 * 16 * 16) * d
 
 
-def main():
+def datapath_rows(measured: list[dict], *, samples: float, gpus: int, student_s: float, teacher_s: float,
+                  decode_per_gpu: float, cpu_cores: int, read_gbs: float, host_memory_gb: float,
+                  images: int, views: int) -> list[dict]:
+    """Hours each resource needs for ``samples`` sample-epochs, per path, and the bound.
+
+    student_s / teacher_s: node seconds of compute per sample (all GPUs together).
+    decode: nvJPEG on the GPUs; ``decode_per_gpu`` crops/s at the pixels ``today`` decodes
+    per sample, and time proportional to the pixels decoded (the stated assumption; a raw
+    path decodes nothing). host CPU: the measured CPU seconds per sample of reading and
+    batching (decoding is on the GPU) over ``cpu_cores`` cores. store read: the measured
+    bytes per sample-epoch at ``read_gbs``; ``in memory`` rows hold the whole store (every
+    view slot, features + pixels) in host memory when it fits in ``host_memory_gb``, so
+    that only the first epoch reads the store. Online: the teachers' compute, today's
+    decoding and the original JPEG bytes only."""
+    by = {r["name"]: r for r in measured}
+    today = by["today"]
+    px_rate = decode_per_gpu * today["pixels_per_sample"] * gpus          # pixels/s of the node's nvJPEG
+    h = 3600.0
+    out = []
+
+    def row(name, r, *, compute, online=False, memory=False):
+        decode = samples * r["pixels_per_sample"] / px_rate / h
+        host = None if online else samples * (r["cpu_s_per_sample"]["read"] + r["cpu_s_per_sample"]["batch"]) \
+            / cpu_cores / h
+        nbytes = r["photos"]["mean_bytes"] if online else r["bytes_per_sample"]
+        total = nbytes * images * views                                        # the whole store (V slots)
+        fits = memory and total <= host_memory_gb * 1e9
+        epochs_read = images * views if fits else samples                     # first pass only, if it fits
+        read = nbytes * epochs_read / (read_gbs * 1e9) / h
+        times = {"compute": compute / h, "decode": decode, "host CPU": host or 0.0, "store read": read}
+        bound = max(times, key=times.get)
+        out.append(dict(name=name, **{k: v for k, v in times.items()}, host_measured=host is not None,
+                        bound=bound, hours=times[bound], held_gb=total / 1e9 if memory else None, fits=fits))
+
+    for r in measured:
+        row(f"cached, {r['name']} ({r['codec']})", r, compute=samples * student_s)
+    for r in measured:
+        row(f"cached, {r['name']} ({r['codec']}), store in host memory", r, compute=samples * student_s, memory=True)
+    row("online (baseline)", today, compute=samples * (student_s + teacher_s), online=True)
+    base = out[-1]["hours"]
+    for o in out:
+        o["x_online"] = base / o["hours"]
+    return out
+
+
+def format_datapath(rows: list[dict]) -> str:
+    lines = ["| run (300 epochs) | student / teachers | decode (nvJPEG) | host CPU | store read | bound | x online |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        read = f"{r['store read']:.2f} h"
+        if r["held_gb"] is not None:
+            read += f" ({r['held_gb']:.0f} GB {'held' if r['fits'] else 'does not fit'})"
+        host = f"{r['host CPU']:.2f} h" if r["host_measured"] else "-"
+        lines.append(f"| {r['name']} | {r['compute']:.2f} h | {r['decode']:.2f} h | {host} | {read} | "
+                     f"{r['bound']} {r['hours']:.2f} h | {r['x_online']:.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1_281_167)
     ap.add_argument("--views", type=int, default=4)
@@ -44,7 +110,10 @@ def main():
     ap.add_argument("--decode-per-gpu", type=float, default=2500.0, help="assumed JPEG crops decoded per s per GPU")
     ap.add_argument("--write-gbs", type=float, default=2.0, help="assumed store write bandwidth, GB/s")
     ap.add_argument("--read-gbs", type=float, default=10.0, help="assumed store read bandwidth, GB/s")
-    a = ap.parse_args()
+    ap.add_argument("--datapath", type=Path, help="rows of bench/datapath.py --json (measured data path)")
+    ap.add_argument("--cpu-cores", type=int, default=96, help="assumed host cores reading and batching")
+    ap.add_argument("--host-memory-gb", type=float, default=1536.0, help="assumed host memory for the store")
+    a = ap.parse_args(argv)
 
     n_vis = [V.num_visible(V.MASK_RATIOS[t]) for t in TEACHERS]
     tf = sum(teacher_flops(n) for n in n_vis)
@@ -85,6 +154,24 @@ def main():
     comp = (tf / (peak * a.teacher_mfu) + sf / (peak * a.student_mfu)) * samples_t / h
     dec = samples_t / decode / h
     print(f"| {a.epochs} epochs online | {comp:.2f} h | {dec:.2f} h | none | {max(comp, dec):.2f} h |")
+    if a.datapath is None:
+        return None
+    measured = json.loads(a.datapath.read_text())
+    rows = datapath_rows(measured, samples=samples_t, gpus=a.gpus, student_s=sf / (peak * a.student_mfu),
+                         teacher_s=tf / (peak * a.teacher_mfu), decode_per_gpu=a.decode_per_gpu,
+                         cpu_cores=a.cpu_cores, read_gbs=a.read_gbs, host_memory_gb=a.host_memory_gb,
+                         images=a.images, views=a.views)
+    m = {r["name"]: r for r in measured}
+    load = " / ".join(f"{x:.2f}" for x in measured[0]["loadavg"])
+    print(f"\nmeasured ({a.datapath}; {measured[0]['cpus']} CPUs, load average {load}): "
+          + "; ".join(f"{n} {r['bytes_per_sample'] / 1e3:.1f} KB/sample-epoch, {r['pixels_per_sample']:.0f} px "
+                      f"decoded, host read+batch {(r['cpu_s_per_sample']['read'] + r['cpu_s_per_sample']['batch']) * 1e3:.2f}"
+                      " ms/sample" for n, r in m.items()))
+    print(f"assumed: nvJPEG time proportional to the pixels decoded ({a.decode_per_gpu:.0f}/s per GPU at "
+          f"today's {m['today']['pixels_per_sample']:.0f} px), {a.cpu_cores} host cores at the measured per-core "
+          f"cost, {a.host_memory_gb:.0f} GB host memory, V={a.views}\n")
+    print(format_datapath(rows))
+    return rows
 
 
 if __name__ == "__main__":

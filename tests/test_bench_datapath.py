@@ -46,3 +46,15 @@ def test_quick_run_writes_the_rows(tmp_path):
     assert view["pixels_per_sample"] == 224 * 224 < today["pixels_per_sample"]
     assert today["decode_cpu_s_per_pixel"] > 0 and raw["decode_cpu_s_per_pixel"] is None
     assert np.isclose(today["x_today_per_core"], 1.0)
+
+    # bench/projection.py reads the rows: every path is cached and bounded by one of its
+    # resources; the raw path decodes nothing, the online baseline is the reference
+    import bench.projection as pj
+    proj = pj.main(["--datapath", str(out)])
+    names = [p["name"] for p in proj]
+    assert names[-1] == "online (baseline)" and np.isclose(proj[-1]["x_online"], 1.0)
+    assert len(names) == 7 and all(p["bound"] in ("compute", "decode", "host CPU", "store read") for p in proj)
+    by = {p["name"]: p for p in proj}
+    assert by["cached, raw (adapter)"]["decode"] == 0.0
+    assert by["cached, view_jpeg (adapter)"]["decode"] < by["cached, today (fp16)"]["decode"]
+    assert all(p["hours"] == max(p["compute"], p["decode"], p["host CPU"], p["store read"]) for p in proj)
