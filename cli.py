@@ -266,263 +266,45 @@ def export(run_dir, out):
 @main.group("eval", context_settings=CONTEXT)
 def eval_group():
     """Evaluate a backbone checkpoint (timm ViT state dict): k-NN, linear probe,
-    fine-tuning, detection, segmentation. Each command prints a table and writes a
-    result JSON (metrics, protocol settings, checkpoint sha256, git commit)."""
+    fine-tuning, detection, segmentation. Each command prints a table and writes
+    OUT/result.json (metrics, resolved config, protocol settings, checkpoint sha256, git commit).
+    Options and KEY=VALUE overrides set the protocol's config (eval/config.py)."""
 
 
-def eval_options(default_out):
-    """Options every ``eval`` command takes: --checkpoint, --model, --model-arg,
-    --out, --device."""
-    def decorate(fn):
-        for opt in reversed([
-            click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-                         required=True,
-                         help="Backbone weights (.safetensors or .pth/.pt), a timm state dict."),
-            click.option("--model", default="vit_tiny_patch16_224",
-                         help="timm model name the checkpoint belongs to."),
-            click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
-                         help="Extra timm.create_model argument, repeatable "
-                              "(e.g. img_size=32)."),
-            click.option("--out", type=click.Path(dir_okay=False), default=default_out,
-                         help="Result JSON path."),
-            click.option("--device", default="auto",
-                         help="Torch device: auto, cpu, cuda, cuda:1, ..."),
-        ]):
-            fn = opt(fn)
-        return fn
-    return decorate
+def _eval_command(task: str) -> None:
+    """Declare ``eval TASK``: one option per field of the protocol's config (eval/config.py), whose
+    docstring is the command's help."""
+    from eval.config import CONFIGS
+    from eval.evaluate import RESUMABLE
+    from eval.options import config_params
+
+    def run(out, device, overrides, resume=False, **values):
+        from eval.common import print_table
+        from eval.evaluate import evaluate
+        from eval.options import config_from
+
+        cfg = config_from(CONFIGS[task], values, overrides)
+        record, path = evaluate(cfg, out=out, device=device, resume=resume)
+        print_table([{"task": task, **record["metrics"]}])
+        click.echo(f"result written to {path}")
+
+    params = config_params(CONFIGS[task]) + [
+        click.Option(["--out"], type=click.Path(file_okay=False), default=None,
+                     show_default=f"runs/eval/<checkpoint stem>-<sha256[:8]>/{task}",
+                     help="Run folder: result.json" + (", checkpoint, metrics.jsonl, config.yaml"
+                                                       if task in RESUMABLE else "") + "."),
+        click.Option(["--device"], default="auto", show_default=True,
+                     help="Torch device: auto, cpu, cuda, cuda:1, ..."),
+        click.Argument(["overrides"], nargs=-1, metavar="[KEY=VALUE]...")]
+    if task in RESUMABLE:
+        params.append(click.Option(["--resume"], is_flag=True,
+                                   help="Continue the run in --out where its checkpoint left it."))
+    eval_group.add_command(click.Command(task, callback=run, params=params, help=CONFIGS[task].__doc__,
+                                         context_settings=CONTEXT))
 
 
-def _eval_data_options(fn):
-    for opt in reversed([
-        click.option("--train", "train_dir", type=click.Path(exists=True, file_okay=False),
-                     required=True,
-                     help="Train split: a folder packed by `prepare` or an ImageFolder tree."),
-        click.option("--val", "val_dir", type=click.Path(exists=True, file_okay=False),
-                     required=True,
-                     help="Val split, same layouts; its classes must be among the train classes."),
-        click.option("--workers", type=int, default=8, help="DataLoader worker processes."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def _eval_report(*, out, task, metrics, settings, checkpoint):
-    from pathlib import Path
-
-    from eval.common import print_table, write_result
-
-    write_result(Path(out), task=task, metrics=metrics, settings=settings,
-                 checkpoint=Path(checkpoint))
-    print_table([{"task": task, **metrics}])
-    click.echo(f"result written to {out}")
-
-
-@eval_group.command("knn", context_settings=CONTEXT)
-@eval_options("runs/eval/knn.json")
-@_eval_data_options
-@click.option("--batch-size", type=int, default=256, help="Images per forward batch.")
-@click.option("--k", type=int, default=20, help="Neighbours that vote.")
-@click.option("--temperature", type=float, default=0.07, help="Vote weight exp(sim / T).")
-@click.option("--max-elements", type=int, default=1 << 26,
-              help="Bound on the query-block x memory similarity matrix (entries).")
-def eval_knn(checkpoint, model, model_args, out, device, train_dir, val_dir, batch_size,
-             workers, k, temperature, max_elements):
-    """Weighted k-NN (DINO protocol) on L2-normalised CLS features; top-1/top-5."""
-    from eval.common import parse_model_args
-    from eval.knn import run_knn
-
-    metrics, settings = run_knn(
-        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args),
-        train=train_dir, val=val_dir, device=device, k=k, temperature=temperature,
-        batch_size=batch_size, num_workers=workers, max_elements=max_elements)
-    _eval_report(out=out, task="knn", metrics=metrics, settings=settings,
-                 checkpoint=checkpoint)
-
-
-@eval_group.command("linear", context_settings=CONTEXT)
-@eval_options("runs/eval/linear.json")
-@_eval_data_options
-@click.option("--epochs", type=int, default=90, help="Training epochs (MAE: 90).")
-@click.option("--warmup-epochs", type=float, default=10, help="Linear warm-up epochs (MAE: 10).")
-@click.option("--batch-size", type=int, default=16384,
-              help="Images per optimiser step (MAE: 16384); gathered from micro-batches.")
-@click.option("--micro-batch", type=int, default=256,
-              help="Images per backbone forward (memory only; the step sees --batch-size).")
-@click.option("--blr", type=float, default=0.1, help="Base lr; lr = blr * batch-size / 256.")
-@click.option("--lr", type=float, default=None, help="Absolute lr, overrides --blr.")
-@click.option("--weight-decay", type=float, default=0.0, help="Weight decay (MAE: 0).")
-@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default="lars",
-              help="LARS as in MAE, or SGD with momentum 0.9.")
-@click.option("--cache-features/--no-cache-features", default=False,
-              help="Train on center-crop features extracted once: fast, but without the "
-                   "protocol's RandomResizedCrop+flip (recorded in the result).")
-@click.option("--seed", type=int, default=0, help="Seed of head init, order and augmentation.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Per-epoch checkpoints and log  [default: OUT without .json + .run]")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
-def eval_linear(checkpoint, model, model_args, out, device, train_dir, val_dir, workers,
-                epochs, warmup_epochs, batch_size, micro_batch, blr, lr, weight_decay,
-                optimizer, cache_features, seed, run_dir, resume):
-    """Linear probe (MAE protocol): frozen backbone, BatchNorm(affine=False) + Linear on
-    the CLS token; top-1."""
-    from pathlib import Path
-
-    from eval.common import parse_model_args
-    from eval.linear import run_linear
-
-    metrics, settings = run_linear(
-        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args),
-        train=train_dir, val=val_dir, run_dir=Path(run_dir or Path(out).with_suffix(".run")),
-        device=device, epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size,
-        micro_batch=micro_batch, blr=blr, lr=lr, weight_decay=weight_decay,
-        optimizer=optimizer, cache_features=cache_features, seed=seed, num_workers=workers,
-        resume=resume)
-    _eval_report(out=out, task="linear", metrics=metrics, settings=settings,
-                 checkpoint=checkpoint)
-
-
-@eval_group.command("finetune", context_settings=CONTEXT)
-@eval_options("runs/eval/finetune.json")
-@_eval_data_options
-@click.option("--epochs", type=int, default=100, help="Epochs (ViT-Tiny choice; MAE ViT-B: 100).")
-@click.option("--warmup-epochs", type=float, default=5, help="Linear warm-up epochs.")
-@click.option("--batch-size", type=int, default=1024, help="Images per optimiser step.")
-@click.option("--accum-iter", type=int, default=1,
-              help="Gradient accumulation: micro-batch = batch-size / accum-iter.")
-@click.option("--blr", type=float, default=5e-4, help="Base lr; lr = blr * batch-size / 256.")
-@click.option("--lr", type=float, default=None, help="Absolute lr, overrides --blr.")
-@click.option("--min-lr", type=float, default=1e-6, help="Floor of the cosine schedule.")
-@click.option("--weight-decay", type=float, default=0.05, help="AdamW weight decay.")
-@click.option("--layer-decay", type=float, default=0.75,
-              help="Layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L/H).")
-@click.option("--drop-path", type=float, default=0.1, help="Stochastic depth rate.")
-@click.option("--smoothing", type=float, default=0.1, help="Label smoothing.")
-@click.option("--mixup", type=float, default=0.8, help="Mixup alpha (0 disables).")
-@click.option("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables).")
-@click.option("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm RandAugment spec.")
-@click.option("--reprob", type=float, default=0.25, help="Random erasing probability.")
-@click.option("--eval-every", type=int, default=1, help="Evaluate on val every N epochs.")
-@click.option("--seed", type=int, default=0, help="Seed of head init, order, augmentation.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Per-epoch checkpoints and log  [default: OUT without .json + .run]")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
-def eval_finetune(checkpoint, model, model_args, out, device, train_dir, val_dir, workers,
-                  epochs, warmup_epochs, batch_size, accum_iter, blr, lr, min_lr,
-                  weight_decay, layer_decay, drop_path, smoothing, mixup, cutmix,
-                  auto_augment, reprob, eval_every, seed, run_dir, resume):
-    """End-to-end fine-tuning (MAE/DeiT recipe: layer decay, RandAugment, mixup/cutmix,
-    label smoothing, drop path, AdamW, cosine); top-1/top-5."""
-    from pathlib import Path
-
-    from eval.common import parse_model_args
-    from eval.finetune import run_finetune
-
-    metrics, settings = run_finetune(
-        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args),
-        train=train_dir, val=val_dir, run_dir=Path(run_dir or Path(out).with_suffix(".run")),
-        device=device, epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size,
-        accum_iter=accum_iter, blr=blr, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
-        layer_decay=layer_decay, drop_path=drop_path, smoothing=smoothing, mixup=mixup,
-        cutmix=cutmix, auto_augment=auto_augment, reprob=reprob, eval_every=eval_every,
-        seed=seed, num_workers=workers, resume=resume)
-    _eval_report(out=out, task="finetune", metrics=metrics, settings=settings,
-                 checkpoint=checkpoint)
-
-
-@eval_group.command("detection", context_settings=CONTEXT)
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
-@eval_options("runs/eval/detection.json")
-@click.option("--epochs", type=int, default=100, help="Training epochs (ViTDet: 100).")
-@click.option("--image-size", type=int, default=1024,
-              help="LSJ crop and test size, a multiple of 32 (ViTDet: 1024).")
-@click.option("--batch-size", type=int, default=64, help="Images per optimiser step (ViTDet: 64).")
-@click.option("--lr", type=float, default=1e-4, help="AdamW lr for the whole batch (ViTDet: 1e-4 at 64).")
-@click.option("--weight-decay", type=float, default=0.1, help="AdamW weight decay.")
-@click.option("--layer-decay", type=float, default=0.7, help="Layer-wise lr decay of the ViT.")
-@click.option("--drop-path", type=float, default=0.1, help="Stochastic depth rate of the ViT.")
-@click.option("--warmup", type=int, default=250, help="Linear warm-up steps.")
-@click.option("--heads", type=click.Choice(["vitdet", "light"]), default="vitdet",
-              help="vitdet: conv heads with LayerNorm; light: torchvision Mask R-CNN v1 heads (CPU runs).")
-@click.option("--roi-batch", type=int, default=512, help="Sampled RoIs per training image.")
-@click.option("--scale-range", type=(float, float), default=(0.1, 2.0),
-              help="Large-scale jitter: resize to r * image-size, r ~ U(MIN, MAX).")
-@click.option("--max-images", type=int, default=None,
-              help="Use only the first N images (by id) of each split (short runs).")
-@click.option("--workers", type=int, default=8, help="DataLoader worker processes.")
-@click.option("--seed", type=int, default=0, help="Seed of sample order and augmentation.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Per-epoch checkpoint, log, COCO result files  [default: OUT without .json + .run]")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
-def eval_detection(data, checkpoint, model, model_args, out, device, epochs, image_size, batch_size,
-                   lr, weight_decay, layer_decay, drop_path, warmup, heads, roi_batch, scale_range,
-                   max_images, workers, seed, run_dir, resume):
-    """COCO detection + instance segmentation: Mask R-CNN on a ViTDet simple feature pyramid,
-    trained on DATA's train split, box AP and mask AP on its val split (COCOeval).
-
-    DATA: annotations/instances_{train,val}2017.json + {train,val}2017/ (official COCO
-    2017), or annotations/instances_{train,val}.json + {train,val}/."""
-    from pathlib import Path
-
-    from eval.common import parse_model_args
-    from eval.detection import run_detection
-
-    metrics, settings = run_detection(
-        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args), data=data,
-        run_dir=Path(run_dir or Path(out).with_suffix(".run")), device=device, epochs=epochs,
-        image_size=image_size, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        layer_decay=layer_decay, drop_path=drop_path, warmup=warmup, heads=heads,
-        roi_batch=roi_batch, scale_range=scale_range, max_images=max_images, seed=seed,
-        num_workers=workers, resume=resume)
-    _eval_report(out=out, task="detection", metrics=metrics, settings=settings,
-                 checkpoint=checkpoint)
-
-
-@eval_group.command("segmentation", context_settings=CONTEXT)
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
-@eval_options("runs/eval/segmentation.json")
-@click.option("--iters", type=int, default=160_000, help="Training iterations (BEiT/MAE: 160k).")
-@click.option("--image-size", type=int, default=512, help="Crop and slide-window size, a multiple of 32.")
-@click.option("--batch-size", type=int, default=16, help="Crops per optimiser step.")
-@click.option("--lr", type=float, default=1e-4, help="AdamW lr.")
-@click.option("--weight-decay", type=float, default=0.05, help="AdamW weight decay.")
-@click.option("--layer-decay", type=float, default=0.65, help="Layer-wise lr decay of the ViT.")
-@click.option("--drop-path", type=float, default=0.1, help="Stochastic depth rate of the ViT.")
-@click.option("--warmup", type=int, default=1500, help="Linear warm-up iterations (then poly decay).")
-@click.option("--channels", type=int, default=512, help="UperNet channels (FCN aux head: half).")
-@click.option("--aux-weight", type=float, default=0.4, help="FCN auxiliary loss weight (0: no aux head).")
-@click.option("--num-classes", type=int, default=150, help="Classes after reduce_zero_label (ADE20K: 150).")
-@click.option("--max-images", type=int, default=None,
-              help="Use only the first N images (by name) of each split (short runs).")
-@click.option("--checkpoint-every", type=int, default=2000, help="Checkpoint every N iterations.")
-@click.option("--workers", type=int, default=8, help="DataLoader worker processes.")
-@click.option("--seed", type=int, default=0, help="Seed of head init, order, augmentation, drop path.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Checkpoint and log  [default: OUT without .json + .run]")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir.")
-def eval_segmentation(data, checkpoint, model, model_args, out, device, iters, image_size,
-                      batch_size, lr, weight_decay, layer_decay, drop_path, warmup, channels,
-                      aux_weight, num_classes, max_images, checkpoint_every, workers, seed, run_dir,
-                      resume):
-    """ADE20K semantic segmentation: UperNet on a ViTDet simple feature pyramid, trained on
-    DATA's training split; mIoU and pixel accuracy on its validation split (slide inference).
-
-    DATA: images/{training,validation}/*.jpg + annotations/{training,validation}/*.png
-    (ADEChallengeData2016); label 0 is ignored, k -> k-1."""
-    from pathlib import Path
-
-    from eval.common import parse_model_args
-    from eval.segmentation import run_segmentation
-
-    metrics, settings = run_segmentation(
-        checkpoint=checkpoint, model=model, timm_kwargs=parse_model_args(model_args), data=data,
-        run_dir=Path(run_dir or Path(out).with_suffix(".run")), device=device, iters=iters,
-        image_size=image_size, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        layer_decay=layer_decay, drop_path=drop_path, warmup=warmup, channels=channels,
-        aux_weight=aux_weight, num_classes=num_classes, max_images=max_images, seed=seed,
-        checkpoint_every=checkpoint_every, num_workers=workers, resume=resume)
-    _eval_report(out=out, task="segmentation", metrics=metrics, settings=settings,
-                 checkpoint=checkpoint)
+for _task in ("knn", "linear", "finetune", "detection", "segmentation"):
+    _eval_command(_task)
 
 
 # --- commands: demo ----------------------------------------------------------------

@@ -10,7 +10,7 @@ grey, 128 px) and a randomly initialised ViT-Tiny checkpoint under OUT, then run
         --heads light --roi-batch 64 --scale-range 0.8 1.25 --epochs 4 --workers 0 --device cpu
 
 (the backbone is untrained, so no layer decay; LSJ narrowed so the shapes stay visible at
-128 px) and prints box/mask AP on the 16 validation images. Result in OUT/result.json.
+128 px) and prints box/mask AP on the 16 validation images. Result in OUT/run/result.json.
 """
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ def run_toy(out: Path, *, train: int = 32, val: int = 16, epochs: int = 4, threa
     if threads:
         torch.set_num_threads(threads)
     try:
-        main(["eval", "detection", str(data), "--checkpoint", str(checkpoint), "--out", str(out / "result.json"),
+        main(["eval", "detection", str(data), "--checkpoint", str(checkpoint), "--out", str(out / "run"),
               "--image-size", "128", "--batch-size", "4", "--lr", "2e-4", "--layer-decay", "1.0",
               "--drop-path", "0", "--warmup", "20", "--heads", "light", "--roi-batch", "64",
               "--scale-range", "0.8", "1.25", "--epochs", str(epochs), "--workers", "0", "--device", "cpu"],
              standalone_mode=False)
     finally:
         torch.set_num_threads(before)
-    return json.loads((out / "result.json").read_text())["metrics"]
+    return json.loads((out / "run" / "result.json").read_text())["metrics"]
 
 
 def main() -> None:

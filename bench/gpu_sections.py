@@ -286,7 +286,7 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
               ("eval knn", ["eval", "knn", "--checkpoint", tmp / "student.safetensors", "--train", data,
                             "--val", data, "--device", dev, "--batch-size", size["knn_batch"], "--workers", 2,
                             "--k", size["knn_k"],
-                            "--out", tmp / "knn.json"], 2 * n)]
+                            "--out", tmp / "knn"], 2 * n)]
     metrics = run / "metrics.jsonl"
     for k, (name, args, images) in enumerate(steps):
         log = logs / f"{k}.log"
@@ -326,7 +326,7 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
     logged = _metric_steps(metrics)
     rep.check(sec, "resume logged every step once", logged == list(range(1, n_steps + 1)),
               f"metrics.jsonl steps {logged[:3]}...{logged[-3:]} ({len(logged)} lines)")
-    result = json.loads((tmp / "knn.json").read_text())
+    result = json.loads((tmp / "knn" / "result.json").read_text())
     top1 = result["metrics"].get("top1")
     rep.figure(sec, "knn top-1", top1, "%", f"k-NN top-1 of the {n_steps}-step student, train = val = the {n} photos "
                "(a smoke figure: the data is tiny)")

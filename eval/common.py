@@ -1,30 +1,37 @@
-"""What every evaluation shares: loading a backbone checkpoint, describing a result.
+"""What every evaluation shares: loading a backbone checkpoint, where its results go, describing a result.
 
 ``load_backbone`` turns a plain timm ViT state dict (the student export, or any timm
-checkpoint) into a strict, headless timm model; the all-zero placeholder classifier of the
-student export is dropped, a trained classifier is refused as an unexpected key. ``write_result`` writes the one JSON
-record an evaluation leaves behind: the metric, the protocol settings, the sha256 of
-the checkpoint that was evaluated and the git commit of the code that evaluated it.
+checkpoint) into a strict, headless timm model (``core.state``); the all-zero placeholder
+classifier of the student export is dropped, a trained classifier is refused as an
+unexpected key. ``default_out`` is the run folder an evaluation writes to when ``--out`` is
+not given: ``runs/eval/<checkpoint stem>-<sha256[:8]>/<task>``, so that evaluations of two
+checkpoints never overwrite each other. ``write_result`` writes the one JSON record an
+evaluation leaves behind (``result.json`` in that folder): the metric, the resolved config,
+the protocol settings, the sha256 of the checkpoint that was evaluated and the git commit of
+the code that evaluated it.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
-import math
-import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from core.io import git_commit, git_dirty, write_atomic
+from core.optim import lr_at
+from core.state import load_strict, read_state_dict
+from eval.config import parse_model_args
 
 __all__ = [
     "load_backbone",
     "read_state_dict",
     "checkpoint_digest",
+    "default_out",
     "git_commit",
     "write_result",
     "print_table",
@@ -34,64 +41,11 @@ __all__ = [
     "cls_features",
     "input_size_of",
     "cosine_lr",
-    "save_atomic",
-    "check_resume_settings",
+    "RESULT",
 ]
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_NESTED_KEYS = ("model", "state_dict")
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-
-
-def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``.pth``/``.pt``/...).
-
-    A torch file may hold the state dict itself or one under ``"model"`` or
-    ``"state_dict"``; a leading ``"module."`` (DDP) is stripped from every key.
-    Torch files are read with ``weights_only=True`` (no code runs on load).
-    """
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
-    suffix = checkpoint.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(checkpoint), device="cpu")
-        except SafetensorError as err:
-            raise ValueError(f"checkpoint {checkpoint}: cannot be read as safetensors ({err})") from None
-    elif suffix in _TORCH_SUFFIXES:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in many types
-            raise ValueError(
-                f"checkpoint {checkpoint}: cannot be read as a torch state dict "
-                f"with weights_only=True ({type(err).__name__}: {err})"
-            ) from err
-        if isinstance(state, Mapping):
-            for key in _NESTED_KEYS:
-                if key in state and isinstance(state[key], Mapping):
-                    state = state[key]
-                    break
-    else:
-        raise ValueError(
-            f"checkpoint {checkpoint}: unknown file type {suffix!r}; "
-            f"expected .safetensors or one of {', '.join(_TORCH_SUFFIXES)}"
-        )
-    if not isinstance(state, Mapping) or not state:
-        raise ValueError(
-            f"checkpoint {checkpoint}: holds no state dict (looked at the top level "
-            f"and under {', '.join(repr(k) for k in _NESTED_KEYS)})"
-        )
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(
-            f"checkpoint {checkpoint}: entries that are not tensors: {_preview(bad)}; "
-            f"expected a plain state dict"
-        )
-    return {_strip_prefix(k): v for k, v in state.items()}
+RESULT = "result.json"        # the record's name inside an evaluation's run folder
+EVAL_ROOT = Path("runs/eval")
 
 
 def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224",
@@ -116,27 +70,9 @@ def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224
     if checkpoint is not None:
         from train.export import drop_placeholder_head
         state = drop_placeholder_head(read_state_dict(Path(checkpoint)), net)
-        own = net.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = sorted(
-            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
-        )
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing keys ({len(missing)}): {_preview(missing)}")
-            if unexpected:
-                parts.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
-            if shapes:
-                parts.append(f"shape mismatches ({len(shapes)}): {_preview(shapes)}")
-            kw = ", ".join(f"{k}={v!r}" for k, v in sorted(timm_kwargs.items()))
-            raise ValueError(
-                f"checkpoint {checkpoint} does not fit timm model {model!r}"
-                f"{' (' + kw + ')' if kw else ''} with num_classes=0: " + "; ".join(parts)
-            )
-        net.load_state_dict(state, strict=True)
+        kw = ", ".join(f"{k}={v!r}" for k, v in sorted(timm_kwargs.items()))
+        load_strict(net, state, what=f"checkpoint {checkpoint} does not fit timm model {model!r}"
+                                     f"{' (' + kw + ')' if kw else ''} with num_classes=0")
     return net.eval()
 
 
@@ -162,22 +98,6 @@ def input_size_of(model: nn.Module) -> int:
     return int(size[0])
 
 
-def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
-    """``["img_size=32", "patch_size=8"]`` -> ``{"img_size": 32, "patch_size": 8}``.
-
-    Values are read as YAML scalars/lists (``0.1``, ``true``, ``[1, 2]``).
-    """
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"model argument {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else as given."""
     if device == "auto":
@@ -190,35 +110,11 @@ def resolve_device(device: str) -> torch.device:
 
 def cosine_lr(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: float,
               base_lr: float, min_lr: float = 0.0) -> float:
-    """MAE's per-step schedule: linear warm-up over ``warmup_epochs`` (fractional
-    epochs), then a half-cycle cosine from ``base_lr`` down to ``min_lr``."""
-    epoch = step / steps_per_epoch
-    if epoch < warmup_epochs:
-        return base_lr * epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    progress = min((epoch - warmup_epochs) / span, 1.0)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def check_resume_settings(saved: Mapping[str, Any], current: Mapping[str, Any], *,
-                          where: Path, ignore: Iterable[str] = ()) -> None:
-    """Refuse to resume a run whose settings differ; the message names every key."""
-    skip = set(ignore)
-    keys = sorted((set(saved) | set(current)) - skip)
-    norm = lambda v: json.loads(json.dumps(v, default=_jsonable))  # noqa: E731
-    diff = [f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys
-            if norm(saved.get(k)) != norm(current.get(k))]
-    if diff:
-        raise ValueError(f"cannot resume from {where}: settings differ: " + "; ".join(diff))
+    """MAE's per-step schedule in epochs: linear warm-up from 0 over ``warmup_epochs``
+    (fractional epochs), then a half-cycle cosine from ``base_lr`` down to ``min_lr``
+    (``core.optim.lr_at`` with MAE's zero-based warm-up)."""
+    return lr_at(step, total_steps=epochs * steps_per_epoch, warmup_steps=warmup_epochs * steps_per_epoch,
+                 peak=base_lr, min_lr=min_lr, warmup_offset=0)
 
 
 def checkpoint_digest(path: Path) -> str:
@@ -230,53 +126,40 @@ def checkpoint_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def git_commit() -> str | None:
-    """Commit of the code being run (``HEAD`` of this repository), or None outside git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True,
-                             text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+def default_out(checkpoint: str | Path, task: str) -> Path:
+    """``runs/eval/<checkpoint stem>-<first 8 hex digits of its sha256>/<task>``."""
+    checkpoint = Path(checkpoint)
+    return EVAL_ROOT / f"{checkpoint.stem}-{checkpoint_digest(checkpoint)[:8]}" / task
 
 
-def _git_dirty() -> bool | None:
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                             cwd=_REPO_ROOT, capture_output=True, text=True, timeout=10,
-                             check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip())
-
-
-def write_result(path: Path, *, task: str, metrics: Mapping[str, Any],
-                 settings: Mapping[str, Any], checkpoint: Path | None) -> dict:
+def write_result(path: Path, *, task: str, metrics: Mapping[str, Any], settings: Mapping[str, Any],
+                 checkpoint: Path | None, config: Any = None) -> dict:
     """Write one evaluation's record as JSON (atomically) and return it.
 
-    Fields: task, metrics, settings (the protocol as run), checkpoint (path and
-    sha256, or null for a random init), git_commit, git_dirty, time (UTC ISO 8601),
-    argv.
+    Fields: task, metrics, config (the resolved protocol config, eval/config.py, with its
+    derived values), settings (the protocol as run), checkpoint (path and sha256, or null
+    for a random init), git_commit, git_dirty, time (UTC ISO 8601), argv.
     """
     record = {
         "task": task,
         "metrics": dict(metrics),
+        "config": None if config is None else {**config.to_dict(), **(
+            {"derived": config.derived()} if config.derived() else {})},
         "settings": dict(settings),
         "checkpoint": None if checkpoint is None else {
             "path": str(checkpoint),
             "sha256": checkpoint_digest(Path(checkpoint)),
         },
         "git_commit": git_commit(),
-        "git_dirty": _git_dirty(),
+        "git_dirty": git_dirty(),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(sys.argv),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return json.loads(json.dumps(record, default=_jsonable))
+    if config is None:
+        del record["config"]
+    text = json.dumps(record, indent=2, default=_jsonable) + "\n"
+    write_atomic(Path(path), text)
+    return json.loads(text)
 
 
 def format_table(rows: list[Mapping[str, Any]]) -> str:
@@ -317,12 +200,3 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
-
-
-def _strip_prefix(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
-
-
-def _preview(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

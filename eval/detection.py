@@ -13,7 +13,6 @@ batch is one step (no gradient accumulation; lower --lr with --batch-size).
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -25,8 +24,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
 from eval.data import derive_seed, seeded_rngs
-from eval.dense_train import (check_finite, epoch_order, load_checkpoint, open_run_dir, ordered_loader,
-                              param_groups, save_checkpoint, set_lr, warmup_factor)
+from eval.config import DetectionConfig
+from eval.dense_train import check_finite, epoch_order, ordered_loader, param_groups, set_lr, warmup_factor
 from eval.pyramid import SimpleFeaturePyramid
 from store.decode import MEAN, STD
 from store.progress import progress_bar
@@ -34,6 +33,7 @@ from store.progress import progress_bar
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 LR_STEPS = (0.889, 0.963)
 INIT_KEY, STEP_KEY = 0x1417, 0x57E9
+CHECKPOINT = "checkpoint.pt"
 
 
 class SquarePadTransform(GeneralizedRCNNTransform):
@@ -144,86 +144,88 @@ def lr_at(step: int, *, total: int, lr: float, warmup: int) -> float:
     return lr * warmup_factor(step, warmup) * 0.1 ** drops
 
 
-def run_detection(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], data: Path, run_dir: Path,
-                  device: str = "auto", epochs: int = 100, image_size: int = 1024, batch_size: int = 64,
-                  lr: float = 1e-4, weight_decay: float = 0.1, layer_decay: float = 0.7, drop_path: float = 0.1,
-                  warmup: int = 250, heads: str = "vitdet", roi_batch: int = 512,
-                  scale_range: tuple[float, float] = (0.1, 2.0), max_images: int | None = None, seed: int = 0,
-                  num_workers: int = 8, resume: bool = False
+def run_detection(cfg: DetectionConfig, *, out: Path, device: str = "auto", resume: bool = False
                   ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The whole protocol: train Mask R-CNN on ``data``'s train split, evaluate on its val split.
+    """The whole protocol (``cfg``: eval/config.py): train Mask R-CNN on ``cfg.data``'s train split,
+    evaluate on its val split.
 
     Returns (metrics, settings) for ``write_result``: box_/mask_ AP, AP50, AP75, APs, APm,
-    APl in percent (COCOeval). Writes to ``run_dir``: checkpoint.pt (after every epoch;
-    ``resume`` continues from it and refuses one made with other settings), log.jsonl (one
-    line per epoch) and bbox_results.json / segm_results.json (COCO result format, val).
-    ``max_images`` keeps the first N images (by id) of each split; ``scale_range`` is the LSJ
-    range of the training resize (relative to ``image_size``).
+    APl in percent (COCOeval). Writes to the run folder ``out`` (``core.run``): checkpoint.pt
+    (after every epoch; ``resume`` continues from it and refuses one made with other settings),
+    metrics.jsonl (one row per epoch), config.yaml, and bbox_results.json / segm_results.json
+    (COCO result format, val). ``max_images`` keeps the first N images (by id) of each split;
+    ``scale_range`` is the LSJ range of the training resize (relative to ``image_size``).
     """
+    from core.run import open_run
     from eval.common import checkpoint_digest, load_backbone, resolve_device
 
-    dev = resolve_device(device)
-    run_dir = Path(run_dir)
-    checkpoint_file = open_run_dir(run_dir, resume=resume)
-    train_set = CocoInstances(data, "train", train=True, image_size=image_size, seed=seed, max_images=max_images,
-                              scale_range=tuple(scale_range))
-    val_set = CocoInstances(data, "val", train=False, image_size=image_size, max_images=max_images)
-    if val_set.category_ids != train_set.category_ids:
-        raise ValueError(f"{val_set.ann_file} and {train_set.ann_file} list different categories")
-    vit = load_backbone(checkpoint, model=model, **{"dynamic_img_size": True, "drop_path_rate": drop_path,
-                                                     **timm_kwargs})
-    with seeded_rngs(derive_seed(seed, INIT_KEY)):  # head initialisation keyed, global RNG untouched
-        net = build_mask_rcnn(vit=vit, num_classes=len(train_set.category_ids), image_size=image_size,
-                              heads=heads, roi_batch=roi_batch).to(dev)
-    settings = {
-        "protocol": "Mask R-CNN on a ViTDet simple feature pyramid (strides 4-32 + pool), LSJ train, "
-                    "COCOeval bbox/segm",
-        "model": model, "timm_kwargs": timm_kwargs, "checkpoint_sha256": checkpoint_digest(Path(checkpoint)),
-        "data": str(data), "epochs": epochs, "image_size": image_size, "batch_size": batch_size, "lr": lr,
-        "weight_decay": weight_decay, "layer_decay": layer_decay, "drop_path": drop_path, "warmup_steps": warmup,
-        "lr_steps": list(LR_STEPS), "heads": heads, "roi_batch": roi_batch, "max_images": max_images,
-        "seed": seed, "lsj_scale": list(train_set.scale_range), "train_images": len(train_set),
-        "val_images": len(val_set), "num_classes": len(train_set.category_ids),
-    }
-    optimizer = torch.optim.AdamW(param_groups(net, weight_decay=weight_decay, layer_decay=layer_decay), lr=lr,
-                                  betas=(0.9, 0.999))
-    start_epoch = 0
-    if resume:
-        start_epoch = load_checkpoint(checkpoint_file, model=net, optimizer=optimizer, settings=settings)["epoch"]
-        print(f"resumed from {checkpoint_file} after epoch {start_epoch}")
-    _train(model=net, optimizer=optimizer, dataset=train_set, run_dir=run_dir, start_epoch=start_epoch,
-           epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, workers=num_workers, device=dev,
-           settings=settings)
-    bbox, segm = predict(model=net, dataset=val_set, batch_size=min(batch_size, 8), workers=num_workers, device=dev)
-    write_results(run_dir / "bbox_results.json", bbox)
-    write_results(run_dir / "segm_results.json", segm)
+    digest = checkpoint_digest(Path(cfg.checkpoint))
+    with open_run(out, config=cfg, resume=resume, movable=cfg.movable + ("data",), checkpoint=CHECKPOINT,
+                  compare={"checkpoint_sha256": digest}) as run:
+        dev = resolve_device(device)
+        train_set = CocoInstances(cfg.data, "train", train=True, image_size=cfg.image_size, seed=cfg.seed,
+                                  max_images=cfg.max_images, scale_range=tuple(cfg.scale_range))
+        val_set = CocoInstances(cfg.data, "val", train=False, image_size=cfg.image_size, max_images=cfg.max_images)
+        if val_set.category_ids != train_set.category_ids:
+            raise ValueError(f"{val_set.ann_file} and {train_set.ann_file} list different categories")
+        vit = load_backbone(cfg.checkpoint, model=cfg.model, **{"dynamic_img_size": True,
+                                                                 "drop_path_rate": cfg.drop_path, **cfg.timm_kwargs})
+        with seeded_rngs(derive_seed(cfg.seed, INIT_KEY)):  # head initialisation keyed, global RNG untouched
+            net = build_mask_rcnn(vit=vit, num_classes=len(train_set.category_ids), image_size=cfg.image_size,
+                                  heads=cfg.heads, roi_batch=cfg.roi_batch).to(dev)
+        settings = {
+            "protocol": "Mask R-CNN on a ViTDet simple feature pyramid (strides 4-32 + pool), LSJ train, "
+                        "COCOeval bbox/segm",
+            "model": cfg.model, "timm_kwargs": cfg.timm_kwargs, "checkpoint_sha256": digest,
+            "data": str(cfg.data), "epochs": cfg.epochs, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "layer_decay": cfg.layer_decay,
+            "drop_path": cfg.drop_path, "warmup_steps": cfg.warmup, "lr_steps": list(LR_STEPS), "heads": cfg.heads,
+            "roi_batch": cfg.roi_batch, "max_images": cfg.max_images, "seed": cfg.seed,
+            "lsj_scale": list(train_set.scale_range), "train_images": len(train_set),
+            "val_images": len(val_set), "num_classes": len(train_set.category_ids),
+        }
+        optimizer = torch.optim.AdamW(param_groups(net, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay),
+                                      lr=cfg.lr, betas=(0.9, 0.999))
+        start_epoch = 0
+        if run.resumed:
+            net.load_state_dict(run.state["model"])
+            optimizer.load_state_dict(run.state["optimizer"])
+            start_epoch = int(run.state["progress"]["epoch"])
+            print(f"resumed from {run.checkpoint_path} after epoch {start_epoch}")
+        _train(cfg, model=net, optimizer=optimizer, dataset=train_set, run=run, start_epoch=start_epoch, device=dev)
+        bbox, segm = predict(model=net, dataset=val_set, batch_size=min(cfg.batch_size, 8), workers=cfg.workers,
+                             device=dev)
+    write_results(Path(out) / "bbox_results.json", bbox)
+    write_results(Path(out) / "segm_results.json", segm)
     metrics: dict[str, float] = OrderedDict()
     for prefix, iou_type, results in (("box", "bbox", bbox), ("mask", "segm", segm)):
         scores = evaluate(val_set.coco, results, iou_type=iou_type, image_ids=val_set.image_ids)
         metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
-    return metrics, {**settings, "device": str(dev), "run_dir": str(run_dir)}
+    return metrics, {**settings, "device": str(dev), "run_dir": str(out)}
 
 
-def _train(*, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: CocoInstances, run_dir: Path,
-           start_epoch: int, epochs: int, batch_size: int, lr: float, warmup: int, seed: int, workers: int,
-           device: torch.device, settings: dict[str, Any]) -> None:
-    """Epochs ``start_epoch..epochs-1``; checkpoint and one log line after each."""
-    steps_per_epoch = math.ceil(len(dataset) / batch_size)
-    total = epochs * steps_per_epoch
+def _train(cfg: DetectionConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: CocoInstances,
+           run, start_epoch: int, device: torch.device) -> None:
+    """Epochs ``start_epoch..cfg.epochs-1``; one metrics row and a checkpoint after each."""
+    from core.run import StepMetrics
+
+    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for epoch in range(start_epoch, epochs):
+    lr = lambda step: lr_at(step, total=total, lr=cfg.lr, warmup=cfg.warmup)  # noqa: E731
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
         dataset.set_epoch(epoch)
-        loader = ordered_loader(dataset, order=epoch_order(seed=seed, epoch=epoch, size=len(dataset)),
-                                batch_size=batch_size, workers=workers, collate_fn=collate,
+        loader = ordered_loader(dataset, order=epoch_order(seed=cfg.seed, epoch=epoch, size=len(dataset)),
+                                batch_size=cfg.batch_size, workers=cfg.workers, collate_fn=collate,
                                 pin_memory=device.type == "cuda")
-        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
-        sums: dict[str, float] = {}
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        sums = StepMetrics(device)
         for i, (images, targets) in enumerate(bar):
             step = epoch * steps_per_epoch + i
-            set_lr(optimizer, lr_at(step, total=total, lr=lr, warmup=warmup))
+            set_lr(optimizer, lr(step))
             images, targets = _to_device(images, targets, device)
-            with seeded_rngs(derive_seed(seed, step, STEP_KEY), cuda_devices=[device]):
+            with seeded_rngs(derive_seed(cfg.seed, step, STEP_KEY), cuda_devices=[device]):
                 with amp:
                     parts = model(images, targets)
                 loss = sum(parts.values())
@@ -231,11 +233,9 @@ def _train(*, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: CocoI
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums.add(step, {"loss": loss, **parts})
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        with open(run_dir / "log.jsonl", "a") as log:
-            log.write(json.dumps({"epoch": epoch + 1, "lr_end": lr_at(step, total=total, lr=lr, warmup=warmup),
-                                  **{k: v / steps_per_epoch for k, v in sums.items()}}) + "\n")
-        save_checkpoint(run_dir / "checkpoint.pt", model=model, optimizer=optimizer, progress={"epoch": epoch + 1},
-                        settings=settings)
+        end = (epoch + 1) * steps_per_epoch
+        run.log({"step": end, "epoch": epoch + 1, "lr_end": lr(step), **sums.reduce()})  # before the checkpoint
+        run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": {"epoch": epoch + 1},
+                  "step": end})

@@ -8,13 +8,13 @@ Similarities are computed for a block of queries at a time, sized so that the
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.config import KnnConfig
 from store.progress import progress_bar
 
 __all__ = ["extract_features", "knn_scores", "knn_accuracy", "topk_accuracy", "run_knn"]
@@ -102,11 +102,8 @@ def knn_accuracy(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
     return topk_accuracy(scores, query_labels)
 
 
-def run_knn(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], train: Path,
-            val: Path, device: str = "auto", k: int = 20, temperature: float = 0.07,
-            batch_size: int = 256, num_workers: int = 8,
-            max_elements: int = 1 << 26) -> tuple[dict[str, float], dict[str, Any]]:
-    """The whole protocol: load, extract train and val features, vote.
+def run_knn(cfg: KnnConfig, *, device: str = "auto") -> tuple[dict[str, float], dict[str, Any]]:
+    """The whole protocol (``cfg``: eval/config.py): load, extract train and val features, vote.
 
     Returns (metrics, settings) for ``write_result``.
     """
@@ -114,25 +111,25 @@ def run_knn(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], train:
     from eval.data import CROP_PCT, EvalImages, eval_transform, make_loader
 
     dev = resolve_device(device)
-    net = load_backbone(checkpoint, model=model, **timm_kwargs)
+    net = load_backbone(cfg.checkpoint, model=cfg.model, **cfg.timm_kwargs)
     size = input_size_of(net)
     tf = eval_transform(size)
-    train_set = EvalImages(train, transform=tf)
-    val_set = EvalImages(val, transform=tf, classes=train_set.classes)
-    loader = lambda ds: make_loader(ds, batch_size=batch_size, shuffle=False,  # noqa: E731
-                                    num_workers=num_workers, pin_memory=dev.type == "cuda")
+    train_set = EvalImages(cfg.train, transform=tf)
+    val_set = EvalImages(cfg.val, transform=tf, classes=train_set.classes)
+    loader = lambda ds: make_loader(ds, batch_size=cfg.batch_size, shuffle=False,  # noqa: E731
+                                    num_workers=cfg.workers, pin_memory=dev.type == "cuda")
     mem, mem_labels = extract_features(net, loader(train_set), device=dev, desc="train features")
     qry, qry_labels = extract_features(net, loader(val_set), device=dev, desc="val features")
     metrics = knn_accuracy(mem.to(dev), mem_labels, qry.to(dev), qry_labels,
-                           num_classes=len(train_set.classes), k=k, temperature=temperature,
-                           max_elements=max_elements)
+                           num_classes=len(train_set.classes), k=cfg.k, temperature=cfg.temperature,
+                           max_elements=cfg.max_elements)
     settings = {
         "protocol": "DINO weighted k-NN on L2-normalised CLS features (fp32), cosine",
-        "k": k, "k_effective": min(k, len(train_set)), "temperature": temperature,
-        "model": model, "timm_kwargs": timm_kwargs, "input_size": size,
+        "k": cfg.k, "k_effective": min(cfg.k, len(train_set)), "temperature": cfg.temperature,
+        "model": cfg.model, "timm_kwargs": cfg.timm_kwargs, "input_size": size,
         "transform": f"resize {int(round(size / CROP_PCT))} bicubic, center crop {size}, "
                      f"ImageNet mean/std",
-        "train": str(train), "val": str(val), "train_images": len(train_set),
+        "train": str(cfg.train), "val": str(cfg.val), "train_images": len(train_set),
         "val_images": len(val_set), "num_classes": len(train_set.classes),
         "feature_dim": int(mem.shape[1]), "device": str(dev),
     }

@@ -17,20 +17,21 @@ and trains on those: much faster, but without the protocol's augmentation; the
 result's settings say so. Val features are always computed once (the backbone is
 frozen and val has no augmentation, so this changes nothing).
 
-A run checkpoints its head and optimiser to ``run_dir/last.pt`` after every epoch and
+A run keeps its head and optimiser in the run folder (``core.run``: ``last.pt`` after every
+epoch, written atomically, one metrics.jsonl row per epoch, config.yaml) and
 ``resume=True`` continues from there (refusing different settings).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.config import LinearConfig
 from store.progress import progress_bar
 
 __all__ = ["LARS", "probe_head", "run_linear"]
@@ -137,106 +138,90 @@ def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int,
             return
 
 
-def run_linear(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], train: Path,
-               val: Path, run_dir: Path, device: str = "auto", epochs: int = 90,
-               warmup_epochs: float = 10, batch_size: int = 16384, micro_batch: int = 256,
-               blr: float = 0.1, lr: float | None = None, weight_decay: float = 0.0,
-               optimizer: str = "lars", cache_features: bool = False, seed: int = 0,
-               num_workers: int = 8, resume: bool = False) -> tuple[dict, dict]:
-    """Train and evaluate the probe. Returns (metrics, settings) for ``write_result``."""
-    from eval.common import (check_resume_settings, checkpoint_digest, cosine_lr,
-                             input_size_of, load_backbone, resolve_device, save_atomic)
+def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bool = False) -> tuple[dict, dict]:
+    """Train and evaluate the probe (``cfg``: eval/config.py) in the run folder ``out``.
+
+    Returns (metrics, settings) for ``write_result``."""
+    from core.run import open_run
+    from eval.common import checkpoint_digest, cosine_lr, input_size_of, load_backbone, resolve_device
     from eval.data import CROP_PCT, EvalImages, eval_transform, probe_train_transform
     from eval.knn import topk_accuracy
 
-    run_dir = Path(run_dir)
-    last = run_dir / "last.pt"
-    if resume and not last.exists():
-        raise FileNotFoundError(f"--resume: {run_dir} holds no last.pt to resume from")
-    if not resume and last.exists():
-        raise FileExistsError(f"{last} exists: pass --resume to continue that run or choose "
-                              f"another --run-dir")
-    dev = resolve_device(device)
-    backbone = load_backbone(checkpoint, model=model, **timm_kwargs).to(dev).eval()
-    backbone.requires_grad_(False)
-    size = input_size_of(backbone)
-    train_tf = eval_transform(size) if cache_features else probe_train_transform(size)
-    train_set = EvalImages(train, transform=train_tf, seed=seed)
-    val_set = EvalImages(val, transform=eval_transform(size), classes=train_set.classes)
-    steps = len(train_set) // batch_size
-    if steps == 0:
-        raise ValueError(f"linear probe: --batch-size {batch_size} is larger than the train "
-                         f"set ({len(train_set)} images in {train})")
-    abs_lr = lr if lr is not None else blr * batch_size / 256
-    settings = {
-        "protocol": "MAE linear probe: frozen backbone, CLS token, "
-                    "BatchNorm1d(affine=False, eps=1e-6) + Linear",
-        "model": model, "timm_kwargs": timm_kwargs, "input_size": size,
-        "checkpoint_sha256": checkpoint_digest(Path(checkpoint)),
-        "optimizer": optimizer, "momentum": 0.9, "epochs": epochs,
-        "warmup_epochs": warmup_epochs, "batch_size": batch_size, "blr": blr, "lr": abs_lr,
-        "weight_decay": weight_decay, "schedule": "linear warm-up + half-cycle cosine to 0",
-        "seed": seed,
-        "augment": ("NONE: center-crop features cached once (--cache-features; deviates from "
-                    "the MAE protocol, which uses RandomResizedCrop + flip)") if cache_features
-        else "RandomResizedCrop (bicubic) + horizontal flip (MAE)",
-        "val_transform": f"resize {round(size / CROP_PCT)} bicubic, center crop {size}",
-        "train": str(train), "val": str(val), "train_images": len(train_set),
-        "val_images": len(val_set), "num_classes": len(train_set.classes),
-        "steps_per_epoch": steps,
-    }
-    head = probe_head(int(backbone.num_features), len(train_set.classes), seed=seed).to(dev)
-    if optimizer == "lars":
-        opt = LARS(head.parameters(), lr=abs_lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(head.parameters(), lr=abs_lr, momentum=0.9,
-                              weight_decay=weight_decay)
-    else:
-        raise ValueError(f"linear probe: unknown optimizer {optimizer!r} (lars or sgd)")
+    digest = checkpoint_digest(Path(cfg.checkpoint))
+    with open_run(out, config=cfg, resume=resume, movable=cfg.movable,
+                  compare={"checkpoint_sha256": digest}) as run:
+        dev = resolve_device(device)
+        backbone = load_backbone(cfg.checkpoint, model=cfg.model, **cfg.timm_kwargs).to(dev).eval()
+        backbone.requires_grad_(False)
+        size = input_size_of(backbone)
+        train_tf = eval_transform(size) if cfg.cache_features else probe_train_transform(size)
+        train_set = EvalImages(cfg.train, transform=train_tf, seed=cfg.seed)
+        val_set = EvalImages(cfg.val, transform=eval_transform(size), classes=train_set.classes)
+        steps = len(train_set) // cfg.batch_size
+        if steps == 0:
+            raise ValueError(f"linear probe: --batch-size {cfg.batch_size} is larger than the train "
+                             f"set ({len(train_set)} images in {cfg.train})")
+        abs_lr = cfg.derived()["lr"]
+        settings = {
+            "protocol": "MAE linear probe: frozen backbone, CLS token, "
+                        "BatchNorm1d(affine=False, eps=1e-6) + Linear",
+            "model": cfg.model, "timm_kwargs": cfg.timm_kwargs, "input_size": size,
+            "checkpoint_sha256": digest, "optimizer": cfg.optimizer, "momentum": 0.9, "epochs": cfg.epochs,
+            "warmup_epochs": cfg.warmup_epochs, "batch_size": cfg.batch_size, "blr": cfg.blr, "lr": abs_lr,
+            "weight_decay": cfg.weight_decay, "schedule": "linear warm-up + half-cycle cosine to 0",
+            "seed": cfg.seed,
+            "augment": ("NONE: center-crop features cached once (--cache-features; deviates from "
+                        "the MAE protocol, which uses RandomResizedCrop + flip)") if cfg.cache_features
+            else "RandomResizedCrop (bicubic) + horizontal flip (MAE)",
+            "val_transform": f"resize {round(size / CROP_PCT)} bicubic, center crop {size}",
+            "train": str(cfg.train), "val": str(cfg.val), "train_images": len(train_set),
+            "val_images": len(val_set), "num_classes": len(train_set.classes),
+            "steps_per_epoch": steps,
+        }
+        head = probe_head(int(backbone.num_features), len(train_set.classes), seed=cfg.seed).to(dev)
+        if cfg.optimizer == "lars":
+            opt = LARS(head.parameters(), lr=abs_lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(head.parameters(), lr=abs_lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        start, history = 0, []
+        if run.resumed:
+            head.load_state_dict(run.state["head"])
+            opt.load_state_dict(run.state["optimizer"])
+            start, history = int(run.state["epoch"]), list(run.state["history"])
 
-    start, history = 0, []
-    if resume:
-        state = torch.load(last, map_location=dev, weights_only=True)
-        check_resume_settings(json.loads(state["settings"]), settings, where=last)
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]), json.loads(state["history"])
-
-    val_f, val_l = _feature_table(backbone, val_set, device=dev, batch_size=micro_batch,
-                                  num_workers=num_workers, desc="val features")
-    cached = None
-    if cache_features and start < epochs:
-        cached = _feature_table(backbone, train_set, device=dev, batch_size=micro_batch,
-                                num_workers=num_workers, desc="train features (center crop)")
-    bar = progress_bar(total=epochs * steps, initial=start * steps, desc="linear probe", unit="step")
-    for epoch in range(start, epochs):
-        head.train()
-        for s, (f, lab) in enumerate(_epoch_batches(
-                epoch=epoch, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
-                seed=seed, backbone=backbone, train_set=train_set, cached=cached, device=dev,
-                num_workers=num_workers)):
-            step_lr = cosine_lr(epoch * steps + s, steps_per_epoch=steps, epochs=epochs,
-                                warmup_epochs=warmup_epochs, base_lr=abs_lr)
-            for group in opt.param_groups:
-                group["lr"] = step_lr
-            loss = F.cross_entropy(head(f), lab)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-        loss_value = float(loss.detach())  # host sync once per epoch
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"linear probe: non-finite loss at epoch {epoch}")
-        acc = _evaluate(head, val_f, val_l, topk_accuracy)
-        history.append({"epoch": epoch + 1, "loss": loss_value, **acc})
-        bar.set_postfix(loss=f"{loss_value:.3f}", top1=f"{acc['top1']:.2f}")
-        save_atomic({"head": head.state_dict(), "optimizer": opt.state_dict(),
-                     "epoch": epoch + 1, "settings": json.dumps(settings, default=str),
-                     "history": json.dumps(history)}, last)
-        with open(run_dir / "log.jsonl", "a") as log:
-            log.write(json.dumps(history[-1]) + "\n")
-    bar.close()
-    final = _evaluate(head, val_f, val_l, topk_accuracy)
+        val_f, val_l = _feature_table(backbone, val_set, device=dev, batch_size=cfg.micro_batch,
+                                      num_workers=cfg.workers, desc="val features")
+        cached = None
+        if cfg.cache_features and start < cfg.epochs:
+            cached = _feature_table(backbone, train_set, device=dev, batch_size=cfg.micro_batch,
+                                    num_workers=cfg.workers, desc="train features (center crop)")
+        bar = progress_bar(total=cfg.epochs * steps, initial=start * steps, desc="linear probe", unit="step")
+        for epoch in range(start, cfg.epochs):
+            head.train()
+            for s, (f, lab) in enumerate(_epoch_batches(
+                    epoch=epoch, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, steps=steps,
+                    seed=cfg.seed, backbone=backbone, train_set=train_set, cached=cached, device=dev,
+                    num_workers=cfg.workers)):
+                step_lr = cosine_lr(epoch * steps + s, steps_per_epoch=steps, epochs=cfg.epochs,
+                                    warmup_epochs=cfg.warmup_epochs, base_lr=abs_lr)
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+                loss = F.cross_entropy(head(f), lab)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+            loss_value = float(loss.detach())  # host sync once per epoch
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"linear probe: non-finite loss at epoch {epoch}")
+            acc = _evaluate(head, val_f, val_l, topk_accuracy)
+            history.append({"epoch": epoch + 1, "loss": loss_value, **acc})
+            bar.set_postfix(loss=f"{loss_value:.3f}", top1=f"{acc['top1']:.2f}")
+            run.log({"step": (epoch + 1) * steps, **history[-1]})  # before the checkpoint: a resume trims it
+            run.save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                      "step": (epoch + 1) * steps, "history": history})
+        bar.close()
+        final = _evaluate(head, val_f, val_l, topk_accuracy)
     metrics = {**final, "best_top1": max([h["top1"] for h in history] + [final["top1"]])}
     return metrics, settings
 

@@ -18,7 +18,6 @@ over labelled pixels.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,14 @@ from torch import nn
 
 from eval.ade import IGNORE, AdeSegmentation
 from eval.data import derive_seed, seeded_rngs
-from eval.dense_train import (check_finite, epoch_order, load_checkpoint, open_run_dir, ordered_loader,
-                              param_groups, save_checkpoint, set_lr, warmup_factor)
+from eval.config import SegmentationConfig
+from eval.dense_train import check_finite, epoch_order, ordered_loader, param_groups, set_lr, warmup_factor
 from eval.pyramid import SimpleFeaturePyramid
 from eval.upernet import FCNHead, UperHead
 from store.progress import progress_bar
 
 INIT_KEY, STEP_KEY = 0x1417, 0x57E9
+CHECKPOINT = "checkpoint.pt"
 
 
 class Segmenter(nn.Module):
@@ -137,99 +137,98 @@ def lr_at(step: int, *, total: int, lr: float, warmup: int) -> float:
     return lr * warmup_factor(step, warmup) * max(0.0, 1 - step / total)
 
 
-def run_segmentation(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any], data: Path, run_dir: Path,
-                     device: str = "auto", iters: int = 160_000, image_size: int = 512, batch_size: int = 16,
-                     lr: float = 1e-4, weight_decay: float = 0.05, layer_decay: float = 0.65,
-                     drop_path: float = 0.1, warmup: int = 1500, channels: int = 512, aux_weight: float = 0.4,
-                     num_classes: int = 150, max_images: int | None = None, seed: int = 0,
-                     checkpoint_every: int = 2000, num_workers: int = 8, resume: bool = False
+def run_segmentation(cfg: SegmentationConfig, *, out: Path, device: str = "auto", resume: bool = False
                      ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The whole protocol: train on ``data``'s training split, evaluate on its validation split.
+    """The whole protocol (``cfg``: eval/config.py): train on ``cfg.data``'s training split, evaluate on
+    its validation split.
 
-    Returns (metrics, settings) for ``write_result``: mIoU and aAcc in percent. Writes to
-    ``run_dir``: checkpoint.pt (every ``checkpoint_every`` iterations and at the end;
-    ``resume`` continues from it exactly, refusing one made with other settings) and
-    log.jsonl (every 50 iterations). ``max_images`` keeps the first N images (by name) of each split.
+    Returns (metrics, settings) for ``write_result``: mIoU and aAcc in percent. Writes to the run
+    folder ``out`` (``core.run``): checkpoint.pt (every ``checkpoint_every`` iterations and at the
+    end; ``resume`` continues from it exactly, refusing one made with other settings), metrics.jsonl
+    (every 50 iterations) and config.yaml. ``max_images`` keeps the first N images (by name) of each split.
     """
+    from core.run import open_run
     from eval.common import checkpoint_digest, load_backbone, resolve_device
 
-    if image_size % 32:
-        raise ValueError(f"segmentation crop size must be a multiple of 32, got {image_size}")
-    dev = resolve_device(device)
-    run_dir = Path(run_dir)
-    checkpoint_file = open_run_dir(run_dir, resume=resume)
-    train_set = AdeSegmentation(data, "training", train=True, image_size=image_size, num_classes=num_classes,
-                                seed=seed, max_images=max_images)
-    val_set = AdeSegmentation(data, "validation", train=False, image_size=image_size, num_classes=num_classes,
-                              max_images=max_images)
-    if len(train_set) < batch_size:
-        raise ValueError(f"{data}: {len(train_set)} training images, fewer than one batch of {batch_size}")
-    vit = load_backbone(checkpoint, model=model, **{"dynamic_img_size": True, "drop_path_rate": drop_path,
-                                                     **timm_kwargs})
-    with seeded_rngs(derive_seed(seed, INIT_KEY)):  # head initialisation keyed, global RNG untouched
-        net = Segmenter(vit=vit, num_classes=num_classes, channels=channels, aux_weight=aux_weight).to(dev)
-    settings = {
-        "protocol": "UperNet (+FCN aux) on a ViTDet simple feature pyramid; slide inference; "
-                    "mIoU (torchmetrics macro Jaccard, ignore 255) and aAcc",
-        "model": model, "timm_kwargs": timm_kwargs, "checkpoint_sha256": checkpoint_digest(Path(checkpoint)),
-        "data": str(data), "iters": iters, "image_size": image_size, "batch_size": batch_size, "lr": lr,
-        "weight_decay": weight_decay, "layer_decay": layer_decay, "drop_path": drop_path, "warmup_iters": warmup,
-        "channels": channels, "aux_weight": aux_weight, "num_classes": num_classes, "max_images": max_images,
-        "seed": seed, "train_images": len(train_set), "val_images": len(val_set),
-        "test": f"resize into ({4 * image_size}, {image_size}), slide {image_size} stride {image_size * 2 // 3}",
-    }
-    optimizer = torch.optim.AdamW(param_groups(net, weight_decay=weight_decay, layer_decay=layer_decay), lr=lr,
-                                  betas=(0.9, 0.999))
-    start = 0
-    if resume:
-        start = load_checkpoint(checkpoint_file, model=net, optimizer=optimizer, settings=settings)["iter"]
-        print(f"resumed from {checkpoint_file} after iteration {start}")
-    _train(model=net, optimizer=optimizer, dataset=train_set, run_dir=run_dir, start=start, iters=iters,
-           batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, workers=num_workers, device=dev,
-           settings=settings, checkpoint_every=checkpoint_every)
-    metrics = evaluate(model=net, dataset=val_set, device=dev, workers=num_workers)
-    return metrics, {**settings, "device": str(dev), "run_dir": str(run_dir)}
+    digest = checkpoint_digest(Path(cfg.checkpoint))
+    with open_run(out, config=cfg, resume=resume, movable=cfg.movable + ("data",), checkpoint=CHECKPOINT,
+                  compare={"checkpoint_sha256": digest}) as run:
+        dev = resolve_device(device)
+        train_set = AdeSegmentation(cfg.data, "training", train=True, image_size=cfg.image_size,
+                                    num_classes=cfg.num_classes, seed=cfg.seed, max_images=cfg.max_images)
+        val_set = AdeSegmentation(cfg.data, "validation", train=False, image_size=cfg.image_size,
+                                  num_classes=cfg.num_classes, max_images=cfg.max_images)
+        if len(train_set) < cfg.batch_size:
+            raise ValueError(f"{cfg.data}: {len(train_set)} training images, fewer than one batch of "
+                             f"{cfg.batch_size}")
+        vit = load_backbone(cfg.checkpoint, model=cfg.model, **{"dynamic_img_size": True,
+                                                                 "drop_path_rate": cfg.drop_path, **cfg.timm_kwargs})
+        with seeded_rngs(derive_seed(cfg.seed, INIT_KEY)):  # head initialisation keyed, global RNG untouched
+            net = Segmenter(vit=vit, num_classes=cfg.num_classes, channels=cfg.channels,
+                            aux_weight=cfg.aux_weight).to(dev)
+        size = cfg.image_size
+        settings = {
+            "protocol": "UperNet (+FCN aux) on a ViTDet simple feature pyramid; slide inference; "
+                        "mIoU (torchmetrics macro Jaccard, ignore 255) and aAcc",
+            "model": cfg.model, "timm_kwargs": cfg.timm_kwargs, "checkpoint_sha256": digest,
+            "data": str(cfg.data), "iters": cfg.iters, "image_size": size, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "layer_decay": cfg.layer_decay,
+            "drop_path": cfg.drop_path, "warmup_iters": cfg.warmup, "channels": cfg.channels,
+            "aux_weight": cfg.aux_weight, "num_classes": cfg.num_classes, "max_images": cfg.max_images,
+            "seed": cfg.seed, "train_images": len(train_set), "val_images": len(val_set),
+            "test": f"resize into ({4 * size}, {size}), slide {size} stride {size * 2 // 3}",
+        }
+        optimizer = torch.optim.AdamW(param_groups(net, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay),
+                                      lr=cfg.lr, betas=(0.9, 0.999))
+        start = 0
+        if run.resumed:
+            net.load_state_dict(run.state["model"])
+            optimizer.load_state_dict(run.state["optimizer"])
+            start = int(run.state["progress"]["iter"])
+            print(f"resumed from {run.checkpoint_path} after iteration {start}")
+        _train(cfg, model=net, optimizer=optimizer, dataset=train_set, run=run, start=start, device=dev)
+        metrics = evaluate(model=net, dataset=val_set, device=dev, workers=cfg.workers)
+    return metrics, {**settings, "device": str(dev), "run_dir": str(out)}
 
 
-def _train(*, model: Segmenter, optimizer: torch.optim.Optimizer, dataset: AdeSegmentation, run_dir: Path,
-           start: int, iters: int, batch_size: int, lr: float, warmup: int, seed: int, workers: int,
-           device: torch.device, settings: dict[str, Any], checkpoint_every: int, log_every: int = 50) -> None:
-    """Iterations ``start..iters-1`` over epochs of whole batches (the epoch and position follow from the
-    iteration, so a resumed run sees the same batches)."""
-    steps_per_epoch = len(dataset) // batch_size
+def _train(cfg: SegmentationConfig, *, model: Segmenter, optimizer: torch.optim.Optimizer,
+           dataset: AdeSegmentation, run, start: int, device: torch.device, log_every: int = 50) -> None:
+    """Iterations ``start..cfg.iters-1`` over epochs of whole batches (the epoch and position follow from
+    the iteration, so a resumed run sees the same batches). A metrics row holds the means since the
+    previous row (after a resume: since the resumed iteration)."""
+    from core.run import StepMetrics
+
+    steps_per_epoch = len(dataset) // cfg.batch_size
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = progress_bar(total=iters, initial=start, desc="train", unit="iter")
-    step, sums = start, {}
-    while step < iters:
+    lr = lambda step: lr_at(step, total=cfg.iters, lr=cfg.lr, warmup=cfg.warmup)  # noqa: E731
+    bar = progress_bar(total=cfg.iters, initial=start, desc="train", unit="iter")
+    step, sums = start, StepMetrics(device)
+    while step < cfg.iters:
         epoch, skip = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
-        order = epoch_order(seed=seed, epoch=epoch, size=len(dataset))[skip * batch_size:steps_per_epoch * batch_size]
-        loader = ordered_loader(dataset, order=order, batch_size=batch_size, workers=workers, drop_last=True,
-                                pin_memory=device.type == "cuda")
+        order = epoch_order(seed=cfg.seed, epoch=epoch, size=len(dataset))[
+            skip * cfg.batch_size:steps_per_epoch * cfg.batch_size]
+        loader = ordered_loader(dataset, order=order, batch_size=cfg.batch_size, workers=cfg.workers,
+                                drop_last=True, pin_memory=device.type == "cuda")
         model.train()
         for images, labels in loader:
-            set_lr(optimizer, lr_at(step, total=iters, lr=lr, warmup=warmup))
-            with seeded_rngs(derive_seed(seed, step, STEP_KEY), cuda_devices=[device]):
+            set_lr(optimizer, lr(step))
+            with seeded_rngs(derive_seed(cfg.seed, step, STEP_KEY), cuda_devices=[device]):
                 with amp:
                     parts = model.losses(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
                 check_finite(parts["loss"], step=step, parts=parts)  # one host sync per step, read by the bar too
                 optimizer.zero_grad(set_to_none=True)
                 parts["loss"].backward()
             optimizer.step()
+            sums.add(step, parts)
             step += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
-            if step % log_every == 0 or step == iters:
-                with open(run_dir / "log.jsonl", "a") as log:
-                    n = (step - 1) % log_every + 1
-                    log.write(json.dumps({"iter": step, "lr": lr_at(step - 1, total=iters, lr=lr, warmup=warmup),
-                                          **{k: v / n for k, v in sums.items()}}) + "\n")
-                sums = {}
-            if step % checkpoint_every == 0 or step == iters:
-                save_checkpoint(run_dir / "checkpoint.pt", model=model, optimizer=optimizer,
-                                progress={"iter": step}, settings=settings)
-            if step >= iters:
+            if step % log_every == 0 or step == cfg.iters:   # before the checkpoint: a resume trims it
+                run.log({"step": step, "iter": step, "lr": lr(step - 1), **sums.reduce()})
+            if step % cfg.checkpoint_every == 0 or step == cfg.iters:
+                run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "progress": {"iter": step}, "step": step})
+            if step >= cfg.iters:
                 break
     bar.close()

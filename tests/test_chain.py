@@ -91,15 +91,17 @@ def test_the_export_loads_in_timm_with_and_without_its_classifier(exported):
 
 def test_the_export_evaluates_with_knn_and_a_linear_probe(exported, prepared_data, photo_tree, tmp_path):
     import json
+    from eval.config import LinearConfig
     from eval.linear import run_linear
     _, out = exported
     _invoke("eval", "knn", "--checkpoint", out, "--train", prepared_data, "--val", photo_tree, "--workers", 0,
-            "--batch-size", 13, "--out", tmp_path / "knn.json")
-    knn = json.loads((tmp_path / "knn.json").read_text())
+            "--batch-size", 13, "--out", tmp_path / "knn")
+    knn = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert 0 <= knn["metrics"]["top1"] <= 100 and knn["checkpoint"]["path"] == str(out)
-    metrics, _ = run_linear(checkpoint=out, model="vit_tiny_patch16_224", timm_kwargs={}, train=photo_tree,
-                            val=photo_tree, run_dir=tmp_path / "linear", device="cpu", epochs=1, warmup_epochs=0,
-                            batch_size=13, micro_batch=13, cache_features=True, num_workers=0)
+    cfg = LinearConfig.from_dict(dict(checkpoint=str(out), model="vit_tiny_patch16_224", train=str(photo_tree),
+                                      val=str(photo_tree), epochs=1, warmup_epochs=0, batch_size=13, micro_batch=13,
+                                      cache_features=True, workers=0))
+    metrics, _ = run_linear(cfg, out=tmp_path / "linear", device="cpu")
     assert 0 <= metrics["top1"] <= 100
 
 

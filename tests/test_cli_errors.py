@@ -159,9 +159,10 @@ def test_dense_eval_into_an_existing_run_without_resume_is_refused_naming_it(pro
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"a run's checkpoint")
     line = one_error(["eval", protocol, photo_tree, "--checkpoint", junk, "--device", "cpu", "--workers", 0,
-                      "--out", tmp_path / "result.json", "--run-dir", run], run, "--resume")
-    assert "holds a run already" in line
+                      "--out", run], run, "--resume")
+    assert "already holds a run" in line
     assert (run / "checkpoint.pt").read_bytes() == b"a run's checkpoint"      # nothing overwritten
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
 
 
 @pytest.mark.parametrize("protocol", ["linear", "finetune", "detection", "segmentation"])
@@ -169,4 +170,11 @@ def test_eval_resume_with_nothing_to_resume_is_an_error_naming_the_folder(protoc
     data = [photo_tree] if protocol in ("detection", "segmentation") else ["--train", photo_tree, "--val", photo_tree]
     run = tmp_path / "nothing"
     one_error(["eval", protocol, *data, "--checkpoint", junk, "--device", "cpu", "--workers", 0,
-               "--out", tmp_path / "result.json", "--run-dir", run, "--resume"], run, "--resume")
+               "--out", run, "--resume"], run, "--resume")
+    assert not run.exists()                                                    # nothing made either
+
+
+def test_eval_with_an_unknown_config_key_names_the_key_and_the_valid_ones(photo_tree, junk, tmp_path):
+    line = one_error(["eval", "knn", "--checkpoint", junk, "--train", photo_tree, "--val", photo_tree,
+                      "--out", tmp_path / "knn", "no_such_key=1"], "no_such_key", "temperature")
+    assert "unknown config key" in line

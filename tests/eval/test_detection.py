@@ -178,44 +178,45 @@ def _run(args):
 
 def test_detection_command_trains_writes_coco_results_and_resumes_to_the_same_weights(
         toy_coco_dir, dense_vit_checkpoint, tmp_path, monkeypatch):
-    import eval.detection as detection
+    from core.run import Run
 
-    kept = tmp_path / "after_epoch_1.pt"
-    original = detection.save_checkpoint
+    kept = tmp_path / "after_epoch_1"
+    original = Run.save
 
-    def keep_first(path, **kw):  # the state a run killed after epoch 1 would leave behind
-        original(path, **kw)
-        if kw["progress"]["epoch"] == 1:
-            shutil.copy(path, kept)
+    def keep_first(run, obj, name=None):  # the run folder a run killed after epoch 1 would leave behind
+        path = original(run, obj, name)
+        if obj["progress"]["epoch"] == 1:
+            shutil.copytree(run.path, kept)
+        return path
 
-    monkeypatch.setattr(detection, "save_checkpoint", keep_first)
+    monkeypatch.setattr(Run, "save", keep_first)
     common = ["eval", "detection", str(toy_coco_dir), "--checkpoint", str(dense_vit_checkpoint), *ARGS, *FAST,
               "--epochs", "2"]
-    _run(common + ["--out", str(tmp_path / "a.json")])
-    record = json.loads((tmp_path / "a.json").read_text())
+    run_a = tmp_path / "a"
+    _run(common + ["--out", str(run_a)])
+    record = json.loads((run_a / "result.json").read_text())
     assert record["task"] == "detection"
     for key in ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75"):
         assert 0.0 <= record["metrics"][key] <= 100.0, key
     assert record["settings"]["epochs"] == 2 and record["checkpoint"]["sha256"]
-    run_a = tmp_path / "a.run"
+    assert record["config"]["heads"] == "light" and record["config"]["scale_range"] == [0.1, 2.0]
     segm = json.loads((run_a / "segm_results.json").read_text())
     assert all(isinstance(r["segmentation"]["counts"], str) and r["category_id"] in (3, 7, 11) for r in segm)
-    assert len((run_a / "log.jsonl").read_text().splitlines()) == 2
+    assert len((run_a / "metrics.jsonl").read_text().splitlines()) == 2
 
-    run_b = tmp_path / "b.run"
-    run_b.mkdir()
-    shutil.copy(kept, run_b / "checkpoint.pt")
-    result = _run(common + ["--out", str(tmp_path / "b.json"), "--resume"])
+    run_b = tmp_path / "b"
+    shutil.copytree(kept, run_b)
+    result = _run(common + ["--out", str(run_b), "--resume"])
     assert "resumed" in result.output and "after epoch 1" in result.output
     a = torch.load(run_a / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(run_b / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "b.json").read_text())["metrics"] == record["metrics"]
+    assert json.loads((run_b / "result.json").read_text())["metrics"] == record["metrics"]
+    assert (run_b / "metrics.jsonl").read_text() == (run_a / "metrics.jsonl").read_text()
 
-    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "c.json"), "--run-dir", str(run_b),
-                                                "--resume", "--lr", "1e-3"])
+    result = CliRunner().invoke(main, common + ["--out", str(run_b), "--resume", "--lr", "1e-3"])
     assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
-    assert "lr: saved 0.0001 vs now 0.001" in result.output
+    assert "lr: checkpoint 0.0001, now 0.001" in result.output
 
 
 @pytest.mark.slow

@@ -167,13 +167,13 @@ def test_eval_knn_command_separates_toy_classes_and_writes_record(tmp_path):
     val = make_toy_folder(tmp_path / "val", per_class=6, seed=2)
     ck = tmp_path / "student.pth"
     torch.save({"model": tiny_vit().state_dict()}, ck)
-    out = tmp_path / "knn.json"
+    out = tmp_path / "knn"
     res = CliRunner().invoke(cli.main, [
         "eval", "knn", "--checkpoint", str(ck), "--model-arg", "img_size=32",
         "--model-arg", "depth=2", "--train", str(train), "--val", str(val),
         "--out", str(out), "--device", "cpu", "--batch-size", "16", "--workers", "0"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    rec = json.loads(out.read_text())
+    rec = json.loads((out / "result.json").read_text())
     assert rec["metrics"]["top1"] > 95.0, rec["metrics"]
     assert rec["task"] == "knn" and len(rec["checkpoint"]["sha256"]) == 64
     assert rec["git_commit"] is not None
@@ -182,6 +182,29 @@ def test_eval_knn_command_separates_toy_classes_and_writes_record(tmp_path):
     assert (s["train_images"], s["val_images"], s["num_classes"]) == (36, 18, 3)
     assert s["timm_kwargs"] == {"img_size": 32, "depth": 2} and s["input_size"] == 32
     assert "top1" in res.output and "knn" in res.output
+    # the resolved config: every default, and the options as given
+    assert rec["config"]["k"] == 20 and rec["config"]["batch_size"] == 16
+    assert rec["config"]["model_args"] == ["img_size=32", "depth=2"] and rec["config"]["train"] == str(train)
+
+
+def test_two_knn_runs_on_two_checkpoints_with_default_options_keep_both_results(tmp_path, monkeypatch):
+    train = make_toy_folder(tmp_path / "train", per_class=2, seed=1)
+    for seed in (0, 1):
+        (tmp_path / f"run{seed}").mkdir()
+        torch.save(tiny_vit(seed).state_dict(), tmp_path / f"run{seed}" / "student.pth")   # one name, two files
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        res = CliRunner().invoke(cli.main, [
+            "eval", "knn", "--checkpoint", f"run{seed}/student.pth", "--model-arg", "img_size=32",
+            "--model-arg", "depth=2", "--train", str(train), "--val", str(train), "--device", "cpu",
+            "--workers", "0"])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    results = sorted((tmp_path / "runs" / "eval").glob("student-*/knn/result.json"))
+    assert len(results) == 2, results
+    records = [json.loads(r.read_text()) for r in results]
+    assert {r["checkpoint"]["path"] for r in records} == {"run0/student.pth", "run1/student.pth"}
+    for path, rec in zip(results, records):    # each folder is named for the checkpoint it holds
+        assert path.parent.parent.name == f"student-{rec['checkpoint']['sha256'][:8]}"
 
 
 def test_eval_knn_command_refuses_checkpoint_of_other_size(tmp_path):
@@ -190,8 +213,8 @@ def test_eval_knn_command_refuses_checkpoint_of_other_size(tmp_path):
     torch.save(tiny_vit().state_dict(), ck)
     res = CliRunner().invoke(cli.main, [
         "eval", "knn", "--checkpoint", str(ck), "--model-arg", "depth=2",
-        "--train", str(train), "--val", str(train), "--out", str(tmp_path / "r.json"),
+        "--train", str(train), "--val", str(train), "--out", str(tmp_path / "r"),
         "--device", "cpu", "--workers", "0"])
     assert res.exit_code != 0
     assert "pos_embed: checkpoint (1, 5, 192) vs model (1, 197, 192)" in res.output, res.output
-    assert not (tmp_path / "r.json").exists()
+    assert not (tmp_path / "r" / "result.json").exists()

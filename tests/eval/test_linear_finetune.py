@@ -1,8 +1,12 @@
 """eval/linear.py and eval/finetune.py: the optimiser pieces, both commands end to end,
-resumption after a kill, and refusal to resume a different run."""
+resumption after a kill (a simulated one and a real SIGKILL), and refusal to resume a different run."""
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli
-import eval.common
+import core.run
 from eval.common import cosine_lr
+from eval.config import LinearConfig
 from eval.linear import LARS, probe_head, run_linear
 
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
@@ -55,13 +60,13 @@ class SimulatedKill(Exception):
 
 def _interrupt_after_first_save(monkeypatch):
     """Make the run die right after its first per-epoch checkpoint is durable."""
-    real = eval.common.save_atomic
+    real = core.run.save_atomic
 
     def save_then_die(obj, path):
         real(obj, path)
         raise SimulatedKill("after epoch 1")
 
-    monkeypatch.setattr(eval.common, "save_atomic", save_then_die)
+    monkeypatch.setattr(core.run, "save_atomic", save_then_die)
 
 
 def test_lars_scales_matrix_updates_by_trust_ratio_and_leaves_vectors_plain():
@@ -96,39 +101,42 @@ def test_cosine_lr_warms_up_linearly_then_decays_to_the_floor():
 
 def test_eval_linear_command_learns_toy_classes_with_augmentation(toy, tmp_path):
     train, val, ck = toy
-    out = tmp_path / "linear.json"
+    out = tmp_path / "linear"
     res = CliRunner().invoke(cli.main, [
         "eval", "linear", "--checkpoint", str(ck), *MODEL_ARGS, "--train", str(train),
         "--val", str(val), "--out", str(out), "--device", "cpu", "--workers", "0",
         "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "6", "--micro-batch", "4",
         "--optimizer", "sgd", "--lr", "0.1"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    rec = json.loads(out.read_text())
+    rec = json.loads((out / "result.json").read_text())
     assert rec["metrics"]["top1"] > 80.0, rec["metrics"]
     s = rec["settings"]
     assert s["augment"].startswith("RandomResizedCrop") and s["steps_per_epoch"] == 2
     assert (s["optimizer"], s["lr"], s["batch_size"], s["epochs"]) == ("sgd", 0.1, 6, 3)
     assert rec["checkpoint"]["sha256"] == s["checkpoint_sha256"]
-    logged = [json.loads(line) for line in (tmp_path / "linear.run" / "log.jsonl").open()]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert [r["epoch"] for r in logged] == [1, 2, 3]
+    assert rec["config"]["lr"] == 0.1 and rec["config"]["derived"] == {"lr": 0.1}    # the resolved config
+    assert LinearConfig.from_dict(rec["config"]).lr == 0.1                          # loads back, derived checked
 
 
 def test_linear_probe_resumed_after_kill_ends_identical_and_refuses_other_settings(
         toy, tmp_path, monkeypatch):
     train, val, ck = toy
-    kw = dict(checkpoint=ck, model="vit_tiny_patch16_224", timm_kwargs={"img_size": 32,
-              "depth": 2}, train=train, val=val, device="cpu", epochs=2, warmup_epochs=1,
-              batch_size=4, micro_batch=4, cache_features=True, num_workers=0)
-    whole, _ = run_linear(run_dir=tmp_path / "whole", **kw)
+    kw = dict(checkpoint=str(ck), model="vit_tiny_patch16_224", model_args=("img_size=32", "depth=2"),
+              train=str(train), val=str(val), epochs=2, warmup_epochs=1, batch_size=4, micro_batch=4,
+              cache_features=True, workers=0)
+    cfg = LinearConfig.from_dict(kw)
+    whole, _ = run_linear(cfg, out=tmp_path / "whole", device="cpu")
     with monkeypatch.context() as m:
         _interrupt_after_first_save(m)
         with pytest.raises(SimulatedKill):
-            run_linear(run_dir=tmp_path / "cut", **kw)
+            run_linear(cfg, out=tmp_path / "cut", device="cpu")
     with pytest.raises(FileExistsError, match="pass --resume"):
-        run_linear(run_dir=tmp_path / "cut", **kw)
-    with pytest.raises(ValueError, match=r"settings differ: lr: saved 0\.0015625 vs now 0\.5"):
-        run_linear(run_dir=tmp_path / "cut", resume=True, **{**kw, "lr": 0.5})
-    resumed, settings = run_linear(run_dir=tmp_path / "cut", resume=True, **kw)
+        run_linear(cfg, out=tmp_path / "cut", device="cpu")
+    with pytest.raises(ValueError, match=r"other settings: lr: checkpoint None, now 0\.5"):
+        run_linear(cfg.override(["lr=0.5"]), out=tmp_path / "cut", device="cpu", resume=True)
+    resumed, settings = run_linear(cfg, out=tmp_path / "cut", device="cpu", resume=True)
     assert resumed == whole
     assert settings["augment"].startswith("NONE: center-crop features cached")
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["head"]
@@ -147,7 +155,7 @@ def test_eval_finetune_resumes_after_kill_to_identical_weights_without_touching_
     train, val, ck = toy
     rng_before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     runner = CliRunner()
-    res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "whole.json"))
+    res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "whole"))
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert torch.equal(rng_before[0], torch.get_rng_state())
     assert rng_before[1] == random.getstate()
@@ -155,18 +163,18 @@ def test_eval_finetune_resumes_after_kill_to_identical_weights_without_touching_
 
     with monkeypatch.context() as m:
         _interrupt_after_first_save(m)
-        res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "cut.json"))
+        res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "cut"))
         assert isinstance(res.exception, SimulatedKill)
-    assert not (tmp_path / "cut.json").exists()
-    res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "cut.json")
+    assert not (tmp_path / "cut" / "result.json").exists()
+    res = runner.invoke(cli.main, _finetune_args(train, val, ck, tmp_path / "cut")
                         + ["--resume"])
     assert res.exit_code == 0, res.output + repr(res.exception)
 
-    whole = torch.load(tmp_path / "whole.run" / "last.pt", weights_only=True)
-    cut = torch.load(tmp_path / "cut.run" / "last.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert whole["epoch"] == cut["epoch"] == 2
     assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "cut.json"))
+    a, b = (json.loads((tmp_path / f / "result.json").read_text()) for f in ("whole", "cut"))
     assert a["metrics"] == b["metrics"] and set(a["metrics"]) == {"top1", "top5", "best_top1"}
     s = a["settings"]
     assert (s["mixup"], s["cutmix"], s["label_smoothing"], s["drop_path"]) == (0.8, 1.0, 0.1, 0.1)
@@ -178,7 +186,36 @@ def test_eval_finetune_resumes_after_kill_to_identical_weights_without_touching_
 
 def test_eval_finetune_refuses_odd_micro_batch_for_mixup(toy, tmp_path):
     train, val, ck = toy
-    args = _finetune_args(train, val, ck, tmp_path / "r.json")
+    args = _finetune_args(train, val, ck, tmp_path / "r")
     args[args.index("--batch-size") + 1] = "5"
     res = CliRunner().invoke(cli.main, args)
     assert res.exit_code != 0 and "even micro-batch, got 5" in res.output, res.output
+
+
+def test_eval_linear_killed_by_sigkill_resumes_to_the_uninterrupted_result_and_metrics(toy, tmp_path, sigkill_when):
+    """A real SIGKILL mid-run (after some epochs' checkpoints), then --resume: the same metrics.jsonl rows,
+    result metrics and head weights as a run that was never interrupted."""
+    from core.run import read_metrics
+
+    train, val, ck = toy
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(out, *extra):
+        return [sys.executable, str(root / "cli.py"), "eval", "linear", "--checkpoint", str(ck), *MODEL_ARGS,
+                "--train", str(train), "--val", str(val), "--out", str(out), "--device", "cpu", "--workers", "0",
+                "--epochs", "40", "--warmup-epochs", "1", "--batch-size", "6", "--micro-batch", "3",
+                "--optimizer", "sgd", "--lr", "0.1", *extra]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(cmd(whole), cwd=root, env=env, check=True, capture_output=True)
+    sigkill_when(cmd(cut), lambda: len(read_metrics(cut / "metrics.jsonl")) >= 3, env=env, cwd=root)
+    assert 3 <= len(read_metrics(cut / "metrics.jsonl")) < 40 and not (cut / "result.json").exists()
+    subprocess.run(cmd(cut, "--resume"), cwd=root, env=env, check=True, capture_output=True)
+    rows = read_metrics(whole / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(1, 41))
+    assert read_metrics(cut / "metrics.jsonl") == rows
+    a, b = (json.loads((p / "result.json").read_text()) for p in (whole, cut))
+    assert a["metrics"] == b["metrics"] and a["config"] == b["config"]
+    heads = [torch.load(p / "last.pt", weights_only=True)["head"] for p in (whole, cut)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

@@ -121,32 +121,33 @@ def _run(args):
 
 def test_segmentation_command_trains_scores_and_resumes_to_the_same_weights(
         toy_ade_dir, dense_vit_checkpoint, tmp_path, monkeypatch):
-    import eval.segmentation as segmentation
+    from core.run import Run
 
-    kept = tmp_path / "after_iter_1.pt"
-    original = segmentation.save_checkpoint
+    kept = tmp_path / "after_iter_1"
+    original = Run.save
 
-    def keep_first(path, **kw):  # the state a run killed after iteration 1 would leave behind
-        original(path, **kw)
-        if kw["progress"]["iter"] == 1:
-            shutil.copy(path, kept)
+    def keep_first(run, obj, name=None):  # the run folder a run killed after iteration 1 would leave behind
+        path = original(run, obj, name)
+        if obj["progress"]["iter"] == 1:
+            shutil.copytree(run.path, kept)
+        return path
 
-    monkeypatch.setattr(segmentation, "save_checkpoint", keep_first)
+    monkeypatch.setattr(Run, "save", keep_first)
     common = ["eval", "segmentation", str(toy_ade_dir), "--checkpoint", str(dense_vit_checkpoint), *ARGS, *FAST,
               "--iters", "3", "--checkpoint-every", "1"]
-    _run(common + ["--out", str(tmp_path / "a.json")])
-    record = json.loads((tmp_path / "a.json").read_text())
+    _run(common + ["--out", str(tmp_path / "a")])
+    record = json.loads((tmp_path / "a" / "result.json").read_text())
     assert record["task"] == "segmentation" and set(record["metrics"]) == {"mIoU", "aAcc"}
     assert all(0.0 <= v <= 100.0 for v in record["metrics"].values())
     assert record["settings"]["num_classes"] == 150 and record["settings"]["iters"] == 3
+    assert record["config"]["iters"] == 3 and record["config"]["channels"] == 32
 
-    run_b = tmp_path / "b.run"
-    run_b.mkdir()
-    shutil.copy(kept, run_b / "checkpoint.pt")
-    result = _run(common + ["--out", str(tmp_path / "b.json"), "--resume"])
+    run_b = tmp_path / "b"
+    shutil.copytree(kept, run_b)
+    result = _run(common + ["--out", str(run_b), "--resume"])
     assert "after iteration 1" in result.output
-    a = torch.load(tmp_path / "a.run" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     b = torch.load(run_b / "checkpoint.pt", weights_only=False)
     assert a["progress"] == b["progress"] == {"iter": 3}
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert json.loads((tmp_path / "b.json").read_text())["metrics"] == record["metrics"]
+    assert json.loads((run_b / "result.json").read_text())["metrics"] == record["metrics"]
