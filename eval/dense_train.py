@@ -62,6 +62,22 @@ class _PrefixedGroups:
         return self.model.named_parameters(*args, **kwargs)
 
 
+def optimizer_for(run, model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float,
+                  unit: str) -> tuple[torch.optim.Optimizer, int]:
+    """AdamW (betas 0.9/0.999) over ``param_groups(model)``; when ``run`` (a ``core.run.Run``) resumes,
+    model and optimizer are restored from its checkpoint. Returns (optimizer, the checkpoint's
+    ``progress[unit]``, 0 for a new run)."""
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay), lr=lr,
+                                  betas=(0.9, 0.999))
+    if not run.resumed:
+        return optimizer, 0
+    model.load_state_dict(run.state["model"])
+    optimizer.load_state_dict(run.state["optimizer"])
+    start = int(run.state["progress"][unit])
+    print(f"resumed from {run.checkpoint_path} after {'iteration' if unit == 'iter' else unit} {start}")
+    return optimizer, start
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr * group['lr_scale']``."""
     for group in optimizer.param_groups:

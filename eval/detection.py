@@ -25,7 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
 from eval.data import derive_seed, seeded_rngs
 from eval.config import DetectionConfig
-from eval.dense_train import check_finite, epoch_order, ordered_loader, param_groups, set_lr, warmup_factor
+from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr, warmup_factor
 from eval.pyramid import SimpleFeaturePyramid
 from store.decode import MEAN, STD
 from store.progress import progress_bar
@@ -184,14 +184,8 @@ def run_detection(cfg: DetectionConfig, *, out: Path, device: str = "auto", resu
             "lsj_scale": list(train_set.scale_range), "train_images": len(train_set),
             "val_images": len(val_set), "num_classes": len(train_set.category_ids),
         }
-        optimizer = torch.optim.AdamW(param_groups(net, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay),
-                                      lr=cfg.lr, betas=(0.9, 0.999))
-        start_epoch = 0
-        if run.resumed:
-            net.load_state_dict(run.state["model"])
-            optimizer.load_state_dict(run.state["optimizer"])
-            start_epoch = int(run.state["progress"]["epoch"])
-            print(f"resumed from {run.checkpoint_path} after epoch {start_epoch}")
+        optimizer, start_epoch = optimizer_for(run, net, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               layer_decay=cfg.layer_decay, unit="epoch")
         _train(cfg, model=net, optimizer=optimizer, dataset=train_set, run=run, start_epoch=start_epoch, device=dev)
         bbox, segm = predict(model=net, dataset=val_set, batch_size=min(cfg.batch_size, 8), workers=cfg.workers,
                              device=dev)

@@ -28,7 +28,7 @@ from torch import nn
 from eval.ade import IGNORE, AdeSegmentation
 from eval.data import derive_seed, seeded_rngs
 from eval.config import SegmentationConfig
-from eval.dense_train import check_finite, epoch_order, ordered_loader, param_groups, set_lr, warmup_factor
+from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr, warmup_factor
 from eval.pyramid import SimpleFeaturePyramid
 from eval.upernet import FCNHead, UperHead
 from store.progress import progress_bar
@@ -178,14 +178,8 @@ def run_segmentation(cfg: SegmentationConfig, *, out: Path, device: str = "auto"
             "seed": cfg.seed, "train_images": len(train_set), "val_images": len(val_set),
             "test": f"resize into ({4 * size}, {size}), slide {size} stride {size * 2 // 3}",
         }
-        optimizer = torch.optim.AdamW(param_groups(net, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay),
-                                      lr=cfg.lr, betas=(0.9, 0.999))
-        start = 0
-        if run.resumed:
-            net.load_state_dict(run.state["model"])
-            optimizer.load_state_dict(run.state["optimizer"])
-            start = int(run.state["progress"]["iter"])
-            print(f"resumed from {run.checkpoint_path} after iteration {start}")
+        optimizer, start = optimizer_for(run, net, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         layer_decay=cfg.layer_decay, unit="iter")
         _train(cfg, model=net, optimizer=optimizer, dataset=train_set, run=run, start=start, device=dev)
         metrics = evaluate(model=net, dataset=val_set, device=dev, workers=cfg.workers)
     return metrics, {**settings, "device": str(dev), "run_dir": str(out)}

@@ -14,6 +14,26 @@ from PIL import Image
 DENSE_VIT_ARGS = ("img_size=64", "depth=2")
 
 
+@pytest.fixture
+def keep_run_folder(monkeypatch):
+    """``keep_run_folder(when, dest)``: copy the run folder to ``dest`` right after the first checkpoint
+    ``obj`` with ``when(obj)`` is saved: the folder a run killed at that moment would leave behind."""
+    import shutil
+
+    from core.run import Run
+
+    def keep(when, dest):
+        original = Run.save
+
+        def save(run, obj, name=None):
+            path = original(run, obj, name)
+            if when(obj) and not Path(dest).exists():
+                shutil.copytree(run.path, dest)
+            return path
+        monkeypatch.setattr(Run, "save", save)
+    return keep
+
+
 @pytest.fixture(scope="session")
 def dense_vit_checkpoint(tmp_path_factory) -> Path:
     """A random 2-block vit_tiny_patch16_224 (img_size 64) saved as safetensors; load it with

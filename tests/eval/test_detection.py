@@ -177,19 +177,9 @@ def _run(args):
 
 
 def test_detection_command_trains_writes_coco_results_and_resumes_to_the_same_weights(
-        toy_coco_dir, dense_vit_checkpoint, tmp_path, monkeypatch):
-    from core.run import Run
-
-    kept = tmp_path / "after_epoch_1"
-    original = Run.save
-
-    def keep_first(run, obj, name=None):  # the run folder a run killed after epoch 1 would leave behind
-        path = original(run, obj, name)
-        if obj["progress"]["epoch"] == 1:
-            shutil.copytree(run.path, kept)
-        return path
-
-    monkeypatch.setattr(Run, "save", keep_first)
+        toy_coco_dir, dense_vit_checkpoint, tmp_path, keep_run_folder):
+    kept = tmp_path / "after_epoch_1"      # the run folder a run killed after epoch 1 would leave behind
+    keep_run_folder(lambda state: state["progress"]["epoch"] == 1, kept)
     common = ["eval", "detection", str(toy_coco_dir), "--checkpoint", str(dense_vit_checkpoint), *ARGS, *FAST,
               "--epochs", "2"]
     run_a = tmp_path / "a"

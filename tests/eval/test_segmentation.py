@@ -120,19 +120,9 @@ def _run(args):
 
 
 def test_segmentation_command_trains_scores_and_resumes_to_the_same_weights(
-        toy_ade_dir, dense_vit_checkpoint, tmp_path, monkeypatch):
-    from core.run import Run
-
-    kept = tmp_path / "after_iter_1"
-    original = Run.save
-
-    def keep_first(run, obj, name=None):  # the run folder a run killed after iteration 1 would leave behind
-        path = original(run, obj, name)
-        if obj["progress"]["iter"] == 1:
-            shutil.copytree(run.path, kept)
-        return path
-
-    monkeypatch.setattr(Run, "save", keep_first)
+        toy_ade_dir, dense_vit_checkpoint, tmp_path, keep_run_folder):
+    kept = tmp_path / "after_iter_1"       # the run folder a run killed after iteration 1 would leave behind
+    keep_run_folder(lambda state: state["progress"]["iter"] == 1, kept)
     common = ["eval", "segmentation", str(toy_ade_dir), "--checkpoint", str(dense_vit_checkpoint), *ARGS, *FAST,
               "--iters", "3", "--checkpoint-every", "1"]
     _run(common + ["--out", str(tmp_path / "a")])
