@@ -54,8 +54,9 @@ def settings_diff(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     """``"key: checkpoint A, now B"`` for every dotted key whose values differ (nested
     mappings are compared key by key; tuples equal lists; ``movable`` keys are skipped)."""
     a, b = flatten(_plain(saved)), flatten(_plain(current))
+    keys = [*a, *(k for k in b if k not in a)]
     skip = set(movable)
-    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b), key=_order(a, b))
+    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys
             if k not in skip and a.get(k) != b.get(k)]
 
 
@@ -120,7 +121,7 @@ def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[s
     of steps), kept in run.json; ``info``: values run.json records without comparing them.
     ``movable``: dotted config keys that may differ on resume (paths that may move).
     Raises FileExistsError (a checkpoint exists and not ``resume``), FileNotFoundError
-    (``resume`` without a checkpoint) and ValueError (the settings differ).
+    (``resume`` without a checkpoint or a config.yaml) and ValueError (the settings differ).
     """
     path = Path(path)
     ckpt = path / checkpoint
@@ -130,7 +131,10 @@ def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[s
     if resume:
         if not ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
-        saved = {k: v for k, v in (saved_config(path) or {}).items() if k != DERIVED}
+        saved = saved_config(path)
+        if saved is None:
+            raise FileNotFoundError(f"--resume: {path} holds no {CONFIG} to compare the settings with")
+        saved = {k: v for k, v in saved.items() if k != DERIVED}
         saved_info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
         diff = settings_diff(saved, current, movable=movable)
         diff += settings_diff({k: saved_info.get(k) for k in compare}, compare)
@@ -232,12 +236,6 @@ def _tensorboard(path: Path, *, purge_step: int | None):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(path), purge_step=purge_step)
-
-
-def _order(a: Mapping, b: Mapping):
-    keys = list(a) + [k for k in b if k not in a]
-    pos = {k: i for i, k in enumerate(keys)}
-    return lambda k: pos[k]
 
 
 def _plain(value: Any) -> Any:

@@ -34,6 +34,9 @@ def test_new_run_records_config_git_commit_and_refuses_to_be_reopened(tmp_path):
         _open(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint at"):
         _open(tmp_path / "empty", resume=True)
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no config.yaml"):
+        _open(tmp_path / "run", resume=True)
 
 
 def test_resume_with_other_settings_is_refused_in_one_line_naming_each_key(tmp_path):
