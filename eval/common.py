@@ -13,7 +13,6 @@ the code that evaluated it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from core.io import git_commit, git_dirty, write_atomic
 from core.optim import lr_at
 from core.state import load_strict, read_state_dict
 from eval.config import parse_model_args
+from store.manifest import sha256_file
 
 __all__ = [
     "load_backbone",
@@ -118,12 +118,8 @@ def cosine_lr(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: fl
 
 
 def checkpoint_digest(path: Path) -> str:
-    """sha256 hex digest of the file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 hex digest of the file's bytes (``store.manifest.sha256_file``)."""
+    return sha256_file(Path(path))
 
 
 def default_out(checkpoint: str | Path, task: str) -> Path:
