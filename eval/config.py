@@ -53,6 +53,7 @@ class BackboneConfig(TypedConfig):
     model: str = option("vit_tiny_patch16_224", "timm model name the checkpoint belongs to.")
     model_args: tuple[str, ...] = option((), "Extra timm.create_model argument, repeatable (e.g. img_size=32).",
                                          flag="--model-arg", metavar="KEY=VALUE")
+    workers: int = option(8, "DataLoader worker processes.")
 
     task: ClassVar[str] = ""
     # Keys a resume may change: the checkpoint's path (its sha256 is compared instead) and
@@ -67,6 +68,7 @@ class BackboneConfig(TypedConfig):
         if not self.checkpoint:
             raise ValueError("config checkpoint is required (the backbone's weights, --checkpoint)")
         self.timm_kwargs  # noqa: B018 (refuses a malformed KEY=VALUE)
+        check_nonneg(self, ["workers"])
         return self
 
 
@@ -78,14 +80,12 @@ class _Splits(BackboneConfig):
                         required=True, path="dir")
     val: str = option("", "Val split, same layouts; its classes must be among the train classes.",
                       required=True, path="dir")
-    workers: int = option(8, "DataLoader worker processes.")
 
     def validate(self):
         super().validate()
         for key in ("train", "val"):
             if not getattr(self, key):
                 raise ValueError(f"config {key} is required (--{key})")
-        check_nonneg(self, ["workers"])
         return self
 
 
@@ -189,7 +189,7 @@ class _Dense(BackboneConfig):
         if not self.data:
             raise ValueError("config data is required (DATA)")
         check_positive(self, ["batch_size", "image_size"])
-        check_nonneg(self, ["weight_decay", "layer_decay", "drop_path", "warmup", "seed", "workers"])
+        check_nonneg(self, ["weight_decay", "layer_decay", "drop_path", "warmup", "seed"])
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"config max_images={self.max_images} must be >= 1")
         if self.image_size % 32:
@@ -220,7 +220,6 @@ class DetectionConfig(_Dense):
     scale_range: tuple[float, float] = option((0.1, 2.0), "Large-scale jitter: resize to r * image-size, "
                                                           "r ~ U(MIN, MAX).", metavar="MIN MAX")
     max_images: int | None = option(None, "Use only the first N images (by id) of each split (short runs).")
-    workers: int = option(8, "DataLoader worker processes.")
     seed: int = option(0, "Seed of sample order and augmentation.")
 
     def validate(self):
@@ -253,7 +252,6 @@ class SegmentationConfig(_Dense):
     num_classes: int = option(150, "Classes after reduce_zero_label (ADE20K: 150).")
     max_images: int | None = option(None, "Use only the first N images (by name) of each split (short runs).")
     checkpoint_every: int = option(2000, "Checkpoint every N iterations.")
-    workers: int = option(8, "DataLoader worker processes.")
     seed: int = option(0, "Seed of head init, order, augmentation, drop path.")
 
     def validate(self):
