@@ -21,7 +21,6 @@ as an uninterrupted one.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from core.optim import param_groups
-    from core.run import open_run
+    from core.run import StepMetrics, open_run
     from eval.common import checkpoint_digest, cosine_lr, input_size_of, resolve_device
     from eval.data import (CROP_PCT, EvalImages, derive_seed, eval_transform,
                            finetune_transform, make_loader, seeded_rngs)
@@ -142,11 +141,11 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
                                  pin_memory=dev.type == "cuda")
         cuda = [dev] if dev.type == "cuda" else []
         bar = progress_bar(total=cfg.epochs * steps, initial=start * steps, desc="fine-tune", unit="step")
+        sums = StepMetrics(dev)
         for epoch in range(start, cfg.epochs):
             net.train()
             loader = make_loader(train_set, batch_size=micro, shuffle=True, seed=cfg.seed, epoch=epoch,
                                  num_workers=cfg.workers, drop_last=True, pin_memory=dev.type == "cuda")
-            loss_sum = torch.zeros((), device=dev)
             opt.zero_grad(set_to_none=True)
             for it, (images, target) in enumerate(loader):
                 if it >= steps * cfg.accum_iter:
@@ -165,15 +164,15 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                         loss = criterion(net(images), target)
                     (loss / cfg.accum_iter).backward()
-                loss_sum += loss.detach()
+                sums.add(step, {"loss": loss})
                 if (it + 1) % cfg.accum_iter == 0:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     bar.update(1)
-            mean_loss = float(loss_sum) / (steps * cfg.accum_iter)  # host sync once per epoch
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"fine-tune: non-finite loss in epoch {epoch} "
-                                         f"(steps {epoch * steps}..{(epoch + 1) * steps - 1})")
+            bad = sums.first_non_finite()  # host sync once per epoch
+            if bad is not None:
+                raise FloatingPointError(f"fine-tune: non-finite loss at step {bad} (epoch {epoch})")
+            mean_loss = sums.reduce()["loss"]  # over the epoch's micro-batches
             record = {"epoch": epoch + 1, "loss": mean_loss}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 record.update(evaluate_classifier(net, val_loader, device=dev, desc="val"))

@@ -23,7 +23,6 @@ epoch, written atomically, one metrics.jsonl row per epoch, config.yaml) and
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterator
 
@@ -142,7 +141,7 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
     """Train and evaluate the probe (``cfg``: eval/config.py) in the run folder ``out``.
 
     Returns (metrics, settings) for ``write_result``."""
-    from core.run import open_run
+    from core.run import StepMetrics, open_run
     from eval.common import checkpoint_digest, cosine_lr, input_size_of, load_backbone, resolve_device
     from eval.data import CROP_PCT, EvalImages, eval_transform, probe_train_transform
     from eval.knn import topk_accuracy
@@ -196,6 +195,7 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
             cached = _feature_table(backbone, train_set, device=dev, batch_size=cfg.micro_batch,
                                     num_workers=cfg.workers, desc="train features (center crop)")
         bar = progress_bar(total=cfg.epochs * steps, initial=start * steps, desc="linear probe", unit="step")
+        sums = StepMetrics(dev)
         for epoch in range(start, cfg.epochs):
             head.train()
             for s, (f, lab) in enumerate(_epoch_batches(
@@ -210,10 +210,12 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sums.add(epoch * steps + s, {"loss": loss})
                 bar.update(1)
-            loss_value = float(loss.detach())  # host sync once per epoch
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"linear probe: non-finite loss at epoch {epoch}")
+            bad = sums.first_non_finite()  # host sync once per epoch
+            if bad is not None:
+                raise FloatingPointError(f"linear probe: non-finite loss at step {bad} (epoch {epoch})")
+            loss_value = sums.reduce()["loss"]  # the epoch's mean
             acc = _evaluate(head, val_f, val_l, topk_accuracy)
             history.append({"epoch": epoch + 1, "loss": loss_value, **acc})
             bar.set_postfix(loss=f"{loss_value:.3f}", top1=f"{acc['top1']:.2f}")

@@ -219,3 +219,13 @@ def test_eval_linear_killed_by_sigkill_resumes_to_the_uninterrupted_result_and_m
     assert a["metrics"] == b["metrics"] and a["config"] == b["config"]
     heads = [torch.load(p / "last.pt", weights_only=True)["head"] for p in (whole, cut)]
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_a_diverging_linear_probe_stops_naming_the_first_non_finite_step(toy, tmp_path):
+    train, val, ck = toy
+    cfg = LinearConfig.from_dict(dict(checkpoint=str(ck), model_args=("img_size=32", "depth=2"), train=str(train),
+                                      val=str(val), epochs=3, warmup_epochs=0, batch_size=4, micro_batch=4,
+                                      cache_features=True, workers=0, optimizer="sgd", lr=1e38))
+    with pytest.raises(FloatingPointError, match=r"linear probe: non-finite loss at step (\d+) \(epoch 0\)"):
+        run_linear(cfg, out=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run" / "last.pt").exists()           # nothing of the diverged epoch is kept
