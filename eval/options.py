@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import click
 
@@ -57,14 +57,6 @@ def config_params(cls: type) -> list[click.Parameter]:
                                    default=default, required=bool(meta.get("required")),
                                    help=meta.get("help"), metavar=meta.get("metavar"), show_default=True))
     return params
-
-
-def with_config_params(cls: type) -> Callable:
-    """Decorator: add ``config_params(cls)`` to a click command function."""
-    def decorate(fn):
-        fn.__click_params__ = getattr(fn, "__click_params__", []) + config_params(cls)[::-1]
-        return fn
-    return decorate
 
 
 def config_from(cls: type, values: Mapping[str, Any], overrides=()):
