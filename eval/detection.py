@@ -160,7 +160,7 @@ def run_detection(cfg: DetectionConfig, *, out: Path, device: str = "auto", resu
     from eval.common import checkpoint_digest, load_backbone, resolve_device
 
     digest = checkpoint_digest(Path(cfg.checkpoint))
-    with open_run(out, config=cfg, resume=resume, movable=cfg.movable + ("data",), checkpoint=CHECKPOINT,
+    with open_run(out, config=cfg, resume=resume, movable=cfg.movable, checkpoint=CHECKPOINT,
                   compare={"checkpoint_sha256": digest}) as run:
         dev = resolve_device(device)
         train_set = CocoInstances(cfg.data, "train", train=True, image_size=cfg.image_size, seed=cfg.seed,

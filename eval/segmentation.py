@@ -151,7 +151,7 @@ def run_segmentation(cfg: SegmentationConfig, *, out: Path, device: str = "auto"
     from eval.common import checkpoint_digest, load_backbone, resolve_device
 
     digest = checkpoint_digest(Path(cfg.checkpoint))
-    with open_run(out, config=cfg, resume=resume, movable=cfg.movable + ("data",), checkpoint=CHECKPOINT,
+    with open_run(out, config=cfg, resume=resume, movable=cfg.movable, checkpoint=CHECKPOINT,
                   compare={"checkpoint_sha256": digest}) as run:
         dev = resolve_device(device)
         train_set = AdeSegmentation(cfg.data, "training", train=True, image_size=cfg.image_size,
