@@ -148,9 +148,12 @@ def _device(device: str) -> str:
               help="Measure a short run, print bytes on disk and hours for the whole run, and exit.")
 @click.option("--ranks", type=int, default=None,
               help="With --estimate: ranks to project for (default: this run's world size).")
+@click.option("--view-pixels", type=click.Choice(["none", "jpeg", "raw"]), default="none",
+              help="Also store each view's 224 px pixels (JPEG q95 or raw uint8), once per store, so that "
+                   "training never opens the image shards (docs/format.md).")
 def extract(teacher, data, store_path, checkpoint, random_init, views, seed, codec, pca_dim,
             batch_size, device, decoder, threads, hw_decoder_load, preallocate_hint, stats_images, max_blocks,
-            estimate, ranks):
+            estimate, ranks, view_pixels):
     """Stage 1: run one teacher over every (image, view) of DATA into the STORE.
 
     Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards."""
@@ -177,7 +180,7 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
     summary = run_extraction(teacher=model, data=ds, store_path=store_path, views=views, seed=seed,
                              codec=codec, pca_dim=pca_dim, batch_size=batch_size, device=device,
                              decoder=decoder, num_threads=threads, stats_images=stats_images,
-                             max_blocks=max_blocks, decoder_settings=settings)
+                             max_blocks=max_blocks, decoder_settings=settings, view_pixels=view_pixels)
     if dist.rank() == 0:
         click.echo(f"{teacher}: {summary['blocks']} blocks written, {summary['skipped']} already complete, "
                    f"{summary['images_per_second']:.1f} img/s -> {store_path}")

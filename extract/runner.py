@@ -11,6 +11,12 @@ the GPU on its own stream, ordered for the teacher's stream by an event.
 
 Every batch is made of consecutive images of one block, in order, so the tokens of a
 block do not depend on how many ranks ran or where a previous run was killed.
+
+With ``view_pixels`` (``jpeg`` or ``raw``) the decoded views are also written once, into the
+store's view tars (store/viewpixels.py): the first run that asks for them writes them, a
+later one skips the complete ones (and decodes, without a teacher forward, the views of
+blocks whose tokens exist but whose pixels do not). One job writes them at a time (the
+``pixels`` writer lock, beside the teacher's).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,10 +34,11 @@ from extract import dist
 from store import codecs
 from store import views as V
 from store.decode import make_decoder
-from store.features import DataInfo, FeatureStore, TeacherStore
+from store.features import PIXELS, DataInfo, FeatureStore, TeacherStore
 from store.lock import StoreLocked, WriterLock
 from store.prefetch import DeviceCopier, Prefetch
 from store.progress import progress_bar
+from store.viewpixels import ViewPixels, uint8_views
 
 
 @dataclass
@@ -39,7 +47,8 @@ class ViewBatch:
 
     index (B,) int64; view (B,) int64; boxes (B, 4) int64; flips (B,) bool;
     visible (B, n_k) int64; images (B, 3, 224, 224) float32 normalised (None once the
-    batch was handed to the device: ``Extractor.stream``).
+    batch was handed to the device: ``Extractor.stream``); pixels (B, 224, 224, 3) uint8,
+    the same views before normalising, when the block's view pixels are to be stored.
     """
     index: np.ndarray
     view: np.ndarray
@@ -47,6 +56,7 @@ class ViewBatch:
     flips: np.ndarray
     visible: np.ndarray
     images: torch.Tensor | None
+    pixels: np.ndarray | None = None
 
 
 def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str) -> dict:
@@ -96,29 +106,39 @@ class Extractor:
         return torch.cat([out["cls"][:, None], out["patch"]], dim=1).float()
 
     def stream(self, blocks):
-        """Tokens of every batch of ``blocks`` ([(index (n,) int64, slot)], in order), with one
+        """Tokens of every batch of ``blocks`` ([(index (n,) int64, slot)], or
+        [(index, slot, tokens, pixels)] saying whether the block wants the teacher's tokens and
+        the views' uint8 pixels; in order), with one
         decode thread running ``prefetch`` batches ahead across block boundaries, so that
         decoding overlaps the teacher also when a block is a single batch.
 
         Every batch holds consecutive images of one block, cut from the block's start, as
         ``batches`` cuts them. Yields (block number, ViewBatch without its images,
-        (B, 1 + n_k, 768) float32 tokens on the device, whether it is the block's last batch).
+        (B, 1 + n_k, 768) float32 tokens on the device or None (no tokens wanted), whether it
+        is the block's last batch).
         On CUDA the decode thread also pins the batch and starts its copy to the GPU."""
         blocks = list(blocks)
 
         def produce():
-            for k, (index, slot) in enumerate(blocks):
+            for k, (index, slot, *wants) in enumerate(blocks):
+                want_tokens, want_pixels = wants or (True, False)
                 datas = self.data.read_many(index)
                 for a in range(0, len(index), self.batch_size):
                     b = min(a + self.batch_size, len(index))
                     vb = self.view_batch(index[a:b], datas[a:b], slot)
-                    sent = self.copier.send({"images": vb.images, "visible": torch.from_numpy(vb.visible)})
+                    if want_pixels:
+                        vb.pixels = uint8_views(vb.images)
+                    sent = (self.copier.send({"images": vb.images, "visible": torch.from_numpy(vb.visible)})
+                            if want_tokens else None)
                     vb.images = None
                     yield k, vb, sent, b == len(index)
 
         pf = Prefetch(produce(), self.prefetch, context=self.copier.producer_stream, name="decode")
         try:
             for k, vb, sent, last in pf:
+                if sent is None:
+                    yield k, vb, None, last
+                    continue
                 moved = self.copier.receive(sent)
                 yield k, vb, self._forward(moved["images"], moved["visible"]), last
         finally:
@@ -220,8 +240,10 @@ def run_extraction(*, teacher, store_path, **settings) -> dict:
 
     Returns a summary: blocks done and skipped, images written, seconds, images per second.
     ``max_blocks`` stops after that many blocks (used to measure a short run).
+    ``view_pixels``: ``none``, or ``jpeg`` / ``raw`` to store the views' pixels too.
     """
-    with sole_writer(store_path, teacher.name):
+    pixels = settings.get("view_pixels", "none") != "none"
+    with sole_writer(store_path, teacher.name), (sole_writer(store_path, PIXELS) if pixels else nullcontext()):
         return _extract(teacher=teacher, store_path=store_path, **settings)
 
 
@@ -229,7 +251,7 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
              pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
              decoder: str = "dali", num_threads: int = 2, stats_images: int = 1024,
              max_blocks: int | None = None, progress: bool = True,
-             decoder_settings: dict | None = None) -> dict:
+             decoder_settings: dict | None = None, view_pixels: str = "none") -> dict:
     """``run_extraction`` without the writer lock. ``decoder_settings``: the GPU decoder's
     settings (``make_decoder``)."""
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
@@ -249,42 +271,51 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
         ts = FeatureStore.open(store_path).teacher(teacher.name)
         stats_how = "teacher pass before the blocks"
 
+    vp = _open_view_pixels(store_path, view_pixels)
     done = ts.complete_matrix()
+    pixels_done = vp.complete_matrix() if vp is not None else np.ones_like(done)
     mine = [k for k in range(len(ts.root.shards)) if k % dist.world_size() == dist.rank()]
-    todo = [(k, s) for k in mine for s in range(views) if not done[s, k]]
-    skipped = sum(1 for k in mine for s in range(views) if done[s, k])
+    todo = [(k, s) for k in mine for s in range(views) if not (done[s, k] and pixels_done[s, k])]
+    skipped = sum(1 for k in mine for s in range(views) if done[s, k] and pixels_done[s, k])
     if max_blocks is not None:
         todo = todo[:max_blocks]
     total = sum(ts.root.shards[k][1] for k, _ in todo)
     if skipped and dist.rank() == 0:
         tqdm.write(f"{teacher.name}: {skipped} blocks already complete, {len(todo)} to do")
 
-    t0, written = time.perf_counter(), 0
+    t0, written, pixel_blocks = time.perf_counter(), 0, 0
     bar = progress_bar(total=total, unit="img", desc=f"extract {teacher.name}", progress=progress and total > 0,
                dynamic_ncols=True)
     blocks = []
     for shard, slot in todo:
         first, count = ts.root.shards[shard]
-        blocks.append((np.arange(first, first + count), slot))
+        blocks.append((np.arange(first, first + count), slot, not done[slot, shard], not pixels_done[slot, shard]))
     with ThreadPoolExecutor(1, thread_name_prefix="write") as writer, closing(ex.stream(blocks)) as batches:
         pending, parts, tokens = None, [], []
         for k, vb, tok, last in batches:               # one decode thread over all blocks
             parts.append(vb)
-            tokens.append(tok)
+            if tok is not None:
+                tokens.append(tok)
             bar.update(len(vb.index))
             if not last:
                 continue
-            (shard, slot), (index, _) = todo[k], blocks[k]
+            (shard, slot), (index, _, want_tokens, want_pixels) = todo[k], blocks[k]
             count = len(index)
-            tok = torch.cat(tokens)
-            payload = codecs.encode(codec, tok, pca=ts.pca)
-            block = dict(index=index, view=np.concatenate([p.view for p in parts]),
-                         boxes=np.concatenate([p.boxes for p in parts]),
-                         flips=np.concatenate([p.flips for p in parts]),
-                         visible=np.concatenate([p.visible for p in parts]), payload=payload)
+            jobs = []
+            if want_tokens:
+                payload = codecs.encode(codec, torch.cat(tokens), pca=ts.pca)
+                block = dict(index=index, view=np.concatenate([p.view for p in parts]),
+                             boxes=np.concatenate([p.boxes for p in parts]),
+                             flips=np.concatenate([p.flips for p in parts]),
+                             visible=np.concatenate([p.visible for p in parts]), payload=payload)
+                jobs.append(partial(ts.write_block, slot, shard, **block))
+            if want_pixels:
+                jobs.append(partial(vp.write_block, slot, shard, index=index,
+                                    pixels=np.concatenate([p.pixels for p in parts])))
+                pixel_blocks += 1
             if pending is not None:
                 pending.result()          # at most one block in flight; surfaces write errors
-            pending = writer.submit(ts.write_block, slot, shard, **block)
+            pending = writer.submit(_run_all, jobs)
             parts, tokens = [], []
             written += count
             bar.set_postfix(img_s=f"{written / (time.perf_counter() - t0):.1f}")
@@ -305,4 +336,19 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
         dist.barrier()
     return dict(teacher=teacher.name, blocks=len(todo), skipped=skipped, images=written,
                 seconds=seconds, images_per_second=written / seconds if seconds > 0 else float("nan"),
-                stats=stats_how)
+                stats=stats_how, pixel_blocks=pixel_blocks)
+
+
+def _run_all(jobs) -> None:
+    for job in jobs:
+        job()
+
+
+def _open_view_pixels(store_path, form: str) -> ViewPixels | None:
+    """The store's view pixels to write (rank 0 creates or checks them), or None for ``none``."""
+    if form == "none":
+        return None
+    if dist.rank() == 0:
+        ViewPixels.create_or_open(FeatureStore.open(store_path), form)
+    dist.barrier()
+    return ViewPixels.open(FeatureStore.open(store_path))

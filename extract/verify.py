@@ -3,7 +3,10 @@
 Reports (and returns as a list of problem strings): incomplete blocks; index, view, box,
 flip and mask disagreement with a fresh draw from store/views.py for DATA; configuration
 that differs between teachers where it must agree; statistics missing, or drawn from
-another sample than ``views.stats_sample``; non-finite values.
+another sample than ``views.stats_sample``; non-finite values; and, where the store holds
+view pixels (store/viewpixels.py), view blocks that are incomplete, whose tar or index
+differs from its completion record (sha256), whose members are not the block's images in
+order, or that belong to other data.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
 from store.progress import progress_bar
+from store.viewpixels import ViewPixels
 
 # Keys that every teacher of one store must share.
 SHARED_KEYS = ("seed", "views", "resolution", "patch_size", "embed_dim")
@@ -53,11 +57,28 @@ def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_va
         blocks = [(s, k) for s in range(fs.views) for k in range(len(fs.shards)) if done[s, k]]
         for slot, shard in progress_bar(blocks, desc=f"verify {name}", unit="block", progress=progress):
             problems.extend(_check_block(ts, data, slot, shard, scan_values=scan_values))
+    problems.extend(_check_view_pixels(fs, summary, progress=progress))
     for key in SHARED_KEYS:
         values = {n: c.get(key) for n, c in configs.items()}
         if len(set(map(repr, values.values()))) > 1:
             problems.append(f"teachers disagree on {key}: {values}")
     return problems, summary
+
+
+def _check_view_pixels(fs, summary: dict, *, progress: bool) -> list[str]:
+    """Every view block of the store's pixels, if it holds any (``ViewPixels.check_block``)."""
+    try:
+        vp = ViewPixels.open(fs)
+    except StoreError as e:
+        return [str(e)]
+    if vp is None:
+        return []
+    blocks = [(s, k) for s in range(fs.views) for k in range(len(fs.shards))]
+    out = []
+    for slot, shard in progress_bar(blocks, desc="verify pixels", unit="block", progress=progress):
+        out.extend(vp.check_block(slot, shard))
+    summary["pixels"] = dict(form=vp.form, blocks=len(blocks), complete=int(vp.complete_matrix().sum()))
+    return out
 
 
 def _check_stats_sample(ts) -> list[str]:

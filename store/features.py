@@ -42,7 +42,11 @@ from store import codecs
 from store.errors import ExpectedError
 
 FORMAT = "comad-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this code opens: 1 is 2 without view pixels (docs/format.md), read as it is and
+# raised to 2 when view pixels are first written into it.
+READABLE_VERSIONS = (1, 2)
+PIXELS = "pixels"          # the view pixels' group (store/viewpixels.py), never a teacher's name
 EMBED_DIM = 768
 # Samples per inner chunk of the token arrays. zstd saves only 6-10% on float16/int8 tokens
 # but costs ~40% of read throughput, and one chunk per sample doubles the per-chunk cost
@@ -149,9 +153,10 @@ class FeatureStore:
         a = group.attrs.asdict()
         if a.get("format") != FORMAT:
             raise StoreError(f"{path}: not a CoMAD feature store (format={a.get('format')!r})")
-        if a.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: store format_version {a.get('format_version')} is not "
-                             f"the supported version {FORMAT_VERSION}")
+        if a.get("format_version") not in READABLE_VERSIONS:
+            raise StoreError(f"{path}: store format_version {a.get('format_version')!r} is not one this code "
+                             f"reads ({', '.join(map(str, READABLE_VERSIONS))}); update the code to the "
+                             "version that wrote it, or extract into a new store")
         wanted, stored = {}, {}
         if data is not None:
             wanted.update(data_digest=data.digest, num_samples=data.num_samples, shards=data.shards)
@@ -165,10 +170,16 @@ class FeatureStore:
             raise StoreError(f"{path}: store does not match this run/data:\n  " + "\n  ".join(problems))
         return cls(path, group)
 
+    def upgrade_format(self) -> None:
+        """Raise a version-1 store to the current version (before adding view pixels)."""
+        if self.group.attrs.get("format_version") != FORMAT_VERSION:
+            self.group.attrs["format_version"] = FORMAT_VERSION
+            _fsync_tree(self.path / "zarr.json")
+
     # -- teachers ---------------------------------------------------------------------
     @property
     def teachers(self) -> list[str]:
-        return sorted(name for name, _ in self.group.groups())
+        return sorted(name for name, _ in self.group.groups() if name != PIXELS)
 
     def teacher(self, name: str) -> "TeacherStore":
         if name not in self.teachers:

@@ -49,7 +49,7 @@ def pack_order(count: int, *, seed: int) -> np.ndarray:
     return np.argsort(keys, kind="stable").astype(np.int64)
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes one shard to ``*.tmp`` names and renames tar and index into place on ``close``.
 
     Tar members are USTAR with fixed metadata (mtime 0, uid/gid 0, empty owner names,
@@ -76,14 +76,17 @@ class _ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
         return offset
 
-    def add(self, index: int, ext: str, data: bytes, label: int) -> int:
-        """Append sample ``index``; returns the byte offset of the image data in the tar."""
+    def add(self, index: int, ext: str, data: bytes, label: int | None) -> int:
+        """Append sample ``index`` (its ``cls`` member too unless ``label`` is None: the view
+        tars of a feature store, store/viewpixels.py); returns the byte offset of the data."""
         key = sample_key(index)
-        label_bytes = str(label).encode()
         image_offset = self._add(f"{key}.{ext}", data)
-        label_offset = self._add(f"{key}.cls", label_bytes)
-        self._index_lines.append(f"{ext} {image_offset} {len(data)} {key}.{ext} "
-                                 f"cls {label_offset} {len(label_bytes)} {key}.cls")
+        line = f"{ext} {image_offset} {len(data)} {key}.{ext}"
+        if label is not None:
+            label_bytes = str(label).encode()
+            label_offset = self._add(f"{key}.cls", label_bytes)
+            line += f" cls {label_offset} {len(label_bytes)} {key}.cls"
+        self._index_lines.append(line)
         self.count += 1
         return image_offset
 
@@ -217,7 +220,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
     exts: list[str] = []
     rejects: list[dict] = []
     shards: list[dict] = []
-    writer: _ShardWriter | None = None
+    writer: ShardWriter | None = None
     order = pack_order(len(listing), seed=seed)
     bar = progress_bar(total=len(listing), desc=f"prepare {src.name}", unit="img", progress=progress,
                        dynamic_ncols=True)
@@ -236,7 +239,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
             if writer is None or writer.shard != shard:
                 if writer is not None:
                     shards.append(writer.close())
-                writer = _ShardWriter(shard_dir, shard, first=index)
+                writer = ShardWriter(shard_dir, shard, first=index)
             offset = writer.add(index, info.ext, data, item.label)
             for table, value in ((modes, info.mode), (exts, info.ext)):
                 if value not in table:

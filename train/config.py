@@ -130,6 +130,9 @@ class DataConfig:
     preallocate_width_hint: int = 0     # DALI on a GPU: hardware decoder buffers for images of
     preallocate_height_hint: int = 0    # this size (0: no hint)
     shuffle_window: int = 4             # samples are shuffled within this many shards of a stream
+    pixels: str = "auto"                # cached training images: "views" (the store's view tars,
+                                        # no image shard opened), "source" (decode the images
+                                        # with the stored crops), "auto" (views when complete)
     streams: int | str = "auto"         # independent shard streams (train/order.py), fixed so
                                         # batches do not depend on the world size; "auto": the most
                                         # of 8, 4, 2, 1 that suit the data and the global batch
@@ -164,6 +167,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.kind": ("cosine", "constant"),
     "data.decoder": ("dali", "pil"),
     "data.source": ("cached", "online-replay", "online-fresh"),
+    "data.pixels": ("auto", "source", "views"),
     "train.amp": ("bf16", "none"),
 }
 

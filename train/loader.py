@@ -27,6 +27,7 @@ from store import codecs
 from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
 from store.prefetch import DeviceCopier, Prefetch
+from store.viewpixels import ViewPixels
 from train.config import AUTO, Config
 from train.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (steps_per_epoch: old import path)
 
@@ -137,9 +138,13 @@ class _Source:
 
 
 class CachedSource(_Source):
-    """Batches whose teacher tokens come from the store, read by whole blocks."""
+    """Batches whose teacher tokens come from the store, read by whole blocks.
 
-    def __init__(self, plan: Plan, *, store_path, teachers, **kw):
+    ``pixels`` (``data.pixels``): ``views`` reads the images from the store's view tars
+    (store/viewpixels.py) and never opens an original image shard; ``source`` decodes the
+    original images with the stored crops; ``auto`` takes the view tars when they are complete."""
+
+    def __init__(self, plan: Plan, *, store_path, teachers, pixels: str = "source", **kw):
         super().__init__(plan, **kw)
         self.fs = FeatureStore.open(store_path, data=DataInfo.of(plan.data), views=plan.views, seed=plan.seed)
         self.stores = {}
@@ -148,6 +153,12 @@ class CachedSource(_Source):
             ts.require_complete()
             _check_mask_ratio(ts)
             self.stores[name] = ts
+        self.view_pixels = _view_pixels(self.fs, pixels)
+        if self.view_pixels is not None:
+            from store.decode.stored import make_view_decoder
+            self.decode_views = make_view_decoder(self.view_pixels.form, kw.get("decoder", "dali"),
+                                                  batch_size=plan.local_batch, device=kw.get("device", "cpu"),
+                                                  num_threads=kw.get("num_threads", 2))
 
     def _window(self, slot: int, shard_ids) -> dict:
         """Read the rank's window of blocks: {index, boxes, flips, teachers: {name: {...}}}."""
@@ -162,6 +173,13 @@ class CachedSource(_Source):
                 raise StoreError(f"teacher {name!r} holds other samples or views than "
                                  f"{next(iter(self.stores))!r} in slot {slot}, shards {list(shard_ids)}")
             out["teachers"][name] = {k: cat[k] for k in ("visible", *ts.payload_keys)}
+        if self.view_pixels is not None:
+            parts = [self.view_pixels.read_block(slot, int(k)) for k in shard_ids]
+            if not np.array_equal(np.concatenate([i for i, _ in parts]), out["index"]):
+                raise StoreError(f"{self.view_pixels.path}: view tars of slot {slot}, shards {list(shard_ids)} "
+                                 "hold other images than the token blocks")
+            out["pixels"] = np.empty(len(out["index"]), dtype=object)
+            out["pixels"][:] = [d for _, datas in parts for d in datas]
         out["row"] = {int(i): r for r, i in enumerate(out["index"])}
         return out
 
@@ -201,14 +219,17 @@ class CachedSource(_Source):
 
             if not np.array_equal(gather(lambda c: c["index"]), index):
                 raise StoreError(f"feature rows do not match image indices at step {step}")
-            boxes, flips = gather(lambda c: c["boxes"]), gather(lambda c: c["flips"])
+            if self.view_pixels is not None:      # the stored views: no image shard is opened
+                images = self.decode_views(list(gather(lambda c: c["pixels"])))
+            else:
+                images = self._images(index, gather(lambda c: c["boxes"]), gather(lambda c: c["flips"]))
             teachers = {name: {k: torch.from_numpy(gather(lambda c, k=k, n=name: c["teachers"][n][k]))
                                for k in ("visible", *ts.payload_keys)}
                         for name, ts in self.stores.items()}
             view = V.view_of_slot(index, slot, plan.views)
             yield step, {
                 "index": torch.from_numpy(index), "view": torch.from_numpy(view),
-                "images": self._images(index, boxes, flips),
+                "images": images,
                 "student_visible": torch.from_numpy(V.student_visible(plan.seed, index, epoch,
                                                                       n_visible=plan.n_student)),
                 "teachers": teachers,
@@ -223,6 +244,19 @@ class CachedSource(_Source):
             out["teachers"][name] = {"cls": tok[:, 0], "patch": tok[:, 1:],
                                      "index": t["visible"].to(device).long()}
         return out
+
+
+def _view_pixels(fs: FeatureStore, pixels: str) -> ViewPixels | None:
+    """The view tars to train from for ``data.pixels`` (see CachedSource), or None."""
+    if pixels not in ("auto", "source", "views"):
+        raise ValueError(f"data.pixels={pixels!r}: choose auto, source or views")
+    vp = ViewPixels.open(fs) if pixels != "source" else None
+    complete = vp is not None and not vp.missing()
+    if pixels == "views" and not complete:
+        what = "holds no view pixels" if vp is None else f"has {len(vp.missing())} incomplete view blocks"
+        raise StoreError(f"{fs.path}: {what}, but data.pixels=views; run `python cli.py extract "
+                         "--view-pixels jpeg` (or raw) on it, or set data.pixels=source")
+    return vp if complete else None
 
 
 def _check_mask_ratio(ts) -> None:

@@ -126,7 +126,8 @@ def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = 
         if not cfg.data.store:
             raise ValueError("data.source=cached reads the teacher tokens from a store: give --store "
                              "(data.store), or train online (data.source=online-fresh)")
-        cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers, **kw)
+        cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers,
+                              pixels=cfg.data.pixels, **kw)
         for ts in cached.stores.values():
             check_codec(ts, trainable=cfg.adapters.mode == "trainable", width=cfg.model.embed_dim)
         return cached, _teacher_stats(cached.stores)

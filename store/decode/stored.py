@@ -1,0 +1,97 @@
+"""Decoders of stored views (store/viewpixels.py): the view is final, 224 x 224 RGB, so
+there is no crop, resize or flip; only decoding (JPEG) or none at all (raw) and the
+normalisation of rule 5 (``store.decode.pixels``).
+
+``make_view_decoder(form, kind, ...)`` returns a callable ``datas -> (B, 3, 224, 224)``
+float32 normalised, on the CPU, or on the GPU for DALI on CUDA:
+
+- ``raw``: ``np.frombuffer`` of each view's HWC bytes (any ``kind``);
+- ``jpeg`` with ``pil``: PIL decodes each view (the reference);
+- ``jpeg`` with ``dali``: ``fn.decoders.image`` (``device="cpu"``, or the ``mixed`` nvJPEG
+  decoder on a GPU) on bytes fed through ``fn.external_source``, then
+  ``fn.crop_mirror_normalize`` (no crop, no mirror) to CHW float32.
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from store.decode.dali import dali_device_id
+from store.decode.pixels import SIZE, normalize_uint8, scaled_mean_std
+
+
+def raw_views(datas: Sequence[bytes]) -> torch.Tensor:
+    """B raw views (224 * 224 * 3 bytes each, HWC) -> float32 (B, 3, 224, 224) normalised."""
+    pixels = np.stack([np.frombuffer(d, dtype=np.uint8).reshape(SIZE, SIZE, 3) for d in datas])
+    return normalize_uint8(torch.from_numpy(pixels))
+
+
+def pil_stored_views(datas: Sequence[bytes]) -> torch.Tensor:
+    """B JPEG views -> float32 (B, 3, 224, 224) normalised, decoded by PIL."""
+    pixels = np.empty((len(datas), SIZE, SIZE, 3), dtype=np.uint8)
+    for k, d in enumerate(datas):
+        with Image.open(io.BytesIO(d)) as image:
+            pixels[k] = np.asarray(image.convert("RGB"))
+    return normalize_uint8(torch.from_numpy(pixels))
+
+
+class DaliStoredViews:
+    """B JPEG views -> float32 (B, 3, 224, 224) normalised, decoded by DALI on ``device``
+    (``cpu`` or ``cuda[:N]``); the pipeline is built on the first batch."""
+
+    def __init__(self, *, batch_size: int, device: str = "cpu", num_threads: int = 2):
+        self.batch_size, self.num_threads = batch_size, num_threads
+        self.device = torch.device(device)
+        self.device_id = dali_device_id(self.device)
+        self._pipe = None
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        mean, std = scaled_mean_std(True)
+        cuda = self.device.type == "cuda"
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                      prefetch_queue_depth=1)
+        def stored_pipeline():
+            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+            image = fn.decoders.image(data, device="mixed" if cuda else "cpu", output_type=types.RGB,
+                                      adjust_orientation=False)
+            return fn.crop_mirror_normalize(image, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+
+        pipe = stored_pipeline()
+        pipe.build()
+        return pipe
+
+    def __call__(self, datas: Sequence[bytes]) -> torch.Tensor:
+        if not 1 <= len(datas) <= self.batch_size:
+            raise ValueError(f"DaliStoredViews: a batch needs 1 to {self.batch_size} views, got {len(datas)}")
+        if self._pipe is None:
+            self._pipe = self._build()
+        self._pipe.feed_input("data", [np.frombuffer(d, dtype=np.uint8) for d in datas])
+        (out,) = self._pipe.run()
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            dense = out.as_tensor()
+            result = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(self.device))
+            return result
+        return torch.from_numpy(np.array(out.as_array()))
+
+
+def make_view_decoder(form: str, kind: str, *, batch_size: int, device: str = "cpu", num_threads: int = 2):
+    """The decoder of stored views of ``form`` (``jpeg`` or ``raw``) for the job's decoder
+    ``kind`` (``dali`` or ``pil``): a callable datas -> (B, 3, 224, 224) float32 normalised."""
+    if kind not in ("dali", "pil"):
+        raise ValueError(f"unknown decoder {kind!r}; choose 'dali' or 'pil'")
+    if form == "raw":
+        return raw_views
+    if form != "jpeg":
+        raise ValueError(f"unknown view pixel form {form!r}; choose 'jpeg' or 'raw'")
+    if kind == "pil":
+        return pil_stored_views
+    return DaliStoredViews(batch_size=batch_size, device=device, num_threads=num_threads)

@@ -1,0 +1,216 @@
+"""View pixels stored once, with the feature store (docs/format.md, "View pixels").
+
+At extraction every teacher decodes the same views (store/views.py keys crops and flips by
+(seed, index, view), not by teacher), so a view's 224 x 224 RGB pixels are a property of
+the store: the first extraction asked for them (``extract --view-pixels jpeg|raw``) writes
+them beside the tokens, and a training run reads them instead of the original image
+shards, which it then never opens.
+
+Layout, one WebDataset tar per (slot, image shard), aligned with the token blocks::
+
+    STORE/pixels/zarr.json                 attrs: form, quality, size, ext, data_digest, views, seed
+    STORE/pixels/slot-<s>/shard-<k>.tar     member {index:09d}.jpg (JPEG) or .rgb (raw HWC uint8)
+    STORE/pixels/slot-<s>/shard-<k>.idx     its DALI index (wds2idx format, store/pack.ShardWriter)
+    STORE/pixels/slot-<s>/shard-<k>.json    completion record, written last
+
+Row i of slot s holds view (s + i) mod V of image i, as the token arrays. The tar and its
+index are fsync'ed and renamed into place, and only then is the completion record
+(count, sha256 of the tar and of the index) written atomically and its folder fsync'ed:
+a block without its record does not exist for readers, and extraction rewrites it whole.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from PIL import Image
+
+from store.decode.pixels import SIZE, denormalize
+from store.features import PIXELS, StoreError
+from store.manifest import sample_key, shard_stem, sha256_file, write_atomic
+from store.pack import ShardWriter
+
+FORMS = ("jpeg", "raw")
+JPEG_QUALITY = 95
+EXTS = {"jpeg": "jpg", "raw": "rgb"}
+RAW_BYTES = SIZE * SIZE * 3
+
+
+def uint8_views(images: torch.Tensor) -> np.ndarray:
+    """Normalised views (B, 3, 224, 224) float32 (any device) -> their pixels (B, 224, 224, 3)
+    uint8 on the host. Every decoder resizes to uint8 before normalising, so denormalising
+    and rounding recovers them exactly; a value further than 0.05 from an integer means a
+    decoder that does not, and is refused."""
+    wide = denormalize(images.float())
+    pixels = torch.round(wide)
+    err = float((wide - pixels).abs().max()) if wide.numel() else 0.0
+    if err > 0.05:
+        raise ValueError(f"decoded views are not whole 8-bit pixels (off by up to {err:.3f} after denormalising)")
+    return pixels.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def encode_view(form: str, pixels: np.ndarray) -> bytes:
+    """One view's pixels (224, 224, 3) uint8 -> the bytes stored: JPEG at quality 95 with
+    4:4:4 chroma (no subsampling: the view is final), or the raw HWC bytes."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if pixels.shape != (SIZE, SIZE, 3):
+        raise ValueError(f"a view is ({SIZE}, {SIZE}, 3) uint8, got {pixels.shape}")
+    if form == "raw":
+        return pixels.tobytes()
+    if form == "jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        return buf.getvalue()
+    raise ValueError(f"unknown view pixel form {form!r}; choose one of {FORMS}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ViewPixels:
+    """The view tars of one store: write whole (slot, shard) blocks, read them back, check them."""
+
+    def __init__(self, root, group: zarr.Group):
+        self.root = root                          # store.features.FeatureStore
+        self.group = group
+        a = group.attrs.asdict()
+        self.form, self.quality, self.ext = a["form"], a.get("quality"), a["ext"]
+        self.path = root.path / PIXELS
+
+    @classmethod
+    def create_or_open(cls, root, form: str) -> "ViewPixels":
+        """Create the group (rank 0 only), or open it and check it holds ``form``."""
+        if form not in FORMS:
+            raise ValueError(f"unknown view pixel form {form!r}; choose one of {FORMS}")
+        vp = cls.open(root)
+        if vp is not None:
+            if vp.form != form:
+                raise StoreError(f"{vp.path}: holds view pixels as {vp.form}, not {form}; extract with "
+                                 f"--view-pixels {vp.form} (or none), or into a new store")
+            return vp
+        root.upgrade_format()
+        g = root.group.create_group(PIXELS, attributes={
+            "form": form, "quality": JPEG_QUALITY if form == "jpeg" else None, "size": SIZE,
+            "ext": EXTS[form], "key_format": "{index:09d}", "data_digest": root.data_digest,
+            "views": root.views, "seed": root.seed})
+        return cls(root, g)
+
+    @classmethod
+    def open(cls, root) -> "ViewPixels | None":
+        """The store's view pixels, or None if it holds none; StoreError if they belong to
+        other data, views or seed than the store."""
+        if not (root.path / PIXELS / "zarr.json").exists():
+            return None
+        vp = cls(root, zarr.open_group(store=str(root.path / PIXELS), mode="a", zarr_format=3))
+        a = vp.group.attrs.asdict()
+        wanted = dict(data_digest=root.data_digest, views=root.views, seed=root.seed)
+        problems = [f"{k}: pixels have {a.get(k)!r}, the store {v!r}" for k, v in wanted.items() if a.get(k) != v]
+        if problems:
+            raise StoreError(f"{vp.path}: view pixels do not belong to this store: " + "; ".join(problems))
+        return vp
+
+    # -- paths and completion -----------------------------------------------------------
+    def block_path(self, slot: int, shard: int, suffix: str) -> Path:
+        return self.path / f"slot-{slot}" / f"{shard_stem(shard)}.{suffix}"
+
+    def record(self, slot: int, shard: int) -> dict | None:
+        path = self.block_path(slot, shard, "json")
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def is_complete(self, slot: int, shard: int) -> bool:
+        rec = self.record(slot, shard)
+        return rec is not None and rec.get("count") == self.root.shards[shard][1]
+
+    def complete_matrix(self) -> np.ndarray:
+        """(V, n_shards) bool: which (slot, shard) view blocks are complete."""
+        return np.array([[self.is_complete(s, k) for k in range(len(self.root.shards))]
+                         for s in range(self.root.views)], dtype=bool).reshape(self.root.views, -1)
+
+    def missing(self) -> list[tuple[int, int]]:
+        done = self.complete_matrix()
+        return [(int(s), int(k)) for s, k in zip(*np.nonzero(~done))]
+
+    # -- writing --------------------------------------------------------------------
+    def write_block(self, slot: int, shard: int, *, index: np.ndarray, pixels: np.ndarray) -> None:
+        """Write one whole block: index (n,) the shard's images in order, pixels (n, 224, 224, 3)
+        uint8; tar and index fsync'ed and renamed, then the completion record."""
+        first, count = self.root.shards[shard]
+        index = np.asarray(index)
+        if not np.array_equal(index, np.arange(first, first + count)) or len(pixels) != count:
+            raise StoreError(f"{self.path}: view block (slot {slot}, shard {shard}) must hold images "
+                             f"{first}..{first + count - 1} in order")
+        folder = self.path / f"slot-{slot}"
+        folder.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(folder, shard, first)
+        for i, view in zip(index, pixels):
+            writer.add(int(i), self.ext, encode_view(self.form, view), None)
+        info = writer.close()
+        _fsync_dir(folder)
+        rec = dict(slot=int(slot), shard=int(shard), first=int(first), count=info["count"], form=self.form,
+                   tar_bytes=info["bytes"], tar_sha256=info["sha256"],
+                   idx_sha256=sha256_file(writer.idx_path))
+        write_atomic(self.block_path(slot, shard, "json"), json.dumps(rec, sort_keys=True).encode())
+        _fsync_dir(folder)
+
+    # -- reading --------------------------------------------------------------------
+    def _index(self, slot: int, shard: int) -> list[tuple[str, int, int, str]]:
+        """The block's DALI index: [(ext, offset, size, member name)] in sample order."""
+        lines = self.block_path(slot, shard, "idx").read_text().splitlines()
+        head = lines[0].split()
+        if head[0] != "v1.2" or int(head[1]) != len(lines) - 1:
+            raise StoreError(f"{self.block_path(slot, shard, 'idx')}: not a DALI v1.2 index of its samples")
+        out = []
+        for line in lines[1:]:
+            ext, offset, size, name = line.split()
+            out.append((ext, int(offset), int(size), name))
+        return out
+
+    def read_block(self, slot: int, shard: int) -> tuple[np.ndarray, list[bytes]]:
+        """One complete block: index (n,) int64 and the n stored views' bytes, in order."""
+        if not self.is_complete(slot, shard):
+            raise StoreError(f"{self.path}: view block (slot {slot}, shard {shard}) is not complete; "
+                             "resume `python cli.py extract --view-pixels ...`")
+        first, count = self.root.shards[shard]
+        entries = self._index(slot, shard)
+        keys = [name.split(".")[0] for _, _, _, name in entries]
+        if keys != [sample_key(i) for i in range(first, first + count)]:
+            raise StoreError(f"{self.block_path(slot, shard, 'idx')}: members are not images "
+                             f"{first}..{first + count - 1} in order")
+        with open(self.block_path(slot, shard, "tar"), "rb") as f:
+            datas = [os.pread(f.fileno(), size, offset) for _, offset, size, _ in entries]
+        return np.arange(first, first + count, dtype=np.int64), datas
+
+    def check_block(self, slot: int, shard: int) -> list[str]:
+        """verify's checks of one block: record, index and tar digest, members and sizes."""
+        where = f"pixels slot {slot} shard {shard}"
+        rec = self.record(slot, shard)
+        if rec is None or not self.is_complete(slot, shard):
+            return [f"{where}: incomplete (no completion record for all its images)"]
+        for suffix, key in (("tar", "tar_sha256"), ("idx", "idx_sha256")):
+            path = self.block_path(slot, shard, suffix)
+            if not path.exists() or sha256_file(path) != rec.get(key):
+                return [f"{where}: {path.name} differs from its completion record (sha256)"]
+        try:
+            _, datas = self.read_block(slot, shard)
+        except StoreError as error:
+            return [f"{where}: {error}"]
+        if any(ext != self.ext for ext, _, _, _ in self._index(slot, shard)):
+            return [f"{where}: members are not all .{self.ext}"]
+        if self.form == "raw" and any(len(d) != RAW_BYTES for d in datas):
+            return [f"{where}: a raw view is not {RAW_BYTES} bytes"]
+        if self.form == "jpeg" and any(d[:2] != b"\xff\xd8" for d in datas):
+            return [f"{where}: a stored view is not a JPEG"]
+        return []
+

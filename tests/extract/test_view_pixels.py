@@ -1,0 +1,268 @@
+"""View pixels stored once with the store (store/viewpixels.py, ``extract --view-pixels``).
+
+Stored JPEG views against a fresh decode of the original images (the measured bound, printed
+with ``-s``), raw views bit-exact; one training step from each; a run from view pixels
+opens no original image shard; verify; SIGKILL then resume; format versions.
+"""
+import builtins
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from extract.runner import Extractor, run_extraction
+from extract.teachers import build_teacher
+from extract.verify import verify_store
+from store import views as V
+from store.decode import denormalize, pil_views
+from store.decode.stored import make_view_decoder, pil_stored_views
+from store.features import DataInfo, FeatureStore, StoreError
+from store.shards import ImageSet
+from store.viewpixels import ViewPixels
+from train.config import load_config
+from train.loader import CachedSource, Plan
+from train.loop import build_source, train
+from train.objective import build_objective
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+VIEWS = 2
+
+
+def _extract(data, store, **kw):
+    return run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=ImageSet.open(data),
+                          store_path=store, views=VIEWS, seed=0, batch_size=2, decoder="pil", progress=False,
+                          stats_images=13, **kw)
+
+
+@pytest.fixture(scope="module")
+def jpeg_store(prepared_data, tmp_path_factory):
+    """MAE (random init), 2 views, fp16 tokens and the views as JPEG: one uninterrupted run."""
+    store = tmp_path_factory.mktemp("jpeg") / "store"
+    summary = _extract(prepared_data, store, view_pixels="jpeg")
+    assert summary["pixel_blocks"] == 6 and summary["blocks"] == 6
+    return store
+
+
+@pytest.fixture(scope="module")
+def raw_store(jpeg_store, prepared_data, tmp_path_factory):
+    """The same tokens; the views then added as raw uint8 by a run that decodes only: the
+    teacher forward is made to fail, so no block may need one."""
+    store = tmp_path_factory.mktemp("raw") / "store"
+    shutil.copytree(jpeg_store, store)
+    shutil.rmtree(store / "pixels")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Extractor, "_forward", lambda *a: pytest.fail("a teacher forward for complete tokens"))
+        summary = _extract(prepared_data, store, view_pixels="raw")
+    assert summary["pixel_blocks"] == 6 and summary["skipped"] == 0
+    return store
+
+
+def _fresh_and_stored(store, data, decode):
+    """Per (slot, shard): fresh PIL views of the original images and the stored ones, 0..255."""
+    ds, vp = ImageSet.open(data), ViewPixels.open(FeatureStore.open(store))
+    for slot in range(VIEWS):
+        for shard in range(len(ds.shards)):
+            index, datas = vp.read_block(slot, shard)
+            boxes, flips = V.view_params(0, index, V.view_of_slot(index, slot, VIEWS), ds.widths[index],
+                                         ds.heights[index])
+            yield denormalize(pil_views(ds.read_many(index), boxes, flips)), denormalize(decode(datas))
+
+
+def test_stored_jpeg_views_are_within_the_measured_bound_of_a_fresh_decode(jpeg_store, prepared_data):
+    diffs = torch.cat([(b - a).abs().flatten(1) for a, b in _fresh_and_stored(jpeg_store, prepared_data,
+                                                                               pil_stored_views)])
+    mean, worst_view, worst = float(diffs.mean()), float(diffs.mean(1).max()), float(diffs.max())
+    print(f"stored JPEG q95 vs fresh decode (0..255, {len(diffs)} views): mean |diff| {mean:.3f}, "
+          f"worst view mean {worst_view:.3f}, worst pixel {worst:.0f}")
+    assert len(diffs) == 26 and mean <= 1.0 and worst_view <= 2.0 and worst <= 40
+
+
+def test_dali_decodes_the_stored_jpegs_as_pil_does_and_reads_the_tars_with_their_index(jpeg_store):
+    from nvidia.dali import fn, pipeline_def, types
+
+    vp = ViewPixels.open(FeatureStore.open(jpeg_store))
+    _, datas = vp.read_block(1, 0)
+    dali = make_view_decoder("jpeg", "dali", batch_size=8, device="cpu")
+    assert float((denormalize(dali(datas)) - denormalize(pil_stored_views(datas))).abs().max()) <= 1.0
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    def reader():
+        jpg = fn.readers.webdataset(paths=[str(vp.block_path(1, 0, "tar"))],
+                                     index_paths=[str(vp.block_path(1, 0, "idx"))], ext=["jpg"],
+                                     pad_last_batch=True)
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+
+    pipe = reader()
+    pipe.build()
+    (out,) = pipe.run()
+    got = np.stack([np.array(out[k]) for k in range(len(datas))])
+    want = denormalize(pil_stored_views(datas)).round().permute(0, 2, 3, 1).numpy()
+    assert got.shape == (5, 224, 224, 3) and np.abs(got.astype(float) - want).max() <= 1.0
+    with tarfile.open(vp.block_path(1, 0, "tar")) as tar:
+        assert tar.getnames() == [f"{i:09d}.jpg" for i in range(5)]
+
+
+def test_raw_views_equal_the_fresh_decode_bit_for_bit(raw_store, jpeg_store, prepared_data):
+    for fresh, stored in _fresh_and_stored(raw_store, prepared_data, make_view_decoder("raw", "pil", batch_size=8)):
+        torch.testing.assert_close(stored, fresh, rtol=0, atol=1e-3)
+        assert torch.equal(stored.round(), fresh.round())
+    a, b = zarr.open_group(str(raw_store / "mae"), mode="r"), zarr.open_group(str(jpeg_store / "mae"), mode="r")
+    np.testing.assert_array_equal(a["tokens"][...], b["tokens"][...])
+
+
+def _cfg(data, store, **kw):
+    base = {"data.images": data, "data.store": store, "data.views": VIEWS, "data.shuffle_window": 2,
+            "data.decoder": "pil", "data.num_workers": 1, "data.streams": 2, "train.batch_size": 4,
+            "train.log_every": 1, "schedule.epochs": 4, "schedule.warmup_epochs": 1, "data.teachers": "[mae]"}
+    base.update(kw)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+@pytest.mark.parametrize("form", ["jpeg", "raw"])
+def test_one_step_from_stored_views_matches_the_fresh_images(form, jpeg_store, raw_store, prepared_data):
+    store = jpeg_store if form == "jpeg" else raw_store
+    plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
+    fresh, stats = build_source(_cfg(prepared_data, store, **{"data.pixels": "source"}), plan, device="cpu")
+    stored, _ = build_source(_cfg(prepared_data, store, **{"data.pixels": "views"}), plan, device="cpu")
+    assert fresh.view_pixels is None and stored.view_pixels.form == form
+    for epoch in (0, 1):
+        bf = fresh.materialize(next(iter(fresh.epoch(epoch)))[1], "cpu")
+        bs = stored.materialize(next(iter(stored.epoch(epoch)))[1], "cpu")
+        assert torch.equal(bf["index"], bs["index"])
+        pix = (denormalize(bs["images"]) - denormalize(bf["images"])).abs()
+        torch.manual_seed(0)
+        objective = build_objective(_cfg(prepared_data, store), stats)
+        params = [p for p in objective.trainable.parameters() if p.requires_grad]
+        out = []
+        for batch in (bf, bs):
+            loss = objective(batch)["loss"]
+            grads = torch.autograd.grad(loss, params)
+            out.append((loss.detach(), torch.cat([g.flatten() for g in grads])))
+        (lf, gf), (ls, gs) = out
+        rel_loss, rel_grad = float((ls - lf).abs() / lf.abs()), float((gs - gf).norm() / gf.norm())
+        print(f"{form} views epoch {epoch}: pixels mean |diff| {float(pix.mean()):.3f} max {float(pix.max()):.0f}; "
+              f"loss {float(lf):.6f}, relative loss diff {rel_loss:.2e}, relative gradient diff {rel_grad:.2e}")
+        if form == "raw":
+            assert float(pix.max()) < 1e-3 and rel_loss < 1e-6
+        else:
+            assert rel_loss <= 5e-3 and rel_grad <= 5e-2
+
+
+def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, prepared_data, tmp_path, monkeypatch):
+    shards, opened = str(Path(prepared_data) / "shards"), []
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, *a, **kw):
+        if str(path).startswith(shards):
+            opened.append(str(path))
+        return real_os_open(path, *a, **kw)
+
+    def py_open(path, *a, **kw):
+        if isinstance(path, (str, Path)) and str(path).startswith(shards):
+            opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", py_open)
+    train(_cfg(prepared_data, jpeg_store, **{"model.depth": 2}), out_dir=tmp_path / "run", max_steps=4,
+          progress=False)                                          # data.pixels=auto: the views are complete
+    assert opened == []
+    # the same watch sees the source path open them
+    plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
+    source, _ = build_source(_cfg(prepared_data, jpeg_store, **{"data.pixels": "source"}), plan, device="cpu")
+    next(iter(source.epoch(0)))
+    assert opened and all(p.endswith(".tar") for p in opened)
+
+
+def test_verify_reports_missing_incomplete_and_tampered_view_shards(jpeg_store, prepared_data, tmp_path):
+    ds = ImageSet.open(prepared_data)
+    assert verify_store(jpeg_store, ds, progress=False)[0] == []
+    broken = tmp_path / "broken"
+
+    def fresh_copy():
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(jpeg_store, broken)
+        return broken / "pixels" / "slot-1"
+
+    (fresh_copy() / "shard-000002.json").unlink()                     # a block never completed
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("pixels slot 1 shard 2: incomplete" in p for p in problems)
+    tar = fresh_copy() / "shard-000000.tar"                           # a damaged tar
+    raw = bytearray(tar.read_bytes())
+    raw[1000] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("shard-000000.tar differs from its completion record" in p for p in problems)
+    (fresh_copy() / "shard-000001.tar").unlink()
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("pixels slot 1 shard 1" in p for p in problems)        # a missing tar
+    fresh_copy()
+    zarr.open_group(str(broken / "pixels"), mode="a").attrs["data_digest"] = "0" * 64   # other data's pixels
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("view pixels do not belong to this store" in p for p in problems)
+
+
+def _files(store):
+    return {p.relative_to(store): p.read_bytes() for p in sorted((store / "pixels").rglob("*")) if p.is_file()}
+
+
+def test_sigkill_then_resume_with_view_pixels_gives_identical_tars(jpeg_store, prepared_data, tmp_path,
+                                                                   sigkill_when):
+    store = tmp_path / "store"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "extract", "--teacher", "mae", "--data", str(prepared_data),
+           "--store", str(store), "--random-init", "--views", str(VIEWS), "--batch-size", "2", "--decoder",
+           "pil", "--device", "cpu", "--stats-images", "13", "--view-pixels", "jpeg"]
+
+    def two_view_blocks_done():
+        return len(list((store / "pixels").glob("slot-*/*.json"))) >= 2
+
+    sigkill_when(cmd, two_view_blocks_done, env=ENV, cwd=ROOT)
+    partial = ViewPixels.open(FeatureStore.open(store)).complete_matrix()
+    assert 0 < partial.sum() < partial.size
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=ENV)
+    assert "already complete" in out.stdout + out.stderr
+    got, want = _files(store), _files(jpeg_store)
+    assert sorted(got) == sorted(want) and len(want) == 1 + 3 * 6      # zarr.json + (tar, idx, record) x 6
+    for name in want:
+        assert got[name] == want[name], name
+    assert verify_store(store, ImageSet.open(prepared_data), progress=False)[0] == []
+
+
+def test_a_version_1_store_opens_and_a_newer_one_is_refused_saying_what_to_do(jpeg_store, prepared_data,
+                                                                             tmp_path):
+    info = DataInfo.of(ImageSet.open(prepared_data))
+    path = tmp_path / "old"
+    FeatureStore.create_or_open(path, data=info, views=VIEWS, seed=0).group.attrs["format_version"] = 1
+    fs = FeatureStore.open(path, data=info, views=VIEWS, seed=0)     # version 1: no view pixels
+    assert ViewPixels.open(fs) is None and fs.teachers == []
+    ViewPixels.create_or_open(fs, "raw")                              # adding them raises it to 2
+    assert FeatureStore.open(path).group.attrs["format_version"] == 2 and FeatureStore.open(path).teachers == []
+    with pytest.raises(StoreError, match="holds view pixels as raw, not jpeg; extract with --view-pixels raw"):
+        ViewPixels.create_or_open(FeatureStore.open(path), "jpeg")
+    FeatureStore.open(path).group.attrs["format_version"] = 3
+    with pytest.raises(StoreError, match=r"format_version 3 is not one this code reads \(1, 2\); update the code"):
+        FeatureStore.open(path)
+
+
+def test_data_pixels_views_without_view_pixels_is_refused_in_one_line(jpeg_store, prepared_data, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(jpeg_store, store)
+    plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
+    (store / "pixels" / "slot-0" / "shard-000001.json").unlink()
+    auto = CachedSource(plan, store_path=store, teachers=["mae"], pixels="auto", decoder="pil")
+    assert auto.view_pixels is None                                   # incomplete: auto decodes the images
+    with pytest.raises(StoreError, match="has 1 incomplete view blocks, but data.pixels=views; run") as info:
+        CachedSource(plan, store_path=store, teachers=["mae"], pixels="views", decoder="pil")
+    assert "\n" not in str(info.value)
+    shutil.rmtree(store / "pixels")
+    with pytest.raises(StoreError, match="holds no view pixels, but data.pixels=views"):
+        CachedSource(plan, store_path=store, teachers=["mae"], pixels="views", decoder="pil")
