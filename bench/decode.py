@@ -3,6 +3,7 @@
     python bench/decode.py                         # CPU: PIL and DALI on all cores
     python bench/decode.py --device cuda           # adds DALI with the GPU decoder
     python bench/decode.py --views 2048 --threads 8 --batch-size 128
+    python bench/decode.py --views 128 --batch-size 32 --threads 2 --repeats 2 --agreement-views 0
 
 Photos: scikit-image's bundled photographs, resized to ImageNet's typical size (long
 side 500, e.g. 500x375) and re-encoded as JPEG quality 90 (about 50-100 kB each, like
@@ -14,7 +15,10 @@ Rows:
   pil 1 proc       pil_views in this process, one core;
   pil N procs      pil_views over a process pool of N workers (like DataLoader workers);
   dali-cpu T thr   DaliViewDecoder(device="cpu", num_threads=T), 2 batches in flight;
-  dali-cuda        DaliViewDecoder(device="cuda") (only with --device cuda).
+  dali-cuda        DaliViewDecoder(device="cuda") (only with --device cuda);
+  stored-*         the same views stored once (store/viewpixels.py: 224 px JPEG q95 or raw)
+                   and decoded by store/decode/stored.py: pil, dali-cpu, raw (np.frombuffer),
+                   dali-cuda (the mixed decoder, with --device cuda).
 Each row is timed ``--repeats`` times and the best is reported (shared machines are noisy).
 It then prints how closely DALI agrees with PIL on the same views, per photo kind
 (mean / max |DALI - PIL| on the 0..255 scale, before normalisation).
@@ -149,6 +153,32 @@ def time_dali(datas, boxes, flips, *, device: str, threads: int, batch_size: int
     return time.perf_counter() - start
 
 
+def time_stored(stored: list[bytes], *, form: str, kind: str, device: str, threads: int,
+                batch_size: int) -> float:
+    """Seconds to decode stored views (bytes of ``form``) with ``kind`` on ``device``."""
+    import torch
+
+    from store.decode.stored import make_view_decoder
+
+    decode = make_view_decoder(form, kind, batch_size=batch_size, device=device, num_threads=threads)
+    batches = [stored[s:s + batch_size] for s in range(0, len(stored), batch_size)]
+    decode(batches[0])
+    start = time.perf_counter()
+    done = sum(decode(b).shape[0] for b in batches)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert done == len(stored)
+    return time.perf_counter() - start
+
+
+def stored_views(datas, boxes, flips, *, form: str) -> list[bytes]:
+    """The views as extraction stores them (``extract --view-pixels form``)."""
+    from store.decode import pil_views
+    from store.viewpixels import encode_view, uint8_views
+
+    return [encode_view(form, v) for v in uint8_views(pil_views(datas, boxes, flips))]
+
+
 def agreement(*, views_per_kind: int, batch_size: int) -> list[tuple[str, float, float]]:
     """(kind, mean |DALI - PIL|, max over views of the per-view mean) on the 0..255 scale."""
     from store.decode import DaliViewDecoder, pil_views
@@ -190,19 +220,33 @@ def main(argv=None) -> None:
         plan += [("pil", args.threads), ("dali-cpu", args.threads)]
     if args.device == "cuda":
         plan.append(("dali-cuda", args.threads))
+    stored = {form: stored_views(datas, boxes, flips, form=form) for form in ("jpeg", "raw")}
+    kb_view = np.mean([len(b) for b in stored["jpeg"]]) / 1e3
+    plan += [("stored-pil", 1), ("stored-dali-cpu", 1), ("stored-raw", 1)]
+    if args.threads > 1:
+        plan.append(("stored-dali-cpu", args.threads))
+    if args.device == "cuda":
+        plan.append(("stored-dali-cuda", args.threads))
     rows = []
     for name, workers in progress_bar(plan, desc="rows", unit="row"):
         def once():
+            if name.startswith("stored-"):
+                kind = name.split("-")[1]
+                form, device = ("raw", "cpu") if kind == "raw" else ("jpeg", name.split("-")[-1])
+                return time_stored(stored[form], form=form, kind="pil" if kind in ("pil", "raw") else "dali",
+                                   device="cpu" if device == "pil" else device, threads=workers,
+                                   batch_size=args.batch_size)
             if name == "pil":
                 return time_pil(datas, boxes, flips, procs=workers, batch_size=args.batch_size)
             return time_dali(datas, boxes, flips, device=name.split("-")[1], threads=workers,
                              batch_size=args.batch_size)
         rows.append((name, workers, min(once() for _ in range(args.repeats))))
-    print(f"\n| {'decoder':<10} | {'threads/procs':>13} | {'images/s':>9} | {'ms/image/core':>13} |")
-    print(f"|{'-' * 12}|{'-' * 15}:|{'-' * 10}:|{'-' * 14}:|")
+    print(f"stored views: JPEG q95 mean {kb_view:.1f} kB, raw {224 * 224 * 3 / 1e3:.1f} kB")
+    print(f"\n| {'decoder':<16} | {'threads/procs':>13} | {'images/s':>9} | {'ms/image/core':>13} |")
+    print(f"|{'-' * 18}|{'-' * 15}:|{'-' * 10}:|{'-' * 14}:|")
     for name, workers, seconds in rows:
         rate = args.views / seconds
-        print(f"| {name:<10} | {workers:>13} | {rate:>9.0f} | {1e3 * workers / rate:>13.2f} |")
+        print(f"| {name:<16} | {workers:>13} | {rate:>9.0f} | {1e3 * workers / rate:>13.2f} |")
 
     if args.agreement_views:
         print(f"\nDALI (cpu) vs PIL, {args.agreement_views} views per kind, |difference| on 0..255:")

@@ -148,10 +148,29 @@ def check_decode(rep: Report, sec: dict, ctx: dict) -> None:
                                                        batch_size=batch)
     procs = min(cores, 8) if device.type == "cuda" else 1
     rows[f"PIL, {procs} procs"] = n / time_pil(datas, boxes, flips, procs=procs, batch_size=batch)
+    _check_stored_views(rep, sec, rows, datas[:batch], boxes[:batch], flips[:batch], device=device, batch=batch)
     for name, rate in rows.items():
         rep.figure(sec, name, rate, "images/s", what)
     ctx["decode"] = rows
     rep.check(sec, "every decoder ran", all(r > 0 for r in rows.values()), ", ".join(rows))
+
+
+def _check_stored_views(rep: Report, sec: dict, rows: dict, datas, boxes, flips, *, device, batch: int) -> None:
+    """The views stored once (extract --view-pixels jpeg): DALI on ``device`` decodes them as
+    PIL does (per-view mean |diff| within the decoders' bound), and how fast."""
+    from bench.decode import stored_views, time_stored
+    from store.decode import denormalize
+    from store.decode.stored import make_view_decoder, pil_stored_views
+
+    stored = stored_views(datas, boxes, flips, form="jpeg")
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    got = make_view_decoder("jpeg", "dali", batch_size=batch, device=str(device))(stored).cpu()
+    diff = (denormalize(got) - denormalize(pil_stored_views(stored))).abs().flatten(1).mean(1)
+    bound = (CUDA_BOUND_SCALE if kind == "cuda" else 1.0) * VIEW_BOUND
+    rep.check(sec, f"stored JPEG views: DALI {kind} vs PIL, worst view", float(diff.max()) <= bound,
+              f"{float(diff.max()):.3f} <= {bound}")
+    rows[f"stored JPEG views (the first {len(stored)}), DALI {kind}"] = len(stored) / time_stored(
+        stored, form="jpeg", kind="dali", device=str(device), threads=min(os.cpu_count() or 1, 8), batch_size=batch)
 
 
 HW_LOADS = (0.0, 0.65, 1.0)
