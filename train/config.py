@@ -132,7 +132,8 @@ class DataConfig:
     shuffle_window: int = 4             # samples are shuffled within this many shards of a stream
     pixels: str = "auto"                # cached training images: "views" (the store's view tars,
                                         # no image shard opened), "source" (decode the images
-                                        # with the stored crops), "auto" (views when complete)
+                                        # with the stored crops), "auto" (views when complete;
+                                        # resolved at the start, recorded in config.yaml)
     streams: int | str = "auto"         # independent shard streams (train/order.py), fixed so
                                         # batches do not depend on the world size; "auto": the most
                                         # of 8, 4, 2, 1 that suit the data and the global batch

@@ -33,14 +33,18 @@ from train.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (step
 
 
 def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Config:
-    """``cfg`` with ``data.views`` and ``data.streams`` set to numbers.
+    """``cfg`` with ``data.views`` and ``data.streams`` set to numbers and ``data.pixels`` to
+    ``views`` or ``source``.
 
     data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
     V (1 without a store: online-fresh); an explicit V that differs is refused (StoreError naming
     the store and the key).
     ``streams``: ``auto`` takes ``recorded["streams"]`` when given (the ``data`` section of
-    the config a resumed run recorded), else ``auto_streams``."""
-    views = cfg.data.views
+    the config a resumed run recorded), else ``auto_streams``.
+    ``pixels``: ``auto`` takes the recorded value, else ``views`` for a cached run whose store's
+    view pixels are complete (store/viewpixels.py), else ``source``; so a resumed run keeps its
+    images even if view pixels were added meanwhile."""
+    views, store = cfg.data.views, None
     if cfg.data.store:
         store = FeatureStore.open(cfg.data.store)
         if views == AUTO:
@@ -56,7 +60,14 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     if streams == AUTO:
         shards = [[int(s["first"]), int(s["count"])] for s in data.shards]
         streams = auto_streams(shards, global_batch=cfg.train.batch_size)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=int(views), streams=int(streams)))
+    pixels = cfg.data.pixels
+    if pixels == AUTO:
+        pixels = (recorded or {}).get("pixels", AUTO)
+    if pixels == AUTO:
+        vp = ViewPixels.open(store) if store is not None and cfg.data.source == "cached" else None
+        pixels = "views" if vp is not None and not vp.missing() else "source"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=int(views), streams=int(streams),
+                                                             pixels=pixels))
 
 
 @dataclass

@@ -27,7 +27,7 @@ from store.features import DataInfo, FeatureStore, StoreError
 from store.shards import ImageSet
 from store.viewpixels import ViewPixels
 from train.config import load_config
-from train.loader import CachedSource, Plan
+from train.loader import CachedSource, Plan, resolve_data
 from train.loop import build_source, train
 from train.objective import build_objective
 
@@ -176,6 +176,7 @@ def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, prepared_dat
     train(_cfg(prepared_data, jpeg_store, **{"model.depth": 2}), out_dir=tmp_path / "run", max_steps=4,
           progress=False)                                          # data.pixels=auto: the views are complete
     assert opened == []
+    assert load_config(tmp_path / "run" / "config.yaml").data.pixels == "views"     # auto, resolved and recorded
     # the same watch sees the source path open them
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
     source, _ = build_source(_cfg(prepared_data, jpeg_store, **{"data.pixels": "source"}), plan, device="cpu")
@@ -260,6 +261,9 @@ def test_data_pixels_views_without_view_pixels_is_refused_in_one_line(jpeg_store
     (store / "pixels" / "slot-0" / "shard-000001.json").unlink()
     auto = CachedSource(plan, store_path=store, teachers=["mae"], pixels="auto", decoder="pil")
     assert auto.view_pixels is None                                   # incomplete: auto decodes the images
+    cfg = _cfg(prepared_data, store)
+    assert resolve_data(cfg, plan.data).data.pixels == "source"
+    assert resolve_data(cfg, plan.data, recorded={"pixels": "views"}).data.pixels == "views"   # a resumed run keeps it
     with pytest.raises(StoreError, match="has 1 incomplete view blocks, but data.pixels=views; run") as info:
         CachedSource(plan, store_path=store, teachers=["mae"], pixels="views", decoder="pil")
     assert "\n" not in str(info.value)
