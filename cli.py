@@ -174,7 +174,7 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
         ex = Extractor(model, ds, seed=seed, views=views, batch_size=batch_size, device=device,
                        decoder=decoder, num_threads=threads, decoder_settings=settings)
         e = estimate_run(ex, codec=codec, pca_dim=pca_dim, num_images=len(ds), views=views,
-                         ranks=ranks or dist.world_size(), stats_images=stats_images)
+                         ranks=ranks or dist.world_size(), stats_images=stats_images, view_pixels=view_pixels)
         click.echo(format_estimate(e))
         return
     summary = run_extraction(teacher=model, data=ds, store_path=store_path, views=views, seed=seed,

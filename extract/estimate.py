@@ -4,7 +4,9 @@ The rate is measured on this machine with the real pipeline (decode, teacher for
 the visible tokens, codec encode and the copy to the host) over a few batches after one
 warm-up batch. The bytes are what the store writes (docs/format.md): the token arrays
 uncompressed, the small per-sample arrays at their uncompressed size (they are zstd'ed on
-disk, so this slightly over-counts them), and the teacher's statistics once.
+disk, so this slightly over-counts them), and the teacher's statistics once; with view pixels
+(``--view-pixels``), the views' tars once per store, from the encoded size of the warm-up
+batch's views (a 512-byte tar header per member, data padded to 512 bytes).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from store import codecs
 from store import views as V
+from store.viewpixels import encode_view
 
 # Per (image, view) bytes of the small arrays: index int64, view int16, boxes 4 x int32, flip.
 _META_BYTES = 8 + 2 + 16 + 1
@@ -35,13 +38,20 @@ def bytes_per_sample(codec: str, n_visible: int, *, pca_dim: int = codecs.PCA_DI
     return payload + _META_BYTES + 2 * n_visible
 
 
+def view_pixel_bytes(form: str, pixels: np.ndarray) -> float:
+    """Mean bytes one view costs in the view tars: member header, data padded to 512 bytes
+    (the index and record lines are negligible). pixels: (B, 224, 224, 3) uint8."""
+    return float(np.mean([512 + -(-len(encode_view(form, p)) // 512) * 512 for p in pixels]))
+
+
 def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views: int,
-                 ranks: int = 1, batches: int = 3, stats_images: int = 1024) -> dict:
+                 ranks: int = 1, batches: int = 3, stats_images: int = 1024, view_pixels: str = "none") -> dict:
     """Measure ``batches`` batches (after a warm-up) and project a full run."""
     bs = extractor.batch_size
     index = np.arange(min(len(extractor.data), bs * (batches + 1)))
-    it = extractor.batches(index, slot=0)
-    _, tok = next(it)                                   # warm-up: compile, allocate, first decode
+    it = ((vb, tok) for _, vb, tok, _ in extractor.stream([(index, 0, True, view_pixels != "none")]))
+    first, tok = next(it)                               # warm-up: compile, allocate, first decode
+    pixel_bytes = view_pixel_bytes(view_pixels, first.pixels) if view_pixels != "none" else 0.0
     pca = None
     if codec in codecs.NEEDS_STATS:                     # a basis from the warm-up batch, on the host
         x = tok.reshape(-1, tok.shape[-1]).double().cpu()
@@ -62,14 +72,19 @@ def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views:
     per_sample = bytes_per_sample(codec, n_vis, pca_dim=pca_dim)
     samples = num_images * views
     return dict(teacher=extractor.teacher.name, codec=codec, measured_images=n,
-                images_per_second=rate, ranks=ranks, bytes_per_sample=per_sample,
-                total_bytes=per_sample * samples + stats_bytes(num_images, stats_images),
+                images_per_second=rate, ranks=ranks, bytes_per_sample=per_sample, view_pixels=view_pixels,
+                view_pixel_bytes=pixel_bytes, pixel_total_bytes=int(pixel_bytes * samples),
+                total_bytes=per_sample * samples + stats_bytes(num_images, stats_images) + int(pixel_bytes * samples),
                 hours=samples / (rate * ranks) / 3600.0, num_images=num_images, views=views)
 
 
 def format_estimate(e: dict) -> str:
+    pixels = ""
+    if e.get("view_pixels", "none") != "none":
+        pixels = (f"  views: {e['view_pixel_bytes'] / 1024:.1f} KiB per view as {e['view_pixels']}, once per store "
+                  f"-> {e['pixel_total_bytes'] / 2**30:.2f} GiB (in the disk total)\n")
     return (f"{e['teacher']}: {e['num_images']} images x {e['views']} views, codec {e['codec']}\n"
             f"  measured {e['images_per_second']:.1f} img/s per rank on {e['measured_images']} images\n"
             f"  disk:  {e['bytes_per_sample'] / 1024:.1f} KiB per (image, view) -> "
-            f"{e['total_bytes'] / 2**30:.2f} GiB\n"
+            f"{e['total_bytes'] / 2**30:.2f} GiB\n" + pixels +
             f"  time:  {e['hours']:.2f} h on {e['ranks']} rank(s), assuming each runs at the measured rate")

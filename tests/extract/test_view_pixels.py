@@ -270,3 +270,22 @@ def test_data_pixels_views_without_view_pixels_is_refused_in_one_line(jpeg_store
     shutil.rmtree(store / "pixels")
     with pytest.raises(StoreError, match="holds no view pixels, but data.pixels=views"):
         CachedSource(plan, store_path=store, teachers=["mae"], pixels="views", decoder="pil")
+
+
+def test_estimate_counts_the_view_tars(raw_store, jpeg_store, prepared_data):
+    from extract.estimate import estimate_run, format_estimate
+
+    data = ImageSet.open(prepared_data)
+    ex = Extractor(build_teacher("mae", random_init=True, seed=0), data, seed=0, views=VIEWS, batch_size=7,
+                   device="cpu", decoder="pil", num_threads=1)
+    sizes = {}
+    for form, store in (("raw", raw_store), ("jpeg", jpeg_store)):
+        e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=VIEWS, batches=1,
+                         stats_images=4, view_pixels=form)
+        on_disk = sum(f.stat().st_size for f in (store / "pixels").rglob("*.tar"))
+        sizes[form] = e["view_pixel_bytes"]
+        print(f"view tars {form}: estimated {e['pixel_total_bytes']} B, stored {on_disk} B")
+        assert f"KiB per view as {form}" in format_estimate(e)
+        if form == "raw":               # exact but for the tars' end blocks
+            assert abs(e["pixel_total_bytes"] / on_disk - 1) < 0.03
+    assert 0 < sizes["jpeg"] < 0.3 * sizes["raw"]
