@@ -76,9 +76,12 @@ def main():
         if data is None or store is None:
             print("building a photo set and an untrained 3-teacher store ...", flush=True)
             data, store = make_demo_store(Path(tmp), copies=args.copies, views=args.views or 1)
-        rows = measure(data=data, store=store, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                       rounds=args.rounds, device=args.device, decoder=args.decoder, threads=args.threads,
-                       views=args.views or "auto")
+        try:
+            rows = measure(data=data, store=store, batch_size=args.batch_size, steps=args.steps,
+                           warmup=args.warmup, rounds=args.rounds, device=args.device, decoder=args.decoder,
+                           threads=args.threads, views=args.views or "auto")
+        except ValueError as error:               # too little data for the steps asked
+            raise SystemExit(str(error)) from None
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ntraining throughput on {name}, batch {args.batch_size}, {args.rounds} rounds of {args.steps} "
           f"timed steps, decoder {args.decoder}")

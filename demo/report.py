@@ -156,13 +156,15 @@ def report_blocks(info: dict) -> list[tuple]:
     out += [("h2", "Training throughput")]
     tp = info["throughput"]
     if tp.get("rows"):
+        warm = tp.get("online_warmup", tp["warmup"])
         out += [("p", f"Measured in this demo on `{tp['device']}`, batch {tp['batch_size']}: the cached row is the "
-                  "training stage's own rate (the median of "
-                  f"{tp.get('cached_intervals', '?')} logged intervals of the run; the first, with the start-up, is "
-                  "left out when there are others); ceiling and online are "
-                  f"`train.throughput.measure` after {tp['warmup']} warm-up step (ceiling: the median of 3 rounds of "
-                  f"{tp['steps']} timed steps; online: 1 round of {tp.get('online_steps', tp['steps'])}). Short "
-                  "measurements, noisy on a shared CPU."),
+                      f"training stage's own rate (the median of {tp.get('cached_intervals', '?')} logged intervals "
+                      "of the run; the first, with the start-up, is left out when there are others); ceiling and "
+                      f"online are `train.throughput.measure` (ceiling: the median of 3 rounds of {tp['steps']} "
+                      f"timed steps after {tp['warmup']} warm-up step; online: 1 round of "
+                      f"{tp.get('online_steps', tp['steps'])} after {warm} warm-up step"
+                      + (", its teachers already warm from the extract stage" if warm == 0 else "")
+                      + "). Short measurements, noisy on a shared CPU."),
                 ("table", ["path", "images/s", "x online", "/ ceiling"],
                  [[r["mode"], f"{r['images_per_second']:.1f}",
                    "-" if r.get("vs_online") is None else f"{r['vs_online']:.2f}",

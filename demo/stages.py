@@ -214,30 +214,34 @@ def measure_throughput(*, data: Path, store: Path, settings: DemoSettings, devic
 
     cached: the training stage's own rate (``training_throughput``: the same store reads,
     decoding and step, over the whole run); ceiling: ``train.throughput.measure`` of the step alone
-    on batches in memory (3 rounds of ``bench_steps``); online: ``train.throughput.measure`` with
-    the three teachers (the expensive row: 1 round of max(1, bench_steps // 2) steps after 1
-    warm-up), reusing ``teachers`` ({name: Teacher}) already built by the extract stage."""
+    on batches in memory (3 rounds of ``bench_steps`` after 1 warm-up step); online:
+    ``train.throughput.measure`` with the three teachers (the expensive row: 1 round of
+    max(1, bench_steps // 2) steps), reusing ``teachers`` ({name: Teacher}) already built by
+    the extract stage; those ran there, so the online row has no warm-up step unless it has
+    to build its teachers (a warm-up there would cost three ViT-B forwards of a batch, about
+    a third of the stage)."""
     if settings.bench_steps < 1:
         return {"skipped": "bench_steps=0 (measurement turned off)"}
     from train.throughput import measure
     cached = training_throughput(metrics, batch_size=settings.batch_size)
     if cached is None:
         return {"skipped": "the training stage logged no throughput to give the cached row"}
-    warmup = 1
+    warmup, online_warmup = 1, 0 if teachers else 1
     common = dict(data=data, store=store, batch_size=settings.batch_size, steps=settings.bench_steps,
                   warmup=warmup, device=device, decoder=settings.decoder, threads=2, views=settings.views,
-                  streams=1)
+                  streams=1, overrides=settings.train_overrides)
     try:
         ceiling = measure(**common, rounds=3, modes=("ceiling",))
-        online = measure(**dict(common, steps=max(1, settings.bench_steps // 2)), rounds=1, modes=("online",),
-                         teachers=teachers)
-    except SystemExit as error:                       # measure's own "too little data" refusal
+        online = measure(**dict(common, steps=max(1, settings.bench_steps // 2), warmup=online_warmup), rounds=1,
+                         modes=("online",), teachers=teachers)
+    except ValueError as error:                       # measure's own "too little data" refusal
         return {"skipped": str(error)}
     rows = [cached, *ceiling, *online]
     for r in rows:
         r["vs_online"] = r["images_per_second"] / online[0]["images_per_second"]
         r["vs_ceiling"] = r["images_per_second"] / ceiling[0]["images_per_second"]
     return {"rows": rows, "device": device, "batch_size": settings.batch_size, "steps": settings.bench_steps,
-            "online_steps": online[0]["steps"], "warmup": warmup, "cached_intervals": cached["intervals"]}
+            "online_steps": online[0]["steps"], "warmup": warmup,
+            "online_warmup": online_warmup, "cached_intervals": cached["intervals"]}
 
 

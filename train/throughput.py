@@ -39,26 +39,31 @@ def _time_steps(objective, opt, batches, *, amp: bool, device, clip_grad: float)
 
 def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 2, rounds: int = 3,
             device: str = "cpu", decoder: str = "dali", threads: int = 2, views: int | str = "auto",
-            streams: int = 1, modes=("cached", "online", "ceiling"), teachers: dict | None = None) -> list[dict]:
+            streams: int = 1, modes=("cached", "online", "ceiling"), teachers: dict | None = None,
+            overrides=()) -> list[dict]:
     """Rows {mode, images_per_second, seconds, steps, batch_size, ...} measured in this process.
-    ``teachers``: {name: Teacher} already built, for the online row (``build_source``).
+    ``teachers``: {name: Teacher} already built, for the online row (``build_source``);
+    ``overrides``: further KEY=VALUE of the train config (the model measured, e.g. the demo's).
 
     The modes are timed in turn, ``rounds`` times (A B C A B C ...), each round over ``steps``
-    steps after ``warmup`` untimed ones, and each row keeps its median round: on a noisy
-    machine this compares the paths under the same conditions. ``views``: the store's V
-    (``auto``) or a number that must equal it. The ceiling's batches are the first
-    ``warmup + steps`` of epoch 0, materialised once."""
+    steps after ``warmup`` untimed ones (the ceiling's only in the first round: its batches
+    stay in memory and its step is warm after it), and each row keeps its median round: on
+    a noisy machine this compares the paths under the same conditions. ``warmup=0`` suits
+    an online row whose ``teachers`` already ran. ``views``: the store's V (``auto``) or a
+    number that must equal it. The ceiling's batches are the first ``warmup + steps`` of
+    epoch 0, materialised once. ValueError when an epoch has fewer steps than
+    ``warmup + steps``."""
     from store.shards import ImageSet
 
     images = ImageSet.open(data)
     cfg = load_config(None, [f"data.images={data}", f"data.store={store}", f"data.views={views}",
                              f"data.decoder={decoder}", f"data.num_workers={threads}", f"data.streams={streams}",
-                             "data.shuffle_window=2", f"train.batch_size={batch_size}"])
+                             "data.shuffle_window=2", f"train.batch_size={batch_size}", *overrides])
     cfg = resolve_data(cfg, images)
     plan = Plan(images, seed=0, views=cfg.data.views, batch_size=batch_size, window=2, streams=streams)
     need = warmup + steps
     if plan.steps_per_epoch < need:
-        raise SystemExit(f"the data gives {plan.steps_per_epoch} steps of {batch_size} per epoch; "
+        raise ValueError(f"the data gives {plan.steps_per_epoch} steps of {batch_size} per epoch; "
                          f"need {need}: use more data or a smaller batch")
     amp, clip = torch.device(device).type == "cuda", cfg.train.clip_grad
     setups = {}
@@ -74,8 +79,9 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     times = {mode: [] for mode in modes}
     for r in range(rounds):
         for mode, (source, objective, opt, batches) in setups.items():
-            if batches is not None:
-                _time_steps(objective, opt, batches[:warmup], amp=amp, device=device, clip_grad=clip)
+            if batches is not None:            # in memory: warm after the first round's warm-up
+                if r == 0:
+                    _time_steps(objective, opt, batches[:warmup], amp=amp, device=device, clip_grad=clip)
                 times[mode].append(_time_steps(objective, opt, batches[warmup:], amp=amp, device=device, clip_grad=clip))
                 continue
             it = iter(source.epoch(r))
