@@ -22,37 +22,45 @@ Stages (each prints one line with its time; a second run reuses what the first m
 Teachers are untrained (seeded random init) unless ``checkpoints`` holds their official
 files (names in ``extract/checkpoints.py``); the report says which. Measurements (stages
 6-8) are saved with a key of everything they depend on and reused when it is unchanged.
-OUT/demo.json records the settings; a rerun with other settings is refused, naming them.
+OUT is a run folder (core/run.py): OUT/config.yaml holds the resolved settings (a typed config,
+``DemoSettings``) and OUT/run.json the git commit and the teachers' sources; a rerun with
+other settings is refused, naming them.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from demo.stages import (MOVABLE, DemoError, DemoSettings, codec_sizes, extract_all, measure_throughput,
-                         teacher_sources, train_config, train_or_reuse)
+from core.io import git_commit, git_dirty, write_atomic
+from core.run import CONFIG, INFO, read_metrics
+from demo.stages import (MOVABLE, DemoError, DemoSettings, codec_sizes, extract_all, folder_diff,
+                         measure_throughput, teacher_sources, train_config, train_or_reuse)
 from samples.photos import write_photo_splits
 
 __all__ = ["run_demo"]
 
 
-def _check_settings(out: Path, record: dict) -> None:
-    path = out / "demo.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [f"{k}: {out} has {old.get(k)!r}, now {record.get(k)!r}" for k in sorted(set(old) | set(record))
-                if old.get(k) != record.get(k)]
-        if diff:
-            raise DemoError(f"{out} was made with other demo settings; use another --out (or delete it):\n  "
-                            + "\n  ".join(diff))
-    else:
+def open_folder(out: Path, settings: DemoSettings, sources: dict) -> None:
+    """OUT as a run folder (core/run.py's files): config.yaml holds the resolved settings and
+    run.json the git commit and the teachers' sources. A rerun with other settings or other
+    teachers is refused, naming every differing key."""
+    teachers = {n: s or "random-init" for n, s in sources.items()}
+    diff = folder_diff(out, settings.to_dict(), compare={"teachers": teachers})
+    if diff:
+        raise DemoError(f"{out} was made with other demo settings; use another --out (or delete it):\n  "
+                        + "\n  ".join(diff))
+    if diff is None:
+        if (out / "demo.json").is_file():
+            raise DemoError(f"{out} was made by an older demo (demo.json, no {CONFIG}); use another --out "
+                            "(or delete it)")
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1, sort_keys=True))
+        write_atomic(out / CONFIG, settings.to_yaml())
+        write_atomic(out / INFO, json.dumps(dict(git_commit=git_commit(), git_dirty=git_dirty(), teachers=teachers),
+                                            indent=2) + "\n")
 
 
 def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, device: str = "cpu",
@@ -60,17 +68,17 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     """Run every stage into ``out``; returns {"report": path, "stages": [...], "reused": [...], ...}."""
     import torch
 
+    from demo import report
     from extract.verify import verify_store
     from store.shards import prepare
-    from demo import report
     from train import diagnostics as diag
     from train import plots
     from train.loader import steps_per_epoch
 
-    settings = (settings or DemoSettings()).check()
+    settings = (settings or DemoSettings()).validate()
     out = Path(out).resolve()
     sources = teacher_sources(checkpoints)
-    _check_settings(out, {**asdict(settings), "teachers": {n: s or "random-init" for n, s in sources.items()}})
+    open_folder(out, settings, sources)
     stages, reused, n_stages = [], [], 9
     built: dict = {}
     from extract.checkpoints import TEACHERS as SPECS
@@ -164,7 +172,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     # 6-8: measurements, reused when nothing they depend on changed
     m_path = out / "report" / "measurements.json"
     key = {"config": {s: {k: v for k, v in sec.items() if f"{s}.{k}" not in MOVABLE}
-                      for s, sec in cfg.to_dict().items()}, "steps": run["steps"], "settings": asdict(settings), "device": device,
+                      for s, sec in cfg.to_dict().items()}, "steps": run["steps"], "settings": settings.to_dict(), "device": device,
            "sources": sources, "mtime_ns": (run_dir / "last.pt").stat().st_mtime_ns}
     old = json.loads(m_path.read_text()) if m_path.is_file() else {}
     fresh = old.get("key") != json.loads(json.dumps(key))
@@ -199,7 +207,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             return "reused the measurement of an earlier run"
         meas["throughput"] = measure_throughput(data=out / "data" / "train", store=stores["train"],
                                                 settings=settings, device=device,
-                                                metrics=diag.read_metrics(run_dir / "metrics.jsonl"),
+                                                metrics=read_metrics(run_dir / "metrics.jsonl"),
                                                 teachers=built)
         rows = meas["throughput"].get("rows")
         if not rows:
@@ -227,7 +235,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     report_dir = out / "report"
 
     def make_report():
-        rows = diag.read_metrics(run_dir / "metrics.jsonl")
+        rows = read_metrics(run_dir / "metrics.jsonl")
         plots.plot_losses(rows, report_dir / "losses.png")
         plots.plot_gate_shares(rows, report_dir / "gates.png")
         pick = np.unique(np.linspace(0, len(held_idx) - 1, max(1, settings.panels)).round().astype(int))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from core.config import TypedConfig, check_choices, check_nonneg, check_positive
+from core.run import INFO, load_checkpoint, saved_config, settings_diff
 from store.errors import ExpectedError
 
 TEACHERS = ("mae", "mocov3", "ibot")
@@ -20,8 +24,8 @@ class DemoError(ExpectedError, RuntimeError):
 
 
 @dataclass
-class DemoSettings:
-    """What the demo makes. Everything here is recorded in OUT/demo.json."""
+class DemoSettings(TypedConfig):
+    """What the demo makes: a typed config (core/config.py), resolved in OUT/config.yaml."""
 
     copies: int = 4                 # training images = 13 photos x copies (crops)
     heldout_copies: int = 1         # held-out images = 13 x heldout_copies, crops not in training
@@ -37,16 +41,19 @@ class DemoSettings:
     teacher_batch: int = 16
     panels: int = 3                 # held-out samples shown with their gate weights
     bench_steps: int = 2            # timed steps per throughput row (0: skip the measurement)
-    train_overrides: list = field(default_factory=list)   # extra KEY=VALUE for the train config
-    teacher_kwargs: dict = field(default_factory=dict)    # timm kwargs of random teachers (tests)
+    train_overrides: tuple[str, ...] = ()   # extra KEY=VALUE for the train config
+    teacher_depth: Optional[int] = None     # blocks of the random-init teachers (tests); None: ViT-B's 12
 
-    def check(self) -> "DemoSettings":
-        for key in ("copies", "heldout_copies", "views", "steps", "batch_size", "stats_images",
-                    "teacher_batch"):
-            if getattr(self, key) < 1:
-                raise DemoError(f"demo setting {key}={getattr(self, key)} must be >= 1")
-        if self.decoder not in ("dali", "pil"):
-            raise DemoError(f"demo setting decoder={self.decoder!r}: use 'dali' or 'pil'")
+    def validate(self) -> "DemoSettings":
+        try:
+            check_positive(self, ["copies", "heldout_copies", "max_side", "views", "steps", "batch_size", "lr",
+                                  "stats_images", "teacher_batch", "panels"])
+            check_nonneg(self, ["bench_steps"])
+            check_choices(self, {"decoder": ("dali", "pil")})
+            if self.teacher_depth is not None:
+                check_positive(self, ["teacher_depth"])
+        except ValueError as error:
+            raise DemoError(f"demo setting: {error}") from None
         return self
 
 
@@ -95,7 +102,8 @@ def extract_all(store: Path, data, *, views: int, stats_images: int, sources: di
         if name not in built:
             built[name] = (build_teacher(name, checkpoint=sources[name], device=device) if sources[name] else
                            build_teacher(name, random_init=True, seed=settings.seed, device=device,
-                                         model_kwargs=settings.teacher_kwargs or None))
+                                         model_kwargs=None if settings.teacher_depth is None else
+                                         {"depth": settings.teacher_depth}))
             if rate is not None and not rate:
                 rate.update(teacher=name, images_per_second=teacher_rate(built[name], device=device))
         s = run_extraction(teacher=built[name], data=data, store_path=store, views=views, seed=settings.seed,
@@ -122,25 +130,33 @@ def train_config(settings: DemoSettings, *, data: Path, store: Path, run_dir: Pa
     return load_config(None, overrides)
 
 
-def train_or_reuse(cfg, run_dir: Path, *, steps: int, device: str, progress: bool) -> tuple[dict, str]:
-    """Train, resume or reuse the run in ``run_dir``; returns (info, note)."""
-    import torch
+def folder_diff(folder: Path, config: dict, *, compare: dict, movable=()) -> list[str] | None:
+    """What differs between the run folder ``folder`` (its config.yaml and run.json, as
+    core/run.py writes them) and ``config`` plus the ``compare`` values: one line per key,
+    "key: FOLDER has A, now B"; None when the folder records no config."""
+    saved = saved_config(folder)
+    if saved is None:
+        return None
+    saved.pop("derived", None)
+    info = json.loads((folder / INFO).read_text()) if (folder / INFO).is_file() else {}
+    diff = settings_diff(saved, config, movable=movable) + settings_diff({k: info.get(k) for k in compare}, compare)
+    return [d.replace(": checkpoint ", f": {folder} has ", 1) for d in diff]
 
+
+def train_or_reuse(cfg, run_dir: Path, *, steps: int, device: str, progress: bool) -> tuple[dict, str]:
+    """Train, resume or reuse the run in ``run_dir`` (a core/run.py run folder); returns (info, note).
+    A run with another config or step count is refused, naming the keys."""
     from train.loop import train
     ck_path = run_dir / "last.pt"
-    resume = False
-    if ck_path.is_file():
-        meta = torch.load(ck_path, map_location="cpu", weights_only=False)
-        step, meta = int(meta["step"]), meta["meta"]
-        diff = [f"{s}.{k}: run has {meta['config'].get(s, {}).get(k)!r}, demo wants {v!r}"
-                for s, sec in cfg.to_dict().items() for k, v in sec.items()
-                if f"{s}.{k}" not in MOVABLE and meta["config"].get(s, {}).get(k) != v]
-        if diff or meta["total_steps"] != steps:
+    resume = ck_path.is_file()
+    if resume:
+        diff = folder_diff(run_dir, cfg.to_dict(), compare={"total_steps": steps}, movable=MOVABLE)
+        if diff:
             raise DemoError(f"{run_dir} holds a run with another config (delete it or use another --out):\n  "
-                            + "\n  ".join(diff or [f"total_steps {meta['total_steps']} vs {steps}"]))
+                            + "\n  ".join(diff))
+        step = int(load_checkpoint(ck_path)["step"])
         if step >= steps and (run_dir / "student.safetensors").is_file():
             return {"steps": step}, f"reused finished run ({step} steps) in {run_dir}"
-        resume = True
     summary = train(cfg, out_dir=run_dir, max_steps=steps, resume=resume, device=device,
                     ckpt_steps=max(10, steps // 3), progress=progress)
     last = summary.get("last") or {}

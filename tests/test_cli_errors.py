@@ -1,6 +1,5 @@
 """Expected failures of every command end in one ``Error:`` line that names the file, with no
 traceback and a non-zero exit status; ``--debug`` (or COMAD_DEBUG=1) keeps the traceback."""
-import json
 
 import pytest
 from click.testing import CliRunner
@@ -119,7 +118,7 @@ def test_eval_of_a_folder_in_the_wrong_layout_names_it(protocol, photo_tree, jun
 
 
 def test_demo_into_a_folder_made_with_other_settings_names_it(tmp_path):
-    (tmp_path / "demo.json").write_text(json.dumps({"copies": 99}))
+    (tmp_path / "config.yaml").write_text("copies: 99\n")
     one_error(["demo", "--out", tmp_path, "--device", "cpu", "--no-progress"], tmp_path)
 
 

@@ -8,7 +8,6 @@ gate maps and linear CKA (used by `cli.py inspect --run`, the demo and bench/cac
 - ``cka_scores``: linear CKA between the student's encoder tokens and the fused teacher
   targets on some views, for a trained and an untrained student. The number falls to the
   untrained level if distillation does nothing, so it is the demo's quality check.
-- ``read_metrics``: RUN/metrics.jsonl as rows (the figures of train/plots.py draw them).
 
 The fused targets of the CKA use the run's adapters and its gate without the student
 affinity term (``consensus`` -> ``agreement``, ``affinity`` -> ``uniform``), so they depend on
@@ -18,7 +17,6 @@ teacher's adapted tokens where that teacher saw the patch.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from store.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
 from store.inspect import SampleView, load_sample
 
-__all__ = ["linear_cka", "load_run", "load_samples", "sample_batch", "gate_maps", "cka_scores", "read_metrics"]
+__all__ = ["linear_cka", "load_run", "load_samples", "sample_batch", "gate_maps", "cka_scores"]
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -189,11 +187,3 @@ def cka_scores(trained, untrained, batch: dict) -> dict:
         mask = torch.gather(seen[k], 1, slots)
         out[name] = {lab: linear_cka(f[mask], take(dense[k])[mask]) for lab, f in feats.items()}
     return out
-
-
-def read_metrics(path) -> list[dict]:
-    """RUN/metrics.jsonl as a list of dicts (one per logged step)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (has the run logged a step?)")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

@@ -29,10 +29,10 @@ def _pyplot():
 def plot_losses(rows, out_png) -> Path | None:
     """Total, token and spatial loss against step, one panel each (their scales differ).
 
-    rows: RUN/metrics.jsonl as rows (``read_metrics``) or the path of that file; the keys
+    rows: RUN/metrics.jsonl as rows (``core.run.read_metrics``) or the path of that file; the keys
     a row lacks get no panel. Returns None (and writes nothing) when there are no rows."""
     if isinstance(rows, (str, Path)):
-        from train.diagnostics import read_metrics
+        from core.run import read_metrics
         rows = read_metrics(rows)
     panels = [(k, label) for k, label in (("loss", "total"), ("loss_token", "token KL (visible tokens)"),
                                           ("loss_spatial", "spatial KL (14x14 maps)")) if rows and k in rows[0]]

@@ -99,8 +99,8 @@ def test_cli_inspect_with_a_run_draws_the_gate_weight_row(prepared_data, teacher
 
 def _tiny_settings(**kw):
     base = dict(copies=1, heldout_copies=1, views=2, steps=4, batch_size=4, stats_images=4, teacher_batch=8,
-                panels=2, bench_steps=0, decoder="pil", train_overrides=list(TINY_STUDENT) + ["decoder.width=96"],
-                teacher_kwargs={"depth": 1})
+                panels=2, bench_steps=0, decoder="pil", train_overrides=(*TINY_STUDENT, "decoder.width=96"),
+                teacher_depth=1)
     base.update(kw)
     return DemoSettings(**base)
 
