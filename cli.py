@@ -319,25 +319,25 @@ for _task in ("knn", "linear", "finetune", "detection", "segmentation"):
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder holding the teachers' official files (extract/checkpoints.py names); "
                    "teachers without one are untrained (random init).")
-@click.option("--copies", type=click.IntRange(min=1), default=4,
-              help="Training images = 13 photos x COPIES crops.")
-@click.option("--heldout-copies", type=click.IntRange(min=1), default=1,
+@click.option("--copies", type=int, default=None, help="Training images = 13 photos x COPIES crops.")
+@click.option("--heldout-copies", type=int, default=None,
               help="Held-out images = 13 x this many further crops (never trained on).")
-@click.option("--steps", type=click.IntRange(min=1), default=150, help="Student training steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Student batch size.")
-@click.option("--bench-steps", type=click.IntRange(min=0), default=2,
-              help="Timed steps per throughput row (0: skip the measurement).")
-@click.option("--decoder", type=click.Choice(["dali", "pil"]), default="dali", help="Image decoder.")
+@click.option("--steps", type=int, default=None, help="Student training steps.")
+@click.option("--batch-size", type=int, default=None, help="Student batch size.")
+@click.option("--bench-steps", type=int, default=None, help="Timed steps per throughput row (0: skip the measurement).")
+@click.option("--decoder", type=click.Choice(["dali", "pil"]), default=None, help="Image decoder.")
 @click.option("--device", default="auto", help="auto, cpu, cuda.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars inside stages.")
-def demo(out, checkpoints, copies, heldout_copies, steps, batch_size, bench_steps, decoder, device, progress):
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def demo(out, checkpoints, device, progress, overrides, **values):
     """Run the whole product on scikit-image photos: prepare, extract (mae, mocov3, ibot), verify,
-    train, evaluate, measure, and write OUT/report/README.md. A second run reuses the first's work."""
+    train, evaluate, measure, and write OUT/report/README.md and report.html. A second run reuses
+    the first's work. Options and KEY=VALUE set the demo's settings (demo/stages.py: DemoSettings,
+    where the defaults are), e.g. views=2."""
     from demo.pipeline import run_demo
     from demo.stages import DemoSettings
 
-    settings = DemoSettings(copies=copies, heldout_copies=heldout_copies, steps=steps, batch_size=batch_size,
-                            bench_steps=bench_steps, decoder=decoder)
+    settings = DemoSettings.load(None, [f"{k}={v}" for k, v in values.items() if v is not None] + list(overrides))
     result = run_demo(out=out, checkpoints=checkpoints, settings=settings, device=_device(device),
                       progress=progress, echo=click.echo)
     total = sum(s["seconds"] for s in result["stages"])
