@@ -97,3 +97,23 @@ def preview(items: list[str], limit: int = 12) -> str:
     """The first ``limit`` items, comma-separated, and how many more there are."""
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def drop_placeholder_head(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` without a classifier (weight and bias) that is all zeros, when ``net`` has none.
+
+    An all-zero classifier carries nothing: it is the placeholder ``student_state_dict``
+    writes so that timm's default ``pretrained=True`` loading, strict with 1000
+    classes, accepts the file. The classifier's names come from ``net.pretrained_cfg``
+    (``"head"`` for a ViT). A trained (non-zero) head is left in, for the strict check to
+    report."""
+    names = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    own = net.state_dict()
+    out = dict(state)
+    for name in names:
+        keys = (f"{name}.weight", f"{name}.bias")
+        if all(k in out and k not in own and not out[k].any() for k in keys):
+            for k in keys:
+                del out[k]
+    return out

@@ -23,7 +23,7 @@ from torch import nn
 
 from core.io import git_commit, git_dirty, write_atomic
 from core.optim import lr_at
-from core.state import load_strict, read_state_dict
+from core.state import drop_placeholder_head, load_strict, read_state_dict
 from eval.config import parse_model_args
 from store.manifest import sha256_file
 
@@ -68,7 +68,6 @@ def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224
         torch.manual_seed(0)
         net = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
     if checkpoint is not None:
-        from train.export import drop_placeholder_head
         state = drop_placeholder_head(read_state_dict(Path(checkpoint)), net)
         kw = ", ".join(f"{k}={v!r}" for k, v in sorted(timm_kwargs.items()))
         load_strict(net, state, what=f"checkpoint {checkpoint} does not fit timm model {model!r}"

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
 
 import torch
-from torch import nn
 
 from core.io import write_atomic
 from core.run import load_checkpoint
@@ -18,7 +16,7 @@ def student_state_dict(student) -> dict[str, torch.Tensor]:
     accepts the file (``pretrained=True`` with the default classes; ``num_classes=0`` or
     any other count drops it). Every ``eval`` protocol (eval/common.py: load_backbone) and
     ``model.checkpoint`` drop the all-zero head when they load the file
-    (``drop_placeholder_head``)."""
+    (``core.state.drop_placeholder_head``)."""
     vit = student.vit if hasattr(student, "vit") else student
     sd = {k: v.detach().float().cpu().contiguous() for k, v in vit.state_dict().items()
           if not k.startswith("head")}
@@ -26,26 +24,6 @@ def student_state_dict(student) -> dict[str, torch.Tensor]:
     sd["head.weight"] = torch.zeros(1000, width)
     sd["head.bias"] = torch.zeros(1000)
     return sd
-
-
-def drop_placeholder_head(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` without a classifier (weight and bias) that is all zeros, when ``net`` has none.
-
-    An all-zero classifier carries nothing: it is the placeholder ``student_state_dict``
-    writes so that timm's default ``pretrained=True`` loading, strict with 1000
-    classes, accepts the file. The classifier's names come from ``net.pretrained_cfg``
-    (``"head"`` for a ViT). A trained (non-zero) head is left in, for the strict check to
-    report."""
-    names = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
-    names = (names,) if isinstance(names, str) else tuple(names)
-    own = net.state_dict()
-    out = dict(state)
-    for name in names:
-        keys = (f"{name}.weight", f"{name}.bias")
-        if all(k in out and k not in own and not out[k].any() for k in keys):
-            for k in keys:
-                del out[k]
-    return out
 
 
 def export_student(student, out) -> Path:

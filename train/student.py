@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.state import load_strict, read_state_dict
+from core.state import drop_placeholder_head, load_strict, read_state_dict
 
 GRID = 14  # 224 / 16
 NUM_PATCHES = GRID * GRID
@@ -149,7 +149,6 @@ def load_student_checkpoint(student: MaskedStudent, path: str | Path) -> None:
     Raises FileNotFoundError naming the file, ValueError naming missing, unexpected
     or mis-shaped keys (core/state.py).
     """
-    from train.export import drop_placeholder_head
     state = read_state_dict(path, what="student checkpoint")
     state = drop_placeholder_head(state, student.vit)   # an export's all-zero classifier
     load_strict(student.vit, state, what=f"student checkpoint {path} does not match the student "
