@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from click.testing import CliRunner
+
+from cli import main
 
 from extract.runner import Extractor, run_extraction
 from extract.teachers import build_teacher
@@ -184,26 +187,24 @@ def test_verify_reports_incomplete_and_mismatched_stores(prepared_data, photo_tr
     problems, _ = verify_store(reference_store, other, progress=False)
     assert problems and "does not match" in problems[0]
     # the CLI exits non-zero
-    r = subprocess.run(_cli("verify", str(reference_store), "--data", str(tmp_path / "other")), cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and "PROBLEM" in r.stderr
+    r = CliRunner().invoke(main, ["verify", str(reference_store), "--data", str(tmp_path / "other")])
+    assert r.exit_code == 1 and "PROBLEM" in r.stderr
 
 
 def test_estimate_prints_bytes_and_hours(prepared_data, tmp_path):
-    r = subprocess.run(_cli(*_extract_args(prepared_data, tmp_path / "s", "mae", "--estimate")), cwd=ROOT,
-                       capture_output=True, text=True, check=True)
+    r = CliRunner().invoke(main, _extract_args(prepared_data, tmp_path / "s", "mae", "--estimate"))
+    assert r.exit_code == 0, (r.output, r.exception)
     assert "GiB" in r.stdout and " h on 1 rank" in r.stdout
     assert not (tmp_path / "s").exists()
 
 
-def test_estimated_bytes_match_the_finished_store_within_5_percent(prepared_data, teacher_store):
+def test_estimated_bytes_match_the_finished_store_within_5_percent(prepared_data, teacher_store, teacher):
     """The store's tokens are uncompressed and its statistics a fixed 2.4 MB (measured: mae
     +2.7%, the zstd'ed statistics and small arrays; the old zstd-ratio estimate was -41%)."""
-    teacher = "mae"
+    model, teacher = teacher, "mae"        # the module's teacher: mae, random init, seed 0, as the store's
+    assert (model.name, model.untrained) == (teacher, True)
     from extract.estimate import estimate_run
     data = ImageSet.open(prepared_data)
-    with torch.random.fork_rng(devices=[]):
-        model = build_teacher(teacher, random_init=True, seed=0)
     ex = Extractor(model, data, seed=0, views=2, batch_size=2, device="cpu", decoder="pil", num_threads=1)
     e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=2, batches=1, stats_images=4)
     on_disk = sum(f.stat().st_size for f in (Path(teacher_store) / teacher).rglob("*") if f.is_file())
