@@ -30,7 +30,7 @@ class DemoSettings(TypedConfig):
     copies: int = 4                 # training images = 13 photos x copies (crops)
     heldout_copies: int = 1         # held-out images = 13 x heldout_copies, crops not in training
     max_side: int = 256             # long side of the photos in pixels
-    views: int = 2                  # cached views per training image
+    views: int = 1                  # cached views per training image (each epoch reads slot 0)
     seed: int = 0
     steps: int = 150                # student steps
     batch_size: int = 16
