@@ -171,8 +171,10 @@ def test_exported_student_loads_strictly_in_timm(prepared_data, teacher_store, t
     cfg = _cfg(prepared_data, teacher_store)
     train(cfg, out_dir=tmp_path / "run", max_steps=1, progress=False)
     out = tmp_path / "student.safetensors"
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "export", str(tmp_path / "run"), str(out)], cwd=ROOT,
-                       capture_output=True, text=True, check=True)
+    from click.testing import CliRunner
+    from cli import main
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "run"), str(out)])   # in process: no subprocess needed
+    assert r.exit_code == 0, (r.output, r.exception)
     assert str(out) in r.stdout
     model = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
     from safetensors.torch import load_file
