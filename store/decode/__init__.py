@@ -4,7 +4,9 @@
   normalisation constants, dtype and layout, the tolerance between decoders);
 - ``store.decode.pil``: the PIL reference decoder (``pil_view``, ``pil_views``);
 - ``store.decode.dali``: the DALI pipelines (``DaliViewDecoder``), the fast path;
-- ``store.decode.factory``: ``make_decoder``, the decoder a job asks for by name.
+- ``store.decode.factory``: ``make_decoder``, the decoder a job asks for by name;
+- ``store.decode.stored``: ``make_view_decoder``, the decoders of views stored once with a
+  feature store (store/viewpixels.py: final 224 px JPEG or raw, no crop).
 
 Modules import downwards only (pixels <- pil, dali <- factory); this file re-exports their
 public names. Importing it does not import DALI (the pipeline imports it when first built).

@@ -5,6 +5,7 @@ with ``-s``), raw views bit-exact; one training step from each; a run from view 
 opens no original image shard; verify; SIGKILL then resume; format versions.
 """
 import builtins
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from store import views as V
 from store.decode import denormalize, pil_views
 from store.decode.stored import make_view_decoder, pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
+from store.manifest import sha256_file
 from store.shards import ImageSet
 from store.viewpixels import ViewPixels
 from train.config import load_config
@@ -206,6 +208,14 @@ def test_verify_reports_missing_incomplete_and_tampered_view_shards(jpeg_store, 
     (fresh_copy() / "shard-000001.tar").unlink()
     problems, _ = verify_store(broken, ds, progress=False)
     assert any("pixels slot 1 shard 1" in p for p in problems)        # a missing tar
+    idx = fresh_copy() / "shard-000000.idx"                           # members out of order, record updated
+    head, *lines = idx.read_text().splitlines()
+    idx.write_text("\n".join([head, lines[1], lines[0], *lines[2:]]) + "\n")
+    record = json.loads((idx.parent / "shard-000000.json").read_text())
+    record["idx_sha256"] = sha256_file(idx)
+    (idx.parent / "shard-000000.json").write_text(json.dumps(record))
+    problems, _ = verify_store(broken, ds, progress=False)
+    assert any("pixels slot 1 shard 0" in p and "members are not images 0..4 in order" in p for p in problems)
     fresh_copy()
     zarr.open_group(str(broken / "pixels"), mode="a").attrs["data_digest"] = "0" * 64   # other data's pixels
     problems, _ = verify_store(broken, ds, progress=False)
@@ -216,7 +226,7 @@ def _files(store):
     return {p.relative_to(store): p.read_bytes() for p in sorted((store / "pixels").rglob("*")) if p.is_file()}
 
 
-def test_sigkill_then_resume_with_view_pixels_gives_identical_tars(jpeg_store, prepared_data, tmp_path,
+def test_sigkill_then_resume_with_view_pixels_gives_an_identical_store(jpeg_store, prepared_data, tmp_path,
                                                                    sigkill_when):
     store = tmp_path / "store"
     cmd = [sys.executable, str(ROOT / "cli.py"), "extract", "--teacher", "mae", "--data", str(prepared_data),
@@ -235,6 +245,9 @@ def test_sigkill_then_resume_with_view_pixels_gives_identical_tars(jpeg_store, p
     assert sorted(got) == sorted(want) and len(want) == 1 + 3 * 6      # zarr.json + (tar, idx, record) x 6
     for name in want:
         assert got[name] == want[name], name
+    a, b = zarr.open_group(str(store / "mae"), mode="r"), zarr.open_group(str(jpeg_store / "mae"), mode="r")
+    for key in ("index", "boxes", "flips", "visible", "tokens", "complete"):
+        np.testing.assert_array_equal(a[key][...], b[key][...], err_msg=key)
     assert verify_store(store, ImageSet.open(prepared_data), progress=False)[0] == []
 
 
