@@ -57,9 +57,9 @@ def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views:
         x = tok.reshape(-1, tok.shape[-1]).double().cpu()
         mean = x.mean(0)
         _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        dim = codecs.stored_dim(codec, pca_dim)
-        pca = {"mean": mean.float().numpy(), "basis": vt[:dim].float().numpy(),
-               "sqrt_eig": (sv[:dim] / max(len(x) - 1, 1) ** 0.5).clamp_min(1e-6).float().numpy()}
+        pca = codecs.statistics(codec, dict(mean=mean.float().numpy(), components=vt.float().numpy(),
+                                            eigenvalues=(sv ** 2 / max(len(x) - 1, 1)).float().numpy()),
+                                pca_dim=pca_dim)
     t0, n = time.perf_counter(), 0
     for vb, tok in it:
         codecs.encode(codec, tok, pca=pca)              # ends with the copy to the host (a sync)

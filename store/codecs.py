@@ -43,9 +43,9 @@ def stored_dim(codec: str, pca_dim: int = PCA_DIM) -> int:
 def statistics(codec: str, stats: dict, *, pca_dim: int = PCA_DIM) -> dict | None:
     """What ``encode``/``decode`` take as ``pca`` for ``codec``, from a teacher's statistics
     (``mean`` (C,), ``components`` (C, C), ``eigenvalues`` (C,)); None for fp16 and int8."""
-    dim = stored_dim(codec, pca_dim)
     if codec not in NEEDS_STATS:
         return None
+    dim = stored_dim(codec, pca_dim)
     return {"mean": stats["mean"], "basis": stats["components"][:dim],
             "sqrt_eig": np.sqrt(np.maximum(stats["eigenvalues"][:dim], 1e-12)).astype(np.float32)}
 
@@ -70,10 +70,8 @@ def encode(codec: str, tokens: torch.Tensor, *, pca: dict | None = None) -> dict
     if codec == "fp16":
         return {"tokens": t.half().cpu().numpy()}
     if codec == "int8":
-        scale = t.abs().amax(dim=-1).clamp_min(1e-8) / 127.0
-        scale = scale.half().float()                       # quantise with the stored scale
-        q = torch.round(t / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-        return {"tokens": q.cpu().numpy(), "scale": scale.half().cpu().numpy()}
+        q, scale = _int8_per_token(t)
+        return {"tokens": q, "scale": scale}
     if codec in NEEDS_STATS:
         if pca is None:
             raise ValueError(f"the {codec} codec needs the teacher's statistics (mean, basis)")
@@ -82,11 +80,18 @@ def encode(codec: str, tokens: torch.Tensor, *, pca: dict | None = None) -> dict
         c = (t - mean) @ basis.T
         if codec == "pca":
             return {"coeffs": c.half().cpu().numpy()}
-        w = c / torch.as_tensor(pca["sqrt_eig"], device=t.device, dtype=torch.float32)
-        scale = (w.abs().amax(dim=-1).clamp_min(1e-8) / 127.0).half().float()
-        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-        return {"coeffs": q.cpu().numpy(), "scale": scale.half().cpu().numpy()}
+        q, scale = _int8_per_token(c / torch.as_tensor(pca["sqrt_eig"], device=t.device, dtype=torch.float32))
+        return {"coeffs": q, "scale": scale}
     raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
+
+
+def _int8_per_token(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one float16 step per token: x (..., D) float32 -> (q int8 (..., D),
+    scale float16 (...)), ``x ~= q * scale``, ``scale = max|x| / 127``, quantised with the
+    stored (float16) scale."""
+    scale = (x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0).half().float()
+    q = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.cpu().numpy(), scale.half().cpu().numpy()
 
 
 def decode(codec: str, arrays: dict, *, pca: dict | None = None,
