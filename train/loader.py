@@ -13,10 +13,14 @@ image indices it must hold, and every teacher's crops against the others'.
 Batches are made in a background thread (``store/prefetch.py``) while the step runs; on
 CUDA that thread also pins what the step reads and copies it to the GPU on its own stream,
 and the step's stream waits for an event, not the host. Index and view stay on the host.
+Inside that thread the cached path reads each stream's next window of blocks ahead in a
+second thread, finds the batch's rows by binary search (no per-sample Python), and keeps one
+batch decoding in DALI (submit/get) while it gathers the next one's rows.
 """
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -172,7 +176,9 @@ class CachedSource(_Source):
                                                   num_threads=kw.get("num_threads", 2))
 
     def _window(self, slot: int, shard_ids) -> dict:
-        """Read the rank's window of blocks: {index, boxes, flips, teachers: {name: {...}}}."""
+        """Read the rank's window of blocks: {index, boxes, flips, teachers: {name: {...}}},
+        and ``sorted``/``order`` (the window's image indices ascending, and where each one is)
+        for the vectorised row lookup of ``_rows``."""
         out = {"teachers": {}}
         for name, ts in self.stores.items():
             blocks = [ts.read_block(slot, int(k)) for k in shard_ids]
@@ -191,60 +197,111 @@ class CachedSource(_Source):
                                  "hold other images than the token blocks")
             out["pixels"] = np.empty(len(out["index"]), dtype=object)
             out["pixels"][:] = [d for _, datas in parts for d in datas]
-        out["row"] = {int(i): r for r, i in enumerate(out["index"])}
+        out["order"] = np.argsort(out["index"], kind="stable")
+        out["sorted"] = out["index"][out["order"]]
         return out
 
-    def _batches(self, epoch: int, start_step: int):
+    @staticmethod
+    def _rows(windows: list[dict], index: np.ndarray) -> np.ndarray:
+        """(B, 2) (window, row) of each image of ``index`` in ``windows`` (the first window
+        holding it), by binary search in each window's sorted indices; -1 where none does."""
+        where = np.full((len(index), 2), -1, dtype=np.int64)
+        for n, w in enumerate(windows):
+            pos = np.minimum(np.searchsorted(w["sorted"], index), len(w["sorted"]) - 1)
+            hit = (w["sorted"][pos] == index) & (where[:, 0] < 0)
+            where[hit, 0], where[hit, 1] = n, w["order"][pos[hit]]
+        return where
+
+    def _read_ahead(self, pool, windows: dict, slot: int, ahead: dict, j: int, w: int) -> None:
+        """Start reading window ``w`` of stream ``j`` in the reader thread (if it exists)."""
+        if w < len(windows[j]) and (j, w) not in ahead:
+            ahead[j, w] = pool.submit(self._window, slot, windows[j][w][0])
+
+    def _features(self, epoch: int, start_step: int):
+        """Yield (step, index, boxes, flips, pixels, teachers) with the batch's rows gathered
+        from the windows read (the next window of each stream read ahead in a thread);
+        ``pixels``: the stored views' bytes (None without view pixels)."""
         plan = self.plan
         slot = epoch % plan.views
         windows = plan.windows(epoch)
         cache: dict[tuple[int, int], dict] = {}
-        for step, touched, index in plan.batch_indices(epoch):
-            if step < start_step:
-                continue
-            for key in [k for k in cache if k not in touched]:
-                del cache[key]          # streams only move forward: a window left is done
-            for j, w in touched:
-                if (j, w) not in cache:
-                    cache[j, w] = self._window(slot, windows[j][w][0])
-            # where each sample of the batch lives: (window, row) -> fancy-index per window
-            keys = list(cache)
-            where = np.full((len(index), 2), -1, dtype=np.int64)
-            for n, key in enumerate(keys):
-                rows = cache[key]["row"]
-                for b, i in enumerate(index):
-                    r = rows.get(int(i))
-                    if r is not None:
-                        where[b] = (n, r)
-            if (where[:, 0] < 0).any():
-                raise StoreError(f"image {int(index[where[:, 0] < 0][0])} is not in the blocks read "
-                                 f"for step {step}")
+        ahead: dict[tuple[int, int], object] = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="blocks") as pool:
+            try:
+                for step, touched, index in plan.batch_indices(epoch):
+                    if step < start_step:
+                        continue
+                    for key in [k for k in cache if k not in touched]:
+                        del cache[key]          # streams only move forward: a window left is done
+                    for j, w in touched:
+                        if (j, w) not in cache:
+                            self._read_ahead(pool, windows, slot, ahead, j, w)
+                            cache[j, w] = ahead.pop((j, w)).result()
+                        self._read_ahead(pool, windows, slot, ahead, j, w + 1)
+                    keys = list(cache)
+                    where = self._rows([cache[k] for k in keys], index)
+                    if (where[:, 0] < 0).any():
+                        raise StoreError(f"image {int(index[where[:, 0] < 0][0])} is not in the blocks read "
+                                         f"for step {step}")
+                    single = len(keys) == 1 or (where[:, 0] == where[0, 0]).all()
 
-            def gather(get):
-                first = get(cache[keys[0]])
-                out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
-                for n, key in enumerate(keys):
-                    sel = where[:, 0] == n
-                    out[sel] = get(cache[key])[where[sel, 1]]
-                return out
+                    def gather(get):
+                        if single:          # the whole batch in one window: one fancy index
+                            return get(cache[keys[where[0, 0]]])[where[:, 1]]
+                        first = get(cache[keys[0]])
+                        out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+                        for n, key in enumerate(keys):
+                            sel = where[:, 0] == n
+                            out[sel] = get(cache[key])[where[sel, 1]]
+                        return out
 
-            if not np.array_equal(gather(lambda c: c["index"]), index):
-                raise StoreError(f"feature rows do not match image indices at step {step}")
-            if self.view_pixels is not None:      # the stored views: no image shard is opened
-                images = self.decode_views(list(gather(lambda c: c["pixels"])))
-            else:
-                images = self._images(index, gather(lambda c: c["boxes"]), gather(lambda c: c["flips"]))
-            teachers = {name: {k: torch.from_numpy(gather(lambda c, k=k, n=name: c["teachers"][n][k]))
-                               for k in ("visible", *ts.payload_keys)}
-                        for name, ts in self.stores.items()}
-            view = V.view_of_slot(index, slot, plan.views)
-            yield step, {
-                "index": torch.from_numpy(index), "view": torch.from_numpy(view),
-                "images": images,
-                "student_visible": torch.from_numpy(V.student_visible(plan.seed, index, epoch,
-                                                                      n_visible=plan.n_student)),
-                "teachers": teachers,
-            }
+                    if not np.array_equal(gather(lambda c: c["index"]), index):
+                        raise StoreError(f"feature rows do not match image indices at step {step}")
+                    teachers = {name: {k: torch.from_numpy(gather(lambda c, k=k, n=name: c["teachers"][n][k]))
+                                       for k in ("visible", *ts.payload_keys)}
+                                for name, ts in self.stores.items()}
+                    pixels = None if self.view_pixels is None else list(gather(lambda c: c["pixels"]))
+                    yield step, index, gather(lambda c: c["boxes"]), gather(lambda c: c["flips"]), pixels, teachers
+            finally:
+                for f in ahead.values():
+                    f.cancel()
+
+    def _batches(self, epoch: int, start_step: int):
+        """The batches; with a decoder that can queue (DALI's submit/get), batch k + 1's
+        images are decoding while batch k is handed over and the next rows are gathered."""
+        plan = self.plan
+        slot = epoch % plan.views
+        queued = self.view_pixels is None and hasattr(self.decode, "submit")
+        if queued:
+            self.decode.drain()                 # what an abandoned epoch left in flight
+        pending = None
+        try:
+            for step, index, boxes, flips, pixels, teachers in self._features(epoch, start_step):
+                batch = {
+                    "index": torch.from_numpy(index), "view": torch.from_numpy(V.view_of_slot(index, slot, plan.views)),
+                    "images": None,
+                    "student_visible": torch.from_numpy(V.student_visible(plan.seed, index, epoch,
+                                                                          n_visible=plan.n_student)),
+                    "teachers": teachers,
+                }
+                if pixels is not None:        # the stored views: no image shard is opened
+                    batch["images"] = self.decode_views(pixels)
+                if not queued:
+                    if pixels is None:
+                        batch["images"] = self._images(index, boxes, flips)
+                    yield step, batch
+                    continue
+                self.decode.submit(self.plan.data.read_many(index), boxes, flips)
+                if pending is not None:
+                    pending[1]["images"] = self.decode.get()
+                    yield pending
+                pending = (step, batch)
+            if pending is not None:
+                pending[1]["images"] = self.decode.get()
+                yield pending
+        finally:
+            if queued:
+                self.decode.drain()
 
     def materialize(self, batch: dict, device) -> dict:
         """Move a CPU batch to ``device`` and decode the stored tokens to float32."""

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from store.features import FeatureStore, StoreError
 from store.shards import ImageSet
@@ -77,3 +78,35 @@ def test_the_cached_path_refuses_a_store_masked_at_other_ratios(prepared_data, t
         CachedSource(plan, store_path=store, teachers=("mae", "ibot"), decoder="pil")
     assert str(e.value) == (f"{store / 'ibot'}: config mask_ratio=0.25 (n_visible 137) but this run masks "
                             "teacher ibot at 0.3 (n_visible 137, store/views.py MASK_RATIOS); extract a new store")
+
+
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_cached_batches_hold_the_stored_rows_of_their_images_and_an_abandoned_epoch_leaves_none_behind(
+        prepared_data, teacher_store, decoder):
+    """Every batch's teacher arrays are the store's rows of its images (read one by one), its
+    images the decoder's of the stored crops, over windows read ahead and looked up in bulk;
+    with DALI one batch is decoding while the next is gathered, and an epoch abandoned after
+    one step (its decode in flight) changes nothing in the next one."""
+    from store.decode import make_decoder
+
+    data = ImageSet.open(prepared_data)
+    plan = Plan(data, seed=0, views=2, batch_size=2, window=1, streams=2)
+    source = CachedSource(plan, store_path=teacher_store, teachers=("mae", "ibot"), decoder=decoder, prefetch=1)
+    reference = make_decoder(decoder, batch_size=2, device="cpu")
+    fs = FeatureStore.open(teacher_store)
+    for epoch in (0, 1):
+        abandoned = source.epoch(epoch)
+        first = next(abandoned)[1]
+        abandoned.close()
+        steps = list(source.epoch(epoch))
+        assert len(steps) == plan.steps_per_epoch >= 5     # more than the thread and the decoder hold
+        assert np.array_equal(steps[0][1]["index"], first["index"])
+        for step, batch in steps:
+            index = batch["index"].numpy()
+            for name in ("mae", "ibot"):
+                rows = fs.teacher(name).read_samples(epoch % 2, index)
+                assert np.array_equal(rows["index"], index)
+                for key, value in batch["teachers"][name].items():
+                    assert np.array_equal(value.numpy(), rows[key]), (epoch, step, name, key)
+            want = reference(data.read_many(index), rows["boxes"], rows["flips"])
+            assert torch.equal(batch["images"], want), (epoch, step)
