@@ -15,7 +15,9 @@ CUDA that thread also pins what the step reads and copies it to the GPU on its o
 and the step's stream waits for an event, not the host. Index and view stay on the host.
 Inside that thread the cached path reads each stream's next window of blocks ahead in a
 second thread, finds the batch's rows by binary search (no per-sample Python), and keeps one
-batch decoding in DALI (submit/get) while it gathers the next one's rows.
+batch decoding in DALI (submit/get) while it gathers the next one's rows. Stored views travel
+as uint8 (B, 224, 224, 3), a quarter of the float32 bytes, and are normalised on the training
+device in ``materialize``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 
 from store import codecs
 from store import views as V
+from store.decode.pixels import normalize_uint8
 from store.features import DataInfo, FeatureStore, StoreError
 from store.prefetch import DeviceCopier, Prefetch
 from store.viewpixels import ViewPixels
@@ -173,7 +176,7 @@ class CachedSource(_Source):
             from store.decode.stored import make_view_decoder
             self.decode_views = make_view_decoder(self.view_pixels.form, kw.get("decoder", "dali"),
                                                   batch_size=plan.local_batch, device=kw.get("device", "cpu"),
-                                                  num_threads=kw.get("num_threads", 2))
+                                                  num_threads=kw.get("num_threads", 2), normalize=False)
 
     def _window(self, slot: int, shard_ids) -> dict:
         """Read the rank's window of blocks: {index, boxes, flips, teachers: {name: {...}}},
@@ -395,5 +398,8 @@ _HOST_KEYS = ("index", "view")
 def _move_common(batch: dict, device) -> dict:
     """index and view as they are (host); images and the student's mask on ``device`` (a
     no-op for the batches of ``epoch`` on CUDA, which are there already)."""
-    return {"index": batch["index"], "view": batch["view"], "images": batch["images"].to(device),
+    images = batch["images"].to(device)
+    if images.dtype == torch.uint8:      # stored views come as uint8 (B, 224, 224, 3): normalised here
+        images = normalize_uint8(images)
+    return {"index": batch["index"], "view": batch["view"], "images": images,
             "student_visible": batch["student_visible"].to(device), "teachers": {}}

@@ -116,10 +116,11 @@ def scaled_mean_std(normalize: bool) -> tuple[list[float], list[float]]:
 def normalize_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalise 8-bit RGB images.
 
-    pixels: uint8 (B, H, W, 3). Returns float32 (B, 3, H, W) = (pixels / 255 - MEAN) / STD.
+    pixels: uint8 (B, H, W, 3) on any device. Returns float32 (B, 3, H, W) = (pixels / 255 - MEAN) / STD
+    on that device.
     """
-    mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     chw = pixels.permute(0, 3, 1, 2).to(torch.float32)
     return (chw / 255.0 - mean) / std
 

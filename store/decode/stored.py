@@ -3,7 +3,9 @@ there is no crop, resize or flip; only decoding (JPEG) or none at all (raw) and 
 normalisation of rule 5 (``store.decode.pixels``).
 
 ``make_view_decoder(form, kind, ...)`` returns a callable ``datas -> (B, 3, 224, 224)``
-float32 normalised, on the CPU, or on the GPU for DALI on CUDA:
+float32 normalised, on the CPU, or on the GPU for DALI on CUDA; with ``normalize=False``
+the pixels as they are, uint8 (B, 224, 224, 3), which training normalises on its device
+(``pixels.normalize_uint8`` in train/loader.py's ``materialize``):
 
 - ``raw``: ``np.frombuffer`` of each view's HWC bytes (any ``kind``);
 - ``jpeg`` with ``pil``: PIL decodes each view (the reference);
@@ -13,6 +15,7 @@ float32 normalised, on the CPU, or on the GPU for DALI on CUDA:
 """
 from __future__ import annotations
 
+import functools
 import io
 from typing import Sequence
 
@@ -24,27 +27,28 @@ from store.decode.dali import dali_device_id
 from store.decode.pixels import SIZE, normalize_uint8, scaled_mean_std
 
 
-def raw_views(datas: Sequence[bytes]) -> torch.Tensor:
-    """B raw views (224 * 224 * 3 bytes each, HWC) -> float32 (B, 3, 224, 224) normalised."""
-    pixels = np.stack([np.frombuffer(d, dtype=np.uint8).reshape(SIZE, SIZE, 3) for d in datas])
-    return normalize_uint8(torch.from_numpy(pixels))
+def raw_views(datas: Sequence[bytes], normalize: bool = True) -> torch.Tensor:
+    """B raw views (224 * 224 * 3 bytes each, HWC) -> float32 (B, 3, 224, 224) normalised
+    (or, without ``normalize``, uint8 (B, 224, 224, 3))."""
+    pixels = torch.from_numpy(np.stack([np.frombuffer(d, dtype=np.uint8).reshape(SIZE, SIZE, 3) for d in datas]))
+    return normalize_uint8(pixels) if normalize else pixels
 
 
-def pil_stored_views(datas: Sequence[bytes]) -> torch.Tensor:
-    """B JPEG views -> float32 (B, 3, 224, 224) normalised, decoded by PIL."""
+def pil_stored_views(datas: Sequence[bytes], normalize: bool = True) -> torch.Tensor:
+    """B JPEG views -> float32 (B, 3, 224, 224) normalised (or uint8 (B, 224, 224, 3)), decoded by PIL."""
     pixels = np.empty((len(datas), SIZE, SIZE, 3), dtype=np.uint8)
     for k, d in enumerate(datas):
         with Image.open(io.BytesIO(d)) as image:
             pixels[k] = np.asarray(image.convert("RGB"))
-    return normalize_uint8(torch.from_numpy(pixels))
+    return normalize_uint8(torch.from_numpy(pixels)) if normalize else torch.from_numpy(pixels)
 
 
 class DaliStoredViews:
     """B JPEG views -> float32 (B, 3, 224, 224) normalised, decoded by DALI on ``device``
     (``cpu`` or ``cuda[:N]``); the pipeline is built on the first batch."""
 
-    def __init__(self, *, batch_size: int, device: str = "cpu", num_threads: int = 2):
-        self.batch_size, self.num_threads = batch_size, num_threads
+    def __init__(self, *, batch_size: int, device: str = "cpu", num_threads: int = 2, normalize: bool = True):
+        self.batch_size, self.num_threads, self.normalize = batch_size, num_threads, normalize
         self.device = torch.device(device)
         self.device_id = dali_device_id(self.device)
         self._pipe = None
@@ -61,6 +65,8 @@ class DaliStoredViews:
             data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
             image = fn.decoders.image(data, device="mixed" if cuda else "cpu", output_type=types.RGB,
                                       adjust_orientation=False)
+            if not self.normalize:
+                return image                    # uint8 HWC, normalised on the training device
             return fn.crop_mirror_normalize(image, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
 
         pipe = stored_pipeline()
@@ -77,21 +83,24 @@ class DaliStoredViews:
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
             dense = out.as_tensor()
-            result = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            result = torch.empty(dense.shape(), dtype=torch.float32 if self.normalize else torch.uint8,
+                                 device=self.device)
             feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(self.device))
             return result
         return torch.from_numpy(np.array(out.as_array()))
 
 
-def make_view_decoder(form: str, kind: str, *, batch_size: int, device: str = "cpu", num_threads: int = 2):
+def make_view_decoder(form: str, kind: str, *, batch_size: int, device: str = "cpu", num_threads: int = 2,
+                      normalize: bool = True):
     """The decoder of stored views of ``form`` (``jpeg`` or ``raw``) for the job's decoder
-    ``kind`` (``dali`` or ``pil``): a callable datas -> (B, 3, 224, 224) float32 normalised."""
+    ``kind`` (``dali`` or ``pil``): a callable datas -> (B, 3, 224, 224) float32 normalised
+    (``normalize=False``: uint8 (B, 224, 224, 3))."""
     if kind not in ("dali", "pil"):
         raise ValueError(f"unknown decoder {kind!r}; choose 'dali' or 'pil'")
     if form == "raw":
-        return raw_views
+        return functools.partial(raw_views, normalize=normalize)
     if form != "jpeg":
         raise ValueError(f"unknown view pixel form {form!r}; choose 'jpeg' or 'raw'")
     if kind == "pil":
-        return pil_stored_views
-    return DaliStoredViews(batch_size=batch_size, device=device, num_threads=num_threads)
+        return functools.partial(pil_stored_views, normalize=normalize)
+    return DaliStoredViews(batch_size=batch_size, device=device, num_threads=num_threads, normalize=normalize)
