@@ -10,12 +10,13 @@ stored arrays (visible patches, codec payload) of the batch's rows:
 - ``today``: the original JPEG from the image shards (``ImageSet.read_many``), crop decode
   by the product's decoder (DALI ``image_slice`` + resize + normalise to float32 CHW),
   fp16 tokens (``read_block``, 547 KB/sample);
-- ``view_jpeg``: the stored view as a 224x224 JPEG q95 read from a tar aligned with the
-  block (one sequential read per block), decoded whole by DALI to uint8 HWC (no crop, no
-  resize; normalising is the device's work, in the step's ``materialize``), adapter-space
-  int8 features (``--codec adapter``, 69 KB/sample);
-- ``raw``: the stored view as raw uint8 224x224x3 pixels from such a tar (a copy, nothing
-  decoded), and the same adapter-space features.
+- ``view_jpeg``: the stored view (``extract --view-pixels jpeg``: 224x224 JPEG q95, 4:4:4)
+  read from the tar aligned with the block (``ViewPixels.read_block``), decoded whole by the
+  training decoder of stored views (``store/decode/stored.py``, DALI) to uint8 HWC, as
+  training hands it to the device, which normalises it (``materialize``); adapter-space int8
+  features (``--codec adapter``, 69 KB/sample);
+- ``raw``: the stored view as raw uint8 224x224x3 pixels (``--view-pixels raw``: nothing to
+  decode, one copy into the batch), and the same adapter-space features.
 
 Normalising to float on this CPU (torch, fused) costs about 0.4 ms per 224x224 image, DALI's
 crop_mirror_normalize about 0.7 ms: ``today`` pays it in its decoder, the new paths hand the
@@ -25,9 +26,8 @@ The fixtures are made with the product's code: ``samples/imagenet_like.py`` phot
 300-800 px, median ~500, JPEG q90-95), ``prepare``, and two stores written through
 ``TeacherStore.write_block`` with the real codecs (fp16, adapter) and the real crops, flips
 and masks; the token values are seeded noise (the bench measures reading, not values). The
-view tars are written here (``write_view_tars``: ``STORE/views/s{slot}/{shard:05d}.tar``,
-members ``{index:09d}.jpg`` or ``.rgb``, rows in block order) as a stand-in for the
-extraction's writer.
+view pixels are written by the extraction's writer (``ViewPixels.write_block``) from the PIL
+reference decoder's views.
 
 The paths are timed in turn (``rounds`` times: A B C A B C ...), one epoch over the data per
 round after an untimed warm-up, and each keeps its median round. ``images_per_s_per_core`` is
@@ -40,11 +40,10 @@ bench/projection.py adds the disk at a stated bandwidth.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
+import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +60,8 @@ from store.decode import make_decoder  # noqa: E402
 from store.decode.pixels import SIZE  # noqa: E402
 
 TEACHERS = ("mae", "mocov3", "ibot")
-PATHS = {"today": ("fp16", "original"), "view_jpeg": ("adapter", "jpg"), "raw": ("adapter", "rgb")}
+PATHS = {"today": ("fp16", "original"), "view_jpeg": ("adapter", "jpeg"), "raw": ("adapter", "raw")}
+STORES = {"today": "fp16", "view_jpeg": "jpeg", "raw": "raw"}
 EMBED = 768
 
 
@@ -102,45 +102,23 @@ def write_store(path: Path, data, *, codec: str, seed: int = 0, views: int = 1) 
     return Path(path)
 
 
-def view_tar(store: Path, slot: int, shard: int) -> Path:
-    return Path(store) / "views" / f"s{slot}" / f"{shard:05d}.tar"
-
-
-def write_view_tars(store: Path, data, *, seed: int = 0, views: int = 1, quality: int = 95) -> None:
+def write_view_pixels(store: Path, data, form: str, *, seed: int = 0, views: int = 1) -> None:
     """Each (slot, shard) block's views as the teacher saw them (crop, resize, flip: the PIL
-    reference decoder), as ``{index:09d}.jpg`` (JPEG ``quality``) and ``.rgb`` (raw uint8
-    HxWx3) members of ``view_tar(store, slot, shard)`` / its ``.rgb.tar`` twin."""
-    from PIL import Image
-
+    reference decoder's uint8 pixels) through the extraction's writer
+    (store/viewpixels.ViewPixels.write_block: ``STORE/pixels/slot-<s>/shard-<k>.tar``)."""
     from store.decode.pil import pil_view
+    from store.features import FeatureStore
+    from store.viewpixels import ViewPixels
 
+    vp = ViewPixels.create_or_open(FeatureStore.open(store), form)
     for slot in range(views):
         for k, s in enumerate(data.shards):
             first, count = int(s["first"]), int(s["count"])
             index = np.arange(first, first + count)
             view = V.view_of_slot(index, slot, views)
             boxes, flips = V.view_params(seed, index, view, data.widths[index], data.heights[index])
-            path = view_tar(store, slot, k)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tj, \
-                    tarfile.open(path.with_suffix(".rgb.tar"), "w", format=tarfile.USTAR_FORMAT) as tr:
-                for i, box, flip in zip(index, boxes, flips):
-                    pixels = pil_view(data.read(int(i)), box, bool(flip))
-                    buf = io.BytesIO()
-                    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
-                    for tar, name, blob in ((tj, f"{i:09d}.jpg", buf.getvalue()),
-                                            (tr, f"{i:09d}.rgb", pixels.tobytes())):
-                        info = tarfile.TarInfo(name)
-                        info.size = len(blob)
-                        tar.addfile(info, io.BytesIO(blob))
-
-
-def tar_members(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(offsets, sizes, names) of a tar's members, read once when a path is opened."""
-    with tarfile.open(path) as tar:
-        members = tar.getmembers()
-    return (np.array([m.offset_data for m in members], np.int64), np.array([m.size for m in members], np.int64),
-            [m.name for m in members])
+            pixels = np.stack([pil_view(data.read(int(i)), box, bool(flip)) for i, box, flip in zip(index, boxes, flips)])
+            vp.write_block(slot, k, index=index, pixels=pixels)
 
 
 def build_fixture(root: Path, *, count: int, shard_size: int, seed: int = 0) -> dict:
@@ -149,35 +127,13 @@ def build_fixture(root: Path, *, count: int, shard_size: int, seed: int = 0) -> 
 
     photos = write_imagenet_like(root / "photos", count=count, seed=seed)
     data = prepare(photos, root / "data", shard_size=shard_size, progress=False)
-    stores = {codec: write_store(root / f"store_{codec}", data, codec=codec, seed=seed) for codec in ("fp16", "adapter")}
-    write_view_tars(stores["adapter"], data, seed=seed)
+    stores = {"fp16": write_store(root / "store_fp16", data, codec="fp16", seed=seed),
+              "jpeg": write_store(root / "store_jpeg", data, codec="adapter", seed=seed)}
+    stores["raw"] = root / "store_raw"
+    shutil.copytree(stores["jpeg"], stores["raw"])          # the same adapter-space features
+    for form in ("jpeg", "raw"):
+        write_view_pixels(stores[form], data, form, seed=seed)
     return dict(data=data, stores=stores, photos=size_summary(photos))
-
-
-class WholeJpegDecoder:
-    """Whole 224x224 JPEGs -> uint8 (B, 224, 224, 3) with DALI on the CPU (a stand-in for the
-    stored-view image source until it lands: decode only, no crop, resize or normalise)."""
-
-    def __init__(self, *, batch_size: int, num_threads: int):
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
-        def pipe():
-            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
-            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
-
-        self.pipe = pipe()
-        self.pipe.build()
-
-    def __call__(self, datas) -> torch.Tensor:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        self.pipe.feed_input("data", [np.frombuffer(d, np.uint8) for d in datas])
-        self.pipe.schedule_run()
-        (out,) = self.pipe.outputs()
-        target = torch.empty((len(datas), SIZE, SIZE, 3), dtype=torch.uint8)
-        feed_ndarray(out.as_tensor(), target)
-        return target
 
 
 # -- the paths ------------------------------------------------------------------------
@@ -191,20 +147,19 @@ class Path_:
         self.name = name
         codec, self.pixels = PATHS[name]
         self.data = fx["data"]
-        fs = FeatureStore.open(fx["stores"][codec])
+        from store.decode.stored import make_view_decoder
+        from store.viewpixels import ViewPixels
+
+        fs = FeatureStore.open(fx["stores"][STORES[name]])
         self.teachers = [fs.teacher(t) for t in TEACHERS]
-        self.store = fs.path
         self.batch_size = batch_size
-        self.decode = {"original": lambda: make_decoder("dali", batch_size=batch_size, device="cpu",
-                                                        num_threads=threads),
-                       "jpg": lambda: WholeJpegDecoder(batch_size=batch_size, num_threads=threads),
-                       "rgb": lambda: None}[self.pixels]()
-        self.members = {}
-        if self.pixels != "original":
-            for k in range(len(fs.shards)):
-                p = view_tar(self.store, 0, k)
-                p = p if self.pixels == "jpg" else p.with_suffix(".rgb.tar")
-                self.members[k] = (p, *tar_members(p)[:2])
+        if self.pixels == "original":
+            self.decode = make_decoder("dali", batch_size=batch_size, device="cpu", num_threads=threads)
+        else:       # as training reads stored views: uint8, normalised on the device (train/loader.py)
+            self.view_pixels = ViewPixels.open(fs)
+            assert self.view_pixels.form == self.pixels
+            self.decode = make_view_decoder(self.pixels, "dali", batch_size=batch_size, device="cpu",
+                                            num_threads=threads, normalize=False)
 
     def _read(self, shard: int):
         """Features and pixels of one block (slot 0) and the bytes read."""
@@ -215,15 +170,9 @@ class Path_:
             pixels = self.data.read_many(index)
             nbytes += sum(len(d) for d in pixels)
         else:
-            path, offsets, sizes = self.members[shard]
-            with open(path, "rb") as f:
-                buf = f.read()
-            nbytes += len(buf)
-            if self.pixels == "jpg":
-                pixels = [buf[o:o + n] for o, n in zip(offsets, sizes)]
-            else:
-                flat = np.frombuffer(buf, np.uint8)
-                pixels = np.stack([flat[o:o + n] for o, n in zip(offsets, sizes)]).reshape(-1, SIZE, SIZE, 3)
+            got, pixels = self.view_pixels.read_block(0, shard)
+            assert np.array_equal(got, index)
+            nbytes += sum(len(d) for d in pixels)
         return blocks, pixels, nbytes
 
     def epoch(self, order: np.random.Generator, shards=None) -> dict:
@@ -252,12 +201,12 @@ class Path_:
                     n_pixels += int((self.data.widths[index.numpy()] * self.data.heights[index.numpy()]).sum())
                     n_crop += int((boxes[:, 2] * boxes[:, 3]).sum())
                     assert images.shape == (len(rows), 3, SIZE, SIZE)
-                elif self.pixels == "jpg":
-                    images = self.decode([pixels[r] for r in rows])
-                    n_pixels += SIZE * SIZE * len(rows)
-                    n_crop += SIZE * SIZE * len(rows)
                 else:
-                    images = torch.from_numpy(pixels[rows])
+                    images = self.decode([pixels[r] for r in rows])
+                    assert images.shape == (len(rows), SIZE, SIZE, 3) and images.dtype == torch.uint8
+                    if self.pixels == "jpeg":
+                        n_pixels += SIZE * SIZE * len(rows)
+                        n_crop += SIZE * SIZE * len(rows)
                 cpu["decode"] += time.process_time() - c2
                 assert images.shape[0] == feats[0]["visible"].shape[0] == len(rows)
                 n_images += len(rows)
@@ -320,14 +269,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="DALI decoder threads")
     ap.add_argument("--json", type=Path, help="write the rows here (a list of objects)")
+    ap.add_argument("--root", type=Path, help="build the fixtures here and keep them (default: a temp dir); "
+                    "ROOT/data, ROOT/store_fp16 and ROOT/store_jpeg also serve bench/train.py")
     ap.add_argument("--quick", action="store_true", help="48 photos, 1 round, batch 16 (the test)")
     a = ap.parse_args(argv)
     if a.quick:
         a.images, a.rounds, a.shard_size, a.batch_size = 48, 1, 16, 16
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"building {a.images} ImageNet-like photos, two stores and the view tars ...", flush=True)
+        print(f"building {a.images} ImageNet-like photos, three stores and their view pixels ...", flush=True)
         t = time.perf_counter()
-        fx = build_fixture(Path(tmp), count=a.images, shard_size=a.shard_size)
+        fx = build_fixture(a.root or Path(tmp), count=a.images, shard_size=a.shard_size)
         print(f"  built in {time.perf_counter() - t:.0f} s; photos: {fx['photos']}", flush=True)
         rows = measure(fx, rounds=a.rounds, batch_size=a.batch_size, threads=a.threads)
     print(f"\ndata path alone, CPU, DALI threads {a.threads}, batch {a.batch_size}, {a.rounds} alternating rounds "

@@ -10,7 +10,9 @@ All three rows use the same objective, batch size, steps and machine:
 - cached:  CachedSource (store blocks + DALI decoding in a prefetch thread) + the step;
 - online:  OnlineSource (the same decoding) + the three teachers' forward + the step;
 - ceiling: the step alone on batches already materialised in memory (images and targets
-  on the device): what the student costs when data is free.
+  on the device): what the student costs when data is free;
+- ``--other-store MODE=S2``: one more cached row from another store of the same data, e.g.
+  the new data path (``--codec adapter`` with ``--view-pixels jpeg``) beside today's.
 
 Prints a table of ``train.throughput.measure`` (which the demo report and bench/gpu_check.py
 call too).
@@ -50,8 +52,8 @@ def format_rows(rows: list[dict]) -> str:
              "|---|---:|---|---:|---:|---:|"]
     for r in rows:
         spread = ", ".join(f"{v:.1f}" for v in r["spread"])
-        lines.append(f"| {r['mode']} | {r['images_per_second']:.1f} | {spread} | {r['vs_online']:.2f} | "
-                     f"{r['vs_ceiling']:.2f} | {r['student_tflops']:.4f} |")
+        ratios = " | ".join("-" if r[k] is None else f"{r[k]:.2f}" for k in ("vs_online", "vs_ceiling"))
+        lines.append(f"| {r['mode']} | {r['images_per_second']:.1f} | {spread} | {ratios} | {r['student_tflops']:.4f} |")
     return "\n".join(lines)
 
 
@@ -70,6 +72,11 @@ def main():
     ap.add_argument("--views", type=int, default=None,
                     help="views per image: extracted into the built-in store (default 1); with --store, "
                          "must equal the store's (default: the store's)")
+    ap.add_argument("--other-store", action="append", default=[], metavar="MODE=STORE",
+                    help="one more cached row from another store of the same data (e.g. cached-views=S2: "
+                         "the adapter codec with view pixels); repeatable")
+    ap.add_argument("--modes", default="cached,online,ceiling",
+                    help="the rows, of cached, online and ceiling (online needs a store of real teachers)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data, store = args.data, args.store
@@ -79,7 +86,9 @@ def main():
         try:
             rows = measure(data=data, store=store, batch_size=args.batch_size, steps=args.steps,
                            warmup=args.warmup, rounds=args.rounds, device=args.device, decoder=args.decoder,
-                           threads=args.threads, views=args.views or "auto")
+                           threads=args.threads, views=args.views or "auto",
+                           other_stores=dict(o.split("=", 1) for o in args.other_store),
+                           modes=tuple(args.modes.split(",")))
         except ValueError as error:               # too little data for the steps asked
             raise SystemExit(str(error)) from None
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"

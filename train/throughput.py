@@ -8,6 +8,7 @@ teacher forward's images/s (the machine's speed by which the demo's time is norm
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -40,10 +41,13 @@ def _time_steps(objective, opt, batches, *, amp: bool, device, clip_grad: float)
 def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 2, rounds: int = 3,
             device: str = "cpu", decoder: str = "dali", threads: int = 2, views: int | str = "auto",
             streams: int = 1, modes=("cached", "online", "ceiling"), teachers: dict | None = None,
-            overrides=()) -> list[dict]:
+            overrides=(), other_stores: dict | None = None) -> list[dict]:
     """Rows {mode, images_per_second, seconds, steps, batch_size, ...} measured in this process.
     ``teachers``: {name: Teacher} already built, for the online row (``build_source``);
     ``overrides``: further KEY=VALUE of the train config (the model measured, e.g. the demo's).
+    ``other_stores``: {mode: store} more cached rows, each from its own store of the same data
+    (another codec; view pixels, which ``data.pixels=auto`` takes when complete), timed in turn
+    with the others.
 
     The modes are timed in turn, ``rounds`` times (A B C A B C ...), each round over ``steps``
     steps after ``warmup`` untimed ones (the ceiling's only in the first round: its batches
@@ -67,9 +71,15 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
                          f"need {need}: use more data or a smaller batch")
     amp, clip = torch.device(device).type == "cuda", cfg.train.clip_grad
     setups = {}
+    configs = {mode: cfg for mode in modes}
+    for mode, path in (other_stores or {}).items():
+        configs[mode] = resolve_data(dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, store=str(path), pixels="auto", views="auto")), images)
+    modes = tuple(configs)
     for mode in modes:
-        source, stats = build_source(cfg, plan, online=(mode == "online"), device=device, teachers=teachers)
-        objective = build_objective(cfg, stats).to(device)
+        cfg_m = configs[mode]
+        source, stats = build_source(cfg_m, plan, online=(mode == "online"), device=device, teachers=teachers)
+        objective = build_objective(cfg_m, stats).to(device)
         batches = None
         if mode == "ceiling":
             epoch = source.epoch(0)
