@@ -286,10 +286,10 @@ def _eval_command(task: str) -> None:
         from eval.evaluate import evaluate
         from eval.options import config_from
 
-        cfg = config_from(CONFIGS[task], values, overrides)
-        record, path = evaluate(cfg, out=out, device=device, resume=resume)
-        print_table([{"task": task, **record["metrics"]}])
-        click.echo(f"result written to {path}")
+        record, path = evaluate(config_from(CONFIGS[task], values, overrides), out=out, device=device, resume=resume)
+        if record is not None:      # None under torchrun on ranks other than 0 (rank 0 reports)
+            print_table([{"task": task, **record["metrics"]}])
+            click.echo(f"result written to {path}")
 
     params = config_params(CONFIGS[task]) + [
         click.Option(["--out"], type=click.Path(file_okay=False), default=None,
@@ -297,7 +297,7 @@ def _eval_command(task: str) -> None:
                      help="Run folder: result.json" + (", checkpoint, metrics.jsonl, config.yaml"
                                                        if task in RESUMABLE else "") + "."),
         click.Option(["--device"], default="auto", show_default=True,
-                     help="Torch device: auto, cpu, cuda, cuda:1, ..."),
+                     help="Torch device: auto, cpu, cuda, cuda:1, ... (cuda: cuda:LOCAL_RANK under torchrun)"),
         click.Argument(["overrides"], nargs=-1, metavar="[KEY=VALUE]...")]
     if task in RESUMABLE:
         params.append(click.Option(["--resume"], is_flag=True,

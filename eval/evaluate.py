@@ -7,15 +7,22 @@ other) and writes ``OUT/result.json``. The protocols that train (linear, finetun
 segmentation) keep their checkpoint, metrics.jsonl and config.yaml in the same folder through
 ``core.run``: a new run refuses a folder that holds one, ``resume`` continues it and is an
 error when there is nothing to resume.
+
+Under torchrun (``WORLD_SIZE`` > 1) the protocols of ``DISTRIBUTED`` run on every rank: each
+joins the process group (``extract.dist``: gloo on the CPU, NCCL on CUDA with ``cuda`` meaning
+``cuda:LOCAL_RANK``), the ranks share the work, and rank 0 alone writes the run folder and
+result.json. The other protocols refuse to run under torchrun.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["evaluate", "RESUMABLE"]
+__all__ = ["evaluate", "RESUMABLE", "DISTRIBUTED"]
 
 RESUMABLE = ("linear", "finetune", "detection", "segmentation")
+DISTRIBUTED = ("linear",)     # the protocols that run under torchrun
 
 
 def _protocol(task: str):
@@ -38,17 +45,34 @@ def _protocol(task: str):
 
 
 def evaluate(cfg: Any, *, out: str | Path | None = None, device: str = "auto",
-             resume: bool = False) -> tuple[dict, Path]:
-    """Run the protocol of ``cfg``; returns (the result record, the path of result.json)."""
-    from eval.common import RESULT, default_out, write_result
+             resume: bool = False) -> tuple[dict | None, Path]:
+    """Run the protocol of ``cfg``; returns (the result record, the path of result.json).
 
+    Under torchrun the record is rank 0's, and None on the other ranks (rank 0 writes and reports)."""
+    from eval.common import RESULT, default_out, resolve_device, write_result
+    from extract import dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and cfg.task not in DISTRIBUTED:
+        raise ValueError(f"eval {cfg.task} runs in one process, not under torchrun ({world} ranks); "
+                         f"of the protocols, {', '.join(DISTRIBUTED)} run(s) under torchrun")
     out = Path(out) if out else default_out(cfg.checkpoint, cfg.task)
     kwargs: dict[str, Any] = {"device": device}
     if cfg.task in RESUMABLE:
         kwargs.update(out=out, resume=resume)
     elif resume:
         raise ValueError(f"eval {cfg.task} has nothing to resume (it does not train)")
-    metrics, settings = _protocol(cfg.task)(cfg, **kwargs)
-    record = write_result(out / RESULT, task=cfg.task, metrics=metrics, settings=settings,
-                          checkpoint=Path(cfg.checkpoint), config=cfg)
+    own_group = world > 1 and dist.world_size() == 1      # joined here, so left here
+    if own_group:
+        kwargs["device"] = dist.local_device(str(resolve_device(device)))
+        dist.init_from_env(kwargs["device"])
+    try:
+        metrics, settings = _protocol(cfg.task)(cfg, **kwargs)
+        record = None
+        if dist.rank() == 0:
+            record = write_result(out / RESULT, task=cfg.task, metrics=metrics, settings=settings,
+                                  checkpoint=Path(cfg.checkpoint), config=cfg)
+    finally:
+        if own_group:
+            dist.shutdown()
     return record, out / RESULT

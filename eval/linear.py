@@ -17,6 +17,12 @@ and trains on those: much faster, but without the protocol's augmentation; the
 result's settings say so. Val features are always computed once (the backbone is
 frozen and val has no augmentation, so this changes nothing).
 
+Under torchrun (``extract.dist``, joined by ``eval.evaluate``) the backbone's work is shared: the
+micro-batches of each step, and of the val and cached tables, go round-robin to the ranks and their
+features are all-gathered back in one process's order (``_chunk_features``); every rank takes the same
+head step (replicated, no DDP: it is tiny) and rank 0 alone writes. Each image's features come from the
+same micro-batch as in one process, so the run is one process's run (on the CPU bit for bit).
+
 A run keeps its head and optimiser in the run folder (``core.run``: ``last.pt`` after every
 epoch, written atomically, one metrics.jsonl row per epoch, config.yaml) and
 ``resume=True`` continues from there (refusing different settings).
@@ -27,10 +33,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as td
 import torch.nn.functional as F
 from torch import nn
 
 from eval.config import LinearConfig
+from extract import dist
 from store.progress import progress_bar
 
 __all__ = ["LARS", "probe_head", "run_linear"]
@@ -96,21 +104,58 @@ def _features(backbone: nn.Module, images: torch.Tensor, device: torch.device) -
         return cls_features(backbone, images).float()
 
 
-def _feature_table(backbone, dataset, *, device, batch_size, num_workers, desc):
+def _chunk_features(backbone, dataset, order: torch.Tensor, *, count: int, micro_batch: int, dim: int,
+                    device, num_workers: int, desc: str | None = None) -> Iterator[torch.Tensor]:
+    """Yield the CLS features (n, D) float32 of the chunks ``order[k * micro_batch:(k + 1) * micro_batch]``,
+    k = 0 .. count - 1, in that order, on every rank.
+
+    The chunks are exactly one process's micro-batches. Under torchrun rank r computes the chunks
+    k = r, r + W, r + 2W, ... (W ranks) and each round of W chunks is all-gathered (padded to
+    ``micro_batch`` rows), so every rank sees every chunk's features, computed from the same images
+    in the same batch as in one process: the same numbers.
+    """
     from eval.data import make_loader
 
-    feats, labels = [], []
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
-    for images, target in progress_bar(loader, desc=desc, unit="batch", leave=False):
-        feats.append(_features(backbone, images, device))
-        labels.append(torch.as_tensor(target, dtype=torch.int64).to(device))
-    return torch.cat(feats), torch.cat(labels)
+    rank, world, n = dist.rank(), dist.world_size(), len(order)
+    sizes = [min((k + 1) * micro_batch, n) - k * micro_batch for k in range(count)]
+    mine = [order[k * micro_batch:k * micro_batch + sizes[k]] for k in range(rank, count, world)]
+    subset = torch.utils.data.Subset(dataset, torch.cat(mine).tolist() if mine else [])
+    batches = iter(make_loader(subset, batch_size=micro_batch, shuffle=False, num_workers=num_workers,
+                               pin_memory=device.type == "cuda"))
+    bar = progress_bar(total=count, desc=desc, unit="batch", leave=False, disable=desc is None)
+    for first in range(0, count, world):
+        own = _features(backbone, next(batches)[0], device) if first + rank < count else None
+        if world == 1:
+            chunks = [own]
+        else:
+            sent = torch.zeros(micro_batch, dim, dtype=torch.float32, device=device)
+            if own is not None:
+                sent[:len(own)] = own
+            chunks = [torch.empty_like(sent) for _ in range(world)]
+            td.all_gather(chunks, sent)
+        for k, feats in zip(range(first, min(first + world, count)), chunks):
+            yield feats[:sizes[k]]
+            bar.update(1)
+    bar.close()
 
 
-def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int, seed: int,
+def _feature_table(backbone, dataset, *, device, micro_batch, dim, num_workers, desc):
+    """Features (N, D) float32 and labels (N,) int64 of the whole ``dataset`` in its order (split over ranks)."""
+    n = len(dataset)
+    dataset.set_epoch(0)
+    feats = torch.cat(list(_chunk_features(backbone, dataset, torch.arange(n), count=-(-n // micro_batch),
+                                           micro_batch=micro_batch, dim=dim, device=device,
+                                           num_workers=num_workers, desc=desc)))
+    return feats, torch.as_tensor(dataset.labels, dtype=torch.int64).to(device)
+
+
+def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int, seed: int, dim: int,
                    backbone, train_set, cached, device, num_workers) -> Iterator:
-    """Yield ``steps`` batches (features (batch_size, D) float32, labels (batch_size,))."""
+    """Yield ``steps`` batches (features (batch_size, D) float32, labels (batch_size,)).
+
+    Without ``cached``: the epoch's order comes from (seed, epoch) and each image's augmentation
+    from (seed, epoch, index), the same on every rank; its micro-batches are split over ranks
+    (``_chunk_features``) and gathered back, so every rank sees one process's batches."""
     from eval.data import derive_seed, make_loader
 
     if cached is not None:
@@ -121,20 +166,20 @@ def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int,
             idx = order[s * batch_size:(s + 1) * batch_size]
             yield feats[idx], labels[idx]
         return
-    loader = make_loader(train_set, batch_size=micro_batch, shuffle=True, seed=seed,
-                         epoch=epoch, num_workers=num_workers, pin_memory=device.type == "cuda")
-    buf_f, buf_l, have, done = [], [], 0, 0
-    for images, target in loader:
-        buf_f.append(_features(backbone, images, device))
-        buf_l.append(torch.as_tensor(target, dtype=torch.int64).to(device))
-        have += len(target)
+    train_set.set_epoch(epoch)  # keys each image's augmentation by (seed, epoch, index)
+    n = len(train_set)          # the order a shuffling make_loader(seed, epoch) gives, from that loader itself
+    order = next(iter(make_loader(range(n), batch_size=n, shuffle=True, seed=seed, epoch=epoch)))
+    labels = torch.as_tensor(train_set.labels, dtype=torch.int64)[order].to(device)
+    chunks = _chunk_features(backbone, train_set, order, count=-(-steps * batch_size // micro_batch),
+                             micro_batch=micro_batch, dim=dim, device=device, num_workers=num_workers)
+    buf, have, done = [], 0, 0
+    for f in chunks:
+        buf.append(f)
+        have += len(f)
         while have >= batch_size and done < steps:
-            f, lab = torch.cat(buf_f), torch.cat(buf_l)
-            yield f[:batch_size], lab[:batch_size]
-            buf_f, buf_l = [f[batch_size:]], [lab[batch_size:]]
-            have, done = have - batch_size, done + 1
-        if done == steps:
-            return
+            f = torch.cat(buf)
+            yield f[:batch_size], labels[done * batch_size:(done + 1) * batch_size]
+            buf, have, done = [f[batch_size:]], have - batch_size, done + 1
 
 
 def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bool = False) -> tuple[dict, dict]:
@@ -148,7 +193,7 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
 
     digest = checkpoint_digest(Path(cfg.checkpoint))
     with open_run(out, config=cfg, resume=resume, movable=cfg.movable,
-                  compare={"checkpoint_sha256": digest}) as run:
+                  compare={"checkpoint_sha256": digest}, rank=dist.rank()) as run:
         dev = resolve_device(device)
         backbone = load_backbone(cfg.checkpoint, model=cfg.model, **cfg.timm_kwargs).to(dev).eval()
         backbone.requires_grad_(False)
@@ -177,7 +222,8 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
             "val_images": len(val_set), "num_classes": len(train_set.classes),
             "steps_per_epoch": steps,
         }
-        head = probe_head(int(backbone.num_features), len(train_set.classes), seed=cfg.seed).to(dev)
+        dim = int(backbone.num_features)
+        head = probe_head(dim, len(train_set.classes), seed=cfg.seed).to(dev)
         if cfg.optimizer == "lars":
             opt = LARS(head.parameters(), lr=abs_lr, weight_decay=cfg.weight_decay)
         else:
@@ -188,19 +234,18 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
             opt.load_state_dict(run.state["optimizer"])
             start, history = int(run.state["epoch"]), list(run.state["history"])
 
-        val_f, val_l = _feature_table(backbone, val_set, device=dev, batch_size=cfg.micro_batch,
-                                      num_workers=cfg.workers, desc="val features")
+        table = dict(device=dev, micro_batch=cfg.micro_batch, dim=dim, num_workers=cfg.workers)
+        val_f, val_l = _feature_table(backbone, val_set, **table, desc="val features")
         cached = None
         if cfg.cache_features and start < cfg.epochs:
-            cached = _feature_table(backbone, train_set, device=dev, batch_size=cfg.micro_batch,
-                                    num_workers=cfg.workers, desc="train features (center crop)")
+            cached = _feature_table(backbone, train_set, **table, desc="train features (center crop)")
         bar = progress_bar(total=cfg.epochs * steps, initial=start * steps, desc="linear probe", unit="step")
         sums = StepMetrics(dev)
         for epoch in range(start, cfg.epochs):
             head.train()
             for s, (f, lab) in enumerate(_epoch_batches(
                     epoch=epoch, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, steps=steps,
-                    seed=cfg.seed, backbone=backbone, train_set=train_set, cached=cached, device=dev,
+                    seed=cfg.seed, dim=dim, backbone=backbone, train_set=train_set, cached=cached, device=dev,
                     num_workers=cfg.workers)):
                 step_lr = cosine_lr(epoch * steps + s, steps_per_epoch=steps, epochs=cfg.epochs,
                                     warmup_epochs=cfg.warmup_epochs, base_lr=abs_lr)
@@ -212,7 +257,7 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
                 opt.step()
                 sums.add(epoch * steps + s, {"loss": loss})
                 bar.update(1)
-            bad = sums.first_non_finite()  # host sync once per epoch
+            bad = sums.first_non_finite(dist.world_size())  # host sync once per epoch; all ranks agree
             if bad is not None:
                 raise FloatingPointError(f"linear probe: non-finite loss at step {bad} (epoch {epoch})")
             loss_value = sums.reduce()["loss"]  # the epoch's mean

@@ -1,6 +1,6 @@
-"""Fixtures of the dense evaluations: a tiny ViT checkpoint, a toy COCO set, a toy ADE20K set.
-
-All built once per session in the official layouts and read-only for tests.
+"""Fixtures of the evaluations: a tiny ViT checkpoint, a toy COCO set, a toy ADE20K set (built once per
+session in the official layouts), and ``toy``, three colour classes for the linear probe and fine-tuning
+(built once per module). All read-only for tests.
 """
 from __future__ import annotations
 
@@ -12,6 +12,37 @@ import torch
 from PIL import Image
 
 DENSE_VIT_ARGS = ("img_size=64", "depth=2")
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def make_toy_folder(root, *, per_class, seed):
+    """ImageFolder of 40x48 images: a class-coloured rectangle on a noisy gray field."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            img = rng.integers(90, 140, size=(40, 48, 3)).astype(np.uint8)
+            y, x = rng.integers(0, 12), rng.integers(0, 14)
+            img[y:y + 26, x:x + 32] = np.clip(np.array(rgb) + rng.integers(-20, 20, 3), 0, 255)
+            Image.fromarray(img).save(root / name / f"{j:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """(train, val, checkpoint): 12 train and 6 val images of 3 classes, and a random 2-block
+    vit_tiny_patch16_224 (img_size 32) state dict saved with torch.save."""
+    import timm
+
+    base = tmp_path_factory.mktemp("toy")
+    train = make_toy_folder(base / "train", per_class=4, seed=1)
+    val = make_toy_folder(base / "val", per_class=2, seed=2)
+    ck = base / "student.pth"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+    torch.save(net.state_dict(), ck)
+    return train, val, ck
 
 
 @pytest.fixture

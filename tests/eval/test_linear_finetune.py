@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 import cli
 import core.run
@@ -21,37 +19,10 @@ from eval.common import cosine_lr
 from eval.config import LinearConfig
 from eval.linear import LARS, probe_head, run_linear
 
-COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 MODEL_ARGS = ["--model-arg", "img_size=32", "--model-arg", "depth=2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_toy_folder(root, *, per_class, seed):
-    """ImageFolder of 40x48 images: a class-coloured rectangle on a noisy gray field."""
-    rng = np.random.default_rng(seed)
-    for name, rgb in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for j in range(per_class):
-            img = rng.integers(90, 140, size=(40, 48, 3)).astype(np.uint8)
-            y, x = rng.integers(0, 12), rng.integers(0, 14)
-            img[y:y + 26, x:x + 32] = np.clip(np.array(rgb) + rng.integers(-20, 20, 3), 0, 255)
-            Image.fromarray(img).save(root / name / f"{j:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    base = tmp_path_factory.mktemp("toy")
-    train = make_toy_folder(base / "train", per_class=4, seed=1)
-    val = make_toy_folder(base / "val", per_class=2, seed=2)
-    ck = base / "student.pth"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
-    torch.save(net.state_dict(), ck)
-    return train, val, ck
 
 
 class SimulatedKill(Exception):
