@@ -12,7 +12,8 @@ Stages (each prints one line with its time; a second run reuses what the first m
  4. verify       both stores against their data;
  5. train        the student on the cached store (a finished run with the same config is
                  reused, an unfinished one resumed);
- 6. evaluate     linear CKA of trained vs untrained student on the held-out views;
+ 6. evaluate     the objective's loss of the trained vs the untrained student on the held-out
+                 views (the quality check), and linear CKA with the fused targets;
  7. throughput   cached (the training stage's own rate) vs online vs in-memory ceiling
                  (``train.throughput.measure``; the online row reuses the extract stage's teachers);
  8. sizes        the store's bytes per codec, measured on its own tokens;
@@ -187,18 +188,16 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
         return objectives[kind]
 
     def evaluate():
-        if "cka" in meas:
-            reused.append("CKA evaluation")
-            return f"reused: CKA fused targets trained {meas['cka']['fused']['trained']:.3f} vs untrained " \
-                   f"{meas['cka']['fused']['untrained']:.3f}"
+        if "cka" in meas and "heldout_loss" in meas:
+            reused.append("held-out evaluation")
+            return "reused: " + _quality_note(meas)
         samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx, epoch=0,
                                     teachers=list(cfg.data.teachers))
+        batch = diag.sample_batch(samples, cfg.data.teachers, device=device)
         with torch.no_grad():
-            meas["cka"] = diag.cka_scores(objective("trained"), objective("untrained"),
-                                          diag.sample_batch(samples, cfg.data.teachers, device=device))
-        c = meas["cka"]["fused"]
-        return f"linear CKA with the fused targets on {len(held_idx)} held-out views: trained {c['trained']:.3f}, " \
-               f"untrained {c['untrained']:.3f}"
+            meas["heldout_loss"] = diag.heldout_losses(objective("trained"), objective("untrained"), batch)
+            meas["cka"] = diag.cka_scores(objective("trained"), objective("untrained"), batch)
+        return f"on {len(held_idx)} held-out views: " + _quality_note(meas)
     stage("evaluate", evaluate)
 
     def throughput():
@@ -229,7 +228,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             f" per (image, view); store on disk {s['actual_bytes'] / 2**20:.1f} MiB"
     stage("sizes", sizes)
     m_path.parent.mkdir(parents=True, exist_ok=True)
-    m_path.write_text(json.dumps({"key": key, **{k: meas[k] for k in ("cka", "throughput", "sizes")}}, indent=1))
+    m_path.write_text(json.dumps({"key": key, **{k: meas[k] for k in ("heldout_loss", "cka", "throughput", "sizes")}}, indent=1))
 
     # 9: report
     report_dir = out / "report"
@@ -259,12 +258,19 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
                                                        "note": "these files"}],
                 "run": {"steps": run["steps"], "batch_size": settings.batch_size, "lr": settings.lr,
                         "final": rows[-1], "dir": str(run_dir)},
-                "cka": meas["cka"], "throughput": meas["throughput"], "sizes": meas["sizes"],
-                "panels": panels, "reused": list(reused)}
+                "heldout_loss": meas["heldout_loss"], "cka": meas["cka"], "throughput": meas["throughput"],
+                "sizes": meas["sizes"], "panels": panels, "reused": list(reused)}
         md, page = report.write_report(report_dir, info)
         return f"{md} and {page.name} ({len(panels)} panels; stages before this one " \
                f"{sum(s['seconds'] for s in stages):.1f} s)"
     stage("report", make_report)
     return {"report": report_dir / "README.md", "html": report_dir / "report.html", "stages": stages,
-            "reused": reused, "cka": meas["cka"], "throughput": meas["throughput"], "sizes": meas["sizes"], "run_dir": run_dir,
+            "reused": reused, "heldout_loss": meas["heldout_loss"], "cka": meas["cka"], "throughput": meas["throughput"], "sizes": meas["sizes"], "run_dir": run_dir,
             "teacher_rate": rate.get("images_per_second")}
+
+
+def _quality_note(meas: dict) -> str:
+    """The evaluate stage's line: held-out loss and fused-target CKA, trained vs untrained."""
+    loss, cka = meas["heldout_loss"], meas["cka"]["fused"]
+    return (f"loss trained {loss['trained']['total']:.3f}, untrained {loss['untrained']['total']:.3f}; "
+            f"linear CKA with the fused targets trained {cka['trained']:.3f}, untrained {cka['untrained']:.3f}")

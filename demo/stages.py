@@ -32,7 +32,7 @@ class DemoSettings(TypedConfig):
     max_side: int = 256             # long side of the photos in pixels
     views: int = 1                  # cached views per training image (each epoch reads slot 0)
     seed: int = 0
-    steps: int = 150                # student steps
+    steps: int = 60                 # student steps
     batch_size: int = 16
     lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
     codec: str = "fp16"

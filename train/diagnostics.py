@@ -5,15 +5,20 @@ gate maps and linear CKA (used by `cli.py inspect --run`, the demo and bench/cac
   frozen adapters are rebuilt from the statistics of the store the run trained on.
 - ``load_samples``/``sample_batch``: samples of a store as an objective batch (PIL reference decoder).
 - ``gate_maps``: per-position gate weights w_k(p) of one sample, as the panel shows them.
+- ``heldout_losses``: the objective's token and spatial losses of a trained and an untrained
+  student on some views (held out from training): what distillation lowers, and so the
+  demo's quality check (the trained losses stay at the untrained level if it does nothing).
 - ``cka_scores``: linear CKA between the student's encoder tokens and the fused teacher
-  targets on some views, for a trained and an untrained student. The number falls to the
-  untrained level if distillation does nothing, so it is the demo's quality check.
+  targets on the same views, for the two students. A similarity of representations, not
+  what the loss optimises: with untrained teachers and a short run it need not rise
+  (random ViTs' tokens are already similar, CKA ~0.85 per teacher), so it is reported, not
+  used as the check.
 
-The fused targets of the CKA use the run's adapters and its gate without the student
-affinity term (``consensus`` -> ``agreement``, ``affinity`` -> ``uniform``), so they depend on
-no student: the same target matrix serves the trained and the untrained student, and the
-two numbers differ only in the students' features. Per-teacher columns compare with one
-teacher's adapted tokens where that teacher saw the patch.
+Both use the run's adapters and its gate without the student affinity term (``consensus`` ->
+``agreement``, ``affinity`` -> ``uniform``) for the fused targets, so the targets depend on no
+student: the same targets serve the trained and the untrained student, and the two rows
+differ only in the students. Per-teacher CKA columns compare with one teacher's adapted
+tokens where that teacher saw the patch.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from store.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
 from store.inspect import SampleView, load_sample
 
-__all__ = ["linear_cka", "load_run", "load_samples", "sample_batch", "gate_maps", "cka_scores"]
+__all__ = ["linear_cka", "load_run", "load_samples", "sample_batch", "gate_maps", "cka_scores",
+           "heldout_losses"]
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -155,6 +161,59 @@ STUDENT_FREE_GATE = {"consensus": "agreement", "agreement": "agreement", "affini
                      "uniform": "uniform"}
 
 
+def _student_free_targets(objective, dense: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The fused targets (B, 197, D) of the adapted grid ``dense`` (K, B, 197, D), ``seen``
+    (K, B, 197) under ``objective``'s gate without the student affinity term, and that gate's
+    mode: the same targets for any student."""
+    from train.gate import fuse, gate_weights
+
+    mode = STUDENT_FREE_GATE[objective.gate_mode]
+    w = gate_weights(student=dense[0], adapted=dense, seen=seen, mode=mode, tau=objective.gate_tau)
+    return fuse(adapted=dense, weights=w), mode
+
+
+def _student_slots(batch: dict) -> torch.Tensor:
+    """(B, 1 + n) grid slots of CLS and the student-visible patches."""
+    return torch.cat([torch.zeros_like(batch["student_visible"][:, :1]), batch["student_visible"] + 1], 1)
+
+
+def _gather_slots(grid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """grid (B, 197[, D]) at ``slots`` (B, S) -> (B, S[, D])."""
+    if grid.ndim == 2:
+        return torch.gather(grid, 1, slots)
+    return torch.gather(grid, 1, slots.unsqueeze(-1).expand(-1, -1, grid.shape[-1]))
+
+
+@torch.no_grad()
+def heldout_losses(trained, untrained, batch: dict) -> dict:
+    """The objective's token and spatial losses of the trained and the untrained student on
+    ``batch`` against the same student-free fused targets (``_student_free_targets``), the
+    quantity distillation lowers: {"trained": {"token", "spatial", "total"}, "untrained": {...},
+    "gate": the target's gate mode}. ``total`` = token + spatial_weight x spatial (no
+    reconstruction term: the adapters are the run's, frozen or trained, in both rows)."""
+    from train.losses import spatial_kl, spatial_mse, token_kl, token_mse
+
+    dense, seen = _adapted_grid(trained, batch)
+    (y, mode), has_target = _student_free_targets(trained, dense, seen), seen.any(0)
+    slots, visible = _student_slots(batch), batch["student_visible"]
+    tok_target, tok_valid = _gather_slots(y, slots), _gather_slots(has_target, slots)     # CLS + visible
+    out = {"gate": mode}
+    for label, objective in (("trained", trained), ("untrained", untrained)):
+        side = objective.student_side()
+        cls, patch = side.student(batch["images"], visible)
+        s_map = side.decoder(cls, patch, visible)
+        tokens = torch.cat([cls.unsqueeze(1), patch], dim=1)
+        if objective.loss_kind == "kl":
+            tok = token_kl(student=tokens, target=tok_target, valid=tok_valid, tau=objective.tau)
+            sp = spatial_kl(student=s_map, target=y[:, 1:], valid=has_target[:, 1:], tau=objective.tau_spatial)
+        else:
+            tok = token_mse(student=tokens, target=tok_target, valid=tok_valid)
+            sp = spatial_mse(student=s_map, target=y[:, 1:], valid=has_target[:, 1:])
+        out[label] = {"token": float(tok), "spatial": float(sp),
+                      "total": float(tok) + objective.spatial_weight * float(sp)}
+    return out
+
+
 @torch.no_grad()
 def cka_scores(trained, untrained, batch: dict) -> dict:
     """Linear CKA of the trained and the untrained student against the fused targets and
@@ -164,26 +223,19 @@ def cka_scores(trained, untrained, batch: dict) -> dict:
     "<teacher>": {...}, "tokens": N (rows of the fused comparison), "gate": the target's gate mode}.
     Positions of the student that no teacher saw have no target and are left out.
     """
-    from train.gate import fuse, gate_weights
-
     dense, seen = _adapted_grid(trained, batch)                                        # (K, B, 197, D)
-    mode = STUDENT_FREE_GATE[trained.gate_mode]
-    w = gate_weights(student=dense[0], adapted=dense, seen=seen, mode=mode, tau=trained.gate_tau)
-    y = fuse(adapted=dense, weights=w)                                                 # (B, 197, D)
-    slots = torch.cat([torch.zeros_like(batch["student_visible"][:, :1]), batch["student_visible"] + 1], 1)
-    pick = slots.unsqueeze(-1)
-
-    def take(grid):                                                                    # (B, 197, D) -> (B, 1+n, D)
-        return torch.gather(grid, 1, pick.expand(-1, -1, grid.shape[-1]))
+    y, mode = _student_free_targets(trained, dense, seen)                              # (B, 197, D)
+    slots = _student_slots(batch)
 
     feats = {}
     for label, objective in (("trained", trained), ("untrained", untrained)):
         cls, patch = objective.student(batch["images"], batch["student_visible"])
         feats[label] = torch.cat([cls.unsqueeze(1), patch], dim=1).float()            # (B, 1+n, D)
-    has_target = torch.gather(seen.any(0), 1, slots)                                   # (B, 1+n)
-    out = {"fused": {k: linear_cka(f[has_target], take(y)[has_target]) for k, f in feats.items()},
+    has_target = _gather_slots(seen.any(0), slots)                                     # (B, 1+n)
+    target = _gather_slots(y, slots)[has_target]
+    out = {"fused": {k: linear_cka(f[has_target], target) for k, f in feats.items()},
            "tokens": int(has_target.sum()), "gate": mode}
     for k, name in enumerate(trained.teacher_names):
-        mask = torch.gather(seen[k], 1, slots)
-        out[name] = {lab: linear_cka(f[mask], take(dense[k])[mask]) for lab, f in feats.items()}
+        mask = _gather_slots(seen[k], slots)
+        out[name] = {lab: linear_cka(f[mask], _gather_slots(dense[k], slots)[mask]) for lab, f in feats.items()}
     return out

@@ -117,12 +117,13 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     return rows
 
 
-def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False) -> float:
-    """Images per second of one teacher forward on a batch of ``images`` seeded noise images
-    after a warm-up batch of 2: masked as in extraction (its visible patches of view 0, seed
-    0), or ``full`` (196 patches); fp32 on the CPU, bf16 autocast on CUDA (as extraction runs).
-    The machine's speed, by which the demo's time is normalised (bench/demo.py,
-    docs/performance.md); bench/cache_cost.py combines it over its teachers."""
+def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False, repeats: int = 3) -> float:
+    """Images per second of one teacher forward on a batch of ``images`` seeded noise images,
+    the median of ``repeats`` timed batches after a warm-up batch of 2: masked as in extraction
+    (its visible patches of view 0, seed 0), or ``full`` (196 patches); fp32 on the CPU, bf16
+    autocast on CUDA (as extraction runs). The machine's speed, by which the demo's time is
+    normalised (bench/demo.py, docs/performance.md); bench/cache_cost.py combines it over its
+    teachers."""
     g = torch.Generator().manual_seed(0)
     batch = torch.randn(images, 3, 224, 224, generator=g).to(device)
     visible = torch.from_numpy(V.teacher_visible(0, np.arange(images), 0, teacher.name)).to(device)
@@ -130,12 +131,17 @@ def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False) -
 
     def forward(n):
         return teacher.forward_full(batch[:n]) if full else teacher(batch[:n], visible[:n])
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    seconds = []
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         forward(2)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        forward(images)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-    return images / (time.perf_counter() - t)
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            forward(images)
+            sync()
+            seconds.append(time.perf_counter() - t)
+    return images / float(np.median(seconds))

@@ -1,4 +1,4 @@
-"""The demo and its report: CKA detects distillation, gate maps are the objective's weights,
+"""The demo and its report: held-out loss and CKA detect distillation, gate maps are the objective's weights,
 `inspect --run` draws them, and a second demo run reuses everything the first made."""
 import base64
 import io
@@ -68,6 +68,25 @@ def test_distillation_raises_cka_with_the_fused_targets_above_the_untrained_stud
                   for s in _samples(prepared_data, teacher_store, list(range(13))))
     assert scores["tokens"] == covered and scores["gate"] == "agreement"
     assert scores["fused"]["trained"] > scores["fused"]["untrained"] + 0.02
+
+
+def test_heldout_losses_are_the_objectives_losses_and_distillation_lowers_them(prepared_data, teacher_store, tiny_run):
+    _, trained = report.load_run(tiny_run)
+    _, untrained = report.load_run(tiny_run, trained=False)
+    batch = report.sample_batch(_samples(prepared_data, teacher_store, list(range(13))), trained.teacher_names)
+    losses = report.heldout_losses(trained, untrained, batch)
+    print(losses)
+    assert losses["gate"] == "agreement"
+    for lab in ("trained", "untrained"):
+        assert losses[lab]["total"] == pytest.approx(losses[lab]["token"] + losses[lab]["spatial"], rel=1e-12)
+    assert losses["trained"]["total"] < 0.8 * losses["untrained"]["total"]
+    # with a gate that has no student term the targets are the objective's own: the same losses
+    for lab, objective in (("trained", trained), ("untrained", untrained)):
+        objective.gate_mode = "agreement"
+        with torch.no_grad():
+            logs = objective(batch)
+        assert float(logs["loss_token"]) == pytest.approx(losses[lab]["token"], rel=1e-5)
+        assert float(logs["loss_spatial"]) == pytest.approx(losses[lab]["spatial"], rel=1e-5)
 
 
 def test_gate_maps_are_the_objectives_weights_nan_where_a_teacher_did_not_look(
@@ -157,7 +176,7 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
     assert first["reused"] == [] and len(lines) == 10 and lines[0].count("UNTRAINED") == 3
     assert all(ln.startswith(f"[{k + 1}/9]") for k, ln in enumerate(lines[1:]))
     readme = first["report"].read_text()
-    for part in ("UNTRAINED", "linear CKA", "Store size per codec", "panel_", "Not measured"):
+    for part in ("UNTRAINED", "held-out loss", "linear CKA", "Store size per codec", "panel_", "Not measured"):
         assert part in readme
     for png in ("losses.png", "gates.png"):
         assert Image.open(out / "report" / png).width > 300
@@ -170,9 +189,9 @@ def test_second_demo_run_reuses_every_stage_refuses_other_settings_and_resumes_a
     assert second["reused"] == ["photos", "prepared train shards", "prepared heldout shards",
                                 "train feature store (all teachers complete)",
                                 "heldout feature store (all teachers complete)", "training run (4 steps)",
-                                "CKA evaluation", "store size measurement"]
+                                "held-out evaluation", "store size measurement"]
     assert _mtimes(out) == before                         # nothing outside the report was rewritten
-    assert second["cka"] == first["cka"]
+    assert second["cka"] == first["cka"] and second["heldout_loss"] == first["heldout_loss"]
     readme = second["report"].read_text()
     assert "Reused from an earlier run" in readme and "| first run (s) | this run (s) |" in readme
     _assert_self_contained(second["html"], images=4, text=("Reused from an earlier run", "first run (s)"))
