@@ -4,6 +4,7 @@
     python bench/train.py --data D --store S   # on your own prepared data and store
     python bench/train.py --device cuda        # GPU: DALI GPU decoder, bf16 autocast
     python bench/train.py --views 4            # the built-in store with 4 views (epochs read slot e mod 4)
+    python bench/train.py --no-new-path        # the built-in data without the second (new data path) store
 
 All three rows use the same objective, batch size, steps and machine:
 
@@ -12,7 +13,11 @@ All three rows use the same objective, batch size, steps and machine:
 - ceiling: the step alone on batches already materialised in memory (images and targets
   on the device): what the student costs when data is free;
 - ``--other-store MODE=S2``: one more cached row from another store of the same data, e.g.
-  the new data path (``--codec adapter`` with ``--view-pixels jpeg``) beside today's.
+  the new data path (``--codec adapter`` with ``--view-pixels jpeg``) beside today's;
+- ``cached-views`` (built-in data only, unless ``--no-new-path``): that new data path, from a
+  second store of the same photos extracted with ``codec=adapter`` and ``view_pixels=jpeg``
+  (the training run reads the stored 224 px views and the 192 adapter coefficients per token
+  instead of decoding the original JPEG's crop and reading fp16 tokens).
 
 Prints a table of ``train.throughput.measure`` (which the demo report and bench/gpu_check.py
 call too).
@@ -31,8 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.throughput import measure  # noqa: E402
 
 
-def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: bool = True) -> tuple[Path, Path]:
-    """A photo set at ImageNet-like size (long side 500) and a 3-teacher untrained store."""
+def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: bool = True,
+                    new_path: bool = False) -> tuple[Path, Path]:
+    """A photo set at ImageNet-like size (long side 500) and a 3-teacher untrained store
+    (fp16 tokens, ``root/store``); ``new_path`` also extracts ``root/store_views`` from the
+    same teachers: the adapter-space codec with the views' pixels stored as JPEG."""
     from extract.runner import run_extraction
     from extract.teachers import build_teacher
     from samples.photos import write_photo_tree
@@ -41,9 +49,12 @@ def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: b
     photos = write_photo_tree(root / "photos", max_side=500, copies=copies)
     data = prepare(photos, root / "data", shard_size=64, progress=progress)
     for name in ("mae", "mocov3", "ibot"):
-        run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data,
-                       store_path=root / "store", views=views, seed=0, batch_size=16, decoder="dali",
-                       progress=progress, stats_images=64)
+        teacher = build_teacher(name, random_init=True, seed=0)
+        common = dict(teacher=teacher, data=data, views=views, seed=0, batch_size=16, decoder="dali",
+                      progress=progress, stats_images=64)
+        run_extraction(store_path=root / "store", **common)
+        if new_path:
+            run_extraction(store_path=root / "store_views", codec="adapter", view_pixels="jpeg", **common)
     return root / "data", root / "store"
 
 
@@ -75,19 +86,27 @@ def main():
     ap.add_argument("--other-store", action="append", default=[], metavar="MODE=STORE",
                     help="one more cached row from another store of the same data (e.g. cached-views=S2: "
                          "the adapter codec with view pixels); repeatable")
+    ap.add_argument("--no-new-path", dest="new_path", action="store_false",
+                    help="built-in data: skip the second store (adapter codec + JPEG view pixels) and its "
+                         "cached-views row")
     ap.add_argument("--modes", default="cached,online,ceiling",
                     help="the rows, of cached, online and ceiling (online needs a store of real teachers)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data, store = args.data, args.store
+        others = dict(o.split("=", 1) for o in args.other_store)
         if data is None or store is None:
-            print("building a photo set and an untrained 3-teacher store ...", flush=True)
-            data, store = make_demo_store(Path(tmp), copies=args.copies, views=args.views or 1)
+            print("building a photo set and an untrained 3-teacher store" + (
+                " (and the new data path's store)" if args.new_path else "") + " ...", flush=True)
+            data, store = make_demo_store(Path(tmp), copies=args.copies, views=args.views or 1,
+                                          new_path=args.new_path)
+            if args.new_path:
+                others.setdefault("cached-views", Path(tmp) / "store_views")
         try:
             rows = measure(data=data, store=store, batch_size=args.batch_size, steps=args.steps,
                            warmup=args.warmup, rounds=args.rounds, device=args.device, decoder=args.decoder,
                            threads=args.threads, views=args.views or "auto",
-                           other_stores=dict(o.split("=", 1) for o in args.other_store),
+                           other_stores=others,
                            modes=tuple(args.modes.split(",")))
         except ValueError as error:               # too little data for the steps asked
             raise SystemExit(str(error)) from None
