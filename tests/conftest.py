@@ -89,3 +89,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _step_difference(objective, reference: dict, other: dict) -> tuple[float, float, float]:
+    """One step of ``objective`` on two batches: (the reference batch's loss, relative loss
+    difference |l_o - l_r| / |l_r|, relative gradient difference ||g_o - g_r|| / ||g_r|| over
+    every trainable parameter)."""
+    import torch
+
+    params = [p for p in objective.trainable.parameters() if p.requires_grad]
+    out = []
+    for batch in (reference, other):
+        loss = objective(batch)["loss"]
+        grads = torch.autograd.grad(loss, params)
+        out.append((loss.detach(), torch.cat([g.flatten() for g in grads])))
+    (lr, gr), (lo, go) = out
+    return float(lr), float((lo - lr).abs() / lr.abs()), float((go - gr).norm() / gr.norm())
+
+
+@pytest.fixture
+def step_difference():
+    """The function ``(objective, reference batch, other batch) -> (reference loss, relative loss
+    difference, relative gradient difference)`` of one step on each (cached vs online, stored
+    views vs fresh decode, a codec vs fp16 tokens)."""
+    return _step_difference

@@ -85,31 +85,22 @@ def test_frozen_adapter_outputs_match_the_fp16_tokens(adapter_store, teacher_sto
     assert min(worst.values()) > 0.999 and min(means.values()) > 0.9999
 
 
-def test_one_step_on_adapter_coefficients_matches_fp16_tokens(adapter_store, teacher_store, prepared_data):
+def test_one_step_on_adapter_coefficients_matches_fp16_tokens(adapter_store, teacher_store, prepared_data,
+                                                              step_difference):
     """Loss and gradients of the same batch, same objective (the adapter store's statistics),
     from the fp16 tokens and from the adapter-space coefficients."""
     data = ImageSet.open(prepared_data)
     plan = Plan(data, seed=0, views=2, batch_size=4, window=2, streams=2)
     fp16, _ = build_source(_cfg(prepared_data, teacher_store), plan, online=False, device="cpu")
     coded, stats = build_source(_cfg(prepared_data, adapter_store), plan, online=False, device="cpu")
-    params = None
     for epoch in (0, 1):
         _, bf = next(iter(fp16.epoch(epoch)))
         _, bc = next(iter(coded.epoch(epoch)))
         bf, bc = fp16.materialize(bf, "cpu"), coded.materialize(bc, "cpu")
         torch.testing.assert_close(bf["images"], bc["images"], rtol=0, atol=0)
         torch.manual_seed(0)
-        objective = build_objective(_cfg(prepared_data, adapter_store), stats)
-        params = [p for p in objective.trainable.parameters() if p.requires_grad]
-        out = []
-        for batch in (bf, bc):
-            loss = objective(batch)["loss"]
-            grads = torch.autograd.grad(loss, params)
-            out.append((loss.detach(), torch.cat([g.flatten() for g in grads])))
-        (lf, gf), (lc, gc) = out
-        rel_loss = float((lc - lf).abs() / lf.abs())
-        rel_grad = float((gc - gf).norm() / gf.norm())
-        print(f"adapter codec epoch {epoch}: loss {float(lf):.6f}, relative loss diff {rel_loss:.2e}, "
+        lf, rel_loss, rel_grad = step_difference(build_objective(_cfg(prepared_data, adapter_store), stats), bf, bc)
+        print(f"adapter codec epoch {epoch}: loss {lf:.6f}, relative loss diff {rel_loss:.2e}, "
               f"relative gradient diff {rel_grad:.2e}")
         assert rel_loss <= 1e-3 and rel_grad <= 1e-2
 
