@@ -146,7 +146,7 @@ def _feature_table(backbone, dataset, *, device, micro_batch, dim, num_workers, 
     feats = torch.cat(list(_chunk_features(backbone, dataset, torch.arange(n), count=-(-n // micro_batch),
                                            micro_batch=micro_batch, dim=dim, device=device,
                                            num_workers=num_workers, desc=desc)))
-    return feats, torch.as_tensor(dataset.labels, dtype=torch.int64).to(device)
+    return feats, torch.tensor(dataset.labels, dtype=torch.int64).to(device)   # a copy: labels may be read-only
 
 
 def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int, seed: int, dim: int,
@@ -169,7 +169,7 @@ def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int,
     train_set.set_epoch(epoch)  # keys each image's augmentation by (seed, epoch, index)
     n = len(train_set)          # the order a shuffling make_loader(seed, epoch) gives, from that loader itself
     order = next(iter(make_loader(range(n), batch_size=n, shuffle=True, seed=seed, epoch=epoch)))
-    labels = torch.as_tensor(train_set.labels, dtype=torch.int64)[order].to(device)
+    labels = torch.tensor(train_set.labels, dtype=torch.int64)[order].to(device)   # a copy: labels may be read-only
     chunks = _chunk_features(backbone, train_set, order, count=-(-steps * batch_size // micro_batch),
                              micro_batch=micro_batch, dim=dim, device=device, num_workers=num_workers)
     buf, have, done = [], 0, 0
