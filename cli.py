@@ -6,6 +6,7 @@ are imported inside the command so that ``--help`` stays fast.
 """
 import click
 
+from store.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
 from store.errors import ExpectedError
 
 CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
@@ -131,8 +132,7 @@ def _device(device: str) -> str:
 @click.option("--pca-dim", type=int, default=256, help="Principal components kept by --codec pca.")
 @click.option("--batch-size", type=int, default=64, help="Images per teacher forward.")
 @click.option("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
-@click.option("--decoder", type=click.Choice(["dali", "pil"]), default="dali",
-              help="JPEG decoder: DALI (GPU decoder on CUDA) or the PIL reference.")
+@click.option("--decoder", type=click.Choice(DECODERS), default=AUTO, help=DECODER_HELP)
 @click.option("--threads", type=int, default=2, help="Decoder threads.")
 @click.option("--hw-decoder-load", type=click.FloatRange(0, 1), default=0.65,
               help="DALI on a GPU: share of the JPEGs for the hardware decoder (A100/H100); DALI's "
@@ -162,7 +162,7 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
     from extract.teachers import build_teacher
     from store.shards import ImageSet
 
-    device = dist.local_device(_device(device))
+    device, decoder = dist.local_device(_device(device)), resolve_decoder(decoder)
     dist.init_from_env(device)
     ds = ImageSet.open(data)
     model = build_teacher(teacher, checkpoint=checkpoint, random_init=random_init, seed=seed,
@@ -183,7 +183,7 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
                              max_blocks=max_blocks, decoder_settings=settings, view_pixels=view_pixels)
     if dist.rank() == 0:
         click.echo(f"{teacher}: {summary['blocks']} blocks written, {summary['skipped']} already complete, "
-                   f"{summary['images_per_second']:.1f} img/s -> {store_path}")
+                   f"{summary['images_per_second']:.1f} img/s (decoder {decoder}) -> {store_path}")
     dist.shutdown()
 
 

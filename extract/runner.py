@@ -75,7 +75,7 @@ class Extractor:
     ``prefetch``: batches the decode thread may run ahead of the teacher."""
 
     def __init__(self, teacher, data, *, seed: int, views: int, batch_size: int, device: str,
-                 decoder: str = "dali", num_threads: int = 2, decoder_settings: dict | None = None,
+                 decoder: str = "auto", num_threads: int = 2, decoder_settings: dict | None = None,
                  prefetch: int = 2):
         self.teacher = teacher
         self.data = data
@@ -249,7 +249,7 @@ def run_extraction(*, teacher, store_path, **settings) -> dict:
 
 def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec: str = "fp16",
              pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
-             decoder: str = "dali", num_threads: int = 2, stats_images: int = 1024,
+             decoder: str = "auto", num_threads: int = 2, stats_images: int = 1024,
              max_blocks: int | None = None, progress: bool = True,
              decoder_settings: dict | None = None, view_pixels: str = "none") -> dict:
     """``run_extraction`` without the writer lock. ``decoder_settings``: the GPU decoder's

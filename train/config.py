@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 from core import config as typed
+from store.decoders import DECODERS
 
 TEACHER_NAMES = ("mae", "mocov3", "ibot", "dino")
 
@@ -123,7 +124,9 @@ class DataConfig:
     seed: int = 0                       # root of every view/mask draw (must match the store)
     teachers: tuple[str, ...] = ("mae", "mocov3", "ibot")
     student_visible: int = 49           # 25% of 196 patches
-    decoder: str = "dali"               # image decoder: "dali" or "pil" (reference)
+    decoder: str = "auto"               # image decoder (store/decoders.py): "dali" (the extra
+                                        # '.[dali]'), "pil" (reference) or "auto" (dali where it is
+                                        # installed; resolved at the start, recorded in config.yaml)
     num_workers: int = 8
     hw_decoder_load: float = 0.65       # DALI on a GPU: share of the JPEGs for the hardware decoder
                                         # (DALI's default, to be replaced by what bench/gpu_check.py measures)
@@ -166,7 +169,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gate.mode": ("uniform", "affinity", "agreement", "consensus"),
     "loss.kind": ("kl", "mse"),
     "schedule.kind": ("cosine", "constant"),
-    "data.decoder": ("dali", "pil"),
+    "data.decoder": DECODERS,
     "data.source": ("cached", "online-replay", "online-fresh"),
     "data.pixels": ("auto", "source", "views"),
     "train.amp": ("bf16", "none"),

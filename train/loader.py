@@ -32,6 +32,7 @@ import torch
 from store import codecs
 from store import views as V
 from store.decode.pixels import normalize_uint8
+from store.decoders import resolve_decoder
 from store.features import DataInfo, FeatureStore, StoreError
 from store.prefetch import DeviceCopier, Prefetch
 from store.viewpixels import ViewPixels
@@ -40,8 +41,8 @@ from train.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (step
 
 
 def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Config:
-    """``cfg`` with ``data.views`` and ``data.streams`` set to numbers and ``data.pixels`` to
-    ``views`` or ``source``.
+    """``cfg`` with ``data.views`` and ``data.streams`` set to numbers, ``data.pixels`` to
+    ``views`` or ``source`` and ``data.decoder`` to ``dali`` or ``pil``.
 
     data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
     V (1 without a store: online-fresh); an explicit V that differs is refused (StoreError naming
@@ -50,7 +51,12 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     the config a resumed run recorded), else ``auto_streams``.
     ``pixels``: ``auto`` takes the recorded value, else ``views`` for a cached run whose store's
     view pixels are complete (store/viewpixels.py), else ``source``; so a resumed run keeps its
-    images even if view pixels were added meanwhile."""
+    images even if view pixels were added meanwhile.
+    ``decoder``: ``auto`` takes the recorded value, else ``dali`` where DALI is installed, else
+    ``pil`` (store/decoders.py); so a resumed run never changes decoder silently."""
+    if cfg.data.decoder == AUTO:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, decoder=resolve_decoder((recorded or {}).get("decoder", AUTO))))
     views, store = cfg.data.views, None
     if cfg.data.store:
         store = FeatureStore.open(cfg.data.store)

@@ -9,7 +9,9 @@
   feature store (store/viewpixels.py: final 224 px JPEG or raw, no crop).
 
 Modules import downwards only (pixels <- pil, dali <- factory); this file re-exports their
-public names. Importing it does not import DALI (the pipeline imports it when first built).
+public names. Importing it does not import DALI (the pipeline imports it when first built);
+DALI is the optional extra ``pip install '.[dali]'``, and the names a job may give
+(``auto``, ``dali``, ``pil``) and whether DALI is installed are ``store/decoders.py``.
 """
 from store.decode.dali import HW_DECODER_LOAD, PREALLOCATE_HINT, DaliViewDecoder, dali_device_id
 from store.decode.factory import make_decoder

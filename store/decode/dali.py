@@ -8,7 +8,9 @@ shape; libjpeg-turbo/nvJPEG decode just the region for JPEGs), resizes it to
 the normalisation constants are those of ``store/decode/pixels.py`` (alpha dropped, EXIF
 orientation ignored, 16-bit scaled by 1/257), so the result agrees with ``pil_views``
 within ``pixels.VIEW_BOUND`` / ``pixels.MEAN_BOUND``. Importing this module does not
-import DALI: the pipeline is built (and DALI imported) on the first batch.
+import DALI: the pipeline is built (and DALI imported) on the first batch. DALI is the
+optional extra ``pip install '.[dali]'``: making a decoder without it raises
+``store.decoders.DaliMissing``, one line naming the extra.
 
 Two ways to use it:
 
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from store.decode.pixels import CROP_AXES, SIZE, check_box, crop_anchor_shape, scaled_mean_std
+from store.decoders import require_dali
 
 _Batch = tuple  # (datas, boxes, flips) or (datas, boxes, flips, keys)
 
@@ -108,6 +111,7 @@ class DaliViewDecoder:
         preallocate_width_hint: int = PREALLOCATE_HINT[0],
         preallocate_height_hint: int = PREALLOCATE_HINT[1],
     ):
+        require_dali()
         try:
             kind, index = torch.device(device).type, torch.device(device).index
         except RuntimeError:

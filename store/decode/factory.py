@@ -1,8 +1,10 @@
-"""``make_decoder``: the decoder a job asks for by name (``dali`` or ``pil``)."""
+"""``make_decoder``: the decoder a job asks for by name (``store/decoders.py``: ``auto``,
+``dali`` or ``pil``)."""
 from __future__ import annotations
 
 from store.decode.dali import HW_DECODER_LOAD, DaliViewDecoder
 from store.decode.pil import pil_views
+from store.decoders import resolve_decoder
 
 
 def make_decoder(kind: str, *, batch_size: int, device: str, num_threads: int = 2,
@@ -10,13 +12,13 @@ def make_decoder(kind: str, *, batch_size: int, device: str, num_threads: int = 
                  preallocate_height_hint: int = 0):
     """A callable (datas, boxes, flips) -> (B, 3, 224, 224) float32 normalised tensor.
 
-    DALI decodes on the GPU that ``device`` names (``cuda:1`` -> GPU 1); the hardware
-    decoder's settings (``store/decode/dali.py``; None: DALI's default) only matter there."""
-    if kind == "dali":
+    ``auto`` is DALI where it is installed, else PIL; ``dali`` without DALI raises
+    ``store.decoders.DaliMissing`` (one line naming the extra). DALI decodes on the GPU that
+    ``device`` names (``cuda:1`` -> GPU 1); the hardware decoder's settings
+    (``store/decode/dali.py``; None: DALI's default) only matter there."""
+    if resolve_decoder(kind) == "dali":
         return DaliViewDecoder(batch_size=batch_size, device=device, num_threads=num_threads,
                                hw_decoder_load=HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
                                preallocate_width_hint=preallocate_width_hint,
                                preallocate_height_hint=preallocate_height_hint)
-    if kind == "pil":
-        return pil_views
-    raise ValueError(f"unknown decoder {kind!r}; choose 'dali' or 'pil'")
+    return pil_views

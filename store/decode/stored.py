@@ -25,6 +25,7 @@ from PIL import Image
 
 from store.decode.dali import dali_device_id
 from store.decode.pixels import SIZE, normalize_uint8, scaled_mean_std
+from store.decoders import require_dali, resolve_decoder
 
 
 def raw_views(datas: Sequence[bytes], normalize: bool = True) -> torch.Tensor:
@@ -45,9 +46,11 @@ def pil_stored_views(datas: Sequence[bytes], normalize: bool = True) -> torch.Te
 
 class DaliStoredViews:
     """B JPEG views -> float32 (B, 3, 224, 224) normalised, decoded by DALI on ``device``
-    (``cpu`` or ``cuda[:N]``); the pipeline is built on the first batch."""
+    (``cpu`` or ``cuda[:N]``); the pipeline is built on the first batch. Without DALI installed
+    it raises ``store.decoders.DaliMissing`` (one line naming the extra)."""
 
     def __init__(self, *, batch_size: int, device: str = "cpu", num_threads: int = 2, normalize: bool = True):
+        require_dali()
         self.batch_size, self.num_threads, self.normalize = batch_size, num_threads, normalize
         self.device = torch.device(device)
         self.device_id = dali_device_id(self.device)
@@ -93,10 +96,9 @@ class DaliStoredViews:
 def make_view_decoder(form: str, kind: str, *, batch_size: int, device: str = "cpu", num_threads: int = 2,
                       normalize: bool = True):
     """The decoder of stored views of ``form`` (``jpeg`` or ``raw``) for the job's decoder
-    ``kind`` (``dali`` or ``pil``): a callable datas -> (B, 3, 224, 224) float32 normalised
-    (``normalize=False``: uint8 (B, 224, 224, 3))."""
-    if kind not in ("dali", "pil"):
-        raise ValueError(f"unknown decoder {kind!r}; choose 'dali' or 'pil'")
+    ``kind`` (``auto``, ``dali`` or ``pil``; store/decoders.py): a callable datas -> (B, 3, 224, 224)
+    float32 normalised (``normalize=False``: uint8 (B, 224, 224, 3))."""
+    kind = resolve_decoder(kind)
     if form == "raw":
         return functools.partial(raw_views, normalize=normalize)
     if form != "jpeg":

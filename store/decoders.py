@@ -1,0 +1,50 @@
+"""The image decoders a job may name, and which of them this environment has.
+
+- ``pil``: the reference (``store/decode/pil.py``), always installed;
+- ``dali``: NVIDIA DALI (``store/decode/dali.py``, ``store/decode/stored.py``), the fast path,
+  from the optional extra ``pip install '.[dali]'`` (pyproject.toml);
+- ``auto``: ``dali`` where DALI is installed, else ``pil`` (``resolve_decoder``).
+
+Light on purpose (no torch, and DALI is looked up, never imported): the command line takes its
+choices from here, and a DALI decoder checks ``require_dali`` when it is made, so that asking
+for DALI without it ends in one line naming the extra.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from store.errors import ExpectedError
+
+AUTO = "auto"
+DECODERS = (AUTO, "dali", "pil")
+DALI_EXTRA = "pip install '.[dali]'"
+DECODER_HELP = "Image decoder: dali (NVIDIA DALI, GPU decoder on CUDA; the extra " + DALI_EXTRA + \
+    "), pil (the reference) or auto (dali where it is installed, else pil)."
+
+
+class DaliMissing(ExpectedError, ImportError):
+    """A DALI decoder was asked for where NVIDIA DALI is not installed."""
+
+
+def dali_installed() -> bool:
+    """Whether ``nvidia.dali`` can be imported here (looked up, not imported)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):    # no ``nvidia`` package at all, or an import hook refused it
+        return False
+
+
+def require_dali() -> None:
+    """Raise DaliMissing, one line naming the extra, unless DALI is installed."""
+    if not dali_installed():
+        raise DaliMissing(f"decoder=dali needs NVIDIA DALI (nvidia.dali), which is not installed: "
+                          f"install the extra, {DALI_EXTRA}, or choose decoder=pil (or auto)")
+
+
+def resolve_decoder(kind: str) -> str:
+    """``dali`` or ``pil`` for a decoder name of ``DECODERS`` (``auto``: ``dali`` where installed)."""
+    if kind not in DECODERS:
+        raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+    if kind == AUTO:
+        return "dali" if dali_installed() else "pil"
+    return kind
