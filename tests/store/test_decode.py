@@ -279,8 +279,13 @@ def test_tolerance_between_decoders_is_the_measured_one():
 
 
 def test_importing_the_decoders_does_not_import_dali():
+    # nor does making DALI decoders (auto included): whether DALI is installed is looked up
+    # (store/decoders.py), and DALI is imported when the first batch builds the pipeline
     code = ("import sys, store.decode; from store.decode import make_decoder; "
+            "from store.decode.stored import make_view_decoder; "
             "make_decoder('pil', batch_size=1, device='cpu'); "
+            "assert make_decoder('auto', batch_size=1, device='cpu').device == 'cpu'; "
+            "make_view_decoder('jpeg', 'auto', batch_size=1)._pipe; "
             "assert 'nvidia.dali' not in sys.modules, sorted(m for m in sys.modules if 'dali' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
@@ -310,3 +315,17 @@ def test_cuda_decoder_runs_on_the_gpu_its_device_names(monkeypatch):
         DaliViewDecoder(batch_size=2, device="cuda:1", device_id=0)
     with pytest.raises(ValueError, match="hw_decoder_load must be in"):
         DaliViewDecoder(batch_size=2, device="cuda:1", hw_decoder_load=1.5)
+
+
+def test_auto_is_dali_where_it_is_installed():
+    from store.decode.stored import DaliStoredViews, make_view_decoder
+    from store.decoders import dali_installed, resolve_decoder
+
+    assert dali_installed()           # the dev extra brings DALI: these tests check it against PIL
+    assert [resolve_decoder(k) for k in ("auto", "dali", "pil")] == ["dali", "dali", "pil"]
+    auto = make_decoder("auto", batch_size=2, device="cpu", num_threads=1)
+    assert isinstance(auto, DaliViewDecoder) and (auto.batch_size, auto.num_threads) == (2, 1)
+    assert make_decoder("pil", batch_size=2, device="cpu") is pil_views
+    assert isinstance(make_view_decoder("jpeg", "auto", batch_size=2), DaliStoredViews)
+    with pytest.raises(ValueError, match="unknown decoder 'nvjpeg'; choose one of auto, dali, pil"):
+        make_decoder("nvjpeg", batch_size=2, device="cpu")
