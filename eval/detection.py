@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from core.optim import lr_at as schedule_lr
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
 from eval.data import derive_seed, seeded_rngs
 from eval.config import DetectionConfig
-from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr, warmup_factor
+from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr
 from eval.pyramid import SimpleFeaturePyramid
 from store.decode import MEAN, STD
 from store.progress import progress_bar
@@ -139,9 +140,9 @@ def predict(*, model: nn.Module, dataset: CocoInstances, batch_size: int, worker
 
 
 def lr_at(step: int, *, total: int, lr: float, warmup: int) -> float:
-    """Step schedule: linear warm-up, then x0.1 at 88.9% and 96.3% of ``total`` steps."""
-    drops = sum(step >= int(f * total) for f in LR_STEPS)
-    return lr * warmup_factor(step, warmup) * 0.1 ** drops
+    """Step schedule (``core.optim``): linear warm-up from lr / warmup, then x0.1 at 88.9% and
+    96.3% of ``total`` steps."""
+    return schedule_lr(step, total_steps=total, warmup_steps=warmup, peak=lr, kind="step", drops=LR_STEPS)
 
 
 def run_detection(cfg: DetectionConfig, *, out: Path, device: str = "auto", resume: bool = False

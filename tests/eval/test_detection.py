@@ -216,3 +216,17 @@ def test_detection_learns_coloured_shapes(tmp_path):
 
     metrics = run_toy(tmp_path, threads=2)
     assert metrics["box_AP50"] > 20.0, metrics
+
+
+def _reference_detection_lr(step, *, total, lr, warmup, lr_steps=(0.889, 0.963)):
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return lr * warm * 0.1 ** sum(step >= int(f * total) for f in lr_steps)
+
+
+@pytest.mark.parametrize("total, warmup", [(1000, 250), (90, 0), (40, 1), (9, 20), (300, 300)])
+def test_one_schedule_gives_todays_detection_step_schedule(total, warmup):
+    """eval.detection.lr_at (core.optim's one schedule, kind "step") against the hand-written one it replaced."""
+    from eval.detection import lr_at as detection_lr
+    for step in range(total + 2):
+        assert detection_lr(step, total=total, lr=1e-4, warmup=warmup) == pytest.approx(
+            _reference_detection_lr(step, total=total, lr=1e-4, warmup=warmup), rel=1e-13)

@@ -200,3 +200,32 @@ def test_a_diverging_linear_probe_stops_naming_the_first_non_finite_step(toy, tm
     with pytest.raises(FloatingPointError, match=r"linear probe: non-finite loss at step (\d+) \(epoch 0\)"):
         run_linear(cfg, out=tmp_path / "run", device="cpu")
     assert not (tmp_path / "run" / "last.pt").exists()           # nothing of the diverged epoch is kept
+
+
+def _lars_runs(weight_decay: float):
+    """(our LARS's weights, timm Lars's weights) after 3 steps on the same gradients: timm's with
+    matrices in an always-adapted group and vectors in a plain one, eps 0 (MAE's split)."""
+    from timm.optim import Lars
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(3)]
+    out = []
+    for make in (lambda w, b: LARS([w, b], lr=0.5, weight_decay=weight_decay),
+                 lambda w, b: Lars([dict(params=[w], weight_decay=weight_decay, always_adapt=True),
+                                    dict(params=[b], weight_decay=0.0)], lr=0.5, momentum=0.9, eps=0.0)):
+        w, b = (torch.nn.Parameter(t.clone()) for t in init)
+        opt = make(w, b)
+        for gw, gb in grads:
+            w.grad, b.grad = gw.clone(), gb.clone()
+            opt.step()
+        out.append(torch.cat([w.detach().flatten(), b.detach()]))
+    return out
+
+
+def test_timm_lars_is_maes_lars_only_without_weight_decay():
+    """Why eval/linear.py keeps its LARS (docs/eval.md): timm's trust ratio differs once the
+    weight decay is not zero."""
+    ours, theirs = _lars_runs(0.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    ours, theirs = _lars_runs(0.05)        # timm: trust * |w| / (|g| + wd |w|); MAE: trust * |w| / |g + wd w|
+    assert (ours - theirs).abs().max() > 1e-4
