@@ -1,11 +1,11 @@
 """Learning-rate schedules by step and AdamW parameter groups (weight decay, layer decay).
 
 One schedule serves every loop of the project (train/loop.py and the eval protocols): a linear
-warm-up factor times a decay (``DECAYS``: cosine, constant, step). timm's schedulers are not
-used (docs/eval.md, "Optimisers and schedules"): their warm-up is ``warmup_lr_init + step *
-(peak - warmup_lr_init) / warmup_steps``, which gives the training recipe's and the detection
-recipe's ``peak * (step + 1) / warmup_steps`` for no ``warmup_lr_init``. The parameter groups
-are timm's (``param_groups_weight_decay``, ``param_groups_layer_decay``).
+warm-up factor times a decay (``DECAYS``: cosine, constant, step). It is ours, not timm's
+scheduler: timm's warm-up starts at ``warmup_lr_init`` and so cannot give the training and
+detection recipes' first step at ``peak / warmup_steps`` (docs/eval.md, "Optimisers and
+schedules"). The parameter groups are timm's (``param_groups_weight_decay``,
+``param_groups_layer_decay``).
 """
 from __future__ import annotations
 

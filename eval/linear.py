@@ -48,6 +48,8 @@ class LARS(torch.optim.Optimizer):
     """LARS as in MAE's linear probe: SGD with momentum whose update for every
     parameter with more than one dimension is weight-decayed and rescaled by
     ``trust_coefficient * ||p|| / ||update||``; 1-D parameters get plain momentum SGD.
+    Not timm's ``Lars``: its trust ratio divides by ``||grad|| + wd ||p||``, which differs from
+    MAE's once ``weight_decay`` is set (docs/eval.md, "Optimisers and schedules").
     """
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,

@@ -114,3 +114,30 @@ def test_timm_weight_decay_groups_equal_todays_groups_and_adamw_states(weight_de
             for field in sa["state"][k]:
                 torch.testing.assert_close(sa["state"][k][field], sb["state"][k][field], rtol=0, atol=0)
         assert all(torch.equal(a, b) for a, b in zip(pa, pb)), name
+
+
+# --- why the schedule is not timm's (docs/eval.md, "Optimisers and schedules") ---------------
+
+def _timm_cosine(*, total_steps, warmup_steps, peak, min_lr):
+    """timm's CosineLRScheduler stepped per update: warm-up from 0, then a cosine over the rest."""
+    from timm.scheduler import CosineLRScheduler
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = CosineLRScheduler(opt, t_initial=total_steps - warmup_steps, warmup_t=warmup_steps, warmup_lr_init=0.0,
+                              warmup_prefix=True, lr_min=min_lr, t_in_epochs=False)
+    lrs = []
+    for step in range(total_steps):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    return np.array(lrs)
+
+
+@pytest.mark.parametrize("total_steps, warmup_steps, peak, min_lr", [(100, 10, 1.0, 0.1), (37, 5, 1.5e-4, 0.0),
+                                                                     (50, 1, 0.3, 0.0)])
+def test_timm_cosine_is_the_eval_schedule_but_not_the_train_schedule(total_steps, warmup_steps, peak, min_lr):
+    """timm's warm-up starts at warmup_lr_init: MAE's zero-based warm-up (the eval protocols,
+    warmup_offset 0) is timm's, the training recipe's first step at peak / warmup (offset 1) is not."""
+    kw = dict(total_steps=total_steps, warmup_steps=warmup_steps, peak=peak, min_lr=min_lr)
+    theirs = _timm_cosine(**kw)
+    np.testing.assert_allclose(theirs, lr_schedule(**kw, warmup_offset=0), rtol=1e-12, atol=1e-18)
+    ours = lr_schedule(**kw, warmup_offset=1)
+    assert ours[0] == pytest.approx(peak / warmup_steps) and theirs[0] == 0.0
