@@ -8,6 +8,7 @@ import click
 
 from store.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
 from store.errors import ExpectedError
+from train.export_options import EXPORT_PARAMS
 
 CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
 
@@ -254,13 +255,12 @@ def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_s
     click.echo(f"trained {summary['steps']} steps; student -> {out_dir}/student.safetensors")
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", metavar="OUT", type=click.Path(dir_okay=False))
-def export(run_dir, out):
-    """Write RUN's student as a plain timm vit_tiny_patch16_224 state dict (safetensors) to OUT."""
+@main.command(context_settings=CONTEXT, params=EXPORT_PARAMS)
+def export(run_dir, out, results, push_to_hub):
+    """Write RUN's student to OUT as a timm model folder (config.json, model.safetensors, a model card
+    README.md: timm.create_model('local-dir:OUT', pretrained=True)), or as one file if OUT is *.safetensors."""
     from train.export import export_run
-    click.echo(f"student -> {export_run(run_dir, out)}")
+    click.echo(f"student -> {export_run(run_dir, out, results=results or None, push_to_hub=push_to_hub)}")
 
 
 # --- commands: eval (eval group) ---------------------------------------------------

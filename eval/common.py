@@ -26,6 +26,7 @@ from core.optim import lr_at
 from core.state import drop_placeholder_head, load_strict, read_state_dict
 from eval.config import parse_model_args
 from store.manifest import sha256_file
+from train.export import EVAL_ROOT, RESULT  # the record's name and root; export (a layer below) reads them
 
 __all__ = [
     "load_backbone",
@@ -44,8 +45,6 @@ __all__ = [
     "RESULT",
 ]
 
-RESULT = "result.json"        # the record's name inside an evaluation's run folder
-EVAL_ROOT = Path("runs/eval")
 
 
 def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224",
