@@ -2,13 +2,15 @@
 which part of it (DESIGN.md "Hot paths"; the counterpart of ffcv's traversal orders).
 
 The data is read as ``streams`` independent streams, a number fixed by the config and not by
-the world size. At epoch e the image shards are shuffled by a hash of (seed, e); stream j
-takes every ``streams``-th shard of that order, groups its shards into windows of ``window``
-shards, and shuffles the samples of a window by a hash of (seed, e, index). Global batch k
-is the k-th slice of ``batch_size / streams`` samples of every stream. Rank r of W serves
-the streams j with j mod W == r; when W is a multiple of the streams (a small set read as
-one or two streams), the W / streams ranks of stream j = r // (W / streams) serve equal
-parts of its slice. So:
+the world size. At epoch e the image shards are shuffled by a hash of (seed, e) and dealt to
+the streams, largest first (equal sizes in the shuffled order), one to each stream in turn:
+stream j takes shards j, j + S, j + 2S, ... of that dealing, so the short shards (a set's
+last) go to the streams that got one shard more. A stream reads its shards in the shuffled
+order, groups them into windows of ``window`` shards, and shuffles the samples of a window by
+a hash of (seed, e, index). Global batch k is the k-th slice of ``batch_size / streams``
+samples of every stream. Rank r of W serves the streams j with j mod W == r; when W is a
+multiple of the streams (a small set read as one or two streams), the W / streams ranks of
+stream j = r // (W / streams) serve equal parts of its slice. So:
 
 - image shards and feature blocks are read whole and in sequence, each by one rank only
   (by the ranks sharing a stream when there are fewer streams than ranks);
@@ -18,11 +20,11 @@ parts of its slice. So:
 - a batch is a pure function of (seed, epoch, step): ``Order.batch`` computes step k
   directly, reading nothing before it.
 
-Every epoch takes the same ``steps_per_epoch``: only the full shards a stream is sure to
-get count. With ``size`` the largest shard count, ``full`` the shards of that size, S
-streams, B the global batch and ``short`` the samples of the smaller shards, an epoch drops
-exactly ``(full mod S) * size + short + S * ((full // S) * size mod (B / S))`` samples: less
-than one shard per stream plus one batch when at most one shard is short (a set's last).
+Every epoch takes the same ``steps_per_epoch``, whatever the shuffle: which sizes each stream
+gets depends on the shard sizes only (shards of one size are interchangeable), so the
+shortest stream (``stream_guarantee``) is the same every epoch; with B the global batch, an
+epoch is its samples // (B / S) steps, and the rest of each stream's epoch is dropped (with
+at most one short shard, less than one shard per stream plus one slice), never a short batch.
 
 ``data.streams=auto`` (``auto_streams``) takes the most of 8, 4, 2, 1 streams that the data
 and the global batch allow without dropping more than a tenth of what one stream would
@@ -46,11 +48,25 @@ AUTO_STREAMS = (8, 4, 2, 1)       # data.streams=auto picks from these, most fir
 AUTO_STREAMS_KEEP = 0.9           # ... keeping at least this share of one stream's steps
 
 
-def stream_shards(num_shards: int, *, seed: int, epoch: int, stream: int, streams: int) -> np.ndarray:
-    """Image shards stream ``stream`` of ``streams`` reads at ``epoch``, in order: (n,) int64,
-    n = num_shards // streams or one more."""
-    keys = V.hash_keys(seed, epoch, Role.SHARD_ORDER, np.arange(num_shards))
-    return np.argsort(keys, kind="stable")[stream::streams]
+def _dealt(counts: np.ndarray, *, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shards in dealing order (n,), each shard's place in the shuffle (n,)) at ``epoch``."""
+    keys = V.hash_keys(seed, epoch, Role.SHARD_ORDER, np.arange(len(counts)))
+    shuffled = np.argsort(keys, kind="stable")
+    place = np.empty(len(counts), dtype=np.int64)
+    place[shuffled] = np.arange(len(counts))
+    return shuffled[np.argsort(-counts[shuffled], kind="stable")], place
+
+
+def stream_shards(counts: Sequence[int], *, seed: int, epoch: int, stream: int, streams: int) -> np.ndarray:
+    """Image shards (of ``counts`` samples each) that stream ``stream`` of ``streams`` reads at
+    ``epoch``, in order: (n,) int64, n = len(counts) // streams or one more."""
+    dealt, place = _dealt(np.asarray(counts, dtype=np.int64), seed=seed, epoch=epoch)
+    mine = dealt[stream::streams]
+    return mine[np.argsort(place[mine], kind="stable")]
+
+
+def _counts(shards: Sequence) -> np.ndarray:
+    return np.array([c for _, c in shards], dtype=np.int64)
 
 
 def _window_samples(shards: Sequence, ids: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
@@ -64,7 +80,7 @@ def stream_windows(shards: Sequence, *, seed: int, epoch: int, stream: int, stre
                    window: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The stream's windows at ``epoch``: [(shard ids (w,), shuffled sample indices (n_w,))],
     w <= ``window`` shards each; their samples, in order, are the stream's epoch."""
-    mine = stream_shards(len(shards), seed=seed, epoch=epoch, stream=stream, streams=streams)
+    mine = stream_shards(_counts(shards), seed=seed, epoch=epoch, stream=stream, streams=streams)
     return [(mine[a:a + window], _window_samples(shards, mine[a:a + window], seed=seed, epoch=epoch))
             for a in range(0, len(mine), window)]
 
@@ -73,7 +89,7 @@ def stream_span(shards: Sequence, *, seed: int, epoch: int, stream: int, streams
                 start: int, stop: int) -> np.ndarray:
     """Positions ``start .. stop - 1`` of the stream's epoch (the concatenated samples of
     ``stream_windows``), shuffling only the windows they lie in: (stop - start,) int64."""
-    mine = stream_shards(len(shards), seed=seed, epoch=epoch, stream=stream, streams=streams)
+    mine = stream_shards(_counts(shards), seed=seed, epoch=epoch, stream=stream, streams=streams)
     groups = [mine[a:a + window] for a in range(0, len(mine), window)]
     ends = np.cumsum([sum(shards[k][1] for k in ids) for ids in groups])
     if not 0 <= start < stop <= (ends[-1] if len(ends) else 0):
@@ -85,16 +101,22 @@ def stream_span(shards: Sequence, *, seed: int, epoch: int, stream: int, streams
     return got[offset:offset + stop - start]
 
 
+def stream_guarantee(shards: Sequence, *, streams: int) -> int:
+    """Samples of the shortest stream, the same in every epoch: the shards dealt largest first,
+    one to each stream in turn, give stream j the sizes j, j + S, ... of the sorted counts."""
+    dealt = -np.sort(-_counts(shards))
+    return int(min(dealt[j::streams].sum() for j in range(streams)))
+
+
 def steps_per_epoch(shards: Sequence, *, global_batch: int, streams: int) -> int:
-    """Steps every stream can feed in any epoch: only the full shards a stream is sure to
-    get count (the rest of an epoch is dropped), so every rank takes the same steps.
-    Raises ValueError when that is 0."""
-    size = max(c for _, c in shards)
-    full = sum(1 for _, c in shards if c == size)
-    steps = (full // streams) * size // (global_batch // streams)
+    """Steps every stream can feed in any epoch (``stream_guarantee`` // the per-stream slice;
+    the rest of an epoch is dropped), so every global batch of every epoch is full and every
+    rank takes the same steps. Raises ValueError when that is 0."""
+    steps = stream_guarantee(shards, streams=streams) // (global_batch // streams)
     if steps == 0:
-        raise ValueError(f"{len(shards)} image shards of {size} are too few for a global batch of "
-                         f"{global_batch} over {streams} streams; use a smaller batch, fewer "
+        size = max(c for _, c in shards)
+        raise ValueError(f"{len(shards)} image shards of up to {size} samples are too few for a global batch "
+                         f"of {global_batch} over {streams} streams; use a smaller batch, fewer "
                          "streams (data.streams) or more data")
     return steps
 
@@ -189,7 +211,12 @@ class Order:
         for j, wins in self.windows(epoch).items():
             flat[j] = (np.concatenate([idx for _, idx in wins]),
                        np.concatenate([np.full(len(idx), w) for w, (_, idx) in enumerate(wins)]))
-        for step in range(self.steps_per_epoch):
+        steps = self.steps_per_epoch
+        for j, (idx, _) in flat.items():
+            if len(idx) < steps * per:
+                raise RuntimeError(f"stream {j} holds {len(idx)} samples at epoch {epoch}, fewer than "
+                                   f"{steps} steps of {per}: steps_per_epoch is wrong for these shards")
+        for step in range(steps):
             sl = slice(step * per + rows.start, step * per + rows.stop)
             touched = [(j, int(w)) for j in self.my_streams for w in sorted(set(flat[j][1][sl].tolist()))]
             yield step, touched, np.concatenate([flat[j][0][sl] for j in self.my_streams])

@@ -55,10 +55,11 @@ def test_auto_views_come_from_the_store_and_a_disagreeing_value_is_refused_in_on
     data = ImageSet.open(prepared_data)
     base = [f"data.images={prepared_data}", f"data.store={teacher_store}", "train.batch_size=4"]
     cfg = resolve_data(load_config(None, base), data)
-    assert (cfg.data.views, cfg.data.streams) == (2, 2)
-    assert resolve_data(load_config(None, base + ["data.views=2", "data.streams=1"]), data).data.streams == 1
+    # 13 images in shards of 5 at batch 4: 2 streams (of 8 and 5 samples) train 2 steps an epoch, 1 stream 3
+    assert (cfg.data.views, cfg.data.streams) == (2, 1)
+    assert resolve_data(load_config(None, base + ["data.views=2", "data.streams=2"]), data).data.streams == 2
     # a resumed run keeps the streams it recorded
-    assert resolve_data(load_config(None, base), data, recorded={"views": 2, "streams": 1}).data.streams == 1
+    assert resolve_data(load_config(None, base), data, recorded={"views": 2, "streams": 2}).data.streams == 2
     with pytest.raises(StoreError) as e:
         resolve_data(load_config(None, base + ["data.views=4"]), data)
     assert str(e.value) == (f"{teacher_store}: holds 2 views per image but the config sets data.views=4; "
