@@ -97,15 +97,23 @@ def restore_rng(state: dict, device: str) -> None:
         torch.cuda.set_rng_state(cuda.cpu(), dev)
 
 
+def all_finite(params) -> bool:
+    """Whether every tensor of ``params`` is finite (one host sync)."""
+    flags = [torch.isfinite(p.detach()).all() for p in params]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def stop_if_non_finite(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) -> None:
     """Raise NonFiniteLoss naming the first bad step of any rank, on every rank alike.
 
     first_bad: () int64, this rank's first step with a non-finite loss, -1 if none. With
     several ranks, all agree (all-reduce MIN over the bad steps) before anyone raises, so
-    no rank is left waiting in a collective. A host sync: call at logging intervals."""
+    no rank is left waiting in a collective. A host sync: called at logging intervals and
+    before every checkpoint write."""
     step = first_non_finite(first_bad, world=world)
     if step is not None:
-        raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (last good checkpoint: {ckpt_path})")
+        good = ckpt_path if Path(ckpt_path).exists() else "none written yet"
+        raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (last good checkpoint: {good})")
 
 
 def _teacher_stats(stores: dict) -> dict:
@@ -191,6 +199,11 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     ckpt_path = run.checkpoint_path
 
     def checkpoint():
+        # a non-finite state never replaces the last good checkpoint (one host sync per write)
+        stop_if_non_finite(acc.first_bad, world=world, ckpt_path=ckpt_path)
+        if not all_finite(objective.student_side().parameters()):
+            good = ckpt_path if ckpt_path.exists() else "none written yet"
+            raise NonFiniteLoss(f"non-finite weights after step {step - 1}; stopping (last good checkpoint: {good})")
         run.save(dict(model=objective.student_side().state_dict(), optimizer=opt.state_dict(), step=step,
                       epoch=step // spe, step_in_epoch=step % spe, meta=meta, rng=rng_state(device)))
         dist.barrier()

@@ -218,6 +218,39 @@ def test_non_finite_loss_stops_the_run_naming_the_step(prepared_data, teacher_st
         train(cfg, out_dir=tmp_path / "nan", max_steps=6, progress=False)
 
 
+def test_a_nan_between_a_log_step_and_a_checkpoint_never_replaces_the_last_good_checkpoint(
+        prepared_data, teacher_store, tmp_path, monkeypatch):
+    """Logs at steps 4 and 8, checkpoints every 3 steps, the loss of step 4 (0-based) NaN: the
+    checkpoint due after 6 steps is not written (the run stops there naming step 4), and last.pt
+    still holds the finite state after 3 steps that the message names."""
+    import train.loop as loop
+    real = loop.build_objective
+
+    def poisoned(cfg, stats):
+        obj = real(cfg, stats)
+        forward, calls = obj.forward, []
+
+        def forward_nan(batch):
+            out = forward(batch)
+            calls.append(1)
+            if len(calls) == 5:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        obj.forward = forward_nan
+        return obj
+
+    monkeypatch.setattr(loop, "build_objective", poisoned)
+    cfg = _cfg(prepared_data, teacher_store, **{"train.log_every": 4, "model.depth": 2, "data.teachers": "[mae]",
+                                                      "schedule.epochs": 16, "train.ckpt_every": 100})
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLoss, match=f"non-finite loss at step 4; stopping \\(last good checkpoint: "
+                                            f"{run / 'last.pt'}\\)"):
+        train(cfg, out_dir=run, max_steps=8, ckpt_steps=3, progress=False)
+    saved = torch.load(run / "last.pt", weights_only=False)
+    assert saved["step"] == 3
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
 def test_compiled_student_side_matches_eager_losses(prepared_data, teacher_store, tmp_path, monkeypatch):
     """train.compile=true wraps the student side in torch.compile (after DDP, if any). The
     aot_eager backend keeps this test short (inductor's first C++ compile of the student
@@ -289,6 +322,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_naming_the_same_step(tmp_p
     import socket
     script = tmp_path / "agree.py"
     script.write_text(_AGREE)
+    (tmp_path / "last.pt").write_bytes(b"")        # the message names an existing checkpoint
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
