@@ -195,7 +195,8 @@ def test_mismatched_or_incomplete_stores_are_refused(prepared_data, photo_tree, 
         train(_cfg(other.root, teacher_store), out_dir=tmp_path / "e", max_steps=1)
 
 
-def test_non_finite_loss_stops_the_run_naming_the_step(prepared_data, teacher_store, tmp_path, monkeypatch):
+def _nan_on_forward(monkeypatch, n: int) -> None:
+    """Make the loss of the objective's ``n``-th forward NaN."""
     import train.loop as loop
     real = loop.build_objective
 
@@ -206,13 +207,16 @@ def test_non_finite_loss_stops_the_run_naming_the_step(prepared_data, teacher_st
         def forward_nan(batch):
             out = forward(batch)
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == n:
                 out["loss"] = out["loss"] * float("nan")
             return out
         obj.forward = forward_nan
         return obj
-
     monkeypatch.setattr(loop, "build_objective", poisoned)
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(prepared_data, teacher_store, tmp_path, monkeypatch):
+    _nan_on_forward(monkeypatch, 2)
     cfg = _cfg(prepared_data, teacher_store, **{"train.log_every": 3})
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 1"):
         train(cfg, out_dir=tmp_path / "nan", max_steps=6, progress=False)
@@ -223,23 +227,7 @@ def test_a_nan_between_a_log_step_and_a_checkpoint_never_replaces_the_last_good_
     """Logs at steps 4 and 8, checkpoints every 3 steps, the loss of step 4 (0-based) NaN: the
     checkpoint due after 6 steps is not written (the run stops there naming step 4), and last.pt
     still holds the finite state after 3 steps that the message names."""
-    import train.loop as loop
-    real = loop.build_objective
-
-    def poisoned(cfg, stats):
-        obj = real(cfg, stats)
-        forward, calls = obj.forward, []
-
-        def forward_nan(batch):
-            out = forward(batch)
-            calls.append(1)
-            if len(calls) == 5:
-                out["loss"] = out["loss"] * float("nan")
-            return out
-        obj.forward = forward_nan
-        return obj
-
-    monkeypatch.setattr(loop, "build_objective", poisoned)
+    _nan_on_forward(monkeypatch, 5)
     cfg = _cfg(prepared_data, teacher_store, **{"train.log_every": 4, "model.depth": 2, "data.teachers": "[mae]",
                                                       "schedule.epochs": 16, "train.ckpt_every": 100})
     run = tmp_path / "nan"
