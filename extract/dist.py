@@ -1,4 +1,4 @@
-"""Process-group helpers for torchrun: rank, world size, barrier, broadcast; a no-op in one process."""
+"""Process-group helpers for torchrun: rank, world size, barrier, broadcast, all-gather; a no-op in one process."""
 from __future__ import annotations
 
 import os
@@ -37,6 +37,15 @@ def broadcast(obj):
     box = [obj]
     td.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in one process."""
+    if world_size() == 1:
+        return [obj]
+    box = [None] * world_size()
+    td.all_gather_object(box, obj)
+    return box
 
 
 def local_device(device: str) -> str:

@@ -15,7 +15,10 @@ when this module is imported.
   31-33  fresh views (online-fresh training): crop, flip and teacher mask, keyed by
          (seed, index, epoch) -- store/views.py; not stored. Until issue 12 these were 21-23,
          and the fresh crop shared 21 with the packing order; online-fresh batches drawn before
-         the change differ from those drawn after it.
+         the change differ from those drawn after it;
+  41     the run's noise (torch's global generators: stochastic depth), keyed by (seed, rank) at
+         the start of a run and by (seed, rank, step) when a resume cannot restore each rank's
+         own state -- train/loop.py; not stored (checkpoints hold the generator states).
 """
 from __future__ import annotations
 
@@ -35,3 +38,4 @@ class Role(IntEnum):
     FRESH_CROP = 31
     FRESH_FLIP = 32
     FRESH_TEACHER = 33
+    NOISE = 41

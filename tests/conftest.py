@@ -55,24 +55,26 @@ def teacher_store(prepared_data, tmp_path_factory) -> Path:
 @pytest.fixture
 def sigkill_when():
     """``sigkill_when(cmd, ready, env=...)``: start ``cmd``, poll ``ready()`` every 50 ms and
-    SIGKILL the process as soon as it is true (asserting it was still running then)."""
+    SIGKILL its whole process group as soon as it is true (asserting it was still running then),
+    so that a launcher's workers (torchrun) die with it, as on a preempted node."""
     import os
     import signal
     import subprocess
     import time
 
     def run(cmd, ready, *, env=None, cwd=None, timeout=300):
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         deadline = time.time() + timeout
         try:
             while time.time() < deadline and proc.poll() is None and not ready():
                 time.sleep(0.05)
             assert proc.poll() is None, "the process finished before it could be killed"
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return run
 

@@ -119,8 +119,9 @@ class DataConfig:
                                         # sample whose tokens give the adapter statistics
     random_teacher_depth: int = 12      # blocks of data.teachers_from=random-init teachers (12: ViT-B/16;
                                         # tests shrink them)
-    views: int | str = "auto"           # V cached views per image; epoch e uses (e + i) mod V;
-                                        # "auto": the store's V (an explicit V must equal it)
+    views: int | str = "auto"           # v views per image trained on; epoch e uses slot e mod v of the
+                                        # store (view (e + i) mod V when v = V); "auto": the store's V
+                                        # (an explicit v may be 1..V: one store serves several budgets)
     seed: int = 0                       # root of every view/mask draw (must match the store)
     teachers: tuple[str, ...] = ("mae", "mocov3", "ibot")
     student_visible: int = 49           # 25% of 196 patches

@@ -45,8 +45,9 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     ``views`` or ``source`` and ``data.decoder`` to ``dali`` or ``pil``.
 
     data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
-    V (1 without a store: online-fresh); an explicit V that differs is refused (StoreError naming
-    the store and the key).
+    V (1 without a store: online-fresh); an explicit v < V trains on the store's first v slots
+    (``Plan.store_views``); more views than the store holds are refused (StoreError naming the
+    store and the key).
     ``streams``: ``auto`` takes ``recorded["streams"]`` when given (the ``data`` section of
     the config a resumed run recorded), else ``auto_streams``.
     ``pixels``: ``auto`` takes the recorded value, else ``views`` for a cached run whose store's
@@ -62,9 +63,9 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
         store = FeatureStore.open(cfg.data.store)
         if views == AUTO:
             views = store.views
-        elif views != store.views:
+        elif not 1 <= views <= store.views:
             raise StoreError(f"{store.path}: holds {store.views} views per image but the config sets "
-                             f"data.views={views}; leave data.views at auto or set it to {store.views}")
+                             f"data.views={views}; set data.views to auto or to 1..{store.views}")
     elif views == AUTO:
         views = 1           # no store (online-fresh): no cached views; V only picks the statistics' views
     streams = cfg.data.streams
@@ -83,10 +84,21 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
                                                              pixels=pixels))
 
 
+def store_views(cfg: Config) -> int:
+    """The V of the store a resolved ``cfg`` reads (``cfg.data.views`` without a store)."""
+    return FeatureStore.open(cfg.data.store).views if cfg.data.store else int(cfg.data.views)
+
+
 @dataclass
 class Plan:
     """What both sources share: data, seed, views, batch geometry and order (``order``, a
     train/order.Order of the data's shards; ValueError as Order refuses a geometry).
+
+    ``views`` v: the views a run trains on; ``store_views`` V (0: v): the store's. Epoch e reads
+    slot e mod v of the store, which holds view (e mod v + i) mod V of image i: every image
+    still gets v distinct views, a store's slots are read whole as with v = V, and v = V gives
+    view (e + i) mod V. The views of a store are independent keyed draws, so its first v slots
+    serve a budget of v views as well as any other v of them would.
 
     ``batch_size`` is the global batch; this rank serves ``batch_size / world``: the whole
     slices of its streams, or, with fewer streams than ranks, its part of one stream's."""
@@ -99,16 +111,24 @@ class Plan:
     window: int = 4
     streams: int = 1
     n_student: int = V.STUDENT_VISIBLE
+    store_views: int = 0
 
     order: Order = field(init=False, repr=False)
 
     def __post_init__(self):
+        self.store_views = self.store_views or self.views
+        if not 1 <= self.views <= self.store_views:
+            raise ValueError(f"views={self.views}: a run trains on 1..{self.store_views} of the store's views")
         self.order = Order(self.shards, seed=self.seed, batch_size=self.batch_size, rank=self.rank,
                            world=self.world, window=self.window, streams=self.streams)
 
     @property
     def shards(self) -> list:
         return [[int(s["first"]), int(s["count"])] for s in self.data.shards]
+
+    def view_of(self, index, epoch: int) -> np.ndarray:
+        """The stored view of each image of ``index`` in ``epoch`` (the class docstring)."""
+        return V.view_of_slot(index, epoch % self.views, self.store_views)
 
     @property
     def local_batch(self) -> int:
@@ -170,7 +190,8 @@ class CachedSource(_Source):
 
     def __init__(self, plan: Plan, *, store_path, teachers, pixels: str = "source", **kw):
         super().__init__(plan, **kw)
-        self.fs = FeatureStore.open(store_path, data=DataInfo.of(plan.data), views=plan.views, seed=plan.seed)
+        self.fs = FeatureStore.open(store_path, data=DataInfo.of(plan.data), views=plan.store_views,
+                                   seed=plan.seed)
         self.stores = {}
         for name in teachers:
             ts = self.fs.teacher(name)
@@ -287,7 +308,7 @@ class CachedSource(_Source):
         try:
             for step, index, boxes, flips, pixels, teachers in self._features(epoch, start_step):
                 batch = {
-                    "index": torch.from_numpy(index), "view": torch.from_numpy(V.view_of_slot(index, slot, plan.views)),
+                    "index": torch.from_numpy(index), "view": torch.from_numpy(plan.view_of(index, epoch)),
                     "images": None,
                     "student_visible": torch.from_numpy(V.student_visible(plan.seed, index, epoch,
                                                                           n_visible=plan.n_student)),
@@ -374,7 +395,7 @@ class OnlineSource(_Source):
         for step, _, index in plan.batch_indices(epoch):
             if step < start_step:
                 continue
-            view = V.epoch_view(index, epoch, plan.views)
+            view = plan.view_of(index, epoch)
             boxes, flips = V.view_params(plan.seed, index, view, plan.data.widths[index], plan.data.heights[index])
             yield step, {
                 "index": torch.from_numpy(index), "view": torch.from_numpy(view),

@@ -7,6 +7,11 @@ alike (the ranks agree on it first). MFU counts what a step runs (train/flops.py
 RUN/metrics.jsonl (one JSON object per logged step), checkpoints to RUN/last.pt (atomic),
 the resolved config to RUN/config.yaml, and at the end the student to
 RUN/student.safetensors and the loss curves to RUN/loss.png.
+
+The run's noise (stochastic depth, anything else drawn from torch's global generators) is seeded
+per rank from (train.seed, rank), so two runs of one config draw the same and the ranks draw
+differently; every checkpoint holds each rank's generator states and a resume on the same number
+of ranks restores its own (resumed == uninterrupted).
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from core.state import load_strict
 from extract import dist
 from store.errors import ExpectedError
 from store.progress import progress_bar
+from store.roles import Role
+from store.views import hash_keys
 from train.config import Config
 from train.flops import step_flops_per_image
-from train.loader import CachedSource, Plan, check_codec, resolve_data
+from train.loader import CachedSource, Plan, check_codec, resolve_data, store_views
 from train.objective import build_objective
 
 
@@ -95,6 +102,25 @@ def restore_rng(state: dict, device: str) -> None:
         cuda = cuda[dev.index or 0] if cuda else None
     if dev.type == "cuda" and cuda is not None:
         torch.cuda.set_rng_state(cuda.cpu(), dev)
+
+
+def seed_noise(seed: int, rank: int, *extra: int) -> None:
+    """Seed torch's global generators (CPU and every GPU) from the keyed hash of (seed, rank,
+    *extra) (store/roles.py, Role.NOISE)."""
+    torch.manual_seed(int(hash_keys(Role.NOISE, seed, rank, *extra)) >> 1)   # 63 bits
+
+
+def resume_noise(saved, *, seed: int, rank: int, world: int, step: int, device: str) -> None:
+    """Continue the noise of a checkpoint: each rank's own saved state when the checkpoint
+    holds one per rank of this world size; a single-process state in one process; otherwise
+    (another world size, or a checkpoint with rank 0's state only) fresh per-rank noise keyed
+    by (seed, rank, step), so that no two ranks draw the same masks."""
+    if isinstance(saved, list) and len(saved) == world:
+        restore_rng(saved[rank], device)
+    elif isinstance(saved, dict) and world == 1:
+        restore_rng(saved, device)
+    else:
+        seed_noise(seed, rank, step)
 
 
 def all_finite(params) -> bool:
@@ -174,9 +200,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     from store.shards import ImageSet
     data = ImageSet.open(cfg.data.images)
     cfg = resolve_data(cfg, data, recorded=(saved_config(out) or {}).get("data") if resume else None)
-    plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, batch_size=cfg.train.batch_size,
-                rank=rank, world=world, window=cfg.data.shuffle_window, streams=cfg.data.streams,
-                n_student=cfg.data.student_visible)
+    plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store_views(cfg),
+                batch_size=cfg.train.batch_size, rank=rank, world=world, window=cfg.data.shuffle_window,
+                streams=cfg.data.streams, n_student=cfg.data.student_visible)
     source, stats = build_source(cfg, plan, device=device, run_dir=out)
     spe = plan.steps_per_epoch
     total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
@@ -192,10 +218,11 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                    rank=rank)
     meta = dict(config=cfg.to_dict(), git_commit=git_commit(), total_steps=total, **info)
     step = run.step
+    seed_noise(cfg.train.seed, rank)
     if run.resumed:
         load_strict(objective.student_side(), run.state["model"], what=f"checkpoint {run.checkpoint_path}")
         opt.load_state_dict(run.state["optimizer"])
-        restore_rng(run.state["rng"], device)
+        resume_noise(run.state.get("rng"), seed=cfg.train.seed, rank=rank, world=world, step=step, device=device)
     ckpt_path = run.checkpoint_path
 
     def checkpoint():
@@ -204,8 +231,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         if not all_finite(objective.student_side().parameters()):
             good = ckpt_path if ckpt_path.exists() else "none written yet"
             raise NonFiniteLoss(f"non-finite weights after step {step - 1}; stopping (last good checkpoint: {good})")
+        rngs = dist.all_gather(rng_state(device))       # every rank's generators, by rank
         run.save(dict(model=objective.student_side().state_dict(), optimizer=opt.state_dict(), step=step,
-                      epoch=step // spe, step_in_epoch=step % spe, meta=meta, rng=rng_state(device)))
+                      epoch=step // spe, step_in_epoch=step % spe, meta=meta, rng=rngs))
         dist.barrier()
 
     dev = torch.device(device)

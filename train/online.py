@@ -2,8 +2,8 @@
 
 Two modes (``data.source``; docs/method.md "Three ways to train"):
 
-- ``online-replay``: the teachers see the store's V views, view (e + i) mod V of image i at
-  epoch e -- the same crops, flips and masks as the cache, so its batches equal the cached
+- ``online-replay``: the teachers see the views the cache serves (``Plan.view_of``: view
+  (e + i) mod V of image i at epoch e when a run uses all V of the store's) -- the same crops, flips and masks as the cache, so its batches equal the cached
   source's (``train.loader.OnlineSource``). The reference of the cached == online proof.
 - ``online-fresh``: every (image, epoch) gets its own crop, flip and teacher masks, drawn by
   ``store.views.fresh_view_params`` / ``fresh_teacher_visible`` from (seed, index, epoch)
@@ -137,7 +137,7 @@ def build_online_source(cfg, plan: Plan, *, fresh: bool, device: str, run_dir=No
     names = list(cfg.data.teachers)
     amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
     if cfg.data.store:
-        fs = (FeatureStore.open(cfg.data.store, views=cfg.data.views, seed=cfg.data.seed) if not fresh
+        fs = (FeatureStore.open(cfg.data.store, views=plan.store_views, seed=cfg.data.seed) if not fresh
               else FeatureStore.open(cfg.data.store, data=DataInfo.of(plan.data)))
         teachers = teachers_of_store(fs, names, device=device, prebuilt=prebuilt)
         stats = {n: (fs.teacher(n).stats["mean"], fs.teacher(n).stats["components"]) for n in names}

@@ -18,7 +18,7 @@ import torch
 from store import views as V
 from train.config import load_config
 from train.flops import step_flops_per_image
-from train.loader import Plan, resolve_data
+from train.loader import Plan, resolve_data, store_views
 from train.loop import build_source, make_optimizer, train_step
 from train.objective import build_objective
 
@@ -64,7 +64,8 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
                              f"data.decoder={decoder}", f"data.num_workers={threads}", f"data.streams={streams}",
                              "data.shuffle_window=2", f"train.batch_size={batch_size}", *overrides])
     cfg = resolve_data(cfg, images)
-    plan = Plan(images, seed=0, views=cfg.data.views, batch_size=batch_size, window=2, streams=streams)
+    plan = Plan(images, seed=0, views=cfg.data.views, store_views=store_views(cfg), batch_size=batch_size,
+                window=2, streams=streams)
     need = warmup + steps
     if plan.steps_per_epoch < need:
         raise ValueError(f"the data gives {plan.steps_per_epoch} steps of {batch_size} per epoch; "

@@ -63,7 +63,7 @@ def test_auto_views_come_from_the_store_and_a_disagreeing_value_is_refused_in_on
     with pytest.raises(StoreError) as e:
         resolve_data(load_config(None, base + ["data.views=4"]), data)
     assert str(e.value) == (f"{teacher_store}: holds 2 views per image but the config sets data.views=4; "
-                            "leave data.views at auto or set it to 2")
+                            "set data.views to auto or to 1..2")
     for bad in ("data.views=four", "data.streams=0"):
         with pytest.raises(ValueError, match=f"config {bad.split('=')[0]}=.* must be 'auto' or an integer > 0"):
             load_config(None, [bad])
@@ -111,3 +111,41 @@ def test_cached_batches_hold_the_stored_rows_of_their_images_and_an_abandoned_ep
                     assert np.array_equal(value.numpy(), rows[key]), (epoch, step, name, key)
             want = reference(data.read_many(index), rows["boxes"], rows["flips"])
             assert torch.equal(batch["images"], want), (epoch, step)
+
+
+def test_a_run_on_fewer_views_than_stored_reads_the_first_slots_cached_as_online_and_records_them(
+        prepared_data, teacher_store, tmp_path):
+    """data.views=1 on a V=2 store: every epoch reads slot 0 (view i mod 2 of image i), cached
+    and online-replay batches agree, and the run folder records the budget."""
+    from train.loop import build_source, train
+
+    data = ImageSet.open(prepared_data)
+    base = [f"data.images={prepared_data}", f"data.store={teacher_store}", "train.batch_size=4",
+            "data.decoder=pil", "data.shuffle_window=2", "data.streams=2"]
+    cfg = resolve_data(load_config(None, [*base, "data.views=1", "data.teachers=[mae]"]), data)
+    assert cfg.data.views == 1
+    plan = Plan(data, seed=0, views=1, store_views=2, batch_size=4, window=2, streams=2)
+    cached, _ = build_source(cfg, plan, online=False, device="cpu")
+    online, _ = build_source(cfg, plan, online=True, device="cpu")
+    fs = FeatureStore.open(teacher_store)
+    seen = {}
+    for epoch in range(4):
+        for (_, cb), (_, ob) in zip(cached.epoch(epoch), online.epoch(epoch)):
+            bc, bo = cached.materialize(cb, "cpu"), online.materialize(ob, "cpu")
+            index, view = bc["index"].numpy(), bc["view"].numpy()
+            assert (view == index % 2).all()                     # slot 0 of the store, every epoch
+            for key in ("index", "view", "images", "student_visible"):
+                torch.testing.assert_close(bc[key], bo[key], rtol=0, atol=0)
+            torch.testing.assert_close(bc["teachers"]["mae"]["index"], bo["teachers"]["mae"]["index"],
+                                       rtol=0, atol=0)
+            for i, v in zip(index.tolist(), view.tolist()):
+                seen.setdefault(i, set()).add(v)
+            rows = fs.teacher("mae").read_samples(0, index)
+            for key, value in cb["teachers"]["mae"].items():
+                assert np.array_equal(value.numpy(), rows[key]), (epoch, key)
+    assert len(seen) == len(data) and all(len(v) == 1 for v in seen.values())
+    train(load_config(None, [*base, "data.views=1", "data.teachers=[mae]", "schedule.epochs=1",
+                             "schedule.warmup_epochs=0"]), out_dir=tmp_path / "run", max_steps=1, progress=False)
+    assert load_config(tmp_path / "run" / "config.yaml").data.views == 1
+    with pytest.raises(ValueError, match="views=3: a run trains on 1..2 of the store's views"):
+        Plan(data, seed=0, views=3, store_views=2, batch_size=4)
