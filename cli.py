@@ -321,11 +321,11 @@ for _task in ("knn", "linear", "finetune", "detection", "segmentation"):
                    "teachers without one are untrained (random init).")
 @click.option("--copies", type=int, default=None, help="Training images = 13 photos x COPIES crops.")
 @click.option("--heldout-copies", type=int, default=None,
-              help="Held-out images = 13 x this many further crops (never trained on).")
+              help="Held-out images = 9 other photos x this many crops (never trained on).")
 @click.option("--steps", type=int, default=None, help="Student training steps.")
 @click.option("--batch-size", type=int, default=None, help="Student batch size.")
 @click.option("--bench-steps", type=int, default=None, help="Timed steps per throughput row (0: skip the measurement).")
-@click.option("--decoder", type=click.Choice(["dali", "pil"]), default=None, help="Image decoder.")
+@click.option("--decoder", type=click.Choice(DECODERS), default=None, help=DECODER_HELP)
 @click.option("--device", default="auto", help="auto, cpu, cuda.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars inside stages.")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")

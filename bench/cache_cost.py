@@ -24,7 +24,7 @@ teachers' own images/s on this machine are measured in the same run: the teacher
 and one full ViT-B/16 teacher (the official architecture) when the used ones are shallow.
 
 Defaults are sized for a 2-core CPU in a few minutes: 13 demo photos x 2 crops for training
-(3 steps of 8 per epoch) and x 1 for held-out, random-init teachers of 1 block, 24 steps of 8. What such a run can
+(3 steps of 8 per epoch), 9 other photos held out, random-init teachers of 1 block, 24 steps of 8. What such a run can
 and cannot show is in docs/performance.md.
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ TEACHERS = ("mae", "mocov3", "ibot")
 
 
 def demo_data(root: Path, *, copies: int, heldout_copies: int, max_side: int = 256) -> tuple[ImageSet, ImageSet]:
-    """The demo's photo sets (train: 13 x copies crops, held-out: 13 x heldout_copies others)."""
+    """The demo's photo sets (train: 13 photos x copies crops, held-out: 9 other photos x
+    heldout_copies crops)."""
     from samples.photos import write_photo_splits
     train_tree, held_tree, _ = write_photo_splits(root / "photos", copies=copies, heldout_copies=heldout_copies,
                                                   max_side=max_side)

@@ -3,7 +3,8 @@
 Stages (each prints one line with its time; a second run reuses what the first made):
 
  1. photos       scikit-image photos as two ImageFolder trees: training (``copies`` crops of
-                 each of the 13 photos) and held-out (``heldout_copies`` further crops);
+                 each of the 13 photos) and held-out (``heldout_copies`` crops of 9 other
+                 photos: nothing held out is a crop of a training photo);
  2. prepare      both trees packed into shards (a finished prepare says "nothing to do");
  3. extract      the three teachers over every (image, view) of both sets (complete
                  teachers are skipped without being built; partial ones resume); the

@@ -122,7 +122,8 @@ def report_blocks(info: dict) -> list[tuple]:
     out += [("p", "Teachers: " + ", ".join(f"{n} ({'random init' if v['untrained'] else v['source']})"
                                            for n, v in t.items()) + "."),
             ("p", f"Data: {info['data']['train']} training images and {info['data']['heldout']} held-out images "
-              f"(scikit-image photos; the held-out ones are crops never used in training), "
+              f"(scikit-image photos; the held-out ones are other photos than the training ones, so no held-out "
+              f"pixel was trained on), "
               f"{info['data']['views']} cached views per training image, device `{info['device']}`."),
             ("h2", "Stages"), _stage_table(info["stages"], info.get("first_stages"))]
     run = info["run"]
@@ -135,8 +136,8 @@ def report_blocks(info: dict) -> list[tuple]:
     names = [n for n in t]
     ratio = loss["trained"]["total"] / loss["untrained"]["total"]
     out += [("h2", "Quality check: held-out loss"),
-            ("p", f"The objective's losses on the {info['data']['heldout']} held-out views (images never used in "
-              "training), for the trained student and for the untrained one (the same config and seed before "
+            ("p", f"The objective's losses on the {info['data']['heldout']} held-out views (photos none of whose "
+              "crops was trained on), for the trained student and for the untrained one (the same config and seed before "
               "any step), against the same fused targets: the run's adapters and its gate without the "
               f"student-affinity term (`{loss['gate']}` weights), so the targets do not depend on the student. "
               "This is what distillation lowers; if it were broken, the trained row would stay at the "

@@ -12,6 +12,7 @@ import numpy as np
 
 from core.config import TypedConfig, check_choices, check_nonneg, check_positive
 from core.run import INFO, load_checkpoint, saved_config, settings_diff
+from store.decoders import DECODERS, resolve_decoder
 from store.errors import ExpectedError
 
 TEACHERS = ("mae", "mocov3", "ibot")
@@ -28,7 +29,7 @@ class DemoSettings(TypedConfig):
     """What the demo makes: a typed config (core/config.py), resolved in OUT/config.yaml."""
 
     copies: int = 4                 # training images = 13 photos x copies (crops)
-    heldout_copies: int = 1         # held-out images = 13 x heldout_copies, crops not in training
+    heldout_copies: int = 1         # held-out images = 9 other photos x heldout_copies (none trained on)
     max_side: int = 256             # long side of the photos in pixels
     views: int = 1                  # cached views per training image (each epoch reads slot 0)
     seed: int = 0
@@ -36,7 +37,8 @@ class DemoSettings(TypedConfig):
     batch_size: int = 16
     lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
     codec: str = "fp16"
-    decoder: str = "dali"           # "dali" or "pil"
+    decoder: str = "auto"           # auto (DALI where installed, else PIL), dali or pil; OUT/config.yaml
+                                    # records the resolved one
     stats_images: int = 16          # images whose tokens give each teacher's adapter statistics
     teacher_batch: int = 16
     panels: int = 3                 # held-out samples shown with their gate weights
@@ -49,7 +51,8 @@ class DemoSettings(TypedConfig):
             check_positive(self, ["copies", "heldout_copies", "max_side", "views", "steps", "batch_size", "lr",
                                   "stats_images", "teacher_batch", "panels"])
             check_nonneg(self, ["bench_steps"])
-            check_choices(self, {"decoder": ("dali", "pil")})
+            check_choices(self, {"decoder": DECODERS})
+            self.decoder = resolve_decoder(self.decoder)
             if self.teacher_depth is not None:
                 check_positive(self, ["teacher_depth"])
         except ValueError as error:

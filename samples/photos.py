@@ -28,6 +28,10 @@ encoded deterministically, so the same call writes byte-identical files.
 With ``copies > 1`` each photo is also written as ``copies - 1`` further variants
 (``name_c01.jpg``, ...), each a different deterministic crop of the same photo, for a
 demo that wants more than 13 images.
+
+``HELDOUT_PHOTOS`` are nine other photos of the wheel (astronaut, camera, brick, page, moon,
+cell, retina, grass, gravel), none of them a crop of a training photo: the demo's held-out
+split (``write_photo_splits``) is made of them only, so no pixel of it is ever trained on.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-__all__ = ["PHOTOS", "write_photo_splits", "write_photo_tree"]
+__all__ = ["HELDOUT_PHOTOS", "PHOTOS", "write_photo_splits", "write_photo_tree"]
 
 
 def _rgb(name: str) -> Callable[[], Image.Image]:
@@ -49,6 +53,7 @@ def _rgb(name: str) -> Callable[[], Image.Image]:
 
         return Image.fromarray(getattr(skimage.data, name)())
 
+    load.source = name                  # the skimage.data photo it is made from
     return load
 
 
@@ -61,6 +66,7 @@ def _gray(name: str) -> Callable[[], Image.Image]:
             array = np.where(array, 255, 0).astype(np.uint8)
         return Image.fromarray(array, mode="L") if array.ndim == 2 else Image.fromarray(array).convert("L")
 
+    load.source = name
     return load
 
 
@@ -74,6 +80,7 @@ def _portrait(load: Callable[[], Image.Image]) -> Callable[[], Image.Image]:
         left = (w - new_w) // 2
         return image.crop((left, 0, left + new_w, h))
 
+    crop.source = load.source
     return crop
 
 
@@ -88,6 +95,7 @@ def _with_alpha(load: Callable[[], Image.Image]) -> Callable[[], Image.Image]:
         alpha = Image.fromarray(np.clip(255 * (1.2 - r), 0, 255).astype(np.uint8), mode="L")
         return Image.merge("LA", (gray, alpha))
 
+    make.source = load.source
     return make
 
 
@@ -106,6 +114,18 @@ PHOTOS: list[tuple[str, str, Callable[[], Image.Image], str, str, str]] = [
     ("science", "coins", _gray("coins"), "L", "PNG", "png"),
     ("science", "text_la", _with_alpha(_gray("text")), "LA", "PNG", "png"),
     ("science", "microaneurysms_small", _gray("microaneurysms"), "L", "JPEG", "jpg"),
+]
+# the held-out split: photos of the wheel that no entry of PHOTOS is made from
+HELDOUT_PHOTOS: list[tuple[str, str, Callable[[], Image.Image], str, str, str]] = [
+    ("animals", "astronaut", _rgb("astronaut"), "RGB", "JPEG", "jpg"),
+    ("animals", "retina", _rgb("retina"), "RGB", "JPEG", "jpg"),
+    ("animals", "cell", _gray("cell"), "L", "PNG", "png"),
+    ("objects", "camera", _gray("camera"), "L", "PNG", "png"),
+    ("objects", "brick", _gray("brick"), "L", "JPEG", "jpg"),
+    ("objects", "page", _gray("page"), "L", "PNG", "png"),
+    ("science", "moon", _gray("moon"), "L", "JPEG", "jpg"),
+    ("science", "grass", _gray("grass"), "L", "JPEG", "jpg"),
+    ("science", "gravel", _gray("gravel"), "L", "PNG", "png"),
 ]
 _SMALL_SIDE = {"microaneurysms_small": 64}
 
@@ -140,7 +160,8 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progress: bool = False) -> Path:
+def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progress: bool = False,
+                     photos=PHOTOS) -> Path:
     """Write the ImageFolder tree described in this module's docstring under ``out``.
 
     Args:
@@ -148,6 +169,7 @@ def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progres
         max_side: the long side of each photo is downscaled to at most this many pixels.
         copies: number of versions of each photo (1: the photo only; c > 1 adds c - 1 crops).
         progress: show a tqdm bar.
+        photos: the photos to write (``PHOTOS``, or ``HELDOUT_PHOTOS``).
     Returns:
         ``out`` as a Path: ``out/<class>/<stem>[_cNN].<ext>``.
     """
@@ -158,7 +180,7 @@ def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progres
     if copies < 1:
         raise ValueError(f"write_photo_tree: copies must be >= 1, got {copies}")
     out = Path(out)
-    jobs = [(photo, c) for photo in PHOTOS for c in range(copies)]
+    jobs = [(photo, c) for photo in photos for c in range(copies)]
     cache: dict[str, Image.Image] = {}
     for (cls, stem, load, mode, fmt, ext), copy in progress_bar(jobs, progress=progress, desc="photos", unit="img"):
         if stem not in cache:
@@ -175,8 +197,9 @@ def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progres
 
 
 def write_photo_splits(root: Path, *, copies: int, heldout_copies: int, max_side: int = 256) -> tuple[Path, Path, bool]:
-    """Two ImageFolder trees of the photos: ``root/train`` (copies 0 .. ``copies`` - 1 of each
-    photo) and ``root/heldout`` (the next ``heldout_copies`` crops, never in training).
+    """Two ImageFolder trees: ``root/train`` (copies 0 .. ``copies`` - 1 of each of ``PHOTOS``)
+    and ``root/heldout`` (copies 0 .. ``heldout_copies`` - 1 of each of ``HELDOUT_PHOTOS``:
+    other photos, so nothing held out is a crop of a training image).
 
     Returns (train tree, held-out tree, reused). Written once: ``root/done.json`` marks a
     finished write, and a later call returns the trees as they are."""
@@ -186,13 +209,11 @@ def write_photo_splits(root: Path, *, copies: int, heldout_copies: int, max_side
         return train, heldout, True
     for d in (train, heldout, root / "staging"):
         shutil.rmtree(d, ignore_errors=True)
-    staging = write_photo_tree(root / "staging", max_side=max_side, copies=copies + heldout_copies)
-    for path in sorted(staging.rglob("*.*")):
-        tail = path.stem.rsplit("_c", 1)
-        copy = int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 0
-        dest = (train if copy < copies else heldout) / path.relative_to(staging)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, dest)
+    staging = root / "staging"
+    write_photo_tree(staging / "train", max_side=max_side, copies=copies)
+    write_photo_tree(staging / "heldout", max_side=max_side, copies=heldout_copies, photos=HELDOUT_PHOTOS)
+    os.replace(staging / "train", train)           # whole trees appear only when both are written
+    os.replace(staging / "heldout", heldout)
     shutil.rmtree(staging)
     done.write_text(json.dumps({"copies": copies, "heldout_copies": heldout_copies, "max_side": max_side}))
     return train, heldout, False

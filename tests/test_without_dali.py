@@ -104,15 +104,18 @@ def test_asking_for_dali_without_it_ends_in_one_line_naming_the_extra(without_da
     assert not (tmp_path / "run").exists()                 # refused before the run folder is made
 
 
-def test_auto_is_pil_without_dali_and_dali_with_it(without_dali, monkeypatch):
+def test_auto_is_pil_without_dali_and_dali_with_it_in_every_command_and_the_demo(without_dali, monkeypatch):
     from store.decode import make_decoder, pil_views
     from store.decode.stored import make_view_decoder, pil_stored_views
 
     assert resolve_decoder("auto") == "pil" and resolve_decoder("dali") == "dali"
     assert make_decoder("auto", batch_size=2, device="cpu") is pil_views
     assert make_view_decoder("jpeg", "auto", batch_size=2).func is pil_stored_views
+    from demo.stages import DemoSettings                  # the demo too (its OUT/config.yaml records which)
+    assert DemoSettings().validate().decoder == "pil"
     monkeypatch.undo()                                     # DALI back
     assert dali_installed() and resolve_decoder("auto") == "dali"
+    assert DemoSettings().validate().decoder == "dali" and DemoSettings(decoder="pil").validate().decoder == "pil"
     with pytest.raises(ValueError, match="unknown decoder 'nvjpeg'; choose one of auto, dali, pil"):
         resolve_decoder("nvjpeg")
 

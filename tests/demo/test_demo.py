@@ -38,6 +38,43 @@ def tiny_run(prepared_data, teacher_store, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """(data, store) of the demo's held-out photos (samples/photos.py HELDOUT_PHOTOS: none of
+    them is in the training tree), extracted by the training store's teachers, one view."""
+    from extract.runner import run_extraction
+    from extract.teachers import build_teacher
+    from samples.photos import HELDOUT_PHOTOS, write_photo_tree
+    from store.shards import prepare
+
+    root = tmp_path_factory.mktemp("heldout")
+    tree = write_photo_tree(root / "photos", max_side=256, photos=HELDOUT_PHOTOS)
+    prepare(tree, root / "data", shard_size=5, progress=False, workers=0)
+    data = ImageSet.open(root / "data")
+    for name in ("mae", "mocov3", "ibot"):
+        run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data, store_path=root / "store",
+                       views=1, seed=0, batch_size=5, decoder="pil", progress=False, stats_images=len(data))
+    return root / "data", root / "store"
+
+
+def test_the_demos_heldout_split_holds_other_photos_than_its_training_split(tmp_path):
+    from samples.photos import HELDOUT_PHOTOS, PHOTOS, write_photo_splits
+
+    def sources(photos):
+        return {load.source for _, _, load, *_ in photos}
+
+    assert sources(PHOTOS).isdisjoint(sources(HELDOUT_PHOTOS)) and len(sources(HELDOUT_PHOTOS)) == 9
+    train, held, _ = write_photo_splits(tmp_path, copies=2, heldout_copies=2, max_side=64)
+
+    def photo(path):                    # the photo a file is made from: its stem without the crop suffix
+        stem, _, copy = path.stem.rpartition("_c")
+        return stem if copy.isdigit() else path.stem
+
+    names = {split: {photo(p) for p in tree.rglob("*.*")} for split, tree in (("train", train), ("held", held))}
+    assert names["train"] == {p[1] for p in PHOTOS} and names["held"] == {p[1] for p in HELDOUT_PHOTOS}
+    assert len(list(held.rglob("*.*"))) == 18 and len(list(train.rglob("*.*"))) == 26
+
+
 def _samples(prepared_data, teacher_store, indices, view=0):
     return report.load_samples(teacher_store, ImageSet.open(prepared_data), indices=indices,
                                views=[view] * len(indices), epoch=0, teachers=["mae", "mocov3", "ibot"])
@@ -55,25 +92,26 @@ def test_linear_cka_is_one_under_rotation_and_scale_and_small_for_independent_fe
         report.linear_cka(x, x[:10])
 
 
-def test_distillation_raises_cka_with_the_fused_targets_above_the_untrained_student(
-        prepared_data, teacher_store, tiny_run):
+def test_distillation_raises_cka_with_the_fused_targets_above_the_untrained_student_on_unseen_photos(
+        heldout, tiny_run):
     _, trained = report.load_run(tiny_run)
     _, untrained = report.load_run(tiny_run, trained=False)
     assert not torch.equal(trained.student.vit.blocks[0].attn.qkv.weight,
                            untrained.student.vit.blocks[0].attn.qkv.weight)
-    batch = report.sample_batch(_samples(prepared_data, teacher_store, list(range(13))), trained.teacher_names)
+    samples = _samples(*heldout, list(range(9)))
+    batch = report.sample_batch(samples, trained.teacher_names)
     scores = report.cka_scores(trained, untrained, batch)
     print(scores)
     covered = sum(1 + len(np.intersect1d(s.student_visible, np.concatenate(list(s.teacher_visible.values()))))
-                  for s in _samples(prepared_data, teacher_store, list(range(13))))
+                  for s in samples)
     assert scores["tokens"] == covered and scores["gate"] == "agreement"
     assert scores["fused"]["trained"] > scores["fused"]["untrained"] + 0.02
 
 
-def test_heldout_losses_are_the_objectives_losses_and_distillation_lowers_them(prepared_data, teacher_store, tiny_run):
+def test_heldout_losses_are_the_objectives_losses_and_distillation_lowers_them_on_unseen_photos(heldout, tiny_run):
     _, trained = report.load_run(tiny_run)
     _, untrained = report.load_run(tiny_run, trained=False)
-    batch = report.sample_batch(_samples(prepared_data, teacher_store, list(range(13))), trained.teacher_names)
+    batch = report.sample_batch(_samples(*heldout, list(range(9))), trained.teacher_names)
     losses = report.heldout_losses(trained, untrained, batch)
     print(losses)
     assert losses["gate"] == "agreement"
