@@ -265,9 +265,15 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     stats_first = codec in codecs.NEEDS_STATS
     stats_how = "already in the store" if ts.has_stats else None
     if stats_first and stats_how is None:
+        problem = None
         if dist.rank() == 0:
-            _write_stats(ts, compute_stats(ex, num_images=stats_images))
-        dist.barrier()
+            st = compute_stats(ex, num_images=stats_images)
+            problem = codecs.statistics_problem(codec, st["count"], pca_dim=pca_dim)
+            if problem is None:
+                _write_stats(ts, st)
+        problem = dist.broadcast(problem)                 # every rank refuses alike (and syncs)
+        if problem:
+            raise codecs.CodecError(f"{ts.path}: teacher {teacher.name}: {problem}")
         ts = FeatureStore.open(store_path).teacher(teacher.name)
         stats_how = "teacher pass before the blocks"
 

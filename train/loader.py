@@ -368,11 +368,19 @@ def _check_mask_ratio(ts) -> None:
                          "store/views.py MASK_RATIOS); extract a new store")
 
 
-def check_codec(ts, *, trainable: bool, width: int) -> None:
+def check_codec(ts, *, trainable: bool, width: int, init: str = "pca") -> None:
     """The store's codec must hold what the adapters read (store/codecs.py): a trainable
     adapter learns from the full 768-wide tokens, a frozen one from the top ``width``
-    principal coefficients; else StoreError, one line."""
+    principal coefficients, which only the statistics' own basis (``adapters.init=pca``) reads
+    as W t, from statistics of enough tokens; else StoreError, one line."""
     dim = int(ts.config.get("pca_dim") or 0) if ts.codec not in codecs.FULL_TOKENS else 0
+    if dim and init != "pca":
+        raise StoreError(f"{ts.path}: codec {ts.codec} stores coefficients on the statistics' basis, which "
+                         f"adapters.init={init} does not read as its W t; use adapters.init=pca or a store "
+                         f"extracted with --codec {' or '.join(codecs.FULL_TOKENS)}")
+    problem = codecs.statistics_problem(ts.codec, ts.stats["count"], pca_dim=dim) if dim and ts.has_stats else None
+    if problem:
+        raise StoreError(f"{ts.path}: {problem}")
     if trainable and ts.codec not in codecs.FULL_TOKENS:
         raise StoreError(f"{ts.path}: codec {ts.codec} keeps only {dim} principal coefficients per token, "
                          f"but adapters.mode=trainable learns from the full tokens; use adapters.mode=frozen "

@@ -163,7 +163,8 @@ def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = 
         cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers,
                               pixels=cfg.data.pixels, **kw)
         for ts in cached.stores.values():
-            check_codec(ts, trainable=cfg.adapters.mode == "trainable", width=cfg.model.embed_dim)
+            check_codec(ts, trainable=cfg.adapters.mode == "trainable", width=cfg.model.embed_dim,
+                        init=cfg.adapters.init)
         return cached, _teacher_stats(cached.stores)
     from train.online import build_online_source
     return build_online_source(cfg, plan, fresh=(source == "online-fresh"), run_dir=run_dir, prebuilt=teachers,

@@ -113,6 +113,44 @@ def test_trainable_adapters_refuse_the_adapter_codec_in_one_line(adapter_store, 
     assert "\n" not in str(info.value) and str(adapter_store) in str(info.value)
 
 
+def test_random_adapters_refuse_a_coefficient_store_in_one_line(adapter_store, prepared_data):
+    plan = Plan(ImageSet.open(prepared_data), seed=0, views=2, batch_size=4, window=2, streams=2)
+    with pytest.raises(StoreError, match=r"codec adapter stores coefficients .* adapters.init=random") as info:
+        build_source(_cfg(prepared_data, adapter_store, **{"adapters.init": "random"}), plan, online=False,
+                     device="cpu")
+    assert "\n" not in str(info.value) and str(adapter_store) in str(info.value)
+
+
+@pytest.mark.parametrize("codec", ["adapter", "pca"])
+def test_a_coefficient_codec_refuses_statistics_of_fewer_tokens_than_coefficients(prepared_data, tmp_path,
+                                                                                 adapter_store, codec):
+    """One image's tokens span fewer directions than the codec keeps: the extraction refuses
+    before any block (nothing written but the store's skeleton), naming the teacher and the
+    counts; a store whose recorded statistics are that thin is refused by training."""
+    data = ImageSet.open(prepared_data)
+    store = tmp_path / "thin"
+    with pytest.raises(codecs.CodecError) as info:
+        run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=data, store_path=store,
+                       views=1, seed=0, batch_size=4, decoder="pil", codec=codec, progress=False, stats_images=1)
+    dim = codecs.stored_dim(codec)
+    assert str(info.value) == (f"{store / 'mae'}: teacher mae: codec {codec} keeps {dim} coefficients per token "
+                               f"but its statistics come from only 99 tokens (at least {dim + 1} are needed); "
+                               "sample more images (extract --stats-images, on a larger set) or use --codec "
+                               "fp16 or int8")
+    ts = FeatureStore.open(store).teacher("mae")
+    assert not ts.has_stats and not ts.complete_matrix().any()
+    # 13 images' tokens (1287) are enough; a store that records fewer (an older extraction) is refused
+    assert codecs.statistics_problem(codec, 13 * 99) is None
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(adapter_store, old)
+    FeatureStore.open(old).teacher("mae").group["stats"].attrs["count"] = 150
+    plan = Plan(data, seed=0, views=2, batch_size=4, window=2, streams=2)
+    with pytest.raises(StoreError, match="codec adapter keeps 192 coefficients per token but its statistics "
+                                         "come from only 150 tokens"):
+        build_source(_cfg(prepared_data, old), plan, online=False, device="cpu")
+
+
 def test_encode_decode_round_trip_is_exact_on_the_adapter_subspace():
     """Synthetic tokens with a known spectrum: decoding gives mean + c @ basis with c within one
     quantisation step (per token, per whitened coordinate) of the true coefficients."""
