@@ -156,6 +156,8 @@ class TrainConfig:
     ckpt_every: int = 1                 # epochs between checkpoints
     out_dir: str = "runs/comad"
     compile: bool = False               # torch.compile (inductor) the student side (train/loop.py)
+    wandb: bool = False                 # also log to Weights & Biases (train/tracking.py; '.[wandb]')
+    wandb_project: str = "comad"        # the W&B project of the run
 
 
 # Keys whose value "auto" is resolved when a run starts (train/loader.py: resolve_data) and

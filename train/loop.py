@@ -6,7 +6,8 @@ and at the end. A non-finite loss stops the run naming the first bad step, on ev
 alike (the ranks agree on it first). MFU counts what a step runs (train/flops.py). Metrics go to
 RUN/metrics.jsonl (one JSON object per logged step), checkpoints to RUN/last.pt (atomic),
 the resolved config to RUN/config.yaml, and at the end the student to
-RUN/student.safetensors and the loss curves to RUN/loss.png.
+RUN/student.safetensors and the loss curves to RUN/loss.png. ``train.wandb=true`` sends the
+logged rows to Weights & Biases as well (train/tracking.py).
 
 The run's noise (stochastic depth, anything else drawn from torch's global generators) is seeded
 per rank from (train.seed, rank), so two runs of one config draw the same and the ranks draw
@@ -40,7 +41,7 @@ class NonFiniteLoss(ExpectedError, RuntimeError):
 
 
 # Paths may move between a run and its resume; what they hold is checked by digests.
-_MOVABLE = {"data.images", "data.store", "train.out_dir"}
+_MOVABLE = {"data.images", "data.store", "train.out_dir", "train.wandb", "train.wandb_project"}
 
 
 def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: bool) -> dict:
@@ -193,6 +194,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         from train.config import apply_overrides
         cfg = apply_overrides(cfg, ["data.source=online-replay"])
     out = Path(out_dir)
+    if cfg.train.wandb:
+        from train.tracking import require_wandb
+        require_wandb()                                 # before any work
     dist.init_from_env(device)
     rank, world = dist.rank(), dist.world_size()
     device = dist.local_device(device)
@@ -219,6 +223,10 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                    rank=rank)
     meta = dict(config=cfg.to_dict(), git_commit=git_commit(), total_steps=total, **info)
     step = run.step
+    tracker = None
+    if cfg.train.wandb and rank == 0:
+        from train.tracking import Tracker
+        tracker = Tracker(out, project=cfg.train.wandb_project, config=cfg.to_dict(), resumed=run.resumed)
     seed_noise(cfg.train.seed, rank)
     if run.resumed:
         load_strict(objective.student_side(), run.state["model"], what=f"checkpoint {run.checkpoint_path}")
@@ -270,6 +278,8 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                     if peak:
                         last["mfu"] = ips / world * flops / peak
                     run.log(last)
+                    if tracker is not None:
+                        tracker.log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
                     t_log, img_log = now, 0
                 if (ckpt_steps and step % ckpt_steps == 0) or step % (spe * cfg.train.ckpt_every) == 0 \
@@ -280,6 +290,8 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     finally:
         bar.close()
         run.close()
+        if tracker is not None:
+            tracker.close()
     elapsed = time.perf_counter() - t0
     if rank == 0:
         from train.export import export_student
