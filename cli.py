@@ -159,7 +159,7 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
 
     Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards."""
     from extract import dist
-    from extract.runner import Extractor, run_extraction
+    from extract.runner import Extractor, run_extraction, teacher_input
     from extract.teachers import build_teacher
     from store.shards import ImageSet
 
@@ -172,8 +172,8 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
                     preallocate_height_hint=preallocate_hint[1])
     if estimate:
         from extract.estimate import estimate_run, format_estimate
-        ex = Extractor(model, ds, seed=seed, views=views, batch_size=batch_size, device=device,
-                       decoder=decoder, num_threads=threads, decoder_settings=settings)
+        ex = Extractor(model, ds, seed=seed, views=views, batch_size=batch_size, device=device, decoder=decoder,
+                       num_threads=threads, decoder_settings=settings, teacher_input=teacher_input(view_pixels))
         e = estimate_run(ex, codec=codec, pca_dim=pca_dim, num_images=len(ds), views=views,
                          ranks=ranks or dist.world_size(), stats_images=stats_images, view_pixels=view_pixels)
         click.echo(format_estimate(e))

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -75,16 +74,18 @@ def _synthetic_stats(seed: int) -> dict:
                 eigenvalues=eig.numpy().astype(np.float32))
 
 
-def write_store(path: Path, data, *, codec: str, seed: int = 0, views: int = 1) -> Path:
+def write_store(path: Path, data, *, codec: str, seed: int = 0, views: int = 1, view_pixels: str = "none") -> Path:
     """A three-teacher store of ``data`` in ``codec`` with seeded-noise tokens, written by the
-    product's writer (extract/runner.open_teacher_store, TeacherStore.write_block, codecs)."""
+    product's writer (extract/runner.open_teacher_store, TeacherStore.write_block, codecs);
+    ``view_pixels`` creates the (empty) view pixels group first, as extraction does, so the
+    teachers are recorded as running on those views (``write_view_pixels`` fills it)."""
     from extract.runner import open_teacher_store
 
     for t, name in enumerate(TEACHERS):
         teacher = SimpleNamespace(name=name, source="bench/datapath.py synthetic tokens",
                                   digest=f"synthetic-{name}-{seed}", untrained=True)
-        ts = open_teacher_store(store_path=path, data=data, teacher=teacher, views=views, seed=seed,
-                                codec=codec, pca_dim=codecs.PCA_DIM, precision="fp32")
+        ts, _ = open_teacher_store(store_path=path, data=data, teacher=teacher, views=views, seed=seed,
+                                   codec=codec, pca_dim=codecs.PCA_DIM, precision="fp32", view_pixels=view_pixels)
         st = _synthetic_stats(seed + t)
         ts.write_stats(st["mean"], st["components"], st["eigenvalues"], 1, indices=np.arange(1))
         ts = type(ts)(ts.root, ts.group)          # reopen: the codec's statistics are now there
@@ -128,9 +129,9 @@ def build_fixture(root: Path, *, count: int, shard_size: int, seed: int = 0) -> 
     photos = write_imagenet_like(root / "photos", count=count, seed=seed)
     data = prepare(photos, root / "data", shard_size=shard_size, progress=False)
     stores = {"fp16": write_store(root / "store_fp16", data, codec="fp16", seed=seed),
-              "jpeg": write_store(root / "store_jpeg", data, codec="adapter", seed=seed)}
-    stores["raw"] = root / "store_raw"
-    shutil.copytree(stores["jpeg"], stores["raw"])          # the same adapter-space features
+              # the same adapter-space features (same seed), with each form of view pixels
+              **{form: write_store(root / f"store_{form}", data, codec="adapter", seed=seed, view_pixels=form)
+                 for form in ("jpeg", "raw")}}
     for form in ("jpeg", "raw"):
         write_view_pixels(stores[form], data, form, seed=seed)
     return dict(data=data, stores=stores, photos=size_summary(photos))

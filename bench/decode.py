@@ -18,7 +18,10 @@ Rows:
   dali-cuda        DaliViewDecoder(device="cuda") (only with --device cuda);
   stored-*         the same views stored once (store/viewpixels.py: 224 px JPEG q95 or raw)
                    and decoded by store/decode/stored.py: pil, dali-cpu, raw (np.frombuffer),
-                   dali-cuda (the mixed decoder, with --device cuda).
+                   dali-cuda (the mixed decoder, with --device cuda);
+  view-round-trip  what extraction adds per view when the store keeps JPEG views: encode the
+                   decoded crop (q95) and decode it with PIL (the teacher's input then), in
+                   the extraction's decode thread.
 Each row is timed ``--repeats`` times and the best is reported (shared machines are noisy).
 It then prints how closely DALI agrees with PIL on the same views, per photo kind
 (mean / max |DALI - PIL| on the 0..255 scale, before normalisation).
@@ -179,6 +182,21 @@ def stored_views(datas, boxes, flips, *, form: str) -> list[bytes]:
     return [encode_view(form, v) for v in uint8_views(pil_views(datas, boxes, flips))]
 
 
+def time_round_trip(datas, boxes, flips, *, batch_size: int) -> float:
+    """Seconds of the JPEG view round trip (``store.viewpixels.jpeg_round_trip``, as
+    ``Extractor.view_batch`` runs it with ``teacher_input=jpeg``) on views decoded beforehand."""
+    from store.decode import pil_views
+    from store.viewpixels import jpeg_round_trip
+
+    decoded = [pil_views(datas[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size])
+               for s in range(0, len(datas), batch_size)]
+    start = time.perf_counter()
+    done = sum(jpeg_round_trip(images)[1].shape[0] for images in decoded)
+    seconds = time.perf_counter() - start
+    assert done == len(datas)
+    return seconds
+
+
 def agreement(*, views_per_kind: int, batch_size: int) -> list[tuple[str, float, float]]:
     """(kind, mean |DALI - PIL|, max over views of the per-view mean) on the 0..255 scale."""
     from store.decode import DaliViewDecoder, pil_views
@@ -222,7 +240,7 @@ def main(argv=None) -> None:
         plan.append(("dali-cuda", args.threads))
     stored = {form: stored_views(datas, boxes, flips, form=form) for form in ("jpeg", "raw")}
     kb_view = np.mean([len(b) for b in stored["jpeg"]]) / 1e3
-    plan += [("stored-pil", 1), ("stored-dali-cpu", 1), ("stored-raw", 1)]
+    plan += [("stored-pil", 1), ("stored-dali-cpu", 1), ("stored-raw", 1), ("view-round-trip", 1)]
     if args.threads > 1:
         plan.append(("stored-dali-cpu", args.threads))
     if args.device == "cuda":
@@ -236,6 +254,8 @@ def main(argv=None) -> None:
                 return time_stored(stored[form], form=form, kind="pil" if kind in ("pil", "raw") else "dali",
                                    device="cpu" if device == "pil" else device, threads=workers,
                                    batch_size=args.batch_size)
+            if name == "view-round-trip":
+                return time_round_trip(datas, boxes, flips, batch_size=args.batch_size)
             if name == "pil":
                 return time_pil(datas, boxes, flips, procs=workers, batch_size=args.batch_size)
             return time_dali(datas, boxes, flips, device=name.split("-")[1], threads=workers,

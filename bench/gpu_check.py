@@ -164,8 +164,14 @@ def main(argv=None) -> int:
                   f"{sum(not c['ok'] for c in sec['checks'])} failed checks", flush=True)
         meta["seconds"] = time.perf_counter() - t0
         final = rep.section("budget")
-        rep.check(final, "within the time budget", meta["seconds"] <= size["budget_s"],
-                  f"{meta['seconds']:.0f} s <= {size['budget_s']} s")
+        if device.type == "cuda":
+            # the lent GPU's lease is the hard limit this budget protects
+            rep.check(final, "within the time budget", meta["seconds"] <= size["budget_s"],
+                      f"{meta['seconds']:.0f} s <= {size['budget_s']} s")
+        else:
+            # CPUs of one machine kind differ up to 4x per core: a smoke run's wall time is a figure
+            rep.figure(final, "wall time", meta["seconds"], "s",
+                       f"whole script; the aim is {size['budget_s']} s, checked on a GPU only")
         rep.write()
     finally:
         if args.work is None:

@@ -38,10 +38,10 @@ def bytes_per_sample(codec: str, n_visible: int, *, pca_dim: int = codecs.PCA_DI
     return payload + _META_BYTES + 2 * n_visible
 
 
-def view_pixel_bytes(form: str, pixels: np.ndarray) -> float:
+def view_pixel_bytes(datas: list[bytes]) -> float:
     """Mean bytes one view costs in the view tars: member header, data padded to 512 bytes
-    (the index and record lines are negligible). pixels: (B, 224, 224, 3) uint8."""
-    return float(np.mean([512 + -(-len(encode_view(form, p)) // 512) * 512 for p in pixels]))
+    (the index and record lines are negligible). datas: encoded views (``encode_view``)."""
+    return float(np.mean([512 + -(-len(d) // 512) * 512 for d in datas]))
 
 
 def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views: int,
@@ -51,7 +51,10 @@ def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views:
     index = np.arange(min(len(extractor.data), bs * (batches + 1)))
     it = ((vb, tok) for _, vb, tok, _ in extractor.stream([(index, 0, True, view_pixels != "none")]))
     first, tok = next(it)                               # warm-up: compile, allocate, first decode
-    pixel_bytes = view_pixel_bytes(view_pixels, first.pixels) if view_pixels != "none" else 0.0
+    pixel_bytes = 0.0
+    if view_pixels != "none":
+        pixel_bytes = view_pixel_bytes(first.encoded if first.encoded is not None
+                                       else [encode_view(view_pixels, p) for p in first.pixels])
     pca = None
     if codec in codecs.NEEDS_STATS:                     # a basis from the warm-up batch, on the host
         x = tok.reshape(-1, tok.shape[-1]).double().cpu()

@@ -16,7 +16,10 @@ With ``view_pixels`` (``jpeg`` or ``raw``) the decoded views are also written on
 store's view tars (store/viewpixels.py): the first run that asks for them writes them, a
 later one skips the complete ones (and decodes, without a teacher forward, the views of
 blocks whose tokens exist but whose pixels do not). One job writes them at a time (the
-``pixels`` writer lock, beside the teacher's).
+``pixels`` writer lock, beside the teacher's). In a store with JPEG views every teacher runs
+on the stored view as PIL decodes it (``teacher_input``, recorded in the teacher's config as
+``input``), reading it from the store where it is already there, so that a student reading
+the views sees its teachers' pixels.
 """
 from __future__ import annotations
 
@@ -34,11 +37,12 @@ from extract import dist
 from store import codecs
 from store import views as V
 from store.decode import make_decoder
-from store.features import PIXELS, DataInfo, FeatureStore, TeacherStore
+from store.decode.stored import pil_stored_views
+from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, TeacherStore
 from store.lock import StoreLocked, WriterLock
 from store.prefetch import DeviceCopier, Prefetch
 from store.progress import progress_bar
-from store.viewpixels import ViewPixels, uint8_views
+from store.viewpixels import ViewPixels, jpeg_round_trip, uint8_views
 
 
 @dataclass
@@ -46,9 +50,11 @@ class ViewBatch:
     """Decoded views of consecutive images of one block.
 
     index (B,) int64; view (B,) int64; boxes (B, 4) int64; flips (B,) bool;
-    visible (B, n_k) int64; images (B, 3, 224, 224) float32 normalised (None once the
-    batch was handed to the device: ``Extractor.stream``); pixels (B, 224, 224, 3) uint8,
-    the same views before normalising, when the block's view pixels are to be stored.
+    visible (B, n_k) int64; images (B, 3, 224, 224) float32 normalised, the teacher's input
+    (None once the batch was handed to the device: ``Extractor.stream``); pixels
+    (B, 224, 224, 3) uint8, the same views before normalising, when the block's view pixels are
+    to be stored; encoded, the views as the store holds them (JPEG bytes) when the teacher's
+    input is the decoded stored view (``Extractor.teacher_input == "jpeg"``).
     """
     index: np.ndarray
     view: np.ndarray
@@ -57,27 +63,40 @@ class ViewBatch:
     visible: np.ndarray
     images: torch.Tensor | None
     pixels: np.ndarray | None = None
+    encoded: list[bytes] | None = None
 
 
-def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str) -> dict:
-    """What identifies a teacher's tokens: stored in the store and checked on reopening."""
+def teacher_input(view_form: str | None) -> str:
+    """What a teacher runs on in a store whose view pixels are ``view_form`` (None: none):
+    JPEG views are lossy, so it runs on them as decoded; raw views are the crops exactly."""
+    return "jpeg" if view_form == "jpeg" else "source"
+
+
+def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str, input: str = "source") -> dict:
+    """What identifies a teacher's tokens: stored in the store and checked on reopening.
+    ``input``: the pixels the teacher runs on (store/features.py TEACHER_INPUTS)."""
     ratio = V.MASK_RATIOS[teacher.name]
     return dict(teacher=teacher.name, source=str(teacher.source), checkpoint_digest=teacher.digest,
                 untrained=bool(teacher.untrained), mask_ratio=ratio, n_visible=V.num_visible(ratio),
                 resolution=224, patch_size=16, embed_dim=768, codec=codec,
-                pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision)
+                pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision, input=input)
 
 
 class Extractor:
     """Decode views, run the teacher on its visible patches, return (B, T, 768) tokens.
 
     ``decoder_settings``: the hardware decoder's settings for ``make_decoder``;
-    ``prefetch``: batches the decode thread may run ahead of the teacher."""
+    ``prefetch``: batches the decode thread may run ahead of the teacher;
+    ``teacher_input``: ``source`` runs the teacher on the decoded crops; ``jpeg`` on the
+    views the store keeps (``encode_view``), decoded by PIL as training's reference decoder
+    does, so a student reading the stored views sees the teacher's pixels up to decoder rounding."""
 
     def __init__(self, teacher, data, *, seed: int, views: int, batch_size: int, device: str,
                  decoder: str = "auto", num_threads: int = 2, decoder_settings: dict | None = None,
-                 prefetch: int = 2):
-        self.teacher = teacher
+                 prefetch: int = 2, teacher_input: str = "source"):
+        if teacher_input not in TEACHER_INPUTS:
+            raise ValueError(f"teacher_input={teacher_input!r}: choose one of {TEACHER_INPUTS}")
+        self.teacher, self.teacher_input = teacher, teacher_input
         self.data = data
         self.seed, self.views, self.batch_size = seed, views, batch_size
         self.device = torch.device(device)
@@ -88,12 +107,18 @@ class Extractor:
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else nullcontext())
 
-    def view_batch(self, index: np.ndarray, datas: list[bytes], slot: int) -> ViewBatch:
+    def view_batch(self, index: np.ndarray, datas: list[bytes], slot: int, stored: bool = False) -> ViewBatch:
+        """``datas``: the source images, or with ``stored`` the store's encoded views of them."""
         view = V.view_of_slot(index, slot, self.views)
         boxes, flips = V.view_params(self.seed, index, view, self.data.widths[index], self.data.heights[index])
         visible = V.teacher_visible(self.seed, index, view, self.teacher.name)
-        images = self.decode(datas, boxes, flips)
-        return ViewBatch(index, view, boxes, flips, visible, images)
+        if stored:
+            encoded, images = list(datas), pil_stored_views(datas)
+        else:
+            images, encoded = self.decode(datas, boxes, flips), None
+            if self.teacher_input == "jpeg":
+                encoded, images = jpeg_round_trip(images)
+        return ViewBatch(index, view, boxes, flips, visible, images, encoded=encoded)
 
     def tokens(self, vb: ViewBatch) -> torch.Tensor:
         """(B, 1 + n_k, 768) float32: CLS then visible patch tokens after the final norm."""
@@ -107,8 +132,9 @@ class Extractor:
 
     def stream(self, blocks):
         """Tokens of every batch of ``blocks`` ([(index (n,) int64, slot)], or
-        [(index, slot, tokens, pixels)] saying whether the block wants the teacher's tokens and
-        the views' uint8 pixels; in order), with one
+        [(index, slot, tokens, pixels[, stored])] saying whether the block wants the teacher's
+        tokens and the views' pixels, and ``stored`` None or a callable returning the block's
+        views as the store holds them, the teacher's input then; in order), with one
         decode thread running ``prefetch`` batches ahead across block boundaries, so that
         decoding overlaps the teacher also when a block is a single batch.
 
@@ -121,12 +147,14 @@ class Extractor:
 
         def produce():
             for k, (index, slot, *wants) in enumerate(blocks):
-                want_tokens, want_pixels = wants or (True, False)
-                datas = self.data.read_many(index)
+                want_tokens, want_pixels, stored = (*wants, None)[:3] if wants else (True, False, None)
+                datas = self.data.read_many(index) if stored is None else stored()
                 for a in range(0, len(index), self.batch_size):
                     b = min(a + self.batch_size, len(index))
-                    vb = self.view_batch(index[a:b], datas[a:b], slot)
-                    if want_pixels:
+                    vb = self.view_batch(index[a:b], datas[a:b], slot, stored=stored is not None)
+                    if not want_pixels:
+                        vb.encoded = None
+                    elif vb.encoded is None:
                         vb.pixels = uint8_views(vb.images)
                     sent = (self.copier.send({"images": vb.images, "visible": torch.from_numpy(vb.visible)})
                             if want_tokens else None)
@@ -202,16 +230,33 @@ def _write_stats(ts: TeacherStore, st: dict) -> None:
 
 
 def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, codec: str,
-                       pca_dim: int, precision: str) -> TeacherStore:
-    """Rank 0 creates (or checks) the store and the teacher's group; the others then open it."""
+                       pca_dim: int, precision: str, view_pixels: str = "none"
+                       ) -> tuple[TeacherStore, ViewPixels | None]:
+    """Rank 0 creates (or checks) the store, its view pixels (``view_pixels`` other than
+    ``none``) and the teacher's group; the others then open them. Returns the teacher's group
+    and the view pixels to write (None for ``none``).
+
+    The teacher's input follows the store's view form: with JPEG views (this run's or already
+    stored) it runs on the decoded stored view, else on the decoded crop (raw views are that
+    crop exactly)."""
     info = DataInfo.of(data)
-    config = teacher_config(teacher, codec=codec, pca_dim=pca_dim, precision=precision)
+
+    def config(fs: FeatureStore) -> dict:
+        vp = ViewPixels.open(fs)
+        form = view_pixels if view_pixels != "none" else vp.form if vp is not None else None
+        return teacher_config(teacher, codec=codec, pca_dim=pca_dim, precision=precision,
+                              input=teacher_input(form))
+
     if dist.rank() == 0:
-        FeatureStore.create_or_open(store_path, data=info, views=views, seed=seed).create_teacher(
-            teacher.name, config)
+        fs = FeatureStore.create_or_open(store_path, data=info, views=views, seed=seed)
+        if view_pixels != "none" and ViewPixels.open(fs) is not None:
+            ViewPixels.create_or_open(fs, view_pixels)        # refuses another form before any change
+        fs.create_teacher(teacher.name, config(fs))           # refuses another config (input included)
+        if view_pixels != "none":
+            ViewPixels.create_or_open(fs, view_pixels)
     dist.barrier()
     fs = FeatureStore.open(store_path, data=info, views=views, seed=seed)
-    return fs.create_teacher(teacher.name, config)
+    return fs.create_teacher(teacher.name, config(fs)), (ViewPixels.open(fs) if view_pixels != "none" else None)
 
 
 @contextmanager
@@ -255,10 +300,12 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     """``run_extraction`` without the writer lock. ``decoder_settings``: the GPU decoder's
     settings (``make_decoder``)."""
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    ts = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
-                            codec=codec, pca_dim=pca_dim, precision=precision)
+    ts, vp = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
+                                codec=codec, pca_dim=pca_dim, precision=precision, view_pixels=view_pixels)
     ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,
-                   decoder=decoder, num_threads=num_threads, decoder_settings=decoder_settings)
+                   decoder=decoder, num_threads=num_threads, decoder_settings=decoder_settings,
+                   teacher_input=ts.input)
+    stored = ViewPixels.open(ts.root) if ts.input == "jpeg" else None   # views to read, not to write
     # The statistics (docs/format.md): the pca and adapter codecs encode with their basis, so
     # they come first, from a teacher pass over the sample; fp16 and int8 take them from the
     # stored slot-0 tokens once those blocks exist (no second teacher pass).
@@ -277,9 +324,9 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
         ts = FeatureStore.open(store_path).teacher(teacher.name)
         stats_how = "teacher pass before the blocks"
 
-    vp = _open_view_pixels(store_path, view_pixels)
     done = ts.complete_matrix()
     pixels_done = vp.complete_matrix() if vp is not None else np.ones_like(done)
+    have_views = stored.complete_matrix() if stored is not None else np.zeros_like(done)
     mine = [k for k in range(len(ts.root.shards)) if k % dist.world_size() == dist.rank()]
     todo = [(k, s) for k in mine for s in range(views) if not (done[s, k] and pixels_done[s, k])]
     skipped = sum(1 for k in mine for s in range(views) if done[s, k] and pixels_done[s, k])
@@ -295,7 +342,8 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     blocks = []
     for shard, slot in todo:
         first, count = ts.root.shards[shard]
-        blocks.append((np.arange(first, first + count), slot, not done[slot, shard], not pixels_done[slot, shard]))
+        blocks.append((np.arange(first, first + count), slot, not done[slot, shard], not pixels_done[slot, shard],
+                       _views_reader(stored, slot, shard) if have_views[slot, shard] else None))
     with ThreadPoolExecutor(1, thread_name_prefix="write") as writer, closing(ex.stream(blocks)) as batches:
         pending, parts, tokens = None, [], []
         for k, vb, tok, last in batches:               # one decode thread over all blocks
@@ -305,7 +353,7 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
             bar.update(len(vb.index))
             if not last:
                 continue
-            (shard, slot), (index, _, want_tokens, want_pixels) = todo[k], blocks[k]
+            (shard, slot), (index, _, want_tokens, want_pixels, _) = todo[k], blocks[k]
             count = len(index)
             jobs = []
             if want_tokens:
@@ -316,8 +364,9 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
                              visible=np.concatenate([p.visible for p in parts]), payload=payload)
                 jobs.append(partial(ts.write_block, slot, shard, **block))
             if want_pixels:
-                jobs.append(partial(vp.write_block, slot, shard, index=index,
-                                    pixels=np.concatenate([p.pixels for p in parts])))
+                written_as = (dict(encoded=[d for p in parts for d in p.encoded]) if parts[0].encoded is not None
+                              else dict(pixels=np.concatenate([p.pixels for p in parts])))
+                jobs.append(partial(vp.write_block, slot, shard, index=index, **written_as))
                 pixel_blocks += 1
             if pending is not None:
                 pending.result()          # at most one block in flight; surfaces write errors
@@ -350,11 +399,6 @@ def _run_all(jobs) -> None:
         job()
 
 
-def _open_view_pixels(store_path, form: str) -> ViewPixels | None:
-    """The store's view pixels to write (rank 0 creates or checks them), or None for ``none``."""
-    if form == "none":
-        return None
-    if dist.rank() == 0:
-        ViewPixels.create_or_open(FeatureStore.open(store_path), form)
-    dist.barrier()
-    return ViewPixels.open(FeatureStore.open(store_path))
+def _views_reader(vp: ViewPixels, slot: int, shard: int):
+    """A callable returning the block's stored views (bytes, in sample order)."""
+    return lambda: vp.read_block(slot, shard)[1]

@@ -53,6 +53,11 @@ EMBED_DIM = 768
 # (measured with zarr-python 3.1 on 256 x 138 x 768 blocks: 1875 img/s with one zstd chunk
 # per sample, 4465 img/s with uncompressed chunks of 16); the small arrays keep zstd.
 INNER_CHUNK = 16
+# Teacher config keys added after stores were written, with what a store without them means:
+# ``input``, the pixels the teacher ran on (``source``: the decoded source crop; ``jpeg``: that
+# crop after the store's JPEG view round trip, docs/format.md "View pixels").
+CONFIG_DEFAULTS = {"input": "source"}
+TEACHER_INPUTS = ("source", "jpeg")
 
 
 class StoreError(ExpectedError, RuntimeError):
@@ -191,7 +196,7 @@ class FeatureStore:
         config = _jsonable(dict(config, teacher=name, views=self.views, seed=self.seed))
         if name in self.teachers:
             ts = self.teacher(name)
-            problems = _diff(ts.config, config)
+            problems = _diff(dict(CONFIG_DEFAULTS, **ts.config), config)
             if problems:
                 raise StoreError(f"{self.path}/{name}: exists with another configuration "
                                  "(use a new store or the same settings):\n  " + "\n  ".join(problems))
@@ -229,6 +234,7 @@ class TeacherStore:
         self.group = group
         self.config = dict(group.attrs["config"])
         self.name = self.config["teacher"]
+        self.input = self.config.get("input", CONFIG_DEFAULTS["input"])
         self.codec = self.config["codec"]
         self.n_visible = int(self.config["n_visible"])
         self.payload_keys = list(codecs.payload_arrays(

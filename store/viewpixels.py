@@ -69,6 +69,16 @@ def encode_view(form: str, pixels: np.ndarray) -> bytes:
     raise ValueError(f"unknown view pixel form {form!r}; choose one of {FORMS}")
 
 
+def jpeg_round_trip(images: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
+    """Normalised views (B, 3, 224, 224) -> (their JPEG bytes as a store keeps them, those bytes
+    decoded by PIL and normalised: float32 (B, 3, 224, 224) on the host, the pixels a student
+    reading the stored views gets)."""
+    from store.decode.stored import pil_stored_views
+
+    encoded = [encode_view("jpeg", p) for p in uint8_views(images)]
+    return encoded, pil_stored_views(encoded)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -143,19 +153,22 @@ class ViewPixels:
         return [(int(s), int(k)) for s, k in zip(*np.nonzero(~done))]
 
     # -- writing --------------------------------------------------------------------
-    def write_block(self, slot: int, shard: int, *, index: np.ndarray, pixels: np.ndarray) -> None:
-        """Write one whole block: index (n,) the shard's images in order, pixels (n, 224, 224, 3)
-        uint8; tar and index fsync'ed and renamed, then the completion record."""
+    def write_block(self, slot: int, shard: int, *, index: np.ndarray, pixels: np.ndarray | None = None,
+                    encoded: list[bytes] | None = None) -> None:
+        """Write one whole block: index (n,) the shard's images in order, and either pixels
+        (n, 224, 224, 3) uint8 or their ``encoded`` views (``encode_view`` of this form);
+        tar and index fsync'ed and renamed, then the completion record."""
         first, count = self.root.shards[shard]
         index = np.asarray(index)
-        if not np.array_equal(index, np.arange(first, first + count)) or len(pixels) != count:
+        datas = list(encoded) if encoded is not None else [encode_view(self.form, view) for view in pixels]
+        if not np.array_equal(index, np.arange(first, first + count)) or len(datas) != count:
             raise StoreError(f"{self.path}: view block (slot {slot}, shard {shard}) must hold images "
                              f"{first}..{first + count - 1} in order")
         folder = self.path / f"slot-{slot}"
         folder.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(folder, shard, first)
-        for i, view in zip(index, pixels):
-            writer.add(int(i), self.ext, encode_view(self.form, view), None)
+        for i, data in zip(index, datas):
+            writer.add(int(i), self.ext, data, None)
         info = writer.close()
         _fsync_dir(folder)
         rec = dict(slot=int(slot), shard=int(shard), first=int(first), count=info["count"], form=self.form,

@@ -28,3 +28,17 @@ def test_reports_are_written_and_a_failure_sets_the_exit_status(tmp_path, monkey
     doc = json.loads((tmp_path / "b" / "gpu_check.json").read_text())
     assert doc["failed"] == ["2. decode: ran"] and doc["sections"][2]["checks"][0]["ok"]
     assert "RuntimeError: no decoder here" in (tmp_path / "b" / "gpu_check.md").read_text()
+
+
+def test_the_time_budget_fails_a_gpu_run_and_is_a_figure_on_the_cpu(tmp_path, monkeypatch):
+    """The budget guards the GPU lease; a CPU smoke run's wall time depends on the machine's speed
+    (up to 4x between CPUs of one kind), so there it is reported, not failed."""
+    monkeypatch.setattr(gc, "SECTIONS", [("1. environment", _ok)])
+    monkeypatch.setitem(gc.QUICK, "budget_s", -1)
+    assert gc.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "cpu")]) == 0
+    budget = json.loads((tmp_path / "cpu" / "gpu_check.json").read_text())["sections"][-1]
+    assert budget["checks"] == [] and budget["figures"][0]["name"] == "wall time"
+
+    assert gc.main(["--device", "cuda", "--quick", "--out", str(tmp_path / "gpu")]) == 1
+    assert json.loads((tmp_path / "gpu" / "gpu_check.json").read_text())["failed"] == [
+        "budget: within the time budget"]

@@ -29,14 +29,13 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from store import codecs
 from store import views as V
 from store.decode.pixels import normalize_uint8
 from store.decoders import resolve_decoder
 from store.features import DataInfo, FeatureStore, StoreError
 from store.prefetch import DeviceCopier, Prefetch
-from store.viewpixels import ViewPixels
 from train.config import AUTO, Config
+from train.requirements import check_mask_ratio, student_pixels
 from train.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (steps_per_epoch: old import path)
 
 
@@ -51,8 +50,9 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     ``streams``: ``auto`` takes ``recorded["streams"]`` when given (the ``data`` section of
     the config a resumed run recorded), else ``auto_streams``.
     ``pixels``: ``auto`` takes the recorded value, else ``views`` for a cached run whose store's
-    view pixels are complete (store/viewpixels.py), else ``source``; so a resumed run keeps its
-    images even if view pixels were added meanwhile.
+    view pixels are complete (store/viewpixels.py) and are what its teachers ran on
+    (``student_pixels``), else ``source``; so a resumed run keeps its images even if view
+    pixels were added meanwhile.
     ``decoder``: ``auto`` takes the recorded value, else ``dali`` where DALI is installed, else
     ``pil`` (store/decoders.py); so a resumed run never changes decoder silently."""
     if cfg.data.decoder == AUTO:
@@ -78,8 +78,10 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     if pixels == AUTO:
         pixels = (recorded or {}).get("pixels", AUTO)
     if pixels == AUTO:
-        vp = ViewPixels.open(store) if store is not None and cfg.data.source == "cached" else None
-        pixels = "views" if vp is not None and not vp.missing() else "source"
+        pixels = "source"
+        if store is not None and cfg.data.source == "cached":
+            pixels, _ = student_pixels(store, [store.teacher(n) for n in cfg.data.teachers if n in store.teachers],
+                                       AUTO)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=int(views), streams=int(streams),
                                                              pixels=pixels))
 
@@ -196,9 +198,9 @@ class CachedSource(_Source):
         for name in teachers:
             ts = self.fs.teacher(name)
             ts.require_complete()
-            _check_mask_ratio(ts)
+            check_mask_ratio(ts)
             self.stores[name] = ts
-        self.view_pixels = _view_pixels(self.fs, pixels)
+        _, self.view_pixels = student_pixels(self.fs, list(self.stores.values()), pixels)
         if self.view_pixels is not None:
             from store.decode.stored import make_view_decoder
             self.decode_views = make_view_decoder(self.view_pixels.form, kw.get("decoder", "dali"),
@@ -342,52 +344,6 @@ class CachedSource(_Source):
             out["teachers"][name] = {"cls": tok[:, 0], "patch": tok[:, 1:],
                                      "index": t["visible"].to(device).long()}
         return out
-
-
-def _view_pixels(fs: FeatureStore, pixels: str) -> ViewPixels | None:
-    """The view tars to train from for ``data.pixels`` (see CachedSource), or None."""
-    if pixels not in ("auto", "source", "views"):
-        raise ValueError(f"data.pixels={pixels!r}: choose auto, source or views")
-    vp = ViewPixels.open(fs) if pixels != "source" else None
-    complete = vp is not None and not vp.missing()
-    if pixels == "views" and not complete:
-        what = "holds no view pixels" if vp is None else f"has {len(vp.missing())} incomplete view blocks"
-        raise StoreError(f"{fs.path}: {what}, but data.pixels=views; run `python cli.py extract "
-                         "--view-pixels jpeg` (or raw) on it, or set data.pixels=source")
-    return vp if complete else None
-
-
-def _check_mask_ratio(ts) -> None:
-    """The store's masks must be the ones this code draws for the teacher (store/views.py
-    MASK_RATIOS, what the online path and the method use); else StoreError, one line."""
-    ratio = V.MASK_RATIOS[ts.name]
-    stored = (ts.config.get("mask_ratio"), ts.n_visible)
-    if stored != (ratio, V.num_visible(ratio)):
-        raise StoreError(f"{ts.path}: config mask_ratio={stored[0]} (n_visible {stored[1]}) but this run "
-                         f"masks teacher {ts.name} at {ratio} (n_visible {V.num_visible(ratio)}, "
-                         "store/views.py MASK_RATIOS); extract a new store")
-
-
-def check_codec(ts, *, trainable: bool, width: int, init: str = "pca") -> None:
-    """The store's codec must hold what the adapters read (store/codecs.py): a trainable
-    adapter learns from the full 768-wide tokens, a frozen one from the top ``width``
-    principal coefficients, which only the statistics' own basis (``adapters.init=pca``) reads
-    as W t, from statistics of enough tokens; else StoreError, one line."""
-    dim = int(ts.config.get("pca_dim") or 0) if ts.codec not in codecs.FULL_TOKENS else 0
-    if dim and init != "pca":
-        raise StoreError(f"{ts.path}: codec {ts.codec} stores coefficients on the statistics' basis, which "
-                         f"adapters.init={init} does not read as its W t; use adapters.init=pca or a store "
-                         f"extracted with --codec {' or '.join(codecs.FULL_TOKENS)}")
-    problem = codecs.statistics_problem(ts.codec, ts.stats["count"], pca_dim=dim) if dim and ts.has_stats else None
-    if problem:
-        raise StoreError(f"{ts.path}: {problem}")
-    if trainable and ts.codec not in codecs.FULL_TOKENS:
-        raise StoreError(f"{ts.path}: codec {ts.codec} keeps only {dim} principal coefficients per token, "
-                         f"but adapters.mode=trainable learns from the full tokens; use adapters.mode=frozen "
-                         f"or a store extracted with --codec {' or '.join(codecs.FULL_TOKENS)}")
-    if dim and dim < width:
-        raise StoreError(f"{ts.path}: codec {ts.codec} keeps {dim} principal coefficients per token, fewer "
-                         f"than the adapters' width {width} (model.embed_dim); extract with more")
 
 
 class OnlineSource(_Source):

@@ -32,8 +32,9 @@ from store.roles import Role
 from store.views import hash_keys
 from train.config import Config
 from train.flops import step_flops_per_image
-from train.loader import CachedSource, Plan, check_codec, resolve_data, store_views
+from train.loader import CachedSource, Plan, resolve_data, store_views
 from train.objective import build_objective
+from train.requirements import check_codec
 
 
 class NonFiniteLoss(ExpectedError, RuntimeError):

@@ -1,8 +1,10 @@
 """View pixels stored once with the store (store/viewpixels.py, ``extract --view-pixels``).
 
-Stored JPEG views against a fresh decode of the original images (the measured bound, printed
-with ``-s``), raw views bit-exact; one training step from each; a run from view pixels
-opens no original image shard; verify; SIGKILL then resume; format versions.
+With JPEG views the teacher runs on the stored view as decoded, so the student reading them
+sees the teacher's pixels (PIL exactly, DALI within the decoders' bound); stored JPEG views
+against a fresh decode of the original images (the measured bound, printed with ``-s``), raw
+views bit-exact; the student's pixels must be the teachers'; one training step from each; a
+run from view pixels opens no original image shard; verify; SIGKILL then resume; format versions.
 """
 import builtins
 import json
@@ -22,12 +24,13 @@ from extract.runner import Extractor, run_extraction
 from extract.teachers import build_teacher
 from extract.verify import verify_store
 from store import views as V
-from store.decode import denormalize, pil_views
+from store.decode import VIEW_BOUND, denormalize, pil_views
 from store.decode.stored import make_view_decoder, pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
 from store.manifest import sha256_file
 from store.shards import ImageSet
 from store.viewpixels import ViewPixels
+import train.loader as loader
 from train.config import load_config
 from train.loader import CachedSource, Plan, resolve_data
 from train.loop import build_source, train
@@ -46,21 +49,44 @@ def _extract(data, store, **kw):
 
 
 @pytest.fixture(scope="module")
-def jpeg_store(prepared_data, tmp_path_factory):
-    """MAE (random init), 2 views, fp16 tokens and the views as JPEG: one uninterrupted run."""
+def teacher_inputs():
+    """{(slot, image): the (3, 224, 224) views the teacher ran on} while jpeg_store is extracted."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def jpeg_store(prepared_data, tmp_path_factory, teacher_inputs):
+    """MAE (random init), 2 views, fp16 tokens and the views as JPEG: one uninterrupted run,
+    recording the teacher's input images (``teacher_inputs``)."""
     store = tmp_path_factory.mktemp("jpeg") / "store"
-    summary = _extract(prepared_data, store, view_pixels="jpeg")
+    real = Extractor.view_batch
+
+    def recording(self, index, datas, slot, stored=False):
+        vb = real(self, index, datas, slot, stored)
+        teacher_inputs.update({(slot, int(i)): image.clone() for i, image in zip(index, vb.images)})
+        return vb
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Extractor, "view_batch", recording)
+        summary = _extract(prepared_data, store, view_pixels="jpeg")
     assert summary["pixel_blocks"] == 6 and summary["blocks"] == 6
     return store
 
 
 @pytest.fixture(scope="module")
-def raw_store(jpeg_store, prepared_data, tmp_path_factory):
-    """The same tokens; the views then added as raw uint8 by a run that decodes only: the
-    teacher forward is made to fail, so no block may need one."""
+def source_store(prepared_data, tmp_path_factory):
+    """MAE (random init), 2 views, fp16 tokens, no view pixels: the teacher ran on the crops."""
+    store = tmp_path_factory.mktemp("source") / "store"
+    _extract(prepared_data, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def raw_store(source_store, prepared_data, tmp_path_factory):
+    """The source store's tokens; the views then added as raw uint8 by a run that decodes only:
+    the teacher forward is made to fail, so no block may need one."""
     store = tmp_path_factory.mktemp("raw") / "store"
-    shutil.copytree(jpeg_store, store)
-    shutil.rmtree(store / "pixels")
+    shutil.copytree(source_store, store)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Extractor, "_forward", lambda *a: pytest.fail("a teacher forward for complete tokens"))
         summary = _extract(prepared_data, store, view_pixels="raw")
@@ -77,6 +103,57 @@ def _fresh_and_stored(store, data, decode):
             boxes, flips = V.view_params(0, index, V.view_of_slot(index, slot, VIEWS), ds.widths[index],
                                          ds.heights[index])
             yield denormalize(pil_views(ds.read_many(index), boxes, flips)), denormalize(decode(datas))
+
+
+def test_the_teacher_ran_on_the_stored_jpeg_views_as_pil_and_dali_decode_them(jpeg_store, teacher_inputs):
+    vp = ViewPixels.open(FeatureStore.open(jpeg_store))
+    dali = make_view_decoder("jpeg", "dali", batch_size=8, device="cpu")
+    pil_diff, dali_diff = [], []
+    for slot, shard in np.argwhere(vp.complete_matrix()):
+        index, datas = vp.read_block(int(slot), int(shard))
+        seen = denormalize(torch.stack([teacher_inputs[(int(slot), int(i))] for i in index]))
+        pil_diff.append((denormalize(pil_stored_views(datas)) - seen).abs().flatten(1))
+        dali_diff.append((denormalize(dali(datas)) - seen).abs().flatten(1))
+    pil_diff, dali_diff = torch.cat(pil_diff), torch.cat(dali_diff)
+    print(f"stored JPEG views vs the teacher's input (0..255, {len(pil_diff)} views): PIL max |diff| "
+          f"{float(pil_diff.max()):.2e}; DALI mean {float(dali_diff.mean()):.3f}, worst view mean "
+          f"{float(dali_diff.mean(1).max()):.3f}, worst pixel {float(dali_diff.max()):.0f}")
+    assert len(pil_diff) == 26 == len(teacher_inputs) and float(pil_diff.max()) < 1e-3
+    assert float(dali_diff.mean(1).max()) <= VIEW_BOUND
+
+
+def test_a_teacher_on_the_jpeg_views_gives_other_tokens_than_on_the_crops(jpeg_store, source_store):
+    """The round trip is real: the JPEG store's tokens are not the crops' (fp16 in both)."""
+    jpeg, source = (FeatureStore.open(s).teacher("mae") for s in (jpeg_store, source_store))
+    assert (jpeg.input, source.input) == ("jpeg", "source")
+    a, b = jpeg.read_block(0, 0), source.read_block(0, 0)
+    np.testing.assert_array_equal(a["visible"], b["visible"])
+    diff = np.abs(a["tokens"].astype(np.float32) - b["tokens"].astype(np.float32)).max()
+    assert diff > 1e-3, diff
+
+
+def test_a_later_teacher_runs_on_the_views_the_store_holds_without_reading_an_image(jpeg_store, prepared_data,
+                                                                                    tmp_path, monkeypatch):
+    store, seen = tmp_path / "store", {}
+    shutil.copytree(jpeg_store, store)
+    real = Extractor.view_batch
+
+    def recording(self, index, datas, slot, stored=False):
+        vb = real(self, index, datas, slot, stored)
+        seen.update({(slot, int(i)): (stored, image.clone()) for i, image in zip(index, vb.images)})
+        return vb
+
+    monkeypatch.setattr(Extractor, "view_batch", recording)
+    monkeypatch.setattr(ImageSet, "read_many", lambda *a: pytest.fail("read a source image of a stored view"))
+    run_extraction(teacher=build_teacher("mocov3", random_init=True, seed=0), data=ImageSet.open(prepared_data),
+                   store_path=store, views=VIEWS, seed=0, batch_size=2, decoder="pil", progress=False,
+                   stats_images=13)                                  # no --view-pixels: the store's form decides
+    assert FeatureStore.open(store).teacher("mocov3").input == "jpeg" and len(seen) == 26
+    vp = ViewPixels.open(FeatureStore.open(store))
+    for slot, shard in np.argwhere(vp.complete_matrix()):
+        index, datas = vp.read_block(int(slot), int(shard))
+        assert all(seen[(int(slot), int(i))][0] for i in index)
+        assert torch.equal(torch.stack([seen[(int(slot), int(i))][1] for i in index]), pil_stored_views(datas))
 
 
 def test_stored_jpeg_views_are_within_the_measured_bound_of_a_fresh_decode(jpeg_store, prepared_data):
@@ -113,11 +190,11 @@ def test_dali_decodes_the_stored_jpegs_as_pil_does_and_reads_the_tars_with_their
         assert tar.getnames() == [f"{i:09d}.jpg" for i in range(5)]
 
 
-def test_raw_views_equal_the_fresh_decode_bit_for_bit(raw_store, jpeg_store, prepared_data):
+def test_raw_views_equal_the_fresh_decode_bit_for_bit(raw_store, source_store, prepared_data):
     for fresh, stored in _fresh_and_stored(raw_store, prepared_data, make_view_decoder("raw", "pil", batch_size=8)):
         torch.testing.assert_close(stored, fresh, rtol=0, atol=1e-3)
         assert torch.equal(stored.round(), fresh.round())
-    a, b = zarr.open_group(str(raw_store / "mae"), mode="r"), zarr.open_group(str(jpeg_store / "mae"), mode="r")
+    a, b = zarr.open_group(str(raw_store / "mae"), mode="r"), zarr.open_group(str(source_store / "mae"), mode="r")
     np.testing.assert_array_equal(a["tokens"][...], b["tokens"][...])
 
 
@@ -131,10 +208,12 @@ def _cfg(data, store, **kw):
 
 @pytest.mark.parametrize("form", ["jpeg", "raw"])
 def test_one_step_from_stored_views_matches_the_fresh_images(form, jpeg_store, raw_store, prepared_data,
-                                                             step_difference):
+                                                             step_difference, monkeypatch):
     store = jpeg_store if form == "jpeg" else raw_store
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
-    fresh, stats = build_source(_cfg(prepared_data, store, **{"data.pixels": "source"}), plan, device="cpu")
+    with monkeypatch.context() as mp:   # the fresh crops as a reference, which training refuses for JPEG-fed teachers
+        mp.setattr(loader, "student_pixels", lambda fs, stores, pixels: ("source", None))
+        fresh, stats = build_source(_cfg(prepared_data, store, **{"data.pixels": "source"}), plan, device="cpu")
     stored, _ = build_source(_cfg(prepared_data, store, **{"data.pixels": "views"}), plan, device="cpu")
     assert fresh.view_pixels is None and stored.view_pixels.form == form
     for epoch in (0, 1):
@@ -152,7 +231,8 @@ def test_one_step_from_stored_views_matches_the_fresh_images(form, jpeg_store, r
             assert rel_loss <= 5e-3 and rel_grad <= 5e-2
 
 
-def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, prepared_data, tmp_path, monkeypatch):
+def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, source_store, prepared_data, tmp_path,
+                                                        monkeypatch):
     shards, opened = str(Path(prepared_data) / "shards"), []
     real_os_open, real_open = os.open, builtins.open
 
@@ -174,7 +254,7 @@ def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, prepared_dat
     assert load_config(tmp_path / "run" / "config.yaml").data.pixels == "views"     # auto, resolved and recorded
     # the same watch sees the source path open them
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
-    source, _ = build_source(_cfg(prepared_data, jpeg_store, **{"data.pixels": "source"}), plan, device="cpu")
+    source, _ = build_source(_cfg(prepared_data, source_store, **{"data.pixels": "source"}), plan, device="cpu")
     next(iter(source.epoch(0)))
     assert opened and all(p.endswith(".tar") for p in opened)
 
@@ -260,9 +340,9 @@ def test_a_version_1_store_opens_and_a_newer_one_is_refused_saying_what_to_do(jp
         FeatureStore.open(path)
 
 
-def test_data_pixels_views_without_view_pixels_is_refused_in_one_line(jpeg_store, prepared_data, tmp_path):
+def test_data_pixels_views_without_view_pixels_is_refused_in_one_line(raw_store, prepared_data, tmp_path):
     store = tmp_path / "store"
-    shutil.copytree(jpeg_store, store)
+    shutil.copytree(raw_store, store)
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
     (store / "pixels" / "slot-0" / "shard-000001.json").unlink()
     auto = CachedSource(plan, store_path=store, teachers=["mae"], pixels="auto", decoder="pil")
@@ -276,6 +356,37 @@ def test_data_pixels_views_without_view_pixels_is_refused_in_one_line(jpeg_store
     shutil.rmtree(store / "pixels")
     with pytest.raises(StoreError, match="holds no view pixels, but data.pixels=views"):
         CachedSource(plan, store_path=store, teachers=["mae"], pixels="views", decoder="pil")
+
+
+def test_the_student_must_read_the_pixels_its_teachers_ran_on(jpeg_store, raw_store, prepared_data, tmp_path):
+    plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
+
+    def source(store, pixels):
+        return CachedSource(plan, store_path=store, teachers=["mae"], pixels=pixels, decoder="pil")
+
+    for store in (jpeg_store, raw_store):         # the teachers ran on these views (raw: the crops exactly)
+        assert resolve_data(_cfg(prepared_data, store), plan.data).data.pixels == "views"
+    assert source(raw_store, "source").view_pixels is None
+    with pytest.raises(StoreError, match="teachers mae ran on the stored JPEG views, so the student must read "
+                                         "them too: set data.pixels=views$") as info:
+        source(jpeg_store, "source")
+    assert "\n" not in str(info.value)
+    partial = tmp_path / "partial"
+    shutil.copytree(jpeg_store, partial)
+    (partial / "pixels" / "slot-0" / "shard-000001.json").unlink()
+    with pytest.raises(StoreError, match="set data.pixels=views once `python cli.py extract --view-pixels jpeg` "
+                                         "has completed the view blocks"):
+        resolve_data(_cfg(prepared_data, partial), plan.data)
+    older = tmp_path / "older"                    # a store from before teachers ran on the JPEG views
+    shutil.copytree(jpeg_store, older)
+    group = zarr.open_group(str(older / "mae"), mode="a")
+    group.attrs["config"] = {k: v for k, v in group.attrs["config"].items() if k != "input"}
+    assert resolve_data(_cfg(prepared_data, older), plan.data).data.pixels == "source"
+    assert source(older, "auto").view_pixels is None
+    with pytest.raises(StoreError, match="teachers mae ran on the source crops, not on the stored jpeg views, so "
+                                         "data.pixels=views would show the student other pixels") as info:
+        source(older, "views")
+    assert "\n" not in str(info.value)
 
 
 def test_estimate_counts_the_view_tars(raw_store, jpeg_store, prepared_data):

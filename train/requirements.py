@@ -1,0 +1,73 @@
+"""What a cached run requires of its store, each a one-line StoreError when it does not hold:
+the student's pixels are its teachers' (``student_pixels``), the masks are this code's
+(``check_mask_ratio``), the codec suits the adapters (``check_codec``)."""
+from __future__ import annotations
+
+from store import codecs
+from store import views as V
+from store.features import FeatureStore, StoreError
+from store.viewpixels import ViewPixels
+
+
+def student_pixels(fs: FeatureStore, stores, pixels: str) -> tuple[str, ViewPixels | None]:
+    """(``views`` or ``source``, the view tars to train from or None) for ``data.pixels`` on
+    the teachers' ``stores``: the student must see the pixels its teachers ran on
+    (``TeacherStore.input``): stored JPEG views for a teacher of input ``jpeg``, the decoded
+    crop (or raw views, that crop exactly) for ``source``. ``auto`` takes the views when they
+    are complete and match; anything else that does not match is refused (StoreError, one line)."""
+    if pixels not in ("auto", "source", "views"):
+        raise ValueError(f"data.pixels={pixels!r}: choose auto, source or views")
+    vp = ViewPixels.open(fs)
+    complete = vp is not None and not vp.missing()
+    jpeg = sorted(ts.name for ts in stores if ts.input == "jpeg")
+    source = sorted(ts.name for ts in stores if ts.input != "jpeg")
+    views_match = complete and not (jpeg if vp.form == "raw" else source)
+    if pixels == "auto":
+        pixels = "views" if views_match else "source"
+    if pixels == "views" and not complete:
+        what = "holds no view pixels" if vp is None else f"has {len(vp.missing())} incomplete view blocks"
+        raise StoreError(f"{fs.path}: {what}, but data.pixels=views; run `python cli.py extract "
+                         "--view-pixels jpeg` (or raw) on it, or set data.pixels=source")
+    if pixels == "views" and not views_match:
+        raise StoreError(f"{fs.path}: teachers {', '.join(source)} ran on the source crops, not on the stored "
+                         f"{vp.form} views, so data.pixels=views would show the student other pixels; set "
+                         "data.pixels=source, or extract them into a store that holds its JPEG views first")
+    if pixels == "source" and jpeg:
+        fix = ("data.pixels=views" if complete else
+               "data.pixels=views once `python cli.py extract --view-pixels jpeg` has completed the view blocks")
+        raise StoreError(f"{fs.path}: teachers {', '.join(jpeg)} ran on the stored JPEG views, so the student "
+                         f"must read them too: set {fix}")
+    return pixels, (vp if pixels == "views" else None)
+
+
+def check_mask_ratio(ts) -> None:
+    """The store's masks must be the ones this code draws for the teacher (store/views.py
+    MASK_RATIOS, what the online path and the method use); else StoreError, one line."""
+    ratio = V.MASK_RATIOS[ts.name]
+    stored = (ts.config.get("mask_ratio"), ts.n_visible)
+    if stored != (ratio, V.num_visible(ratio)):
+        raise StoreError(f"{ts.path}: config mask_ratio={stored[0]} (n_visible {stored[1]}) but this run "
+                         f"masks teacher {ts.name} at {ratio} (n_visible {V.num_visible(ratio)}, "
+                         "store/views.py MASK_RATIOS); extract a new store")
+
+
+def check_codec(ts, *, trainable: bool, width: int, init: str = "pca") -> None:
+    """The store's codec must hold what the adapters read (store/codecs.py): a trainable
+    adapter learns from the full 768-wide tokens, a frozen one from the top ``width``
+    principal coefficients, which only the statistics' own basis (``adapters.init=pca``) reads
+    as W t, from statistics of enough tokens; else StoreError, one line."""
+    dim = int(ts.config.get("pca_dim") or 0) if ts.codec not in codecs.FULL_TOKENS else 0
+    if dim and init != "pca":
+        raise StoreError(f"{ts.path}: codec {ts.codec} stores coefficients on the statistics' basis, which "
+                         f"adapters.init={init} does not read as its W t; use adapters.init=pca or a store "
+                         f"extracted with --codec {' or '.join(codecs.FULL_TOKENS)}")
+    problem = codecs.statistics_problem(ts.codec, ts.stats["count"], pca_dim=dim) if dim and ts.has_stats else None
+    if problem:
+        raise StoreError(f"{ts.path}: {problem}")
+    if trainable and ts.codec not in codecs.FULL_TOKENS:
+        raise StoreError(f"{ts.path}: codec {ts.codec} keeps only {dim} principal coefficients per token, "
+                         f"but adapters.mode=trainable learns from the full tokens; use adapters.mode=frozen "
+                         f"or a store extracted with --codec {' or '.join(codecs.FULL_TOKENS)}")
+    if dim and dim < width:
+        raise StoreError(f"{ts.path}: codec {ts.codec} keeps {dim} principal coefficients per token, fewer "
+                         f"than the adapters' width {width} (model.embed_dim); extract with more")
