@@ -128,8 +128,8 @@ def _device(device: str) -> str:
               help="Untrained teacher (tests, demos); the store records that it is untrained.")
 @click.option("--views", type=int, default=4, help="Cached views per image (V).")
 @click.option("--seed", type=int, default=0, help="Root seed of crops and masks.")
-@click.option("--codec", type=click.Choice(["fp16", "int8", "pca", "adapter"]), default="fp16",
-              help="How tokens are stored (docs/format.md).")
+@click.option("--codec", type=click.Choice(["fp16", "int8", "pca", "adapter"]), default="adapter",
+              help="How tokens are stored (docs/format.md); fp16 keeps the full tokens (trainable adapters).")
 @click.option("--pca-dim", type=int, default=256, help="Principal components kept by --codec pca.")
 @click.option("--batch-size", type=int, default=64, help="Images per teacher forward.")
 @click.option("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
@@ -149,7 +149,7 @@ def _device(device: str) -> str:
               help="Measure a short run, print bytes on disk and hours for the whole run, and exit.")
 @click.option("--ranks", type=int, default=None,
               help="With --estimate: ranks to project for (default: this run's world size).")
-@click.option("--view-pixels", type=click.Choice(["none", "jpeg", "raw"]), default="none",
+@click.option("--view-pixels", type=click.Choice(["none", "jpeg", "raw"]), default="jpeg",
               help="Also store each view's 224 px pixels (JPEG q95 or raw uint8), once per store, so that "
                    "training never opens the image shards (docs/format.md).")
 def extract(teacher, data, store_path, checkpoint, random_init, views, seed, codec, pca_dim,

@@ -6,10 +6,12 @@ Stages (each prints one line with its time; a second run reuses what the first m
                  each of the 13 photos) and held-out (``heldout_copies`` crops of 9 other
                  photos: nothing held out is a crop of a training photo);
  2. prepare      both trees packed into shards (a finished prepare says "nothing to do");
- 3. extract      the three teachers over every (image, view) of both sets (complete
-                 teachers are skipped without being built; partial ones resume); the
-                 statistics come from the stored tokens (no second teacher pass); the note
-                 gives this machine's ViT-B forward rate (``teacher_rate``);
+ 3. extract      the three teachers over every (image, view) of both sets, as `extract`
+                 does by default (``DemoSettings.codec`` adapter, the training views kept as
+                 JPEG and trained from); complete teachers are skipped without being built,
+                 partial ones resume; the held-out store takes the training store's
+                 statistics, so its coefficients are on the basis the run's adapters read;
+                 the note gives this machine's ViT-B forward rate (``teacher_rate``);
  4. verify       both stores against their data;
  5. train        the student on the cached store (a finished run with the same config is
                  reused, an unfinished one resumed);
@@ -17,7 +19,7 @@ Stages (each prints one line with its time; a second run reuses what the first m
                  views (the quality check), and linear CKA with the fused targets;
  7. throughput   cached (the training stage's own rate) vs online vs in-memory ceiling
                  (``train.throughput.measure``; the online row reuses the extract stage's teachers);
- 8. sizes        the store's bytes per codec, measured on its own tokens;
+ 8. sizes        the store's bytes per codec, measured on its teachers' tokens of its views;
  9. report       OUT/report/README.md with figures and panels, and the same report as one
                  self-contained page, OUT/report/report.html (figures embedded).
 
@@ -39,8 +41,8 @@ import numpy as np
 
 from core.io import git_commit, git_dirty, write_atomic
 from core.run import CONFIG, INFO, read_metrics
-from demo.stages import (MOVABLE, DemoError, DemoSettings, codec_sizes, extract_all, folder_diff,
-                         measure_throughput, teacher_sources, train_config, train_or_reuse)
+from demo.stages import (MOVABLE, DemoError, DemoSettings, codec_sizes, demo_teacher, extract_all,
+                         folder_diff, measure_throughput, teacher_sources, train_config, train_or_reuse)
 from samples.photos import write_photo_splits
 
 __all__ = ["run_demo"]
@@ -126,7 +128,11 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     # 3-4: teacher stores
     stores = {"train": out / "features" / "train", "heldout": out / "features" / "heldout"}
     views = {"train": settings.views, "heldout": 1}
-    stats_images = {"train": settings.stats_images, "heldout": min(4, settings.stats_images)}
+    # the held-out store is read with the training store's adapters: it takes that store's
+    # statistics (a coefficient codec then encodes on their basis) and keeps no views (the
+    # evaluation decodes its crops, which its teachers then ran on)
+    split_kw = {"train": dict(view_pixels=settings.view_pixels),
+                "heldout": dict(stats_from=stores["train"])}
 
     rate: dict = {}
 
@@ -134,8 +140,9 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
         notes = []
         for split in ("train", "heldout"):
             note, all_done = extract_all(stores[split], data[split], views=views[split],
-                                         stats_images=stats_images[split], sources=sources, settings=settings,
-                                         device=device, built=built, progress=progress, rate=rate)
+                                         stats_images=settings.stats_images, sources=sources, settings=settings,
+                                         device=device, built=built, progress=progress, rate=rate,
+                                         **split_kw[split])
             if all_done:
                 reused.append(f"{split} feature store (all teachers complete)")
             notes.append(f"{split}: {note}")
@@ -193,7 +200,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             reused.append("held-out evaluation")
             return "reused: " + _quality_note(meas)
         samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx, epoch=0,
-                                    teachers=list(cfg.data.teachers))
+                                    teachers=list(cfg.data.teachers), adapters_from=stores["train"])
         batch = diag.sample_batch(samples, cfg.data.teachers, device=device)
         with torch.no_grad():
             meas["heldout_loss"] = diag.heldout_losses(objective("trained"), objective("untrained"), batch)
@@ -214,20 +221,23 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             return f"skipped: {meas['throughput']['skipped']}"
         return ", ".join(f"{r['mode']} {r['images_per_second']:.1f} img/s" for r in rows)
     stage("throughput", throughput)
-    built.clear()
 
     def sizes():
         was = "sizes" in meas
         if was:
             reused.append("store size measurement")
         else:
-            meas["sizes"] = codec_sizes(stores["train"], teachers=cfg.data.teachers, num_images=len(data["train"]),
-                                        views=settings.views)
+            teachers = {n: demo_teacher(n, sources=sources, settings=settings, device=device, built=built)
+                        for n in cfg.data.teachers}
+            meas["sizes"] = codec_sizes(stores["train"], data["train"], teachers=teachers,
+                                        num_images=len(data["train"]), views=settings.views, device=device,
+                                        decoder=settings.decoder)
         s = meas["sizes"]
         per_codec = ", ".join(f"{r['codec']} {r['zstd_bytes'] / 1024:.0f} KiB" for r in s["rows"])
         return ("reused: " if was else "") + per_codec + \
             f" per (image, view); store on disk {s['actual_bytes'] / 2**20:.1f} MiB"
     stage("sizes", sizes)
+    built.clear()
     m_path.parent.mkdir(parents=True, exist_ok=True)
     m_path.write_text(json.dumps({"key": key, **{k: meas[k] for k in ("heldout_loss", "cka", "throughput", "sizes")}}, indent=1))
 
@@ -240,7 +250,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
         plots.plot_gate_shares(rows, report_dir / "gates.png")
         pick = np.unique(np.linspace(0, len(held_idx) - 1, max(1, settings.panels)).round().astype(int))
         samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx[pick], epoch=0,
-                                    teachers=list(cfg.data.teachers))
+                                    teachers=list(cfg.data.teachers), adapters_from=stores["train"])
         maps = diag.gate_maps(objective("trained"), diag.sample_batch(samples, cfg.data.teachers, device=device))
         panels = []
         for s, w in zip(samples, maps):

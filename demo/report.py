@@ -185,13 +185,14 @@ def report_blocks(info: dict) -> list[tuple]:
         out += [("p", f"Not measured: {tp.get('skipped', 'unknown reason')}.")]
     sz = info["sizes"]
     out += [("h2", "Store size per codec"),
-            ("p", f"Measured by encoding {sz['measured_samples']} stored (image, view) samples of every teacher with "
-              "each codec and compressing with zstd level 1 (the store's compressor); per (image, view) for the "
-              "three teachers together; the error is relative to the stored fp16 tokens. The demo store itself "
-              f"is fp16: its files hold {sz['actual_bytes'] / 2**20:.1f} MiB, of which "
-              f"{sz['stats_bytes'] / 2**20:.1f} MiB are the adapter statistics and "
-              f"{(sz['actual_bytes'] - sz['stats_bytes']) / 2**20:.1f} MiB the samples (projected from the "
-              f"measurement: {sz['projected_fp16_bytes'] / 2**20:.1f} MiB)."),
+            ("p", f"Measured by encoding every teacher's tokens of {sz['measured_samples']} of the store's "
+              "(image, view) samples with each codec and compressing with zstd level 1 (the store's compressor); "
+              "per (image, view) for the three teachers together; the error is relative to the teachers' float "
+              f"tokens. The demo store itself is {sz['codec']}: its files hold {sz['actual_bytes'] / 2**20:.1f} MiB, "
+              f"of which {sz['stats_bytes'] / 2**20:.1f} MiB are the adapter statistics, "
+              f"{sz['pixels_bytes'] / 2**20:.1f} MiB the stored views and "
+              f"{(sz['actual_bytes'] - sz['stats_bytes'] - sz['pixels_bytes']) / 2**20:.1f} MiB the samples "
+              f"(projected from the measurement: {sz['projected_bytes'] / 2**20:.1f} MiB)."),
             ("table", ["codec", "raw KiB", "zstd KiB", "rel. error", "this demo (MiB)", "ImageNet-1K x 4 views (TiB)"],
              [[r["codec"], f"{r['raw_bytes'] / 1024:.1f}", f"{r['zstd_bytes'] / 1024:.1f}",
                f"{r['rel_error']:.4f}", f"{r['demo_bytes'] / 2**20:.1f}",

@@ -13,6 +13,7 @@ import numpy as np
 from core.config import TypedConfig, check_choices, check_nonneg, check_positive
 from core.run import INFO, load_checkpoint, saved_config, settings_diff
 from store.decoders import DECODERS, resolve_decoder
+from store.codecs import CODECS
 from store.errors import ExpectedError
 
 TEACHERS = ("mae", "mocov3", "ibot")
@@ -36,7 +37,8 @@ class DemoSettings(TypedConfig):
     steps: int = 60                 # student steps
     batch_size: int = 16
     lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
-    codec: str = "fp16"
+    codec: str = "adapter"          # extract's default: 192 int8 coefficients per token on the statistics' basis
+    view_pixels: str = "jpeg"       # the training store keeps its views; training reads them (data.pixels=views)
     decoder: str = "auto"           # auto (DALI where installed, else PIL), dali or pil; OUT/config.yaml
                                     # records the resolved one
     stats_images: int = 16          # images whose tokens give each teacher's adapter statistics
@@ -51,7 +53,7 @@ class DemoSettings(TypedConfig):
             check_positive(self, ["copies", "heldout_copies", "max_side", "views", "steps", "batch_size", "lr",
                                   "stats_images", "teacher_batch", "panels"])
             check_nonneg(self, ["bench_steps"])
-            check_choices(self, {"decoder": DECODERS})
+            check_choices(self, {"decoder": DECODERS, "codec": CODECS, "view_pixels": ("none", "jpeg", "raw")})
             self.decoder = resolve_decoder(self.decoder)
             if self.teacher_depth is not None:
                 check_positive(self, ["teacher_depth"])
@@ -70,8 +72,10 @@ def teacher_sources(checkpoints) -> dict[str, str | None]:
     return out
 
 
-def _teacher_done(store: Path, data, name: str, source: str | None, views: int, seed: int) -> bool:
+def _teacher_done(store: Path, data, name: str, source: str | None, views: int, seed: int,
+                  view_pixels: str = "none") -> bool:
     from store.features import DataInfo, FeatureStore, StoreError
+    from store.viewpixels import ViewPixels
     if not (store / "zarr.json").exists():
         return False
     try:
@@ -84,35 +88,46 @@ def _teacher_done(store: Path, data, name: str, source: str | None, views: int, 
     if ts.config.get("source") != (source or "random-init"):
         raise DemoError(f"{store}/{name} was extracted from {ts.config.get('source')}, not "
                         f"{source or 'random-init'}; use another --out")
-    return ts.has_stats and not ts.missing()
+    vp = ViewPixels.open(fs) if view_pixels != "none" else None
+    return ts.has_stats and not ts.missing() and (view_pixels == "none" or (vp is not None and not vp.missing()))
+
+
+def demo_teacher(name: str, *, sources: dict, settings: DemoSettings, device: str, built: dict):
+    """The demo's teacher ``name`` (its official file, or random-init), built once into ``built``."""
+    from extract.teachers import build_teacher
+
+    if name not in built:
+        built[name] = (build_teacher(name, checkpoint=sources[name], device=device) if sources[name] else
+                       build_teacher(name, random_init=True, seed=settings.seed, device=device,
+                                     model_kwargs=None if settings.teacher_depth is None else
+                                     {"depth": settings.teacher_depth}))
+    return built[name]
 
 
 def extract_all(store: Path, data, *, views: int, stats_images: int, sources: dict, settings: DemoSettings,
-                device: str, built: dict, progress: bool, rate: dict | None = None) -> tuple[str, bool]:
-    """Run the missing teachers over ``data`` into ``store``; returns (stage note, all reused).
-    A teacher already complete is not even built; ``built`` caches the teachers that were.
-    ``rate``, when given and empty, receives {"images_per_second": ``teacher_rate``} of the
-    first teacher built."""
+                device: str, built: dict, progress: bool, rate: dict | None = None, view_pixels: str = "none",
+                stats_from: Path | None = None) -> tuple[str, bool]:
+    """Run the missing teachers over ``data`` into ``store`` (``settings.codec``, ``view_pixels``;
+    ``stats_from``: the store whose statistics the teachers encode with, see ``run_extraction``);
+    returns (stage note, all reused). A teacher already complete is not even built; ``built``
+    caches the teachers that were. ``rate``, when given and empty, receives
+    {"images_per_second": ``teacher_rate``} of the first teacher built."""
     from extract.runner import run_extraction
-    from extract.teachers import build_teacher
     from train.throughput import teacher_rate
 
     done, rates = [], []
     for name in TEACHERS:
-        if _teacher_done(store, data, name, sources[name], views, settings.seed):
+        if _teacher_done(store, data, name, sources[name], views, settings.seed, view_pixels):
             done.append(name)
             continue
         if name not in built:
-            built[name] = (build_teacher(name, checkpoint=sources[name], device=device) if sources[name] else
-                           build_teacher(name, random_init=True, seed=settings.seed, device=device,
-                                         model_kwargs=None if settings.teacher_depth is None else
-                                         {"depth": settings.teacher_depth}))
+            demo_teacher(name, sources=sources, settings=settings, device=device, built=built)
             if rate is not None and not rate:
                 rate.update(teacher=name, images_per_second=teacher_rate(built[name], device=device))
         s = run_extraction(teacher=built[name], data=data, store_path=store, views=views, seed=settings.seed,
                            codec=settings.codec, batch_size=settings.teacher_batch, device=device,
                            decoder=settings.decoder, num_threads=2, stats_images=stats_images,
-                           progress=progress)
+                           progress=progress, view_pixels=view_pixels, stats_from=stats_from)
         rates.append(f"{name} {s['blocks']} blocks at {s['images_per_second']:.1f} img/s"
                      + (f" ({s['skipped']} already complete)" if s["skipped"] else ""))
     parts = [f"reused complete {', '.join(done)}"] if done else []
@@ -126,7 +141,8 @@ def train_config(settings: DemoSettings, *, data: Path, store: Path, run_dir: Pa
     base_lr = settings.lr * 256 / settings.batch_size
     overrides = [f"data.images={data}", f"data.store={store}", f"data.views={settings.views}",
                  f"data.seed={settings.seed}", f"data.decoder={settings.decoder}", "data.num_workers=2",
-                 "data.streams=1", "data.pixels=source", "data.shuffle_window=2", f"train.batch_size={settings.batch_size}",
+                 "data.streams=1", f"data.pixels={'source' if settings.view_pixels == 'none' else 'views'}",
+                 "data.shuffle_window=2", f"train.batch_size={settings.batch_size}",
                  "train.log_every=5", f"train.ckpt_every={epochs}", f"schedule.epochs={epochs}",
                  f"schedule.warmup_epochs={max(1, epochs // 10)}", f"optim.base_lr={base_lr!r}",
                  f"train.out_dir={run_dir}", *settings.train_overrides]
@@ -168,31 +184,34 @@ def train_or_reuse(cfg, run_dir: Path, *, steps: int, device: str, progress: boo
     return {"steps": summary["steps"]}, note
 
 
-def codec_sizes(store: Path, *, teachers, num_images: int, views: int, samples: int = 16) -> dict:
-    """Bytes per (image, view) for each codec, measured on the store's own tokens.
+def codec_sizes(store: Path, data, *, teachers: dict, num_images: int, views: int, device: str = "cpu",
+                decoder: str = "pil", samples: int = 16) -> dict:
+    """Bytes per (image, view) for each codec, measured on the store's views.
 
-    For each teacher, the first ``samples`` images of slot 0 are decoded from the store and
-    encoded with every codec; ``zstd`` is the payload compressed with zstd level 1 (the
-    store's compressor) plus the small arrays uncompressed. ``rel_error`` is
-    ||decode(encode(t)) - t|| / ||t|| against the stored tokens.
+    For each teacher ({name: Teacher}), its float tokens of the first ``samples`` images'
+    slot-0 views (as extraction computes them: the store's crops, masks and teacher input)
+    are encoded with every codec (the coefficient codecs on the store's statistics); ``zstd``
+    is the payload compressed with zstd level 1 (the store's compressor) plus the small arrays
+    uncompressed. ``rel_error`` is ||decode(encode(t)) - t|| / ||t|| against those tokens.
     """
     import numcodecs
     import torch
 
     from extract.estimate import bytes_per_sample
+    from extract.runner import Extractor
     from store import codecs
-    from store.features import FeatureStore
+    from store.features import PIXELS, FeatureStore
 
     fs = FeatureStore.open(store)
     zstd = numcodecs.Zstd(level=1)
     rows = {c: {"codec": c, "raw_bytes": 0, "zstd_bytes": 0.0, "err": 0.0, "norm": 0.0} for c in codecs.CODECS}
-    measured = 0
-    for name in teachers:
+    n = min(samples, fs.num_samples)
+    index = np.arange(n)
+    for name, teacher in teachers.items():
         ts = fs.teacher(name)
-        n = min(samples, fs.num_samples)
-        stored = ts.read_samples(0, np.arange(n))
-        tok = ts.decode({k: stored[k] for k in ts.payload_keys}).float()                    # (n, T, 768)
-        measured = n
+        ex = Extractor(teacher, data, seed=fs.seed, views=fs.views, batch_size=n, device=device, decoder=decoder,
+                       num_threads=1, teacher_input=ts.input)
+        tok = ex.tokens(ex.view_batch(index, data.read_many(index), slot=0)).cpu()           # (n, T, 768)
         for c, row in rows.items():
             pca = codecs.statistics(c, ts.stats)
             arrays = codecs.encode(c, tok, pca=pca)
@@ -211,9 +230,11 @@ def codec_sizes(store: Path, *, teachers, num_images: int, views: int, samples: 
     files = [p for p in Path(store).rglob("*") if p.is_file()]
     actual = sum(p.stat().st_size for p in files)
     stats = sum(p.stat().st_size for p in files if "stats" in p.relative_to(store).parts)
-    fp16 = next(r for r in out if r["codec"] == "fp16")
-    return {"rows": out, "measured_samples": measured, "actual_bytes": actual, "stats_bytes": stats,
-            "projected_fp16_bytes": fp16["demo_bytes"]}
+    pixels = sum(p.stat().st_size for p in files if p.relative_to(store).parts[0] == PIXELS)
+    codec = fs.teacher(next(iter(teachers))).codec
+    own = next(r for r in out if r["codec"] == codec)
+    return {"rows": out, "measured_samples": n, "actual_bytes": actual, "stats_bytes": stats,
+            "pixels_bytes": pixels, "codec": codec, "projected_bytes": own["demo_bytes"]}
 
 
 def training_throughput(metrics: list[dict], *, batch_size: int) -> dict | None:

@@ -225,8 +225,19 @@ def stats_from_store(ts: TeacherStore, *, num_images: int, batch_size: int = 64)
     return dict(token_stats(parts), indices=index)
 
 
-def _write_stats(ts: TeacherStore, st: dict) -> None:
-    ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"], indices=st["indices"])
+def _write_stats(ts: TeacherStore, st: dict, origin: dict | None = None) -> None:
+    ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"], indices=st["indices"],
+                   origin=origin)
+
+
+def _copy_stats(ts: TeacherStore, stats_from) -> None:
+    """Give ``ts`` the statistics of the same teacher in the store ``stats_from``, with their origin."""
+    src = FeatureStore.open(stats_from).teacher(ts.name)
+    st = dict(src.stats)
+    if st["indices"] is None:
+        st["indices"] = np.zeros(0, dtype=np.int64)
+    _write_stats(ts, st, origin=dict(store=str(src.root.path), data_digest=src.root.data_digest,
+                                     basis=codecs.basis_digest(st)))
 
 
 def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, codec: str,
@@ -296,9 +307,11 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
              pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
              decoder: str = "auto", num_threads: int = 2, stats_images: int = 1024,
              max_blocks: int | None = None, progress: bool = True,
-             decoder_settings: dict | None = None, view_pixels: str = "none") -> dict:
+             decoder_settings: dict | None = None, view_pixels: str = "none", stats_from=None) -> dict:
     """``run_extraction`` without the writer lock. ``decoder_settings``: the GPU decoder's
-    settings (``make_decoder``)."""
+    settings (``make_decoder``). ``stats_from``: another store whose statistics of this teacher
+    this store takes instead of its own (a held-out store read with the training store's
+    adapters: a coefficient codec then encodes on their basis, ``check_same_basis``)."""
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
     ts, vp = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
                                 codec=codec, pca_dim=pca_dim, precision=precision, view_pixels=view_pixels)
@@ -311,6 +324,12 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     # stored slot-0 tokens once those blocks exist (no second teacher pass).
     stats_first = codec in codecs.NEEDS_STATS
     stats_how = "already in the store" if ts.has_stats else None
+    if stats_how is None and stats_from is not None:
+        if dist.rank() == 0:
+            _copy_stats(ts, stats_from)
+        dist.barrier()
+        ts = FeatureStore.open(store_path).teacher(teacher.name)
+        stats_how = f"copied from {stats_from}"
     if stats_first and stats_how is None:
         problem = None
         if dist.rank() == 0:

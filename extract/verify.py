@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from store import codecs
 from store import views as V
-from store.features import DataInfo, FeatureStore, StoreError
+from store.features import CONFIG_DEFAULTS, DataInfo, FeatureStore, StoreError
 from store.progress import progress_bar
 from store.viewpixels import ViewPixels
 
 # Keys that every teacher of one store must share.
-SHARED_KEYS = ("seed", "views", "resolution", "patch_size", "embed_dim")
+SHARED_KEYS = ("seed", "views", "resolution", "patch_size", "embed_dim", "input")
 
 
 def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_values: bool = True,
@@ -40,7 +41,7 @@ def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_va
         except StoreError as e:
             problems.append(str(e))
             continue
-        configs[name] = ts.config
+        configs[name] = dict(CONFIG_DEFAULTS, **ts.config)
         missing = ts.missing()
         done = ts.complete_matrix()
         summary["teachers"][name] = dict(blocks=int(done.size), complete=int(done.sum()),
@@ -82,8 +83,13 @@ def _check_view_pixels(fs, summary: dict, *, progress: bool) -> list[str]:
 
 
 def _check_stats_sample(ts) -> list[str]:
-    """The recorded statistics sample must be ``views.stats_sample`` of its size."""
-    got = ts.stats["indices"]
+    """The recorded statistics sample must be ``views.stats_sample`` of its size; statistics
+    copied from another store (``origin``) must be those it recorded (their basis digest)."""
+    got, origin = ts.stats["indices"], ts.stats.get("origin")
+    if origin:
+        if codecs.basis_digest(ts.stats) != origin.get("basis"):
+            return [f"{ts.path}/stats: differ from those copied from {origin.get('store')} (basis digest)"]
+        return []
     where = f"{ts.path}/stats/indices"
     if got is None:
         return [f"{where}: missing (statistics written before their sample was recorded; "

@@ -56,6 +56,17 @@ def statistics_problem(codec: str, count: int, *, pca_dim: int = PCA_DIM) -> str
     return None
 
 
+def basis_digest(stats: dict) -> str:
+    """sha256 of the statistics a coefficient codec encodes on (mean, components): two stores
+    with equal digests hold coefficients of one basis, which one set of adapters reads alike."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in ("mean", "components"):
+        h.update(np.ascontiguousarray(stats[key], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def stored_dim(codec: str, pca_dim: int = PCA_DIM) -> int:
     """Coefficients per token the codec keeps (0: the full tokens)."""
     return {"pca": int(pca_dim), "adapter": ADAPTER_DIM}.get(codec, 0)

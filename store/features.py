@@ -270,10 +270,12 @@ class TeacherStore:
 
     # -- statistics (adapter initialisation, pca codec) ---------------------------------
     def write_stats(self, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray,
-                    count: int, *, indices) -> None:
+                    count: int, *, indices, origin: dict | None = None) -> None:
         """mean (C,), components (C, C) rows = principal directions by decreasing variance,
         eigenvalues (C,); count: tokens used; indices (n,): the images whose slot-0 tokens
-        they came from (``views.stats_sample``), recorded so a reader can check the sample."""
+        they came from (``views.stats_sample``), recorded so a reader can check the sample;
+        ``origin``: None for this store's own sample, else {store, data_digest, basis} of the
+        store they were copied from (their indices are that store's images)."""
         indices = np.asarray(indices)
         if indices.ndim != 1 or indices.dtype.kind not in "iu":
             raise StoreError(f"{self.path}: statistics indices must be a 1-D integer array, "
@@ -283,6 +285,7 @@ class TeacherStore:
             s.create_array(key, data=np.ascontiguousarray(arr, dtype=np.float32), overwrite=True)
         s.create_array("indices", data=indices.astype(np.int64), overwrite=True)
         s.attrs["count"] = int(count)
+        s.attrs["origin"] = origin
         _fsync_tree(self.path / "stats")
         self.group.attrs["stats_complete"] = True
         self._stats = None
@@ -301,6 +304,7 @@ class TeacherStore:
             self._stats["count"] = int(s.attrs["count"])
             # None for a store written before the sample was recorded (verify reports it)
             self._stats["indices"] = s["indices"][...] if "indices" in s else None
+            self._stats["origin"] = s.attrs.get("origin")
         return self._stats
 
     @property

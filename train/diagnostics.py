@@ -118,8 +118,17 @@ def _to(batch: dict, device) -> dict:
 
 
 def load_samples(store_path, data, *, indices, views=None, epoch: int | None = None,
-                 teachers=None) -> list[SampleView]:
-    """``load_sample(..., with_tokens=True)`` for each index (view 0 unless ``views``)."""
+                 teachers=None, adapters_from=None) -> list[SampleView]:
+    """``load_sample(..., with_tokens=True)`` for each index (view 0 unless ``views``).
+    ``adapters_from``: the store whose statistics built the adapters that will read these
+    tokens (``load_run``'s), when it is not ``store_path``; its basis must be theirs
+    (``train.requirements.check_same_basis``, StoreError)."""
+    if adapters_from is not None:
+        from train.requirements import check_same_basis
+
+        fs, ref = FeatureStore.open(store_path), FeatureStore.open(adapters_from)
+        for name in teachers or fs.teachers:
+            check_same_basis(fs.teacher(name), ref.teacher(name))
     views = [0] * len(indices) if views is None else list(views)
     return [load_sample(store_path, data, index=int(i), view=int(v), epoch=epoch, teachers=teachers,
                         with_tokens=True) for i, v in zip(indices, views)]

@@ -1,6 +1,7 @@
 """What a cached run requires of its store, each a one-line StoreError when it does not hold:
 the student's pixels are its teachers' (``student_pixels``), the masks are this code's
-(``check_mask_ratio``), the codec suits the adapters (``check_codec``)."""
+(``check_mask_ratio``), the codec suits the adapters (``check_codec``), a store read with
+another store's adapters holds its coefficients on that store's basis (``check_same_basis``)."""
 from __future__ import annotations
 
 from store import codecs
@@ -21,6 +22,10 @@ def student_pixels(fs: FeatureStore, stores, pixels: str) -> tuple[str, ViewPixe
     complete = vp is not None and not vp.missing()
     jpeg = sorted(ts.name for ts in stores if ts.input == "jpeg")
     source = sorted(ts.name for ts in stores if ts.input != "jpeg")
+    if jpeg and source:
+        raise StoreError(f"{fs.path}: its teachers ran on different pixels ({', '.join(source)} on the source "
+                         f"crops, {', '.join(jpeg)} on the stored JPEG views), so no student pixels match them "
+                         "all; extract every teacher of a store with the same --view-pixels")
     views_match = complete and not (jpeg if vp.form == "raw" else source)
     if pixels == "auto":
         pixels = "views" if views_match else "source"
@@ -71,3 +76,18 @@ def check_codec(ts, *, trainable: bool, width: int, init: str = "pca") -> None:
     if dim and dim < width:
         raise StoreError(f"{ts.path}: codec {ts.codec} keeps {dim} principal coefficients per token, fewer "
                          f"than the adapters' width {width} (model.embed_dim); extract with more")
+
+
+def check_same_basis(ts, reference) -> None:
+    """``ts`` (a TeacherStore) is to be read with the adapters built from ``reference``'s
+    statistics (another store of the same teacher, e.g. the training store while ``ts`` holds
+    held-out images): a coefficient codec must then be on ``reference``'s basis (extraction's
+    ``stats_from``); full tokens (fp16, int8) are read alike in any basis. Else StoreError."""
+    if ts.codec in codecs.FULL_TOKENS:
+        return
+    if not (ts.has_stats and reference.has_stats
+            and codecs.basis_digest(ts.stats) == codecs.basis_digest(reference.stats)):
+        raise StoreError(f"{ts.path}: codec {ts.codec} holds coefficients on its own statistics' basis, not on "
+                         f"that of {reference.path}, whose adapters read it; extract it with that store's "
+                         f"statistics (run_extraction(stats_from={str(reference.root.path)!r})) or with "
+                         f"--codec {' or '.join(codecs.FULL_TOKENS)}")

@@ -32,7 +32,8 @@ def _cli(*args):
 
 def _extract_args(data, store, teacher="mae", *extra):
     return ["extract", "--teacher", teacher, "--data", str(data), "--store", str(store), "--random-init",
-            "--views", str(VIEWS), "--batch-size", "2", "--decoder", "pil", "--device", "cpu", *extra]
+            "--views", str(VIEWS), "--batch-size", "2", "--decoder", "pil", "--device", "cpu", "--codec", "fp16",
+            "--view-pixels", "none", *extra]
 
 
 def _arrays(store, teacher="mae"):

@@ -154,6 +154,15 @@ def test_a_later_teacher_runs_on_the_views_the_store_holds_without_reading_an_im
         index, datas = vp.read_block(int(slot), int(shard))
         assert all(seen[(int(slot), int(i))][0] for i in index)
         assert torch.equal(torch.stack([seen[(int(slot), int(i))][1] for i in index]), pil_stored_views(datas))
+    monkeypatch.undo()
+    assert verify_store(store, ImageSet.open(prepared_data), progress=False)[0] == []
+    group = zarr.open_group(str(store / "mocov3"), mode="a")     # as if extracted before the views existed
+    group.attrs["config"] = {k: v for k, v in group.attrs["config"].items() if k != "input"}
+    assert any("teachers disagree on input" in p for p in verify_store(store, ImageSet.open(prepared_data),
+                                                                        progress=False)[0])
+    with pytest.raises(StoreError, match=r"its teachers ran on different pixels \(mocov3 on the source crops, mae "
+                                         r"on the stored JPEG views\), so no student pixels match them all"):
+        resolve_data(_cfg(prepared_data, store, **{"data.teachers": "[mae,mocov3]"}), ImageSet.open(prepared_data))
 
 
 def test_stored_jpeg_views_are_within_the_measured_bound_of_a_fresh_decode(jpeg_store, prepared_data):
@@ -231,9 +240,9 @@ def test_one_step_from_stored_views_matches_the_fresh_images(form, jpeg_store, r
             assert rel_loss <= 5e-3 and rel_grad <= 5e-2
 
 
-def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, source_store, prepared_data, tmp_path,
-                                                        monkeypatch):
-    shards, opened = str(Path(prepared_data) / "shards"), []
+def _watch_image_shards(monkeypatch, data) -> list[str]:
+    """The paths under DATA/shards opened from now on (os.open and open), appended to the list returned."""
+    shards, opened = str(Path(data) / "shards"), []
     real_os_open, real_open = os.open, builtins.open
 
     def os_open(path, *a, **kw):
@@ -248,6 +257,12 @@ def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, source_store
 
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(builtins, "open", py_open)
+    return opened
+
+
+def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, source_store, prepared_data, tmp_path,
+                                                        monkeypatch):
+    opened = _watch_image_shards(monkeypatch, prepared_data)
     train(_cfg(prepared_data, jpeg_store, **{"model.depth": 2}), out_dir=tmp_path / "run", max_steps=4,
           progress=False)                                          # data.pixels=auto: the views are complete
     assert opened == []
@@ -257,6 +272,25 @@ def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, source_store
     source, _ = build_source(_cfg(prepared_data, source_store, **{"data.pixels": "source"}), plan, device="cpu")
     next(iter(source.epoch(0)))
     assert opened and all(p.endswith(".tar") for p in opened)
+
+
+def test_extract_by_default_writes_adapter_coefficients_and_jpeg_views_that_training_reads(prepared_data, tmp_path,
+                                                                                         monkeypatch):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    store = tmp_path / "store"
+    r = CliRunner().invoke(main, ["extract", "--teacher", "mae", "--data", str(prepared_data), "--store", str(store),
+                                  "--random-init", "--views", str(VIEWS), "--batch-size", "4", "--decoder", "pil",
+                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    fs = FeatureStore.open(store)
+    ts, vp = fs.teacher("mae"), ViewPixels.open(fs)
+    assert (ts.codec, ts.input, vp.form, vp.missing()) == ("adapter", "jpeg", "jpeg", [])
+    opened = _watch_image_shards(monkeypatch, prepared_data)
+    train(_cfg(prepared_data, store, **{"model.depth": 2}), out_dir=tmp_path / "run", max_steps=2, progress=False)
+    assert opened == [] and load_config(tmp_path / "run" / "config.yaml").data.pixels == "views"
 
 
 def test_verify_reports_missing_incomplete_and_tampered_view_shards(jpeg_store, prepared_data, tmp_path):
@@ -304,7 +338,7 @@ def test_sigkill_then_resume_with_view_pixels_gives_an_identical_store(jpeg_stor
     store = tmp_path / "store"
     cmd = [sys.executable, str(ROOT / "cli.py"), "extract", "--teacher", "mae", "--data", str(prepared_data),
            "--store", str(store), "--random-init", "--views", str(VIEWS), "--batch-size", "2", "--decoder",
-           "pil", "--device", "cpu", "--stats-images", "13", "--view-pixels", "jpeg"]
+           "pil", "--device", "cpu", "--stats-images", "13", "--view-pixels", "jpeg", "--codec", "fp16"]
 
     def two_view_blocks_done():
         return len(list((store / "pixels").glob("slot-*/*.json"))) >= 2

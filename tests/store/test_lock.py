@@ -55,7 +55,8 @@ def test_second_extract_is_refused_in_one_line_and_a_rerun_proceeds_after_sigkil
     store = tmp_path / "store"
     shutil.copytree(teacher_store, store)
     args = ["extract", "--teacher", "mae", "--data", str(prepared_data), "--store", str(store), "--random-init",
-            "--views", "2", "--decoder", "pil", "--device", "cpu", "--batch-size", "4"]
+            "--views", "2", "--decoder", "pil", "--device", "cpu", "--batch-size", "4", "--codec", "fp16",
+            "--view-pixels", "none"]                                        # the shared store's settings
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store), "mae"], cwd=ROOT, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"held\n"

@@ -178,3 +178,33 @@ def test_encode_decode_round_trip_is_exact_on_the_adapter_subspace():
 def test_estimate_counts_the_adapter_codec_bytes():
     n = V.num_visible(V.MASK_RATIOS["mae"])
     assert bytes_per_sample("adapter", n) - bytes_per_sample("fp16", n) == (n + 1) * (192 + 2 - 768 * 2)
+
+
+def test_a_store_read_with_another_stores_adapters_must_hold_their_basis(adapter_store, prepared_data, tmp_path):
+    """A held-out store evaluated with the training store's adapters: on its own statistics'
+    basis it is refused in one line; extracted with ``stats_from`` it holds the same
+    coefficients as the training store (same images here), and verify accepts the copy."""
+    from extract.verify import verify_store
+    from train.diagnostics import load_samples
+
+    data = ImageSet.open(prepared_data)
+
+    def extract(store, **kw):
+        return run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=data, store_path=store,
+                              seed=0, batch_size=4, decoder="pil", codec="adapter", progress=False, **kw)
+
+    extract(tmp_path / "own", views=1, stats_images=7)
+    with pytest.raises(StoreError, match=r"own/mae: codec adapter holds coefficients on its own statistics' "
+                                         r"basis, not on that of .*adapter.*/store/mae, whose adapters read it") as info:
+        load_samples(tmp_path / "own", data, indices=[0], teachers=["mae"], adapters_from=adapter_store)
+    assert "\n" not in str(info.value)
+    summary = extract(tmp_path / "copied", views=2, stats_images=7, stats_from=adapter_store)
+    assert summary["stats"] == f"copied from {adapter_store}"
+    got, want = (FeatureStore.open(s).teacher("mae") for s in (tmp_path / "copied", adapter_store))
+    assert codecs.basis_digest(got.stats) == codecs.basis_digest(want.stats)
+    assert got.stats["origin"]["store"] == str(adapter_store)
+    for key in ("coeffs", "scale"):
+        np.testing.assert_array_equal(got.read_samples(0, np.arange(13))[key], want.read_samples(0, np.arange(13))[key])
+    samples = load_samples(tmp_path / "copied", data, indices=[0, 1], teachers=["mae"], adapters_from=adapter_store)
+    assert len(samples) == 2
+    assert verify_store(tmp_path / "copied", data, progress=False)[0] == []
