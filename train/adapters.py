@@ -7,13 +7,16 @@ W t + b are the token's coordinates in its best ``out_dim``-dim least-squares su
 
 Mode ``frozen`` (default): every parameter has requires_grad=False and the forward runs
 without autograd. Mode ``trainable``: W, b and the LayerNorm affine learn, and a linear
-decoder U: out_dim -> in_dim gives the reconstruction term
+decoder U: out_dim -> in_dim gives the reconstruction term, in one of ``RECON_FORMS``
+(``loss.recon_form``):
 
-    recon = mean_tokens ||U A(t) - t||^2 / mean_tokens ||t - mean_batch(t)||^2
+    unexplained_variance (default):  mean_tokens ||U A(t) - t||^2 / mean_tokens ||t - mean_batch(t)||^2
+    squared_error (METHOD's form):   mean_tokens ||U A(t) - t||^2
 
-i.e. the fraction of the tokens' variance that the adapter output fails to explain
-(0: perfect, 1: no better than the batch mean; the denominator is detached). It keeps
-a trainable adapter informative, since a collapsed adapter (a constant output) scores 1.
+the first being the fraction of the tokens' variance that the adapter output fails to
+explain (0: perfect, 1: no better than the batch mean; the denominator is detached): one
+scale for every teacher whatever its token norm, so ``loss.recon_weight`` means the same for
+all, and a collapsed adapter (a constant output) scores 1.
 ``collapse_monitor`` gives the mean cosine between different tokens' targets.
 """
 from __future__ import annotations
@@ -22,14 +25,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.config import CHOICES
+
+RECON_FORMS = CHOICES["loss.recon_form"]
+
 
 class TeacherAdapter(nn.Module):
     """One teacher's adapter; see the module docstring."""
 
     def __init__(self, *, in_dim: int = 768, out_dim: int = 192, trainable: bool = False,
-                 name: str = "teacher"):
+                 name: str = "teacher", recon_form: str = "unexplained_variance"):
         super().__init__()
-        self.name = name
+        if recon_form not in RECON_FORMS:
+            raise ValueError(f"adapter {name}: reconstruction form {recon_form!r}; choose one of {RECON_FORMS}")
+        self.name, self.recon_form = name, recon_form
         self.in_dim, self.out_dim = in_dim, out_dim
         self.trainable = trainable
         self.proj = nn.Linear(in_dim, out_dim)
@@ -78,7 +87,7 @@ class TeacherAdapter(nn.Module):
             return self.norm(self.proj(tokens.float()))
 
     def reconstruction_loss(self, tokens: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
-        """Fraction of unexplained variance of U A(t) (trainable mode only).
+        """The reconstruction term of U A(t) in ``self.recon_form`` (trainable mode only).
 
         tokens: (N, in_dim) the raw tokens, adapted: (N, out_dim) = A(tokens).
         Returns a float32 scalar.
@@ -88,6 +97,8 @@ class TeacherAdapter(nn.Module):
         t = tokens.float()
         with torch.autocast(t.device.type, enabled=False):    # t has a large mean: as forward
             err = (self.decoder(adapted.float()) - t).pow(2).sum(-1).mean()
+        if self.recon_form == "squared_error":
+            return err
         with torch.no_grad():
             var = (t - t.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return err / var

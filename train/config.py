@@ -78,7 +78,9 @@ class LossConfig:
     tau: float = 1.0                    # (choice) token KL temperature
     tau_spatial: float = 4.0            # (choice) spatial KL temperature tau_s
     spatial_weight: float = 1.0         # (choice) lambda
-    recon_weight: float = 1.0           # (choice) weight of ||U_k A_k(t) - t||^2 / var(t)
+    recon_weight: float = 1.0           # (choice) weight of the reconstruction term
+    recon_form: str = "unexplained_variance"    # (choice) ||U_k A_k(t) - t||^2 / batch var(t); or
+                                        # "squared_error", METHOD's plain ||U_k A_k(t) - t||^2 (train/adapters.py)
 
 
 @dataclass
@@ -171,6 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapters.init": ("pca", "random"),
     "gate.mode": ("uniform", "affinity", "agreement", "consensus"),
     "loss.kind": ("kl", "mse"),
+    "loss.recon_form": ("unexplained_variance", "squared_error"),
     "schedule.kind": ("cosine", "constant"),
     "data.decoder": DECODERS,
     "data.source": ("cached", "online-replay", "online-fresh"),

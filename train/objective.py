@@ -227,7 +227,7 @@ def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective
                                  out_dim=d, pos_embed=cfg.decoder.pos_embed)
         trainable = cfg.adapters.mode == "trainable"
         adapters = {n: TeacherAdapter(in_dim=cfg.adapters.in_dim, out_dim=d, trainable=trainable,
-                                      name=n) for n in names}
+                                      name=n, recon_form=cfg.loss.recon_form) for n in names}
     if use_pca:
         for n in names:
             st = teacher_stats[n]

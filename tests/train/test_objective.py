@@ -144,6 +144,15 @@ def test_frozen_adapter_has_no_grad_and_trainable_reconstruction_is_unexplained_
         train.decoder.weight.zero_()
         train.decoder.bias.copy_(t.mean(0))
     assert torch.allclose(train.reconstruction_loss(t, train(t)), torch.tensor(1.0), atol=1e-5)
+    # METHOD's plain squared error: the same numerator, undivided (here the tokens' batch variance)
+    plain = TeacherAdapter(in_dim=64, out_dim=16, trainable=True, recon_form="squared_error")
+    plain.load_state_dict(train.state_dict())
+    variance = (t - t.mean(0)).pow(2).sum(-1).mean()
+    assert torch.allclose(plain.reconstruction_loss(t, plain(t)), variance, rtol=1e-5)
+    with pytest.raises(ValueError, match="reconstruction form 'l1'"):
+        TeacherAdapter(in_dim=64, out_dim=16, trainable=True, recon_form="l1")
+    built = build_objective(tiny_cfg("adapters.mode=trainable", "loss.recon_form=squared_error"))
+    assert {a.recon_form for a in built.trainable.adapters.values()} == {"squared_error"}
 
 
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
