@@ -202,27 +202,21 @@ def token_stats(batches) -> dict:
                 eigenvalues=evals[order].clamp_min(0).float().numpy(), count=total)
 
 
-def compute_stats(extractor: Extractor, *, num_images: int) -> dict:
+def compute_stats(extractor: Extractor, *, num_images: int, views: ViewPixels | None = None) -> dict:
     """``token_stats`` of a teacher pass over the slot-0 views of the statistics sample
     (``views.stats_sample``: ``num_images`` images drawn over the whole set), plus
-    ``indices`` (n,), the sample."""
+    ``indices`` (n,), the sample. ``views``: the store's view pixels, whose complete slot-0
+    blocks give the views instead of the source images (a teacher whose input they are)."""
     index = V.stats_sample(extractor.seed, len(extractor.data), num_images)
-    return dict(token_stats(tok for _, tok in extractor.batches(index, slot=0)), indices=index)
-
-
-def stats_from_store(ts: TeacherStore, *, num_images: int, batch_size: int = 64) -> dict | None:
-    """``compute_stats`` from the tokens already stored in slot 0 (codecs fp16, int8: the
-    decoded tokens the student will read), or None while a block holding part of the
-    sample is not complete yet."""
-    index = V.stats_sample(ts.root.seed, ts.root.num_samples, num_images)
-    firsts = np.array([f for f, _ in ts.root.shards])
-    shards = np.unique(np.searchsorted(firsts, index, side="right") - 1)
-    if not ts.complete_matrix()[0, shards].all():
-        return None
-    parts = (ts.decode({k: v for k, v in ts.read_samples(0, index[a:a + batch_size]).items()
-                        if k in ts.payload_keys})
-             for a in range(0, len(index), batch_size))
-    return dict(token_stats(parts), indices=index)
+    blocks = [(index, 0)]
+    if views is not None:
+        firsts = np.array([f for f, _ in views.root.shards])
+        shard_of = np.searchsorted(firsts, index, side="right") - 1
+        done = views.complete_matrix()[0]
+        blocks = [(index[shard_of == k], 0, True, False,
+                   _views_reader(views, 0, int(k), index[shard_of == k] - firsts[k]) if done[k] else None)
+                  for k in np.unique(shard_of)]
+    return dict(token_stats(tok for _, _, tok, _ in extractor.stream(blocks)), indices=index)
 
 
 def _write_stats(ts: TeacherStore, st: dict, origin: dict | None = None) -> None:
@@ -319,10 +313,8 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
                    decoder=decoder, num_threads=num_threads, decoder_settings=decoder_settings,
                    teacher_input=ts.input)
     stored = ViewPixels.open(ts.root) if ts.input == "jpeg" else None   # views to read, not to write
-    # The statistics (docs/format.md): the pca and adapter codecs encode with their basis, so
-    # they come first, from a teacher pass over the sample; fp16 and int8 take them from the
-    # stored slot-0 tokens once those blocks exist (no second teacher pass).
-    stats_first = codec in codecs.NEEDS_STATS
+    # The statistics (docs/format.md), for every codec: a teacher pass over the keyed sample
+    # before any block (the coefficient codecs encode on their basis), unrounded tokens.
     stats_how = "already in the store" if ts.has_stats else None
     if stats_how is None and stats_from is not None:
         if dist.rank() == 0:
@@ -330,10 +322,10 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
         dist.barrier()
         ts = FeatureStore.open(store_path).teacher(teacher.name)
         stats_how = f"copied from {stats_from}"
-    if stats_first and stats_how is None:
+    if stats_how is None:
         problem = None
         if dist.rank() == 0:
-            st = compute_stats(ex, num_images=stats_images)
+            st = compute_stats(ex, num_images=stats_images, views=stored)
             problem = codecs.statistics_problem(codec, st["count"], pca_dim=pca_dim)
             if problem is None:
                 _write_stats(ts, st)
@@ -398,16 +390,6 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     bar.close()
     dist.barrier()
     seconds = time.perf_counter() - t0
-    if stats_how is None:
-        if dist.rank() == 0:
-            st = stats_from_store(FeatureStore.open(store_path).teacher(teacher.name), num_images=stats_images)
-            if st is not None:
-                _write_stats(ts, st)
-                stats_how = "from the stored slot-0 tokens"
-            else:
-                stats_how = "not yet (slot-0 blocks of the sample incomplete; resume extract)"
-                tqdm.write(f"{teacher.name}: adapter statistics {stats_how}")
-        dist.barrier()
     return dict(teacher=teacher.name, blocks=len(todo), skipped=skipped, images=written,
                 seconds=seconds, images_per_second=written / seconds if seconds > 0 else float("nan"),
                 stats=stats_how, pixel_blocks=pixel_blocks)
@@ -418,6 +400,10 @@ def _run_all(jobs) -> None:
         job()
 
 
-def _views_reader(vp: ViewPixels, slot: int, shard: int):
-    """A callable returning the block's stored views (bytes, in sample order)."""
-    return lambda: vp.read_block(slot, shard)[1]
+def _views_reader(vp: ViewPixels, slot: int, shard: int, rows: np.ndarray | None = None):
+    """A callable returning the block's stored views (bytes, in sample order; only ``rows`` of it)."""
+    def read() -> list[bytes]:
+        datas = vp.read_block(slot, shard)[1]
+        return datas if rows is None else [datas[r] for r in rows]
+
+    return read

@@ -36,9 +36,9 @@ def prepared_data(photo_tree, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_store(prepared_data, tmp_path_factory) -> Path:
     """A complete feature store of ``prepared_data``: the three paper teachers, untrained
-    (random init, seed 0), 2 views, fp16 codec; adapter statistics from all 13 images (taken
-    from the stored tokens, so they cost no teacher pass; a 4-image basis made the fused-target
-    CKA of tests/train/test_demo.py depend on which 4 images the keyed sample drew).
+    (random init, seed 0), 2 views, fp16 codec, no view pixels; adapter statistics from all 13
+    images (a 4-image basis made the fused-target CKA of tests/train/test_demo.py depend on
+    which 4 images the keyed sample drew).
     Read-only for tests."""
     from extract.runner import run_extraction
     from extract.teachers import build_teacher
