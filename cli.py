@@ -1,13 +1,13 @@
 """Command line of the CoMAD feature-cache project: ``python cli.py COMMAND --help``.
 
-Click commands only: each parses its options, builds what it needs and calls into
-``store/``, ``extract/``, ``train/`` or ``eval/``. No logic lives here; heavy modules
-are imported inside the command so that ``--help`` stays fast.
+Click commands only (no logic): each parses its options, builds what it needs and calls into
+``store/``, ``extract/``, ``train/`` or ``eval/``, importing heavy modules inside the command (fast ``--help``).
 """
 import click
 
 from store.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
 from store.errors import ExpectedError
+from store.teachers import DESCRIPTORS
 from train.export_options import EXPORT_PARAMS
 
 CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
@@ -116,7 +116,7 @@ def _device(device: str) -> str:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--teacher", required=True, type=click.Choice(["mae", "mocov3", "ibot", "dino"]),
+@click.option("--teacher", required=True, type=click.Choice(list(DESCRIPTORS)),
               help="Which frozen ViT-B/16 teacher to run.")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Images packed by `prepare`.")

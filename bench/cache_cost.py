@@ -46,6 +46,7 @@ from extract.runner import run_extraction  # noqa: E402
 from extract.teachers import build_teacher  # noqa: E402
 from store import views as V  # noqa: E402
 from store.shards import ImageSet, prepare  # noqa: E402
+from store.teachers import PAPER_TEACHERS  # noqa: E402
 from train import diagnostics  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loader import CachedSource, OnlineSource, Plan  # noqa: E402
@@ -53,7 +54,7 @@ from train.loop import lr_schedule, make_optimizer, train_step  # noqa: E402
 from train.objective import build_objective  # noqa: E402
 from train.online import FreshSource  # noqa: E402
 
-TEACHERS = ("mae", "mocov3", "ibot")
+TEACHERS = PAPER_TEACHERS
 
 
 def demo_data(root: Path, *, copies: int, heldout_copies: int, max_side: int = 256) -> tuple[ImageSet, ImageSet]:

@@ -57,8 +57,9 @@ from store import codecs  # noqa: E402
 from store import views as V  # noqa: E402
 from store.decode import make_decoder  # noqa: E402
 from store.decode.pixels import SIZE  # noqa: E402
+from store.teachers import PAPER_TEACHERS  # noqa: E402
 
-TEACHERS = ("mae", "mocov3", "ibot")
+TEACHERS = PAPER_TEACHERS
 PATHS = {"today": ("fp16", "original"), "view_jpeg": ("adapter", "jpeg"), "raw": ("adapter", "raw")}
 STORES = {"today": "fp16", "view_jpeg": "jpeg", "raw": "raw"}
 EMBED = 768

@@ -30,8 +30,9 @@ from extract.runner import Extractor, token_stats  # noqa: E402
 from extract.teachers import build_teacher  # noqa: E402
 from store import codecs  # noqa: E402
 from store.features import DataInfo, FeatureStore  # noqa: E402
+from store.teachers import PAPER_TEACHERS  # noqa: E402
 
-TEACHERS = ("mae", "mocov3", "ibot")
+TEACHERS = PAPER_TEACHERS
 
 
 def _sync(device):

@@ -22,10 +22,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TEACHERS = ("mae", "mocov3", "ibot")
 # The tolerance between decoders (store/decode/pixels.py): worst view and mean over views of
 # |DALI - PIL| on 0..255; the GPU decoder is allowed CUDA_BOUND_SCALE times as much.
 from store.decode.pixels import CUDA_BOUND_SCALE, MEAN_BOUND, VIEW_BOUND
+from store.teachers import PAPER_TEACHERS
+
+TEACHERS = PAPER_TEACHERS
 
 
 def _sync(device: torch.device) -> None:

@@ -28,10 +28,11 @@ import json  # noqa: E402
 
 from extract.estimate import bytes_per_sample  # noqa: E402
 from store import views as V  # noqa: E402
+from store.teachers import PAPER_TEACHERS  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.flops import step_flops_per_image  # noqa: E402
 
-TEACHERS = ("mae", "mocov3", "ibot")
+TEACHERS = PAPER_TEACHERS
 
 
 def teacher_flops(n_visible: int, d: int = 768, depth: int = 12) -> float:

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from store.teachers import PAPER_TEACHERS  # noqa: E402
 from train.throughput import measure  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: b
 
     photos = write_photo_tree(root / "photos", max_side=500, copies=copies)
     data = prepare(photos, root / "data", shard_size=64, progress=progress)
-    for name in ("mae", "mocov3", "ibot"):
+    for name in PAPER_TEACHERS:
         teacher = build_teacher(name, random_init=True, seed=0)
         common = dict(teacher=teacher, data=data, views=views, seed=0, batch_size=16, decoder="dali",
                       progress=progress, stats_images=64)

@@ -15,8 +15,9 @@ from core.run import INFO, load_checkpoint, saved_config, settings_diff
 from store.decoders import DECODERS, resolve_decoder
 from store.codecs import CODECS
 from store.errors import ExpectedError
+from store.teachers import PAPER_TEACHERS
 
-TEACHERS = ("mae", "mocov3", "ibot")
+TEACHERS = PAPER_TEACHERS
 MOVABLE = {"data.images", "data.store", "train.out_dir"}    # paths: OUT may move between runs (as train/loop)
 IMAGENET_IMAGES = 1_281_167
 

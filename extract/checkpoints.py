@@ -41,8 +41,7 @@ from typing import Any
 import torch
 
 from store.errors import ExpectedError
-
-VIT_B_ARCH = "vit_base_patch16_224"
+from store.teachers import VIT_B_ARCH, descriptor
 
 
 class CheckpointError(ExpectedError, ValueError):
@@ -251,15 +250,17 @@ def expected_keys(arch: str = VIT_B_ARCH, model_kwargs: dict | None = None) -> d
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def load_official_state_dict(name: str, path: str | os.PathLike, *, arch: str = VIT_B_ARCH,
+def load_official_state_dict(name: str, path: str | os.PathLike, *, arch: str | None = None,
                              model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """Read teacher ``name``'s official file at ``path`` and return its backbone weights
-    under timm names, checked strictly (keys and shapes) against ``arch``.
+    under timm names, checked strictly (keys and shapes) against ``arch`` (default: the
+    teacher's descriptor's, store/teachers.py).
 
     Returns: dict name -> float32 CPU tensor, exactly the keys of
     ``timm.create_model(arch, num_classes=0).state_dict()``.
     """
     spec = spec_of(name)
+    arch = arch or descriptor(name).arch
     path = Path(path)
     converted, where = spec.convert(safe_load(path))
     what = f"{name} ({spec.filename}, {arch})"

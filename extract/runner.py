@@ -42,6 +42,7 @@ from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, Teach
 from store.lock import StoreLocked, WriterLock
 from store.prefetch import DeviceCopier, Prefetch
 from store.progress import progress_bar
+from store.teachers import descriptor
 from store.viewpixels import ViewPixels, jpeg_round_trip, uint8_views
 
 
@@ -75,10 +76,10 @@ def teacher_input(view_form: str | None) -> str:
 def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str, input: str = "source") -> dict:
     """What identifies a teacher's tokens: stored in the store and checked on reopening.
     ``input``: the pixels the teacher runs on (store/features.py TEACHER_INPUTS)."""
-    ratio = V.MASK_RATIOS[teacher.name]
+    d = descriptor(teacher.name)
     return dict(teacher=teacher.name, source=str(teacher.source), checkpoint_digest=teacher.digest,
-                untrained=bool(teacher.untrained), mask_ratio=ratio, n_visible=V.num_visible(ratio),
-                resolution=224, patch_size=16, embed_dim=768, codec=codec,
+                untrained=bool(teacher.untrained), mask_ratio=d.mask_ratio, n_visible=V.num_visible(d.mask_ratio),
+                resolution=d.resolution, patch_size=d.patch_size, embed_dim=d.width, codec=codec,
                 pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision, input=input)
 
 

@@ -24,13 +24,13 @@ from torch import nn
 
 from extract.checkpoints import (
     TEACHERS,
-    VIT_B_ARCH,
     fetch_official,
     file_sha256,
     load_official_state_dict,
     spec_of,
     state_dict_sha256,
 )
+from store.teachers import descriptor
 
 __all__ = ["TEACHERS", "Teacher", "build_teacher", "random_init_seed"]
 
@@ -212,7 +212,7 @@ def _random_vit(arch: str, model_kwargs: dict | None) -> nn.Module:
 def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
                   random_init: bool = False, seed: int = 0, device: str | torch.device = "cpu",
                   amp: bool | None = None, cache_dir: str | os.PathLike | None = None,
-                  fetch_timeout_s: float = 5.0, arch: str = VIT_B_ARCH,
+                  fetch_timeout_s: float = 5.0, arch: str | None = None,
                   model_kwargs: dict | None = None) -> Teacher:
     """Build teacher ``name`` ("mae", "mocov3", "ibot", "dino"), frozen and in eval mode.
 
@@ -224,10 +224,11 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
         ``random_init_seed(name, seed)`` inside a forked RNG: identical in every process,
         global RNG untouched; ``untrained=True``.
     amp: bf16 autocast; default on for CUDA, off for the CPU.
-    arch / model_kwargs: the timm architecture (tests shrink it; the official checkpoints
-        need the default ViT-B/16).
+    arch / model_kwargs: the timm architecture (default: the teacher's descriptor's,
+        store/teachers.py; tests shrink it, the official checkpoints need the default).
     """
     spec_of(name)
+    arch = arch or descriptor(name).arch
     if random_init and checkpoint is not None:
         raise ValueError(f"teacher {name}: give either checkpoint= or random_init=True, not both")
     if random_init:

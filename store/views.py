@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from store.roles import Role
+from store.teachers import DESCRIPTORS
 
 GRID = 14                      # 224 / 16
 NUM_PATCHES = GRID * GRID      # 196
@@ -26,10 +27,9 @@ CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 
-# Teacher ids are part of the mask key; never renumber them.
-TEACHER_IDS = {"mae": 0, "mocov3": 1, "ibot": 2, "dino": 3}
-# Fraction of patches masked per teacher (paper: 0.50 / 0.40 / 0.30; dino is our choice).
-MASK_RATIOS = {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40}
+# Per teacher (store/teachers.py): the id that keys its masks, the fraction of patches masked.
+TEACHER_IDS = {name: d.key_id for name, d in DESCRIPTORS.items()}
+MASK_RATIOS = {name: d.mask_ratio for name, d in DESCRIPTORS.items()}
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -26,8 +26,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from core import config as typed
 from store.decoders import DECODERS
+from store.teachers import DESCRIPTORS, PAPER_TEACHERS
 
-TEACHER_NAMES = ("mae", "mocov3", "ibot", "dino")
+TEACHER_NAMES = tuple(DESCRIPTORS)
 
 
 @dataclass
@@ -125,7 +126,7 @@ class DataConfig:
                                         # store (view (e + i) mod V when v = V); "auto": the store's V
                                         # (an explicit v may be 1..V: one store serves several budgets)
     seed: int = 0                       # root of every view/mask draw (must match the store)
-    teachers: tuple[str, ...] = ("mae", "mocov3", "ibot")
+    teachers: tuple[str, ...] = PAPER_TEACHERS
     student_visible: int = 49           # 25% of 196 patches
     decoder: str = "auto"               # image decoder (store/decoders.py): "dali" (the extra
                                         # '.[dali]'), "pil" (reference) or "auto" (dali where it is

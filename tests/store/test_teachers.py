@@ -1,0 +1,50 @@
+"""The teacher descriptors (store/teachers.py) are the one source of a teacher's facts: every
+reader's list of teachers, mask ids and ratios, architecture and the store's record follow
+them; the mask key ids are pinned; the registry refuses what its readers cannot handle."""
+import dataclasses
+
+import pytest
+
+import store.teachers as T
+from store import views as V
+from store.features import FeatureStore
+
+
+def test_every_list_of_teachers_and_their_mask_keys_come_from_the_descriptors():
+    import cli
+    from demo.stages import TEACHERS as DEMO_TEACHERS
+    from extract.checkpoints import TEACHERS as CHECKPOINTS
+    from train.config import TEACHER_NAMES, Config
+
+    names = list(T.DESCRIPTORS)
+    assert V.TEACHER_IDS == {n: d.key_id for n, d in T.DESCRIPTORS.items()}
+    assert V.MASK_RATIOS == {n: d.mask_ratio for n, d in T.DESCRIPTORS.items()}
+    assert list(TEACHER_NAMES) == names and list(CHECKPOINTS) == names     # one converter per descriptor
+    teacher_option = next(p for p in cli.extract.params if p.name == "teacher")
+    assert list(teacher_option.type.choices) == names
+    assert tuple(Config().data.teachers) == T.PAPER_TEACHERS == DEMO_TEACHERS
+    # part of every stored mask's key: renumbering would silently change every store's masks
+    assert V.TEACHER_IDS == {"mae": 0, "mocov3": 1, "ibot": 2, "dino": 3}
+    assert V.MASK_RATIOS == {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40}
+
+
+def test_the_store_records_each_teachers_geometry_from_its_descriptor(teacher_store):
+    fs = FeatureStore.open(teacher_store)
+    for name in T.PAPER_TEACHERS:
+        d, config = T.descriptor(name), fs.teacher(name).config
+        assert (config["resolution"], config["patch_size"], config["embed_dim"]) == (d.resolution, d.patch_size,
+                                                                                     d.width)
+        assert config["mask_ratio"] == d.mask_ratio and d.grid == V.GRID
+    with pytest.raises(KeyError, match="unknown teacher 'dinov2'; known: mae, mocov3, ibot, dino"):
+        T.descriptor("dinov2")
+
+
+def test_the_registry_refuses_a_shared_mask_id_and_a_geometry_its_readers_do_not_follow(monkeypatch):
+    mae = T.descriptor("mae")
+    monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, "copy": dataclasses.replace(mae, name="copy")})
+    with pytest.raises(ValueError, match="two teachers share a mask key id"):
+        T._check_registry()
+    b14 = dataclasses.replace(mae, name="dinov2_b14", key_id=9, patch_size=14)
+    monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, b14.name: b14})
+    with pytest.raises(ValueError, match="teacher dinov2_b14: patch 14, 224 px, width 768"):
+        T._check_registry()
