@@ -38,7 +38,7 @@ from store import codecs
 from store import views as V
 from store.decode import make_decoder
 from store.decode.stored import pil_stored_views
-from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, TeacherStore
+from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, TeacherStore, teacher_input
 from store.lock import StoreLocked, WriterLock
 from store.prefetch import DeviceCopier, Prefetch
 from store.progress import progress_bar
@@ -65,12 +65,6 @@ class ViewBatch:
     images: torch.Tensor | None
     pixels: np.ndarray | None = None
     encoded: list[bytes] | None = None
-
-
-def teacher_input(view_form: str | None) -> str:
-    """What a teacher runs on in a store whose view pixels are ``view_form`` (None: none):
-    JPEG views are lossy, so it runs on them as decoded; raw views are the crops exactly."""
-    return "jpeg" if view_form == "jpeg" else "source"
 
 
 def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str, input: str = "source") -> dict:
@@ -313,7 +307,8 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,
                    decoder=decoder, num_threads=num_threads, decoder_settings=decoder_settings,
                    teacher_input=ts.input)
-    stored = ViewPixels.open(ts.root) if ts.input == "jpeg" else None   # views to read, not to write
+    # the views the teacher reads where a block has them (the ones this run writes, or the store's)
+    stored = (vp or ViewPixels.open(ts.root)) if ts.input == "jpeg" else None
     # The statistics (docs/format.md), for every codec: a teacher pass over the keyed sample
     # before any block (the coefficient codecs encode on their basis), unrounded tokens.
     stats_how = "already in the store" if ts.has_stats else None
@@ -338,7 +333,8 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
 
     done = ts.complete_matrix()
     pixels_done = vp.complete_matrix() if vp is not None else np.ones_like(done)
-    have_views = stored.complete_matrix() if stored is not None else np.zeros_like(done)
+    have_views = (np.zeros_like(done) if stored is None else pixels_done if stored is vp
+                  else stored.complete_matrix())
     mine = [k for k in range(len(ts.root.shards)) if k % dist.world_size() == dist.rank()]
     todo = [(k, s) for k in mine for s in range(views) if not (done[s, k] and pixels_done[s, k])]
     skipped = sum(1 for k in mine for s in range(views) if done[s, k] and pixels_done[s, k])

@@ -60,6 +60,12 @@ CONFIG_DEFAULTS = {"input": "source"}
 TEACHER_INPUTS = ("source", "jpeg")
 
 
+def teacher_input(view_form: str | None) -> str:
+    """What a teacher runs on in a store whose view pixels are ``view_form`` (None: none):
+    JPEG views are lossy, so it runs on them as decoded; raw views are the crops exactly."""
+    return "jpeg" if view_form == "jpeg" else "source"
+
+
 class StoreError(ExpectedError, RuntimeError):
     """A store that is missing, incomplete, or does not match what the caller expects."""
 

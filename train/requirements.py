@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from store import codecs
 from store import views as V
-from store.features import FeatureStore, StoreError
+from store.features import FeatureStore, StoreError, teacher_input
 from store.viewpixels import ViewPixels
 
 
@@ -26,7 +26,7 @@ def student_pixels(fs: FeatureStore, stores, pixels: str) -> tuple[str, ViewPixe
         raise StoreError(f"{fs.path}: its teachers ran on different pixels ({', '.join(source)} on the source "
                          f"crops, {', '.join(jpeg)} on the stored JPEG views), so no student pixels match them "
                          "all; extract every teacher of a store with the same --view-pixels")
-    views_match = complete and not (jpeg if vp.form == "raw" else source)
+    views_match = complete and all(ts.input == teacher_input(vp.form) for ts in stores)
     if pixels == "auto":
         pixels = "views" if views_match else "source"
     if pixels == "views" and not complete:
