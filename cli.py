@@ -98,8 +98,8 @@ def inspect(store_path, data, index, view, epoch, run_dir, out, device):
         if run_dir is not None:
             from train.diagnostics import gate_maps, load_run, sample_batch
             dev = _device(device)
-            cfg, objective = load_run(run_dir, device=dev)
-            weights = gate_maps(objective, sample_batch([sample], cfg.data.teachers, device=dev))[0]
+            _, objective = load_run(run_dir, device=dev)
+            weights = gate_maps(objective, sample_batch([sample], objective.teacher_names, device=dev))[0]
         click.echo(f"panel -> {render_panel(sample, out, weights=weights)}")
     except IndexError as error:         # an --index or --view out of range
         raise click.ClickException(str(error)) from None

@@ -132,7 +132,8 @@ def measure(args, work: Path, echo=print) -> dict:
     teachers = make_teachers(args.teachers, checkpoints=args.checkpoints, depth=args.teacher_depth, device=device)
     rates = {"used": teacher_rate(teachers, device=device)}
     if not args.checkpoints and args.teacher_depth != 12:
-        rates["vit_b16"] = teacher_rate({"mae": build_teacher("mae", random_init=True, seed=0, device=device)},
+        first = PAPER_TEACHERS[0]               # a full-depth ViT-B/16
+        rates["vit_b16"] = teacher_rate({first: build_teacher(first, random_init=True, seed=0, device=device)},
                                         device=device, batch=4)
     echo("teacher images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
 

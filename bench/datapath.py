@@ -57,12 +57,12 @@ from store import codecs  # noqa: E402
 from store import views as V  # noqa: E402
 from store.decode import make_decoder  # noqa: E402
 from store.decode.pixels import SIZE  # noqa: E402
-from store.teachers import PAPER_TEACHERS  # noqa: E402
+from store.teachers import PAPER_TEACHERS, VIT_B_WIDTH  # noqa: E402
 
 TEACHERS = PAPER_TEACHERS
 PATHS = {"today": ("fp16", "original"), "view_jpeg": ("adapter", "jpeg"), "raw": ("adapter", "raw")}
 STORES = {"today": "fp16", "view_jpeg": "jpeg", "raw": "raw"}
-EMBED = 768
+EMBED = VIT_B_WIDTH
 
 
 # -- fixtures -------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def write_store(path: Path, data, *, codec: str, seed: int = 0, views: int = 1, 
 
     for t, name in enumerate(TEACHERS):
         teacher = SimpleNamespace(name=name, source="bench/datapath.py synthetic tokens",
-                                  digest=f"synthetic-{name}-{seed}", untrained=True)
+                                  digest=f"synthetic-{name}-{seed}", untrained=True, embed_dim=EMBED)
         ts, _ = open_teacher_store(store_path=path, data=data, teacher=teacher, views=views, seed=seed,
                                    codec=codec, pca_dim=codecs.PCA_DIM, precision="fp32", view_pixels=view_pixels)
         st = _synthetic_stats(seed + t)

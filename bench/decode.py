@@ -263,7 +263,7 @@ def main(argv=None) -> None:
         rows.append((name, workers, min(once() for _ in range(args.repeats))))
     print(f"stored views: JPEG q95 mean {kb_view:.1f} kB, raw {224 * 224 * 3 / 1e3:.1f} kB")
     print(f"\n| {'decoder':<16} | {'threads/procs':>13} | {'images/s':>9} | {'ms/image/core':>13} |")
-    print(f"|{'-' * 18}|{'-' * 15}:|{'-' * 10}:|{'-' * 14}:|")
+    print(f"|{'-' * 18}|{'-' * 15}:|{'-' * 10}:|{'-' * 14}:|")  # not a teacher fact
     for name, workers, seconds in rows:
         rate = args.views / seconds
         print(f"| {name:<16} | {workers:>13} | {rate:>9.0f} | {1e3 * workers / rate:>13.2f} |")

@@ -30,7 +30,7 @@ from extract.runner import Extractor, token_stats  # noqa: E402
 from extract.teachers import build_teacher  # noqa: E402
 from store import codecs  # noqa: E402
 from store.features import DataInfo, FeatureStore  # noqa: E402
-from store.teachers import PAPER_TEACHERS  # noqa: E402
+from store.teachers import PAPER_TEACHERS, descriptor  # noqa: E402
 
 TEACHERS = PAPER_TEACHERS
 
@@ -160,7 +160,8 @@ def main():
             peak = _peak_flops(torch.device(args.device))
             print(f"\nmeasured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
             for name, _, nv, masked, _ in rate_rows:
-                flops = 12 * (2 * (nv + 1) * 12 * 768 * 768 + 4 * (nv + 1) ** 2 * 768)
+                c = descriptor(name).width
+                flops = 12 * (2 * (nv + 1) * 12 * c * c + 4 * (nv + 1) ** 2 * c)
                 print(f"  {name}: teacher forward at {masked * flops / 1e12:.0f} TFLOP/s = "
                       f"{masked * flops / peak:.1%} of the measured peak")
         rows = codec_rows(tokens, ds, root=tmp, pca_dim=args.pca_dim, stats=stats)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tolerance between decoders (store/decode/pixels.py): worst view and mean over views of
 # |DALI - PIL| on 0..255; the GPU decoder is allowed CUDA_BOUND_SCALE times as much.
 from store.decode.pixels import CUDA_BOUND_SCALE, MEAN_BOUND, VIEW_BOUND
-from store.teachers import PAPER_TEACHERS
+from store.teachers import PAPER_TEACHERS, VIT_B_WIDTH
 
 TEACHERS = PAPER_TEACHERS
 
@@ -197,10 +197,10 @@ def time_dali_cuda(datas, boxes, flips, *, device, threads: int, batch_size: int
 
 
 # -- 4. teacher forward -------------------------------------------------------------
-def teacher_flops(n_visible: int, *, width: int = 768, depth: int = 12) -> float:
+def teacher_flops(n_visible: int, *, width: int = VIT_B_WIDTH, depth: int = 12) -> float:
     """Matmul FLOPs of one masked ViT-B/16 forward on CLS + ``n_visible`` patches."""
     t = n_visible + 1
-    return 2 * n_visible * 768 * width + depth * (2 * t * 12 * width * width + 4 * t * t * width)
+    return 2 * n_visible * (3 * 16 * 16) * width + depth * (2 * t * 12 * width * width + 4 * t * t * width)
 
 
 def check_teachers(rep: Report, sec: dict, ctx: dict) -> None:

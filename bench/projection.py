@@ -28,17 +28,17 @@ import json  # noqa: E402
 
 from extract.estimate import bytes_per_sample  # noqa: E402
 from store import views as V  # noqa: E402
-from store.teachers import PAPER_TEACHERS  # noqa: E402
+from store.teachers import PAPER_TEACHERS, VIT_B_WIDTH  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.flops import step_flops_per_image  # noqa: E402
 
 TEACHERS = PAPER_TEACHERS
 
 
-def teacher_flops(n_visible: int, d: int = 768, depth: int = 12) -> float:
+def teacher_flops(n_visible: int, d: int = VIT_B_WIDTH, depth: int = 12) -> float:
     """Forward FLOPs of a ViT-B on CLS + n visible patches (matmuls, attention, patch embed)."""
     t = n_visible + 1
-    return depth * (24 * t * d * d + 4 * t * t * d) + 2 * 196 * (3 * 16 * 16) * d
+    return depth * (24 * t * d * d + 4 * t * t * d) + 2 * V.NUM_PATCHES * (3 * 16 * 16) * d
 
 
 def datapath_rows(measured: list[dict], *, samples: float, gpus: int, student_s: float, teacher_s: float,

@@ -44,6 +44,7 @@ from core.run import CONFIG, INFO, read_metrics
 from demo.stages import (MOVABLE, DemoError, DemoSettings, codec_sizes, demo_teacher, extract_all,
                          folder_diff, measure_throughput, teacher_sources, train_config, train_or_reuse)
 from samples.photos import write_photo_splits
+from train.config import teacher_names
 
 __all__ = ["run_demo"]
 
@@ -200,8 +201,8 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             reused.append("held-out evaluation")
             return "reused: " + _quality_note(meas)
         samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx, epoch=0,
-                                    teachers=list(cfg.data.teachers), adapters_from=stores["train"])
-        batch = diag.sample_batch(samples, cfg.data.teachers, device=device)
+                                    teachers=list(teacher_names(cfg)), adapters_from=stores["train"])
+        batch = diag.sample_batch(samples, teacher_names(cfg), device=device)
         with torch.no_grad():
             meas["heldout_loss"] = diag.heldout_losses(objective("trained"), objective("untrained"), batch)
             meas["cka"] = diag.cka_scores(objective("trained"), objective("untrained"), batch)
@@ -228,7 +229,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
             reused.append("store size measurement")
         else:
             teachers = {n: demo_teacher(n, sources=sources, settings=settings, device=device, built=built)
-                        for n in cfg.data.teachers}
+                        for n in teacher_names(cfg)}
             meas["sizes"] = codec_sizes(stores["train"], data["train"], teachers=teachers,
                                         num_images=len(data["train"]), views=settings.views, device=device,
                                         decoder=settings.decoder)
@@ -250,8 +251,8 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
         plots.plot_gate_shares(rows, report_dir / "gates.png")
         pick = np.unique(np.linspace(0, len(held_idx) - 1, max(1, settings.panels)).round().astype(int))
         samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx[pick], epoch=0,
-                                    teachers=list(cfg.data.teachers), adapters_from=stores["train"])
-        maps = diag.gate_maps(objective("trained"), diag.sample_batch(samples, cfg.data.teachers, device=device))
+                                    teachers=list(teacher_names(cfg)), adapters_from=stores["train"])
+        maps = diag.gate_maps(objective("trained"), diag.sample_batch(samples, teacher_names(cfg), device=device))
         panels = []
         for s, w in zip(samples, maps):
             name = f"panel_{s.index:04d}.png"

@@ -143,7 +143,7 @@ def train_config(settings: DemoSettings, *, data: Path, store: Path, run_dir: Pa
     overrides = [f"data.images={data}", f"data.store={store}", f"data.views={settings.views}",
                  f"data.seed={settings.seed}", f"data.decoder={settings.decoder}", "data.num_workers=2",
                  "data.streams=1", f"data.pixels={'source' if settings.view_pixels == 'none' else 'views'}",
-                 "data.shuffle_window=2", f"train.batch_size={settings.batch_size}",
+                 "data.shuffle_window=2", f"data.teachers=[{','.join(TEACHERS)}]", f"train.batch_size={settings.batch_size}",
                  "train.log_every=5", f"train.ckpt_every={epochs}", f"schedule.epochs={epochs}",
                  f"schedule.warmup_epochs={max(1, epochs // 10)}", f"optim.base_lr={base_lr!r}",
                  f"train.out_dir={run_dir}", *settings.train_overrides]

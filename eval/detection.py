@@ -107,7 +107,7 @@ def build_mask_rcnn(*, vit: nn.Module, num_classes: int, image_size: int, heads:
         rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
         box_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=7, sampling_ratio=0),
         box_head=box_head, box_batch_size_per_image=roi_batch,
-        mask_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=14, sampling_ratio=0),
+        mask_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=14, sampling_ratio=0),  # not a teacher fact
         mask_head=mask_head,
     )
     model.transform = SquarePadTransform(image_size=image_size)

@@ -1,22 +1,36 @@
 """The official teacher checkpoints: where they come from, how to read them safely, and
-how each one's key layout is converted to timm's ``vit_base_patch16_224`` names.
+how each one's layout is converted to its descriptor's timm architecture (store/teachers.py).
 
-Four released files (see ``docs/teachers.md`` for their layouts):
+Eight released files (see ``docs/teachers.md`` for their layouts):
 
-========  ===============================  ==========================================
-teacher   official file                    weights (after unwrapping)
-========  ===============================  ==========================================
-mae       ``mae_pretrain_vit_base.pth``    ``model``: timm names (+ ``mask_token`` and
-                                           ``decoder_*`` in training checkpoints)
-mocov3    ``vit-b-300ep.pth.tar``          ``state_dict``: ``module.base_encoder.*``
-                                           (+ projector ``head.*``),
-                                           ``module.momentum_encoder.*``,
-                                           ``module.predictor.*``
-ibot      ``checkpoint_teacher.pth``       ``state_dict`` (full checkpoint: ``teacher``
-                                           with ``backbone.``/``head.``)
-dino      ``dino_vitbase16_pretrain.pth``  plain state dict (full checkpoint:
-                                           ``teacher`` with ``backbone.``/``head.``)
-========  ===============================  ==========================================
+===============  ====================================  =====================================
+teacher          official file                         weights (after unwrapping)
+===============  ====================================  =====================================
+mae              ``mae_pretrain_vit_base.pth``         ``model``: timm names (+ ``mask_token``
+                                                       and ``decoder_*`` in training files)
+mocov3           ``vit-b-300ep.pth.tar``               ``state_dict``:
+                                                       ``module.base_encoder.*`` (+ projector
+                                                       ``head.*``), ``module.momentum_encoder.*``,
+                                                       ``module.predictor.*``
+ibot             ``checkpoint_teacher.pth``            ``state_dict`` (full checkpoint:
+                                                       ``teacher`` with ``backbone.``/``head.``)
+dino             ``dino_vitbase16_pretrain.pth``       plain state dict (full checkpoint:
+                                                       ``teacher`` with ``backbone.``/``head.``)
+dinov2_b14       ``dinov2_vitb14_pretrain.pth``        plain state dict, timm names +
+dinov2_l14       ``dinov2_vitl14_pretrain.pth``        ``mask_token``; ``pos_embed`` at 518 px
+                                                       (1 + 37 x 37 entries)
+dinov2_b14_reg4  ``dinov2_vitb14_reg4_pretrain.pth``   the same + ``register_tokens`` (1, 4, C)
+dinov2_l14_reg4  ``dinov2_vitl14_reg4_pretrain.pth``
+===============  ====================================  =====================================
+
+The DINOv2 files need more than renames (``TeacherSpec.transform``): ``mask_token`` is dropped;
+with registers the official CLS carries ``pos_embed[:, 0]`` and the registers no position
+embedding, which timm's reg4 models (``no_embed_class=True``: no prefix entries in
+``pos_embed``) hold as ``reg_token = register_tokens``, ``cls_token = cls_token +
+pos_embed[:, 0]``, ``pos_embed = pos_embed[:, 1:]``; then the position embedding is resampled
+from 37 x 37 to the architecture's grid (14 x 14 at the descriptor's 196 px: the grid rule)
+with timm's ``resample_abs_pos_embed`` (bicubic, antialiased, as timm loads a ViT at another
+size).
 
 Files are read with ``torch.load(weights_only=True)``: tensors, containers and
 ``argparse.Namespace`` (the ``args`` entry of training checkpoints) only; a pickle that
@@ -30,13 +44,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import pickle
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -63,6 +79,8 @@ class TeacherSpec:
     strip_prefixes: prefixes removed (in order, each at most once) from every key.
     drop: key prefixes (matched after stripping) that the format is known to carry
         besides the backbone; they are removed.
+    transform: the steps besides renames (DINOv2: tokens moved, ``pos_embed`` resampled):
+        (renamed weights, the target's patch grid (h, w)) -> weights; ``None``: renames only.
     """
 
     name: str
@@ -73,13 +91,57 @@ class TeacherSpec:
     keep_prefix: str | None = None
     strip_prefixes: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
+    transform: Callable[[dict, tuple[int, int]], dict] | None = None
 
-    def convert(self, obj: Any) -> tuple[dict, str]:
+    def convert(self, obj: Any, grid: tuple[int, int] | None = None) -> tuple[dict, str]:
         """The converter: a loaded file -> (weights under timm names, where they were
-        found). Not yet checked against an architecture (``load_official_state_dict``
-        does that)."""
+        found). ``grid``: the target architecture's patch grid (default: the descriptor's).
+        Not yet checked against an architecture (``load_official_state_dict`` does that)."""
         weights, where = _unwrap(self, obj)
-        return convert_keys(self, weights)[0], where
+        converted = convert_keys(self, weights)[0]
+        if self.transform is not None:
+            side = descriptor(self.name).grid
+            converted = self.transform(converted, tuple(grid) if grid is not None else (side, side))
+        return converted, where
+
+
+def _dinov2(weights: dict, grid: tuple[int, int], *, registers: bool) -> dict:
+    """DINOv2's steps besides renames (module docstring): for a reg4 file the registers and the
+    CLS go to timm's ``no_embed_class`` layout, then ``pos_embed`` is resampled to ``grid``
+    (bicubic, antialiased). What it cannot read (a key missing, a ``pos_embed`` that is not a
+    square grid) is left as it is, for the strict check to name."""
+    from timm.layers import resample_abs_pos_embed
+
+    out = dict(weights)
+    pos = out.get("pos_embed")
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 3:
+        return out
+    if registers:                   # official: CLS gets pos[:, 0], registers get none
+        if "register_tokens" in out:
+            out["reg_token"] = out.pop("register_tokens")
+        cls = out.get("cls_token")
+        if isinstance(cls, torch.Tensor) and cls.shape[-1] == pos.shape[-1]:
+            out["cls_token"] = cls + pos[:, :1]
+        pos = pos[:, 1:]
+    prefix = 0 if registers else 1
+    side = math.isqrt(max(pos.shape[1] - prefix, 0))
+    if side and side * side == pos.shape[1] - prefix:
+        pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=[side, side],
+                                     num_prefix_tokens=prefix, interpolation="bicubic", antialias=True)
+    out["pos_embed"] = pos
+    return out
+
+
+def _dinov2_spec(name: str, size: str, registers: bool) -> TeacherSpec:
+    """A DINOv2 release: ``size`` "b" or "l" (ViT-B/14, ViT-L/14), with or without 4 registers."""
+    stem = f"dinov2_vit{size}14"
+    filename = f"{stem}{'_reg4' if registers else ''}_pretrain.pth"
+    paper = "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision (2023)"
+    if registers:
+        paper += "; Darcet et al., Vision Transformers Need Registers (2023)"
+    return TeacherSpec(name=name, filename=filename, url=f"https://dl.fbaipublicfiles.com/dinov2/{stem}/{filename}",
+                       paper=paper, containers=(None,), drop=("mask_token",),
+                       transform=partial(_dinov2, registers=registers))
 
 
 TEACHERS: dict[str, TeacherSpec] = {
@@ -120,6 +182,10 @@ TEACHERS: dict[str, TeacherSpec] = {
         strip_prefixes=("module.", "backbone."),
         drop=("head.",),
     ),
+    "dinov2_b14": _dinov2_spec("dinov2_b14", "b", registers=False),
+    "dinov2_b14_reg4": _dinov2_spec("dinov2_b14_reg4", "b", registers=True),
+    "dinov2_l14": _dinov2_spec("dinov2_l14", "l", registers=False),
+    "dinov2_l14_reg4": _dinov2_spec("dinov2_l14_reg4", "l", registers=True),
 }
 
 # Globals a weights-only load may construct besides tensors and containers.
@@ -240,13 +306,28 @@ def check_keys(converted: dict, expected: dict[str, torch.Size], *, what: str,
             f"shapes ({_few(bad, 3)})")
 
 
-def expected_keys(arch: str = VIT_B_ARCH, model_kwargs: dict | None = None) -> dict[str, torch.Size]:
-    """timm name -> shape of every state-dict entry of ``arch`` (num_classes=0), built on
-    the meta device (no memory, no random numbers)."""
+def teacher_model_kwargs(name: str, model_kwargs: dict | None = None) -> dict:
+    """What teacher ``name``'s architecture is built with: its descriptor's ``model_kwargs``
+    (the input size of the grid rule) under the caller's (the caller wins: tests shrink depth)."""
+    return {**descriptor(name).model_kwargs, **(model_kwargs or {})}
+
+
+def _meta_model(arch: str, model_kwargs: dict | None):
     import timm
 
-    with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, num_classes=0, **(model_kwargs or {}))
+    with torch.device("meta"):      # no memory, no random numbers
+        return timm.create_model(arch, pretrained=False, num_classes=0, **(model_kwargs or {}))
+
+
+def expected_keys(arch: str | None = None, model_kwargs: dict | None = None, *,
+                  name: str | None = None) -> dict[str, torch.Size]:
+    """timm name -> shape of every state-dict entry of ``arch`` (num_classes=0), built on
+    the meta device. With ``name``: teacher ``name``'s architecture (``arch`` defaults to its
+    descriptor's, ``model_kwargs`` merged as ``teacher_model_kwargs``); without: ``arch``
+    (default ViT-B/16) with ``model_kwargs`` as given."""
+    if name is not None:
+        arch, model_kwargs = arch or descriptor(name).arch, teacher_model_kwargs(name, model_kwargs)
+    model = _meta_model(arch or VIT_B_ARCH, model_kwargs)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
@@ -254,18 +335,22 @@ def load_official_state_dict(name: str, path: str | os.PathLike, *, arch: str | 
                              model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """Read teacher ``name``'s official file at ``path`` and return its backbone weights
     under timm names, checked strictly (keys and shapes) against ``arch`` (default: the
-    teacher's descriptor's, store/teachers.py).
+    teacher's descriptor's, store/teachers.py) built with ``teacher_model_kwargs(name,
+    model_kwargs)``; a format's transform targets that architecture's patch grid.
 
     Returns: dict name -> float32 CPU tensor, exactly the keys of
-    ``timm.create_model(arch, num_classes=0).state_dict()``.
+    ``timm.create_model(arch, num_classes=0, **kwargs).state_dict()``, in its order.
     """
     spec = spec_of(name)
     arch = arch or descriptor(name).arch
     path = Path(path)
-    converted, where = spec.convert(safe_load(path))
+    model = _meta_model(arch, teacher_model_kwargs(name, model_kwargs))
+    converted, where = spec.convert(safe_load(path), grid=tuple(model.patch_embed.grid_size))
     what = f"{name} ({spec.filename}, {arch})"
-    check_keys(converted, expected_keys(arch, model_kwargs), what=what, path=path, where=where)
-    return {k: v.float() if v.is_floating_point() else v for k, v in converted.items()}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(converted, expected, what=what, path=path, where=where)
+    return {k: v.float() if v.is_floating_point() else v          # in the model's key order
+            for k, v in ((k, converted[k]) for k in expected)}
 
 
 def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 22) -> str:

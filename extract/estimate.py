@@ -17,23 +17,23 @@ import torch
 
 from store import codecs
 from store import views as V
+from store.teachers import VIT_B_WIDTH, descriptor
 from store.viewpixels import encode_view
 
 # Per (image, view) bytes of the small arrays: index int64, view int16, boxes 4 x int32, flip.
 _META_BYTES = 8 + 2 + 16 + 1
-# The teacher's statistics: mean (C,), components (C, C), eigenvalues (C,) float32, and
-# the sample's image indices int64 (store/features.py: write_stats).
-STATS_BYTES = (768 + 768 * 768 + 768) * 4
 
 
-def stats_bytes(num_images: int, stats_images: int) -> int:
-    """Uncompressed bytes of one teacher's statistics."""
-    return STATS_BYTES + 8 * min(num_images, stats_images)
+def stats_bytes(num_images: int, stats_images: int, *, width: int = VIT_B_WIDTH) -> int:
+    """Uncompressed bytes of one teacher's statistics: mean (C,), components (C, C), eigenvalues
+    (C,) float32 for a teacher ``width`` C wide, and the sample's image indices int64
+    (store/features.py: write_stats)."""
+    return (2 * width + width * width) * 4 + 8 * min(num_images, stats_images)
 
 
-def bytes_per_sample(codec: str, n_visible: int, *, pca_dim: int = codecs.PCA_DIM) -> int:
-    """Uncompressed bytes one (image, view) costs for one teacher, masks included."""
-    arrays = codecs.payload_arrays(codec, (n_visible + 1, 768), pca_dim=pca_dim)
+def bytes_per_sample(codec: str, n_visible: int, *, pca_dim: int = codecs.PCA_DIM, width: int = VIT_B_WIDTH) -> int:
+    """Uncompressed bytes one (image, view) costs for one teacher ``width`` channels wide, masks included."""
+    arrays = codecs.payload_arrays(codec, (n_visible + 1, width), pca_dim=pca_dim)
     payload = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
     return payload + _META_BYTES + 2 * n_visible
 
@@ -71,13 +71,14 @@ def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views:
     if n == 0:
         raise ValueError("too few images to measure: need more than one batch")
     rate = n / seconds
-    n_vis = V.num_visible(V.MASK_RATIOS[extractor.teacher.name])
-    per_sample = bytes_per_sample(codec, n_vis, pca_dim=pca_dim)
+    d = descriptor(extractor.teacher.name)
+    n_vis = V.num_visible(d.mask_ratio)
+    per_sample = bytes_per_sample(codec, n_vis, pca_dim=pca_dim, width=d.width)
     samples = num_images * views
     return dict(teacher=extractor.teacher.name, codec=codec, measured_images=n,
                 images_per_second=rate, ranks=ranks, bytes_per_sample=per_sample, view_pixels=view_pixels,
                 view_pixel_bytes=pixel_bytes, pixel_total_bytes=int(pixel_bytes * samples),
-                total_bytes=per_sample * samples + stats_bytes(num_images, stats_images) + int(pixel_bytes * samples),
+                total_bytes=per_sample * samples + stats_bytes(num_images, stats_images, width=d.width) + int(pixel_bytes * samples),
                 hours=samples / (rate * ranks) / 3600.0, num_images=num_images, views=views)
 
 

@@ -73,12 +73,12 @@ def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str, input: 
     d = descriptor(teacher.name)
     return dict(teacher=teacher.name, source=str(teacher.source), checkpoint_digest=teacher.digest,
                 untrained=bool(teacher.untrained), mask_ratio=d.mask_ratio, n_visible=V.num_visible(d.mask_ratio),
-                resolution=d.resolution, patch_size=d.patch_size, embed_dim=d.width, codec=codec,
+                resolution=d.resolution, patch_size=d.patch_size, embed_dim=int(teacher.embed_dim), codec=codec,
                 pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision, input=input)
 
 
 class Extractor:
-    """Decode views, run the teacher on its visible patches, return (B, T, 768) tokens.
+    """Decode views, run the teacher on its visible patches, return (B, T, C) tokens (C its width).
 
     ``decoder_settings``: the hardware decoder's settings for ``make_decoder``;
     ``prefetch``: batches the decode thread may run ahead of the teacher;
@@ -116,7 +116,7 @@ class Extractor:
         return ViewBatch(index, view, boxes, flips, visible, images, encoded=encoded)
 
     def tokens(self, vb: ViewBatch) -> torch.Tensor:
-        """(B, 1 + n_k, 768) float32: CLS then visible patch tokens after the final norm."""
+        """(B, 1 + n_k, C) float32: CLS then visible patch tokens after the final norm."""
         return self._forward(vb.images.to(self.device), torch.from_numpy(vb.visible).to(self.device))
 
     @torch.inference_mode()
@@ -135,7 +135,7 @@ class Extractor:
 
         Every batch holds consecutive images of one block, cut from the block's start, as
         ``batches`` cuts them. Yields (block number, ViewBatch without its images,
-        (B, 1 + n_k, 768) float32 tokens on the device or None (no tokens wanted), whether it
+        (B, 1 + n_k, C) float32 tokens on the device or None (no tokens wanted), whether it
         is the block's last batch).
         On CUDA the decode thread also pins the batch and starts its copy to the GPU."""
         blocks = list(blocks)

@@ -1,13 +1,16 @@
-"""Frozen ViT-B/16 teachers and their masked forward (METHOD.md "Teachers").
+"""Frozen ViT teachers and their masked forward (METHOD.md "Teachers").
 
-A teacher is timm's ``vit_base_patch16_224`` (num_classes=0) holding one of the official
+A teacher is its descriptor's timm ViT (store/teachers.py: ViT-B/16 at 224 px, DINOv2 B/14 and
+L/14 at 196 px, with or without registers; num_classes=0) holding one of the official
 self-supervised checkpoints (``extract/checkpoints.py``), or, for tests, deterministic
 random weights. It runs MAE-style on its visible patches only: patch embedding, position
 embeddings (CLS included), then the masked patches are dropped and the blocks and the
-final LayerNorm run on CLS + the visible tokens. The output is one surface for every
-teacher::
+final LayerNorm run on CLS (+ the register tokens) + the visible tokens. Views come at
+224 px; a teacher of another input size (196 px for /14) resizes them first (the grid rule:
+its 14 x 14 patches cover the student's). The output is one surface for every teacher
+(registers dropped; C = 768 for ViT-B, 1024 for ViT-L)::
 
-    {"cls": (B, 768) float32, "patch": (B, n, 768) float32, "index": (B, n) int64}
+    {"cls": (B, C) float32, "patch": (B, n, C) float32, "index": (B, n) int64}
 
 Under CUDA the forward runs in bf16 autocast with scaled-dot-product attention (timm's
 fused attention, forced on); on the CPU it runs in fp32 unless ``amp=True``.
@@ -20,6 +23,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from extract.checkpoints import (
@@ -29,8 +33,9 @@ from extract.checkpoints import (
     load_official_state_dict,
     spec_of,
     state_dict_sha256,
+    teacher_model_kwargs,
 )
-from store.teachers import descriptor
+from store.teachers import VIEW_SIZE, descriptor
 
 __all__ = ["TEACHERS", "Teacher", "build_teacher", "random_init_seed"]
 
@@ -40,17 +45,28 @@ class Teacher(nn.Module):
 
     Attributes: ``name`` (registry name), ``digest`` (sha256 of the checkpoint file, or
     of the random weights), ``untrained`` (True for ``random_init``), ``source`` (file
-    path or ``"random-init"``), ``embed_dim`` (768 for ViT-B), ``num_patches`` (196),
-    ``amp`` (bf16 autocast on or off), ``arch`` (timm model name), ``vit`` (the timm model).
+    path or ``"random-init"``), ``embed_dim`` (768 for ViT-B, 1024 for ViT-L),
+    ``num_patches`` (196), ``img_size`` (its input: 224 or 196 px), ``amp`` (bf16 autocast
+    on or off), ``arch`` (timm model name), ``vit`` (the timm model).
+
+    Supported: a CLS token and an absolute position embedding, either over CLS + patches
+    (timm's default) or over the patches only (``no_embed_class=True``, DINOv2 with
+    registers), register tokens only in the latter (timm's reg4 DINOv2 layout: registers
+    carry no position embedding). Refused: no CLS, no position embedding, registers with an
+    embedded class (no teacher has that layout) and ``dynamic_img_size``.
     """
 
     def __init__(self, vit: nn.Module, *, name: str, digest: str, untrained: bool,
                  source: str, arch: str, amp: bool | None = None):
         super().__init__()
-        for attr, bad in (("reg_token", None), ("no_embed_class", False)):
-            if getattr(vit, attr, bad) != bad:
-                raise ValueError(f"teacher {name}: {arch} has {attr}={getattr(vit, attr)!r}; "
-                                 f"the masked forward supports plain CLS + position-embedding ViTs")
+        registers = getattr(vit, "reg_token", None) is not None
+        no_embed_class = bool(getattr(vit, "no_embed_class", False))
+        if getattr(vit, "cls_token", None) is None or getattr(vit, "pos_embed", None) is None:
+            raise ValueError(f"teacher {name}: {arch} has no CLS token or no position embedding; "
+                             f"the masked forward needs both")
+        if registers and not no_embed_class:
+            raise ValueError(f"teacher {name}: {arch} has reg_token with no_embed_class=False; "
+                             f"the masked forward supports registers only without position embedding")
         if getattr(vit, "dynamic_img_size", False):
             raise ValueError(f"teacher {name}: dynamic_img_size models are not supported")
         self.vit = vit
@@ -62,6 +78,7 @@ class Teacher(nn.Module):
         self.embed_dim = int(vit.embed_dim)
         self.num_patches = int(vit.patch_embed.num_patches)
         self.img_size = tuple(vit.patch_embed.img_size)
+        self.no_embed_class = no_embed_class
         self._amp = amp
         for block in vit.blocks:  # scaled-dot-product attention, whatever TIMM_FUSED_ATTN says
             if hasattr(block.attn, "fused_attn"):
@@ -89,9 +106,10 @@ class Teacher(nn.Module):
                     source=self.source, arch=self.arch, embed_dim=self.embed_dim)
 
     def _check_inputs(self, images: torch.Tensor, visible: torch.Tensor | None) -> None:
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.img_size:
-            raise ValueError(f"teacher {self.name}: images must be (B, 3, {self.img_size[0]}, "
-                             f"{self.img_size[1]}), got {tuple(images.shape)}")
+        sizes = list(dict.fromkeys([(VIEW_SIZE, VIEW_SIZE), self.img_size]))
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) not in sizes:
+            raise ValueError(f"teacher {self.name}: images must be " + " or ".join(
+                f"(B, 3, {h}, {w})" for h, w in sizes) + f", got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"teacher {self.name}: images must be a float tensor (normalised), "
                             f"got {images.dtype}")
@@ -118,28 +136,40 @@ class Teacher(nn.Module):
         images = images.to(device, non_blocking=True)
         autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                     if self.amp else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
-            x = vit.patch_embed(images)                          # (B, N, C)
-            batch, _, width = x.shape
-            pos = vit.pos_embed                                  # (1, 1 + N, C)
-            x = x + pos[:, 1:]
-            if visible is None:
-                index = torch.arange(self.num_patches, device=device).expand(batch, -1)
-            else:
-                index = visible.to(device, non_blocking=True)
-                x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, width))  # (B, n, C)
-            cls = (vit.cls_token + pos[:, :1]).expand(batch, -1, -1)
-            x = torch.cat([cls.to(x.dtype), x], dim=1)           # (B, 1 + n, C)
-            x = vit.norm_pre(x)
-            x = vit.blocks(x)
-            x = vit.norm(x).float()
-        return {"cls": x[:, 0], "patch": x[:, 1:], "index": index}
+        with torch.no_grad():
+            if tuple(images.shape[2:]) != self.img_size:         # the grid rule's resize (224 -> 196 px)
+                images = F.interpolate(images, size=self.img_size, mode="bilinear",
+                                       antialias=True, align_corners=False)
+            with autocast:
+                x = vit.patch_embed(images)                      # (B, N, C)
+                batch, _, width = x.shape
+                pos = vit.pos_embed                              # (1, N, C) or (1, 1 + N, C)
+                cls = vit.cls_token
+                if self.no_embed_class:
+                    x = x + pos
+                else:
+                    x, cls = x + pos[:, 1:], cls + pos[:, :1]
+                if visible is None:
+                    index = torch.arange(self.num_patches, device=device).expand(batch, -1)
+                else:
+                    index = visible.to(device, non_blocking=True)
+                    x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, width))  # (B, n, C)
+                registers = getattr(vit, "reg_token", None)      # after CLS, no position embedding
+                prefix = [cls] if registers is None else [cls, registers]
+                prefix = torch.cat(prefix, dim=1).expand(batch, -1, -1)
+                x = torch.cat([prefix.to(x.dtype), x], dim=1)    # (B, 1 [+ R] + n, C)
+                x = vit.norm_pre(x)
+                x = vit.blocks(x)
+                x = vit.norm(x).float()
+        skip = prefix.shape[1]
+        return {"cls": x[:, 0], "patch": x[:, skip:], "index": index}
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
         """Masked forward on the visible patches plus CLS.
 
         images: (B, 3, 224, 224) float, ImageNet-normalised (any device; moved to the
-            teacher's).
+            teacher's); resized to the teacher's input if that is smaller (196 px for /14:
+            bilinear, antialiased), which may also be given directly.
         visible: (B, n) int64, strictly ascending patch ids in [0, 196) (row-major 14 x 14
             grid). Values are validated when ``visible`` is on the CPU.
         Returns {"cls": (B, C) float32, "patch": (B, n, C) float32 (the final-LayerNorm
@@ -151,7 +181,7 @@ class Teacher(nn.Module):
     def forward_full(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unmasked forward (all 196 patches), for benchmarks and reference checks.
 
-        images: (B, 3, 224, 224) float. Returns {"cls": (B, C), "patch": (B, 196, C),
+        images: as ``forward``'s. Returns {"cls": (B, C), "patch": (B, 196, C),
             "index": (B, 196) int64 = arange(196)}, float32.
         """
         return self._encode(images, None)
@@ -214,7 +244,7 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
                   amp: bool | None = None, cache_dir: str | os.PathLike | None = None,
                   fetch_timeout_s: float = 5.0, arch: str | None = None,
                   model_kwargs: dict | None = None) -> Teacher:
-    """Build teacher ``name`` ("mae", "mocov3", "ibot", "dino"), frozen and in eval mode.
+    """Build teacher ``name`` (a descriptor of store/teachers.py), frozen and in eval mode.
 
     checkpoint: the official file (any of the layouts in ``extract/checkpoints.py``).
         Without one, ``CACHE/NAME/FILENAME`` is used, fetched from the official URL if
@@ -225,16 +255,18 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
         global RNG untouched; ``untrained=True``.
     amp: bf16 autocast; default on for CUDA, off for the CPU.
     arch / model_kwargs: the timm architecture (default: the teacher's descriptor's,
-        store/teachers.py; tests shrink it, the official checkpoints need the default).
+        store/teachers.py) and what it is built with: the descriptor's ``model_kwargs`` (its
+        input size) under these (tests shrink it, the official checkpoints need the default).
     """
     spec_of(name)
     arch = arch or descriptor(name).arch
+    built_with = teacher_model_kwargs(name, model_kwargs)
     if random_init and checkpoint is not None:
         raise ValueError(f"teacher {name}: give either checkpoint= or random_init=True, not both")
     if random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_init_seed(name, seed))
-            vit = _random_vit(arch, model_kwargs)
+            vit = _random_vit(arch, built_with)
         digest = state_dict_sha256(vit.state_dict())
         source, untrained = "random-init", True
     else:
@@ -244,7 +276,7 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
             path = Path(checkpoint)
         weights = load_official_state_dict(name, path, arch=arch, model_kwargs=model_kwargs)
         with torch.device("meta"):
-            vit = _create(arch, model_kwargs)
+            vit = _create(arch, built_with)
         vit.load_state_dict(weights, strict=True, assign=True)
         left = [n for n, t in list(vit.named_parameters()) + list(vit.named_buffers()) if t.is_meta]
         if left:

@@ -19,7 +19,9 @@ from store.progress import progress_bar
 from store.viewpixels import ViewPixels
 
 # Keys that every teacher of one store must share.
-SHARED_KEYS = ("seed", "views", "resolution", "patch_size", "embed_dim", "input")
+# Must agree between teachers; widths and patch sizes may differ, each teacher's grid must be the
+# shared one (store/teachers.py's grid rule).
+SHARED_KEYS = ("seed", "views", "input")
 
 
 def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_values: bool = True,
@@ -59,6 +61,10 @@ def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_va
         for slot, shard in progress_bar(blocks, desc=f"verify {name}", unit="block", progress=progress):
             problems.extend(_check_block(ts, data, slot, shard, scan_values=scan_values))
     problems.extend(_check_view_pixels(fs, summary, progress=progress))
+    for name, c in configs.items():
+        if "patch_size" in c and c.get("resolution") != V.GRID * c["patch_size"]:
+            problems.append(f"{name}: {c.get('resolution')} px with patch {c['patch_size']} is not the "
+                            f"shared {V.GRID} x {V.GRID} grid")
     for key in SHARED_KEYS:
         values = {n: c.get(key) for n, c in configs.items()}
         if len(set(map(repr, values.values()))) > 1:

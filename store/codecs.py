@@ -1,4 +1,4 @@
-"""Token codecs: how a teacher's (n, T, 768) float tokens become stored arrays and back.
+"""Token codecs: how a teacher's (n, T, C) float tokens (C its width) become stored arrays and back.
 
 Each codec maps tokens to a dict of plain arrays (only zarr v3 specification codecs are
 used on disk, so any zarr v3 reader can open them) and back:
@@ -34,7 +34,7 @@ CODECS = ("fp16", "int8", "pca", "adapter")
 PCA_DIM = 256
 ADAPTER_DIM = 192           # the frozen adapters' width (the student's), docs/method.md
 NEEDS_STATS = ("pca", "adapter")          # codecs that encode with the statistics
-FULL_TOKENS = ("fp16", "int8")            # codecs a trainable adapter can learn from (768 wide)
+FULL_TOKENS = ("fp16", "int8")            # codecs a trainable adapter can learn from (the full width)
 
 
 class CodecError(ExpectedError, ValueError):

@@ -1,6 +1,7 @@
 """The teacher-feature store: a zarr v3 group, one sub-group per teacher (docs/format.md).
 
-Layout (V views, N images, image shards of S, T = 1 + n_k tokens, C = 768)::
+Layout (V views, N images, image shards of S, T = 1 + n_k tokens, C = the teacher's width,
+its config's ``embed_dim``: 768 for a ViT-B, 1024 for a ViT-L)::
 
     STORE/                      attrs: format, format_version, data_digest, num_samples,
                                        views, seed, shards [[first, count], ...]
@@ -40,6 +41,7 @@ from zarr.codecs import ZstdCodec
 
 from store import codecs
 from store.errors import ExpectedError
+from store.teachers import VIT_B_WIDTH
 
 FORMAT = "comad-features"
 FORMAT_VERSION = 2
@@ -47,7 +49,6 @@ FORMAT_VERSION = 2
 # raised to 2 when view pixels are first written into it.
 READABLE_VERSIONS = (1, 2)
 PIXELS = "pixels"          # the view pixels' group (store/viewpixels.py), never a teacher's name
-EMBED_DIM = 768
 # Samples per inner chunk of the token arrays. zstd saves only 6-10% on float16/int8 tokens
 # but costs ~40% of read throughput, and one chunk per sample doubles the per-chunk cost
 # (measured with zarr-python 3.1 on 256 x 138 x 768 blocks: 1875 img/s with one zstd chunk
@@ -55,8 +56,9 @@ EMBED_DIM = 768
 INNER_CHUNK = 16
 # Teacher config keys added after stores were written, with what a store without them means:
 # ``input``, the pixels the teacher ran on (``source``: the decoded source crop; ``jpeg``: that
-# crop after the store's JPEG view round trip, docs/format.md "View pixels").
-CONFIG_DEFAULTS = {"input": "source"}
+# crop after the store's JPEG view round trip, docs/format.md "View pixels"); ``embed_dim``, its
+# token width (every teacher of those stores was a ViT-B).
+CONFIG_DEFAULTS = {"input": "source", "embed_dim": VIT_B_WIDTH}
 TEACHER_INPUTS = ("source", "jpeg")
 
 
@@ -226,7 +228,7 @@ class FeatureStore:
         per_sample("flips", (), "bool")
         per_sample("visible", (n,), "int16")
         for key, (shape, dtype) in codecs.payload_arrays(
-                config["codec"], (T, EMBED_DIM), pca_dim=int(config.get("pca_dim", codecs.PCA_DIM))).items():
+                config["codec"], (T, int(config.get("embed_dim", CONFIG_DEFAULTS["embed_dim"]))), pca_dim=int(config.get("pca_dim", codecs.PCA_DIM))).items():
             per_sample(key, shape, dtype, inner_chunks=True)
         g.create_array("complete", shape=(V, len(self.shards)), chunks=(1, 1), dtype="int32", fill_value=0)
         return TeacherStore(self, g)
@@ -241,10 +243,11 @@ class TeacherStore:
         self.config = dict(group.attrs["config"])
         self.name = self.config["teacher"]
         self.input = self.config.get("input", CONFIG_DEFAULTS["input"])
+        self.width = int(self.config.get("embed_dim", CONFIG_DEFAULTS["embed_dim"]))    # token channels C
         self.codec = self.config["codec"]
         self.n_visible = int(self.config["n_visible"])
         self.payload_keys = list(codecs.payload_arrays(
-            self.codec, (self.n_visible + 1, EMBED_DIM),
+            self.codec, (self.n_visible + 1, self.width),
             pca_dim=int(self.config.get("pca_dim", codecs.PCA_DIM))))
         self._stats = None
 
@@ -286,6 +289,9 @@ class TeacherStore:
         if indices.ndim != 1 or indices.dtype.kind not in "iu":
             raise StoreError(f"{self.path}: statistics indices must be a 1-D integer array, "
                              f"got {indices.dtype} {indices.shape}")
+        if np.shape(mean) != (self.width,) or np.shape(components)[1:] != (self.width,):
+            raise StoreError(f"{self.path}: statistics of mean {np.shape(mean)} and components "
+                             f"{np.shape(components)} for tokens {self.width} wide")
         s = self.group.require_group("stats")
         for key, arr in (("mean", mean), ("components", components), ("eigenvalues", eigenvalues)):
             s.create_array(key, data=np.ascontiguousarray(arr, dtype=np.float32), overwrite=True)
@@ -369,5 +375,5 @@ class TeacherStore:
                 for key in ("index", "view", "boxes", "flips", "visible", *self.payload_keys)}
 
     def decode(self, payload: dict, *, device=None):
-        """Stored payload (..., T, ...) -> float32 torch tokens (..., T, 768) on ``device``."""
+        """Stored payload (..., T, ...) -> float32 torch tokens (..., T, C) on ``device``."""
         return codecs.decode(self.codec, payload, pca=self.pca, device=device)

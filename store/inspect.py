@@ -37,7 +37,7 @@ class SampleView:
 
     crop: (224, 224, 3) uint8 RGB; teacher_visible: {name: (n_k,) int64 ascending};
     student_visible: (n,) int64 ascending; box: (4,) int64 [x, y, w, h]; tokens (only with
-    ``with_tokens``): {name: (1 + n_k, 768) float32, CLS first}.
+    ``with_tokens``): {name: (1 + n_k, C) float32, CLS first}.
     """
     store: Path
     index: int

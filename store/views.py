@@ -18,11 +18,11 @@ import math
 import numpy as np
 
 from store.roles import Role
-from store.teachers import DESCRIPTORS
+from store.teachers import DESCRIPTORS, STUDENT_GRID
 
-GRID = 14                      # 224 / 16
-NUM_PATCHES = GRID * GRID      # 196
-STUDENT_VISIBLE = 49           # 25% of 196
+GRID = STUDENT_GRID            # the shared grid of the student and every teacher (store/teachers.py)
+NUM_PATCHES = GRID * GRID      # 196 patches
+STUDENT_VISIBLE = NUM_PATCHES // 4   # 49: 25% visible
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10

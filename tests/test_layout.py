@@ -194,3 +194,53 @@ def test_no_python_file_is_over_450_lines():
 def test_cli_declares_commands_in_at_most_350_lines():
     n = line_count(ROOT / "cli.py")
     assert n <= MAX_CLI_LINES, f"cli.py: {n} lines (at most {MAX_CLI_LINES})"
+
+
+# Teacher facts are written once: in the descriptors' module and, keyed by name, their converters
+# (an added teacher is one descriptor plus its converter). Elsewhere ViT-B's width, the grid's
+# patch count and side, and a teacher's name are read from store/teachers.py. A line may opt out
+# with the marker when its number only happens to be one of these (a table's column width).
+TEACHER_FACT_MODULES = {"store/teachers.py", "extract/checkpoints.py"}
+TEACHER_NUMBERS = {768, 196, 14}
+NOT_A_TEACHER_FACT = "# not a teacher fact"
+
+
+def descriptor_names() -> set[str]:
+    """The names of store/teachers.py's ``TeacherDescriptor("name", ...)`` entries, read with ast."""
+    tree = ast.parse((ROOT / "store" / "teachers.py").read_text())
+    return {node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TeacherDescriptor"
+            and node.args and isinstance(node.args[0], ast.Constant)}
+
+
+def teacher_facts(path: Path, names: set[str]) -> list[tuple[int, object]]:
+    """(line, value) of every int constant in TEACHER_NUMBERS and string constant equal to a
+    teacher's name in ``path``, less lines carrying the marker."""
+    text = path.read_text()
+    lines = text.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.Constant):
+            continue
+        value = node.value
+        if (type(value) is int and value in TEACHER_NUMBERS) or (isinstance(value, str) and value in names):
+            if NOT_A_TEACHER_FACT not in lines[node.lineno - 1]:
+                found.append((node.lineno, value))
+    return sorted(found, key=lambda lv: (lv[0], str(lv[1])))
+
+
+def test_the_teacher_fact_finder_flags_the_numbers_and_names_but_not_a_marked_line(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('W = 768\nT = ("mae", 196)\nK = 14  # not a teacher fact\nS = "a mae in a sentence"\n'
+                      'F = 768.0\n')
+    assert teacher_facts(module, {"mae"}) == [(1, 768), (2, 196), (2, "mae")]
+
+
+def test_teacher_facts_are_written_only_in_the_descriptors_and_their_converters():
+    names = descriptor_names()
+    assert {"mae", "mocov3", "ibot", "dinov2_b14", "dinov2_l14"} <= names
+    bad = [f"{rel}:{line}: {value!r}" for path in repo_py_files()
+           if (rel := path.relative_to(ROOT).as_posix()) not in TEACHER_FACT_MODULES and rel.split("/")[0] != "tests"
+           for line, value in teacher_facts(path, names)]
+    assert not bad, ("teacher facts written outside store/teachers.py (read them from its descriptors, or mark "
+                     f"a coincidence '{NOT_A_TEACHER_FACT}'):\n  " + "\n  ".join(bad))

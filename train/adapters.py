@@ -1,4 +1,4 @@
-"""Teacher adapters: A_k(t) = LayerNorm(W_k t + b_k), teacher width (768) -> student width.
+"""Teacher adapters: A_k(t) = LayerNorm(W_k t + b_k), teacher width C_k (768 for a ViT-B) -> student width.
 
 Initialised from the principal components of the teacher's stored tokens
 (``init_from_pca``): W = the top ``out_dim`` principal directions, b = -W @ mean, so
@@ -33,7 +33,7 @@ RECON_FORMS = CHOICES["loss.recon_form"]
 class TeacherAdapter(nn.Module):
     """One teacher's adapter; see the module docstring."""
 
-    def __init__(self, *, in_dim: int = 768, out_dim: int = 192, trainable: bool = False,
+    def __init__(self, *, in_dim: int, out_dim: int = 192, trainable: bool = False,
                  name: str = "teacher", recon_form: str = "unexplained_variance"):
         super().__init__()
         if recon_form not in RECON_FORMS:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from core import config as typed
 from store.decoders import DECODERS
 from store.teachers import DESCRIPTORS, PAPER_TEACHERS
+from store.views import NUM_PATCHES
 
 TEACHER_NAMES = tuple(DESCRIPTORS)
 
@@ -60,7 +61,7 @@ class AdaptersConfig:
 
     mode: str = "frozen"                # "frozen" (no grad) or "trainable"
     init: str = "pca"                   # "pca" (from the store's statistics) or "random"
-    in_dim: int = 768                   # teacher token width (ViT-B)
+    in_dim: int | None = None           # every teacher's token width; None: each its own (store statistics, else descriptor)
 
 
 @dataclass
@@ -126,7 +127,9 @@ class DataConfig:
                                         # store (view (e + i) mod V when v = V); "auto": the store's V
                                         # (an explicit v may be 1..V: one store serves several budgets)
     seed: int = 0                       # root of every view/mask draw (must match the store)
-    teachers: tuple[str, ...] = PAPER_TEACHERS
+    teachers: Literal["auto"] | tuple[str, ...] = "auto"   # the teachers distilled; "auto": the store's described
+                                        # teachers in registry order (store/teachers.py), the paper's
+                                        # three without a store (train/loader.py: resolve_data)
     student_visible: int = 49           # 25% of 196 patches
     decoder: str = "auto"               # image decoder (store/decoders.py): "dali" (the extra
                                         # '.[dali]'), "pil" (reference) or "auto" (dali where it is
@@ -164,7 +167,8 @@ class TrainConfig:
 
 
 # Keys whose value "auto" is resolved when a run starts (train/loader.py: resolve_data) and
-# written resolved into the run's config.yaml.
+# written resolved into the run's config.yaml: these counts, and data.teachers, data.pixels and
+# data.decoder.
 AUTO = "auto"
 AUTO_KEYS = ("data.views", "data.streams")
 
@@ -209,7 +213,7 @@ class Config(typed.TypedConfig):
         typed.check_choices(self, CHOICES)
         typed.check_positive(self, [
             "model.embed_dim", "model.depth", "model.num_heads", "decoder.width",
-            "decoder.depth", "decoder.num_heads", "adapters.in_dim", "gate.tau",
+            "decoder.depth", "decoder.num_heads", "gate.tau",
             "loss.tau", "loss.tau_spatial", "optim.base_lr", "optim.lr_reference_batch",
             "schedule.epochs", "data.student_visible",
             "train.batch_size", "train.log_every", "train.ckpt_every",
@@ -234,15 +238,17 @@ class Config(typed.TypedConfig):
         if not self.data.teachers:
             raise ValueError("config data.teachers is empty; name at least one of "
                              f"{list(TEACHER_NAMES)}")
-        for name in self.data.teachers:
+        for name in teacher_names(self):
             if name not in TEACHER_NAMES:
                 raise ValueError(f"config data.teachers has unknown teacher {name!r}; "
                                  f"valid: {list(TEACHER_NAMES)}")
-        if len(set(self.data.teachers)) != len(self.data.teachers):
+        if self.adapters.in_dim is not None and not self.adapters.in_dim > 0:
+            raise ValueError(f"config adapters.in_dim={self.adapters.in_dim!r} must be > 0 or null")
+        if len(set(teacher_names(self))) != len(teacher_names(self)):
             raise ValueError(f"config data.teachers={list(self.data.teachers)} repeats a teacher")
-        if not 0 < self.data.student_visible <= 196:
+        if not 0 < self.data.student_visible <= NUM_PATCHES:
             raise ValueError(f"config data.student_visible={self.data.student_visible} "
-                             "must be in [1, 196]")
+                             f"must be in [1, {NUM_PATCHES}]")
         if not all(0 <= b < 1 for b in self.optim.betas):
             raise ValueError(f"config optim.betas={list(self.optim.betas)} must be in [0, 1)")
         if self.schedule.warmup_epochs > self.schedule.epochs:
@@ -250,6 +256,12 @@ class Config(typed.TypedConfig):
                              f"exceeds schedule.epochs={self.schedule.epochs}")
         return self
 
+
+
+def teacher_names(cfg: Config) -> tuple[str, ...]:
+    """``data.teachers`` as names: a run's resolved list (``resolve_data``), or, while it is
+    still ``auto`` (no store read yet: synthetic batches, benches), the paper's three."""
+    return PAPER_TEACHERS if cfg.data.teachers == AUTO else tuple(cfg.data.teachers)
 
 
 # ---- loading and overriding ---------------------------------------------------------

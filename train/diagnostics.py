@@ -31,6 +31,7 @@ from store import views as V
 from store.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
 from store.inspect import SampleView, load_sample
+from train.config import teacher_names
 
 __all__ = ["linear_cka", "load_run", "load_samples", "sample_batch", "gate_maps", "cka_scores",
            "heldout_losses"]
@@ -78,7 +79,7 @@ def load_run(run_dir, *, device: str = "cpu", store_path=None, trained: bool = T
         raise StoreError(f"{run_dir} trained on the store {store_path}, which is needed for its adapters: "
                          f"{error}") from None
     stats = {}
-    for name in cfg.data.teachers:
+    for name in teacher_names(cfg):
         st = fs.teacher(name).stats
         stats[name] = (st["mean"], st["components"])
     objective = build_objective(cfg, stats)
@@ -91,7 +92,7 @@ def sample_batch(samples: list[SampleView], teachers, *, device: str = "cpu") ->
     """An objective batch (train/objective.py) from samples loaded ``with_tokens``.
 
     Returns {"index" (B,), "view" (B,), "images" (B, 3, 224, 224) float32 normalised,
-    "student_visible" (B, n) int64, "teachers": {name: {"cls" (B, 768), "patch" (B, n_k, 768),
+    "student_visible" (B, n) int64, "teachers": {name: {"cls" (B, C_k), "patch" (B, n_k, C_k),
     "index" (B, n_k) int64}}} on ``device``.
     """
     if not samples:

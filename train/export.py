@@ -33,6 +33,7 @@ from core.run import load_checkpoint, read_metrics
 from core.state import load_strict
 from store.decode import MEAN, SIZE, STD
 from store.manifest import sha256_file
+from train.config import teacher_names
 
 __all__ = ["student_state_dict", "export_student", "architecture", "hub_model", "find_results",
            "model_card", "export_run", "RESULT", "EVAL_ROOT", "FOLDER_FILES"]
@@ -168,7 +169,7 @@ def _teachers(cfg, run_dir: Path) -> tuple[list[dict], str | None, str]:
     None when neither is there."""
     from store.features import FeatureStore, StoreError
     from train.online import STATS_FILE
-    names = list(cfg.data.teachers)
+    names = list(teacher_names(cfg))
     if cfg.data.store:
         try:
             fs = FeatureStore.open(cfg.data.store)

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-PATCHES = 196
+from store import views as V
+from train.objective import teacher_widths
+
+PATCHES = V.NUM_PATCHES
 PATCH_PIXELS = 3 * 16 * 16
 
 
@@ -34,14 +37,17 @@ def vit_blocks_forward(*, depth: int, width: int, tokens: int, mlp_ratio: float 
     return depth * per_block
 
 
-def step_flops_per_image(cfg, *, n_visible: int, teacher_tokens: Mapping[str, int]) -> dict[str, float]:
+def step_flops_per_image(cfg, *, n_visible: int, teacher_tokens: Mapping[str, int],
+                         widths: Mapping[str, int] | None = None) -> dict[str, float]:
     """FLOPs of one optimiser step per image of a :class:`train.config.Config` run.
 
     n_visible: the student's visible patches (n). teacher_tokens: {teacher: 1 + n_k}, the
-    tokens each teacher contributes per image. Returns {"encoder", "decoder", "adapters",
+    tokens each teacher contributes per image; widths: {teacher: token width} (default
+    ``objective.teacher_widths(cfg)``, the descriptors'). Returns {"encoder", "decoder", "adapters",
     "gate", "total"} in FLOPs (forward and backward together).
     """
-    d, w, c = cfg.model.embed_dim, cfg.decoder.width, cfg.adapters.in_dim
+    d, w = cfg.model.embed_dim, cfg.decoder.width
+    widths = teacher_widths(cfg) if widths is None else widths
     embed = 2 * PATCHES * PATCH_PIXELS * d
     encoder = 2 * embed + 3 * vit_blocks_forward(depth=cfg.model.depth, width=d, tokens=n_visible + 1)
     dec_fwd = (2 * (n_visible + 1) * d * w
@@ -51,7 +57,8 @@ def step_flops_per_image(cfg, *, n_visible: int, teacher_tokens: Mapping[str, in
     decoder = 3 * dec_fwd
     trainable = cfg.adapters.mode == "trainable"
     adapters = 0.0
-    for tokens in teacher_tokens.values():
+    for name, tokens in teacher_tokens.items():
+        c = widths[name]
         proj = 2 * tokens * c * d
         adapters += 2 * proj + 3 * (2 * tokens * d * c) if trainable else proj
     k, slots = len(teacher_tokens), PATCHES + 1

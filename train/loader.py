@@ -34,14 +34,19 @@ from store.decode.pixels import normalize_uint8
 from store.decoders import resolve_decoder
 from store.features import DataInfo, FeatureStore, StoreError
 from store.prefetch import DeviceCopier, Prefetch
+from store.teachers import DESCRIPTORS, PAPER_TEACHERS
 from train.config import AUTO, Config
 from train.requirements import check_mask_ratio, student_pixels
 from train.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (steps_per_epoch: old import path)
 
 
 def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Config:
-    """``cfg`` with ``data.views`` and ``data.streams`` set to numbers, ``data.pixels`` to
-    ``views`` or ``source`` and ``data.decoder`` to ``dali`` or ``pil``.
+    """``cfg`` with ``data.teachers`` set to names, ``data.views`` and ``data.streams`` to numbers,
+    ``data.pixels`` to ``views`` or ``source`` and ``data.decoder`` to ``dali`` or ``pil``.
+
+    ``teachers``: ``auto`` takes the recorded list (a resumed run keeps its teachers if the
+    store gains one), else every teacher of the store in registry order (store/teachers.py),
+    else, without a store, the paper's three.
 
     data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
     V (1 without a store: online-fresh); an explicit v < V trains on the store's first v slots
@@ -55,6 +60,21 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     pixels were added meanwhile.
     ``decoder``: ``auto`` takes the recorded value, else ``dali`` where DALI is installed, else
     ``pil`` (store/decoders.py); so a resumed run never changes decoder silently."""
+    teachers = cfg.data.teachers
+    if teachers == AUTO:
+        teachers = (recorded or {}).get("teachers", AUTO)
+    if teachers == AUTO:
+        teachers = PAPER_TEACHERS
+        if cfg.data.store:
+            held = FeatureStore.open(cfg.data.store).teachers
+            teachers = tuple(n for n in DESCRIPTORS if n in held)
+            unknown = sorted(set(held) - set(teachers))
+            if unknown:
+                raise StoreError(f"{cfg.data.store}: holds teachers {unknown} that store/teachers.py does not "
+                                 f"describe; set data.teachers to the ones to train")
+            if not teachers:
+                raise StoreError(f"{cfg.data.store}: holds no teachers; run extract first")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, teachers=tuple(teachers)))
     if cfg.data.decoder == AUTO:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, decoder=resolve_decoder((recorded or {}).get("decoder", AUTO))))

@@ -30,7 +30,7 @@ from store.errors import ExpectedError
 from store.progress import progress_bar
 from store.roles import Role
 from store.views import hash_keys
-from train.config import Config
+from train.config import Config, teacher_names
 from train.flops import step_flops_per_image
 from train.loader import CachedSource, Plan, resolve_data, store_views
 from train.objective import build_objective
@@ -162,7 +162,7 @@ def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = 
         if not cfg.data.store:
             raise ValueError("data.source=cached reads the teacher tokens from a store: give --store "
                              "(data.store), or train online (data.source=online-fresh)")
-        cached = CachedSource(plan, store_path=cfg.data.store, teachers=cfg.data.teachers,
+        cached = CachedSource(plan, store_path=cfg.data.store, teachers=teacher_names(cfg),
                               pixels=cfg.data.pixels, **kw)
         for ts in cached.stores.values():
             check_codec(ts, trainable=cfg.adapters.mode == "trainable", width=cfg.model.embed_dim,
@@ -262,7 +262,8 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                 batch = source.materialize(cpu_batch, device)
                 if flops is None:
                     flops = step_flops_per_image(cfg, n_visible=batch["student_visible"].shape[1], teacher_tokens={
-                        n: 1 + t["index"].shape[1] for n, t in batch["teachers"].items()})["total"]
+                        n: 1 + t["index"].shape[1] for n, t in batch["teachers"].items()},
+                        widths={n: a.in_dim for n, a in objective.adapters.items()})["total"]
                 parts = train_step(objective, opt, batch, lr=float(lrs[step]), clip_grad=cfg.train.clip_grad,
                                    amp=use_amp)
                 acc.add(step, parts)

@@ -5,7 +5,7 @@ A batch (from the feature store or from online teachers) is::
     {"index": (B,) int64, "view": (B,) int64,
      "images": (B, 3, 224, 224) float32 normalised,
      "student_visible": (B, 49) int64 ascending patch ids in [0, 196),
-     "teachers": {name: {"cls": (B, 768), "patch": (B, n_k, 768),
+     "teachers": {name: {"cls": (B, C_k), "patch": (B, n_k, C_k),
                          "index": (B, n_k) int64 ascending}}}
 
 Tokens may be float16; they are cast to float32 before the adapters. Teacher tokens are
@@ -30,7 +30,9 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from store.teachers import descriptor
 from train.adapters import TeacherAdapter, collapse_monitor
+from train.config import teacher_names
 from train.gate import fuse, gate_weights
 from train.losses import spatial_kl, spatial_mse, token_kl, token_mse
 from train.student import NUM_PATCHES, FeatureDecoder, MaskedStudent, load_student_checkpoint
@@ -199,6 +201,20 @@ class CoMADObjective(nn.Module):
         return logs
 
 
+def teacher_widths(cfg, teacher_stats: Mapping | None = None) -> dict[str, int]:
+    """{teacher: token width} of ``cfg.data.teachers``: ``cfg.adapters.in_dim`` for all when set
+    (synthetic tests), else each teacher's statistics' width (the store's, the truth at read
+    time), else its descriptor's (store/teachers.py)."""
+    if cfg.adapters.in_dim is not None:
+        return {n: int(cfg.adapters.in_dim) for n in teacher_names(cfg)}
+    out = {}
+    for n in teacher_names(cfg):
+        st = (teacher_stats or {}).get(n)
+        mean = None if st is None else (st["mean"] if isinstance(st, Mapping) else st[0])
+        out[n] = int(mean.shape[-1]) if mean is not None else descriptor(n).width
+    return out
+
+
 def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective:
     """Build the objective from a :class:`train.config.Config`.
 
@@ -211,7 +227,7 @@ def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective
     the same model and the global RNG is left untouched. A ``cfg.model.checkpoint``
     then replaces the student encoder's weights (strictly).
     """
-    names = list(cfg.data.teachers)
+    names = list(teacher_names(cfg))
     use_pca = cfg.adapters.init == "pca" and teacher_stats is not None
     if use_pca:
         absent = [n for n in names if n not in teacher_stats]
@@ -226,7 +242,8 @@ def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective
                                  num_heads=cfg.decoder.num_heads, mlp_ratio=cfg.decoder.mlp_ratio,
                                  out_dim=d, pos_embed=cfg.decoder.pos_embed)
         trainable = cfg.adapters.mode == "trainable"
-        adapters = {n: TeacherAdapter(in_dim=cfg.adapters.in_dim, out_dim=d, trainable=trainable,
+        widths = teacher_widths(cfg, teacher_stats)
+        adapters = {n: TeacherAdapter(in_dim=widths[n], out_dim=d, trainable=trainable,
                                       name=n, recon_form=cfg.loss.recon_form) for n in names}
     if use_pca:
         for n in names:

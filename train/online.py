@@ -28,6 +28,7 @@ import torch
 from extract import dist
 from store import views as V
 from store.features import DataInfo, FeatureStore, StoreError
+from train.config import teacher_names
 from train.loader import OnlineSource, Plan
 
 SOURCES = ("cached", "online-replay", "online-fresh")
@@ -95,7 +96,7 @@ def teachers_from(spec: str, names, *, seed: int, device: str, random_depth: int
 
 def sample_stats(teachers: dict, data, *, seed: int, views: int, num_images: int, decoder: str, device: str,
                  num_threads: int, path: Path) -> dict:
-    """{name: (mean (768,), components (768, 768))} from ``compute_stats`` on a keyed sample.
+    """{name: (mean (C,), components (C, C))} from ``compute_stats`` on a keyed sample.
 
     Rank 0 computes them once and writes ``path`` (with a key of what they depend on); every
     rank then reads that file, so all ranks and a resumed run share the same adapters. A file
@@ -134,7 +135,7 @@ def build_online_source(cfg, plan: Plan, *, fresh: bool, device: str, run_dir=No
     """(source, {name: (mean, components)}) for ``online-replay`` (fresh=False) or
     ``online-fresh`` (fresh=True); ``prebuilt``: teachers already built (checked against the
     store); ``kw`` go to the source (decoder, num_threads)."""
-    names = list(cfg.data.teachers)
+    names = list(teacher_names(cfg))
     amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
     if cfg.data.store:
         fs = (FeatureStore.open(cfg.data.store, views=plan.store_views, seed=cfg.data.seed) if not fresh

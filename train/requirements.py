@@ -58,7 +58,7 @@ def check_mask_ratio(ts) -> None:
 
 def check_codec(ts, *, trainable: bool, width: int, init: str = "pca") -> None:
     """The store's codec must hold what the adapters read (store/codecs.py): a trainable
-    adapter learns from the full 768-wide tokens, a frozen one from the top ``width``
+    adapter learns from the full-width tokens, a frozen one from the top ``width``
     principal coefficients, which only the statistics' own basis (``adapters.init=pca``) reads
     as W t, from statistics of enough tokens; else StoreError, one line."""
     dim = int(ts.config.get("pca_dim") or 0) if ts.codec not in codecs.FULL_TOKENS else 0

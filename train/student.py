@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from core.state import drop_placeholder_head, load_strict, read_state_dict
+from store.teachers import STUDENT_GRID
 
-GRID = 14  # 224 / 16
+GRID = STUDENT_GRID  # 224 / 16: the grid every teacher shares (store/teachers.py)
 NUM_PATCHES = GRID * GRID
 
 

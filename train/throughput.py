@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from store import views as V
-from train.config import load_config
+from train.config import load_config, teacher_names
 from train.flops import step_flops_per_image
 from train.loader import Plan, resolve_data, store_views
 from train.loop import build_source, make_optimizer, train_step
@@ -110,7 +110,7 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     ceiling = next((r["images_per_second"] for r in rows if r["mode"] == "ceiling"), None)
     online = next((r["images_per_second"] for r in rows if r["mode"] == "online"), None)
     flops = step_flops_per_image(cfg, n_visible=cfg.data.student_visible, teacher_tokens={
-        n: 1 + V.num_visible(V.MASK_RATIOS[n]) for n in cfg.data.teachers})["total"]
+        n: 1 + V.num_visible(V.MASK_RATIOS[n]) for n in teacher_names(cfg)})["total"]
     for r in rows:
         r["vs_online"] = r["images_per_second"] / online if online else None
         r["vs_ceiling"] = r["images_per_second"] / ceiling if ceiling else None

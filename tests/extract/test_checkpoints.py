@@ -240,7 +240,8 @@ def test_without_network_build_fails_fast_naming_file_and_url(tmp_path, monkeypa
         msg = str(err.value)
         assert spec.filename in msg and spec.url in msg
         assert str(tmp_path / name / spec.filename) in msg
-    assert spec.url.startswith("https://dl.fbaipublicfiles.com/dino/")
+    assert TEACHERS["dino"].url.startswith("https://dl.fbaipublicfiles.com/dino/")
+    assert spec.url.startswith("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/")
     assert not any(tmp_path.iterdir()), "a failed fetch left files behind"
 
 

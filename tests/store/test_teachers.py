@@ -22,10 +22,13 @@ def test_every_list_of_teachers_and_their_mask_keys_come_from_the_descriptors():
     assert list(TEACHER_NAMES) == names and list(CHECKPOINTS) == names     # one converter per descriptor
     teacher_option = next(p for p in cli.extract.params if p.name == "teacher")
     assert list(teacher_option.type.choices) == names
-    assert tuple(Config().data.teachers) == T.PAPER_TEACHERS == DEMO_TEACHERS
+    from train.config import teacher_names
+    assert Config().data.teachers == "auto" and teacher_names(Config()) == T.PAPER_TEACHERS == DEMO_TEACHERS
     # part of every stored mask's key: renumbering would silently change every store's masks
-    assert V.TEACHER_IDS == {"mae": 0, "mocov3": 1, "ibot": 2, "dino": 3}
-    assert V.MASK_RATIOS == {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40}
+    assert V.TEACHER_IDS == {"mae": 0, "mocov3": 1, "ibot": 2, "dino": 3, "dinov2_b14": 4, "dinov2_b14_reg4": 5,
+                             "dinov2_l14": 6, "dinov2_l14_reg4": 7}
+    assert V.MASK_RATIOS == {"mae": 0.50, "mocov3": 0.40, "ibot": 0.30, "dino": 0.40, "dinov2_b14": 0.30,
+                             "dinov2_b14_reg4": 0.30, "dinov2_l14": 0.30, "dinov2_l14_reg4": 0.30}
 
 
 def test_the_store_records_each_teachers_geometry_from_its_descriptor(teacher_store):
@@ -35,16 +38,22 @@ def test_the_store_records_each_teachers_geometry_from_its_descriptor(teacher_st
         assert (config["resolution"], config["patch_size"], config["embed_dim"]) == (d.resolution, d.patch_size,
                                                                                      d.width)
         assert config["mask_ratio"] == d.mask_ratio and d.grid == V.GRID
-    with pytest.raises(KeyError, match="unknown teacher 'dinov2'; known: mae, mocov3, ibot, dino"):
+    with pytest.raises(KeyError, match="unknown teacher 'dinov2'; known: mae, mocov3, ibot, dino, dinov2_b14, "):
         T.descriptor("dinov2")
 
 
-def test_the_registry_refuses_a_shared_mask_id_and_a_geometry_its_readers_do_not_follow(monkeypatch):
+def test_every_teacher_is_on_the_students_grid_and_the_registry_refuses_a_shared_id_or_another_grid(monkeypatch):
+    for d in T.DESCRIPTORS.values():     # the grid rule: resolution = 14 x patch, so patch p is the student's p
+        assert d.grid == V.GRID and d.resolution == V.GRID * d.patch_size and d.model_kwargs == {"img_size": d.resolution}
+    assert (T.descriptor("dinov2_b14").resolution, T.descriptor("dinov2_l14").width) == (196, 1024)
     mae = T.descriptor("mae")
     monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, "copy": dataclasses.replace(mae, name="copy")})
     with pytest.raises(ValueError, match="two teachers share a mask key id"):
         T._check_registry()
-    b14 = dataclasses.replace(mae, name="dinov2_b14", key_id=9, patch_size=14)
+    b14 = dataclasses.replace(mae, name="b14_at_224", key_id=9, patch_size=14)      # a 16 x 16 grid
     monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, b14.name: b14})
-    with pytest.raises(ValueError, match="teacher dinov2_b14: patch 14, 224 px, width 768"):
+    with pytest.raises(ValueError, match="teacher b14_at_224: 224 px with patch 14 is not the shared 14 x 14 grid"):
         T._check_registry()
+    wide = dataclasses.replace(mae, name="wide", key_id=9, width=1024)                 # any width is read
+    monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, wide.name: wide})
+    T._check_registry()

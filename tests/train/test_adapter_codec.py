@@ -73,7 +73,7 @@ def test_frozen_adapter_outputs_match_the_fp16_tokens(adapter_store, teacher_sto
     for name in STORED:
         ts = FeatureStore.open(adapter_store).teacher(name)
         ref = FeatureStore.open(teacher_store).teacher(name)
-        adapter = TeacherAdapter(name=name)
+        adapter = TeacherAdapter(in_dim=ts.width, name=name)
         adapter.init_from_pca(ts.stats["mean"], ts.stats["components"])
         for slot in (0, 1):
             a = adapter(ts.decode(ts.read_samples(slot, np.arange(n))).flatten(0, 1))

@@ -13,10 +13,13 @@ def test_defaults_are_methods_values_and_lr_is_derived_from_batch():
     assert (cfg.loss.kind, cfg.loss.tau, cfg.loss.tau_spatial, cfg.loss.spatial_weight) == ("kl", 1.0, 4.0, 1.0)
     assert (cfg.decoder.depth, cfg.decoder.width, cfg.decoder.num_heads) == (2, 192, 3)
     assert (cfg.model.arch, cfg.model.embed_dim, cfg.model.depth) == ("vit_tiny_patch16_224", 192, 12)
-    assert (cfg.adapters.mode, cfg.adapters.in_dim) == ("frozen", 768)
+    assert (cfg.adapters.mode, cfg.adapters.in_dim) == ("frozen", None)      # each teacher's own width
+    from train.objective import teacher_widths
+    assert teacher_widths(cfg) == {"mae": 768, "mocov3": 768, "ibot": 768}
     assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
     assert (cfg.schedule.epochs, cfg.train.batch_size) == (300, 4096)
-    assert cfg.data.teachers == ("mae", "mocov3", "ibot")
+    from train.config import teacher_names
+    assert cfg.data.teachers == "auto" and teacher_names(cfg) == ("mae", "mocov3", "ibot")   # without a store
     assert (cfg.data.views, cfg.data.streams, cfg.data.student_visible) == ("auto", "auto", 49)
     assert cfg.train.clip_grad == 0.0
     assert cfg.derived()["lr"] == pytest.approx(1.5e-4 * 4096 / 256)

@@ -12,6 +12,7 @@ import torch
 
 from store.features import FeatureStore, StoreError
 from store.shards import ImageSet
+from store.teachers import DESCRIPTORS, PAPER_TEACHERS
 from train.config import load_config
 from train.loader import CachedSource, Plan, resolve_data
 
@@ -48,6 +49,26 @@ def test_every_world_size_sees_the_same_global_batches_with_fewer_or_more_stream
 def test_a_world_size_that_neither_divides_nor_is_divided_by_the_streams_is_refused():
     with pytest.raises(ValueError, match="data.streams=2 and the world size 3"):
         Plan(_data([16] * 8), seed=0, views=2, batch_size=12, world=3, streams=2)
+
+
+def test_auto_teachers_are_the_stores_in_registry_order_and_a_resumed_run_keeps_its_own(prepared_data, teacher_store,
+                                                                                         tmp_path):
+    data = ImageSet.open(prepared_data)
+    base = [f"data.images={prepared_data}", f"data.store={teacher_store}", "train.batch_size=4"]
+    held = FeatureStore.open(teacher_store).teachers                               # sorted by name
+    resolved = resolve_data(load_config(None, base), data).data.teachers
+    assert resolved == tuple(n for n in DESCRIPTORS if n in held) and sorted(resolved) == held
+    assert resolve_data(load_config(None, base), data, recorded={"teachers": ["mae"]}).data.teachers == ("mae",)
+    assert resolve_data(load_config(None, base + ["data.teachers=[ibot,mae]"]), data).data.teachers == ("ibot", "mae")
+    fresh = load_config(None, [f"data.images={prepared_data}", "data.source=online-fresh", "train.batch_size=4"])
+    assert resolve_data(fresh, data).data.teachers == PAPER_TEACHERS                # no store
+    other = tmp_path / "store"
+    shutil.copytree(teacher_store, other)
+    (other / held[0]).rename(other / "vit_x")                                       # a teacher no descriptor names
+    with pytest.raises(StoreError) as e:
+        resolve_data(load_config(None, [f"data.images={prepared_data}", f"data.store={other}", "train.batch_size=4"]), data)
+    assert str(e.value) == (f"{other}: holds teachers ['vit_x'] that store/teachers.py does not describe; "
+                            "set data.teachers to the ones to train")
 
 
 def test_auto_views_come_from_the_store_and_a_disagreeing_value_is_refused_in_one_line(prepared_data,
