@@ -73,12 +73,13 @@ def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views:
     rate = n / seconds
     d = descriptor(extractor.teacher.name)
     n_vis = V.num_visible(d.mask_ratio)
-    per_sample = bytes_per_sample(codec, n_vis, pca_dim=pca_dim, width=d.width)
+    width = int(extractor.teacher.embed_dim)             # what the store records (teacher_config)
+    per_sample = bytes_per_sample(codec, n_vis, pca_dim=pca_dim, width=width)
     samples = num_images * views
     return dict(teacher=extractor.teacher.name, codec=codec, measured_images=n,
                 images_per_second=rate, ranks=ranks, bytes_per_sample=per_sample, view_pixels=view_pixels,
                 view_pixel_bytes=pixel_bytes, pixel_total_bytes=int(pixel_bytes * samples),
-                total_bytes=per_sample * samples + stats_bytes(num_images, stats_images, width=d.width) + int(pixel_bytes * samples),
+                total_bytes=per_sample * samples + stats_bytes(num_images, stats_images, width=width) + int(pixel_bytes * samples),
                 hours=samples / (rate * ranks) / 3600.0, num_images=num_images, views=views)
 
 
