@@ -192,20 +192,10 @@ def test_checkpoint_of_another_width_fails_naming_shapes(tmp_path):
         build_teacher("dino", checkpoint=path)
 
 
-class _RunsCode:
-    """Unpickling this object would write a marker file (stands for arbitrary code)."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.write_text, (self.marker, "code ran")
-
-
-def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
-    marker = tmp_path / "marker.txt"
+def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, code_running_object):
+    runs_code, marker = code_running_object
     path = tmp_path / "evil.pth"
-    torch.save({"model": _RunsCode(marker), "epoch": 1}, path)
+    torch.save({"model": runs_code, "epoch": 1}, path)
     with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pth"):
         build_teacher("mae", checkpoint=path, model_kwargs=NARROW)
     with pytest.raises(CheckpointError, match="refusing"):

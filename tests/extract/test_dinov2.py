@@ -151,20 +151,10 @@ def test_file_with_registers_for_a_plain_teacher_and_the_reverse_are_refused(off
         load_official_state_dict("dinov2_l14_reg4", plain_path, model_kwargs=DEPTH2)
 
 
-class _RunsCode:
-    """Unpickling this object would write a marker file (stands for arbitrary code)."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.write_text, (self.marker, "code ran")
-
-
-def test_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path):
-    marker = tmp_path / "marker.txt"
+def test_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path, code_running_object):
+    runs_code, marker = code_running_object
     path = tmp_path / "dinov2_vitl14_reg4_pretrain.pth"
-    torch.save({"cls_token": torch.zeros(1, 1, 1024), "pos_embed": _RunsCode(marker)}, path)
+    torch.save({"cls_token": torch.zeros(1, 1, 1024), "pos_embed": runs_code}, path)
     with pytest.raises(CheckpointError, match=r"refusing to load .*dinov2_vitl14_reg4_pretrain\.pth"):
         build_teacher("dinov2_l14_reg4", checkpoint=path, model_kwargs=DEPTH2)
     assert not marker.exists()
