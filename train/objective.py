@@ -201,6 +201,12 @@ class CoMADObjective(nn.Module):
         return logs
 
 
+def _mean_and_components(st) -> tuple:
+    """A teacher's statistics as (mean (C,), components (>= D, C)): given as that pair or as
+    ``FeatureStore`` stats hold them, {"mean", "components", ...}."""
+    return (st["mean"], st["components"]) if isinstance(st, Mapping) else tuple(st)
+
+
 def teacher_widths(cfg, teacher_stats: Mapping | None = None) -> dict[str, int]:
     """{teacher: token width} of ``cfg.data.teachers``: ``cfg.adapters.in_dim`` for all when set
     (synthetic tests), else each teacher's statistics' width (the store's, the truth at read
@@ -210,8 +216,7 @@ def teacher_widths(cfg, teacher_stats: Mapping | None = None) -> dict[str, int]:
     out = {}
     for n in teacher_names(cfg):
         st = (teacher_stats or {}).get(n)
-        mean = None if st is None else (st["mean"] if isinstance(st, Mapping) else st[0])
-        out[n] = int(mean.shape[-1]) if mean is not None else descriptor(n).width
+        out[n] = descriptor(n).width if st is None else int(_mean_and_components(st)[0].shape[-1])
     return out
 
 
@@ -247,9 +252,7 @@ def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective
                                       name=n, recon_form=cfg.loss.recon_form) for n in names}
     if use_pca:
         for n in names:
-            st = teacher_stats[n]
-            mean, comps = (st["mean"], st["components"]) if isinstance(st, Mapping) else st
-            adapters[n].init_from_pca(mean, comps)
+            adapters[n].init_from_pca(*_mean_and_components(teacher_stats[n]))
     if cfg.model.checkpoint:
         load_student_checkpoint(student, cfg.model.checkpoint)
     return CoMADObjective(student=student, decoder=decoder, adapters=adapters,
