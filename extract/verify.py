@@ -16,6 +16,7 @@ from store import codecs
 from store import views as V
 from store.features import CONFIG_DEFAULTS, DataInfo, FeatureStore, StoreError
 from store.progress import progress_bar
+from store.teachers import on_shared_grid
 from store.viewpixels import ViewPixels
 
 # Keys that every teacher of one store must share.
@@ -62,7 +63,7 @@ def verify_store(store_path, data, *, teachers: list[str] | None = None, scan_va
             problems.extend(_check_block(ts, data, slot, shard, scan_values=scan_values))
     problems.extend(_check_view_pixels(fs, summary, progress=progress))
     for name, c in configs.items():
-        if "patch_size" in c and c.get("resolution") != V.GRID * c["patch_size"]:
+        if "patch_size" in c and not on_shared_grid(c["patch_size"], c.get("resolution")):
             problems.append(f"{name}: {c.get('resolution')} px with patch {c['patch_size']} is not the "
                             f"shared {V.GRID} x {V.GRID} grid")
     for key in SHARED_KEYS:

@@ -81,12 +81,18 @@ def descriptor(name: str) -> TeacherDescriptor:
         raise KeyError(f"unknown teacher {name!r}; known: {', '.join(DESCRIPTORS)}") from None
 
 
+def on_shared_grid(patch_size: int, resolution: int) -> bool:
+    """The grid rule: a teacher's input of ``resolution`` px in patches of ``patch_size`` is the
+    student's 14 x 14 grid."""
+    return resolution == STUDENT_GRID * patch_size
+
+
 def _check_registry() -> None:
     ids = [d.key_id for d in DESCRIPTORS.values()]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two teachers share a mask key id: {ids}")
     for d in DESCRIPTORS.values():
-        if d.resolution != STUDENT_GRID * d.patch_size:
+        if not on_shared_grid(d.patch_size, d.resolution):
             raise ValueError(f"teacher {d.name}: {d.resolution} px with patch {d.patch_size} is not the "
                              f"shared {STUDENT_GRID} x {STUDENT_GRID} grid (resolution = {STUDENT_GRID} x patch)")
 

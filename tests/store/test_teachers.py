@@ -57,3 +57,18 @@ def test_every_teacher_is_on_the_students_grid_and_the_registry_refuses_a_shared
     wide = dataclasses.replace(mae, name="wide", key_id=9, width=1024)                 # any width is read
     monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, wide.name: wide})
     T._check_registry()
+
+
+def test_verify_names_a_stored_teacher_off_the_shared_grid(teacher_store, prepared_data, tmp_path):
+    import shutil
+
+    from extract.verify import verify_store
+    from store.shards import ImageSet
+
+    store = tmp_path / "store"
+    shutil.copytree(teacher_store, store)
+    assert verify_store(store, ImageSet.open(prepared_data), scan_values=False)[0] == []
+    group = FeatureStore.open(store).teacher("mae").group
+    group.attrs["config"] = dict(group.attrs["config"], resolution=196)          # patch 16 at 196 px: 12 x 12
+    problems, _ = verify_store(store, ImageSet.open(prepared_data), scan_values=False)
+    assert "mae: 196 px with patch 16 is not the shared 14 x 14 grid" in problems
