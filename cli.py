@@ -9,6 +9,7 @@ from store.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
 from store.errors import ExpectedError
 from store.teachers import DESCRIPTORS
 from train.export_options import EXPORT_PARAMS
+from train.train_options import TRAIN_PARAMS
 
 CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
 
@@ -216,33 +217,16 @@ def verify(store_path, data, teachers, no_values):
 # --- commands: train (train, export) -----------------------------------------------
 
 
-@main.command(context_settings=CONTEXT)
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Images packed by `prepare` (data.images).")
-@click.option("--store", "store_path", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Feature store made by `extract` (data.store). The online sources use it for the "
-                   "teachers' identity and statistics only; online-fresh can go without one "
-                   "(data.teachers_from).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML overrides of the default config (train/config.py).")
-@click.option("--online", is_flag=True, help="Same as data.source=online-replay: run the teachers every "
-                                             "step on the store's views (data.source=online-fresh: on a "
-                                             "new view every epoch).")
-@click.option("--epochs", type=int, default=None, help="Sets schedule.epochs.")
-@click.option("--steps", type=int, default=None, help="Stop after this many steps (schedule shortened to match).")
-@click.option("--batch-size", type=int, default=None, help="Sets train.batch_size (global, all ranks).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint left it.")
-@click.option("--ckpt-steps", type=int, default=0, help="Also checkpoint every N steps (0: epoch ends only).")
-@click.option("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, resume, ckpt_steps,
-          device, overrides):
-    """Stage 2: train the ViT-Tiny student against the store (or online teachers).
+@main.command(context_settings=CONTEXT, params=TRAIN_PARAMS)
+def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, variants, sweep_file, resume,
+          ckpt_steps, device, overrides):
+    """Stage 2: train the ViT-Tiny student against the store (or online teachers); with --variant or
+    --sweep, several learners against one pass of the data.
 
     KEY=VALUE overrides any config value, e.g. gate.mode=uniform optim.base_lr=1e-4."""
     from train.config import load_config
     from train.loop import train as run
+    from train.sweep import load_sweep, parse_variant, recorded_variants
 
     extra = [f"data.images={data}", f"train.out_dir={out_dir}"] + ([f"data.store={store_path}"] if store_path else [])
     if epochs is not None:
@@ -250,9 +234,18 @@ def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_s
     if batch_size is not None:
         extra.append(f"train.batch_size={batch_size}")
     cfg = load_config(config_file, list(overrides) + extra)
+    learners = [parse_variant(v) for v in variants] + (load_sweep(sweep_file) if sweep_file else [])
+    learners = learners or (recorded_variants(out_dir) if resume else None)
     summary = run(cfg, out_dir=out_dir, online=online, max_steps=steps, resume=resume, device=_device(device),
-                  ckpt_steps=ckpt_steps)
-    click.echo(f"trained {summary['steps']} steps; student -> {out_dir}/student.safetensors")
+                  ckpt_steps=ckpt_steps, variants=learners or None)
+    if not learners:
+        return click.echo(f"trained {summary['steps']} steps; student -> {out_dir}/student.safetensors")
+    for message in summary["stopped"].values():
+        click.echo(message, err=True)
+    click.echo(f"trained {len(learners) - len(summary['stopped'])} of {len(learners)} learners for "
+               f"{summary['steps']} steps; report -> {out_dir}/sweep.md")
+    if summary["stopped"]:
+        raise click.ClickException(f"{len(summary['stopped'])} learner(s) stopped: {', '.join(summary['stopped'])}")
 
 
 @main.command(context_settings=CONTEXT, params=EXPORT_PARAMS)

@@ -32,6 +32,7 @@ from store.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
 from store.inspect import SampleView, load_sample
 from train.config import teacher_names
+from train.objective import STUDENT_FREE_GATE, distill_losses, fused_targets
 
 __all__ = ["linear_cka", "load_run", "load_samples", "sample_batch", "gate_maps", "cka_scores",
            "heldout_losses"]
@@ -151,35 +152,13 @@ def gate_maps(objective, batch: dict) -> list[dict]:
     return out
 
 
-def _adapted_grid(objective, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adapted teacher tokens on the 197-slot grid: (K, B, 197, D) and seen (K, B, 197) bool."""
-    dense, seen = [], []
-    for name in objective.teacher_names:
-        t = batch["teachers"][name]
-        tokens = torch.cat([t["cls"].float().unsqueeze(1), t["patch"].float()], dim=1)
-        a = objective.adapters[name](tokens)                                          # (B, 1 + n_k, D)
-        b = a.shape[0]
-        slots = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=a.device), t["index"] + 1], dim=1)
-        grid = torch.zeros(b, 1 + V.NUM_PATCHES, a.shape[-1], dtype=a.dtype, device=a.device)
-        dense.append(grid.scatter(1, slots.unsqueeze(-1).expand(-1, -1, a.shape[-1]), a))
-        seen.append(torch.zeros(b, 1 + V.NUM_PATCHES, dtype=torch.bool, device=a.device).scatter(1, slots, True))
-    return torch.stack(dense), torch.stack(seen)
-
-
-# The gate of the CKA targets: the run's gate without its student-affinity term.
-STUDENT_FREE_GATE = {"consensus": "agreement", "agreement": "agreement", "affinity": "uniform",
-                     "uniform": "uniform"}
-
-
-def _student_free_targets(objective, dense: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The fused targets (B, 197, D) of the adapted grid ``dense`` (K, B, 197, D), ``seen``
-    (K, B, 197) under ``objective``'s gate without the student affinity term, and that gate's
-    mode: the same targets for any student."""
-    from train.gate import fuse, gate_weights
-
+def _student_free_targets(objective, batch: dict):
+    """(adapted grid, fused targets (B, 197, D), gate mode) of ``batch`` under ``objective``'s
+    adapters and its gate without the student affinity term: the same targets for any student."""
+    grid = objective.adapted_grid(batch)
     mode = STUDENT_FREE_GATE[objective.gate_mode]
-    w = gate_weights(student=dense[0], adapted=dense, seen=seen, mode=mode, tau=objective.gate_tau)
-    return fuse(adapted=dense, weights=w), mode
+    y, _ = fused_targets(grid.dense, grid.seen, mode=mode, tau=objective.gate_tau)
+    return grid, y, mode
 
 
 def _student_slots(batch: dict) -> torch.Tensor:
@@ -201,24 +180,15 @@ def heldout_losses(trained, untrained, batch: dict) -> dict:
     quantity distillation lowers: {"trained": {"token", "spatial", "total"}, "untrained": {...},
     "gate": the target's gate mode}. ``total`` = token + spatial_weight x spatial (no
     reconstruction term: the adapters are the run's, frozen or trained, in both rows)."""
-    from train.losses import spatial_kl, spatial_mse, token_kl, token_mse
-
-    dense, seen = _adapted_grid(trained, batch)
-    (y, mode), has_target = _student_free_targets(trained, dense, seen), seen.any(0)
-    slots, visible = _student_slots(batch), batch["student_visible"]
-    tok_target, tok_valid = _gather_slots(y, slots), _gather_slots(has_target, slots)     # CLS + visible
+    grid, y, mode = _student_free_targets(trained, batch)
+    has_target, visible = grid.seen.any(0), batch["student_visible"]
     out = {"gate": mode}
     for label, objective in (("trained", trained), ("untrained", untrained)):
         side = objective.student_side()
         cls, patch = side.student(batch["images"], visible)
-        s_map = side.decoder(cls, patch, visible)
-        tokens = torch.cat([cls.unsqueeze(1), patch], dim=1)
-        if objective.loss_kind == "kl":
-            tok = token_kl(student=tokens, target=tok_target, valid=tok_valid, tau=objective.tau)
-            sp = spatial_kl(student=s_map, target=y[:, 1:], valid=has_target[:, 1:], tau=objective.tau_spatial)
-        else:
-            tok = token_mse(student=tokens, target=tok_target, valid=tok_valid)
-            sp = spatial_mse(student=s_map, target=y[:, 1:], valid=has_target[:, 1:])
+        tok, sp = distill_losses(cls, patch, side.decoder(cls, patch, visible), visible=visible, targets=y,
+                                 has_target=has_target, kind=objective.loss_kind, tau=objective.tau,
+                                 tau_spatial=objective.tau_spatial)
         out[label] = {"token": float(tok), "spatial": float(sp),
                       "total": float(tok) + objective.spatial_weight * float(sp)}
     return out
@@ -233,8 +203,8 @@ def cka_scores(trained, untrained, batch: dict) -> dict:
     "<teacher>": {...}, "tokens": N (rows of the fused comparison), "gate": the target's gate mode}.
     Positions of the student that no teacher saw have no target and are left out.
     """
-    dense, seen = _adapted_grid(trained, batch)                                        # (K, B, 197, D)
-    y, mode = _student_free_targets(trained, dense, seen)                              # (B, 197, D)
+    grid, y, mode = _student_free_targets(trained, batch)                              # y (B, 197, D)
+    dense, seen = grid.dense, grid.seen                                                # (K, B, 197[, D])
     slots = _student_slots(batch)
 
     feats = {}

@@ -1,18 +1,21 @@
-"""Stage 2: the training loop (cached or online), with exact resume.
+"""Stage 2: the training loop (cached or online), with exact resume, for one run or a sweep.
 
-Schedules are precomputed by step. The only host syncs are at logging intervals (loss
-parts and the non-finite check are accumulated on the device until then), at checkpoints
-and at the end. A non-finite loss stops the run naming the first bad step, on every rank
-alike (the ranks agree on it first). MFU counts what a step runs (train/flops.py). Metrics go to
-RUN/metrics.jsonl (one JSON object per logged step), checkpoints to RUN/last.pt (atomic),
-the resolved config to RUN/config.yaml, and at the end the student to
-RUN/student.safetensors and the loss curves to RUN/loss.png. ``train.wandb=true`` sends the
-logged rows to Weights & Biases as well (train/tracking.py).
+A run trains one :class:`Learner` (an objective with its optimiser, schedule, run folder, noise
+and metrics); a sweep (``variants``, train/sweep.py) trains K of them against one data pass:
+each batch is read, decoded and moved to the device once, the teachers' adapted tokens are
+computed once per group of learners with equal frozen adapters, and student masks once per mask
+ratio. Each learner keeps its own generator states (swapped in around its step), so it draws,
+and logs, what its own single run would.
 
-The run's noise (stochastic depth, anything else drawn from torch's global generators) is seeded
-per rank from (train.seed, rank), so two runs of one config draw the same and the ranks draw
-differently; every checkpoint holds each rank's generator states and a resume on the same number
-of ranks restores its own (resumed == uninterrupted).
+Schedules are precomputed by step. The only host syncs are at logging intervals (loss parts
+and the non-finite check are accumulated on the device until then), at checkpoints and at the
+end. A non-finite loss stops a run naming the first bad step, on every rank alike (the ranks
+agree on it first); in a sweep it stops that learner alone (named, RUN/NAME/stopped.txt) and
+the others go on. MFU counts what a step runs (train/flops.py). Metrics go to RUN/metrics.jsonl
+(one JSON object per logged step), checkpoints to RUN/last.pt (atomic), the resolved config to
+RUN/config.yaml, and at the end the student to RUN/student.safetensors and the loss curves to
+RUN/loss.png. ``train.wandb=true`` sends a single run's rows to Weights & Biases as well
+(train/tracking.py). Noise: train/noise.py.
 """
 from __future__ import annotations
 
@@ -21,20 +24,21 @@ from pathlib import Path
 
 import torch
 
-from core.io import git_commit
+from core.io import git_commit, write_atomic
 from core.optim import lr_schedule, param_groups
 from core.run import StepMetrics, first_non_finite, load_checkpoint, open_run, saved_config  # noqa: F401
 from core.state import load_strict
 from extract import dist
+from store import views as V
 from store.errors import ExpectedError
 from store.progress import progress_bar
-from store.roles import Role
-from store.views import hash_keys
-from train.config import Config, teacher_names
+from train.config import Config, apply_overrides
 from train.flops import step_flops_per_image
-from train.loader import CachedSource, Plan, resolve_data, store_views
+from train.loader import Plan, resolve_data, store_views
+from train.noise import restore_rng, resume_noise, rng_state, seed_noise
 from train.objective import build_objective
-from train.requirements import check_codec
+from train.sources import build_source, check_learner_codec
+from train.sweep import STOPPED, check_variants, write_report, write_sweep
 
 
 class NonFiniteLoss(ExpectedError, RuntimeError):
@@ -45,13 +49,14 @@ class NonFiniteLoss(ExpectedError, RuntimeError):
 _MOVABLE = {"data.images", "data.store", "train.out_dir", "train.wandb", "train.wandb_project"}
 
 
-def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: bool) -> dict:
-    """One optimiser step on a materialised batch; returns the objective's loss dict."""
+def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: bool, grid=None) -> dict:
+    """One optimiser step on a materialised batch; returns the objective's loss dict. ``grid``:
+    the batch's adapted teacher grid already computed (``objective.adapted_grid``, frozen adapters)."""
     for g in opt.param_groups:
         g["lr"] = lr
     dev = batch["images"].device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-        parts = objective(batch)
+        parts = objective(batch) if grid is None else objective(batch, grid=grid)
     opt.zero_grad(set_to_none=True)
     parts["loss"].backward()
     if clip_grad > 0:
@@ -88,113 +93,221 @@ def wrap_student_side(objective, *, world: int, device: str, use_compile: bool) 
 COMPILE_BACKEND = "inductor"
 
 
-def rng_state(device: str) -> dict:
-    """The generators a step may draw from: the CPU one and, on CUDA, the device's own."""
-    dev = torch.device(device)
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
-
-
-def restore_rng(state: dict, device: str) -> None:
-    """Restore ``rng_state``'s generators; the states are CPU byte tensors (load with
-    ``map_location="cpu"``), each set by its own setter on ``device``."""
-    torch.set_rng_state(state["torch"].cpu())
-    dev, cuda = torch.device(device), state.get("cuda")
-    if isinstance(cuda, (list, tuple)):         # older checkpoints: every visible GPU's state
-        cuda = cuda[dev.index or 0] if cuda else None
-    if dev.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda.cpu(), dev)
-
-
-def seed_noise(seed: int, rank: int, *extra: int) -> None:
-    """Seed torch's global generators (CPU and every GPU) from the keyed hash of (seed, rank,
-    *extra) (store/roles.py, Role.NOISE)."""
-    torch.manual_seed(int(hash_keys(Role.NOISE, seed, rank, *extra)) >> 1)   # 63 bits
-
-
-def resume_noise(saved, *, seed: int, rank: int, world: int, step: int, device: str) -> None:
-    """Continue the noise of a checkpoint: each rank's own saved state when the checkpoint
-    holds one per rank of this world size; a single-process state in one process; otherwise
-    (another world size, or a checkpoint with rank 0's state only) fresh per-rank noise keyed
-    by (seed, rank, step), so that no two ranks draw the same masks."""
-    if isinstance(saved, list) and len(saved) == world:
-        restore_rng(saved[rank], device)
-    elif isinstance(saved, dict) and world == 1:
-        restore_rng(saved, device)
-    else:
-        seed_noise(seed, rank, step)
-
-
 def all_finite(params) -> bool:
     """Whether every tensor of ``params`` is finite (one host sync)."""
     flags = [torch.isfinite(p.detach()).all() for p in params]
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def stop_if_non_finite(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) -> None:
-    """Raise NonFiniteLoss naming the first bad step of any rank, on every rank alike.
-
-    first_bad: () int64, this rank's first step with a non-finite loss, -1 if none. With
-    several ranks, all agree (all-reduce MIN over the bad steps) before anyone raises, so
-    no rank is left waiting in a collective. A host sync: called at logging intervals and
+def non_finite_message(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) -> str | None:
+    """"non-finite loss at step N; stopping (last good checkpoint: ...)" for the first bad step of
+    any rank, or None. first_bad: () int64, this rank's first step with a non-finite loss, -1 if
+    none. With several ranks, all agree (all-reduce MIN over the bad steps) before anyone acts,
+    so no rank is left waiting in a collective. A host sync: called at logging intervals and
     before every checkpoint write."""
     step = first_non_finite(first_bad, world=world)
-    if step is not None:
-        good = ckpt_path if Path(ckpt_path).exists() else "none written yet"
-        raise NonFiniteLoss(f"non-finite loss at step {step}; stopping (last good checkpoint: {good})")
+    if step is None:
+        return None
+    return f"non-finite loss at step {step}; stopping (last good checkpoint: {_good(ckpt_path)})"
 
 
-def _teacher_stats(stores: dict) -> dict:
-    return {name: (ts.stats["mean"], ts.stats["components"]) for name, ts in stores.items()}
+def stop_if_non_finite(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) -> None:
+    """Raise NonFiniteLoss with ``non_finite_message``, on every rank alike, if there is one."""
+    message = non_finite_message(first_bad, world=world, ckpt_path=ckpt_path)
+    if message is not None:
+        raise NonFiniteLoss(message)
 
 
-def build_source(cfg: Config, plan: Plan, *, device: str, online: bool | None = None, run_dir=None,
-                 teachers: dict | None = None):
-    """The batch source of ``cfg.data.source`` and the teachers' statistics (adapter
-    initialisation). ``online`` (the old switch) overrides it: True is online-replay, False
-    cached. ``run_dir`` keeps the statistics of an online-fresh run without a store.
-    ``teachers`` (online only): {name: Teacher} already built, used instead of building them
-    (the demo reuses its extraction's), checked against the store all the same."""
-    source = cfg.data.source if online is None else ("online-replay" if online else "cached")
-    kw = dict(decoder=cfg.data.decoder, device=device, num_threads=max(1, cfg.data.num_workers),
-              decoder_settings=decoder_settings(cfg))
-    if source == "cached":
-        if not cfg.data.store:
-            raise ValueError("data.source=cached reads the teacher tokens from a store: give --store "
-                             "(data.store), or train online (data.source=online-fresh)")
-        cached = CachedSource(plan, store_path=cfg.data.store, teachers=teacher_names(cfg),
-                              pixels=cfg.data.pixels, **kw)
-        for ts in cached.stores.values():
-            check_codec(ts, trainable=cfg.adapters.mode == "trainable", width=cfg.model.embed_dim,
-                        init=cfg.adapters.init)
-        return cached, _teacher_stats(cached.stores)
-    from train.online import build_online_source
-    return build_online_source(cfg, plan, fresh=(source == "online-fresh"), run_dir=run_dir, prebuilt=teachers,
-                               **kw)
+def _good(ckpt_path: Path):
+    return ckpt_path if Path(ckpt_path).exists() else "none written yet"
 
 
-def decoder_settings(cfg: Config) -> dict:
-    """The GPU decoder's settings of the config, as ``make_decoder`` takes them."""
-    return dict(hw_decoder_load=cfg.data.hw_decoder_load, preallocate_width_hint=cfg.data.preallocate_width_hint,
-                preallocate_height_hint=cfg.data.preallocate_height_hint)
+class Learner:
+    """One objective trained on the data pass: its optimiser, learning-rate schedule, run folder
+    (opened or resumed), generator states and device-side metrics. ``alone``: a single run,
+    whose non-finite loss raises NonFiniteLoss; a sweep's learner stops alone instead
+    (``stopped`` holds the message)."""
+
+    def __init__(self, name: str | None, cfg: Config, out: Path, *, stats: dict, total: int, spe: int,
+                 device: str, rank: int, world: int, resume: bool, alone: bool):
+        self.name, self.cfg, self.out, self.alone = name, cfg, Path(out), alone
+        self.device, self.rank, self.world = device, rank, world
+        warmup = int(round(total * cfg.schedule.warmup_epochs / cfg.schedule.epochs))  # same fraction if capped
+        self.lrs = lr_schedule(total_steps=total, warmup_steps=warmup, peak=cfg.derived()["lr"],
+                               kind=cfg.schedule.kind, min_lr=cfg.schedule.min_lr)
+        self.objective = build_objective(cfg, stats).to(device)
+        wrap_student_side(self.objective, world=world, device=device, use_compile=cfg.train.compile)
+        self.opt = make_optimizer(cfg, self.objective)
+        info = dict(source=cfg.data.source, world_size=world, steps_per_epoch=spe)
+        self.run = open_run(self.out, config=cfg, resume=resume, movable=_MOVABLE, compare=dict(total_steps=total),
+                            info=info, rank=rank)
+        self.meta = dict(config=cfg.to_dict(), git_commit=git_commit(), total_steps=total, **info)
+        self.step, self.spe = self.run.step, spe
+        self.tracker = None
+        if cfg.train.wandb and rank == 0:
+            from train.tracking import Tracker
+            self.tracker = Tracker(self.out, project=cfg.train.wandb_project, config=cfg.to_dict(),
+                                   resumed=self.run.resumed)
+        seed_noise(cfg.train.seed, rank)
+        if self.run.resumed:
+            load_strict(self.objective.student_side(), self.run.state["model"],
+                        what=f"checkpoint {self.run.checkpoint_path}")
+            self.opt.load_state_dict(self.run.state["optimizer"])
+            resume_noise(self.run.state.get("rng"), seed=cfg.train.seed, rank=rank, world=world, step=self.step,
+                         device=device)
+        self.rng = rng_state(device)                    # this learner's generators between its steps
+        self.acc = StepMetrics(device)
+        self.amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
+        self.stopped: str | None = None
+        self.last: dict = {}
+        self.flops = None                               # per image, from the first batch's shapes
+        self.grid_key = None                            # set by share_frozen_adapters
+
+    @property
+    def label(self) -> str:
+        return f"learner {self.name!r}: " if self.name else ""
+
+    def train_on(self, batch: dict, grid=None) -> None:
+        """One optimiser step on ``batch`` with this learner's generators."""
+        restore_rng(self.rng, self.device)
+        if self.flops is None:
+            self.flops = step_flops_per_image(
+                self.cfg, n_visible=batch["student_visible"].shape[1],
+                teacher_tokens={n: 1 + t["index"].shape[1] for n, t in batch["teachers"].items()},
+                widths={n: a.in_dim for n, a in self.objective.adapters.items()})["total"]
+        parts = train_step(self.objective, self.opt, batch, lr=float(self.lrs[self.step]),
+                           clip_grad=self.cfg.train.clip_grad, amp=self.amp, grid=grid)
+        self.rng = rng_state(self.device)
+        self.acc.add(self.step, parts)
+        self.step += 1
+
+    def stop(self, message: str) -> None:
+        """Stop on a non-finite loss or state: raise (a single run), or stop this learner alone."""
+        if self.alone:
+            raise NonFiniteLoss(message)
+        self.stopped = f"{self.label}{message}"
+        if self.rank == 0:
+            write_atomic(self.out / STOPPED, self.stopped + "\n")
+        self.close()
+        self.objective = self.opt = None                # its memory goes back to the others
+
+    def log(self, *, epoch: int, ips: float, peak: float | None) -> None:
+        """Log the means since the last row (a host sync and, with several ranks, an all-reduce);
+        a non-finite loss stops the learner instead."""
+        message = non_finite_message(self.acc.first_bad, world=self.world, ckpt_path=self.run.checkpoint_path)
+        if message is not None:
+            return self.stop(message)
+        self.last = {"step": self.step, "epoch": epoch, "lr": float(self.lrs[self.step - 1]),
+                     **self.acc.reduce(self.world), "images_per_second": ips}
+        if peak:
+            self.last["mfu"] = ips / self.world * self.flops / peak
+        self.run.log(self.last)
+        if self.tracker is not None:
+            self.tracker.log(self.last)
+
+    def checkpoint(self) -> None:
+        """Save the learner; a non-finite loss or state never replaces its last good checkpoint."""
+        ckpt_path = self.run.checkpoint_path
+        message = non_finite_message(self.acc.first_bad, world=self.world, ckpt_path=ckpt_path)
+        if message is None and not all_finite(self.objective.student_side().parameters()):
+            message = f"non-finite weights after step {self.step - 1}; stopping (last good checkpoint: " \
+                      f"{_good(ckpt_path)})"
+        if message is not None:
+            return self.stop(message)
+        rngs = dist.all_gather(self.rng)                # every rank's generators, by rank
+        self.run.save(dict(model=self.objective.student_side().state_dict(), optimizer=self.opt.state_dict(),
+                           step=self.step, epoch=self.step // self.spe, step_in_epoch=self.step % self.spe,
+                           meta=self.meta, rng=rngs))
+        dist.barrier()
+
+    def finish(self) -> None:
+        """Rank 0: the student as RUN/student.safetensors and the loss curves as RUN/loss.png."""
+        if self.rank == 0 and self.stopped is None:
+            from train.export import export_student
+            from train.plots import plot_losses
+            export_student(self.objective.student, self.out / "student.safetensors")
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+
+    def close(self) -> None:
+        self.run.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def share_frozen_adapters(learners: list[Learner]) -> None:
+    """Learners whose frozen adapters are equal (same weights, same autocast) share one module and
+    one adapted grid per batch (``grid_key``: the first such learner's position); trainable
+    adapters are the learner's own."""
+    firsts: list[Learner] = []
+    for i, learner in enumerate(learners):
+        mine = learner.objective.frozen_adapters
+        if mine is None or len(learners) == 1:
+            continue
+        for first in firsts:
+            theirs = first.objective.frozen_adapters
+            if first.amp == learner.amp and _equal_states(theirs.state_dict(), mine.state_dict()):
+                learner.objective.frozen_adapters, learner.grid_key = theirs, first.grid_key
+                break
+        else:
+            learner.grid_key = i
+            firsts.append(learner)
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+class SharedBatch:
+    """One batch of the pass, as each learner takes it: the student masks of its mask ratio (the
+    batch's own, or drawn once per other ratio from the same keyed draw) and the adapted grid of
+    its frozen adapters (computed once per ``grid_key``)."""
+
+    def __init__(self, batch: dict, *, epoch: int, seed: int, device: str):
+        self.batch, self.epoch, self.seed, self.device = batch, epoch, seed, device
+        self.masks = {batch["student_visible"].shape[1]: batch["student_visible"]}
+        self.grids: dict = {}
+
+    def for_learner(self, learner: Learner) -> tuple[dict, object]:
+        """(the learner's batch, its adapted grid or None)."""
+        n = learner.cfg.data.student_visible
+        if n not in self.masks:
+            index = self.batch["index"].cpu().numpy()
+            self.masks[n] = torch.from_numpy(V.student_visible(self.seed, index, self.epoch, n_visible=n)).to(
+                self.device)
+        batch = self.batch if self.masks[n] is self.batch["student_visible"] else {
+            **self.batch, "student_visible": self.masks[n]}
+        if learner.grid_key is None:
+            return batch, None
+        if learner.grid_key not in self.grids:
+            dev = torch.device(self.device)
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=learner.amp):
+                self.grids[learner.grid_key] = learner.objective.adapted_grid(batch)
+        return batch, self.grids[learner.grid_key]
 
 
 def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None = None, resume: bool = False,
-          device: str = "cpu", ckpt_steps: int = 0, progress: bool = True) -> dict:
-    """Train the student; returns {steps, images_per_second, last metrics, out_dir}.
+          device: str = "cpu", ckpt_steps: int = 0, progress: bool = True, variants=None) -> dict:
+    """Train the student; returns {steps, out_dir, last (metrics), seconds, learners: {name:
+    {status, steps, last}}}.
 
-    ``max_steps`` caps the total number of optimiser steps (the schedule is still the one
-    of ``schedule.epochs`` unless max_steps is smaller, in which case it spans max_steps).
-    ``ckpt_steps`` > 0 also checkpoints every that many steps (besides every
-    ``train.ckpt_every`` epochs). ``online=True`` is the old switch for
-    ``data.source=online-replay``.
+    ``variants`` (train/sweep.py Variant list): a sweep, one learner per variant in OUT/NAME;
+    ``--resume`` of a sweep continues each learner from its own checkpoint (one that has none
+    starts again, one that stopped stays stopped). ``max_steps`` caps the total number of
+    optimiser steps (the schedule is still the one of ``schedule.epochs`` unless max_steps is
+    smaller, in which case it spans max_steps). ``ckpt_steps`` > 0 also checkpoints every that
+    many steps (besides every ``train.ckpt_every`` epochs). ``online=True`` is the old switch
+    for ``data.source=online-replay``.
     """
     if online:
         if cfg.data.source == "online-fresh":
             raise ValueError("--online (online-replay) contradicts data.source=online-fresh; give one of them")
-        from train.config import apply_overrides
         cfg = apply_overrides(cfg, ["data.source=online-replay"])
     out = Path(out_dir)
+    sweep = variants is not None
+    if sweep:
+        check_variants(variants)
+        if cfg.train.wandb:
+            raise ValueError("train.wandb=true logs one run; a sweep's learners log to TensorBoard in OUT/NAME")
     if cfg.train.wandb:
         from train.tracking import require_wandb
         require_wandb()                                 # before any work
@@ -205,104 +318,80 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} ranks")
     from store.shards import ImageSet
     data = ImageSet.open(cfg.data.images)
-    cfg = resolve_data(cfg, data, recorded=(saved_config(out) or {}).get("data") if resume else None)
+    folders = {None: out} if not sweep else {v.name: out / v.name for v in variants}
+    recorded = next((saved_config(f) for f in folders.values() if saved_config(f)), None) if resume else None
+    cfg = resolve_data(cfg, data, recorded=(recorded or {}).get("data"))
+    configs = {None: cfg} if not sweep else {
+        v.name: apply_overrides(cfg, [*v.overrides, f"train.out_dir={folders[v.name]}"]).validate() for v in variants}
     plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store_views(cfg),
                 batch_size=cfg.train.batch_size, rank=rank, world=world, window=cfg.data.shuffle_window,
                 streams=cfg.data.streams, n_student=cfg.data.student_visible)
     source, stats = build_source(cfg, plan, device=device, run_dir=out)
+    for c in configs.values():
+        check_learner_codec(c, source)                  # every learner, before any is built
     spe = plan.steps_per_epoch
     total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
-    warmup = int(round(total * cfg.schedule.warmup_epochs / cfg.schedule.epochs))  # same fraction if capped
-    lrs = lr_schedule(total_steps=total, warmup_steps=warmup, peak=cfg.derived()["lr"],
-                      kind=cfg.schedule.kind, min_lr=cfg.schedule.min_lr)
-
-    objective = build_objective(cfg, stats).to(device)
-    wrap_student_side(objective, world=world, device=device, use_compile=cfg.train.compile)
-    opt = make_optimizer(cfg, objective)
-    info = dict(source=cfg.data.source, world_size=world, steps_per_epoch=spe)
-    run = open_run(out, config=cfg, resume=resume, movable=_MOVABLE, compare=dict(total_steps=total), info=info,
-                   rank=rank)
-    meta = dict(config=cfg.to_dict(), git_commit=git_commit(), total_steps=total, **info)
-    step = run.step
-    tracker = None
-    if cfg.train.wandb and rank == 0:
-        from train.tracking import Tracker
-        tracker = Tracker(out, project=cfg.train.wandb_project, config=cfg.to_dict(), resumed=run.resumed)
-    seed_noise(cfg.train.seed, rank)
-    if run.resumed:
-        load_strict(objective.student_side(), run.state["model"], what=f"checkpoint {run.checkpoint_path}")
-        opt.load_state_dict(run.state["optimizer"])
-        resume_noise(run.state.get("rng"), seed=cfg.train.seed, rank=rank, world=world, step=step, device=device)
-    ckpt_path = run.checkpoint_path
-
-    def checkpoint():
-        # a non-finite state never replaces the last good checkpoint (one host sync per write)
-        stop_if_non_finite(acc.first_bad, world=world, ckpt_path=ckpt_path)
-        if not all_finite(objective.student_side().parameters()):
-            good = ckpt_path if ckpt_path.exists() else "none written yet"
-            raise NonFiniteLoss(f"non-finite weights after step {step - 1}; stopping (last good checkpoint: {good})")
-        rngs = dist.all_gather(rng_state(device))       # every rank's generators, by rank
-        run.save(dict(model=objective.student_side().state_dict(), optimizer=opt.state_dict(), step=step,
-                      epoch=step // spe, step_in_epoch=step % spe, meta=meta, rng=rngs))
-        dist.barrier()
-
-    dev = torch.device(device)
-    use_amp = dev.type == "cuda" and cfg.train.amp == "bf16"
-    flops = None                                        # per image, from the first batch's shapes
-    peak = _peak_flops(dev)
-    bar = progress_bar(total=total, initial=step, unit="step", desc=f"train ({cfg.data.source})",
-                       progress=progress and rank == 0, dynamic_ncols=True)
-    acc = StepMetrics(device)
+    if sweep and rank == 0:
+        write_sweep(out, variants, resume=resume)
+    status, learners = {}, []
+    for name, folder in folders.items():
+        if sweep and resume and (folder / STOPPED).is_file():
+            status[name] = (folder / STOPPED).read_text().strip()
+            continue
+        learners.append(Learner(name, configs[name], folder, stats=stats, total=total, spe=spe, device=device,
+                                rank=rank, world=world, alone=not sweep,
+                                resume=resume and (not sweep or (folder / "last.pt").is_file())))
+    share_frozen_adapters(learners)
+    peak = _peak_flops(torch.device(device))
+    step = min((learner.step for learner in learners), default=total)
+    desc = f"train ({cfg.data.source})" if not sweep else f"sweep of {len(folders)} ({cfg.data.source})"
+    bar = progress_bar(total=total, initial=step, unit="step", desc=desc, progress=progress and rank == 0,
+                       dynamic_ncols=True)
     t_log, img_log, t0 = time.perf_counter(), 0, time.perf_counter()
-    last = {}
     try:
-        while step < total:
+        while step < total and any(learner.stopped is None for learner in learners):
             epoch, start = divmod(step, spe)
-            for s_in_epoch, cpu_batch in source.epoch(epoch, start_step=start):
-                batch = source.materialize(cpu_batch, device)
-                if flops is None:
-                    flops = step_flops_per_image(cfg, n_visible=batch["student_visible"].shape[1], teacher_tokens={
-                        n: 1 + t["index"].shape[1] for n, t in batch["teachers"].items()},
-                        widths={n: a.in_dim for n, a in objective.adapters.items()})["total"]
-                parts = train_step(objective, opt, batch, lr=float(lrs[step]), clip_grad=cfg.train.clip_grad,
-                                   amp=use_amp)
-                acc.add(step, parts)
+            for _, cpu_batch in source.epoch(epoch, start_step=start):
+                shared = SharedBatch(source.materialize(cpu_batch, device), epoch=epoch, seed=cfg.data.seed,
+                                     device=device)
+                now_training = [x for x in learners if x.stopped is None and x.step == step]
+                for learner in now_training:
+                    learner.train_on(*shared.for_learner(learner))
                 step += 1
                 img_log += plan.batch_size
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total:
-                    stop_if_non_finite(acc.first_bad, world=world, ckpt_path=ckpt_path)   # host sync
-                    means = acc.reduce(world)                   # the global batch's mean
                     now = time.perf_counter()
                     ips = img_log / (now - t_log)
-                    last = {"step": step, "epoch": epoch, "lr": float(lrs[step - 1]), **means,
-                            "images_per_second": ips}
-                    if peak:
-                        last["mfu"] = ips / world * flops / peak
-                    run.log(last)
-                    if tracker is not None:
-                        tracker.log(last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
+                    for learner in now_training:
+                        learner.log(epoch=epoch, ips=ips, peak=peak)
+                    shown = next((x.last for x in now_training if x.stopped is None and x.last), {})
+                    if shown:
+                        bar.set_postfix(loss=f"{shown['loss']:.4f}", img_s=f"{ips:.1f}")
                     t_log, img_log = now, 0
                 if (ckpt_steps and step % ckpt_steps == 0) or step % (spe * cfg.train.ckpt_every) == 0 \
                         or step == total:
-                    checkpoint()
-                if step >= total:
+                    for learner in now_training:
+                        if learner.stopped is None:
+                            learner.checkpoint()
+                if step >= total or all(x.stopped is not None for x in learners):
                     break
     finally:
         bar.close()
-        run.close()
-        if tracker is not None:
-            tracker.close()
+        for learner in learners:
+            learner.close()
     elapsed = time.perf_counter() - t0
-    if rank == 0:
-        from train.export import export_student
-        from train.plots import plot_losses
-        export_student(objective.student, out / "student.safetensors")
-        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    for learner in learners:
+        learner.finish()
+        status[learner.name] = learner.stopped or "done"
+    if sweep and rank == 0:
+        write_report(out, variants, status=status)
     dist.barrier()
-    return dict(steps=step, out_dir=str(out), last=last, seconds=elapsed)
-
+    summary = {learner.name: dict(status=status[learner.name], steps=learner.step, last=learner.last)
+               for learner in learners}
+    summary.update({n: dict(status=s, steps=None, last={}) for n, s in status.items() if n not in summary})
+    return dict(steps=step, out_dir=str(out), last=learners[0].last if learners else {}, seconds=elapsed,
+                learners=summary, stopped={n: s for n, s in status.items() if s != "done"})
 
 def _peak_flops(dev: torch.device) -> float | None:
     """The card's bf16 matrix rate, measured once with a large matmul (None on the CPU)."""

@@ -25,7 +25,7 @@ over all positions with a target, so the shares sum to 1), ``collapse/<teacher>`
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -115,72 +115,39 @@ class CoMADObjective(nn.Module):
         return self.frozen_adapters if self.frozen_adapters is not None else self.student_side().adapters
 
     # ---- the step -----------------------------------------------------------------
-    def forward(self, batch: Mapping, *, return_weights: bool = False) -> dict[str, torch.Tensor]:
+    def adapted_grid(self, batch: Mapping) -> "AdaptedGrid":
+        """The batch's teacher tokens through ``self.adapters``, and on the 197-slot grid.
+        Frozen adapters make it the same for every student: a sweep computes it once per
+        batch for the learners that share them (train/learners.py)."""
+        tokens, slots = teacher_tokens(batch, self.teacher_names)
+        adapted = {name: self.adapters[name](tokens[name]) for name in self.teacher_names}
+        return AdaptedGrid(adapted, *scatter_grid(adapted, slots, self.teacher_names))
+
+    def forward(self, batch: Mapping, *, grid: "AdaptedGrid | None" = None,
+                return_weights: bool = False) -> dict[str, torch.Tensor]:
         """batch: see the module docstring. Returns the loss dict (tensors only).
 
+        grid: ``self.adapted_grid(batch)`` already computed (frozen adapters only).
         return_weights: also return "weights" (K, B, 197) float32, the gate weights of
         ``self.teacher_names`` at CLS (slot 0) and each patch (slot 1 + p), for pictures.
         """
         images, visible = batch["images"], batch["student_visible"]
-        teachers = batch["teachers"]
-        missing = [n for n in self.teacher_names if n not in teachers]
-        if missing:
-            raise KeyError(f"batch lacks teacher(s) {missing}; it has {sorted(teachers)}")
-        b, n_vis = visible.shape
-        if images.shape[0] != b:
-            raise ValueError(f"batch images {tuple(images.shape)} and student_visible "
-                             f"{tuple(visible.shape)} disagree on the batch size")
-
-        tokens, slots = {}, {}
-        for name in self.teacher_names:
-            t = teachers[name]
-            if t["patch"].shape[:2] != t["index"].shape or t["cls"].shape[0] != b:
-                raise ValueError(f"batch teacher {name!r}: cls {tuple(t['cls'].shape)}, patch "
-                                 f"{tuple(t['patch'].shape)}, index {tuple(t['index'].shape)} "
-                                 f"disagree (batch {b})")
-            tokens[name] = torch.cat([t["cls"].float().unsqueeze(1), t["patch"].float()], dim=1)
-            zero = torch.zeros(b, 1, dtype=t["index"].dtype, device=t["index"].device)
-            slots[name] = torch.cat([zero, t["index"] + 1], dim=1)          # (B, 1 + n_k)
-
+        tokens, slots = teacher_tokens(batch, self.teacher_names)
+        if grid is not None and self.frozen_adapters is None:
+            raise ValueError("a precomputed adapted grid needs frozen adapters (adapters.mode=frozen)")
         out = self.trainable(images, visible, tokens)
         z_cls, z_patch, s_map = out["cls"], out["patch"], out["map"]
-        if "adapted" in out:
-            adapted = out["adapted"]
+        if grid is not None:
+            adapted, dense, seen = grid
         else:
-            adapted = {name: self.frozen_adapters[name](tokens[name]) for name in self.teacher_names}
-
-        # dense per-teacher grid (K, B, 197, D) and seen mask (K, B, 197)
-        dense, seen = [], []
-        for name in self.teacher_names:
-            a = adapted[name]
-            idx = slots[name]
-            grid = torch.zeros(b, 1 + NUM_PATCHES, a.shape[-1], dtype=a.dtype, device=a.device)
-            dense.append(torch.scatter(grid, 1, idx.unsqueeze(-1).expand(-1, -1, a.shape[-1]), a))
-            mask = torch.zeros(b, 1 + NUM_PATCHES, dtype=torch.bool, device=a.device)
-            seen.append(mask.scatter(1, idx, True))
-        dense, seen = torch.stack(dense), torch.stack(seen)
-
-        # the student's token at every slot: z where visible, S elsewhere, z_cls at CLS
-        with torch.no_grad():
-            u = torch.cat([z_cls.unsqueeze(1), s_map], dim=1).detach().clone()
-            vis_idx = (visible + 1).unsqueeze(-1).expand(-1, -1, u.shape[-1])
-            u = u.scatter(1, vis_idx, z_patch.detach().to(u.dtype))
-        w = gate_weights(student=u, adapted=dense, seen=seen, mode=self.gate_mode, tau=self.gate_tau)
-        y = fuse(adapted=dense, weights=w)                                   # (B, 197, D)
+            adapted = out["adapted"] if "adapted" in out else {
+                n: self.frozen_adapters[n](tokens[n]) for n in self.teacher_names}
+            dense, seen = scatter_grid(adapted, slots, self.teacher_names)
+        y, w = fused_targets(dense, seen, mode=self.gate_mode, tau=self.gate_tau,
+                             student=student_grid(z_cls, z_patch, s_map, visible))
         has_target = seen.any(0)                                             # (B, 197)
-
-        # token loss: CLS + student-visible positions with a target
-        y_vis = torch.gather(y[:, 1:], 1, visible.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
-        tok_student = torch.cat([z_cls.unsqueeze(1), z_patch], dim=1)
-        tok_target = torch.cat([y[:, :1], y_vis], dim=1)
-        tok_valid = torch.cat([has_target[:, :1], torch.gather(has_target[:, 1:], 1, visible)], dim=1)
-        map_valid = has_target[:, 1:]
-        if self.loss_kind == "kl":
-            l_tok = token_kl(student=tok_student, target=tok_target, valid=tok_valid, tau=self.tau)
-            l_sp = spatial_kl(student=s_map, target=y[:, 1:], valid=map_valid, tau=self.tau_spatial)
-        else:
-            l_tok = token_mse(student=tok_student, target=tok_target, valid=tok_valid)
-            l_sp = spatial_mse(student=s_map, target=y[:, 1:], valid=map_valid)
+        l_tok, l_sp = distill_losses(z_cls, z_patch, s_map, visible=visible, targets=y, has_target=has_target,
+                                     kind=self.loss_kind, tau=self.tau, tau_spatial=self.tau_spatial)
         loss = l_tok + self.spatial_weight * l_sp
         l_rec = out.get("recon")
         if l_rec is not None:
@@ -195,10 +162,105 @@ class CoMADObjective(nn.Module):
             for k, name in enumerate(self.teacher_names):
                 logs[f"gate/{name}"] = w[k].sum() / n_target
                 logs[f"collapse/{name}"] = collapse_monitor(adapted[name][:, 1:].flatten(0, 1))
-            logs["coverage"] = map_valid.float().mean()
+            logs["coverage"] = has_target[:, 1:].float().mean()
         if return_weights:
             logs["weights"] = w
         return logs
+
+
+# ---- the objective's steps: teacher tokens -> adapted grid -> fused targets -> losses --------
+class AdaptedGrid(NamedTuple):
+    """The adapted teacher tokens of a batch: {name: (B, 1 + n_k, D)}, and on the 197-slot
+    grid, dense (K, B, 197, D) and seen (K, B, 197) bool."""
+    adapted: dict
+    dense: torch.Tensor
+    seen: torch.Tensor
+
+
+def teacher_tokens(batch: Mapping, names) -> tuple[dict, dict]:
+    """The batch's tokens of each teacher in ``names`` as ({name: (B, 1 + n_k, C_k) float32, CLS
+    first}, {name: (B, 1 + n_k) int64 grid slots: 0 for CLS, 1 + p for patch p}); a batch that
+    lacks a teacher or whose shapes disagree is refused naming it."""
+    teachers, visible = batch["teachers"], batch["student_visible"]
+    missing = [n for n in names if n not in teachers]
+    if missing:
+        raise KeyError(f"batch lacks teacher(s) {missing}; it has {sorted(teachers)}")
+    b = visible.shape[0]
+    if batch["images"].shape[0] != b:
+        raise ValueError(f"batch images {tuple(batch['images'].shape)} and student_visible "
+                         f"{tuple(visible.shape)} disagree on the batch size")
+    tokens, slots = {}, {}
+    for name in names:
+        t = teachers[name]
+        if t["patch"].shape[:2] != t["index"].shape or t["cls"].shape[0] != b:
+            raise ValueError(f"batch teacher {name!r}: cls {tuple(t['cls'].shape)}, patch "
+                             f"{tuple(t['patch'].shape)}, index {tuple(t['index'].shape)} "
+                             f"disagree (batch {b})")
+        tokens[name] = torch.cat([t["cls"].float().unsqueeze(1), t["patch"].float()], dim=1)
+        zero = torch.zeros(b, 1, dtype=t["index"].dtype, device=t["index"].device)
+        slots[name] = torch.cat([zero, t["index"] + 1], dim=1)
+    return tokens, slots
+
+
+def scatter_grid(adapted: Mapping[str, torch.Tensor], slots: Mapping[str, torch.Tensor],
+                 names) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapted tokens {name: (B, 1 + n_k, D)} scattered by their ``slots`` onto the 197-slot
+    grid: dense (K, B, 197, D) (zeros where unseen) and seen (K, B, 197) bool, K in ``names`` order."""
+    dense, seen = [], []
+    for name in names:
+        a, idx = adapted[name], slots[name]
+        b, d = a.shape[0], a.shape[-1]
+        grid = torch.zeros(b, 1 + NUM_PATCHES, d, dtype=a.dtype, device=a.device)
+        dense.append(torch.scatter(grid, 1, idx.unsqueeze(-1).expand(-1, -1, d), a))
+        seen.append(torch.zeros(b, 1 + NUM_PATCHES, dtype=torch.bool, device=a.device).scatter(1, idx, True))
+    return torch.stack(dense), torch.stack(seen)
+
+
+def student_grid(z_cls: torch.Tensor, z_patch: torch.Tensor, s_map: torch.Tensor,
+                 visible: torch.Tensor) -> torch.Tensor:
+    """The student's token at every slot, detached (the gate's u): z_cls at CLS, its encoder
+    token z where the patch was visible, the decoder's S elsewhere. (B, 197, D)."""
+    with torch.no_grad():
+        u = torch.cat([z_cls.unsqueeze(1), s_map], dim=1).detach().clone()
+        vis_idx = (visible + 1).unsqueeze(-1).expand(-1, -1, u.shape[-1])
+        return u.scatter(1, vis_idx, z_patch.detach().to(u.dtype))
+
+
+# Each gate without its student-affinity term: the targets of a gate that reads no student.
+STUDENT_FREE_GATE = {"consensus": "agreement", "agreement": "agreement", "affinity": "uniform",
+                     "uniform": "uniform"}
+
+
+def fused_targets(dense: torch.Tensor, seen: torch.Tensor, *, mode: str, tau: float,
+                  student: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused targets y (B, 197, D) and the gate weights w (K, B, 197) of the adapted grid.
+    ``student`` (B, 197, D), the gate's u, is needed by the modes with the affinity term; None
+    is allowed for the student-free modes (``STUDENT_FREE_GATE`` values) only."""
+    if student is None:
+        if mode not in STUDENT_FREE_GATE.values():
+            raise ValueError(f"gate mode {mode!r} reads the student; pass student=")
+        student = dense[0]                      # unread by the student-free modes
+    w = gate_weights(student=student, adapted=dense, seen=seen, mode=mode, tau=tau)
+    return fuse(adapted=dense, weights=w), w
+
+
+def distill_losses(z_cls: torch.Tensor, z_patch: torch.Tensor, s_map: torch.Tensor, *, visible: torch.Tensor,
+                   targets: torch.Tensor, has_target: torch.Tensor, kind: str, tau: float,
+                   tau_spatial: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token loss, spatial loss) of a student's encoder tokens (z_cls (B, D), z_patch (B, n, D)
+    at ``visible``) and decoder map s_map (B, 196, D) against the fused ``targets`` (B, 197, D),
+    counted where ``has_target`` (B, 197): the token loss over CLS and the visible patches, the
+    spatial loss over the 196 positions; ``kind`` "kl" (temperatures tau, tau_spatial) or "mse"."""
+    y_vis = torch.gather(targets[:, 1:], 1, visible.unsqueeze(-1).expand(-1, -1, targets.shape[-1]))
+    tok_student = torch.cat([z_cls.unsqueeze(1), z_patch], dim=1)
+    tok_target = torch.cat([targets[:, :1], y_vis], dim=1)
+    tok_valid = torch.cat([has_target[:, :1], torch.gather(has_target[:, 1:], 1, visible)], dim=1)
+    map_valid = has_target[:, 1:]
+    if kind == "kl":
+        return (token_kl(student=tok_student, target=tok_target, valid=tok_valid, tau=tau),
+                spatial_kl(student=s_map, target=targets[:, 1:], valid=map_valid, tau=tau_spatial))
+    return (token_mse(student=tok_student, target=tok_target, valid=tok_valid),
+            spatial_mse(student=s_map, target=targets[:, 1:], valid=map_valid))
 
 
 def _mean_and_components(st) -> tuple:

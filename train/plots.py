@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -29,24 +30,30 @@ def _pyplot():
 def plot_losses(rows, out_png) -> Path | None:
     """Total, token and spatial loss against step, one panel each (their scales differ).
 
-    rows: RUN/metrics.jsonl as rows (``core.run.read_metrics``) or the path of that file; the keys
-    a row lacks get no panel. Returns None (and writes nothing) when there are no rows."""
+    rows: RUN/metrics.jsonl as rows (``core.run.read_metrics``) or the path of that file, or
+    {label: rows} for several runs (a sweep's learners: one line each, with a legend); the keys
+    the rows lack get no panel. Returns None (and writes nothing) when there are no rows."""
     if isinstance(rows, (str, Path)):
         from core.run import read_metrics
         rows = read_metrics(rows)
+    runs = {k: v for k, v in rows.items() if v} if isinstance(rows, Mapping) else ({"": rows} if rows else {})
+    first = next(iter(runs.values()), [])
     panels = [(k, label) for k, label in (("loss", "total"), ("loss_token", "token KL (visible tokens)"),
-                                          ("loss_spatial", "spatial KL (14x14 maps)")) if rows and k in rows[0]]
+                                          ("loss_spatial", "spatial KL (14x14 maps)")) if first and k in first[0]]
     if not panels:
         return None
     plt = _pyplot()
-    steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(10 * len(panels) / 3, 3), dpi=110, squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        ax.plot(steps, [r[key] for r in rows], marker=".", lw=1)
+        for name, run in runs.items():
+            ax.plot([r["step"] for r in run], [r.get(key, float("nan")) for r in run], marker=".", lw=1,
+                    label=name or None)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss")
+    if len(runs) > 1:
+        axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

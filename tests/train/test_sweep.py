@@ -1,0 +1,220 @@
+"""Sweeps: K learners on one data pass give each learner its own single run's losses, share the
+data-side work, resume after SIGKILL, stop a diverged learner alone, refuse data-changing variants
+and run under torchrun."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train.config import load_config
+from train.sweep import Variant, check_variants, load_sweep, parse_variant
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")      # fp32 CPU sums repeat at a fixed thread count
+
+# the base of every sweep here: a 4-block student on the shared 13-image store
+BASE = {"data.views": 2, "data.shuffle_window": 2, "data.decoder": "pil", "data.num_workers": 1, "data.streams": 2,
+        "train.batch_size": 4, "train.log_every": 1, "schedule.epochs": 4, "schedule.warmup_epochs": 1,
+        "model.depth": 4}
+# three learners that differ in the gate, the loss and the mask ratio; two draw stochastic depth,
+# so each must keep its own generators
+VARIANTS = ["uniform:gate.mode=uniform model.drop_path=0.1", "mse:loss.kind=mse",
+            "mask70:data.student_visible=59 model.drop_path=0.1"]
+
+
+def _overrides(data, store, **kw):
+    return [f"{k}={v}" for k, v in {"data.images": data, "data.store": store, **BASE, **kw}.items()]
+
+
+def _rows(run):
+    return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run):
+    return [r["loss"] for r in _rows(run)]
+
+
+def test_each_learner_of_a_three_variant_sweep_logs_its_own_single_runs_losses_bit_for_bit(
+        prepared_data, teacher_store, tmp_path, monkeypatch):
+    from train.loop import train
+    from train.objective import CoMADObjective
+
+    grids = []
+    real_grid = CoMADObjective.adapted_grid
+
+    def counted(self, batch):
+        grids.append(1)
+        return real_grid(self, batch)
+    monkeypatch.setattr(CoMADObjective, "adapted_grid", counted)
+    cfg = load_config(None, _overrides(prepared_data, teacher_store))
+    variants = [parse_variant(v) for v in VARIANTS]
+    summary = train(cfg, out_dir=tmp_path / "sweep", max_steps=4, progress=False, variants=variants)
+    # the three learners' frozen adapters are equal: one adapted grid per batch, not three
+    assert len(grids) == 4
+    assert {n: s["status"] for n, s in summary["learners"].items()} == dict.fromkeys(["uniform", "mse", "mask70"],
+                                                                                      "done")
+    for v in variants:
+        single = tmp_path / f"single-{v.name}"
+        train(load_config(None, _overrides(prepared_data, teacher_store) + list(v.overrides)), out_dir=single,
+              max_steps=4, progress=False)
+        learner = tmp_path / "sweep" / v.name
+        keys = ("loss", "loss_token", "loss_spatial", "gate/mae", "collapse/ibot", "coverage")
+        assert [{k: r[k] for k in keys} for r in _rows(learner)] == [{k: r[k] for k in keys} for r in _rows(single)]
+        assert len(_rows(learner)) == 4
+        a, b = load_config(learner / "config.yaml"), load_config(single / "config.yaml")
+        assert a.train.out_dir == str(learner) and a.to_dict()["model"] == b.to_dict()["model"]
+        for name in ("config.yaml", "run.json", "last.pt", "student.safetensors", "loss.png"):
+            assert (learner / name).is_file(), name
+        if importlib.util.find_spec("tensorboard"):                 # the '.[tensorboard]' extra
+            assert list(learner.glob("events.out.tfevents.*"))
+    # the learners differ (the variants took effect) and the report lists them all
+    assert len({tuple(_losses(tmp_path / "sweep" / v.name)) for v in variants}) == 3
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["learner"] for r in report] == ["uniform", "mse", "mask70"]
+    assert all(r["status"] == "done" and r["steps"] == 4 for r in report)
+    assert report[1]["loss"] == _losses(tmp_path / "sweep" / "mse")[-1]
+    assert (tmp_path / "sweep" / "losses.png").stat().st_size > 0
+    assert "| mse | loss.kind=mse | done | 4 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    # a learner folder is a run folder: export takes it as any run
+    from train.export import export_run
+    export_run(tmp_path / "sweep" / "mse", tmp_path / "mse.safetensors")
+    assert (tmp_path / "mse.safetensors").is_file()
+
+
+def test_variants_that_change_the_shared_data_pass_are_refused_naming_the_key(tmp_path):
+    for text, key in [("data.store=/elsewhere", "data.store"), ("x:train.batch_size=8", "train.batch_size"),
+                      ("data.views=1", "data.views"), ("schedule.epochs=9", "schedule.epochs"),
+                      ("train.log_every=5", "train.log_every")]:
+        with pytest.raises(ValueError, match=f"sets {key}: the learners of a sweep share the data pass"):
+            check_variants([parse_variant(text)])
+    check_variants([parse_variant("data.student_visible=39"), parse_variant("model.embed_dim=384 model.num_heads=6")])
+    assert parse_variant("gate.mode=uniform loss.kind=mse") == Variant("gate.mode-uniform_loss.kind-mse",
+                                                                       ("gate.mode=uniform", "loss.kind=mse"))
+    assert parse_variant("base:") == Variant("base", ())
+    with pytest.raises(ValueError, match="two learners are named 'a'"):
+        check_variants([parse_variant("a:gate.mode=uniform"), parse_variant("a:loss.kind=mse")])
+    with pytest.raises(ValueError, match="'gate.mode' is not KEY=VALUE"):
+        parse_variant("gate.mode uniform")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("learners:\n  kl: {}\n  mse: {loss.kind: mse}\n  betas: {optim.betas: [0.9, 0.99]}\n"
+                     "  views: {data.views: 1}\n")
+    variants = load_sweep(sweep)
+    assert variants[:3] == [Variant("kl"), Variant("mse", ("loss.kind=mse",)),
+                            Variant("betas", ("optim.betas=[0.9, 0.99]",))]
+    with pytest.raises(ValueError, match="learner 'views' sets data.views"):
+        check_variants(variants)
+    sweep.write_text("learners: [gate.mode=uniform]\n")
+    with pytest.raises(ValueError, match=f"{sweep}: needs a 'learners:' mapping"):
+        load_sweep(sweep)
+
+
+def test_the_cli_refuses_a_data_changing_variant_in_one_line(prepared_data, teacher_store, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--data", str(prepared_data), "--store",
+                           str(teacher_store), "--out", str(tmp_path / "r"), "--variant", "gate.mode=uniform",
+                           "--variant", "b:train.batch_size=8"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "Error: learner 'b' sets train.batch_size: the learners of a sweep share the data pass (data, batch, epochs) "
+        "and its logging and checkpoint intervals; set it for the whole sweep or train it as its own run"]
+    assert not (tmp_path / "r").exists()
+
+
+def _sweep_cmd(data, store, out, *extra, steps=6, variants=VARIANTS[:2]):
+    variants = [a for v in variants for a in ("--variant", v)]
+    return [sys.executable, str(ROOT / "cli.py"), "train", "--data", str(data), "--store", str(store), "--out",
+            str(out), "--steps", str(steps), "--ckpt-steps", "1", "--device", "cpu", *variants, *extra,
+            *_overrides(data, store)[2:]]
+
+
+def test_sigkill_and_resume_of_a_sweep_repeat_every_learners_uninterrupted_losses(
+        prepared_data, teacher_store, tmp_path, sigkill_when):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_sweep_cmd(prepared_data, teacher_store, ref), cwd=ROOT, env=ENV, check=True, capture_output=True)
+
+    def three_steps_logged():
+        m = run / "mse" / "metrics.jsonl"
+        return m.exists() and len(m.read_text().splitlines()) >= 3
+
+    sigkill_when(_sweep_cmd(prepared_data, teacher_store, run), three_steps_logged, env=ENV, cwd=ROOT)
+    assert len(_losses(run / "mse")) < 6
+    # --resume alone: the learners come from the sweep's sweep.yaml
+    resume = [a for a in _sweep_cmd(prepared_data, teacher_store, run, "--resume") if a != "--variant"
+              and a not in VARIANTS]
+    proc = subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("uniform", "mse"):
+        assert _losses(run / name) == _losses(ref / name) and len(_losses(ref / name)) == 6
+    # the same folder again without --resume, or with other learners, is refused
+    proc = subprocess.run(_sweep_cmd(prepared_data, teacher_store, run), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "already holds a sweep (sweep.yaml); pass --resume" in proc.stderr
+    other = _sweep_cmd(prepared_data, teacher_store, run, "--resume", "--variant", "kl:loss.kind=kl")
+    proc = subprocess.run(other, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 1 and f"cannot resume the sweep in {run}: it has learners" in proc.stderr
+
+
+def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, teacher_store, tmp_path, monkeypatch):
+    import train.loop as loop
+    real = loop.build_objective
+
+    def poisoned(cfg, stats):
+        obj = real(cfg, stats)
+        if cfg.gate.mode != "uniform":
+            return obj
+        forward, calls = obj.forward, []
+
+        def forward_nan(batch, **kw):
+            out = forward(batch, **kw)
+            calls.append(1)
+            if len(calls) == 3:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        obj.forward = forward_nan
+        return obj
+    monkeypatch.setattr(loop, "build_objective", poisoned)
+    cfg = load_config(None, _overrides(prepared_data, teacher_store))
+    out = tmp_path / "sweep"
+    variants = [parse_variant(v) for v in VARIANTS[:2]]
+    summary = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants)
+    message = ("learner 'uniform': non-finite loss at step 2; stopping (last good checkpoint: "
+               f"{out / 'uniform' / 'last.pt'})")
+    assert summary["stopped"] == {"uniform": message}
+    assert (out / "uniform" / "stopped.txt").read_text().strip() == message
+    assert torch.load(out / "uniform" / "last.pt", weights_only=False)["step"] == 2
+    assert not (out / "uniform" / "student.safetensors").exists() and len(_losses(out / "uniform")) == 2
+    assert len(_losses(out / "mse")) == 5 and (out / "mse" / "student.safetensors").is_file()
+    report = {r["learner"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert report["uniform"]["status"] == message and report["mse"]["status"] == "done"
+    # a resume leaves the stopped learner stopped
+    again = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants, resume=True)
+    assert again["stopped"] == {"uniform": message} and len(_losses(out / "mse")) == 5
+
+
+def test_one_and_two_torchrun_ranks_give_every_learner_the_same_curve(prepared_data, teacher_store, tmp_path):
+    from train.loop import train
+
+    auto = {"data.views": "auto", "data.streams": "auto"}
+    # no stochastic depth: its noise is drawn per rank, so two ranks draw other masks than one process
+    texts = ["uniform:gate.mode=uniform", "mse:loss.kind=mse"]
+    variants = [parse_variant(v) for v in texts]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(None, _overrides(prepared_data, teacher_store, **auto)), out_dir=one, max_steps=4,
+          progress=False, variants=variants)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_sweep_cmd(prepared_data, teacher_store, two, steps=4, variants=texts)[1:], *(f"{k}={v}" for k, v in auto.items())]
+    subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    for v in variants:
+        a, b = np.array(_losses(one / v.name)), np.array(_losses(two / v.name))
+        rel = np.abs(a - b) / a
+        print(f"{v.name}: single vs two ranks, relative loss difference per step: {np.round(rel, 4).tolist()}")
+        # the same global batches; what differs is how DDP averages the ranks' means (as for one run,
+        # tests/train/test_loop.py)
+        assert len(a) == len(b) == 4 and rel.max() < 1e-2
+        assert load_config(two / v.name / "config.yaml").data.streams == 1
