@@ -218,8 +218,8 @@ def verify(store_path, data, teachers, no_values):
 
 
 @main.command(context_settings=CONTEXT, params=TRAIN_PARAMS)
-def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, variants, sweep_file, resume,
-          ckpt_steps, device, overrides):
+def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, variants, sweep_file, heldout,
+          resume, ckpt_steps, device, overrides):
     """Stage 2: train the ViT-Tiny student against the store (or online teachers); with --variant or
     --sweep, several learners against one pass of the data.
 
@@ -237,7 +237,7 @@ def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_s
     learners = [parse_variant(v) for v in variants] + (load_sweep(sweep_file) if sweep_file else [])
     learners = learners or (recorded_variants(out_dir) if resume else None)
     summary = run(cfg, out_dir=out_dir, online=online, max_steps=steps, resume=resume, device=_device(device),
-                  ckpt_steps=ckpt_steps, variants=learners or None)
+                  ckpt_steps=ckpt_steps, variants=learners or None, heldout=heldout)
     if not learners:
         return click.echo(f"trained {summary['steps']} steps; student -> {out_dir}/student.safetensors")
     for message in summary["stopped"].values():

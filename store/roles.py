@@ -18,7 +18,7 @@ when this module is imported.
          the change differ from those drawn after it;
   41     the run's noise (torch's global generators: stochastic depth), keyed by (seed, rank) at
          the start of a run and by (seed, rank, step) when a resume cannot restore each rank's
-         own state -- train/loop.py; not stored (checkpoints hold the generator states).
+         own state -- train/noise.py; not stored (checkpoints hold the generator states).
 """
 from __future__ import annotations
 

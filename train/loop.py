@@ -32,13 +32,14 @@ from extract import dist
 from store import views as V
 from store.errors import ExpectedError
 from store.progress import progress_bar
-from train.config import Config, apply_overrides
+from train.config import Config, apply_overrides, teacher_names
 from train.flops import step_flops_per_image
 from train.loader import Plan, resolve_data, store_views
 from train.noise import restore_rng, resume_noise, rng_state, seed_noise
 from train.objective import build_objective
 from train.sources import build_source, check_learner_codec
-from train.sweep import STOPPED, check_variants, write_report, write_sweep
+from train.sweep import (STOPPED, check_heldout, check_sweep_folder, check_variants, heldout_columns, write_report,
+                         write_sweep)
 
 
 class NonFiniteLoss(ExpectedError, RuntimeError):
@@ -286,7 +287,8 @@ class SharedBatch:
 
 
 def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None = None, resume: bool = False,
-          device: str = "cpu", ckpt_steps: int = 0, progress: bool = True, variants=None) -> dict:
+          device: str = "cpu", ckpt_steps: int = 0, progress: bool = True, variants=None,
+          heldout: tuple | None = None) -> dict:
     """Train the student; returns {steps, out_dir, last (metrics), seconds, learners: {name:
     {status, steps, last}}}.
 
@@ -296,7 +298,8 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     optimiser steps (the schedule is still the one of ``schedule.epochs`` unless max_steps is
     smaller, in which case it spans max_steps). ``ckpt_steps`` > 0 also checkpoints every that
     many steps (besides every ``train.ckpt_every`` epochs). ``online=True`` is the old switch
-    for ``data.source=online-replay``.
+    for ``data.source=online-replay``. ``heldout`` (a sweep): (store, images) of held-out data,
+    whose losses under each learner join the sweep's report (train/sweep.py heldout_columns).
     """
     if online:
         if cfg.data.source == "online-fresh":
@@ -329,10 +332,17 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     source, stats = build_source(cfg, plan, device=device, run_dir=out)
     for c in configs.values():
         check_learner_codec(c, source)                  # every learner, before any is built
+    if heldout is not None:
+        if not sweep:
+            raise ValueError("held-out losses are reported for the learners of a sweep; give --variant or --sweep")
+        check_heldout(heldout[0], heldout[1], train_store=cfg.data.store, teachers=teacher_names(cfg))
     spe = plan.steps_per_epoch
     total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
-    if sweep and rank == 0:
-        write_sweep(out, variants, resume=resume)
+    if sweep:
+        check_sweep_folder(out, variants, resume=resume)
+        dist.barrier()                                  # every rank has checked before rank 0 writes
+        if rank == 0:
+            write_sweep(out, variants)
     status, learners = {}, []
     for name, folder in folders.items():
         if sweep and resume and (folder / STOPPED).is_file():
@@ -385,7 +395,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         learner.finish()
         status[learner.name] = learner.stopped or "done"
     if sweep and rank == 0:
-        write_report(out, variants, status=status)
+        extra = None if heldout is None else heldout_columns(out, variants, status, store=heldout[0], data=heldout[1],
+                                                             train_store=cfg.data.store, device=device)
+        write_report(out, variants, status=status, extra=extra)
     dist.barrier()
     summary = {learner.name: dict(status=status[learner.name], steps=learner.step, last=learner.last)
                for learner in learners}

@@ -36,8 +36,9 @@ import yaml
 from core.io import write_atomic
 from core.run import read_metrics
 
-__all__ = ["Variant", "parse_variant", "load_sweep", "check_variants", "write_sweep", "recorded_variants",
-           "write_report", "SWEEP", "STOPPED"]
+__all__ = ["Variant", "parse_variant", "load_sweep", "check_variants", "check_sweep_folder", "write_sweep",
+           "recorded_variants",
+           "write_report", "check_heldout", "heldout_columns", "SWEEP", "STOPPED"]
 
 SWEEP, STOPPED = "sweep.yaml", "stopped.txt"
 
@@ -131,8 +132,9 @@ def recorded_variants(out) -> list[Variant] | None:
     return [Variant(d["name"], tuple(d.get("overrides") or ())) for d in doc.get("learners", [])]
 
 
-def write_sweep(out, variants: Sequence[Variant], *, resume: bool) -> None:
-    """Record the learners in OUT/sweep.yaml; a resume must name the same ones (ValueError)."""
+def check_sweep_folder(out, variants: Sequence[Variant], *, resume: bool) -> None:
+    """A new sweep needs a folder without a sweep.yaml (FileExistsError), a resume the same
+    learners as it records (ValueError). Every rank checks before rank 0 writes."""
     out = Path(out)
     saved = recorded_variants(out)
     if not resume and saved is not None:
@@ -141,6 +143,11 @@ def write_sweep(out, variants: Sequence[Variant], *, resume: bool) -> None:
     if resume and saved is not None and saved != list(variants):
         raise ValueError(f"cannot resume the sweep in {out}: it has learners "
                          f"{[v.as_dict() for v in saved]}, now {[v.as_dict() for v in variants]}")
+
+
+def write_sweep(out, variants: Sequence[Variant]) -> None:
+    """Record the learners, in order, in OUT/sweep.yaml."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / SWEEP, yaml.safe_dump({"learners": [v.as_dict() for v in variants]}, sort_keys=False))
 
@@ -172,6 +179,58 @@ def write_report(out, variants: Sequence[Variant], *, status: Mapping[str, str],
     write_atomic(out / "sweep.md", "\n".join(lines) + "\n")
     plot_losses(curves, out / "losses.png")
     return out / "sweep.md"
+
+
+def check_heldout(store, data, *, train_store, teachers) -> None:
+    """Before any training: the held-out ``store`` must be extracted from the images ``data``, hold
+    ``teachers`` and, for a coefficient codec, be on the training store's basis; else StoreError."""
+    from store.features import DataInfo, FeatureStore
+    from store.shards import ImageSet
+    from train.requirements import check_same_basis
+
+    held, ref = FeatureStore.open(store, data=DataInfo.of(ImageSet.open(data))), FeatureStore.open(train_store)
+    for name in teachers:
+        check_same_basis(held.teacher(name), ref.teacher(name))
+
+
+def heldout_columns(out, variants: Sequence[Variant], status: Mapping[str, str], *, store, data, train_store,
+                    device: str = "cpu", images: int = 64, batch: int = 32) -> dict[str, dict]:
+    """{learner: {"heldout_token", "heldout_spatial", "heldout_total", "heldout_untrained"}} of every
+    finished learner: its objective's losses (train/diagnostics.py heldout_losses: student-free
+    fused targets) on the first ``images`` samples of the held-out ``store`` (view 0, epoch 0
+    masks, the same for every learner) of the images ``data``, and those of its untrained
+    student. The mean over batches of ``batch`` samples, weighted by their sizes."""
+    import numpy as np
+    import torch
+
+    from store.shards import ImageSet
+    from train import diagnostics as diag
+    from train.config import teacher_names
+
+    held = ImageSet.open(data)
+    index = np.arange(min(images, len(held)))
+    samples, cols = None, {}
+    for v in variants:
+        if status.get(v.name) != "done":
+            continue
+        cfg, trained = diag.load_run(Path(out) / v.name, device=device, store_path=train_store)
+        _, untrained = diag.load_run(Path(out) / v.name, device=device, store_path=train_store, trained=False)
+        names = list(teacher_names(cfg))
+        if samples is None:             # the learners share the data, so their teachers
+            samples = diag.load_samples(store, held, indices=index, epoch=0, teachers=names,
+                                        adapters_from=train_store)
+        sums = dict.fromkeys(("heldout_token", "heldout_spatial", "heldout_total", "heldout_untrained"), 0.0)
+        with torch.no_grad():
+            for i in range(0, len(samples), batch):
+                part = samples[i:i + batch]
+                losses = diag.heldout_losses(trained, untrained, diag.sample_batch(part, names, device=device))
+                for key, value in (("heldout_token", losses["trained"]["token"]),
+                                   ("heldout_spatial", losses["trained"]["spatial"]),
+                                   ("heldout_total", losses["trained"]["total"]),
+                                   ("heldout_untrained", losses["untrained"]["total"])):
+                    sums[key] += value * len(part)
+        cols[v.name] = {k: total / len(samples) for k, total in sums.items()}
+    return cols
 
 
 def _cell(value) -> str:

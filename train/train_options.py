@@ -29,6 +29,10 @@ TRAIN_PARAMS = [
                       "(space-separated), in OUT/NAME (repeatable; train/sweep.py)."),
     click.Option(["--sweep", "sweep_file"], type=click.Path(exists=True, dir_okay=False), default=None,
                  help="A YAML file of the sweep's learners: 'learners: {NAME: {KEY: VALUE, ...}, ...}'."),
+    click.Option(["--heldout", "heldout"], type=(_DIR, _DIR), default=None, metavar="STORE DATA",
+                 help="A sweep's report adds every learner's losses on this held-out store of the images DATA "
+                      "(fp16 and int8 tokens serve as they are; a coefficient codec must be on the training store's "
+                      "basis)."),
     click.Option(["--resume"], is_flag=True,
                  help="Continue the run (or every learner of the sweep) in --out exactly where its "
                       "checkpoint left it."),

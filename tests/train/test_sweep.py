@@ -152,12 +152,13 @@ def test_sigkill_and_resume_of_a_sweep_repeat_every_learners_uninterrupted_losse
     for name in ("uniform", "mse"):
         assert _losses(run / name) == _losses(ref / name) and len(_losses(ref / name)) == 6
     # the same folder again without --resume, or with other learners, is refused
-    proc = subprocess.run(_sweep_cmd(prepared_data, teacher_store, run), cwd=ROOT, env=ENV, capture_output=True,
-                          text=True)
-    assert proc.returncode == 1 and "already holds a sweep (sweep.yaml); pass --resume" in proc.stderr
-    other = _sweep_cmd(prepared_data, teacher_store, run, "--resume", "--variant", "kl:loss.kind=kl")
-    proc = subprocess.run(other, cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 1 and f"cannot resume the sweep in {run}: it has learners" in proc.stderr
+    from train.loop import train
+    cfg = load_config(None, _overrides(prepared_data, teacher_store))
+    variants = [parse_variant(v) for v in VARIANTS[:2]]
+    with pytest.raises(FileExistsError, match="already holds a sweep \\(sweep.yaml\\); pass --resume"):
+        train(cfg, out_dir=run, max_steps=6, progress=False, variants=variants)
+    with pytest.raises(ValueError, match=f"cannot resume the sweep in {run}: it has learners"):
+        train(cfg, out_dir=run, max_steps=6, progress=False, variants=variants[:1], resume=True)
 
 
 def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, teacher_store, tmp_path, monkeypatch):
@@ -182,7 +183,9 @@ def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, tea
     cfg = load_config(None, _overrides(prepared_data, teacher_store))
     out = tmp_path / "sweep"
     variants = [parse_variant(v) for v in VARIANTS[:2]]
-    summary = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants)
+    # the held-out columns come from a store of other images in use; here the training store stands in
+    summary = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants,
+                         heldout=(teacher_store, prepared_data))
     message = ("learner 'uniform': non-finite loss at step 2; stopping (last good checkpoint: "
                f"{out / 'uniform' / 'last.pt'})")
     assert summary["stopped"] == {"uniform": message}
@@ -192,6 +195,10 @@ def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, tea
     assert len(_losses(out / "mse")) == 5 and (out / "mse" / "student.safetensors").is_file()
     report = {r["learner"]: r for r in json.loads((out / "sweep.json").read_text())}
     assert report["uniform"]["status"] == message and report["mse"]["status"] == "done"
+    assert "heldout_total" not in report["uniform"]
+    mse = report["mse"]
+    assert np.isclose(mse["heldout_total"], mse["heldout_token"] + mse["heldout_spatial"])
+    assert 0 < mse["heldout_total"] and np.isfinite(mse["heldout_untrained"])
     # a resume leaves the stopped learner stopped
     again = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants, resume=True)
     assert again["stopped"] == {"uniform": message} and len(_losses(out / "mse")) == 5
