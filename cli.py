@@ -144,6 +144,9 @@ def _device(device: str) -> str:
                                   "images (0 0: no hint).")
 @click.option("--stats-images", type=int, default=1024,
               help="Images whose tokens give the adapter statistics (mean, principal components).")
+@click.option("--stats-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Take the statistics (the coefficient codecs' basis) from this store's teacher: a held-out store "
+                   "read with a training store's adapters.")
 @click.option("--max-blocks", type=int, default=None,
               help="Stop after this many (shard, view-slot) blocks (a partial run; resume later).")
 @click.option("--estimate", is_flag=True,
@@ -154,8 +157,8 @@ def _device(device: str) -> str:
               help="Also store each view's 224 px pixels (JPEG q95 or raw uint8), once per store, so that "
                    "training never opens the image shards (docs/format.md).")
 def extract(teacher, data, store_path, checkpoint, random_init, views, seed, codec, pca_dim,
-            batch_size, device, decoder, threads, hw_decoder_load, preallocate_hint, stats_images, max_blocks,
-            estimate, ranks, view_pixels):
+            batch_size, device, decoder, threads, hw_decoder_load, preallocate_hint, stats_images, stats_from,
+            max_blocks, estimate, ranks, view_pixels):
     """Stage 1: run one teacher over every (image, view) of DATA into the STORE.
 
     Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards."""
@@ -182,7 +185,8 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
     summary = run_extraction(teacher=model, data=ds, store_path=store_path, views=views, seed=seed,
                              codec=codec, pca_dim=pca_dim, batch_size=batch_size, device=device,
                              decoder=decoder, num_threads=threads, stats_images=stats_images,
-                             max_blocks=max_blocks, decoder_settings=settings, view_pixels=view_pixels)
+                             max_blocks=max_blocks, decoder_settings=settings, view_pixels=view_pixels,
+                             stats_from=stats_from)
     if dist.rank() == 0:
         click.echo(f"{teacher}: {summary['blocks']} blocks written, {summary['skipped']} already complete, "
                    f"{summary['images_per_second']:.1f} img/s (decoder {decoder}) -> {store_path}")

@@ -208,3 +208,21 @@ def test_a_store_read_with_another_stores_adapters_must_hold_their_basis(adapter
     samples = load_samples(tmp_path / "copied", data, indices=[0, 1], teachers=["mae"], adapters_from=adapter_store)
     assert len(samples) == 2
     assert verify_store(tmp_path / "copied", data, progress=False)[0] == []
+
+
+def test_the_extract_command_takes_the_statistics_of_another_store_with_stats_from(adapter_store, prepared_data,
+                                                                                    tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    held = tmp_path / "held"
+    proc = subprocess.run([sys.executable, str(root / "cli.py"), "extract", "--teacher", "mae", "--data",
+                           str(prepared_data), "--store", str(held), "--random-init", "--views", "1",
+                           "--codec", "adapter", "--decoder", "pil", "--device", "cpu", "--max-blocks", "1",
+                           "--stats-from", str(adapter_store)], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = (FeatureStore.open(s).teacher("mae") for s in (held, adapter_store))
+    assert codecs.basis_digest(got.stats) == codecs.basis_digest(want.stats)
+    assert got.stats["origin"]["store"] == str(adapter_store)
