@@ -263,8 +263,9 @@ class SharedBatch:
     batch's own, or drawn once per other ratio from the same keyed draw) and the adapted grid of
     its frozen adapters (computed once per ``grid_key``)."""
 
-    def __init__(self, batch: dict, *, epoch: int, seed: int, device: str):
-        self.batch, self.epoch, self.seed, self.device = batch, epoch, seed, device
+    def __init__(self, batch: dict, *, index: torch.Tensor, epoch: int, seed: int, device: str):
+        """batch: materialised on ``device``; index: its image indices on the CPU (no device sync)."""
+        self.batch, self.index, self.epoch, self.seed, self.device = batch, index, epoch, seed, device
         self.masks = {batch["student_visible"].shape[1]: batch["student_visible"]}
         self.grids: dict = {}
 
@@ -272,9 +273,8 @@ class SharedBatch:
         """(the learner's batch, its adapted grid or None)."""
         n = learner.cfg.data.student_visible
         if n not in self.masks:
-            index = self.batch["index"].cpu().numpy()
-            self.masks[n] = torch.from_numpy(V.student_visible(self.seed, index, self.epoch, n_visible=n)).to(
-                self.device)
+            masks = V.student_visible(self.seed, self.index.numpy(), self.epoch, n_visible=n)
+            self.masks[n] = torch.from_numpy(masks).to(self.device)
         batch = self.batch if self.masks[n] is self.batch["student_visible"] else {
             **self.batch, "student_visible": self.masks[n]}
         if learner.grid_key is None:
@@ -362,8 +362,8 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         while step < total and any(learner.stopped is None for learner in learners):
             epoch, start = divmod(step, spe)
             for _, cpu_batch in source.epoch(epoch, start_step=start):
-                shared = SharedBatch(source.materialize(cpu_batch, device), epoch=epoch, seed=cfg.data.seed,
-                                     device=device)
+                shared = SharedBatch(source.materialize(cpu_batch, device), index=cpu_batch["index"], epoch=epoch,
+                                     seed=cfg.data.seed, device=device)
                 now_training = [x for x in learners if x.stopped is None and x.step == step]
                 for learner in now_training:
                     learner.train_on(*shared.for_learner(learner))
