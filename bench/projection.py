@@ -3,11 +3,15 @@
     python bench/projection.py                       # the format and FLOP tables
     python bench/projection.py --datapath docs/datapath_cpu.json   # + which resource bounds each path
     python bench/projection.py --gpus 8 --peak-tflops 700 --decode-per-gpu 2500 ...
+    python bench/projection.py --datapath docs/datapath_cpu.json --sweep 1 2 4 8   # sweep rows' K
 
 ``--datapath`` reads the rows of ``bench/datapath.py --json`` (measured: bytes read per
 sample-epoch, pixels decoded per sample, host CPU seconds per sample by stage) and shows,
 for the cached run of each data path and the online baseline, the time each resource needs
-and which one bounds the run (``datapath_rows``; docs/running.md section 6).
+and which one bounds the run (``datapath_rows``; docs/running.md section 6). It then projects a
+sweep (``train ... --variant``, train/sweep.py: K learners on one data pass) on the default
+path's row (view_jpeg) with the same overlap model (``sweep_rows``): the data pass (decode,
+host CPU, store read) is paid once, the students' compute K times.
 
 Exact: store bytes per (image, view) (extract/estimate.py: bytes_per_sample), FLOPs of the
 teachers' masked forward and of the student's step (train/flops.py: step_flops_per_image).
@@ -99,6 +103,44 @@ def format_datapath(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SWEEP_ROW = "cached, view_jpeg (adapter)"      # the default path (extract --codec adapter --view-pixels jpeg)
+
+
+def sweep_rows(row: dict, ks=(1, 2, 4, 8)) -> list[dict]:
+    """A sweep of K learners on the data pass of ``row`` (one of ``datapath_rows``), in hours:
+    every resource overlaps as there (the run takes its largest), the data pass's (decode, host
+    CPU, store read) once, the student's compute K times (each learner's whole step: the
+    adapters they share counted K times, an upper bound). ``free``: K learners cost no more
+    than one run (K x compute <= the data pass); ``x_separate``: the sweep's hours over K
+    separate runs of ``row``'s."""
+    data = max(row["decode"], row["host CPU"], row["store read"])
+    out = []
+    for k in ks:
+        times = {"compute": k * row["compute"], "decode": row["decode"], "host CPU": row["host CPU"],
+                 "store read": row["store read"]}
+        bound = max(times, key=times.get)
+        hours = times[bound]
+        out.append(dict(k=k, compute=times["compute"], data=data, bound=bound, hours=hours,
+                        separate=k * row["hours"], x_separate=hours / (k * row["hours"]),
+                        free=times["compute"] <= data))
+    return out
+
+
+def free_learners(row: dict) -> int:
+    """The most learners whose compute the data pass of ``row`` covers (at least 1)."""
+    data = max(row["decode"], row["host CPU"], row["store read"])
+    return max(1, int(data // row["compute"])) if row["compute"] > 0 else 1
+
+
+def format_sweep(rows: list[dict]) -> str:
+    lines = ["| learners K (300 epochs) | students' compute | data pass | bound | sweep | K separate runs "
+             "| sweep / separate |", "|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['compute']:.2f} h | {r['data']:.2f} h | {r['bound']} {r['hours']:.2f} h | "
+                     f"{r['hours']:.2f} h | {r['separate']:.2f} h | {r['x_separate']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1_281_167)
@@ -114,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--datapath", type=Path, help="rows of bench/datapath.py --json (measured data path)")
     ap.add_argument("--cpu-cores", type=int, default=96, help="assumed host cores reading and batching")
     ap.add_argument("--host-memory-gb", type=float, default=1536.0, help="assumed host memory for the store")
+    ap.add_argument("--sweep", type=int, nargs="+", default=[1, 2, 4, 8], metavar="K",
+                    help="with --datapath: the learners of the projected sweep rows")
     a = ap.parse_args(argv)
 
     n_vis = [V.num_visible(V.MASK_RATIOS[t]) for t in TEACHERS]
@@ -172,6 +216,14 @@ def main(argv=None):
           f"today's {m['today']['pixels_per_sample']:.0f} px), {a.cpu_cores} host cores at the measured per-core "
           f"cost, {a.host_memory_gb:.0f} GB host memory, V={a.views}\n")
     print(format_datapath(rows))
+    base = next((r for r in rows if r["name"] == SWEEP_ROW), None)
+    if base is not None:
+        data = max(base["decode"], base["host CPU"], base["store read"])
+        print(f"\nprojected sweep of K learners on one data pass ({SWEEP_ROW}; train --variant): the data pass "
+              f"{data:.2f} h ({max(('decode', 'host CPU', 'store read'), key=base.get)}) once, each learner's "
+              f"student compute {base['compute']:.2f} h; the data pass carries K <= {free_learners(base)} learners "
+              "for free\n")
+        print(format_sweep(sweep_rows(base, a.sweep)))
     return rows
 
 

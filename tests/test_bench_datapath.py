@@ -58,3 +58,7 @@ def test_quick_run_writes_the_rows(tmp_path):
     assert by["cached, raw (adapter)"]["decode"] == 0.0
     assert by["cached, view_jpeg (adapter)"]["decode"] < by["cached, today (fp16)"]["decode"]
     assert all(p["hours"] == max(p["compute"], p["decode"], p["host CPU"], p["store read"]) for p in proj)
+    # the projected sweep of K learners on the default path's data pass (bench/projection.py sweep_rows)
+    sweep = pj.sweep_rows(by[pj.SWEEP_ROW])
+    assert [s["k"] for s in sweep] == [1, 2, 4, 8] and np.isclose(sweep[0]["x_separate"], 1.0)
+    assert all(s["hours"] == max(s["compute"], s["data"]) and s["x_separate"] <= 1.0 for s in sweep)

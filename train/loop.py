@@ -322,7 +322,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     from store.shards import ImageSet
     data = ImageSet.open(cfg.data.images)
     folders = {None: out} if not sweep else {v.name: out / v.name for v in variants}
-    recorded = next((saved_config(f) for f in folders.values() if saved_config(f)), None) if resume else None
+    recorded = next(filter(None, map(saved_config, folders.values())), None) if resume else None
     cfg = resolve_data(cfg, data, recorded=(recorded or {}).get("data"))
     configs = {None: cfg} if not sweep else {
         v.name: apply_overrides(cfg, [*v.overrides, f"train.out_dir={folders[v.name]}"]).validate() for v in variants}
@@ -404,6 +404,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     summary.update({n: dict(status=s, steps=None, last={}) for n, s in status.items() if n not in summary})
     return dict(steps=step, out_dir=str(out), last=learners[0].last if learners else {}, seconds=elapsed,
                 learners=summary, stopped={n: s for n, s in status.items() if s != "done"})
+
 
 def _peak_flops(dev: torch.device) -> float | None:
     """The card's bf16 matrix rate, measured once with a large matmul (None on the CPU)."""

@@ -118,7 +118,7 @@ class CoMADObjective(nn.Module):
     def adapted_grid(self, batch: Mapping) -> "AdaptedGrid":
         """The batch's teacher tokens through ``self.adapters``, and on the 197-slot grid.
         Frozen adapters make it the same for every student: a sweep computes it once per
-        batch for the learners that share them (train/learners.py)."""
+        batch for the learners that share them (train/loop.py)."""
         tokens, slots = teacher_tokens(batch, self.teacher_names)
         adapted = {name: self.adapters[name](tokens[name]) for name in self.teacher_names}
         return AdaptedGrid(adapted, *scatter_grid(adapted, slots, self.teacher_names))

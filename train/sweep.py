@@ -1,4 +1,4 @@
-"""A sweep: K learners trained against one data pass (train/learners.py runs them).
+"""A sweep: K learners trained against one data pass (train/loop.py runs them).
 
 A learner is the base config plus a variant's overrides, e.g. ``gate.mode=uniform``. Everything a
 learner owns may vary: the student (``model.*``), decoder, adapters, gate, loss, optimiser,
