@@ -324,8 +324,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     folders = {None: out} if not sweep else {v.name: out / v.name for v in variants}
     recorded = next(filter(None, map(saved_config, folders.values())), None) if resume else None
     cfg = resolve_data(cfg, data, recorded=(recorded or {}).get("data"))
-    configs = {None: cfg} if not sweep else {
-        v.name: apply_overrides(cfg, [*v.overrides, f"train.out_dir={folders[v.name]}"]).validate() for v in variants}
+    configs = {None: cfg} if not sweep else {v.name: _learner_config(cfg, v, folders[v.name]) for v in variants}
     plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store_views(cfg),
                 batch_size=cfg.train.batch_size, rank=rank, world=world, window=cfg.data.shuffle_window,
                 streams=cfg.data.streams, n_student=cfg.data.student_visible)
@@ -404,6 +403,14 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     summary.update({n: dict(status=s, steps=None, last={}) for n, s in status.items() if n not in summary})
     return dict(steps=step, out_dir=str(out), last=learners[0].last if learners else {}, seconds=elapsed,
                 learners=summary, stopped={n: s for n, s in status.items() if s != "done"})
+
+
+def _learner_config(cfg: Config, variant, folder: Path) -> Config:
+    """The base config plus a variant's overrides, validated; ValueError naming the learner."""
+    try:
+        return apply_overrides(cfg, [*variant.overrides, f"train.out_dir={folder}"]).validate()
+    except ValueError as error:
+        raise ValueError(f"learner {variant.name!r}: {error}") from None
 
 
 def _peak_flops(dev: torch.device) -> float | None:
