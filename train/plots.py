@@ -38,8 +38,8 @@ def plot_losses(rows, out_png) -> Path | None:
         rows = read_metrics(rows)
     runs = {k: v for k, v in rows.items() if v} if isinstance(rows, Mapping) else ({"": rows} if rows else {})
     first = next(iter(runs.values()), [])
-    panels = [(k, label) for k, label in (("loss", "total"), ("loss_token", "token KL (visible tokens)"),
-                                          ("loss_spatial", "spatial KL (14x14 maps)")) if first and k in first[0]]
+    panels = [(k, label) for k, label in (("loss", "total"), ("loss_token", "token loss (CLS + visible tokens)"),
+                                          ("loss_spatial", "spatial loss (14x14 maps)")) if first and k in first[0]]
     if not panels:
         return None
     plt = _pyplot()

@@ -215,6 +215,17 @@ def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, tea
     # a resume leaves the stopped learner stopped
     again = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants, resume=True)
     assert again["stopped"] == {"uniform": message} and len(_losses(out / "mse")) == 5
+    # the command names the stopped learner on the console, finishes the others and exits with status 1
+    from click.testing import CliRunner
+
+    from cli import main
+    result = CliRunner().invoke(main, _sweep_cmd(prepared_data, teacher_store, tmp_path / "cli", steps=5)[2:])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("learner 'uniform': non-finite loss at step 2; stopping")
+    assert lines[-1] == "Error: 1 learner(s) stopped: uniform"
+    assert "trained 1 of 2 learners for 5 steps" in result.stdout
+    assert (tmp_path / "cli" / "mse" / "student.safetensors").is_file()
 
 
 def test_one_and_two_torchrun_ranks_give_every_learner_the_same_curve(prepared_data, teacher_store, tmp_path):
