@@ -132,9 +132,12 @@ class CoMADObjective(nn.Module):
         ``self.teacher_names`` at CLS (slot 0) and each patch (slot 1 + p), for pictures.
         """
         images, visible = batch["images"], batch["student_visible"]
-        tokens, slots = teacher_tokens(batch, self.teacher_names)
-        if grid is not None and self.frozen_adapters is None:
+        if grid is None:
+            tokens, slots = teacher_tokens(batch, self.teacher_names)
+        elif self.frozen_adapters is None:
             raise ValueError("a precomputed adapted grid needs frozen adapters (adapters.mode=frozen)")
+        else:
+            tokens = {}                 # the grid holds what the teachers give (checked when it was made)
         out = self.trainable(images, visible, tokens)
         z_cls, z_patch, s_map = out["cls"], out["patch"], out["map"]
         if grid is not None:
