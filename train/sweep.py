@@ -37,8 +37,7 @@ from core.io import write_atomic
 from core.run import read_metrics
 
 __all__ = ["Variant", "parse_variant", "load_sweep", "check_variants", "check_sweep_folder", "write_sweep",
-           "recorded_variants",
-           "write_report", "check_heldout", "heldout_columns", "SWEEP", "STOPPED"]
+           "recorded_variants", "write_report", "check_heldout", "heldout_columns", "SWEEP", "STOPPED"]
 
 SWEEP, STOPPED = "sweep.yaml", "stopped.txt"
 
@@ -157,7 +156,7 @@ _COLUMNS = ("loss", "loss_token", "loss_spatial", "loss_recon")
 
 def write_report(out, variants: Sequence[Variant], *, status: Mapping[str, str], extra: Mapping | None = None) -> Path:
     """OUT/sweep.json and OUT/sweep.md: one row per learner (its overrides, status, steps and last
-    logged losses, plus ``extra[name]``'s columns: held-out losses, k-NN) and OUT/losses.png,
+    logged losses, plus ``extra[name]``'s columns: ``heldout_columns``) and OUT/losses.png,
     every learner's loss curves in one figure. Returns the path of sweep.md."""
     from train.plots import plot_losses
 
