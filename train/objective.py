@@ -131,21 +131,19 @@ class CoMADObjective(nn.Module):
         return_weights: also return "weights" (K, B, 197) float32, the gate weights of
         ``self.teacher_names`` at CLS (slot 0) and each patch (slot 1 + p), for pictures.
         """
-        images, visible = batch["images"], batch["student_visible"]
-        if grid is None:
-            tokens, slots = teacher_tokens(batch, self.teacher_names)
-        elif self.frozen_adapters is None:
+        images, visible, names = batch["images"], batch["student_visible"], self.teacher_names
+        if grid is not None and self.frozen_adapters is None:
             raise ValueError("a precomputed adapted grid needs frozen adapters (adapters.mode=frozen)")
+        if self.frozen_adapters is not None:
+            grid = self.adapted_grid(batch) if grid is None else grid
+            tokens = {}                 # the student side reads no teacher tokens with frozen adapters
         else:
-            tokens = {}                 # the grid holds what the teachers give (checked when it was made)
+            tokens, slots = teacher_tokens(batch, names)
         out = self.trainable(images, visible, tokens)
         z_cls, z_patch, s_map = out["cls"], out["patch"], out["map"]
-        if grid is not None:
-            adapted, dense, seen = grid
-        else:
-            adapted = out["adapted"] if "adapted" in out else {
-                n: self.frozen_adapters[n](tokens[n]) for n in self.teacher_names}
-            dense, seen = scatter_grid(adapted, slots, self.teacher_names)
+        if grid is None:                # trainable adapters: adapted inside the student side
+            grid = AdaptedGrid(out["adapted"], *scatter_grid(out["adapted"], slots, names))
+        adapted, dense, seen = grid
         y, w = fused_targets(dense, seen, mode=self.gate_mode, tau=self.gate_tau,
                              student=student_grid(z_cls, z_patch, s_map, visible))
         has_target = seen.any(0)                                             # (B, 197)
