@@ -137,6 +137,13 @@ class Plan:
 
     order: Order = field(init=False, repr=False)
 
+    @classmethod
+    def of(cls, cfg: Config, data, *, rank: int = 0, world: int = 1) -> "Plan":
+        """The plan of a resolved run config (``resolve_data``) over ``data``, for one rank."""
+        return cls(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store_views(cfg),
+                   batch_size=cfg.train.batch_size, rank=rank, world=world, window=cfg.data.shuffle_window,
+                   streams=cfg.data.streams, n_student=cfg.data.student_visible)
+
     def __post_init__(self):
         self.store_views = self.store_views or self.views
         if not 1 <= self.views <= self.store_views:

@@ -34,7 +34,7 @@ from store.errors import ExpectedError
 from store.progress import progress_bar
 from train.config import Config, apply_overrides, teacher_names
 from train.flops import step_flops_per_image
-from train.loader import Plan, resolve_data, store_views
+from train.loader import Plan, resolve_data
 from train.noise import restore_rng, resume_noise, rng_state, seed_noise
 from train.objective import build_objective
 from train.sources import build_source, check_learner_codec
@@ -110,13 +110,6 @@ def non_finite_message(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) 
     if step is None:
         return None
     return f"non-finite loss at step {step}; stopping (last good checkpoint: {_good(ckpt_path)})"
-
-
-def stop_if_non_finite(first_bad: torch.Tensor, *, world: int, ckpt_path: Path) -> None:
-    """Raise NonFiniteLoss with ``non_finite_message``, on every rank alike, if there is one."""
-    message = non_finite_message(first_bad, world=world, ckpt_path=ckpt_path)
-    if message is not None:
-        raise NonFiniteLoss(message)
 
 
 def _good(ckpt_path: Path):
@@ -239,10 +232,12 @@ def share_frozen_adapters(learners: list[Learner]) -> None:
     """Learners whose frozen adapters are equal (same weights, same autocast) share one module and
     one adapted grid per batch (``grid_key``: the first such learner's position); trainable
     adapters are the learner's own."""
+    if len(learners) < 2:
+        return                          # a single run computes its grid in the forward
     firsts: list[Learner] = []
     for i, learner in enumerate(learners):
         mine = learner.objective.frozen_adapters
-        if mine is None or len(learners) == 1:
+        if mine is None:
             continue
         for first in firsts:
             theirs = first.objective.frozen_adapters
@@ -325,9 +320,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     recorded = next(filter(None, map(saved_config, folders.values())), None) if resume else None
     cfg = resolve_data(cfg, data, recorded=(recorded or {}).get("data"))
     configs = {None: cfg} if not sweep else {v.name: _learner_config(cfg, v, folders[v.name]) for v in variants}
-    plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store_views(cfg),
-                batch_size=cfg.train.batch_size, rank=rank, world=world, window=cfg.data.shuffle_window,
-                streams=cfg.data.streams, n_student=cfg.data.student_visible)
+    plan = Plan.of(cfg, data, rank=rank, world=world)
     source, stats = build_source(cfg, plan, device=device, run_dir=out)
     for c in configs.values():
         check_learner_codec(c, source)                  # every learner, before any is built
