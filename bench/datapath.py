@@ -88,9 +88,12 @@ def write_store(path: Path, data, *, codec: str, seed: int = 0, views: int = 1, 
         ts, _ = open_teacher_store(store_path=path, data=data, teacher=teacher, views=views, seed=seed,
                                    codec=codec, pca_dim=codecs.PCA_DIM, precision="fp32", view_pixels=view_pixels)
         st = _synthetic_stats(seed + t)
-        ts.write_stats(st["mean"], st["components"], st["eigenvalues"], 1, indices=np.arange(1))
-        ts = type(ts)(ts.root, ts.group)          # reopen: the codec's statistics are now there
         n_vis = V.num_visible(V.MASK_RATIOS[name])
+        # recorded as estimated from every image's slot-0 tokens (the basis is exact, not estimated),
+        # so that training accepts it for the coefficient codecs (train/requirements.py check_codec)
+        ts.write_stats(st["mean"], st["components"], st["eigenvalues"], len(data) * (1 + n_vis),
+                       indices=np.arange(len(data)))
+        ts = type(ts)(ts.root, ts.group)          # reopen: the codec's statistics are now there
         g = torch.Generator().manual_seed(seed * 1000 + t)
         for slot in range(views):
             for k, (first, count) in enumerate(ts.root.shards):

@@ -27,10 +27,7 @@ The data (built-in, seconds to make): bench/datapath.py's fixture pieces for ``e
 path: ``samples/imagenet_like.py`` photos, ``prepare``, and a three-teacher store of adapter-space
 int8 coefficients with the stored 224 px JPEG views (``write_store`` with seeded-noise tokens on an
 exact synthetic basis, ``write_view_pixels``), which the student reads (``data.pixels=auto``).
-``write_store`` records that basis as estimated from 1 token, which training refuses for a
-coefficient codec (train/requirements.py ``check_codec``); ``synthetic_store`` records it as
-from every stored token of the images instead (the basis is exact, not a rank-deficient
-estimate). ``--data D --store S`` takes any prepared data and store (e.g. bench/train.py's,
+``--data D --store S`` takes any prepared data and store (e.g. bench/train.py's,
 extracted by real teachers). torch runs with ``--torch-threads`` intra-op threads (default:
 every CPU), set explicitly and printed, DALI (or PIL) with ``--threads``. The machine's speed is
 stated as bench/demo.py does: one random-init ViT-B/16 teacher forward (mae, batch 8, fp32),
@@ -61,19 +58,12 @@ def synthetic_store(root: Path, *, images: int, shard_size: int) -> tuple[Path, 
     """(data, store) of the built-in data under ``root`` (module docstring)."""
     from bench.datapath import write_store, write_view_pixels
     from samples.imagenet_like import write_imagenet_like
-    from store.features import FeatureStore
     from store.shards import prepare
 
     data = prepare(write_imagenet_like(root / "photos", count=images), root / "data", shard_size=shard_size,
                    progress=False)
     store = write_store(root / "store", data, codec="adapter", view_pixels="jpeg")
     write_view_pixels(store, data, "jpeg")
-    fs = FeatureStore.open(store)
-    for name in fs.teachers:
-        ts = fs.teacher(name)
-        st = ts.stats
-        ts.write_stats(st["mean"], st["components"], st["eigenvalues"], images * (1 + ts.n_visible),
-                       indices=st["indices"])
     return data.root, store
 
 
@@ -87,14 +77,12 @@ def time_data_path(cfg, *, steps: int, device: str = "cpu") -> float:
     """Seconds of ``steps`` batches of the run's source (the loop's epochs from step 0, each
     batch materialised on ``device``), no learner; the source is built before the clock starts."""
     from store.shards import ImageSet
-    from train.loader import Plan, resolve_data, store_views
+    from train.loader import Plan, resolve_data
     from train.sources import build_source
 
     data = ImageSet.open(cfg.data.images)
     cfg = resolve_data(cfg, data)
-    plan = Plan(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store_views(cfg),
-                batch_size=cfg.train.batch_size, window=cfg.data.shuffle_window, streams=cfg.data.streams,
-                n_student=cfg.data.student_visible)
+    plan = Plan.of(cfg, data)
     source, _ = build_source(cfg, plan, device=device)
     step, t = 0, time.perf_counter()
     while step < steps:
