@@ -183,11 +183,16 @@ def write_report(out, variants: Sequence[Variant], *, status: Mapping[str, str],
 def check_heldout(store, data, *, train_store, teachers) -> None:
     """Before any training: the held-out ``store`` must be extracted from the images ``data``, hold
     ``teachers`` and, for a coefficient codec, be on the training store's basis; else StoreError."""
-    from store.features import DataInfo, FeatureStore
+    from store.features import DataInfo, FeatureStore, StoreError
     from store.shards import ImageSet
     from train.requirements import check_same_basis
 
-    held, ref = FeatureStore.open(store, data=DataInfo.of(ImageSet.open(data))), FeatureStore.open(train_store)
+    try:
+        held = FeatureStore.open(store, data=DataInfo.of(ImageSet.open(data)))
+    except StoreError as error:
+        raise StoreError(f"--heldout: {error}\n  (DATA must be the images the held-out store was extracted "
+                         "from)") from None
+    ref = FeatureStore.open(train_store)
     for name in teachers:
         check_same_basis(held.teacher(name), ref.teacher(name))
 

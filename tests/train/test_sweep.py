@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from store.features import StoreError
 from train.config import load_config
 from train.sweep import Variant, check_variants, load_sweep, parse_variant
 
@@ -122,7 +123,7 @@ def test_variants_that_change_the_shared_data_pass_are_refused_naming_the_key(tm
         load_sweep(sweep)
 
 
-def test_the_cli_refuses_a_data_changing_variant_in_one_line(prepared_data, teacher_store, tmp_path):
+def test_the_cli_refuses_a_data_changing_variant_in_one_line(prepared_data, teacher_store, photo_tree, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--data", str(prepared_data), "--store",
                            str(teacher_store), "--out", str(tmp_path / "r"), "--variant", "gate.mode=uniform",
                            "--variant", "b:train.batch_size=8"], cwd=ROOT, env=ENV, capture_output=True, text=True)
@@ -135,6 +136,12 @@ def test_the_cli_refuses_a_data_changing_variant_in_one_line(prepared_data, teac
     cfg = load_config(None, _overrides(prepared_data, teacher_store))
     with pytest.raises(ValueError, match="learner 'b': .*gate.mod"):
         train(cfg, out_dir=tmp_path / "r", max_steps=2, progress=False, variants=[parse_variant("b:gate.mod=uniform")])
+    from store.shards import prepare
+    other = prepare(photo_tree, tmp_path / "other", shard_size=4, progress=False, workers=0).root
+    with pytest.raises(StoreError, match="(?s)^--heldout: .*store does not match.*DATA must be the images"):
+        train(cfg, out_dir=tmp_path / "r", max_steps=2, progress=False, variants=[parse_variant("a:")],
+              heldout=(teacher_store, other))
+    assert not (tmp_path / "r").exists()                    # refused before any work
     with pytest.raises(ValueError, match="learner 'c': config gate.mode='gated' .*consensus"):
         train(cfg, out_dir=tmp_path / "r", max_steps=2, progress=False, variants=[parse_variant("c:gate.mode=gated")])
 
