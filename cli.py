@@ -198,22 +198,23 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="The images the store was extracted from.")
 @click.option("--teacher", "teachers", multiple=True, help="Check only these teachers (repeatable).")
-@click.option("--no-values", is_flag=True, help="Skip the scan of token values for non-finite numbers.")
-def verify(store_path, data, teachers, no_values):
-    """Check a store: completeness, ids and views against DATA, teacher configs, finite values.
+@click.option("--no-values", is_flag=True, help="Skip reading the token payload (its checksums, the non-finite scan).")
+@click.option("--rehash-data", is_flag=True,
+              help="Also re-hash every image shard of DATA against its manifest.json (reads all of DATA).")
+def verify(store_path, data, teachers, no_values, rehash_data):
+    """Check a store: completeness, ids and views against DATA, teacher configs, finite values;
+    with --rehash-data, DATA's image shards too (its sample table is hashed on every open).
 
     Exits non-zero on any problem."""
-    from extract.verify import verify_store
-    from store.shards import ImageSet
+    from extract.verify import verify_report
 
-    problems, summary = verify_store(store_path, ImageSet.open(data), teachers=list(teachers) or None,
-                                     scan_values=not no_values)
-    for name, t in summary.get("teachers", {}).items():
-        click.echo(f"{name}: {t['complete']}/{t['blocks']} blocks complete, codec {t['codec']}, "
-                   f"{'untrained' if t['untrained'] else 'trained'} teacher")
+    lines, problems = verify_report(store_path, data, teachers=list(teachers) or None, scan_values=not no_values,
+                                    rehash_data=rehash_data)
+    for line in lines:
+        click.echo(line)
+    for p in problems:
+        click.echo(f"PROBLEM: {p}", err=True)
     if problems:
-        for p in problems:
-            click.echo(f"PROBLEM: {p}", err=True)
         raise SystemExit(1)
     click.echo(f"OK: {store_path} is complete and consistent with {data}")
 

@@ -3,6 +3,7 @@
     python bench/datapath.py                  # 384 ImageNet-like photos, 3 rounds, a table
     python bench/datapath.py --json rows.json # also the rows, for bench/projection.py
     python bench/datapath.py --quick          # 48 photos, 1 round (the test)
+    python bench/datapath.py --checksum-cost  # + each path on stores without checksums
 
 Three paths, each ending in the batch as tensors: the images and the three teachers'
 stored arrays (visible patches, codec payload) of the batch's rows:
@@ -36,10 +37,15 @@ machine disturbs much less than wall time; the wall rate and the load average ar
 beside it. Bytes per sample-epoch: what was read (features + pixels) per sample in one epoch
 (V = 1: the whole store); every file is in the page cache, so this measures CPU cost, and
 bench/projection.py adds the disk at a stated bandwidth.
+
+``--checksum-cost`` adds each path's row on the same stores written as format_version 2 wrote
+them (no crc32c on the arrays) and read without comparing the view tars with their completion
+records: what the read-time checks (docs/format.md, "Checksums") cost on each path.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -126,36 +132,58 @@ def write_view_pixels(store: Path, data, form: str, *, seed: int = 0, views: int
             vp.write_block(slot, k, index=index, pixels=pixels)
 
 
-def build_fixture(root: Path, *, count: int, shard_size: int, seed: int = 0) -> dict:
+@contextlib.contextmanager
+def unchecked_format():
+    """Stores created meanwhile are written as format_version 2 wrote them: no crc32c on any
+    array (the bench reads their view tars with ``check=False``, as version 2 code did)."""
+    from unittest import mock
+
+    from zarr.codecs import ZstdCodec
+
+    from store import features
+
+    with mock.patch.multiple(features, FORMAT_VERSION=2, PAYLOAD_COMPRESSORS=None,
+                             SMALL_COMPRESSORS=(ZstdCodec(level=1),)):
+        yield
+
+
+def build_fixture(root: Path, *, count: int, shard_size: int, seed: int = 0, unchecked: bool = False) -> dict:
+    """The photos, their packed data and the stores; with ``unchecked`` also each store written
+    as format_version 2 (``unchecked_format``), keyed ``<store>-unchecked``."""
     from samples.imagenet_like import size_summary, write_imagenet_like
     from store.shards import prepare
 
     photos = write_imagenet_like(root / "photos", count=count, seed=seed)
     data = prepare(photos, root / "data", shard_size=shard_size, progress=False)
-    stores = {"fp16": write_store(root / "store_fp16", data, codec="fp16", seed=seed),
-              # the same adapter-space features (same seed), with each form of view pixels
-              **{form: write_store(root / f"store_{form}", data, codec="adapter", seed=seed, view_pixels=form)
-                 for form in ("jpeg", "raw")}}
-    for form in ("jpeg", "raw"):
-        write_view_pixels(stores[form], data, form, seed=seed)
+    stores = {}
+    for suffix in ("", "-unchecked") if unchecked else ("",):
+        with unchecked_format() if suffix else contextlib.nullcontext():
+            stores[f"fp16{suffix}"] = write_store(root / f"store_fp16{suffix}", data, codec="fp16", seed=seed)
+            # the same adapter-space features (same seed), with each form of view pixels
+            for form in ("jpeg", "raw"):
+                stores[f"{form}{suffix}"] = write_store(root / f"store_{form}{suffix}", data, codec="adapter",
+                                                        seed=seed, view_pixels=form)
+                write_view_pixels(stores[f"{form}{suffix}"], data, form, seed=seed)
     return dict(data=data, stores=stores, photos=size_summary(photos))
 
 
 # -- the paths ------------------------------------------------------------------------
 class Path_:
     """One data path: blocks of (features, pixels) read per shard, batches gathered by
-    fancy indexing, decoded, turned into tensors; CPU and wall seconds per stage."""
+    fancy indexing, decoded, turned into tensors; CPU and wall seconds per stage. ``checks``:
+    False reads the stores written without checksums (``unchecked_format``), views unchecked."""
 
-    def __init__(self, name: str, fx: dict, *, batch_size: int, threads: int):
+    def __init__(self, name: str, fx: dict, *, batch_size: int, threads: int, checks: bool = True):
         from store.features import FeatureStore
 
-        self.name = name
+        self.base, self.checks = name, checks
+        self.name = name if checks else f"{name} (no checksums)"
         codec, self.pixels = PATHS[name]
         self.data = fx["data"]
         from store.decode.stored import make_view_decoder
         from store.viewpixels import ViewPixels
 
-        fs = FeatureStore.open(fx["stores"][STORES[name]])
+        fs = FeatureStore.open(fx["stores"][STORES[name] + ("" if checks else "-unchecked")])
         self.teachers = [fs.teacher(t) for t in TEACHERS]
         self.batch_size = batch_size
         if self.pixels == "original":
@@ -175,7 +203,7 @@ class Path_:
             pixels = self.data.read_many(index)
             nbytes += sum(len(d) for d in pixels)
         else:
-            got, pixels = self.view_pixels.read_block(0, shard)
+            got, pixels = self.view_pixels.read_block(0, shard, check=self.checks)
             assert np.array_equal(got, index)
             nbytes += sum(len(d) for d in pixels)
         return blocks, pixels, nbytes
@@ -218,10 +246,24 @@ class Path_:
         return dict(wall=time.perf_counter() - wall, cpu=cpu, images=n_images, bytes=n_bytes,
                     pixels=n_pixels, crop=n_crop)
 
+    def mask_seconds(self) -> float:
+        """CPU seconds per sample of comparing the blocks' masks with the keyed draw, which training
+        does on a run's first read of each block (train/loader.py), blocks read beforehand."""
+        cpu, root = 0.0, self.teachers[0].root
+        for shard in range(len(root.shards)):
+            blocks = [ts.read_block(0, shard) for ts in self.teachers]
+            c = time.process_time()
+            for ts, block in zip(self.teachers, blocks):
+                ts.check_masks(0, shard, block)
+            cpu += time.process_time() - c
+        return cpu / root.num_samples
+
 
 def measure(fx: dict, *, rounds: int, batch_size: int, threads: int, seed: int = 0) -> list[dict]:
-    """Rows for every path, timed in alternating rounds (module docstring)."""
-    paths = [Path_(name, fx, batch_size=batch_size, threads=threads) for name in PATHS]
+    """Rows for every path, timed in alternating rounds (module docstring); then, where ``fx``
+    holds stores without checksums (``build_fixture(unchecked=True)``), every path on them."""
+    checks = (True, False) if any(k.endswith("-unchecked") for k in fx["stores"]) else (True,)
+    paths = [Path_(name, fx, batch_size=batch_size, threads=threads, checks=c) for c in checks for name in PATHS]
     order = np.random.default_rng(seed)
     for p in paths:
         p.epoch(order, shards=[0])                  # warm-up: DALI pipelines built, files opened
@@ -236,19 +278,33 @@ def measure(fx: dict, *, rounds: int, batch_size: int, threads: int, seed: int =
         med = rs[len(rs) // 2]
         n, cpu = med["images"], sum(med["cpu"].values())
         rows.append(dict(
-            name=p.name, codec=PATHS[p.name][0], pixels_from=PATHS[p.name][1],
+            name=p.name, codec=PATHS[p.base][0], pixels_from=PATHS[p.base][1], checksums=p.checks,
             images_per_s_per_core=n / cpu, images_per_s=n / med["wall"],
             bytes_per_sample=med["bytes"] / n, pixels_per_sample=med["pixels"] / n,
             crop_pixels_per_sample=med["crop"] / n,
             cpu_s_per_sample={k: v / n for k, v in med["cpu"].items()},
             decode_cpu_s_per_pixel=(med["cpu"]["decode"] / med["pixels"]) if med["pixels"] else None,
             rounds_images_per_s_per_core=[r["images"] / sum(r["cpu"].values()) for r in runs[p.name]],
+            read_cpu_s_per_sample_min=min(r["cpu"]["read"] / r["images"] for r in runs[p.name]),
             images=n, rounds=rounds, batch_size=batch_size, threads=threads, loadavg=list(load),
             cpus=os.cpu_count(), photos=fx["photos"]))
     today = rows[0]
     for r in rows:
         r["x_today_per_core"] = r["images_per_s_per_core"] / today["images_per_s_per_core"]
         r["bytes_vs_today"] = r["bytes_per_sample"] / today["bytes_per_sample"]
+    without = {r["name"]: r for r in rows if not r["checksums"]}
+    for r, p in zip(rows, paths):
+        u = without.get(f"{r['name']} (no checksums)")
+        if u is None:
+            continue
+        # What the checks cost: they change the read stage only, so its CPU (the least of the
+        # rounds: a shared machine only adds to it) with checks minus without, as a share of the
+        # images/s per core of the path without them; the whole rows' medians are printed beside.
+        r["checks_cpu_s_per_sample"] = r["read_cpu_s_per_sample_min"] - u["read_cpu_s_per_sample_min"]
+        r["checksum_cost"] = 1 - 1 / (1 + r["checks_cpu_s_per_sample"] * u["images_per_s_per_core"])
+        # the masks, on a block's first read in a run (train/loader.py), the same way
+        r["masks_cpu_s_per_sample"] = min(p.mask_seconds() for _ in range(rounds))
+        r["masks_cost"] = 1 - 1 / (1 + r["masks_cpu_s_per_sample"] * u["images_per_s_per_core"])
     return rows
 
 
@@ -266,6 +322,23 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_checksum_cost(rows: list[dict]) -> str:
+    """Each path with and without the read-time checks (rows with ``checksum_cost``), and what
+    comparing the masks adds on a block's first read in a run."""
+    by = {r["name"]: r for r in rows}
+    lines = ["| path | images/s per core, median: checked / without | read CPU ms/sample, least: checked / "
+             "without | checks: ms/sample (cost) | masks, a block's first read: ms/sample (cost) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "checksum_cost" in r:
+            u = by[f"{r['name']} (no checksums)"]
+            lines.append(f"| {r['name']} | {r['images_per_s_per_core']:.0f} / {u['images_per_s_per_core']:.0f} | "
+                         f"{r['read_cpu_s_per_sample_min'] * 1e3:.3f} / {u['read_cpu_s_per_sample_min'] * 1e3:.3f} | "
+                         f"{r['checks_cpu_s_per_sample'] * 1e3:.3f} ({100 * r['checksum_cost']:.1f}%) | "
+                         f"{r['masks_cpu_s_per_sample'] * 1e3:.3f} ({100 * r['masks_cost']:.1f}%) |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=384, help="ImageNet-like photos to generate")
@@ -277,19 +350,25 @@ def main(argv=None):
     ap.add_argument("--root", type=Path, help="build the fixtures here and keep them (default: a temp dir); "
                     "ROOT/data, ROOT/store_fp16 and ROOT/store_jpeg also serve bench/train.py")
     ap.add_argument("--quick", action="store_true", help="48 photos, 1 round, batch 16 (the test)")
+    ap.add_argument("--checksum-cost", action="store_true",
+                    help="also time every path on stores without checksums (docs/performance.md)")
     a = ap.parse_args(argv)
     if a.quick:
         a.images, a.rounds, a.shard_size, a.batch_size = 48, 1, 16, 16
     with tempfile.TemporaryDirectory() as tmp:
         print(f"building {a.images} ImageNet-like photos, three stores and their view pixels ...", flush=True)
         t = time.perf_counter()
-        fx = build_fixture(a.root or Path(tmp), count=a.images, shard_size=a.shard_size)
+        fx = build_fixture(a.root or Path(tmp), count=a.images, shard_size=a.shard_size, unchecked=a.checksum_cost)
         print(f"  built in {time.perf_counter() - t:.0f} s; photos: {fx['photos']}", flush=True)
         rows = measure(fx, rounds=a.rounds, batch_size=a.batch_size, threads=a.threads)
     print(f"\ndata path alone, CPU, DALI threads {a.threads}, batch {a.batch_size}, {a.rounds} alternating rounds "
           f"of one epoch ({rows[0]['images']} images), median round; load average "
           + " / ".join(f"{x:.2f}" for x in rows[0]["loadavg"]) + f" on {os.cpu_count()} CPUs")
     print(format_rows(rows))
+    if a.checksum_cost:
+        print("\nread-time checks (crc32c of the arrays, the view tars against their records): "
+              "each path against itself on stores without them")
+        print(format_checksum_cost(rows))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
         print(f"rows written to {a.json}")

@@ -1,19 +1,25 @@
-"""Durable files and the code's identity: atomic saves with fsync, the git commit.
+"""Durable files and the code's identity: atomic saves, fsync of files and trees, the git commit.
 
-An atomic save writes a temporary file beside the target, fsyncs it, renames it over
-the target and fsyncs the directory, so that a crash (SIGKILL, power loss) leaves
-either the old file or the new one, never a partial file under the target's name.
+An atomic save writes a temporary file beside the target (``NAME.tmp<pid>``), fsyncs it,
+renames it over the target and fsyncs the directory, so that a crash (SIGKILL, power loss)
+leaves either the old file or the new one, never a partial file under the target's name.
+A save that fails (a full disk) raises an OSError naming the target, whose old version is
+left as it was; the temporary files a killed writer leaves are removed by the folder's next
+sole writer (:func:`remove_temp_files`).
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["save_atomic", "write_atomic", "git_commit", "git_dirty", "REPO_ROOT"]
+__all__ = ["save_atomic", "write_atomic", "remove_temp_files", "fsync_path", "fsync_tree", "git_commit", "git_dirty",
+           "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_TEMP = re.compile(r".+\.tmp\d+")         # _atomic's temporary names, NAME.tmp<pid>
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -27,20 +33,64 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return _atomic(Path(path), lambda f: f.write(data.encode() if isinstance(data, str) else data))
 
 
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files of atomic saves in ``folder`` (not below it); returns them.
+    Only for the folder's sole writer (it holds the folder's lock): any such file is then
+    the litter of a writer that was killed mid-save."""
+    folder = Path(folder)
+    litter = sorted(p for p in folder.iterdir() if _TEMP.fullmatch(p.name) and p.is_file()) if folder.is_dir() else []
+    for path in litter:
+        path.unlink(missing_ok=True)
+    return litter
+
+
+class _Writes:
+    """The temporary file, keeping the OSError of a failed write: torch.save reports one as
+    an unrelated RuntimeError."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            out = _Writes(f)
+            try:
+                write(out)
+            except Exception as error:
+                if out.error is None:
+                    raise
+                raise out.error from error
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise _not_written(path, error) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _not_written(path: Path, error: OSError) -> OSError:
+    """One line naming the file (a failed write or fsync names none), with the errno."""
+    message = f"cannot write {path}: {error.strerror or error}; the file is left as it was"
+    return OSError(error.errno, message) if error.errno else OSError(message)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -55,6 +105,23 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync one file or directory (its data, or a rename or creation in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync ``path`` (a file) or every file below it and their folders (a chunk, a group)."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in [*files, *{p.parent for p in files}]:
+        fsync_path(p)
 
 
 def git_commit(root: str | Path = REPO_ROOT) -> str | None:

@@ -7,13 +7,17 @@ A run folder holds::
     last.pt         the checkpoint (atomic: tmp + fsync + rename + directory fsync)
     metrics.jsonl   one JSON object per logged step (``"step"`` in each)
     events.out.*    TensorBoard scalars of the same rows, when ``tensorboard`` is installed
+    run.lock        the writer lock (core/lock.py): held by the run's process while it runs
 
 :func:`open_run` opens a new run (refused when the folder already holds a checkpoint) or
 resumes one (refused when there is no checkpoint, or when the saved config differs from
 the current one in any key but the ``movable`` ones: the error is one line naming every
 differing key). On resume the checkpoint is loaded onto the CPU (``Run.state``) and
 metrics.jsonl is trimmed to its step, since the resumed run logs the later steps again.
-Only rank 0 writes; every rank checks and loads.
+Only rank 0 writes, holding the folder's lock until ``close``: a second writer of the folder
+is refused naming the holder (:func:`lock_folder`); every rank checks and loads.
+Checkpoints are loaded with ``weights_only=True``: tensors and plain containers only, so a
+crafted file cannot run code (:func:`load_checkpoint`).
 
 :class:`StepMetrics` accumulates a step's scalar tensors on the device and finds the first
 step whose loss is not finite; it syncs with the host (and all-reduces over ranks) only
@@ -22,6 +26,7 @@ when asked, at logging intervals.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -29,18 +34,40 @@ import torch
 import yaml
 
 from core.config import DERIVED, flatten
-from core.io import git_commit, git_dirty, save_atomic, write_atomic
+from core.io import git_commit, git_dirty, remove_temp_files, save_atomic, write_atomic
+from core.lock import FileLock, Locked
 
-__all__ = ["Run", "open_run", "saved_config", "load_checkpoint", "trim_metrics", "read_metrics",
+__all__ = ["Run", "open_run", "lock_folder", "saved_config", "load_checkpoint", "trim_metrics", "read_metrics",
            "settings_diff", "StepMetrics", "first_non_finite"]
 
-CONFIG, INFO, METRICS, CHECKPOINT = "config.yaml", "run.json", "metrics.jsonl", "last.pt"
+CONFIG, INFO, METRICS, CHECKPOINT, LOCK = "config.yaml", "run.json", "metrics.jsonl", "last.pt", "run.lock"
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint onto the CPU: ``load_state_dict`` then copies weights and optimizer
-    state to where the parameters live, and RNG states must stay CPU byte tensors."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state to where the parameters live, and RNG states must stay CPU byte tensors.
+
+    Loaded with ``weights_only=True`` (tensors, plain containers, numbers and strings: what
+    every checkpoint of this code holds); a file that asks for anything else, and so may
+    run code, or one that is damaged or cut short, raises one ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:                             # missing or unreadable: it names the file
+        raise
+    except pickle.UnpicklingError as error:     # the weights-only unpickler's refusal
+        reason = _gist(str(error).split("WeightsUnpickler error: ", 1)[-1])
+        raise ValueError(f"{path}: not a checkpoint this code can load safely ({reason}); it may run code when "
+                         "loaded, so it is refused: use a checkpoint this code wrote") from error
+    except Exception as error:                  # a damaged file fails in many ways in the reader
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                         f"{_gist(str(error)) or 'no more data'}); it is damaged or cut short: restore it "
+                         "from a copy, or start the run again") from error
+
+
+def _gist(message: str) -> str:
+    """The first sentence of an error message (torch's go on with advice over several lines)."""
+    lines = message.strip().splitlines()
+    return lines[0].split(". ")[0] if lines else ""
 
 
 def saved_config(folder: str | Path) -> dict | None:
@@ -64,9 +91,10 @@ class Run:
     """An open run folder (see the module docstring); use as a context manager."""
 
     def __init__(self, path: Path, *, rank: int, state: dict | None, step: int,
-                 checkpoint: str = CHECKPOINT, tensorboard: bool = True):
+                 checkpoint: str = CHECKPOINT, tensorboard: bool = True, lock: FileLock | None = None):
         self.path, self.rank, self.state, self.step = path, rank, state, step
         self.checkpoint_path = path / checkpoint
+        self._lock = lock
         self._metrics = None
         self._tb = None
         if rank == 0:
@@ -102,6 +130,9 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> "Run":
         return self
@@ -121,38 +152,77 @@ def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[s
     of steps), kept in run.json; ``info``: values run.json records without comparing them.
     ``movable``: dotted config keys that may differ on resume (paths that may move).
     Raises FileExistsError (a checkpoint exists and not ``resume``), FileNotFoundError
-    (``resume`` without a checkpoint or a config.yaml) and ValueError (the settings differ).
+    (``resume`` without a checkpoint or a config.yaml), ValueError (the settings differ, or
+    the checkpoint cannot be loaded safely) and Locked (another process writes the folder).
+    Rank 0 holds the folder's lock until the Run is closed.
     """
     path = Path(path)
     ckpt = path / checkpoint
     current = config.to_dict() if hasattr(config, "to_dict") else _plain(config)
     compare = _plain(dict(compare or {}))
-    state, step = None, 0
-    if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
-        saved = saved_config(path)
-        if saved is None:
-            raise FileNotFoundError(f"--resume: {path} holds no {CONFIG} to compare the settings with")
-        saved = {k: v for k, v in saved.items() if k != DERIVED}
-        saved_info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
-        diff = settings_diff(saved, current, movable=movable)
-        diff += settings_diff({k: saved_info.get(k) for k in compare}, compare)
-        if diff:
-            raise ValueError(f"cannot resume {ckpt}: it was made with other settings: " + "; ".join(diff))
-        state = load_checkpoint(ckpt)
-        step = int(state.get(step_key, 0)) if isinstance(state, Mapping) else 0
-    elif ckpt.exists():
-        raise FileExistsError(f"{path} already holds a run ({checkpoint}); pass --resume to continue it "
+    _check_checkpoint(ckpt, resume=resume)              # refused before anything is made
+    lock = lock_folder(path, rank=rank)
+    try:
+        _check_checkpoint(ckpt, resume=resume)          # again as the sole writer: another run may have ended
+        state, step = None, 0
+        if resume:
+            saved = saved_config(path)
+            if saved is None:
+                raise FileNotFoundError(f"--resume: {path} holds no {CONFIG} to compare the settings with")
+            saved = {k: v for k, v in saved.items() if k != DERIVED}
+            saved_info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
+            diff = settings_diff(saved, current, movable=movable)
+            diff += settings_diff({k: saved_info.get(k) for k in compare}, compare)
+            if diff:
+                raise ValueError(f"cannot resume {ckpt}: it was made with other settings: " + "; ".join(diff))
+            state = load_checkpoint(ckpt)
+            step = int(state.get(step_key, 0)) if isinstance(state, Mapping) else 0
+        if rank == 0:
+            text = config.to_yaml() if hasattr(config, "to_yaml") else yaml.safe_dump(current, sort_keys=False)
+            write_atomic(path / CONFIG, text)
+            record = dict(git_commit=git_commit(), git_dirty=git_dirty(), **_plain(dict(info or {})), **compare)
+            write_atomic(path / INFO, json.dumps(record, indent=2) + "\n")
+            trim_metrics(path / METRICS, step)
+        return Run(path, rank=rank, state=state, step=step, checkpoint=checkpoint, tensorboard=tensorboard,
+                   lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _check_checkpoint(ckpt: Path, *, resume: bool) -> None:
+    if resume and not ckpt.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+    if not resume and ckpt.exists():
+        raise FileExistsError(f"{ckpt.parent} already holds a run ({ckpt.name}); pass --resume to continue it "
                               "or choose another --out")
+
+
+def lock_folder(path: str | Path, *, rank: int = 0) -> FileLock | None:
+    """Rank 0: make the folder ``path``, take its writer lock (``path/run.lock``, core/lock.py)
+    and remove the temporary files of saves that killed writers left in it; returns the lock,
+    to release when the writing ends (other ranks get None). Another process holding it
+    raises ``Locked`` naming that holder, on every rank (under torchrun, rank 0's answer is
+    broadcast: call it on every rank)."""
+    path = Path(path)
+    lock, refusal = None, None
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-        text = config.to_yaml() if hasattr(config, "to_yaml") else yaml.safe_dump(current, sort_keys=False)
-        write_atomic(path / CONFIG, text)
-        record = dict(git_commit=git_commit(), git_dirty=git_dirty(), **_plain(dict(info or {})), **compare)
-        write_atomic(path / INFO, json.dumps(record, indent=2) + "\n")
-        trim_metrics(path / METRICS, step)
-    return Run(path, rank=rank, state=state, step=step, checkpoint=checkpoint, tensorboard=tensorboard)
+        try:
+            lock = FileLock(path / LOCK, busy=f"{path}: another process is writing this run folder").acquire()
+        except Locked as error:
+            refusal = str(error)
+        else:
+            remove_temp_files(path)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise Locked(refusal)
+    return lock
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -38,7 +38,7 @@ from store import codecs
 from store import views as V
 from store.decode import make_decoder
 from store.decode.stored import pil_stored_views
-from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, TeacherStore, teacher_input
+from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, StoreError, TeacherStore, teacher_input
 from store.lock import StoreLocked, WriterLock
 from store.prefetch import DeviceCopier, Prefetch
 from store.progress import progress_bar
@@ -219,6 +219,17 @@ def _write_stats(ts: TeacherStore, st: dict, origin: dict | None = None) -> None
                    origin=origin)
 
 
+def _check_stats_source(teacher, stats_from) -> None:
+    """Before any work: ``stats_from`` holds ``teacher`` extracted from the same weights (equal
+    checkpoint digests), else its statistics would describe other features; StoreError, one line."""
+    src = FeatureStore.open(stats_from).teacher(teacher.name)
+    theirs = str(src.config.get("checkpoint_digest"))
+    if theirs != teacher.digest:
+        raise StoreError(f"--stats-from {stats_from}: its teacher {teacher.name} was extracted from checkpoint "
+                         f"digest {theirs[:12]}, this one is {teacher.digest[:12]}; take the statistics of a "
+                         "store extracted from the same checkpoint")
+
+
 def _copy_stats(ts: TeacherStore, stats_from) -> None:
     """Give ``ts`` the statistics of the same teacher in the store ``stats_from``, with their origin."""
     src = FeatureStore.open(stats_from).teacher(ts.name)
@@ -238,7 +249,9 @@ def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, code
 
     The teacher's input follows the store's view form: with JPEG views (this run's or already
     stored) it runs on the decoded stored view, else on the decoded crop (raw views are that
-    crop exactly)."""
+    crop exactly). An input other than the store's other teachers' is refused before the
+    teacher's group or the view pixels are made. Each group is created whole or not at all
+    (``create_group_whole``), so a killed or failed creation is started again by a rerun."""
     info = DataInfo.of(data)
 
     def config(fs: FeatureStore) -> dict:
@@ -251,7 +264,7 @@ def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, code
         fs = FeatureStore.create_or_open(store_path, data=info, views=views, seed=seed)
         if view_pixels != "none" and ViewPixels.open(fs) is not None:
             ViewPixels.create_or_open(fs, view_pixels)        # refuses another form before any change
-        fs.create_teacher(teacher.name, config(fs))           # refuses another config (input included)
+        fs.create_teacher(teacher.name, config(fs))           # refuses another config, or other teachers' input
         if view_pixels != "none":
             ViewPixels.create_or_open(fs, view_pixels)
     dist.barrier()
@@ -302,6 +315,8 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     this store takes instead of its own (a held-out store read with the training store's
     adapters: a coefficient codec then encodes on their basis, ``check_same_basis``)."""
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if stats_from is not None:
+        _check_stats_source(teacher, stats_from)
     ts, vp = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
                                 codec=codec, pca_dim=pca_dim, precision=precision, view_pixels=view_pixels)
     ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,

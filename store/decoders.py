@@ -7,7 +7,9 @@
 
 Light on purpose (no torch, and DALI is looked up, never imported): the command line takes its
 choices from here, and a DALI decoder checks ``require_dali`` when it is made, so that asking
-for DALI without it ends in one line naming the extra.
+for DALI without it ends in one line naming the extra. A decoder that fails on a sample raises
+``DecodeError`` naming it (``sample_name``: the global index, source file and shard tar that
+``ImageSet.read`` attached to its bytes).
 """
 from __future__ import annotations
 
@@ -24,6 +26,19 @@ DECODER_HELP = "Image decoder: dali (NVIDIA DALI, GPU decoder on CUDA; the extra
 
 class DaliMissing(ExpectedError, ImportError):
     """A DALI decoder was asked for where NVIDIA DALI is not installed."""
+
+
+class DecodeError(ExpectedError, RuntimeError):
+    """A decoder failed on a sample of a batch; the message names the sample (``sample_name``)."""
+
+
+def sample_name(datas, k: int, keys=None) -> str:
+    """Sample ``k`` of a batch for messages: ``keys[k]`` if given, else the ``origin`` that
+    ``ImageSet.read`` gave its bytes (``image <i> (<source>, in <shard tar>)``), else its
+    position in the batch."""
+    if keys is not None:
+        return str(keys[k])
+    return getattr(datas[k], "origin", None) or f"sample {k} of the batch"
 
 
 def dali_installed() -> bool:

@@ -12,3 +12,7 @@ Anything else raised is a bug and keeps its traceback.
 
 class ExpectedError(Exception):
     """A failure the user can act on; the message names the file or key concerned."""
+
+
+class StoreError(ExpectedError, RuntimeError):
+    """A store that is missing, incomplete, or does not match what the caller expects."""

@@ -17,59 +17,59 @@ its config's ``embed_dim``: 768 for a ViT-B, 1024 for a ViT-L)::
         complete  (V, n_shards) int32   samples written; == expected count means complete
         stats/mean (C,)  stats/components (C, C)  stats/eigenvalues (C,)   float32
         stats/indices (n,) int64   the images of the statistics sample (views.stats_sample)
+                                attrs: count, origin, digest (``stats_digest``)
 
 Row (s, i) of every (V, N, ...) array holds view v = (s + i) mod V of image i (a "slot";
 store/views.py), so epoch e reads slot e mod V only and reads it by whole shards.
 Every per-sample array is chunked (1, S, ...) along the image axis, aligned with the
 image shards; token arrays are zarr shards of (1, S, T, C) with uncompressed inner chunks
 of 16 samples, so a whole image shard is one file and a few samples can still be read alone.
+Every stored byte is under a crc32c (format_version 3) that each read checks, and a complete
+block must have all its files: a damaged or lost one is a StoreError naming it.
 
 A (slot, image shard) is written in one call per array, its files are fsync'ed, and only
 then is ``complete[slot, shard]`` set: a shard not marked complete does not exist for
-readers, and a killed writer leaves nothing a reader would trust.
+readers, and a killed writer leaves nothing a reader would trust. The root and each group
+are created whole or not at all (``create_group_whole``), and opening them checks their
+metadata against itself before anything is read (store/metadata.py).
 """
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.storage import MemoryStore
 
+from core.io import fsync_path, fsync_tree
 from store import codecs
-from store.errors import ExpectedError
-from store.teachers import VIT_B_WIDTH
+from store.checksums import PAYLOAD_COMPRESSORS, SMALL_COMPRESSORS, STATS_DTYPES
+from store.errors import StoreError
+from store.metadata import array_problems, config_problems, root_problems
+# the teacher group's names, re-exported: the store's readers import them from here
+from store.teacherstore import CONFIG_DEFAULTS, SAMPLE_KEYS, TEACHER_INPUTS, TeacherStore, teacher_input  # noqa: F401
 
 FORMAT = "comad-features"
-FORMAT_VERSION = 2
-# Versions this code opens: 1 is 2 without view pixels (docs/format.md), read as it is and
-# raised to 2 when view pixels are first written into it.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Versions this code opens (docs/format.md): 1 is 2 without view pixels, read as it is and raised
+# to 2 when view pixels are first written into it; 2 is 3 without checksums on the arrays and the
+# statistics, read as it is (``verify`` notes what is unprotected).
+READABLE_VERSIONS = (1, 2, 3)
+PIXELS_VERSION = 2         # the version that added view pixels
+CHECKSUMS_VERSION = 3      # the version that added the checksums
 PIXELS = "pixels"          # the view pixels' group (store/viewpixels.py), never a teacher's name
 # Samples per inner chunk of the token arrays. zstd saves only 6-10% on float16/int8 tokens
 # but costs ~40% of read throughput, and one chunk per sample doubles the per-chunk cost
 # (measured with zarr-python 3.1 on 256 x 138 x 768 blocks: 1875 img/s with one zstd chunk
 # per sample, 4465 img/s with uncompressed chunks of 16); the small arrays keep zstd.
 INNER_CHUNK = 16
-# Teacher config keys added after stores were written, with what a store without them means:
-# ``input``, the pixels the teacher ran on (``source``: the decoded source crop; ``jpeg``: that
-# crop after the store's JPEG view round trip, docs/format.md "View pixels"); ``embed_dim``, its
-# token width (every teacher of those stores was a ViT-B).
-CONFIG_DEFAULTS = {"input": "source", "embed_dim": VIT_B_WIDTH}
-TEACHER_INPUTS = ("source", "jpeg")
-
-
-def teacher_input(view_form: str | None) -> str:
-    """What a teacher runs on in a store whose view pixels are ``view_form`` (None: none):
-    JPEG views are lossy, so it runs on them as decoded; raw views are the crops exactly."""
-    return "jpeg" if view_form == "jpeg" else "source"
-
-
-class StoreError(ExpectedError, RuntimeError):
-    """A store that is missing, incomplete, or does not match what the caller expects."""
 
 
 def _diff(stored: dict, wanted: dict) -> list[str]:
@@ -91,25 +91,61 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-def _fsync_tree(path: Path) -> None:
-    """fsync every file below ``path`` (one chunk or shard directory) and the directories."""
-    if path.is_file():
-        paths = [path]
-    else:
-        paths = [p for p in path.rglob("*") if p.is_file()]
-    dirs = {p.parent for p in paths}
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
+def _unfinished_root(path: Path) -> bool:
+    """Whether ``path`` holds only a root zarr.json without attributes: what an extract of
+    format_version 2 or older left when killed between creating the root and writing them."""
+    try:
+        if {p.name for p in path.iterdir()} != {"zarr.json"}:
+            return False
+        meta = json.loads((path / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and not meta.get("attributes")
+
+
+def _open_array(group: zarr.Group, key: str, where: Path) -> zarr.Array:
+    """The array ``key`` of the teacher group ``group`` (at ``where``): its metadata only."""
+    file = where / key / "zarr.json"
+    try:
+        return group[key]
+    except KeyError:
+        raise StoreError(f"{file}: missing (the teacher group is incomplete); rerun `python cli.py extract` "
+                         "of this teacher, or extract it into a new store") from None
+    except (ValueError, TypeError) as error:
+        raise StoreError(f"{file}: not the metadata of a zarr v3 array ({error})") from error
+
+
+def create_group_whole(path: Path, attributes: dict, build=None, *, root: Path) -> None:
+    """Create the zarr group ``path`` (the store ``root`` itself, or a group in it) whole or not
+    at all, unless it exists: the group with ``attributes``, and what ``build(group)`` adds to
+    it, is written into a new folder beside the store, ``<root>.<name>.creating-<host>-<pid>``,
+    fsync'ed, and renamed into place (the root: its zarr.json hard-linked in, which fails if
+    another process made one meanwhile). A kill or a full disk leaves no part of the group,
+    only that folder, which the next call for ``path`` removes. OSError if it cannot be made."""
+    name = root.name if path == root else f"{root.name}.{path.relative_to(root)}"
+    prefix = f"{name}.creating-"
+    if not (path / "zarr.json").exists():
+        tmp = root.parent / f"{prefix}{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            os.fsync(fd)
+            tmp.mkdir(parents=True)
+            group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=attributes)
+            if build is not None:
+                build(group)
+            fsync_tree(tmp)
+            if path == root:
+                path.mkdir(parents=True, exist_ok=True)
+                os.link(tmp / "zarr.json", path / "zarr.json")
+            else:
+                os.rename(tmp, path)
+            fsync_path(path if path == root else path.parent)
+        except OSError:
+            if not (path / "zarr.json").exists():      # else another process created it meanwhile
+                raise
         finally:
-            os.close(fd)
-    for d in dirs:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.parent.glob(f"{glob.escape(prefix)}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 @dataclass
@@ -142,19 +178,23 @@ class FeatureStore:
     # -- opening ----------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, path, *, data: DataInfo, views: int, seed: int) -> "FeatureStore":
+        """Open the store at ``path`` for this data, views and seed, creating it (whole, or not
+        at all: ``create_group_whole``) where there is none."""
         path = Path(path)
-        if (path / "zarr.json").exists():
-            return cls.open(path, data=data, views=views, seed=seed)
-        sizes = {c for _, c in data.shards[:-1]}
-        if len(sizes) > 1:
-            raise StoreError(f"image shards must all hold the same count but the last; got {sorted(sizes)}")
-        group = zarr.open_group(store=str(path), mode="a", zarr_format=3)
-        group.attrs.update({
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "data_digest": data.digest, "num_samples": data.num_samples,
-            "views": int(views), "seed": int(seed), "shards": data.shards,
-        })
-        return cls(path, group)
+        if _unfinished_root(path):
+            (path / "zarr.json").unlink()           # nothing was written below it: start again
+        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                 "data_digest": data.digest, "num_samples": data.num_samples,
+                 "views": int(views), "seed": int(seed), "shards": data.shards}
+        problems = root_problems(attrs)
+        if problems and not (path / "zarr.json").exists():
+            raise StoreError(f"{path}: cannot create a store with " + "; ".join(problems))
+        try:
+            create_group_whole(path, attrs, root=path)
+        except OSError as error:
+            raise StoreError(f"{path}: could not create the store ({error}); rerun once the cause is "
+                             "fixed (a full disk, permissions): it starts the creation again") from error
+        return cls.open(path, data=data, views=views, seed=seed)
 
     @classmethod
     def open(cls, path, *, data: DataInfo | None = None, views: int | None = None,
@@ -162,7 +202,13 @@ class FeatureStore:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise StoreError(f"{path}: no feature store here (no zarr.json); run `python cli.py extract` first")
-        group = zarr.open_group(store=str(path), mode="a", zarr_format=3)
+        if _unfinished_root(path):
+            raise StoreError(f"{path}: a store whose creation was interrupted (its zarr.json has no attributes "
+                             "and nothing below it); rerun `python cli.py extract` to create it")
+        try:
+            group = zarr.open_group(store=str(path), mode="a", zarr_format=3)
+        except (ValueError, TypeError, KeyError) as error:
+            raise StoreError(f"{path / 'zarr.json'}: not the metadata of a zarr v3 group ({error})") from error
         a = group.attrs.asdict()
         if a.get("format") != FORMAT:
             raise StoreError(f"{path}: not a CoMAD feature store (format={a.get('format')!r})")
@@ -177,6 +223,10 @@ class FeatureStore:
             wanted["views"] = int(views)
         if seed is not None:
             wanted["seed"] = int(seed)
+        problems = root_problems(a)
+        if problems:
+            raise StoreError(f"{path / 'zarr.json'}: " + "; ".join(problems) + " (a damaged or altered store root; "
+                             "extract into a new store)")
         stored = {k: a.get(k) for k in wanted}
         problems = _diff(stored, wanted)
         if problems:
@@ -184,10 +234,11 @@ class FeatureStore:
         return cls(path, group)
 
     def upgrade_format(self) -> None:
-        """Raise a version-1 store to the current version (before adding view pixels)."""
-        if self.group.attrs.get("format_version") != FORMAT_VERSION:
-            self.group.attrs["format_version"] = FORMAT_VERSION
-            _fsync_tree(self.path / "zarr.json")
+        """Raise a version-1 store to 2, the version that added view pixels (before adding them;
+        its arrays stay as they are, so not to 3)."""
+        if self.group.attrs.get("format_version") == 1:
+            self.group.attrs["format_version"] = PIXELS_VERSION
+            fsync_tree(self.path / "zarr.json")
 
     # -- teachers ---------------------------------------------------------------------
     @property
@@ -197,29 +248,90 @@ class FeatureStore:
     def teacher(self, name: str) -> "TeacherStore":
         if name not in self.teachers:
             raise StoreError(f"{self.path}: no teacher {name!r} in this store (has {self.teachers})")
-        return TeacherStore(self, self.group[name])
+        group = self.group[name]
+        self._check_teacher(name, group)
+        return TeacherStore(self, group)
 
     def create_teacher(self, name: str, config: dict) -> "TeacherStore":
-        """Create the teacher's arrays, or open them and check the config is the same."""
+        """Create the teacher's arrays (whole, or not at all: ``create_group_whole``), or open
+        them and check the config is the same. A teacher whose ``input`` is not the store's other
+        teachers' is refused before anything is written."""
         config = _jsonable(dict(config, teacher=name, views=self.views, seed=self.seed))
-        if name in self.teachers:
-            ts = self.teacher(name)
-            problems = _diff(dict(CONFIG_DEFAULTS, **ts.config), config)
+        self._check_input(name, config.get("input", CONFIG_DEFAULTS["input"]))
+        path = self.path / name
+        if name in self.teachers and not (path / "complete" / "zarr.json").exists():
+            shutil.rmtree(path)     # an older writer killed while creating it: no block of it is complete
+        if name not in self.teachers:
+            problems = config_problems(dict(CONFIG_DEFAULTS, **config), name=name, views=self.views,
+                                       seed=self.seed, inputs=TEACHER_INPUTS)
             if problems:
-                raise StoreError(f"{self.path}/{name}: exists with another configuration "
-                                 "(use a new store or the same settings):\n  " + "\n  ".join(problems))
-            return ts
+                raise StoreError(f"{path}: cannot create a teacher with " + "; ".join(problems))
+        try:
+            create_group_whole(path, {"config": config, "stats_complete": False},
+                               lambda g: self._teacher_arrays(g, config), root=self.path)
+        except OSError as error:
+            raise StoreError(f"{path}: could not create the teacher's group ({error}); rerun once the cause is "
+                             "fixed (a full disk, permissions): it starts the creation again") from error
+        ts = self.teacher(name)
+        problems = _diff(dict(CONFIG_DEFAULTS, **ts.config), dict(CONFIG_DEFAULTS, **config))
+        if problems:
+            raise StoreError(f"{self.path}/{name}: exists with another configuration "
+                             "(use a new store or the same settings):\n  " + "\n  ".join(problems))
+        return ts
+
+    def _check_input(self, name: str, wanted: str) -> None:
+        """The pixels a store's teachers run on are one (docs/format.md, "Teachers' input"):
+        StoreError if ``name`` would run on ``wanted`` and another teacher on other pixels."""
+        configs = {t: self.group[t].attrs.get("config") for t in self.teachers if t != name}
+        others = {t: dict(CONFIG_DEFAULTS, **c)["input"] for t, c in configs.items() if isinstance(c, dict)}
+        differ = {t: i for t, i in others.items() if i != wanted}
+        if differ:
+            raise StoreError(f"{self.path}: teacher {name!r} would run on {wanted} pixels but the store's "
+                             f"{', '.join(map(repr, differ))} ran on {', '.join(sorted(set(differ.values())))} "
+                             "(docs/format.md \"Teachers' input\"); extract with --view-pixels jpeg for jpeg, "
+                             "none or raw for source, or into a new store")
+
+    def _check_teacher(self, name: str, group: zarr.Group) -> None:
+        """StoreError naming the file unless the group's config is sane and agrees with the
+        root, and every array (statistics included) has the shape, dtype and chunks that
+        ``_teacher_arrays`` gives for them: checked on metadata only, before anything is read."""
+        where = self.path / name
+        config = group.attrs.get("config")
+        problems = (config_problems(dict(CONFIG_DEFAULTS, **config), name=name, views=self.views, seed=self.seed,
+                                    inputs=TEACHER_INPUTS) if isinstance(config, dict) else ["no config"])
+        if problems:
+            raise StoreError(f"{where / 'zarr.json'}: teacher config: " + "; ".join(problems)
+                             + " (a damaged or altered store; extract this teacher into a new store)")
+        config = dict(CONFIG_DEFAULTS, **config)
+        layout = zarr.create_group(store=MemoryStore(), zarr_format=3)
+        self._teacher_arrays(layout, config)
+        checks = [(key, want, ("shape", "dtype", "chunks", "shards")) for key, want in layout.arrays()]
+        if group.attrs.get("stats_complete"):
+            width = int(config["embed_dim"])
+            for key, shape in (("mean", (width,)), ("components", (width, width)), ("eigenvalues", (width,)),
+                               ("indices", None)):
+                got = _open_array(group, f"stats/{key}", where)
+                want = layout.create_array(key, shape=shape or got.shape[:1], dtype=STATS_DTYPES[key])
+                checks.append((f"stats/{key}", want, ("shape", "dtype")))
+        for key, want, fields in checks:
+            problems = array_problems(_open_array(group, key, where), want, fields)
+            if problems:
+                raise StoreError(f"{where / key / 'zarr.json'}: {problems[0]} (a damaged or altered store; "
+                                 "extract this teacher into a new store)")
+
+    def _teacher_arrays(self, g: zarr.Group, config: dict) -> None:
+        """Create in ``g`` the empty arrays of a teacher of ``config`` in this store (the module
+        docstring's layout); metadata only, nothing is allocated."""
         V, N, S = self.views, self.num_samples, self.shard_size
         n, T = int(config["n_visible"]), int(config["n_visible"]) + 1
-        g = self.group.create_group(name, attributes={"config": config, "stats_complete": False})
-        zstd = ZstdCodec(level=1)
 
         def per_sample(key, shape, dtype, inner_chunks=False):
             kw = dict(shape=(V, N, *shape), dtype=dtype, fill_value=0)
             if inner_chunks:   # token payload: one zarr shard per block, uncompressed inner chunks
-                kw.update(chunks=(1, math.gcd(S, INNER_CHUNK), *shape), shards=(1, S, *shape), compressors=None)
+                kw.update(chunks=(1, math.gcd(S, INNER_CHUNK), *shape), shards=(1, S, *shape),
+                          compressors=PAYLOAD_COMPRESSORS)
             else:
-                kw.update(chunks=(1, S, *shape), compressors=zstd)
+                kw.update(chunks=(1, S, *shape), compressors=SMALL_COMPRESSORS)
             g.create_array(key, **kw)
 
         per_sample("index", (), "int64")
@@ -230,150 +342,5 @@ class FeatureStore:
         for key, (shape, dtype) in codecs.payload_arrays(
                 config["codec"], (T, int(config.get("embed_dim", CONFIG_DEFAULTS["embed_dim"]))), pca_dim=int(config.get("pca_dim", codecs.PCA_DIM))).items():
             per_sample(key, shape, dtype, inner_chunks=True)
-        g.create_array("complete", shape=(V, len(self.shards)), chunks=(1, 1), dtype="int32", fill_value=0)
-        return TeacherStore(self, g)
-
-
-class TeacherStore:
-    """One teacher's arrays: write whole (slot, image shard) blocks, read them back."""
-
-    def __init__(self, root: FeatureStore, group: zarr.Group):
-        self.root = root
-        self.group = group
-        self.config = dict(group.attrs["config"])
-        self.name = self.config["teacher"]
-        self.input = self.config.get("input", CONFIG_DEFAULTS["input"])
-        self.width = int(self.config.get("embed_dim", CONFIG_DEFAULTS["embed_dim"]))    # token channels C
-        self.codec = self.config["codec"]
-        self.n_visible = int(self.config["n_visible"])
-        self.payload_keys = list(codecs.payload_arrays(
-            self.codec, (self.n_visible + 1, self.width),
-            pca_dim=int(self.config.get("pca_dim", codecs.PCA_DIM))))
-        self._stats = None
-
-    @property
-    def path(self) -> Path:
-        return self.root.path / self.name
-
-    # -- completion -------------------------------------------------------------------
-    def expected(self) -> np.ndarray:
-        return np.array([c for _, c in self.root.shards], dtype=np.int64)
-
-    def complete_matrix(self) -> np.ndarray:
-        """(V, n_shards) bool: which (slot, shard) blocks are complete."""
-        return self.group["complete"][...] == self.expected()[None, :]
-
-    def is_complete(self, slot: int, shard: int) -> bool:
-        return int(self.group["complete"][slot, shard]) == self.root.shards[shard][1]
-
-    def missing(self) -> list[tuple[int, int]]:
-        done = self.complete_matrix()
-        return [(int(s), int(k)) for s, k in zip(*np.nonzero(~done))]
-
-    def require_complete(self) -> None:
-        missing = self.missing()
-        if missing:
-            show = ", ".join(f"(slot {s}, shard {k})" for s, k in missing[:5])
-            raise StoreError(f"{self.path}: {len(missing)} of {self.complete_matrix().size} blocks are "
-                             f"incomplete, e.g. {show}; resume `python cli.py extract` first")
-
-    # -- statistics (adapter initialisation, pca codec) ---------------------------------
-    def write_stats(self, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray,
-                    count: int, *, indices, origin: dict | None = None) -> None:
-        """mean (C,), components (C, C) rows = principal directions by decreasing variance,
-        eigenvalues (C,); count: tokens used; indices (n,): the images whose slot-0 tokens
-        they came from (``views.stats_sample``), recorded so a reader can check the sample;
-        ``origin``: None for this store's own sample, else {store, data_digest, basis} of the
-        store they were copied from (their indices are that store's images)."""
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or indices.dtype.kind not in "iu":
-            raise StoreError(f"{self.path}: statistics indices must be a 1-D integer array, "
-                             f"got {indices.dtype} {indices.shape}")
-        if np.shape(mean) != (self.width,) or np.shape(components)[1:] != (self.width,):
-            raise StoreError(f"{self.path}: statistics of mean {np.shape(mean)} and components "
-                             f"{np.shape(components)} for tokens {self.width} wide")
-        s = self.group.require_group("stats")
-        for key, arr in (("mean", mean), ("components", components), ("eigenvalues", eigenvalues)):
-            s.create_array(key, data=np.ascontiguousarray(arr, dtype=np.float32), overwrite=True)
-        s.create_array("indices", data=indices.astype(np.int64), overwrite=True)
-        s.attrs["count"] = int(count)
-        s.attrs["origin"] = origin
-        _fsync_tree(self.path / "stats")
-        self.group.attrs["stats_complete"] = True
-        self._stats = None
-
-    @property
-    def has_stats(self) -> bool:
-        return bool(self.group.attrs.get("stats_complete", False))
-
-    @property
-    def stats(self) -> dict:
-        if not self.has_stats:
-            raise StoreError(f"{self.path}: teacher statistics were never written")
-        if self._stats is None:
-            s = self.group["stats"]
-            self._stats = {k: s[k][...] for k in ("mean", "components", "eigenvalues")}
-            self._stats["count"] = int(s.attrs["count"])
-            # None for a store written before the sample was recorded (verify reports it)
-            self._stats["indices"] = s["indices"][...] if "indices" in s else None
-            self._stats["origin"] = s.attrs.get("origin")
-        return self._stats
-
-    @property
-    def pca(self) -> dict | None:
-        """What the ``pca`` and ``adapter`` codecs encode with (store/codecs.py), else None."""
-        if self.codec not in codecs.NEEDS_STATS:
-            return None
-        return codecs.statistics(self.codec, self.stats, pca_dim=int(self.config["pca_dim"]))
-
-    # -- writing ----------------------------------------------------------------------
-    def _rows(self, shard: int) -> slice:
-        first, count = self.root.shards[shard]
-        return slice(first, first + count)
-
-    def write_block(self, slot: int, shard: int, *, index, view, boxes, flips, visible,
-                    payload: dict[str, np.ndarray]) -> None:
-        """Write one whole (slot, image shard) block, make it durable, then mark it complete.
-
-        index, view, flips: (n,); boxes: (n, 4); visible: (n, n_k); payload: codec arrays (n, T, ...).
-        """
-        rows = self._rows(shard)
-        n = rows.stop - rows.start
-        index = np.asarray(index)
-        if index.shape != (n,) or not np.array_equal(index, np.arange(rows.start, rows.stop)):
-            raise StoreError(f"{self.path}: block (slot {slot}, shard {shard}) must hold images "
-                             f"{rows.start}..{rows.stop - 1} in order")
-        if sorted(payload) != sorted(self.payload_keys):
-            raise StoreError(f"codec {self.codec} stores {self.payload_keys}, got {sorted(payload)}")
-        arrays = dict(index=index.astype(np.int64), view=np.asarray(view, np.int16),
-                      boxes=np.asarray(boxes, np.int32), flips=np.asarray(flips, bool),
-                      visible=np.asarray(visible, np.int16), **payload)
-        for key, value in arrays.items():
-            self.group[key][slot, rows] = value
-        for key in arrays:
-            _fsync_tree(self.path / key / "c" / str(slot) / str(shard))
-        self.group["complete"][slot, shard] = n
-        _fsync_tree(self.path / "complete" / "c" / str(slot) / str(shard))
-
-    # -- reading ----------------------------------------------------------------------
-    def read_block(self, slot: int, shard: int) -> dict[str, np.ndarray]:
-        """One complete (slot, image shard) block: index, view, boxes, flips, visible, payload."""
-        if not self.is_complete(slot, shard):
-            raise StoreError(f"{self.path}: block (slot {slot}, shard {shard}) is not complete")
-        rows = self._rows(shard)
-        return {key: self.group[key][slot, rows]
-                for key in ("index", "view", "boxes", "flips", "visible", *self.payload_keys)}
-
-    def read_samples(self, slot: int, indices) -> dict[str, np.ndarray]:
-        """Random access to a few samples (inspect, tests); not for the training hot path."""
-        indices = np.asarray(indices, dtype=np.int64)
-        shards = np.searchsorted([f for f, _ in self.root.shards], indices, side="right") - 1
-        for k in np.unique(shards):
-            if not self.is_complete(slot, int(k)):
-                raise StoreError(f"{self.path}: block (slot {slot}, shard {int(k)}) is not complete")
-        return {key: self.group[key].get_orthogonal_selection((slot, indices))
-                for key in ("index", "view", "boxes", "flips", "visible", *self.payload_keys)}
-
-    def decode(self, payload: dict, *, device=None):
-        """Stored payload (..., T, ...) -> float32 torch tokens (..., T, C) on ``device``."""
-        return codecs.decode(self.codec, payload, pca=self.pca, device=device)
+        g.create_array("complete", shape=(V, len(self.shards)), chunks=(1, 1), dtype="int32", fill_value=0,
+                       compressors=SMALL_COMPRESSORS)

@@ -18,15 +18,11 @@ Two kinds of source folder are understood (see ``docs/format.md``, "Images"):
 
 The listing numbers the candidate samples in that deterministic order; ``prepare``
 packs them in a seeded permutation of it (``store.shards.pack_order``).
-
-``inspect_image`` is the one definition of "a good image": PIL can open it and
-``load()`` it, and its format is one that the DALI decoders read.
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -35,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from PIL import Image, UnidentifiedImageError
-
-from store.errors import ExpectedError
+# what a good image is lives in store/imagecheck.py; re-exported for prepare's readers
+from store.imagecheck import FORMAT_EXT, BadImage, ImageInfo, PrepareError, inspect_image
 
 __all__ = [
     "BadImage",
@@ -50,45 +45,9 @@ __all__ = [
     "list_source",
 ]
 
-# PIL format -> extension stored in the shards. Only formats DALI's image decoder reads.
-FORMAT_EXT = {
-    "JPEG": "jpg",
-    "MPO": "jpg",  # camera JPEGs with a multi-picture extension: a JPEG stream first
-    "PNG": "png",
-    "BMP": "bmp",
-    "WEBP": "webp",
-    "TIFF": "tiff",
-    "JPEG2000": "jp2",
-    "PPM": "pnm",
-}
 # member extensions taken as the image of a WebDataset sample
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm", "jp2")
 CLASSES_FILE = "classes.txt"
-_EXIF_ORIENTATION = 0x0112
-
-
-class PrepareError(ExpectedError, ValueError):
-    """``prepare`` refuses its input or output; the message says why and what to do."""
-
-
-class BadImage(PrepareError):
-    """An input file or sample that is not a usable image; ``reason`` says why."""
-
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What ``prepare`` records about an image (size as stored, before EXIF rotation)."""
-
-    width: int
-    height: int
-    mode: str
-    ext: str
-    orientation: int  # EXIF orientation tag 1..8, 0 when absent
 
 
 @dataclass
@@ -164,44 +123,6 @@ class SourceListing:
         """Candidates in ``order`` (positions in the listing; default: listing order)."""
         for k in (range(len(self)) if order is None else order):
             yield self.item(int(k))
-
-
-def inspect_image(data: bytes, *, source: str) -> ImageInfo:
-    """Open and fully decode ``data`` with PIL; raise ``BadImage`` naming ``source`` if it fails.
-
-    Args:
-        data: the encoded file, as stored.
-        source: a name for messages (path or ``tar:member``).
-    Returns:
-        ImageInfo with the stored width/height/mode, the shard extension for the format and
-        the EXIF orientation (0 if none or unreadable).
-    """
-    if not data:
-        raise BadImage(source, "empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt = image.format
-            if fmt not in FORMAT_EXT:
-                raise BadImage(source, f"image format {fmt} is not one the DALI decoders read "
-                                       f"({', '.join(sorted(FORMAT_EXT))})")
-            width, height = image.size
-            mode = image.mode
-            try:
-                orientation = int(image.getexif().get(_EXIF_ORIENTATION, 0))
-            except Exception:  # a broken EXIF block does not make a broken image
-                orientation = 0
-            image.load()
-    except BadImage:
-        raise
-    except UnidentifiedImageError:
-        raise BadImage(source, "not an image PIL can identify") from None
-    except Image.DecompressionBombError as error:
-        raise BadImage(source, f"too large: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise BadImage(source, f"cannot decode ({type(error).__name__}: {error})") from None
-    if width <= 0 or height <= 0:
-        raise BadImage(source, f"empty image {width}x{height}")
-    return ImageInfo(width=width, height=height, mode=mode, ext=FORMAT_EXT[fmt], orientation=orientation)
 
 
 def list_source(src: Path, *, pattern: str | None = None, progress: bool = False) -> SourceListing:

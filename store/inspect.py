@@ -2,8 +2,9 @@
 
 A sample is (image index i, view v). The panel shows what both stages agreed on for it:
 
-- the view: the stored crop box and flip of image i, decoded by the PIL reference decoder
-  (exactly the pixels the teachers saw);
+- the view: exactly the pixels the teachers saw: the store's JPEG view where they ran on it
+  (teacher input ``jpeg``), else the stored crop box and flip of image i decoded by the PIL
+  reference decoder;
 - each teacher's mask: the stored visible patch ids drawn on the crop (hidden patches
   dimmed), checked against a fresh draw from ``store/views.py``;
 - the student's mask at the first epoch that trains on this view (epoch e uses view
@@ -24,7 +25,9 @@ import numpy as np
 
 from store import views as V
 from store.decode import pil_view
+from store.decode.stored import pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
+from store.viewpixels import ViewPixels
 
 __all__ = ["SampleView", "load_sample", "mask_image"]
 
@@ -35,8 +38,8 @@ PATCH = 16
 class SampleView:
     """Everything the panel shows about one (image, view) of a store.
 
-    crop: (224, 224, 3) uint8 RGB; teacher_visible: {name: (n_k,) int64 ascending};
-    student_visible: (n,) int64 ascending; box: (4,) int64 [x, y, w, h]; tokens (only with
+    crop: (224, 224, 3) uint8 RGB, the pixels the teachers ran on; teacher_visible: {name: (n_k,)
+    int64 ascending}; student_visible: (n,) int64 ascending; box: (4,) int64 [x, y, w, h]; tokens (only with
     ``with_tokens``): {name: (1 + n_k, C) float32, CLS first}.
     """
     store: Path
@@ -81,7 +84,7 @@ def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | Non
     epoch = slot if epoch is None else int(epoch)
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    visible, tokens, untrained, box, flip = {}, {}, {}, None, None
+    visible, tokens, untrained, jpeg, box, flip = {}, {}, {}, [], None, None
     for name in names:
         ts = fs.teacher(name)
         row = ts.read_samples(slot, [index])
@@ -96,6 +99,8 @@ def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | Non
                              f"{view} than {names[0]!r} ({b.tolist()} vs {box.tolist()})")
         visible[name] = row["visible"][0].astype(np.int64)
         untrained[name] = bool(ts.config.get("untrained"))
+        if ts.input == "jpeg":
+            jpeg.append(name)
         if with_tokens:
             tokens[name] = ts.decode({k: row[k][0] for k in ts.payload_keys}).float().numpy()
     idx = np.array([index])
@@ -103,12 +108,25 @@ def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | Non
     if not (np.array_equal(fresh_box[0], box) and bool(fresh_flip[0]) == flip):
         raise StoreError(f"{store_path}: stored crop {box.tolist()} (flip {flip}) of image {index} view {view} "
                          f"differs from the view drawn from seed {fs.seed}: {fresh_box[0].tolist()}")
-    crop = pil_view(data.read(index), box, flip)
+    crop = _stored_view(fs, slot, index, jpeg) if jpeg else pil_view(data.read(index), box, flip)
     student = V.student_visible(fs.seed, idx, epoch, n_visible=n_student)[0]
     return SampleView(store=Path(store_path), index=index, view=view, slot=slot, epoch=epoch, box=box,
                       flip=flip, crop=crop, teacher_visible=visible, student_visible=student,
                       label=int(data.labels[index]), source=data.source(index), seed=fs.seed,
                       untrained=untrained, tokens=tokens if with_tokens else None)
+
+
+def _stored_view(fs: FeatureStore, slot: int, index: int, teachers: list[str]) -> np.ndarray:
+    """(224, 224, 3) uint8: the JPEG view of ``index`` in ``slot`` that ``teachers`` ran on,
+    decoded by PIL as training decodes it (StoreError when the store lacks its block)."""
+    vp = ViewPixels.open(fs)
+    shard = int(np.searchsorted([first for first, _ in fs.shards], index, side="right") - 1)
+    if vp is None or not vp.is_complete(slot, shard):
+        raise StoreError(f"{fs.path}: teachers {', '.join(teachers)} ran on the stored JPEG views, but the view "
+                         f"block (slot {slot}, shard {shard}) of image {index} is missing; resume `python cli.py "
+                         "extract --view-pixels jpeg`")
+    _, datas = vp.read_block(slot, shard)
+    return pil_stored_views([datas[index - fs.shards[shard][0]]], normalize=False)[0].numpy()
 
 
 def mask_image(crop: np.ndarray, visible: np.ndarray, *, dim: float = 0.25) -> np.ndarray:

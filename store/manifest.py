@@ -84,13 +84,20 @@ def dataset_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def load_columns(root: Path, meta: dict) -> dict[str, np.ndarray]:
-    """Memory-map the sample table: read-only views, paged in on use (fast open, shared by forks)."""
+def load_columns(root: Path, meta: dict, *, check_sha256: bool = False) -> dict[str, np.ndarray]:
+    """Memory-map the sample table: read-only views, paged in on use (fast open, shared by forks).
+
+    ``check_sha256``: hash the whole table first (which pages it in) and raise ValueError naming
+    the file if it is not the one the manifest records."""
     col_path = root / meta["columns"]["file"]
     size = col_path.stat().st_size if col_path.is_file() else "missing"
     if size != meta["columns"]["bytes"]:
         raise ValueError(f"ImageSet: {col_path} should have {meta['columns']['bytes']} bytes, found {size}")
     raw = np.memmap(col_path, dtype=np.uint8, mode="r")
+    if check_sha256 and hashlib.sha256(raw).hexdigest() != meta["columns"]["sha256"]:
+        raise ValueError(f"ImageSet: {col_path} does not match the sha256 in its {MANIFEST}: the sample "
+                         f"table (labels, sizes, offsets, source names) changed after prepare; restore it "
+                         f"or prepare the source again")
     columns = {}
     for entry in meta["columns"]["layout"]:
         dtype = np.dtype(entry["dtype"])

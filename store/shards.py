@@ -5,7 +5,8 @@ The public names of the packed-image format, from the modules that hold them:
 - ``store/manifest.py``: the format (constants, the per-sample table, the digest);
 - ``store/pack.py``: ``prepare`` and ``pack_order`` (writing);
 - ``store/imageset.py``: ``ImageSet`` (reading);
-- ``store/imagesource.py``: listing and inspecting SRC (``BadImage``, ``PrepareError``).
+- ``store/imagesource.py``: listing SRC; ``store/imagecheck.py``: what a good image is
+  (``inspect_image``, ``BadImage``, ``PrepareError``).
 
 The on-disk format is documented in ``docs/format.md`` ("Images (prepare)").
 """

@@ -15,23 +15,26 @@ Layout, one WebDataset tar per (slot, image shard), aligned with the token block
 
 Row i of slot s holds view (s + i) mod V of image i, as the token arrays. The tar and its
 index are fsync'ed and renamed into place, and only then is the completion record
-(count, sha256 of the tar and of the index) written atomically and its folder fsync'ed:
-a block without its record does not exist for readers, and extraction rewrites it whole.
+(count, sha256 of the tar and of the index, crc32c of the tar) written atomically and its
+folder fsync'ed: a block without its record does not exist for readers, and extraction
+rewrites it whole. Every read checks the block's files against the record.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
 from PIL import Image
 
+from core.io import fsync_path
 from store.decode.pixels import SIZE, denormalize
-from store.features import PIXELS, StoreError
+from store.features import PIXELS, StoreError, create_group_whole
 from store.manifest import sample_key, shard_stem, sha256_file, write_atomic
 from store.pack import ShardWriter
 
@@ -79,14 +82,6 @@ def jpeg_round_trip(images: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
     return encoded, pil_stored_views(encoded)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ViewPixels:
     """The view tars of one store: write whole (slot, shard) blocks, read them back, check them."""
 
@@ -99,7 +94,8 @@ class ViewPixels:
 
     @classmethod
     def create_or_open(cls, root, form: str) -> "ViewPixels":
-        """Create the group (rank 0 only), or open it and check it holds ``form``."""
+        """Create the group (rank 0 only; whole or not at all, ``create_group_whole``), or open it
+        and check it holds ``form``."""
         if form not in FORMS:
             raise ValueError(f"unknown view pixel form {form!r}; choose one of {FORMS}")
         vp = cls.open(root)
@@ -109,11 +105,15 @@ class ViewPixels:
                                  f"--view-pixels {vp.form} (or none), or into a new store")
             return vp
         root.upgrade_format()
-        g = root.group.create_group(PIXELS, attributes={
-            "form": form, "quality": JPEG_QUALITY if form == "jpeg" else None, "size": SIZE,
-            "ext": EXTS[form], "key_format": "{index:09d}", "data_digest": root.data_digest,
-            "views": root.views, "seed": root.seed})
-        return cls(root, g)
+        try:
+            create_group_whole(root.path / PIXELS, {
+                "form": form, "quality": JPEG_QUALITY if form == "jpeg" else None, "size": SIZE,
+                "ext": EXTS[form], "key_format": "{index:09d}", "data_digest": root.data_digest,
+                "views": root.views, "seed": root.seed}, root=root.path)
+        except OSError as error:
+            raise StoreError(f"{root.path / PIXELS}: could not create the view pixels' group ({error}); rerun "
+                             "once the cause is fixed (a full disk, permissions)") from error
+        return cls.create_or_open(root, form)
 
     @classmethod
     def open(cls, root) -> "ViewPixels | None":
@@ -137,7 +137,15 @@ class ViewPixels:
         path = self.block_path(slot, shard, "json")
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise self._damaged(path, slot, shard, f"is not a completion record ({e})") from None
+
+    def _damaged(self, path: Path, slot: int, shard: int, what: str) -> StoreError:
+        return StoreError(f"{path} {what}: view block (slot {slot}, shard {shard}) is damaged; delete "
+                          f"{self.block_path(slot, shard, 'json').name} beside it and resume `python cli.py extract` "
+                          f"with --view-pixels {self.form}, which writes the block again")
 
     def is_complete(self, slot: int, shard: int) -> bool:
         rec = self.record(slot, shard)
@@ -170,17 +178,17 @@ class ViewPixels:
         for i, data in zip(index, datas):
             writer.add(int(i), self.ext, data, None)
         info = writer.close()
-        _fsync_dir(folder)
+        fsync_path(folder)
         rec = dict(slot=int(slot), shard=int(shard), first=int(first), count=info["count"], form=self.form,
-                   tar_bytes=info["bytes"], tar_sha256=info["sha256"],
-                   idx_sha256=sha256_file(writer.idx_path))
+                   tar_bytes=info["bytes"], tar_sha256=info["sha256"], idx_sha256=sha256_file(writer.idx_path),
+                   tar_crc32c=google_crc32c.value(writer.tar_path.read_bytes()))
         write_atomic(self.block_path(slot, shard, "json"), json.dumps(rec, sort_keys=True).encode())
-        _fsync_dir(folder)
+        fsync_path(folder)
 
     # -- reading --------------------------------------------------------------------
-    def _index(self, slot: int, shard: int) -> list[tuple[str, int, int, str]]:
-        """The block's DALI index: [(ext, offset, size, member name)] in sample order."""
-        lines = self.block_path(slot, shard, "idx").read_text().splitlines()
+    def _index(self, slot: int, shard: int, text: str) -> list[tuple[str, int, int, str]]:
+        """The block's DALI index ``text``: [(ext, offset, size, member name)] in sample order."""
+        lines = text.splitlines()
         head = lines[0].split()
         if head[0] != "v1.2" or int(head[1]) != len(lines) - 1:
             raise StoreError(f"{self.block_path(slot, shard, 'idx')}: not a DALI v1.2 index of its samples")
@@ -190,40 +198,61 @@ class ViewPixels:
             out.append((ext, int(offset), int(size), name))
         return out
 
-    def read_block(self, slot: int, shard: int) -> tuple[np.ndarray, list[bytes]]:
-        """One complete block: index (n,) int64 and the n stored views' bytes, in order."""
-        if not self.is_complete(slot, shard):
+    def read_block(self, slot: int, shard: int, *, check: bool = True) -> tuple[np.ndarray, list[bytes]]:
+        """One complete block: index (n,) int64 and the n stored views' bytes, in order.
+
+        Tar and index are read whole and, with ``check`` (False only to measure what it costs,
+        bench/datapath.py), compared with the completion record as they are read: the tar's
+        crc32c (its sha256 where the record has none: written before format_version 3), the
+        index's sha256. A missing or differing file is a StoreError naming slot, shard and file."""
+        rec = self.record(slot, shard)
+        if rec is None or rec.get("count") != self.root.shards[shard][1]:
             raise StoreError(f"{self.path}: view block (slot {slot}, shard {shard}) is not complete; "
                              "resume `python cli.py extract --view-pixels ...`")
         first, count = self.root.shards[shard]
-        entries = self._index(slot, shard)
+        entries = self._index(slot, shard, self._read(slot, shard, "idx", rec if check else None).decode())
         keys = [name.split(".")[0] for _, _, _, name in entries]
         if keys != [sample_key(i) for i in range(first, first + count)]:
             raise StoreError(f"{self.block_path(slot, shard, 'idx')}: members are not images "
                              f"{first}..{first + count - 1} in order")
-        with open(self.block_path(slot, shard, "tar"), "rb") as f:
-            datas = [os.pread(f.fileno(), size, offset) for _, offset, size, _ in entries]
-        return np.arange(first, first + count, dtype=np.int64), datas
+        tar = self._read(slot, shard, "tar", rec if check else None)
+        return np.arange(first, first + count, dtype=np.int64), [tar[o:o + n] for _, o, n, _ in entries]
+
+    def _read(self, slot: int, shard: int, suffix: str, rec: dict | None, *, sha256: bool = False) -> bytes:
+        """The block's tar or idx file, checked against the completion record ``rec`` (None: not):
+        by the tar's crc32c where the record has one and ``sha256`` is not asked, else sha256."""
+        path = self.block_path(slot, shard, suffix)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise self._damaged(path, slot, shard, "is missing") from None
+        if rec is None:
+            return data
+        if suffix == "tar" and "tar_crc32c" in rec and not sha256:
+            same, digest = google_crc32c.value(data) == rec["tar_crc32c"], "crc32c"
+        else:
+            same, digest = hashlib.sha256(data).hexdigest() == rec.get(f"{suffix}_sha256"), "sha256"
+        if not same:
+            raise self._damaged(path, slot, shard, f"differs from its completion record ({digest})")
+        return data
 
     def check_block(self, slot: int, shard: int) -> list[str]:
-        """verify's checks of one block: record, index and tar digest, members and sizes."""
+        """verify's checks of one block: record, tar and index digests (the tar's sha256 too),
+        members and sizes."""
         where = f"pixels slot {slot} shard {shard}"
-        rec = self.record(slot, shard)
-        if rec is None or not self.is_complete(slot, shard):
-            return [f"{where}: incomplete (no completion record for all its images)"]
-        for suffix, key in (("tar", "tar_sha256"), ("idx", "idx_sha256")):
-            path = self.block_path(slot, shard, suffix)
-            if not path.exists() or sha256_file(path) != rec.get(key):
-                return [f"{where}: {path.name} differs from its completion record (sha256)"]
         try:
+            rec = self.record(slot, shard)
+            if rec is None or not self.is_complete(slot, shard):
+                return [f"{where}: incomplete (no completion record for all its images)"]
             _, datas = self.read_block(slot, shard)
+            self._read(slot, shard, "tar", rec, sha256=True)
         except StoreError as error:
             return [f"{where}: {error}"]
-        if any(ext != self.ext for ext, _, _, _ in self._index(slot, shard)):
+        if any(ext != self.ext for ext, _, _, _ in self._index(slot, shard, self.block_path(slot, shard, "idx")
+                                                                .read_text())):
             return [f"{where}: members are not all .{self.ext}"]
         if self.form == "raw" and any(len(d) != RAW_BYTES for d in datas):
             return [f"{where}: a raw view is not {RAW_BYTES} bytes"]
         if self.form == "jpeg" and any(d[:2] != b"\xff\xd8" for d in datas):
             return [f"{where}: a stored view is not a JPEG"]
         return []
-

@@ -10,6 +10,7 @@ Both are built once per session and must be treated as read-only by tests.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,17 +35,33 @@ def prepared_data(photo_tree, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def teacher_store(prepared_data, tmp_path_factory) -> Path:
+def teacher_store(prepared_data, tmp_path_factory, worker_id) -> Path:
     """A complete feature store of ``prepared_data``: the three paper teachers, untrained
     (random init, seed 0), 2 views, fp16 codec, no view pixels; adapter statistics from all 13
     images (a 4-image basis made the fused-target CKA of tests/train/test_demo.py depend on
     which 4 images the keyed sample drew).
-    Read-only for tests."""
+    Read-only for tests. The xdist workers of a run share one copy, made by the first that asks
+    (the others wait for it): a store names its images by their digest, equal in every worker's
+    ``prepared_data``."""
+    if worker_id == "master":
+        return _extract_teacher_store(prepared_data, tmp_path_factory.mktemp("features") / "store")
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "teacher_store"
+    done = shared.with_name("teacher_store.done")
+    with FileLock(shared.with_name("teacher_store.making")):
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)          # a worker that died while making it
+            _extract_teacher_store(prepared_data, shared)
+            done.touch()
+    return shared
+
+
+def _extract_teacher_store(prepared_data: Path, store: Path) -> Path:
     from extract.runner import run_extraction
     from extract.teachers import build_teacher
     from store.shards import ImageSet
 
-    store = tmp_path_factory.mktemp("features") / "store"
     data = ImageSet.open(prepared_data)
     for name in ("mae", "mocov3", "ibot"):
         run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data, store_path=store,
@@ -115,3 +132,21 @@ def step_difference():
     difference, relative gradient difference)`` of one step on each (cached vs online, stored
     views vs fresh decode, a codec vs fp16 tokens)."""
     return _step_difference
+
+
+class _RunsCode:
+    """Unpickling this object would write a marker file (stands for arbitrary code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "code ran")
+
+
+@pytest.fixture
+def code_running_object(tmp_path) -> tuple[_RunsCode, Path]:
+    """(an object whose unpickling writes ``marker``, marker): put it in a checkpoint file to
+    check that loading the file refuses it before it runs."""
+    marker = tmp_path / "marker.txt"
+    return _RunsCode(marker), marker

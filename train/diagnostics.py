@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.run import load_checkpoint
 from store import views as V
 from store.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
@@ -71,14 +72,17 @@ def load_run(run_dir, *, device: str = "cpu", store_path=None, trained: bool = T
     ck_path = run_dir / "last.pt"
     if not ck_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no checkpoint (last.pt); is it a training run folder?")
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(ck_path)
     cfg = Config.from_dict(ck["meta"]["config"])
     store_path = Path(store_path or cfg.data.store)
     try:
-        fs = FeatureStore.open(store_path, views=cfg.data.views, seed=cfg.data.seed)
+        fs = FeatureStore.open(store_path, seed=cfg.data.seed)
     except StoreError as error:
         raise StoreError(f"{run_dir} trained on the store {store_path}, which is needed for its adapters: "
                          f"{error}") from None
+    if not 1 <= int(cfg.data.views) <= fs.views:     # a run may train on the first v of the store's V views
+        raise StoreError(f"{run_dir} trained on {cfg.data.views} views of {store_path}, which holds {fs.views}; "
+                         "is it the store the run trained on?")
     stats = {}
     for name in teacher_names(cfg):
         st = fs.teacher(name).stats

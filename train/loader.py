@@ -8,7 +8,9 @@ once, when a run starts; the run's config.yaml records them.
 Both sources give the same batch for the same step: the same images, views (e + i) mod V,
 crops, flips and student masks; only where the teacher tokens come from differs.
 Features and images are joined by index: a block's ``index`` array is checked against the
-image indices it must hold, and every teacher's crops against the others'.
+image indices it must hold, and every teacher's crops against the others'. Every file of a
+block is checked as it is read (crc32c, the view tars against their completion records), and
+a block's masks against the keyed draw the first time a run reads it.
 
 Batches are made in a background thread (``store/prefetch.py``) while the step runs; on
 CUDA that thread also pins what the step reads and copies it to the GPU on its own stream,
@@ -227,6 +229,10 @@ class CachedSource(_Source):
             ts.require_complete()
             check_mask_ratio(ts)
             self.stores[name] = ts
+        # (teacher, slot, shard) whose masks this run compared with the keyed draw: once per block,
+        # as later reads pass the crc32c only with the same bytes (a comparison costs 1-10% of
+        # the images/s per core of a read, docs/performance.md "Read-time checks")
+        self.masks_checked: set[tuple[str, int, int]] = set()
         _, self.view_pixels = student_pixels(self.fs, list(self.stores.values()), pixels)
         if self.view_pixels is not None:
             from store.decode.stored import make_view_decoder
@@ -240,7 +246,11 @@ class CachedSource(_Source):
         for the vectorised row lookup of ``_rows``."""
         out = {"teachers": {}}
         for name, ts in self.stores.items():
-            blocks = [ts.read_block(slot, int(k)) for k in shard_ids]
+            blocks = [ts.read_block(slot, int(k)) for k in shard_ids]      # every file checked as read
+            for k, block in zip(shard_ids, blocks):
+                if (name, slot, int(k)) not in self.masks_checked:
+                    ts.check_masks(slot, int(k), block)
+                    self.masks_checked.add((name, slot, int(k)))
             cat = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
             if "index" not in out:
                 out.update(index=cat["index"], boxes=cat["boxes"], flips=cat["flips"])

@@ -26,7 +26,7 @@ import torch
 
 from core.io import git_commit, write_atomic
 from core.optim import lr_schedule, param_groups
-from core.run import StepMetrics, first_non_finite, load_checkpoint, open_run, saved_config  # noqa: F401
+from core.run import StepMetrics, first_non_finite, load_checkpoint, lock_folder, open_run, saved_config  # noqa: F401
 from core.state import load_strict
 from extract import dist
 from store import views as V
@@ -138,17 +138,21 @@ class Learner:
         self.meta = dict(config=cfg.to_dict(), git_commit=git_commit(), total_steps=total, **info)
         self.step, self.spe = self.run.step, spe
         self.tracker = None
-        if cfg.train.wandb and rank == 0:
-            from train.tracking import Tracker
-            self.tracker = Tracker(self.out, project=cfg.train.wandb_project, config=cfg.to_dict(),
-                                   resumed=self.run.resumed)
-        seed_noise(cfg.train.seed, rank)
-        if self.run.resumed:
-            load_strict(self.objective.student_side(), self.run.state["model"],
-                        what=f"checkpoint {self.run.checkpoint_path}")
-            self.opt.load_state_dict(self.run.state["optimizer"])
-            resume_noise(self.run.state.get("rng"), seed=cfg.train.seed, rank=rank, world=world, step=self.step,
-                         device=device)
+        try:
+            if cfg.train.wandb and rank == 0:
+                from train.tracking import Tracker
+                self.tracker = Tracker(self.out, project=cfg.train.wandb_project, config=cfg.to_dict(),
+                                       resumed=self.run.resumed)
+            seed_noise(cfg.train.seed, rank)
+            if self.run.resumed:
+                load_strict(self.objective.student_side(), self.run.state["model"],
+                            what=f"checkpoint {self.run.checkpoint_path}")
+                self.opt.load_state_dict(self.run.state["optimizer"])
+                resume_noise(self.run.state.get("rng"), seed=cfg.train.seed, rank=rank, world=world, step=self.step,
+                             device=device)
+        except BaseException:                           # a learner that cannot start gives its folder back
+            self.close()
+            raise
         self.rng = rng_state(device)                    # this learner's generators between its steps
         self.acc = StepMetrics(device)
         self.amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
@@ -330,27 +334,28 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         check_heldout(heldout[0], heldout[1], train_store=cfg.data.store, teachers=teacher_names(cfg))
     spe = plan.steps_per_epoch
     total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
-    if sweep:
-        check_sweep_folder(out, variants, resume=resume)
-        dist.barrier()                                  # every rank has checked before rank 0 writes
-        if rank == 0:
-            write_sweep(out, variants)
-    status, learners = {}, []
-    for name, folder in folders.items():
-        if sweep and resume and (folder / STOPPED).is_file():
-            status[name] = (folder / STOPPED).read_text().strip()
-            continue
-        learners.append(Learner(name, configs[name], folder, stats=stats, total=total, spe=spe, device=device,
-                                rank=rank, world=world, alone=not sweep,
-                                resume=resume and (not sweep or (folder / "last.pt").is_file())))
-    share_frozen_adapters(learners)
-    peak = _peak_flops(torch.device(device))
-    step = min((learner.step for learner in learners), default=total)
-    desc = f"train ({cfg.data.source})" if not sweep else f"sweep of {len(folders)} ({cfg.data.source})"
-    bar = progress_bar(total=total, initial=step, unit="step", desc=desc, progress=progress and rank == 0,
-                       dynamic_ncols=True)
-    t_log, img_log, t0 = time.perf_counter(), 0, time.perf_counter()
+    root = lock_folder(out, rank=rank) if sweep else None   # the sweep's own files; a learner locks its folder
+    status, learners, bar = {}, [], None
     try:
+        if sweep:
+            check_sweep_folder(out, variants, resume=resume)
+            dist.barrier()                              # every rank has checked before rank 0 writes
+            if rank == 0:
+                write_sweep(out, variants)
+        for name, folder in folders.items():
+            if sweep and resume and (folder / STOPPED).is_file():
+                status[name] = (folder / STOPPED).read_text().strip()
+                continue
+            learners.append(Learner(name, configs[name], folder, stats=stats, total=total, spe=spe, device=device,
+                                    rank=rank, world=world, alone=not sweep,
+                                    resume=resume and (not sweep or (folder / "last.pt").is_file())))
+        share_frozen_adapters(learners)
+        peak = _peak_flops(torch.device(device))
+        step = min((learner.step for learner in learners), default=total)
+        desc = f"train ({cfg.data.source})" if not sweep else f"sweep of {len(folders)} ({cfg.data.source})"
+        bar = progress_bar(total=total, initial=step, unit="step", desc=desc, progress=progress and rank == 0,
+                           dynamic_ncols=True)
+        t_log, img_log, t0 = time.perf_counter(), 0, time.perf_counter()
         while step < total and any(learner.stopped is None for learner in learners):
             epoch, start = divmod(step, spe)
             for _, cpu_batch in source.epoch(epoch, start_step=start):
@@ -378,19 +383,23 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                             learner.checkpoint()
                 if step >= total or all(x.stopped is not None for x in learners):
                     break
-    finally:
-        bar.close()
+        elapsed = time.perf_counter() - t0
+        for learner in learners:
+            learner.finish()
+            status[learner.name] = learner.stopped or "done"
+        if sweep and rank == 0:
+            extra = None if heldout is None else heldout_columns(out, variants, status, store=heldout[0],
+                                                                 data=heldout[1], train_store=cfg.data.store,
+                                                                 device=device)
+            write_report(out, variants, status=status, extra=extra)
+        dist.barrier()
+    finally:                                            # the folders' locks are held until here
+        if bar is not None:
+            bar.close()
         for learner in learners:
             learner.close()
-    elapsed = time.perf_counter() - t0
-    for learner in learners:
-        learner.finish()
-        status[learner.name] = learner.stopped or "done"
-    if sweep and rank == 0:
-        extra = None if heldout is None else heldout_columns(out, variants, status, store=heldout[0], data=heldout[1],
-                                                             train_store=cfg.data.store, device=device)
-        write_report(out, variants, status=status, extra=extra)
-    dist.barrier()
+        if root is not None:
+            root.release()
     summary = {learner.name: dict(status=status[learner.name], steps=learner.step, last=learner.last)
                for learner in learners}
     summary.update({n: dict(status=s, steps=None, last={}) for n, s in status.items() if n not in summary})

@@ -1,7 +1,8 @@
 """What a cached run requires of its store, each a one-line StoreError when it does not hold:
 the student's pixels are its teachers' (``student_pixels``), the masks are this code's
 (``check_mask_ratio``), the codec suits the adapters (``check_codec``), a store read with
-another store's adapters holds its coefficients on that store's basis (``check_same_basis``)."""
+another store's adapters is of the same teacher weights (``check_same_teacher``) and holds its
+coefficients on that store's basis (``check_same_basis``)."""
 from __future__ import annotations
 
 from store import codecs
@@ -75,14 +76,29 @@ def check_codec(ts, *, trainable: bool, width: int, init: str = "pca") -> None:
                          f"or a store extracted with --codec {' or '.join(codecs.FULL_TOKENS)}")
     if dim and dim < width:
         raise StoreError(f"{ts.path}: codec {ts.codec} keeps {dim} principal coefficients per token, fewer "
-                         f"than the adapters' width {width} (model.embed_dim); extract with more")
+                         f"than the adapters' width {width} (model.embed_dim); train this student on a store "
+                         f"extracted with --codec {' or '.join(codecs.FULL_TOKENS)}, or --codec pca --pca-dim "
+                         f"{width} or more")
+
+
+def check_same_teacher(ts, reference) -> None:
+    """``ts`` and ``reference`` (TeacherStores of one teacher name in two stores) hold the tokens of
+    the same weights: equal checkpoint digests (statistics copied from another checkpoint's store
+    would match its basis and still read other features). Else StoreError, one line."""
+    got, want = ts.config.get("checkpoint_digest"), reference.config.get("checkpoint_digest")
+    if got != want:
+        raise StoreError(f"{ts.path}: teacher {ts.name} has checkpoint digest {str(got)[:12]}, but "
+                         f"{reference.path} was extracted from {str(want)[:12]}; extract both stores from the "
+                         "same checkpoint")
 
 
 def check_same_basis(ts, reference) -> None:
     """``ts`` (a TeacherStore) is to be read with the adapters built from ``reference``'s
     statistics (another store of the same teacher, e.g. the training store while ``ts`` holds
-    held-out images): a coefficient codec must then be on ``reference``'s basis (extraction's
-    ``stats_from``); full tokens (fp16, int8) are read alike in any basis. Else StoreError."""
+    held-out images): the teacher weights must be the same (``check_same_teacher``), and a
+    coefficient codec must be on ``reference``'s basis (extraction's ``stats_from``); full tokens
+    (fp16, int8) are read alike in any basis. Else StoreError."""
+    check_same_teacher(ts, reference)
     if ts.codec in codecs.FULL_TOKENS:
         return
     if not (ts.has_stats and reference.has_stats

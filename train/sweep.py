@@ -198,12 +198,13 @@ def check_heldout(store, data, *, train_store, teachers) -> None:
 
 
 def heldout_columns(out, variants: Sequence[Variant], status: Mapping[str, str], *, store, data, train_store,
-                    device: str = "cpu", images: int = 64, batch: int = 32) -> dict[str, dict]:
-    """{learner: {"heldout_token", "heldout_spatial", "heldout_total", "heldout_untrained"}} of every
-    finished learner: its objective's losses (train/diagnostics.py heldout_losses: student-free
-    fused targets) on the first ``images`` samples of the held-out ``store`` (view 0, epoch 0
-    masks, the same for every learner) of the images ``data``, and those of its untrained
-    student. The mean over batches of ``batch`` samples, weighted by their sizes."""
+                    device: str = "cpu", images: int | None = None, batch: int = 32) -> dict[str, dict]:
+    """{learner: {"heldout_images", "heldout_token", "heldout_spatial", "heldout_total",
+    "heldout_untrained"}} of every finished learner: its objective's losses (train/diagnostics.py
+    heldout_losses: student-free fused targets) on every sample of the held-out ``store`` (the
+    first ``images`` if given; view 0, epoch 0 masks, the same for every learner) of the images
+    ``data``, and those of its untrained student. The mean over batches of ``batch`` samples,
+    weighted by their sizes; ``heldout_images`` is how many were scored."""
     import numpy as np
     import torch
 
@@ -212,7 +213,7 @@ def heldout_columns(out, variants: Sequence[Variant], status: Mapping[str, str],
     from train.config import teacher_names
 
     held = ImageSet.open(data)
-    index = np.arange(min(images, len(held)))
+    index = np.arange(len(held) if images is None else min(images, len(held)))
     samples, cols = None, {}
     for v in variants:
         if status.get(v.name) != "done":
@@ -233,7 +234,7 @@ def heldout_columns(out, variants: Sequence[Variant], status: Mapping[str, str],
                                    ("heldout_total", losses["trained"]["total"]),
                                    ("heldout_untrained", losses["untrained"]["total"])):
                     sums[key] += value * len(part)
-        cols[v.name] = {k: total / len(samples) for k, total in sums.items()}
+        cols[v.name] = {"heldout_images": len(samples), **{k: total / len(samples) for k, total in sums.items()}}
     return cols
 
 

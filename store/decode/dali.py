@@ -32,20 +32,22 @@ default 0.65 until a GPU has measured the best value for this pipeline;
 
 Batches may hold any number of samples from 1 to ``batch_size`` (a final partial batch
 is fine). If DALI fails on a batch (corrupt bytes, a box outside its image), ``get``
-raises an error naming the offending samples (found with a PIL header read), drops the
+raises ``store.decoders.DecodeError`` naming the offending samples (found by ``prepare``'s
+own image check, ``inspect_image``, and the box rule; ``store.decoders.sample_name``: for
+bytes from ``ImageSet.read`` the global index, source file and shard tar), drops the
 batches still in flight and rebuilds the pipeline on the next call.
 """
 from __future__ import annotations
 
 import collections
-import io
+import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from store.decode.pixels import CROP_AXES, SIZE, check_box, crop_anchor_shape, scaled_mean_std
-from store.decoders import require_dali
+from store.decoders import DecodeError, require_dali, sample_name
 
 _Batch = tuple  # (datas, boxes, flips) or (datas, boxes, flips, keys)
 
@@ -233,12 +235,8 @@ class DaliViewDecoder:
         bad = np.flatnonzero((boxes[:, 2] < 1) | (boxes[:, 3] < 1) | (boxes[:, 0] < 0) | (boxes[:, 1] < 0))
         if len(bad):
             k = int(bad[0])
-            raise ValueError(f"DaliViewDecoder: {self._name(k, keys)} has an invalid box {boxes[k].tolist()}")
+            raise ValueError(f"DaliViewDecoder: {sample_name(datas, k, keys)} has an invalid box {boxes[k].tolist()}")
         return boxes.astype(np.int32), flips.astype(bool)
-
-    @staticmethod
-    def _name(k: int, keys) -> str:
-        return f"sample {k} of the batch" + (f" (key {keys[k]!r})" if keys is not None else "")
 
     def submit(
         self,
@@ -287,10 +285,9 @@ class DaliViewDecoder:
         except Exception as error:
             self._pipe = None  # a failed DALI pipeline cannot be used again
             self._pending.clear()
-            raise RuntimeError(
-                f"DaliViewDecoder: DALI failed on a batch of {len(datas)} views "
-                f"({_dali_reason(error)}); {self._diagnose(datas, boxes, keys)} "
-                "(batches in flight were dropped)"
+            raise DecodeError(
+                f"DALI cannot decode a batch ({len(datas)} views): {self._diagnose(datas, boxes, keys, error)} "
+                f"(DALI: {_dali_reason(error)}; the batches in flight were dropped)"
             ) from error
         return self._to_torch(out, len(datas))
 
@@ -323,26 +320,26 @@ class DaliViewDecoder:
         target.record_stream(caller)
         return target
 
-    def _diagnose(self, datas, boxes, keys) -> str:
-        """Find which samples DALI could not handle, reading headers with PIL."""
-        from PIL import Image
+    @staticmethod
+    def _diagnose(datas, boxes, keys, error: Exception) -> str:
+        """Name the samples DALI could not handle: those ``prepare``'s image check refuses or
+        whose box leaves the image; else the one DALI's message numbers (``sample #k``)."""
+        from store.imagecheck import BadImage, inspect_image
 
         problems = []
         for k, data in enumerate(datas):
+            name = sample_name(datas, k, keys)
             try:
-                with Image.open(io.BytesIO(data)) as image:
-                    width, height = image.size
-                    image.load()
-            except Exception as error:  # noqa: BLE001 - reported, not swallowed
-                problems.append(f"{self._name(k, keys)} cannot be decoded ({type(error).__name__}: {error})")
-                continue
-            try:
-                check_box(boxes[k], width=width, height=height, what=self._name(k, keys))
-            except ValueError as error:
-                problems.append(str(error))
-        if not problems:
-            return "PIL reads every image and box of it"
-        return "; ".join(problems)
+                info = inspect_image(data, source=name)
+                check_box(boxes[k], width=info.width, height=info.height, what=name)
+            except (BadImage, ValueError) as bad:
+                problems.append(str(bad))
+        if problems:
+            return "; ".join(problems)
+        numbered = re.search(r"sample #(\d+)", str(error))
+        if numbered and int(numbered.group(1)) < len(datas):
+            return f"{sample_name(datas, int(numbered.group(1)), keys)} (which PIL reads)"
+        return f"PIL reads every image and box of it, from {sample_name(datas, 0, keys)} on"
 
     def __call__(
         self,
@@ -384,7 +381,7 @@ class DaliViewDecoder:
         while self._pending:
             try:
                 self.get()
-            except RuntimeError:
+            except DecodeError:
                 pass  # get() already dropped the rest and reset the pipeline
 
     @property

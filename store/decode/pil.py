@@ -4,6 +4,8 @@ within ``pixels.VIEW_BOUND`` / ``pixels.MEAN_BOUND``."""
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -11,6 +13,10 @@ import torch
 from PIL import Image
 
 from store.decode.pixels import SIXTEEN_BIT_MODES, SIZE, check_box, crop_corners, normalize_uint8, to_rgb
+from store.decoders import DecodeError, sample_name
+
+# what PIL raises on bytes it cannot decode (or a box outside the image)
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
 def pil_view(data: bytes, box: Sequence[int], flip: bool, size: int = SIZE) -> np.ndarray:
@@ -45,7 +51,8 @@ def pil_views(
 
     datas: B encoded images; boxes: (B, 4) ints (x, y, w, h); flips: (B,) bool.
     Returns float32 (B, 3, size, size): normalised with MEAN/STD if ``normalize``, else the
-    RGB pixel values on the 0..255 scale.
+    RGB pixel values on the 0..255 scale. Raises ``DecodeError`` naming the first sample that
+    cannot be decoded or whose box leaves it (``store.decoders.sample_name``).
     """
     boxes = np.asarray(boxes)
     flips = np.asarray(flips)
@@ -56,7 +63,11 @@ def pil_views(
         )
     pixels = np.empty((len(datas), size, size, 3), dtype=np.uint8)
     for k, data in enumerate(datas):
-        pixels[k] = pil_view(data, boxes[k], bool(flips[k]), size=size)
+        try:
+            pixels[k] = pil_view(data, boxes[k], bool(flips[k]), size=size)
+        except _PIL_ERRORS as error:
+            raise DecodeError(f"{sample_name(datas, k)}: PIL cannot decode its view with crop box "
+                              f"{boxes[k].tolist()} ({type(error).__name__}: {error})") from error
     batch = torch.from_numpy(pixels)
     if normalize:
         return normalize_uint8(batch)

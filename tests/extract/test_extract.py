@@ -178,8 +178,9 @@ def test_verify_reports_incomplete_and_mismatched_stores(prepared_data, photo_tr
     # statistics recorded from another sample than the keyed one
     shutil.rmtree(broken)
     shutil.copytree(reference_store, broken)
-    stats = FeatureStore.open(broken).teacher("mae").group["stats"]
-    stats["indices"][...] = np.arange(13)[::-1].copy()
+    ts = FeatureStore.open(broken).teacher("mae")
+    st = ts.stats
+    ts.write_stats(st["mean"], st["components"], st["eigenvalues"], st["count"], indices=np.arange(13)[::-1])
     problems, _ = verify_store(broken, ds, progress=False)
     assert any("stats/indices" in p and "not the keyed statistics sample" in p for p in problems)
     # other data

@@ -369,8 +369,8 @@ def test_a_version_1_store_opens_and_a_newer_one_is_refused_saying_what_to_do(jp
     assert FeatureStore.open(path).group.attrs["format_version"] == 2 and FeatureStore.open(path).teachers == []
     with pytest.raises(StoreError, match="holds view pixels as raw, not jpeg; extract with --view-pixels raw"):
         ViewPixels.create_or_open(FeatureStore.open(path), "jpeg")
-    FeatureStore.open(path).group.attrs["format_version"] = 3
-    with pytest.raises(StoreError, match=r"format_version 3 is not one this code reads \(1, 2\); update the code"):
+    FeatureStore.open(path).group.attrs["format_version"] = 4
+    with pytest.raises(StoreError, match=r"format_version 4 is not one this code reads \(1, 2, 3\); update the code"):
         FeatureStore.open(path)
 
 

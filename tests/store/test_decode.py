@@ -23,6 +23,7 @@ from store.decode import (
     CUDA_BOUND_SCALE, MEAN, MEAN_BOUND, STD, VIEW_BOUND, DaliViewDecoder, dali_device_id, denormalize,
     make_decoder, pil_view, pil_views, to_rgb,
 )
+from store.decoders import DecodeError
 from store.views import view_params
 
 SIZE = 224
@@ -235,14 +236,41 @@ def test_dali_error_names_the_bad_sample_and_decoder_recovers(all_photos):
     decoder = DaliViewDecoder(batch_size=3, device="cpu", num_threads=1, size=16)
     data = all_photos["astronaut_500.jpg"]
     good = np.array([[0, 0, 100, 100]])
-    with pytest.raises(RuntimeError, match=r"sample 1 of the batch \(key 'img-b'\): crop box .* not inside the 500x500"):
+    with pytest.raises(DecodeError, match=r"img-b: crop box .* not inside the 500x500"):
         decoder([data, data], np.array([[0, 0, 10, 10], [450, 0, 100, 100]]), np.zeros(2, bool), keys=["img-a", "img-b"])
-    with pytest.raises(RuntimeError, match=r"sample 0 of the batch cannot be decoded"):
+    with pytest.raises(DecodeError, match=r"sample 0 of the batch: cannot decode"):
         decoder([data[:500]], good, np.zeros(1, bool))  # header only
     with pytest.raises(ValueError, match="invalid box"):
         decoder([data], np.array([[0, 0, 0, 10]]), np.zeros(1, bool))
     out = decoder([data], good, np.zeros(1, bool))  # a fresh pipeline after the failures
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_a_damaged_image_is_named_by_its_index_source_file_and_shard(prepared_data, tmp_path, decoder):
+    """A byte flipped in a packed PNG after prepare: the batch decoder's one-line error names
+    the global index, the source file and the shard tar, not a position in the batch."""
+    import shutil
+
+    from store.shards import ImageSet
+
+    copy = tmp_path / "data"
+    shutil.copytree(prepared_data, copy)
+    ds = ImageSet.open(copy)
+    i = next(i for i in range(len(ds)) if ds.source(i) == "science/coins.png")
+    with open(ds.tar_path(int(ds.shard_of[i])), "r+b") as f:                  # a byte of its IDAT
+        f.seek(int(ds.offsets[i]) + int(ds.sizes[i]) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    index = np.array([(i + 1) % len(ds), i])
+    boxes = np.array([[0, 0, int(ds.widths[k]), int(ds.heights[k])] for k in index])
+    decode = make_decoder(decoder, batch_size=2, device="cpu", num_threads=1)
+    with pytest.raises(DecodeError) as caught:
+        decode(ds.read_many(index), boxes, np.zeros(2, bool))
+    message = str(caught.value)
+    assert f"image {i} (science/coins.png, in {ds.tar_path(int(ds.shard_of[i]))})" in message
+    assert "\n" not in message and "of the batch" not in message
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

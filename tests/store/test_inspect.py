@@ -85,3 +85,30 @@ def test_cli_inspect_writes_the_panel(prepared_data, teacher_store, tmp_path):
 def _cli():
     from cli import main
     return main
+
+
+def test_a_sample_of_teachers_that_ran_on_the_stored_jpeg_views_shows_those_views(prepared_data, tmp_path):
+    """The default store's teachers see the JPEG view, not the source crop (they differ by a
+    few levels): inspect, the held-out losses and CKA read the view, as training does."""
+    import torch
+
+    from extract.runner import run_extraction
+    from extract.teachers import build_teacher
+    from store.decode import normalize_uint8
+    from store.decode.stored import pil_stored_views
+    from store.features import FeatureStore
+    from store.viewpixels import ViewPixels
+    from train.diagnostics import sample_batch
+
+    data = ImageSet.open(prepared_data)
+    store = tmp_path / "store"
+    run_extraction(teacher=build_teacher("mae", random_init=True, seed=0, model_kwargs=dict(depth=1)), data=data,
+                   store_path=store, views=2, seed=0, batch_size=8, decoder="pil", progress=False, stats_images=13,
+                   view_pixels="jpeg")
+    s = load_sample(store, data, index=7, view=1)
+    fs = FeatureStore.open(store)
+    _, datas = ViewPixels.open(fs).read_block(s.slot, 1)                  # image 7 is in shard 1 (5..9)
+    np.testing.assert_array_equal(s.crop, pil_stored_views([datas[7 - 5]], normalize=False)[0].numpy())
+    assert np.abs(s.crop.astype(int) - pil_view(data.read(7), s.box, s.flip).astype(int)).max() > 0
+    batch = sample_batch([s], [], device="cpu")
+    torch.testing.assert_close(batch["images"], normalize_uint8(torch.from_numpy(s.crop[None])))

@@ -1,6 +1,8 @@
 """One writer per teacher group: a second extract of the same store and teacher is refused
-in one line naming the holder; the kernel frees the lock when the holder is SIGKILLed."""
+in one line naming the holder, also through a symlinked store path; the kernel frees the lock
+when the holder is SIGKILLed."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +32,16 @@ def test_a_second_lock_is_refused_naming_the_holder_until_released(tmp_path):
     first.release()
     with WriterLock(tmp_path / "store", "mae"):
         pass
+
+
+def test_a_symlinked_store_path_is_refused_while_the_real_path_is_locked(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "store")
+    with WriterLock(tmp_path / "store", "mae"):
+        with pytest.raises(StoreLocked, match=re.escape(f"{tmp_path / 'link'}/mae: another extract is writing it "
+                                                        f"(pid {os.getpid()} ")):
+            WriterLock(tmp_path / "link", "mae").acquire()
+    assert lock_path(tmp_path / "link", "mae") == tmp_path / "store.mae.lock"
 
 
 def test_run_extraction_holds_the_lock_while_it_writes(monkeypatch, tmp_path):

@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import shutil
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -188,6 +189,50 @@ def test_skip_bad_lists_rejects_with_reasons_and_packs_the_rest(bad_tree, tmp_pa
         assert ds.read(i) == (bad_tree / ds.source(i)).read_bytes()
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def _short_images(photo_tree: Path) -> dict[str, bytes]:
+    """Images whose data stops early but which PIL's ``load()`` alone accepts (filling the rest)."""
+    png = (photo_tree / "science" / "coins.png").read_bytes()       # 8-bit grey, one IDAT
+    header = png[8:33]                                               # the IHDR chunk
+    idat = next(png[p + 8:p + 8 + int.from_bytes(png[p:p + 4], "big")] for p in range(8, len(png))
+                if png[p + 4:p + 8] == b"IDAT")
+    rows = zlib.decompress(idat)
+    return {
+        "no_iend.png": png[:-12],                                    # cut before its last chunk
+        "half_rows.png": png[:8] + header + _png_chunk(b"IDAT", zlib.compress(rows[:len(rows) // 2]))
+        + _png_chunk(b"IEND", b""),                                  # a whole stream of half the rows
+    }
+
+
+@pytest.mark.parametrize("name", ["no_iend.png", "half_rows.png"])
+def test_a_png_whose_data_stops_early_is_refused_by_prepare_naming_it(photo_tree, tmp_path, name):
+    src = _small_tree(photo_tree, tmp_path / "src", per_class=1)
+    (src / "science" / name).write_bytes(_short_images(photo_tree)[name])
+    with pytest.raises(BadImage, match=rf"science/{name}: .*(truncated|broken).*--skip-bad"):
+        prepare(src, tmp_path / "out", progress=False, workers=0)
+    ds = prepare(src, tmp_path / "out", skip_bad=True, progress=False, workers=0)
+    assert [r["source"] for r in ds.rejects] == [f"science/{name}"] and len(ds) == 3
+
+
+def test_a_cut_jpeg_or_png_is_refused_even_where_pil_loads_truncated_images(photo_tree, tmp_path, monkeypatch):
+    """Training scripts often set ``ImageFile.LOAD_TRUNCATED_IMAGES``; PIL then fills a cut
+    file's missing rows with grey or black, which DALI refuses: prepare refuses them all the same."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    src = _small_tree(photo_tree, tmp_path / "src", per_class=1)
+    for name in ("chelsea.jpg", "coins.png"):
+        data = next(photo_tree.rglob(name)).read_bytes()
+        (src / "objects" / f"cut_{name}").write_bytes(data[:len(data) * 2 // 3])
+    ds = prepare(src, tmp_path / "out", skip_bad=True, progress=False, workers=0)
+    reasons = {r["source"]: r["reason"] for r in ds.rejects}
+    assert set(reasons) == {"objects/cut_chelsea.jpg", "objects/cut_coins.png"} and len(ds) == 3
+    assert "truncated JPEG" in reasons["objects/cut_chelsea.jpg"]
+
+
 # --- WebDataset input ---------------------------------------------------------------------
 def _tree_to_webdataset(tree: Path, dst: Path, *, classes_file: bool) -> Path:
     import webdataset as wds
@@ -294,6 +339,29 @@ def test_open_refuses_other_format_versions_and_damaged_shards(prepared_data, tm
         ImageSet.open(copy)
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_open_refuses_a_flipped_label_byte_and_an_edited_digest_naming_the_file(prepared_data, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared_data, copy)
+    meta = json.loads((copy / "manifest.json").read_text())
+    label = next(c for c in meta["columns"]["layout"] if c["name"] == "label")
+    _flip_byte(copy / "manifest.columns", label["offset"])          # sample 0's label
+    with pytest.raises(ValueError, match=r"manifest.columns does not match the sha256 in its manifest.json"):
+        ImageSet.open(copy)
+    _flip_byte(copy / "manifest.columns", label["offset"])
+    meta["digest"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"manifest.json: its digest is not the one of its contents"):
+        ImageSet.open(copy)
+
+
 # --- command line -------------------------------------------------------------------------
 def test_cli_prepare_help_shows_defaults_and_bad_file_fails_naming_it(bad_tree, tmp_path):
     from click.testing import CliRunner
@@ -332,3 +400,29 @@ def test_source_with_neither_class_folders_nor_tars_is_refused(tmp_path):
     (tmp_path / "src" / "loose.jpg").write_bytes(b"x")
     with pytest.raises(PrepareError, match="neither class folders"):
         prepare(tmp_path / "src", tmp_path / "out", progress=False)
+
+
+def test_verify_rehash_data_names_a_flipped_shard_byte_and_any_verify_a_flipped_table_byte(
+        prepared_data, teacher_store, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    copy = tmp_path / "data"
+    shutil.copytree(prepared_data, copy)
+    ds = ImageSet.open(copy)
+    _flip_byte(ds.tar_path(1), int(ds.offsets[7]) + 100)           # inside image 7, in shard 1
+    runner = CliRunner()
+    args = ["verify", str(teacher_store), "--data", str(copy), "--no-values"]
+    quick = runner.invoke(main, args)
+    assert quick.exit_code == 0 and "shards of" in quick.output and "were not re-hashed (--rehash-data" in quick.output
+    full = runner.invoke(main, args + ["--rehash-data"])
+    assert full.exit_code == 1, full.output
+    problems = [line for line in full.output.splitlines() if line.startswith("PROBLEM:")]
+    assert len(problems) == 1 and f"{ds.tar_path(1)}: its sha256 differs" in problems[0], full.output
+    _flip_byte(ds.tar_path(1), int(ds.offsets[7]) + 100)
+    label = next(c for c in ds.meta["columns"]["layout"] if c["name"] == "label")
+    _flip_byte(copy / "manifest.columns", label["offset"] + 8 * 5)  # sample 5's label
+    table = runner.invoke(main, args)
+    assert table.exit_code == 1 and isinstance(table.exception, SystemExit), table.output
+    assert "Error: " in table.output and f"{copy / 'manifest.columns'} does not match" in table.output

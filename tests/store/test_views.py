@@ -41,20 +41,25 @@ def test_same_keys_give_identical_views_in_any_batch_order():
 
 
 def test_views_are_identical_in_a_separate_process():
+    """The stored views and masks, and the fresh ones of online-fresh training."""
     code = (
         "import json, numpy as np; from store import views as V;"
         "idx=np.arange(0,64)*9973; b,f=V.view_params(11, idx, idx%3, 640, 480);"
         "m=V.teacher_visible(11, idx, idx%3, 'mocov3'); s=V.student_visible(11, idx, 5);"
-        "print(json.dumps([b.tolist(), f.tolist(), m.tolist(), s.tolist()]))"
+        "fb,ff=V.fresh_view_params(11, idx, 5, idx%640+1, idx%480+1); fm=V.fresh_teacher_visible(11, idx, 5, 'ibot');"
+        "print(json.dumps([b.tolist(), f.tolist(), m.tolist(), s.tolist(), fb.tolist(), ff.tolist(), fm.tolist()]))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    b, f, m, s = json.loads(out)
+    b, f, m, s, fb, ff, fm = json.loads(out)
     idx = np.arange(0, 64) * 9973
     boxes, flips = V.view_params(11, idx, idx % 3, 640, 480)
     assert boxes.tolist() == b and flips.tolist() == f
     assert V.teacher_visible(11, idx, idx % 3, "mocov3").tolist() == m
     assert V.student_visible(11, idx, 5).tolist() == s
+    boxes, flips = V.fresh_view_params(11, idx, 5, idx % 640 + 1, idx % 480 + 1)
+    assert boxes.tolist() == fb and flips.tolist() == ff
+    assert V.fresh_teacher_visible(11, idx, 5, "ibot").tolist() == fm
 
 
 def test_different_seed_view_epoch_or_teacher_change_the_draw():

@@ -1,0 +1,78 @@
+"""What extract, verify and train refuse about a store before any work: a teacher whose input
+disagrees with the store's other teachers, and metadata that contradicts itself, each in one
+line naming what disagrees."""
+import json
+import shutil
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from extract import runner
+from extract.runner import run_extraction
+from extract.teachers import build_teacher
+from extract.verify import verify_store
+from store.features import DataInfo, FeatureStore, StoreError, TeacherStore
+from store.shards import ImageSet
+
+
+def test_a_teacher_whose_input_disagrees_with_the_store_is_refused_before_any_work(prepared_data, tmp_path,
+                                                                                   monkeypatch):
+    data = ImageSet.open(prepared_data)
+    store = tmp_path / "store"
+    fs = FeatureStore.create_or_open(store, data=DataInfo.of(data), views=2, seed=0)
+    fs.create_teacher("mocov3", dict(codec="fp16", n_visible=118, mask_ratio=0.4, embed_dim=768, pca_dim=0,
+                                     input="source"))              # extracted with --view-pixels none
+
+    def began(work):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{work} began before the refusal")
+        return refuse
+    monkeypatch.setattr(runner, "compute_stats", began("the statistics pass"))
+    monkeypatch.setattr(TeacherStore, "write_block", began("a block's write"))
+    teacher = build_teacher("mae", random_init=True, model_kwargs=dict(depth=1))
+    with pytest.raises(StoreError) as refusal:
+        run_extraction(teacher=teacher, data=data, store_path=store, views=2, seed=0, batch_size=4,
+                       decoder="pil", progress=False, stats_images=13, view_pixels="jpeg")
+    message = str(refusal.value)
+    assert "\n" not in message and all(w in message for w in ("'mae'", "jpeg", "'mocov3'", "source")), message
+    assert sorted(p.name for p in store.iterdir()) == ["mocov3", "zarr.json"]          # no mae, no pixels
+
+
+def _one_error(args, *names):
+    """``cli.py ARGS`` in process: one ``Error:`` line naming every one of ``names``, no traceback."""
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert isinstance(r.exception, SystemExit) and r.exit_code != 0, (r.exception, r.output)
+    lines = [line for line in r.output.splitlines() if "Error:" in line]
+    assert "Traceback" not in r.output and len(lines) == 1, r.output
+    assert all(str(name) in lines[0] for name in names), (names, r.output)
+
+
+# (file changed, key path in its JSON, crafted value, file the refusal names)
+CRAFTS = {
+    "root claiming 10^7 views": ("zarr.json", ("attributes", "views"), 10 ** 7, "zarr.json"),
+    "config embed_dim of 10^9": ("mae/zarr.json", ("attributes", "config", "embed_dim"), 10 ** 9,
+                                 "mae/tokens/zarr.json"),
+    "absurd token shape": ("mae/tokens/zarr.json", ("shape",), [2, 13, 99, 10 ** 9], "mae/tokens/zarr.json"),
+}
+
+
+@pytest.mark.parametrize("craft", CRAFTS)
+def test_verify_and_train_refuse_crafted_metadata_in_one_line_naming_the_file(prepared_data, teacher_store,
+                                                                               tmp_path, craft):
+    file, keys, value, named = CRAFTS[craft]
+    store = tmp_path / "store"
+    shutil.copytree(teacher_store, store)
+    meta = json.loads((store / file).read_text())
+    node = meta
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    (store / file).write_text(json.dumps(meta))
+    problems, _ = verify_store(store, ImageSet.open(prepared_data), progress=False)
+    assert any(f"{store / named}:" in p and "\n" not in p for p in problems), problems
+    start = time.perf_counter()
+    _one_error(["train", "--data", prepared_data, "--store", store, "--out", tmp_path / "run", "--steps", 1,
+                "--batch-size", 8, "--device", "cpu"], store / named)
+    assert time.perf_counter() - start < 30
