@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+import google_crc32c
 import numpy as np
 
 from store.manifest import COLUMNS, FORMAT, FORMAT_VERSION, MANIFEST, dataset_digest, load_columns, sha256_file
@@ -245,13 +246,19 @@ class ImageSet:
 
     def read(self, i: int) -> ImageBytes:
         """Encoded image bytes of sample i, exactly as in SRC, carrying ``origin(i)`` for the
-        messages of a decoder that fails on them (thread-safe)."""
+        messages of a decoder that fails on them (thread-safe). Where the table has the
+        ``crc32c`` column (every prepare since it was added), the bytes are checked against it:
+        a damaged image is an OSError naming it, its source file and its shard."""
         i = self._check(i)
         shard, offset, size = int(self.shard_of[i]), int(self.offsets[i]), int(self.sizes[i])
         data = self._files.pread(shard, self.tar_path(shard), size, offset)
         if len(data) != size:
             raise OSError(f"ImageSet: short read of sample {i} from {self.tar_path(shard)} "
                           f"({len(data)} of {size} bytes at offset {offset}): the shard is damaged")
+        crc = self._columns.get("crc32c")
+        if crc is not None and google_crc32c.value(data) != int(crc[i]):
+            raise OSError(f"ImageSet: {self.origin(i)}: its bytes differ from their crc32c in {self.root / COLUMNS} "
+                          f"(the shard is damaged); restore it, or prepare the source again")
         return ImageBytes(data, self.origin(i))
 
     def read_many(self, indices: Sequence[int] | np.ndarray) -> list[ImageBytes]:

@@ -32,6 +32,9 @@ COLUMN_DTYPES = [
     ("offset", "<i8"), ("size", "<i8"), ("orientation", "u1"), ("mode", "u1"), ("ext", "u1"),
     ("source_end", "<i8"), ("source_bytes", "u1"),
 ]
+# columns a table may lack (written by later code; readers of the format ignore unknown columns):
+# crc32c, each sample's image bytes' crc32c (Castagnoli), checked by every ``ImageSet.read``
+OPTIONAL_COLUMNS = [("crc32c", "<u4")]
 
 
 def sample_key(index: int) -> str:
@@ -61,7 +64,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def columns_blob(columns: dict[str, np.ndarray]) -> tuple[bytes, list[dict]]:
     parts, layout, offset = [], [], 0
-    for name, dtype in COLUMN_DTYPES:
+    for name, dtype in [*COLUMN_DTYPES, *((n, d) for n, d in OPTIONAL_COLUMNS if n in columns)]:
         array = np.ascontiguousarray(columns[name], dtype=dtype)
         pad = (-offset) % ALIGN
         parts.append(b"\0" * pad)

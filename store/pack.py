@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import google_crc32c
 import numpy as np
 
 from store import views as V
@@ -215,6 +216,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
     # compact growing columns (1.28M Python ints per column would cost ~40 MB each)
     cols = {name: array("q" if dtype == "<i8" else "B") for name, dtype in COLUMN_DTYPES
             if name not in ("source_end", "source_bytes")}
+    cols["crc32c"] = array("L")
     sources: list[bytes] = []
     modes: list[str] = []
     exts: list[str] = []
@@ -247,7 +249,8 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
             for name, value in (("index", index), ("label", item.label), ("width", info.width),
                                 ("height", info.height), ("shard", shard), ("offset", offset),
                                 ("size", len(data)), ("orientation", info.orientation),
-                                ("mode", modes.index(info.mode)), ("ext", exts.index(info.ext))):
+                                ("mode", modes.index(info.mode)), ("ext", exts.index(info.ext)),
+                                ("crc32c", google_crc32c.value(data))):
                 cols[name].append(value)
             sources.append(os.fsencode(item.source))
         if writer is not None:
@@ -261,7 +264,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
     if listing.kind == "webdataset" and not classes:
         classes = [listing.json_names.get(k, str(k)) for k in range(max(cols["label"]) + 1)]
     source_lengths = np.array([len(s) for s in sources], dtype=np.int64)
-    columns = {name: np.frombuffer(values, dtype=np.int64 if values.typecode == "q" else np.uint8)
+    columns = {name: np.asarray(values, dtype={"q": np.int64, "B": np.uint8, "L": np.uint32}[values.typecode])
                for name, values in cols.items()}
     columns["source_end"] = np.cumsum(source_lengths)
     columns["source_bytes"] = np.frombuffer(b"".join(sources), dtype=np.uint8)

@@ -186,12 +186,19 @@ class TeacherStore:
         arrays = dict(index=index.astype(np.int64), view=np.asarray(view, np.int16),
                       boxes=np.asarray(boxes, np.int32), flips=np.asarray(flips, bool),
                       visible=np.asarray(visible, np.int16), **payload)
-        for key, value in arrays.items():
-            self.array(key).with_config(WRITE)[slot, rows] = value
-        for key in arrays:
-            fsync_tree(self.path / key / "c" / str(slot) / str(shard))
-        self.group["complete"][slot, shard] = n
-        fsync_tree(self.path / "complete" / "c" / str(slot) / str(shard))
+        key = None
+        try:
+            for key, value in arrays.items():
+                self.array(key).with_config(WRITE)[slot, rows] = value
+            for key in arrays:
+                fsync_tree(self.path / key / "c" / str(slot) / str(shard))
+            key = "complete"
+            self.group["complete"][slot, shard] = n
+            fsync_tree(self.path / "complete" / "c" / str(slot) / str(shard))
+        except OSError as error:        # a full disk: name the file (zarr's error names none)
+            raise OSError(error.errno, f"cannot write {self.block_file(key, slot, shard)} (teacher {self.name!r}, "
+                                       f"block (slot {slot}, shard {shard})): {error.strerror or error}; the block "
+                                       "stays incomplete, and a rerun of extract writes it again") from error
 
     # -- reading ----------------------------------------------------------------------
     def read_block(self, slot: int, shard: int, *, payload: bool = True) -> dict[str, np.ndarray]:

@@ -200,3 +200,49 @@ def test_a_version_3_store_whose_arrays_lack_checksums_is_a_problem_for_verify(p
         _write(tmp_path / "stripped", data, "fp16", views=1)
     problems, summary = verify_store(tmp_path / "stripped", data, progress=False)
     assert problems == ["mae: its arrays have no crc32c, which format_version 3 requires"] and summary["notes"] == []
+
+
+def test_a_flipped_image_byte_is_named_by_verify_rehash_and_refused_by_train(stores, prepared_data, tmp_path):
+    """The image shards: verify --rehash-data names the tar, and training from the images (the
+    fp16 store holds no view pixels) refuses the damaged image by its crc32c, naming it."""
+    from extract.verify import verify_report
+
+    copy = tmp_path / "data"
+    shutil.copytree(prepared_data, copy)
+    data = ImageSet.open(copy)
+    tar = data.tar_path(SHARD)
+    damaged = np.flatnonzero(data.shard_of == SHARD)              # each image of the shard: an epoch
+    for i in damaged:                                             # leaves out a remainder of images
+        _flip(tar, int(data.offsets[i]) + int(data.sizes[i]) // 2)
+    lines, problems = verify_report(stores / "fp16", copy)
+    assert problems == [] and f"images: the 3 shards of {copy} were not re-hashed (--rehash-data re-hashes them)" in lines
+    _, problems = verify_report(stores / "fp16", copy, rehash_data=True)
+    assert problems == [f"{tar}: its sha256 differs from the one in {copy / 'manifest.json'} (its bytes changed "
+                        "after prepare)"]
+    with pytest.raises(OSError) as e:
+        _train_reads(stores / "fp16", data, epoch=0)
+    assert any(str(e.value) == (f"ImageSet: image {i} ({data.source(i)}, in {tar}): its bytes differ from their crc32c "
+                                f"in {copy / 'manifest.columns'} (the shard is damaged); restore it, or prepare the "
+                                "source again") for i in damaged), str(e.value)
+
+
+def test_a_full_disk_while_a_block_is_written_names_its_file_and_leaves_it_incomplete(prepared_data, tmp_path,
+                                                                                     monkeypatch):
+    import errno
+
+    data = ImageSet.open(prepared_data)
+    _write(tmp_path / "store", data, "fp16", views=1)
+    ts = FeatureStore.open(tmp_path / "store").teacher(TEACHER)
+    block = ts.read_block(0, 0)
+    ts.group["complete"][0, 0] = 0                                  # to be written again
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(teacherstore, "fsync_tree", full)
+    with pytest.raises(OSError) as e:
+        ts.write_block(0, 0, payload={"tokens": block["tokens"]},
+                       **{k: block[k] for k in ("index", "view", "boxes", "flips", "visible")})
+    assert e.value.errno == errno.ENOSPC and str(e.value) == (
+        f"[Errno 28] cannot write {ts.block_file('index', 0, 0)} (teacher 'mae', block (slot 0, shard 0)): No space "
+        "left on device; the block stays incomplete, and a rerun of extract writes it again")
+    assert not ts.is_complete(0, 0)

@@ -10,6 +10,7 @@ cannot be loosened unnoticed). See docs/performance.md ("Decoding").
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -248,28 +249,37 @@ def test_dali_error_names_the_bad_sample_and_decoder_recovers(all_photos):
 
 @pytest.mark.parametrize("decoder", ["pil", "dali"])
 def test_a_damaged_image_is_named_by_its_index_source_file_and_shard(prepared_data, tmp_path, decoder):
-    """A byte flipped in a packed PNG after prepare: the batch decoder's one-line error names
-    the global index, the source file and the shard tar, not a position in the batch."""
+    """A byte flipped in a packed PNG after prepare: ``ImageSet.read`` refuses it by its crc32c,
+    naming the global index, the source file and the shard tar; bytes that reach a batch
+    decoder damaged anyway (a table without the crc32c column) get the same names in its
+    one-line error, not a position in the batch."""
     import shutil
 
+    from store.imageset import ImageBytes
     from store.shards import ImageSet
 
     copy = tmp_path / "data"
     shutil.copytree(prepared_data, copy)
     ds = ImageSet.open(copy)
     i = next(i for i in range(len(ds)) if ds.source(i) == "science/coins.png")
+    name = f"image {i} (science/coins.png, in {ds.tar_path(int(ds.shard_of[i]))})"
+    good = ds.read(i)
     with open(ds.tar_path(int(ds.shard_of[i])), "r+b") as f:                  # a byte of its IDAT
         f.seek(int(ds.offsets[i]) + int(ds.sizes[i]) // 2)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(OSError, match=re.escape(f"ImageSet: {name}: its bytes differ from their crc32c")):
+        ds.read(i)
+    half = len(good) // 2
+    damaged = ImageBytes(good[:half] + bytes([good[half] ^ 0xFF]) + good[half + 1:], good.origin)
     index = np.array([(i + 1) % len(ds), i])
     boxes = np.array([[0, 0, int(ds.widths[k]), int(ds.heights[k])] for k in index])
     decode = make_decoder(decoder, batch_size=2, device="cpu", num_threads=1)
     with pytest.raises(DecodeError) as caught:
-        decode(ds.read_many(index), boxes, np.zeros(2, bool))
+        decode([ds.read(int(index[0])), damaged], boxes, np.zeros(2, bool))
     message = str(caught.value)
-    assert f"image {i} (science/coins.png, in {ds.tar_path(int(ds.shard_of[i]))})" in message
+    assert name in message
     assert "\n" not in message and "of the batch" not in message
 
 
