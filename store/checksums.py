@@ -1,6 +1,7 @@
 """The checksums of a feature store (docs/format.md, "Checksums"): the codecs that put a crc32c
 on every stored byte of a teacher's arrays (format_version 3), the statistics' digest, and what
-a failed check is called in a message. store/features.py writes and checks them."""
+a failed check is called in a message. store/features.py and store/teacherstore.py write and
+check them."""
 from __future__ import annotations
 
 import hashlib
