@@ -94,17 +94,11 @@ def _not_written(path: Path, error: OSError) -> OSError:
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened or synced)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        fsync_path(folder)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def fsync_path(path: str | Path) -> None:

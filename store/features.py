@@ -174,6 +174,7 @@ class FeatureStore:
         self.data_digest = a["data_digest"]
         self.shards = [tuple(s) for s in a["shards"]]
         self.shard_size = max(c for _, c in self.shards) if self.shards else 0
+        self._teacher_stores: dict[str, TeacherStore] = {}     # opened and checked once (``teacher``)
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -246,11 +247,15 @@ class FeatureStore:
         return sorted(name for name, _ in self.group.groups() if name != PIXELS)
 
     def teacher(self, name: str) -> "TeacherStore":
-        if name not in self.teachers:
-            raise StoreError(f"{self.path}: no teacher {name!r} in this store (has {self.teachers})")
-        group = self.group[name]
-        self._check_teacher(name, group)
-        return TeacherStore(self, group)
+        """The teacher's group, its metadata checked (``_check_teacher``) on its first open from
+        this FeatureStore; later calls return the same TeacherStore."""
+        if name not in self._teacher_stores:
+            if name not in self.teachers:
+                raise StoreError(f"{self.path}: no teacher {name!r} in this store (has {self.teachers})")
+            group = self.group[name]
+            self._check_teacher(name, group)
+            self._teacher_stores[name] = TeacherStore(self, group)
+        return self._teacher_stores[name]
 
     def create_teacher(self, name: str, config: dict) -> "TeacherStore":
         """Create the teacher's arrays (whole, or not at all: ``create_group_whole``), or open

@@ -19,7 +19,10 @@ from PIL import Image, UnidentifiedImageError
 
 from store.errors import ExpectedError
 
-__all__ = ["BadImage", "PrepareError", "ImageInfo", "FORMAT_EXT", "inspect_image"]
+__all__ = ["BadImage", "PrepareError", "ImageInfo", "FORMAT_EXT", "PIL_ERRORS", "inspect_image"]
+
+# what PIL raises on bytes it cannot decode (a box outside the image: ValueError)
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 # PIL format -> extension stored in the shards. Only formats DALI's image decoder reads.
 FORMAT_EXT = {
@@ -99,7 +102,7 @@ def inspect_image(data: bytes, *, source: str) -> ImageInfo:
         raise BadImage(source, "not an image PIL can identify") from None
     except Image.DecompressionBombError as error:
         raise BadImage(source, f"too large: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+    except PIL_ERRORS as error:
         raise BadImage(source, f"cannot decode ({type(error).__name__}: {error})") from None
     if width <= 0 or height <= 0:
         raise BadImage(source, f"empty image {width}x{height}")

@@ -29,7 +29,7 @@ from store.decode.stored import pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
 from store.viewpixels import ViewPixels
 
-__all__ = ["SampleView", "load_sample", "mask_image"]
+__all__ = ["SampleView", "open_store", "load_sample", "mask_image"]
 
 PATCH = 16
 
@@ -59,20 +59,29 @@ class SampleView:
     tokens: dict | None = None
 
 
+def open_store(store_path, data) -> FeatureStore:
+    """The store at ``store_path``, which must have been extracted from ``data`` (a
+    ``store.shards.ImageSet``); else StoreError naming both."""
+    try:
+        return FeatureStore.open(store_path, data=DataInfo.of(data))
+    except StoreError as error:
+        raise StoreError(f"{error}\n  (the store was not extracted from the data at {data.root}: "
+                         "pass the --data it was made from)") from None
+
+
 def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | None = None,
                 n_student: int = V.STUDENT_VISIBLE, teachers: list[str] | None = None,
                 with_tokens: bool = False) -> SampleView:
     """Read sample (index, view) of the store at ``store_path`` extracted from ``data``.
 
-    data: a ``store.shards.ImageSet``. epoch: the student mask's epoch (default: the first
-    epoch that trains on this view). Raises ``StoreError`` if the store does not belong to
-    ``data`` or the block is incomplete, ``IndexError`` for an index or view out of range.
+    store_path: a path, or a FeatureStore that ``open_store(path, data)`` opened (callers that
+    read many samples open it once). data: a ``store.shards.ImageSet``. epoch: the student
+    mask's epoch (default: the first epoch that trains on this view). Raises ``StoreError`` if
+    the store does not belong to ``data`` or the block is incomplete, ``IndexError`` for an
+    index or view out of range.
     """
-    try:
-        fs = FeatureStore.open(store_path, data=DataInfo.of(data))
-    except StoreError as error:
-        raise StoreError(f"{error}\n  (the store was not extracted from the data at {data.root}: "
-                         "pass the --data it was made from)") from None
+    fs = store_path if isinstance(store_path, FeatureStore) else open_store(store_path, data)
+    store_path = fs.path
     if not 0 <= index < fs.num_samples:
         raise IndexError(f"index {index} is out of range: {store_path} holds images 0..{fs.num_samples - 1}")
     if not 0 <= view < fs.views:

@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 
 FORMAT = "comad-images"
@@ -46,11 +47,22 @@ def shard_stem(shard: int) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    return _digests(path, crc32c=False)[0]
+
+
+def file_digests(path: Path) -> tuple[str, int]:
+    """(sha256 hex digest, crc32c) of the file at ``path``, read once."""
+    return _digests(path, crc32c=True)
+
+
+def _digests(path: Path, *, crc32c: bool) -> tuple[str, int | None]:
+    digest, crc = hashlib.sha256(), 0 if crc32c else None
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()
+            if crc32c:
+                crc = google_crc32c.extend(crc, block)
+    return digest.hexdigest(), crc
 
 
 def write_atomic(path: Path, data: bytes) -> None:

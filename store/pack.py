@@ -30,7 +30,7 @@ from store.imageset import ImageSet
 from store.imagesource import BadImage, ImageInfo, PrepareError, SourceItem, SourceListing, inspect_image, list_source
 from store.manifest import (
     COLUMN_DTYPES, COLUMNS, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_DIR, columns_blob, dataset_digest, sample_key,
-    sha256_file, shard_stem, write_atomic,
+    file_digests, shard_stem, write_atomic,
 )
 from store.roles import Role
 
@@ -98,7 +98,7 @@ class ShardWriter:
         self._file.close()
         index_text = f"v1.2 {self.count}\n" + "".join(line + "\n" for line in self._index_lines)
         write_atomic(self.idx_path, index_text.encode())
-        sha = sha256_file(self._tmp)
+        sha, self.crc32c = file_digests(self._tmp)      # crc32c: the view tars' records (viewpixels)
         size = self._tmp.stat().st_size
         os.replace(self._tmp, self.tar_path)
         return {"name": self.stem, "index": self.shard, "first": self.first, "count": self.count,

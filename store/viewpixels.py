@@ -181,7 +181,7 @@ class ViewPixels:
         fsync_path(folder)
         rec = dict(slot=int(slot), shard=int(shard), first=int(first), count=info["count"], form=self.form,
                    tar_bytes=info["bytes"], tar_sha256=info["sha256"], idx_sha256=sha256_file(writer.idx_path),
-                   tar_crc32c=google_crc32c.value(writer.tar_path.read_bytes()))
+                   tar_crc32c=writer.crc32c)
         write_atomic(self.block_path(slot, shard, "json"), json.dumps(rec, sort_keys=True).encode())
         fsync_path(folder)
 
@@ -198,13 +198,15 @@ class ViewPixels:
             out.append((ext, int(offset), int(size), name))
         return out
 
-    def read_block(self, slot: int, shard: int, *, check: bool = True) -> tuple[np.ndarray, list[bytes]]:
+    def read_block(self, slot: int, shard: int, *, check: bool = True,
+                   sha256: bool = False) -> tuple[np.ndarray, list[bytes]]:
         """One complete block: index (n,) int64 and the n stored views' bytes, in order.
 
         Tar and index are read whole and, with ``check`` (False only to measure what it costs,
         bench/datapath.py), compared with the completion record as they are read: the tar's
-        crc32c (its sha256 where the record has none: written before format_version 3), the
-        index's sha256. A missing or differing file is a StoreError naming slot, shard and file."""
+        crc32c (its sha256 where the record has none: written before format_version 3; with
+        ``sha256``, both), the index's sha256. A missing or differing file is a StoreError
+        naming slot, shard and file."""
         rec = self.record(slot, shard)
         if rec is None or rec.get("count") != self.root.shards[shard][1]:
             raise StoreError(f"{self.path}: view block (slot {slot}, shard {shard}) is not complete; "
@@ -215,12 +217,13 @@ class ViewPixels:
         if keys != [sample_key(i) for i in range(first, first + count)]:
             raise StoreError(f"{self.block_path(slot, shard, 'idx')}: members are not images "
                              f"{first}..{first + count - 1} in order")
-        tar = self._read(slot, shard, "tar", rec if check else None)
+        tar = self._read(slot, shard, "tar", rec if check else None, sha256=sha256)
         return np.arange(first, first + count, dtype=np.int64), [tar[o:o + n] for _, o, n, _ in entries]
 
     def _read(self, slot: int, shard: int, suffix: str, rec: dict | None, *, sha256: bool = False) -> bytes:
         """The block's tar or idx file, checked against the completion record ``rec`` (None: not):
-        by the tar's crc32c where the record has one and ``sha256`` is not asked, else sha256."""
+        a tar by its crc32c where the record has one, and by its sha256 where it has none or
+        ``sha256`` is asked; an index by its sha256."""
         path = self.block_path(slot, shard, suffix)
         try:
             data = path.read_bytes()
@@ -228,12 +231,11 @@ class ViewPixels:
             raise self._damaged(path, slot, shard, "is missing") from None
         if rec is None:
             return data
-        if suffix == "tar" and "tar_crc32c" in rec and not sha256:
-            same, digest = google_crc32c.value(data) == rec["tar_crc32c"], "crc32c"
-        else:
-            same, digest = hashlib.sha256(data).hexdigest() == rec.get(f"{suffix}_sha256"), "sha256"
-        if not same:
-            raise self._damaged(path, slot, shard, f"differs from its completion record ({digest})")
+        crc = suffix == "tar" and "tar_crc32c" in rec
+        if crc and google_crc32c.value(data) != rec["tar_crc32c"]:
+            raise self._damaged(path, slot, shard, "differs from its completion record (crc32c)")
+        if (sha256 or not crc) and hashlib.sha256(data).hexdigest() != rec.get(f"{suffix}_sha256"):
+            raise self._damaged(path, slot, shard, "differs from its completion record (sha256)")
         return data
 
     def check_block(self, slot: int, shard: int) -> list[str]:
@@ -244,8 +246,7 @@ class ViewPixels:
             rec = self.record(slot, shard)
             if rec is None or not self.is_complete(slot, shard):
                 return [f"{where}: incomplete (no completion record for all its images)"]
-            _, datas = self.read_block(slot, shard)
-            self._read(slot, shard, "tar", rec, sha256=True)
+            _, datas = self.read_block(slot, shard, sha256=True)
         except StoreError as error:
             return [f"{where}: {error}"]
         if any(ext != self.ext for ext, _, _, _ in self._index(slot, shard, self.block_path(slot, shard, "idx")

@@ -31,7 +31,7 @@ from core.run import load_checkpoint
 from store import views as V
 from store.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
-from store.inspect import SampleView, load_sample
+from store.inspect import SampleView, load_sample, open_store
 from train.config import teacher_names
 from train.objective import STUDENT_FREE_GATE, distill_losses, fused_targets
 
@@ -129,14 +129,15 @@ def load_samples(store_path, data, *, indices, views=None, epoch: int | None = N
     ``adapters_from``: the store whose statistics built the adapters that will read these
     tokens (``load_run``'s), when it is not ``store_path``; its basis must be theirs
     (``train.requirements.check_same_basis``, StoreError)."""
+    fs = open_store(store_path, data)                 # once for every sample
     if adapters_from is not None:
         from train.requirements import check_same_basis
 
-        fs, ref = FeatureStore.open(store_path), FeatureStore.open(adapters_from)
+        ref = FeatureStore.open(adapters_from)
         for name in teachers or fs.teachers:
             check_same_basis(fs.teacher(name), ref.teacher(name))
     views = [0] * len(indices) if views is None else list(views)
-    return [load_sample(store_path, data, index=int(i), view=int(v), epoch=epoch, teachers=teachers,
+    return [load_sample(fs, data, index=int(i), view=int(v), epoch=epoch, teachers=teachers,
                         with_tokens=True) for i, v in zip(indices, views)]
 
 

@@ -4,8 +4,6 @@ within ``pixels.VIEW_BOUND`` / ``pixels.MEAN_BOUND``."""
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from typing import Sequence
 
 import numpy as np
@@ -14,9 +12,7 @@ from PIL import Image
 
 from store.decode.pixels import SIXTEEN_BIT_MODES, SIZE, check_box, crop_corners, normalize_uint8, to_rgb
 from store.decoders import DecodeError, sample_name
-
-# what PIL raises on bytes it cannot decode (or a box outside the image)
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+from store.imagecheck import PIL_ERRORS
 
 
 def pil_view(data: bytes, box: Sequence[int], flip: bool, size: int = SIZE) -> np.ndarray:
@@ -65,7 +61,7 @@ def pil_views(
     for k, data in enumerate(datas):
         try:
             pixels[k] = pil_view(data, boxes[k], bool(flips[k]), size=size)
-        except _PIL_ERRORS as error:
+        except PIL_ERRORS as error:
             raise DecodeError(f"{sample_name(datas, k)}: PIL cannot decode its view with crop box "
                               f"{boxes[k].tolist()} ({type(error).__name__}: {error})") from error
     batch = torch.from_numpy(pixels)
