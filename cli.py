@@ -5,16 +5,16 @@ Click commands only (no logic): each parses its options, builds what it needs an
 """
 import click
 
-from store.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
-from store.errors import ExpectedError
-from store.teachers import DESCRIPTORS
+from data.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
+from core.errors import ExpectedError
+from teachers.descriptors import DESCRIPTORS
 from train.export_options import EXPORT_PARAMS
 from train.train_options import TRAIN_PARAMS
 
 CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
 
 # What a command reports as ``Error: <message>`` (exit status 1) instead of a traceback:
-# the project's own errors (store/errors.py: a bad store, data, checkpoint, config or demo
+# the project's own errors (core/errors.py: a bad store, data, checkpoint, config or demo
 # setting, a diverged loss), ValueError (Python's type for a bad value given by the caller;
 # the config, layout and checkpoint checks raise it), OSError (missing, unreadable or
 # unwritable files, a full disk) and FloatingPointError (a diverged evaluation). Anything
@@ -67,7 +67,7 @@ def prepare(src, out, shard_size, seed, pattern, skip_bad, workers, progress):
     Samples are written in a seeded pseudo-random order, so every shard mixes the classes.
 
     Re-running on a finished OUT does nothing; an unfinished OUT is redone."""
-    from store.shards import prepare as prepare_images
+    from data.shards import prepare as prepare_images
 
     prepare_images(src, out, shard_size=shard_size, seed=seed, pattern=pattern, skip_bad=skip_bad,
                    progress=progress, workers=workers, echo=lambda message: click.echo(message, err=True))
@@ -89,7 +89,7 @@ def inspect(store_path, data, index, view, epoch, run_dir, out, device):
     """Draw one sample of STORE: the view (decoded crop), each teacher's mask, the student's mask
     and, with --run, the gate weights w_k(p) of each teacher at every position."""
     from store.inspect import load_sample
-    from store.shards import ImageSet
+    from data.shards import ImageSet
     from train.plots import render_panel
 
     try:
@@ -162,10 +162,10 @@ def extract(teacher, data, store_path, checkpoint, random_init, views, seed, cod
     """Stage 1: run one teacher over every (image, view) of DATA into the STORE.
 
     Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards."""
-    from extract import dist
+    from core import dist
     from extract.runner import Extractor, run_extraction, teacher_input
-    from extract.teachers import build_teacher
-    from store.shards import ImageSet
+    from teachers.vit import build_teacher
+    from data.shards import ImageSet
 
     device, decoder = dist.local_device(_device(device)), resolve_decoder(decoder)
     dist.init_from_env(device)
@@ -206,7 +206,7 @@ def verify(store_path, data, teachers, no_values, rehash_data):
     with --rehash-data, DATA's image shards too (its sample table is hashed on every open).
 
     Exits non-zero on any problem."""
-    from extract.verify import verify_report
+    from store.verify import verify_report
 
     lines, problems = verify_report(store_path, data, teachers=list(teachers) or None, scan_values=not no_values,
                                     rehash_data=rehash_data)
@@ -315,7 +315,7 @@ for _task in ("knn", "linear", "finetune", "detection", "segmentation"):
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out",
               help="Folder for everything the demo makes; a rerun reuses what is there.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder holding the teachers' official files (extract/checkpoints.py names); "
+              help="Folder holding the teachers' official files (teachers/checkpoints.py names); "
                    "teachers without one are untrained (random init).")
 @click.option("--copies", type=int, default=None, help="Training images = 13 photos x COPIES crops.")
 @click.option("--heldout-copies", type=int, default=None,

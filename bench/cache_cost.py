@@ -43,10 +43,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.runner import run_extraction  # noqa: E402
-from extract.teachers import build_teacher  # noqa: E402
-from store import views as V  # noqa: E402
-from store.shards import ImageSet, prepare  # noqa: E402
-from store.teachers import PAPER_TEACHERS  # noqa: E402
+from teachers.vit import build_teacher  # noqa: E402
+from data import views as V  # noqa: E402
+from data.shards import ImageSet, prepare  # noqa: E402
+from teachers.descriptors import PAPER_TEACHERS  # noqa: E402
 from train import diagnostics  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loader import CachedSource, OnlineSource, Plan  # noqa: E402
@@ -68,9 +68,9 @@ def demo_data(root: Path, *, copies: int, heldout_copies: int, max_side: int = 2
 
 
 def make_teachers(names, *, checkpoints, depth: int, device: str) -> dict:
-    """Official teachers from ``checkpoints`` (a folder of extract/checkpoints.py files), else
+    """Official teachers from ``checkpoints`` (a folder of teachers/checkpoints.py files), else
     seeded random-init ones with ``depth`` blocks."""
-    from extract.checkpoints import TEACHERS as SPECS
+    from teachers.checkpoints import TEACHERS as SPECS
     if checkpoints:
         return {n: build_teacher(n, checkpoint=Path(checkpoints) / SPECS[n].filename, device=device) for n in names}
     kwargs = None if depth == 12 else {"depth": depth}

@@ -13,7 +13,7 @@ stored arrays (visible patches, codec payload) of the batch's rows:
   fp16 tokens (``read_block``, 547 KB/sample);
 - ``view_jpeg``: the stored view (``extract --view-pixels jpeg``: 224x224 JPEG q95, 4:4:4)
   read from the tar aligned with the block (``ViewPixels.read_block``), decoded whole by the
-  training decoder of stored views (``store/decode/stored.py``, DALI) to uint8 HWC, as
+  training decoder of stored views (``data/decode/stored.py``, DALI) to uint8 HWC, as
   training hands it to the device, which normalises it (``materialize``); adapter-space int8
   features (``--codec adapter``, 69 KB/sample);
 - ``raw``: the stored view as raw uint8 224x224x3 pixels (``--view-pixels raw``: nothing to
@@ -60,10 +60,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from store import codecs  # noqa: E402
-from store import views as V  # noqa: E402
-from store.decode import make_decoder  # noqa: E402
-from store.decode.pixels import SIZE  # noqa: E402
-from store.teachers import PAPER_TEACHERS, VIT_B_WIDTH  # noqa: E402
+from data import views as V  # noqa: E402
+from data.decode import make_decoder  # noqa: E402
+from data.decode.pixels import SIZE  # noqa: E402
+from teachers.descriptors import PAPER_TEACHERS, VIT_B_WIDTH  # noqa: E402
 
 TEACHERS = PAPER_TEACHERS
 PATHS = {"today": ("fp16", "original"), "view_jpeg": ("adapter", "jpeg"), "raw": ("adapter", "raw")}
@@ -117,7 +117,7 @@ def write_view_pixels(store: Path, data, form: str, *, seed: int = 0, views: int
     """Each (slot, shard) block's views as the teacher saw them (crop, resize, flip: the PIL
     reference decoder's uint8 pixels) through the extraction's writer
     (store/viewpixels.ViewPixels.write_block: ``STORE/pixels/slot-<s>/shard-<k>.tar``)."""
-    from store.decode.pil import pil_view
+    from data.decode.pil import pil_view
     from store.features import FeatureStore
     from store.viewpixels import ViewPixels
 
@@ -151,7 +151,7 @@ def build_fixture(root: Path, *, count: int, shard_size: int, seed: int = 0, unc
     """The photos, their packed data and the stores; with ``unchecked`` also each store written
     as format_version 2 (``unchecked_format``), keyed ``<store>-unchecked``."""
     from samples.imagenet_like import size_summary, write_imagenet_like
-    from store.shards import prepare
+    from data.shards import prepare
 
     photos = write_imagenet_like(root / "photos", count=count, seed=seed)
     data = prepare(photos, root / "data", shard_size=shard_size, progress=False)
@@ -180,7 +180,7 @@ class Path_:
         self.name = name if checks else f"{name} (no checksums)"
         codec, self.pixels = PATHS[name]
         self.data = fx["data"]
-        from store.decode.stored import make_view_decoder
+        from data.decode.stored import make_view_decoder
         from store.viewpixels import ViewPixels
 
         fs = FeatureStore.open(fx["stores"][STORES[name] + ("" if checks else "-unchecked")])

@@ -7,7 +7,7 @@
 
 Photos: scikit-image's bundled photographs, resized to ImageNet's typical size (long
 side 500, e.g. 500x375) and re-encoded as JPEG quality 90 (about 50-100 kB each, like
-ImageNet's train images). Views: ``store.views.view_params`` (RandomResizedCrop boxes
+ImageNet's train images). Views: ``data.views.view_params`` (RandomResizedCrop boxes
 and flips), output 224x224, normalised float32, the exact work of extraction and
 training. Every path decodes the same list of (bytes, box, flip).
 
@@ -17,7 +17,7 @@ Rows:
   dali-cpu T thr   DaliViewDecoder(device="cpu", num_threads=T), 2 batches in flight;
   dali-cuda        DaliViewDecoder(device="cuda") (only with --device cuda);
   stored-*         the same views stored once (store/viewpixels.py: 224 px JPEG q95 or raw)
-                   and decoded by store/decode/stored.py: pil, dali-cpu, raw (np.frombuffer),
+                   and decoded by data/decode/stored.py: pil, dali-cpu, raw (np.frombuffer),
                    dali-cuda (the mixed decoder, with --device cuda);
   view-round-trip  what extraction adds per view when the store keeps JPEG views: encode the
                    decoded crop (q95) and decode it with PIL (the teacher's input then), in
@@ -93,7 +93,7 @@ def views_of(datas: list[bytes], count: int, seed: int = 0):
     """``count`` views cycling over ``datas``: (list of bytes, boxes (count, 4), flips (count,))."""
     from PIL import Image
 
-    from store.views import view_params
+    from data.views import view_params
 
     dims = np.array([Image.open(io.BytesIO(d)).size for d in datas])
     photo = np.arange(count) % len(datas)
@@ -108,7 +108,7 @@ def _one_thread():
 
 
 def _pil_chunk(args):
-    from store.decode import pil_views
+    from data.decode import pil_views
 
     datas, boxes, flips = args
     return pil_views(datas, boxes, flips).shape[0]
@@ -116,7 +116,7 @@ def _pil_chunk(args):
 
 def time_pil(datas, boxes, flips, *, procs: int, batch_size: int) -> float:
     """Seconds for PIL to decode all views, in ``procs`` processes (1: this process)."""
-    from store.decode import pil_views
+    from data.decode import pil_views
 
     chunks = [(datas[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size])
               for s in range(0, len(datas), batch_size)]
@@ -140,7 +140,7 @@ def time_dali(datas, boxes, flips, *, device: str, threads: int, batch_size: int
     """Seconds for DALI to decode all views, 2 batches in flight (after one warm-up batch)."""
     import torch
 
-    from store.decode import DaliViewDecoder
+    from data.decode import DaliViewDecoder
 
     decoder = DaliViewDecoder(batch_size=batch_size, device=device, num_threads=threads, prefetch=2)
     batches = [(datas[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size])
@@ -161,7 +161,7 @@ def time_stored(stored: list[bytes], *, form: str, kind: str, device: str, threa
     """Seconds to decode stored views (bytes of ``form``) with ``kind`` on ``device``."""
     import torch
 
-    from store.decode.stored import make_view_decoder
+    from data.decode.stored import make_view_decoder
 
     decode = make_view_decoder(form, kind, batch_size=batch_size, device=device, num_threads=threads)
     batches = [stored[s:s + batch_size] for s in range(0, len(stored), batch_size)]
@@ -176,7 +176,7 @@ def time_stored(stored: list[bytes], *, form: str, kind: str, device: str, threa
 
 def stored_views(datas, boxes, flips, *, form: str) -> list[bytes]:
     """The views as extraction stores them (``extract --view-pixels form``)."""
-    from store.decode import pil_views
+    from data.decode import pil_views
     from store.viewpixels import encode_view, uint8_views
 
     return [encode_view(form, v) for v in uint8_views(pil_views(datas, boxes, flips))]
@@ -185,7 +185,7 @@ def stored_views(datas, boxes, flips, *, form: str) -> list[bytes]:
 def time_round_trip(datas, boxes, flips, *, batch_size: int) -> float:
     """Seconds of the JPEG view round trip (``store.viewpixels.jpeg_round_trip``, as
     ``Extractor.view_batch`` runs it with ``teacher_input=jpeg``) on views decoded beforehand."""
-    from store.decode import pil_views
+    from data.decode import pil_views
     from store.viewpixels import jpeg_round_trip
 
     decoded = [pil_views(datas[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size])
@@ -199,7 +199,7 @@ def time_round_trip(datas, boxes, flips, *, batch_size: int) -> float:
 
 def agreement(*, views_per_kind: int, batch_size: int) -> list[tuple[str, float, float]]:
     """(kind, mean |DALI - PIL|, max over views of the per-view mean) on the 0..255 scale."""
-    from store.decode import DaliViewDecoder, pil_views
+    from data.decode import DaliViewDecoder, pil_views
 
     decoder = DaliViewDecoder(batch_size=batch_size, device="cpu", num_threads=2, normalize=False)
     rows = []
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="time each row this many times, report the best")
     parser.add_argument("--agreement-views", type=int, default=64, help="views per photo kind in the agreement table (0: skip)")
     args = parser.parse_args(argv)
-    from store.progress import progress_bar
+    from core.progress import progress_bar
 
     photos = make_photos()
     datas, boxes, flips = views_of(photos, args.views)

@@ -33,8 +33,8 @@ REFERENCE_RATE = 3.0      # images/s of one ViT-B forward on the reference machi
 
 def _rates(device: str) -> tuple[float, float]:
     """(masked, full) images/s of a fresh random-init teacher, the paper's first (mae, a ViT-B/16)."""
-    from extract.teachers import build_teacher
-    from store.teachers import PAPER_TEACHERS
+    from teachers.vit import build_teacher
+    from teachers.descriptors import PAPER_TEACHERS
     from train.throughput import teacher_rate
     teacher = build_teacher(PAPER_TEACHERS[0], random_init=True, seed=0, device=device)
     return teacher_rate(teacher, device=device), teacher_rate(teacher, device=device, full=True)

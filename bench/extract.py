@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.runner import Extractor, token_stats  # noqa: E402
-from extract.teachers import build_teacher  # noqa: E402
+from teachers.vit import build_teacher  # noqa: E402
 from store import codecs  # noqa: E402
 from store.features import DataInfo, FeatureStore  # noqa: E402
-from store.teachers import PAPER_TEACHERS, descriptor  # noqa: E402
+from teachers.descriptors import PAPER_TEACHERS, descriptor  # noqa: E402
 
 TEACHERS = PAPER_TEACHERS
 
@@ -124,7 +124,7 @@ def main():
     ap.add_argument("--checkpoints", type=Path, default=None, help="folder with the official teacher files")
     args = ap.parse_args()
     from samples.photos import write_photo_tree
-    from store.shards import prepare
+    from data.shards import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -135,7 +135,7 @@ def main():
         for name in TEACHERS:
             ckpt = None
             if args.checkpoints:
-                from extract.checkpoints import TEACHERS as SPECS
+                from teachers.checkpoints import TEACHERS as SPECS
                 ckpt = args.checkpoints / SPECS[name].filename
             teacher = build_teacher(name, checkpoint=ckpt, random_init=ckpt is None, seed=0, device=args.device)
             ex = Extractor(teacher, ds, seed=0, views=1, batch_size=args.batch_size, device=args.device,

@@ -12,9 +12,9 @@ Sections:
 1. environment: driver, torch and its CUDA, DALI, GPU name and memory; the measured matmul
    peak (bf16 on a GPU, fp32 on the CPU), the denominator of every MFU below;
 2. DALI views vs the PIL reference on every photo kind (mean and worst per-view |diff| on
-   0..255; bounds of tests/store/test_decode.py, doubled for nvJPEG as that test does);
+   0..255; bounds of tests/data/test_decode.py, doubled for nvJPEG as that test does);
 3. decode images/s of DALI on the device vs DALI CPU vs PIL, on the same JPEG photos at
-   ImageNet size (long side 500), 224x224 views from store/views.py;
+   ImageNet size (long side 500), 224x224 views from data/views.py;
 4. teacher masked forward images/s per teacher (bf16 autocast on a GPU) and the fraction of
    the measured peak it reaches;
 5. the real command line on generated photos (long side 500), in subprocesses:

@@ -22,10 +22,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tolerance between decoders (store/decode/pixels.py): worst view and mean over views of
+# The tolerance between decoders (data/decode/pixels.py): worst view and mean over views of
 # |DALI - PIL| on 0..255; the GPU decoder is allowed CUDA_BOUND_SCALE times as much.
-from store.decode.pixels import CUDA_BOUND_SCALE, MEAN_BOUND, VIEW_BOUND
-from store.teachers import PAPER_TEACHERS, VIT_B_WIDTH
+from data.decode.pixels import CUDA_BOUND_SCALE, MEAN_BOUND, VIEW_BOUND
+from teachers.descriptors import PAPER_TEACHERS, VIT_B_WIDTH
 
 TEACHERS = PAPER_TEACHERS
 
@@ -100,7 +100,7 @@ def check_environment(rep: Report, sec: dict, ctx: dict) -> None:
 # -- 2. DALI vs PIL ------------------------------------------------------------------
 def check_agreement(rep: Report, sec: dict, ctx: dict) -> None:
     from bench.decode import kind_photos, views_of
-    from store.decode import DaliViewDecoder, pil_views
+    from data.decode import DaliViewDecoder, pil_views
 
     device = ctx["device"]
     kind = "cuda" if device.type == "cuda" else "cpu"
@@ -145,7 +145,7 @@ def check_decode(rep: Report, sec: dict, ctx: dict) -> None:
                        "the same views; share of the JPEGs given to the hardware decoder (0: nvJPEG CUDA only)")
         best = max(loads, key=loads.get)
         rep.figure(sec, "best hw_decoder_load", best, "", "the measured choice: the default to put in "
-                   "store/decode/dali.py HW_DECODER_LOAD, train/config.py and cli.py")
+                   "data/decode/dali.py HW_DECODER_LOAD, train/config.py and cli.py")
     rows[f"DALI cpu, {cores} threads"] = n / time_dali(datas, boxes, flips, device="cpu", threads=cores,
                                                        batch_size=batch)
     procs = min(cores, 8) if device.type == "cuda" else 1
@@ -161,8 +161,8 @@ def _check_stored_views(rep: Report, sec: dict, rows: dict, datas, boxes, flips,
     """The views stored once (extract --view-pixels jpeg): DALI on ``device`` decodes them as
     PIL does (per-view mean |diff| within the decoders' bound), and how fast."""
     from bench.decode import stored_views, time_stored
-    from store.decode import denormalize
-    from store.decode.stored import make_view_decoder, pil_stored_views
+    from data.decode import denormalize
+    from data.decode.stored import make_view_decoder, pil_stored_views
 
     stored = stored_views(datas, boxes, flips, form="jpeg")
     kind = "cuda" if device.type == "cuda" else "cpu"
@@ -181,7 +181,7 @@ HW_LOADS = (0.0, 0.65, 1.0)
 def time_dali_cuda(datas, boxes, flips, *, device, threads: int, batch_size: int, hw_decoder_load: float) -> float:
     """Seconds for DALI on ``device`` to decode all views with this hardware decoder share,
     2 batches in flight, after one warm-up batch."""
-    from store.decode import DaliViewDecoder
+    from data.decode import DaliViewDecoder
 
     decoder = DaliViewDecoder(batch_size=batch_size, device=device, num_threads=threads, prefetch=2,
                               hw_decoder_load=hw_decoder_load)
@@ -204,8 +204,8 @@ def teacher_flops(n_visible: int, *, width: int = VIT_B_WIDTH, depth: int = 12) 
 
 
 def check_teachers(rep: Report, sec: dict, ctx: dict) -> None:
-    from extract.teachers import build_teacher
-    from store import views as V
+    from teachers.vit import build_teacher
+    from data import views as V
 
     device, size = ctx["device"], ctx["size"]
     b, iters = size["fwd_batch"], size["fwd_iters"]

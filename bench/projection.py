@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import json  # noqa: E402
 
 from extract.estimate import bytes_per_sample  # noqa: E402
-from store import views as V  # noqa: E402
-from store.teachers import PAPER_TEACHERS, VIT_B_WIDTH  # noqa: E402
+from data import views as V  # noqa: E402
+from teachers.descriptors import PAPER_TEACHERS, VIT_B_WIDTH  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.flops import step_flops_per_image  # noqa: E402
 

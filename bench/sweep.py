@@ -58,7 +58,7 @@ def synthetic_store(root: Path, *, images: int, shard_size: int) -> tuple[Path, 
     """(data, store) of the built-in data under ``root`` (module docstring)."""
     from bench.datapath import write_store, write_view_pixels
     from samples.imagenet_like import write_imagenet_like
-    from store.shards import prepare
+    from data.shards import prepare
 
     data = prepare(write_imagenet_like(root / "photos", count=images), root / "data", shard_size=shard_size,
                    progress=False)
@@ -76,7 +76,7 @@ def base_config(data, store, *, batch_size: int, threads: int, overrides=()):
 def time_data_path(cfg, *, steps: int, device: str = "cpu") -> float:
     """Seconds of ``steps`` batches of the run's source (the loop's epochs from step 0, each
     batch materialised on ``device``), no learner; the source is built before the clock starts."""
-    from store.shards import ImageSet
+    from data.shards import ImageSet
     from train.loader import Plan, resolve_data
     from train.sources import build_source
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store.teachers import PAPER_TEACHERS  # noqa: E402
+from teachers.descriptors import PAPER_TEACHERS  # noqa: E402
 from train.throughput import measure  # noqa: E402
 
 
@@ -43,9 +43,9 @@ def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: b
     (fp16 tokens, ``root/store``); ``new_path`` also extracts ``root/store_views`` from the
     same teachers: the adapter-space codec with the views' pixels stored as JPEG."""
     from extract.runner import run_extraction
-    from extract.teachers import build_teacher
+    from teachers.vit import build_teacher
     from samples.photos import write_photo_tree
-    from store.shards import prepare
+    from data.shards import prepare
 
     photos = write_photo_tree(root / "photos", max_side=500, copies=copies)
     data = prepare(photos, root / "data", shard_size=64, progress=progress)

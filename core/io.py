@@ -1,4 +1,5 @@
-"""Durable files and the code's identity: atomic saves, fsync of files and trees, the git commit.
+"""Durable files and the code's identity: atomic saves, fsync of files and trees, file digests,
+the git commit.
 
 An atomic save writes a temporary file beside the target (``NAME.tmp<pid>``), fsyncs it,
 renames it over the target and fsyncs the directory, so that a crash (SIGKILL, power loss)
@@ -9,13 +10,16 @@ sole writer (:func:`remove_temp_files`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["save_atomic", "write_atomic", "remove_temp_files", "fsync_path", "fsync_tree", "git_commit", "git_dirty",
+import google_crc32c
+
+__all__ = ["save_atomic", "write_atomic", "sha256_file", "file_digests", "remove_temp_files", "fsync_path", "fsync_tree", "git_commit", "git_dirty",
            "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +35,26 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` atomically, as :func:`save_atomic` does."""
     return _atomic(Path(path), lambda f: f.write(data.encode() if isinstance(data, str) else data))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (streamed)."""
+    return _digests(Path(path), crc32c=False)[0]
+
+
+def file_digests(path: str | Path) -> tuple[str, int]:
+    """(sha256 hex digest, crc32c) of the file at ``path``, read once."""
+    return _digests(Path(path), crc32c=True)
+
+
+def _digests(path: Path, *, crc32c: bool) -> tuple[str, int | None]:
+    digest, crc = hashlib.sha256(), 0 if crc32c else None
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+            if crc32c:
+                crc = google_crc32c.extend(crc, block)
+    return digest.hexdigest(), crc
 
 
 def remove_temp_files(folder: str | Path) -> list[Path]:

@@ -41,6 +41,8 @@ __all__ = ["Run", "open_run", "lock_folder", "saved_config", "load_checkpoint", 
            "settings_diff", "StepMetrics", "first_non_finite"]
 
 CONFIG, INFO, METRICS, CHECKPOINT, LOCK = "config.yaml", "run.json", "metrics.jsonl", "last.pt", "run.lock"
+RESULT = "result.json"        # an evaluation's record inside its run folder (eval writes, export reads)
+EVAL_ROOT = Path("runs/eval")  # where evaluations put their run folders by default
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -24,7 +24,7 @@ Stages (each prints one line with its time; a second run reuses what the first m
                  self-contained page, OUT/report/report.html (figures embedded).
 
 Teachers are untrained (seeded random init) unless ``checkpoints`` holds their official
-files (names in ``extract/checkpoints.py``); the report says which. Measurements (stages
+files (names in ``teachers/checkpoints.py``); the report says which. Measurements (stages
 6-8) are saved with a key of everything they depend on and reused when it is unchanged.
 OUT is a run folder (core/run.py): OUT/config.yaml holds the resolved settings (a typed config,
 ``DemoSettings``) and OUT/run.json the git commit and the teachers' sources; a rerun with
@@ -74,8 +74,8 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     import torch
 
     from demo import report
-    from extract.verify import verify_store
-    from store.shards import prepare
+    from store.verify import verify_store
+    from data.shards import prepare
     from train import diagnostics as diag
     from train import plots
     from train.loader import steps_per_epoch
@@ -86,7 +86,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     open_folder(out, settings, sources)
     stages, reused, n_stages = [], [], 9
     built: dict = {}
-    from extract.checkpoints import TEACHERS as SPECS
+    from teachers.checkpoints import TEACHERS as SPECS
     echo("teachers: " + "; ".join(
         f"{n} from {src}" if src else
         f"{n} UNTRAINED (random init; no {Path(checkpoints) / SPECS[n].filename if checkpoints else '--checkpoints'})"

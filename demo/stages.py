@@ -12,10 +12,10 @@ import numpy as np
 
 from core.config import TypedConfig, check_choices, check_nonneg, check_positive
 from core.run import INFO, load_checkpoint, saved_config, settings_diff
-from store.decoders import DECODERS, resolve_decoder
+from data.decoders import DECODERS, resolve_decoder
 from store.codecs import CODECS
-from store.errors import ExpectedError
-from store.teachers import PAPER_TEACHERS
+from core.errors import ExpectedError
+from teachers.descriptors import PAPER_TEACHERS
 
 TEACHERS = PAPER_TEACHERS
 MOVABLE = {"data.images", "data.store", "train.out_dir"}    # paths: OUT may move between runs (as train/loop)
@@ -65,7 +65,7 @@ class DemoSettings(TypedConfig):
 
 def teacher_sources(checkpoints) -> dict[str, str | None]:
     """{teacher: official file path, or None for a random-init teacher}."""
-    from extract.checkpoints import TEACHERS as SPECS
+    from teachers.checkpoints import TEACHERS as SPECS
     out = {}
     for name in TEACHERS:
         path = Path(checkpoints) / SPECS[name].filename if checkpoints else None
@@ -95,7 +95,7 @@ def _teacher_done(store: Path, data, name: str, source: str | None, views: int, 
 
 def demo_teacher(name: str, *, sources: dict, settings: DemoSettings, device: str, built: dict):
     """The demo's teacher ``name`` (its official file, or random-init), built once into ``built``."""
-    from extract.teachers import build_teacher
+    from teachers.vit import build_teacher
 
     if name not in built:
         built[name] = (build_teacher(name, checkpoint=sources[name], device=device) if sources[name] else

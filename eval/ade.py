@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from store.decode import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
+from data.decode import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
 
 SPLITS = ("training", "validation")
 IGNORE = 255

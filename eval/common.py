@@ -21,12 +21,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from core.io import git_commit, git_dirty, write_atomic
+from core.run import EVAL_ROOT, RESULT
+from core.io import git_commit, git_dirty, sha256_file, write_atomic
 from core.optim import lr_at
 from core.state import drop_placeholder_head, load_strict, read_state_dict
 from eval.config import parse_model_args
-from store.manifest import sha256_file
-from train.export import EVAL_ROOT, RESULT  # the record's name and root; export (a layer below) reads them
 
 __all__ = [
     "load_backbone",
@@ -116,7 +115,7 @@ def cosine_lr(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: fl
 
 
 def checkpoint_digest(path: Path) -> str:
-    """sha256 hex digest of the file's bytes (``store.manifest.sha256_file``)."""
+    """sha256 hex digest of the file's bytes."""
     return sha256_file(Path(path))
 
 

@@ -3,7 +3,7 @@
 ``EvalImages(root, transform=...)`` reads either layout, detected by the presence of
 ``root/manifest.json``:
 
-- packed: ``store.shards.ImageSet`` (classes and labels from the manifest);
+- packed: ``data.shards.ImageSet`` (classes and labels from the manifest);
 - ImageFolder: ``root/<class name>/<image file>``, classes sorted by name, files
   sorted by path (the ILSVRC-2012 train/val layout).
 
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from store.decode import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD  # the project's one definition
-from store.decode import to_rgb as decode_to_rgb
+from data.decode import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD  # the project's one definition
+from core.keys import derive_seed
+from data.decode import to_rgb as decode_to_rgb
 
 __all__ = [
     "EvalImages",
@@ -42,18 +43,12 @@ __all__ = [
     "finetune_transform",
     "to_rgb",
     "seeded_rngs",
-    "derive_seed",
     "make_loader",
 ]
 
 CROP_PCT = 0.875  # 224 / 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".tif", ".tiff", ".gif")
-
-
-def derive_seed(*keys: int) -> int:
-    """A 32-bit seed from integer keys (counter-based: same keys, same seed)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 @contextlib.contextmanager
@@ -84,7 +79,7 @@ def seeded_rngs(seed: int, *, cuda_devices: Sequence[torch.device] = ()):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB by the project's one set of rules (store/decode/pixels.py: to_rgb)."""
+    """Any PIL mode -> RGB by the project's one set of rules (data/decode/pixels.py: to_rgb)."""
     if img.mode == "RGB":
         return img
     return Image.fromarray(decode_to_rgb(img))
@@ -107,7 +102,7 @@ class EvalImages(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset {self.root}: no such directory")
         if (self.root / "manifest.json").exists():
-            from store.shards import ImageSet
+            from data.shards import ImageSet
 
             self._packed = ImageSet.open(self.root)
             self._files = None
@@ -147,7 +142,7 @@ class EvalImages(torch.utils.data.Dataset):
         reopen = state.pop("_reopen", False)
         self.__dict__.update(state)
         if reopen:
-            from store.shards import ImageSet
+            from data.shards import ImageSet
 
             self._packed = ImageSet.open(self.root)
 

@@ -24,12 +24,13 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from core.optim import lr_at as schedule_lr
 from eval.coco import CocoInstances, collate, evaluate, to_results, write_results
-from eval.data import derive_seed, seeded_rngs
+from core.keys import derive_seed
+from eval.data import seeded_rngs
 from eval.config import DetectionConfig
 from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr
 from eval.pyramid import SimpleFeaturePyramid
-from store.decode import MEAN, STD
-from store.progress import progress_bar
+from data.decode import MEAN, STD
+from core.progress import progress_bar
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 LR_STEPS = (0.889, 0.963)

@@ -9,7 +9,7 @@ segmentation) keep their checkpoint, metrics.jsonl and config.yaml in the same f
 error when there is nothing to resume.
 
 Under torchrun (``WORLD_SIZE`` > 1) the protocols of ``DISTRIBUTED`` run on every rank: each
-joins the process group (``extract.dist``: gloo on the CPU, NCCL on CUDA with ``cuda`` meaning
+joins the process group (``core.dist``: gloo on the CPU, NCCL on CUDA with ``cuda`` meaning
 ``cuda:LOCAL_RANK``), the ranks share the work, and rank 0 alone writes the run folder and
 result.json. The other protocols refuse to run under torchrun.
 """
@@ -50,7 +50,7 @@ def evaluate(cfg: Any, *, out: str | Path | None = None, device: str = "auto",
 
     Under torchrun the record is rank 0's, and None on the other ranks (rank 0 writes and reports)."""
     from eval.common import RESULT, default_out, resolve_device, write_result
-    from extract import dist
+    from core import dist
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and cfg.task not in DISTRIBUTED:

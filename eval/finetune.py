@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from eval.config import FinetuneConfig
-from store.progress import progress_bar
+from core.progress import progress_bar
 
 __all__ = ["build_classifier", "evaluate_classifier", "run_finetune"]
 
@@ -83,7 +83,8 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
     from core.optim import param_groups
     from core.run import StepMetrics, open_run
     from eval.common import checkpoint_digest, cosine_lr, input_size_of, resolve_device
-    from eval.data import (CROP_PCT, EvalImages, derive_seed, eval_transform,
+    from core.keys import derive_seed
+    from eval.data import (CROP_PCT, EvalImages, eval_transform,
                            finetune_transform, make_loader, seeded_rngs)
 
     digest = checkpoint_digest(Path(cfg.checkpoint))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.config import KnnConfig
-from store.progress import progress_bar
+from core.progress import progress_bar
 
 __all__ = ["extract_features", "knn_scores", "knn_accuracy", "topk_accuracy", "run_knn"]
 

@@ -17,7 +17,7 @@ and trains on those: much faster, but without the protocol's augmentation; the
 result's settings say so. Val features are always computed once (the backbone is
 frozen and val has no augmentation, so this changes nothing).
 
-Under torchrun (``extract.dist``, joined by ``eval.evaluate``) the backbone's work is shared: the
+Under torchrun (``core.dist``, joined by ``eval.evaluate``) the backbone's work is shared: the
 micro-batches of each step, and of the val and cached tables, go round-robin to the ranks and their
 features are all-gathered back in one process's order (``_chunk_features``); every rank takes the same
 head step (replicated, no DDP: it is tiny) and rank 0 alone writes. Each image's features come from the
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.config import LinearConfig
-from extract import dist
-from store.progress import progress_bar
+from core import dist
+from core.progress import progress_bar
 
 __all__ = ["LARS", "probe_head", "run_linear"]
 
@@ -158,7 +158,8 @@ def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int,
     Without ``cached``: the epoch's order comes from (seed, epoch) and each image's augmentation
     from (seed, epoch, index), the same on every rank; its micro-batches are split over ranks
     (``_chunk_features``) and gathered back, so every rank sees one process's batches."""
-    from eval.data import derive_seed, make_loader
+    from core.keys import derive_seed
+    from eval.data import make_loader
 
     if cached is not None:
         feats, labels = cached

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.ade import IGNORE, AdeSegmentation
-from eval.data import derive_seed, seeded_rngs
+from core.keys import derive_seed
+from eval.data import seeded_rngs
 from eval.config import SegmentationConfig
 from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr, warmup_factor
 from eval.pyramid import SimpleFeaturePyramid
 from eval.upernet import FCNHead, UperHead
-from store.progress import progress_bar
+from core.progress import progress_bar
 
 INIT_KEY, STEP_KEY = 0x1417, 0x57E9
 CHECKPOINT = "checkpoint.pt"

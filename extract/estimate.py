@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from store import codecs
-from store import views as V
-from store.teachers import VIT_B_WIDTH, descriptor
+from data import views as V
+from teachers.descriptors import VIT_B_WIDTH, descriptor
 from store.viewpixels import encode_view
 
 # Per (image, view) bytes of the small arrays: index int64, view int16, boxes 4 x int32, flip.

@@ -33,16 +33,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract import dist
+from core import dist
 from store import codecs
-from store import views as V
-from store.decode import make_decoder
-from store.decode.stored import pil_stored_views
+from data import views as V
+from data.decode import make_decoder
+from data.decode.stored import pil_stored_views
 from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, StoreError, TeacherStore, teacher_input
 from store.lock import StoreLocked, WriterLock
-from store.prefetch import DeviceCopier, Prefetch
-from store.progress import progress_bar
-from store.teachers import descriptor
+from core.prefetch import DeviceCopier, Prefetch
+from core.progress import progress_bar
+from teachers.descriptors import descriptor
 from store.viewpixels import ViewPixels, jpeg_round_trip, uint8_views
 
 

@@ -173,7 +173,7 @@ def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progres
     Returns:
         ``out`` as a Path: ``out/<class>/<stem>[_cNN].<ext>``.
     """
-    from store.progress import progress_bar
+    from core.progress import progress_bar
 
     if max_side < 16:
         raise ValueError(f"write_photo_tree: max_side must be >= 16, got {max_side}")

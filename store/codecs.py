@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from store.errors import ExpectedError
+from core.errors import ExpectedError
 
 CODECS = ("fp16", "int8", "pca", "adapter")
 PCA_DIM = 256

@@ -20,7 +20,7 @@ its config's ``embed_dim``: 768 for a ViT-B, 1024 for a ViT-L)::
                                 attrs: count, origin, digest (``stats_digest``)
 
 Row (s, i) of every (V, N, ...) array holds view v = (s + i) mod V of image i (a "slot";
-store/views.py), so epoch e reads slot e mod V only and reads it by whole shards.
+data/views.py), so epoch e reads slot e mod V only and reads it by whole shards.
 Every per-sample array is chunked (1, S, ...) along the image axis, aligned with the
 image shards; token arrays are zarr shards of (1, S, T, C) with uncompressed inner chunks
 of 16 samples, so a whole image shard is one file and a few samples can still be read alone.
@@ -51,7 +51,7 @@ from zarr.storage import MemoryStore
 from core.io import fsync_path, fsync_tree
 from store import codecs
 from store.checksums import PAYLOAD_COMPRESSORS, SMALL_COMPRESSORS, STATS_DTYPES
-from store.errors import StoreError
+from core.errors import StoreError
 from store.metadata import array_problems, config_problems, root_problems
 # the teacher group's names, re-exported: the store's readers import them from here
 from store.teacherstore import CONFIG_DEFAULTS, SAMPLE_KEYS, TEACHER_INPUTS, TeacherStore, teacher_input  # noqa: F401

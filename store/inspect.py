@@ -6,7 +6,7 @@ A sample is (image index i, view v). The panel shows what both stages agreed on 
   (teacher input ``jpeg``), else the stored crop box and flip of image i decoded by the PIL
   reference decoder;
 - each teacher's mask: the stored visible patch ids drawn on the crop (hidden patches
-  dimmed), checked against a fresh draw from ``store/views.py``;
+  dimmed), checked against a fresh draw from ``data/views.py``;
 - the student's mask at the first epoch that trains on this view (epoch e uses view
   (e + i) mod V, so that is epoch ``slot_of(i, v)``; any other epoch can be asked for);
 - optionally, per-position gate weights w_k(p) as 14 x 14 maps, one per teacher. They need
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from store import views as V
-from store.decode import pil_view
-from store.decode.stored import pil_stored_views
+from data import views as V
+from data.decode import pil_view
+from data.decode.stored import pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
 from store.viewpixels import ViewPixels
 
@@ -61,7 +61,7 @@ class SampleView:
 
 def open_store(store_path, data) -> FeatureStore:
     """The store at ``store_path``, which must have been extracted from ``data`` (a
-    ``store.shards.ImageSet``); else StoreError naming both."""
+    ``data.shards.ImageSet``); else StoreError naming both."""
     try:
         return FeatureStore.open(store_path, data=DataInfo.of(data))
     except StoreError as error:
@@ -75,7 +75,7 @@ def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | Non
     """Read sample (index, view) of the store at ``store_path`` extracted from ``data``.
 
     store_path: a path, or a FeatureStore that ``open_store(path, data)`` opened (callers that
-    read many samples open it once). data: a ``store.shards.ImageSet``. epoch: the student
+    read many samples open it once). data: a ``data.shards.ImageSet``. epoch: the student
     mask's epoch (default: the first epoch that trains on this view). Raises ``StoreError`` if
     the store does not belong to ``data`` or the block is incomplete, ``IndexError`` for an
     index or view out of range.

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.lock import FileLock
-from store.errors import StoreError
+from core.errors import StoreError
 
 
 class StoreLocked(StoreError):

@@ -10,7 +10,7 @@ from itertools import accumulate
 import zarr
 
 from store import codecs
-from store.views import NUM_PATCHES
+from data.views import NUM_PATCHES
 
 # Views per image a root may claim: each is a whole extraction of every teacher, so more is a
 # damaged or crafted root (and slot loops over V x shards would run for minutes).

@@ -10,10 +10,10 @@ import zarr
 
 from core.io import fsync_tree
 from store import codecs
-from store import views as V
+from data import views as V
 from store.checksums import MAY_BE_SKIPPED, SMALL_COMPRESSORS, STATS_DTYPES, WRITE, failure, has_crc32c, stats_digest
-from store.errors import StoreError
-from store.teachers import VIT_B_WIDTH
+from core.errors import StoreError
+from teachers.descriptors import VIT_B_WIDTH
 
 SAMPLE_KEYS = ("index", "view", "boxes", "flips", "visible")    # every teacher's; then its payload
 # Teacher config keys added after stores were written, with what a store without them means:
@@ -247,7 +247,7 @@ class TeacherStore:
 
     def check_masks(self, slot: int, shard: int, block: dict) -> None:
         """StoreError naming the file unless the block's ``visible`` (``read_block``) are the keyed
-        draw of its images' views in ``slot`` (store/views.py ``teacher_visible``)."""
+        draw of its images' views in ``slot`` (data/views.py ``teacher_visible``)."""
         view = V.view_of_slot(block["index"], slot, self.root.views)
         if not np.array_equal(block["visible"], V.teacher_visible(self.root.seed, block["index"], view, self.name,
                                                                   mask_ratio=self.config["mask_ratio"])):

@@ -1,6 +1,6 @@
 """View pixels stored once, with the feature store (docs/format.md, "View pixels").
 
-At extraction every teacher decodes the same views (store/views.py keys crops and flips by
+At extraction every teacher decodes the same views (data/views.py keys crops and flips by
 (seed, index, view), not by teacher), so a view's 224 x 224 RGB pixels are a property of
 the store: the first extraction asked for them (``extract --view-pixels jpeg|raw``) writes
 them beside the tokens, and a training run reads them instead of the original image
@@ -32,11 +32,11 @@ import torch
 import zarr
 from PIL import Image
 
-from core.io import fsync_path
-from store.decode.pixels import SIZE, denormalize
+from core.io import fsync_path, sha256_file, write_atomic
+from data.decode.pixels import SIZE, denormalize
 from store.features import PIXELS, StoreError, create_group_whole
-from store.manifest import sample_key, shard_stem, sha256_file, write_atomic
-from store.pack import ShardWriter
+from data.manifest import sample_key, shard_stem
+from data.pack import ShardWriter
 
 FORMS = ("jpeg", "raw")
 JPEG_QUALITY = 95
@@ -76,7 +76,7 @@ def jpeg_round_trip(images: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
     """Normalised views (B, 3, 224, 224) -> (their JPEG bytes as a store keeps them, those bytes
     decoded by PIL and normalised: float32 (B, 3, 224, 224) on the host, the pixels a student
     reading the stored views gets)."""
-    from store.decode.stored import pil_stored_views
+    from data.decode.stored import pil_stored_views
 
     encoded = [encode_view("jpeg", p) for p in uint8_views(images)]
     return encoded, pil_stored_views(encoded)

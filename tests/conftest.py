@@ -3,7 +3,7 @@
 - ``photo_tree``: an ImageFolder tree of 13 real photos (scikit-image samples) in
   3 classes, mixing RGB/CMYK/grayscale JPEG and RGB/RGBA/L/LA/palette PNG, long side
   at most 256 px (see ``samples/photos.py`` for the exact list).
-- ``prepared_data``: that tree packed by ``store.shards.prepare`` with
+- ``prepared_data``: that tree packed by ``data.shards.prepare`` with
   ``shard_size=5`` (3 shards: 5 + 5 + 3 samples, the last one partial).
 
 Both are built once per session and must be treated as read-only by tests.
@@ -27,7 +27,7 @@ def photo_tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_data(photo_tree, tmp_path_factory) -> Path:
     """Root of a finished ``prepare`` of ``photo_tree`` (open it with ``ImageSet.open``)."""
-    from store.shards import prepare
+    from data.shards import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare(photo_tree, out, shard_size=5, progress=False, workers=0)
@@ -59,8 +59,8 @@ def teacher_store(prepared_data, tmp_path_factory, worker_id) -> Path:
 
 def _extract_teacher_store(prepared_data: Path, store: Path) -> Path:
     from extract.runner import run_extraction
-    from extract.teachers import build_teacher
-    from store.shards import ImageSet
+    from teachers.vit import build_teacher
+    from data.shards import ImageSet
 
     data = ImageSet.open(prepared_data)
     for name in ("mae", "mocov3", "ibot"):

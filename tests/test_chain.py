@@ -33,8 +33,8 @@ def _invoke(*args) -> str:
 def small_set(photo_tree, tmp_path_factory) -> tuple[Path, Path]:
     """(prepared data of 41 images in one shard, its 3-teacher store with 2 views)."""
     from extract.runner import run_extraction
-    from extract.teachers import build_teacher
-    from store.shards import ImageSet
+    from teachers.vit import build_teacher
+    from data.shards import ImageSet
 
     root = tmp_path_factory.mktemp("small_set")
     photos = sorted(p for p in photo_tree.rglob("*") if p.is_file())

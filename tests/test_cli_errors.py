@@ -5,14 +5,14 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from store.errors import ExpectedError
+from core.errors import ExpectedError
 from store.features import StoreError
 
 
 @pytest.fixture(scope="module")
 def other_data(photo_tree, tmp_path_factory):
     """The same photos packed in shards of 4: another data digest than ``prepared_data``."""
-    from store.shards import prepare
+    from data.shards import prepare
 
     out = tmp_path_factory.mktemp("other") / "data"
     prepare(photo_tree, out, shard_size=4, progress=False, workers=0)
@@ -131,8 +131,8 @@ def test_debug_flag_and_environment_variable_keep_the_traceback(prepared_data, t
 
 
 def test_the_projects_own_errors_are_expected_errors():
-    from extract.checkpoints import CheckpointError, CheckpointUnavailableError
-    from store.shards import PrepareError
+    from teachers.checkpoints import CheckpointError, CheckpointUnavailableError
+    from data.shards import PrepareError
     from demo.stages import DemoError
     from train.loop import NonFiniteLoss
 
@@ -143,11 +143,11 @@ def test_the_projects_own_errors_are_expected_errors():
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, prepared_data, tmp_path):
-    import extract.verify
+    import store.verify
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")
-    monkeypatch.setattr(extract.verify, "verify_store", broken)
+    monkeypatch.setattr(store.verify, "verify_store", broken)
     r = CliRunner().invoke(main, ["verify", str(tmp_path), "--data", str(prepared_data)])
     assert isinstance(r.exception, KeyError)
 

@@ -13,11 +13,10 @@ import ast
 import os
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # lower never imports higher; everything at TOP is a user of the library
-LAYERS = {"core": 0, "store": 1, "extract": 2, "train": 3, "eval": 4}
+LAYERS = {"core": 0, "teachers": 1, "data": 2, "store": 3, "extract": 4, "train": 5, "eval": 6}
 TOP = {"demo", "samples", "bench", "cli"}
 NOT_CODE = {"tests", "docs"}                          # folders that hold no importable project modules
 SKIP_DIRS = {"build", "dist", "runs", "demo_out", "__pycache__", "node_modules"}
@@ -198,16 +197,16 @@ def test_cli_declares_commands_in_at_most_350_lines():
 
 # Teacher facts are written once: in the descriptors' module and, keyed by name, their converters
 # (an added teacher is one descriptor plus its converter). Elsewhere ViT-B's width, the grid's
-# patch count and side, and a teacher's name are read from store/teachers.py. A line may opt out
+# patch count and side, and a teacher's name are read from teachers/descriptors.py. A line may opt out
 # with the marker when its number only happens to be one of these (a table's column width).
-TEACHER_FACT_MODULES = {"store/teachers.py", "extract/checkpoints.py"}
+TEACHER_FACT_MODULES = {"teachers/descriptors.py", "teachers/checkpoints.py"}
 TEACHER_NUMBERS = {768, 196, 14}
 NOT_A_TEACHER_FACT = "# not a teacher fact"
 
 
 def descriptor_names() -> set[str]:
-    """The names of store/teachers.py's ``TeacherDescriptor("name", ...)`` entries, read with ast."""
-    tree = ast.parse((ROOT / "store" / "teachers.py").read_text())
+    """The names of teachers/descriptors.py's ``TeacherDescriptor("name", ...)`` entries, read with ast."""
+    tree = ast.parse((ROOT / "teachers" / "descriptors.py").read_text())
     return {node.args[0].value for node in ast.walk(tree)
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TeacherDescriptor"
             and node.args and isinstance(node.args[0], ast.Constant)}
@@ -242,5 +241,5 @@ def test_teacher_facts_are_written_only_in_the_descriptors_and_their_converters(
     bad = [f"{rel}:{line}: {value!r}" for path in repo_py_files()
            if (rel := path.relative_to(ROOT).as_posix()) not in TEACHER_FACT_MODULES and rel.split("/")[0] != "tests"
            for line, value in teacher_facts(path, names)]
-    assert not bad, ("teacher facts written outside store/teachers.py (read them from its descriptors, or mark "
+    assert not bad, ("teacher facts written outside teachers/descriptors.py (read them from its descriptors, or mark "
                      f"a coincidence '{NOT_A_TEACHER_FACT}'):\n  " + "\n  ".join(bad))

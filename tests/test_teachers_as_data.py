@@ -1,4 +1,4 @@
-"""Teachers as data (store/teachers.py): a store of the three ViT-B/16 teachers and a DINOv2
+"""Teachers as data (teachers/descriptors.py): a store of the three ViT-B/16 teachers and a DINOv2
 ViT-B/14 (patch 14, run at 196 px on the shared 14 x 14 grid) extracts, verifies, trains with
 no overrides, is inspected, exports and evaluates with k-NN, and its cached loss equals the
 online-replay loss; a ViT-L teacher's store is 1024 wide and its estimate matches the bytes written.
@@ -19,10 +19,10 @@ import yaml
 from click.testing import CliRunner
 
 from cli import main
-from store import views as V
+from data import views as V
 from store.features import FeatureStore
-from store.shards import ImageSet
-from store.teachers import PAPER_TEACHERS, descriptor
+from data.shards import ImageSet
+from teachers.descriptors import PAPER_TEACHERS, descriptor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FOUR = (*PAPER_TEACHERS, "dinov2_b14")
@@ -38,7 +38,7 @@ def _invoke(*args) -> str:
 def four_teacher_store(teacher_store, prepared_data, tmp_path_factory) -> Path:
     """The shared 3-teacher store (2 views, fp16) plus a random-init DINOv2 ViT-B/14."""
     from extract.runner import run_extraction
-    from extract.teachers import build_teacher
+    from teachers.vit import build_teacher
 
     store = tmp_path_factory.mktemp("four_teachers") / "store"
     shutil.copytree(teacher_store, store)
@@ -112,7 +112,7 @@ def test_a_four_teacher_store_verifies_trains_with_no_overrides_exports_and_eval
 def test_a_vit_l_teachers_store_is_1024_wide_and_its_estimate_matches_the_bytes(prepared_data, tmp_path):
     from extract.estimate import estimate_run
     from extract.runner import Extractor, run_extraction
-    from extract.teachers import build_teacher
+    from teachers.vit import build_teacher
 
     data = ImageSet.open(prepared_data)
     teacher = build_teacher("dinov2_l14", random_init=True, seed=0, model_kwargs={"depth": 1})

@@ -22,7 +22,7 @@ import yaml
 from click.testing import CliRunner
 
 from cli import main
-from store.decoders import DALI_EXTRA, DaliMissing, dali_installed, resolve_decoder
+from data.decoders import DALI_EXTRA, DaliMissing, dali_installed, resolve_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,10 +41,10 @@ def without_dali(monkeypatch):
 @pytest.fixture
 def tiny_teachers(monkeypatch):
     """``extract`` builds its teacher with one block (768 wide: what the store holds)."""
-    import extract.teachers
+    import teachers.vit
 
-    build = extract.teachers.build_teacher
-    monkeypatch.setattr(extract.teachers, "build_teacher",
+    build = teachers.vit.build_teacher
+    monkeypatch.setattr(teachers.vit, "build_teacher",
                         lambda *args, **kw: build(*args, **kw, model_kwargs=dict(depth=1)))
 
 
@@ -87,8 +87,8 @@ def test_the_whole_cli_chain_runs_on_pil_without_dali(without_dali, tiny_teacher
 
 def test_asking_for_dali_without_it_ends_in_one_line_naming_the_extra(without_dali, tiny_teachers,
                                                                      prepared_data, teacher_store, tmp_path):
-    from store.decode import DaliViewDecoder, make_decoder
-    from store.decode.stored import make_view_decoder
+    from data.decode import DaliViewDecoder, make_decoder
+    from data.decode.stored import make_view_decoder
 
     line = _one_error("extract", "--teacher", "mae", "--data", prepared_data, "--store", tmp_path / "store",
                       "--random-init", "--views", 2, "--decoder", "dali", "--device", "cpu")
@@ -105,8 +105,8 @@ def test_asking_for_dali_without_it_ends_in_one_line_naming_the_extra(without_da
 
 
 def test_auto_is_pil_without_dali_and_dali_with_it_in_every_command_and_the_demo(without_dali, monkeypatch):
-    from store.decode import make_decoder, pil_views
-    from store.decode.stored import make_view_decoder, pil_stored_views
+    from data.decode import make_decoder, pil_views
+    from data.decode.stored import make_view_decoder, pil_stored_views
 
     assert resolve_decoder("auto") == "pil" and resolve_decoder("dali") == "dali"
     assert make_decoder("auto", batch_size=2, device="cpu") is pil_views
@@ -122,7 +122,7 @@ def test_auto_is_pil_without_dali_and_dali_with_it_in_every_command_and_the_demo
 
 def test_a_run_records_its_decoder_and_a_resumed_run_keeps_the_recorded_one(prepared_data, teacher_store,
                                                                             monkeypatch):
-    from store.shards import ImageSet
+    from data.shards import ImageSet
     from train.config import load_config
     from train.loader import resolve_data
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from core import config as typed
-from store.decoders import DECODERS
-from store.teachers import DESCRIPTORS, PAPER_TEACHERS
-from store.views import NUM_PATCHES
+from data.decoders import DECODERS
+from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS
+from data.views import NUM_PATCHES
 
 TEACHER_NAMES = tuple(DESCRIPTORS)
 
@@ -118,7 +118,7 @@ class DataConfig:
                                         # V views), "online-fresh" (teachers run every step on a new
                                         # crop, flip and masks per (image, epoch); docs/method.md)
     teachers_from: str = ""             # online-fresh without data.store: "random-init" or a folder
-                                        # of the official checkpoint files (extract/checkpoints.py)
+                                        # of the official checkpoint files (teachers/checkpoints.py)
     stats_images: int = 1024            # online-fresh without data.store: images of the keyed
                                         # sample whose tokens give the adapter statistics
     random_teacher_depth: int = 12      # blocks of data.teachers_from=random-init teachers (12: ViT-B/16;
@@ -128,10 +128,10 @@ class DataConfig:
                                         # (an explicit v may be 1..V: one store serves several budgets)
     seed: int = 0                       # root of every view/mask draw (must match the store)
     teachers: Literal["auto"] | tuple[str, ...] = "auto"   # the teachers distilled; "auto": the store's described
-                                        # teachers in registry order (store/teachers.py), the paper's
+                                        # teachers in registry order (teachers/descriptors.py), the paper's
                                         # three without a store (train/loader.py: resolve_data)
     student_visible: int = 49           # 25% of 196 patches
-    decoder: str = "auto"               # image decoder (store/decoders.py): "dali" (the extra
+    decoder: str = "auto"               # image decoder (data/decoders.py): "dali" (the extra
                                         # '.[dali]'), "pil" (reference) or "auto" (dali where it is
                                         # installed; resolved at the start, recorded in config.yaml)
     num_workers: int = 8
@@ -144,10 +144,10 @@ class DataConfig:
                                         # no image shard opened), "source" (decode the images
                                         # with the stored crops), "auto" (views when complete;
                                         # resolved at the start, recorded in config.yaml)
-    streams: int | str = "auto"         # independent shard streams (train/order.py), fixed so
+    streams: int | str = "auto"         # independent shard streams (data/order.py), fixed so
                                         # batches do not depend on the world size; "auto": the most
                                         # of 8, 4, 2, 1 that suit the data and the global batch
-                                        # (train/order.py: auto_streams)
+                                        # (data/order.py: auto_streams)
 
 
 @dataclass

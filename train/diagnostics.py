@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from core.run import load_checkpoint
-from store import views as V
-from store.decode import normalize_uint8
+from data import views as V
+from data.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
 from store.inspect import SampleView, load_sample, open_store
 from train.config import teacher_names

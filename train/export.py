@@ -28,25 +28,22 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from core.io import write_atomic
-from core.run import load_checkpoint, read_metrics
+from core.io import sha256_file, write_atomic
+from core.run import EVAL_ROOT, RESULT, load_checkpoint, read_metrics
 from core.state import load_strict
-from store.decode import MEAN, SIZE, STD
-from store.manifest import sha256_file
+from data.decode import MEAN, SIZE, STD
 from train.config import teacher_names
 
 __all__ = ["student_state_dict", "export_student", "architecture", "hub_model", "find_results",
-           "model_card", "export_run", "RESULT", "EVAL_ROOT", "FOLDER_FILES"]
+           "model_card", "export_run", "FOLDER_FILES"]
 
 # Where evaluations put their records (eval/common.py takes these names from here, a layer below it).
-RESULT = "result.json"        # the record's name inside an evaluation's run folder
-EVAL_ROOT = Path("runs/eval")
 # What an export folder holds: timm's weights and config, and the model card.
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 FOLDER_FILES = (WEIGHTS, CONFIG, CARD)
 TASK = "image-feature-extraction"   # the hub's pipeline tag of a backbone without a classifier
 STUDENT_FILE = "student.safetensors"  # what train/loop.py writes into the run folder
-# The preprocessing the student was trained with (store/decode/pixels.py), for pretrained_cfg.
+# The preprocessing the student was trained with (data/decode/pixels.py), for pretrained_cfg.
 DATA_CONFIG = {"input_size": (3, SIZE, SIZE), "mean": tuple(MEAN), "std": tuple(STD)}
 PAPER = "https://arxiv.org/abs/2508.04816"
 # What config.json's pretrained_cfg says besides timm's own record (the folder and a push write the same).

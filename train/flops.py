@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from store import views as V
+from data import views as V
 from train.objective import teacher_widths
 
 PATCHES = V.NUM_PATCHES

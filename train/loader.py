@@ -1,7 +1,7 @@
 """Training batches: from the feature store (cached) or from teachers run every step (online).
 
 The order (which samples global batch k of epoch e holds, which rank serves which part,
-steps per epoch, ``data.streams=auto``) is train/order.py; ``Plan`` joins it to the data.
+steps per epoch, ``data.streams=auto``) is data/order.py; ``Plan`` joins it to the data.
 ``resolve_data`` turns ``auto`` (streams, and views, which come from the store) into numbers
 once, when a run starts; the run's config.yaml records them.
 
@@ -12,7 +12,7 @@ image indices it must hold, and every teacher's crops against the others'. Every
 block is checked as it is read (crc32c, the view tars against their completion records), and
 a block's masks against the keyed draw the first time a run reads it.
 
-Batches are made in a background thread (``store/prefetch.py``) while the step runs; on
+Batches are made in a background thread (``core/prefetch.py``) while the step runs; on
 CUDA that thread also pins what the step reads and copies it to the GPU on its own stream,
 and the step's stream waits for an event, not the host. Index and view stay on the host.
 Inside that thread the cached path reads each stream's next window of blocks ahead in a
@@ -31,15 +31,15 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from store import views as V
-from store.decode.pixels import normalize_uint8
-from store.decoders import resolve_decoder
+from data import views as V
+from data.decode.pixels import normalize_uint8
+from data.decoders import resolve_decoder
 from store.features import DataInfo, FeatureStore, StoreError
-from store.prefetch import DeviceCopier, Prefetch
-from store.teachers import DESCRIPTORS, PAPER_TEACHERS
+from core.prefetch import DeviceCopier, Prefetch
+from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS
 from train.config import AUTO, Config
 from train.requirements import check_mask_ratio, student_pixels
-from train.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (steps_per_epoch: old import path)
+from data.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (steps_per_epoch: old import path)
 
 
 def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Config:
@@ -47,7 +47,7 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     ``data.pixels`` to ``views`` or ``source`` and ``data.decoder`` to ``dali`` or ``pil``.
 
     ``teachers``: ``auto`` takes the recorded list (a resumed run keeps its teachers if the
-    store gains one), else every teacher of the store in registry order (store/teachers.py),
+    store gains one), else every teacher of the store in registry order (teachers/descriptors.py),
     else, without a store, the paper's three.
 
     data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
@@ -61,7 +61,7 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
     (``student_pixels``), else ``source``; so a resumed run keeps its images even if view
     pixels were added meanwhile.
     ``decoder``: ``auto`` takes the recorded value, else ``dali`` where DALI is installed, else
-    ``pil`` (store/decoders.py); so a resumed run never changes decoder silently."""
+    ``pil`` (data/decoders.py); so a resumed run never changes decoder silently."""
     teachers = cfg.data.teachers
     if teachers == AUTO:
         teachers = (recorded or {}).get("teachers", AUTO)
@@ -72,7 +72,7 @@ def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Confi
             teachers = tuple(n for n in DESCRIPTORS if n in held)
             unknown = sorted(set(held) - set(teachers))
             if unknown:
-                raise StoreError(f"{cfg.data.store}: holds teachers {unknown} that store/teachers.py does not "
+                raise StoreError(f"{cfg.data.store}: holds teachers {unknown} that teachers/descriptors.py does not "
                                  f"describe; set data.teachers to the ones to train")
             if not teachers:
                 raise StoreError(f"{cfg.data.store}: holds no teachers; run extract first")
@@ -182,7 +182,7 @@ class Plan:
 class _Source:
     def __init__(self, plan: Plan, *, decoder: str = "dali", device: str = "cpu", num_threads: int = 2,
                  prefetch: int = 2, decoder_settings: dict | None = None):
-        from store.decode import make_decoder
+        from data.decode import make_decoder
         self.plan = plan
         self.prefetch = prefetch
         self.decode = make_decoder(decoder, batch_size=plan.local_batch, device=device, num_threads=num_threads,
@@ -235,7 +235,7 @@ class CachedSource(_Source):
         self.masks_checked: set[tuple[str, int, int]] = set()
         _, self.view_pixels = student_pixels(self.fs, list(self.stores.values()), pixels)
         if self.view_pixels is not None:
-            from store.decode.stored import make_view_decoder
+            from data.decode.stored import make_view_decoder
             self.decode_views = make_view_decoder(self.view_pixels.form, kw.get("decoder", "dali"),
                                                   batch_size=plan.local_batch, device=kw.get("device", "cpu"),
                                                   num_threads=kw.get("num_threads", 2), normalize=False)
@@ -388,7 +388,7 @@ class OnlineSource(_Source):
 
     def __init__(self, plan: Plan, *, teachers: dict, amp: bool = False, **kw):
         super().__init__(plan, **kw)
-        self.teachers = teachers          # name -> extract.teachers.Teacher, on the training device
+        self.teachers = teachers          # name -> teachers.vit.Teacher, on the training device
         self.amp = amp
 
     def _batches(self, epoch: int, start_step: int):

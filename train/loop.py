@@ -28,10 +28,10 @@ from core.io import git_commit, write_atomic
 from core.optim import lr_schedule, param_groups
 from core.run import StepMetrics, first_non_finite, load_checkpoint, lock_folder, open_run, saved_config  # noqa: F401
 from core.state import load_strict
-from extract import dist
-from store import views as V
-from store.errors import ExpectedError
-from store.progress import progress_bar
+from core import dist
+from data import views as V
+from core.errors import ExpectedError
+from core.progress import progress_bar
 from train.config import Config, apply_overrides, teacher_names
 from train.flops import step_flops_per_image
 from train.loader import Plan, resolve_data
@@ -318,7 +318,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     device = dist.local_device(device)
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} ranks")
-    from store.shards import ImageSet
+    from data.shards import ImageSet
     data = ImageSet.open(cfg.data.images)
     folders = {None: out} if not sweep else {v.name: out / v.name for v in variants}
     recorded = next(filter(None, map(saved_config, folders.values())), None) if resume else None

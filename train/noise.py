@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from store.roles import Role
-from store.views import hash_keys
+from core.keys import Role, hash_keys
 
 __all__ = ["rng_state", "restore_rng", "seed_noise", "resume_noise"]
 
@@ -36,7 +35,7 @@ def restore_rng(state: dict, device: str) -> None:
 
 def seed_noise(seed: int, rank: int, *extra: int) -> None:
     """Seed torch's global generators (CPU and every GPU) from the keyed hash of (seed, rank,
-    *extra) (store/roles.py, Role.NOISE)."""
+    *extra) (core/keys.py, Role.NOISE)."""
     torch.manual_seed(int(hash_keys(Role.NOISE, seed, rank, *extra)) >> 1)   # 63 bits
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from store.teachers import descriptor
+from teachers.descriptors import descriptor
 from train.adapters import TeacherAdapter, collapse_monitor
 from train.config import teacher_names
 from train.gate import fuse, gate_weights
@@ -273,7 +273,7 @@ def _mean_and_components(st) -> tuple:
 def teacher_widths(cfg, teacher_stats: Mapping | None = None) -> dict[str, int]:
     """{teacher: token width} of ``cfg.data.teachers``: ``cfg.adapters.in_dim`` for all when set
     (synthetic tests), else each teacher's statistics' width (the store's, the truth at read
-    time), else its descriptor's (store/teachers.py)."""
+    time), else its descriptor's (teachers/descriptors.py)."""
     if cfg.adapters.in_dim is not None:
         return {n: int(cfg.adapters.in_dim) for n in teacher_names(cfg)}
     out = {}

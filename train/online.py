@@ -6,7 +6,7 @@ Two modes (``data.source``; docs/method.md "Three ways to train"):
   (e + i) mod V of image i at epoch e when a run uses all V of the store's) -- the same crops, flips and masks as the cache, so its batches equal the cached
   source's (``train.loader.OnlineSource``). The reference of the cached == online proof.
 - ``online-fresh``: every (image, epoch) gets its own crop, flip and teacher masks, drawn by
-  ``store.views.fresh_view_params`` / ``fresh_teacher_visible`` from (seed, index, epoch)
+  ``data.views.fresh_view_params`` / ``fresh_teacher_visible`` from (seed, index, epoch)
   (``FreshSource``). The paper's setting. It needs no token store: the teachers' identity
   and adapter statistics come from ``data.store`` when one is given, otherwise from
   ``data.teachers_from`` (official files or random init) and a statistics sample computed
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract import dist
-from store import views as V
+from core import dist
+from data import views as V
 from store.features import DataInfo, FeatureStore, StoreError
 from train.config import teacher_names
 from train.loader import OnlineSource, Plan
@@ -64,7 +64,7 @@ def teachers_of_store(fs: FeatureStore, names, *, device: str, prebuilt: dict | 
     """The teachers the store was made with, rebuilt (random init or official file) unless
     ``prebuilt`` holds them, and checked against the digests it records; StoreError when one
     differs."""
-    from extract.teachers import build_teacher
+    from teachers.vit import build_teacher
     teachers, prebuilt = {}, prebuilt or {}
     for name in names:
         c = fs.teacher(name).config
@@ -82,8 +82,8 @@ def teachers_from(spec: str, names, *, seed: int, device: str, random_depth: int
     """Teachers without a store: ``spec`` is "random-init" (seeded by ``seed``, as
     ``extract --random-init --seed``; ``random_depth`` blocks) or a folder holding the
     official files."""
-    from extract.checkpoints import TEACHERS as SPECS
-    from extract.teachers import build_teacher
+    from teachers.checkpoints import TEACHERS as SPECS
+    from teachers.vit import build_teacher
     if spec == "random-init":
         kwargs = None if random_depth == 12 else {"depth": random_depth}
         return {n: build_teacher(n, random_init=True, seed=seed, device=device, model_kwargs=kwargs) for n in names}

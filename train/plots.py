@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from store import views as V
+from data import views as V
 from store.inspect import SampleView, mask_image
 
 __all__ = ["plot_gate_shares", "plot_losses", "render_panel"]

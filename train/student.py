@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from core.state import drop_placeholder_head, load_strict, read_state_dict
-from store.teachers import STUDENT_GRID
+from teachers.descriptors import STUDENT_GRID
 
-GRID = STUDENT_GRID  # 224 / 16: the grid every teacher shares (store/teachers.py)
+GRID = STUDENT_GRID  # 224 / 16: the grid every teacher shares (teachers/descriptors.py)
 NUM_PATCHES = GRID * GRID
 
 

@@ -184,7 +184,7 @@ def check_heldout(store, data, *, train_store, teachers) -> None:
     """Before any training: the held-out ``store`` must be extracted from the images ``data``, hold
     ``teachers`` and, for a coefficient codec, be on the training store's basis; else StoreError."""
     from store.features import DataInfo, FeatureStore, StoreError
-    from store.shards import ImageSet
+    from data.shards import ImageSet
     from train.requirements import check_same_basis
 
     try:
@@ -208,7 +208,7 @@ def heldout_columns(out, variants: Sequence[Variant], status: Mapping[str, str],
     import numpy as np
     import torch
 
-    from store.shards import ImageSet
+    from data.shards import ImageSet
     from train import diagnostics as diag
     from train.config import teacher_names
 

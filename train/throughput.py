@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from store import views as V
+from data import views as V
 from train.config import load_config, teacher_names
 from train.flops import step_flops_per_image
 from train.loader import Plan, resolve_data, store_views
@@ -57,7 +57,7 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     number that must equal it. The ceiling's batches are the first ``warmup + steps`` of
     epoch 0, materialised once. ValueError when an epoch has fewer steps than
     ``warmup + steps``."""
-    from store.shards import ImageSet
+    from data.shards import ImageSet
 
     images = ImageSet.open(data)
     cfg = load_config(None, [f"data.images={data}", f"data.store={store}", f"data.views={views}",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from core.io import write_atomic
-from store.errors import ExpectedError
+from core.errors import ExpectedError
 
 __all__ = ["WANDB_EXTRA", "RECORD", "WandbMissing", "require_wandb", "Tracker", "run_id"]
 

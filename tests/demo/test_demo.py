@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from store.shards import ImageSet
+from data.shards import ImageSet
 from train import diagnostics as report
 from train.config import load_config
 from demo.pipeline import run_demo
@@ -43,9 +43,9 @@ def heldout(tmp_path_factory):
     """(data, store) of the demo's held-out photos (samples/photos.py HELDOUT_PHOTOS: none of
     them is in the training tree), extracted by the training store's teachers, one view."""
     from extract.runner import run_extraction
-    from extract.teachers import build_teacher
+    from teachers.vit import build_teacher
     from samples.photos import HELDOUT_PHOTOS, write_photo_tree
-    from store.shards import prepare
+    from data.shards import prepare
 
     root = tmp_path_factory.mktemp("heldout")
     tree = write_photo_tree(root / "photos", max_side=256, photos=HELDOUT_PHOTOS)

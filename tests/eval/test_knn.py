@@ -105,7 +105,7 @@ def test_image_folder_dataset_reads_every_mode_as_rgb_and_aligns_val_classes(tmp
 
 
 def test_packed_set_gives_the_same_samples_as_its_image_folder_with_any_worker_count(tmp_path):
-    from store.shards import prepare
+    from data.shards import prepare
 
     src = make_toy_folder(tmp_path / "src", per_class=3, seed=0)
     prepare(src, tmp_path / "packed", shard_size=4, progress=False, workers=0)

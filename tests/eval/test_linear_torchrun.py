@@ -16,7 +16,7 @@ from torch import nn
 import cli
 import eval.linear as linear
 from core.run import read_metrics
-from extract import dist
+from core import dist
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

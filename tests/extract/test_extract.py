@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from cli import main
 
 from extract.runner import Extractor, run_extraction
-from extract.teachers import build_teacher
-from extract.verify import verify_store
+from teachers.vit import build_teacher
+from store.verify import verify_store
 from store.features import FeatureStore
-from store.shards import ImageSet
+from data.shards import ImageSet
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWS = 2
@@ -108,7 +108,7 @@ def test_statistics_of_every_codec_are_a_teacher_pass_over_the_keyed_sample(prep
     blocks, whatever the codec; so an fp16 store's statistics are exactly a fresh pass's (not
     its own fp16-rounded tokens', ~2e-4 away), and those of a pca or adapter store."""
     from extract.runner import compute_stats
-    from store import views as V
+    from data import views as V
     ts = FeatureStore.open(reference_store).teacher("mae")
     np.testing.assert_array_equal(ts.stats["indices"], V.stats_sample(0, 13, 1024))    # all 13 images
     ex = Extractor(teacher, ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=2, device="cpu",
@@ -184,7 +184,7 @@ def test_verify_reports_incomplete_and_mismatched_stores(prepared_data, photo_tr
     problems, _ = verify_store(broken, ds, progress=False)
     assert any("stats/indices" in p and "not the keyed statistics sample" in p for p in problems)
     # other data
-    from store.shards import prepare
+    from data.shards import prepare
     other = prepare(photo_tree, tmp_path / "other", shard_size=4, progress=False)
     problems, _ = verify_store(reference_store, other, progress=False)
     assert problems and "does not match" in problems[0]

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from cli import main
 from extract import runner
 from extract.runner import run_extraction
-from extract.teachers import build_teacher
-from extract.verify import verify_store
+from teachers.vit import build_teacher
+from store.verify import verify_store
 from store.features import DataInfo, FeatureStore, StoreError, TeacherStore
-from store.shards import ImageSet
+from data.shards import ImageSet
 
 
 def test_a_teacher_whose_input_disagrees_with_the_store_is_refused_before_any_work(prepared_data, tmp_path,

@@ -21,14 +21,14 @@ import torch
 import zarr
 
 from extract.runner import Extractor, run_extraction
-from extract.teachers import build_teacher
-from extract.verify import verify_store
-from store import views as V
-from store.decode import VIEW_BOUND, denormalize, pil_views
-from store.decode.stored import make_view_decoder, pil_stored_views
+from teachers.vit import build_teacher
+from store.verify import verify_store
+from data import views as V
+from data.decode import VIEW_BOUND, denormalize, pil_views
+from data.decode.stored import make_view_decoder, pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
-from store.manifest import sha256_file
-from store.shards import ImageSet
+from core.io import sha256_file
+from data.shards import ImageSet
 from store.viewpixels import ViewPixels
 import train.loader as loader
 from train.config import load_config

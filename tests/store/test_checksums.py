@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from zarr.codecs import ZstdCodec
 
 from cli import main
-from extract.verify import verify_store
+from store.verify import verify_store
 from store import codecs
 from store import features, teacherstore
-from store import views as V
+from data import views as V
 from store.features import DataInfo, FeatureStore, StoreError
-from store.shards import ImageSet
+from data.shards import ImageSet
 from store.viewpixels import ViewPixels
 from train.loader import CachedSource, Plan
 
@@ -205,7 +205,7 @@ def test_a_version_3_store_whose_arrays_lack_checksums_is_a_problem_for_verify(p
 def test_a_flipped_image_byte_is_named_by_verify_rehash_and_refused_by_train(stores, prepared_data, tmp_path):
     """The image shards: verify --rehash-data names the tar, and training from the images (the
     fp16 store holds no view pixels) refuses the damaged image by its crc32c, naming it."""
-    from extract.verify import verify_report
+    from store.verify import verify_report
 
     copy = tmp_path / "data"
     shutil.copytree(prepared_data, copy)

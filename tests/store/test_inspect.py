@@ -5,11 +5,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from store import views as V
-from store.decode import pil_view
+from data import views as V
+from data.decode import pil_view
 from store.features import StoreError
 from store.inspect import load_sample, mask_image
-from store.shards import ImageSet, prepare
+from data.shards import ImageSet, prepare
 from train.plots import render_panel
 
 
@@ -93,9 +93,9 @@ def test_a_sample_of_teachers_that_ran_on_the_stored_jpeg_views_shows_those_view
     import torch
 
     from extract.runner import run_extraction
-    from extract.teachers import build_teacher
-    from store.decode import normalize_uint8
-    from store.decode.stored import pil_stored_views
+    from teachers.vit import build_teacher
+    from data.decode import normalize_uint8
+    from data.decode.stored import pil_stored_views
     from store.features import FeatureStore
     from store.viewpixels import ViewPixels
     from train.diagnostics import sample_batch

@@ -10,11 +10,11 @@ import torch
 
 from extract.estimate import bytes_per_sample
 from extract.runner import run_extraction
-from extract.teachers import build_teacher
+from teachers.vit import build_teacher
 from store import codecs
-from store import views as V
+from data import views as V
 from store.features import FeatureStore, StoreError
-from store.shards import ImageSet
+from data.shards import ImageSet
 from train.adapters import TeacherAdapter
 from train.config import load_config
 from train.loader import Plan
@@ -186,7 +186,7 @@ def test_a_store_read_with_another_stores_adapters_must_hold_their_basis(adapter
     """A held-out store evaluated with the training store's adapters: on its own statistics'
     basis it is refused in one line; extracted with ``stats_from`` it holds the same
     coefficients as the training store (same images here), and verify accepts the copy."""
-    from extract.verify import verify_store
+    from store.verify import verify_store
     from train.diagnostics import load_samples
 
     data = ImageSet.open(prepared_data)

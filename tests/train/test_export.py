@@ -50,7 +50,7 @@ def test_the_folder_loads_strictly_in_timm_from_the_local_path_and_gives_the_stu
                                                                                             tmp_path):
     from safetensors.torch import load_file
     from core.state import load_strict
-    from store.decode import MEAN, STD
+    from data.decode import MEAN, STD
     out = tmp_path / "hub"
     assert str(out) in _invoke("export", runs[name], out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]

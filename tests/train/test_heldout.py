@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from extract.runner import run_extraction
-from extract.teachers import build_teacher
+from teachers.vit import build_teacher
 from store.features import FeatureStore, StoreError
-from store.shards import ImageSet
+from data.shards import ImageSet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = dict(depth=1)

@@ -1,6 +1,6 @@
-"""train/loader.py: Plan's global batches (the order of train/order.py joined to the data; no
+"""train/loader.py: Plan's global batches (the order of data/order.py joined to the data; no
 model), ``auto`` streams and views, and the store checks of the cached path. The order alone
-and ``auto_streams``: tests/train/test_order.py."""
+and ``auto_streams``: tests/data/test_order.py."""
 from __future__ import annotations
 
 import shutil
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from store.features import FeatureStore, StoreError
-from store.shards import ImageSet
-from store.teachers import DESCRIPTORS, PAPER_TEACHERS
+from data.shards import ImageSet
+from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS
 from train.config import load_config
 from train.loader import CachedSource, Plan, resolve_data
 
@@ -67,7 +67,7 @@ def test_auto_teachers_are_the_stores_in_registry_order_and_a_resumed_run_keeps_
     (other / held[0]).rename(other / "vit_x")                                       # a teacher no descriptor names
     with pytest.raises(StoreError) as e:
         resolve_data(load_config(None, [f"data.images={prepared_data}", f"data.store={other}", "train.batch_size=4"]), data)
-    assert str(e.value) == (f"{other}: holds teachers ['vit_x'] that store/teachers.py does not describe; "
+    assert str(e.value) == (f"{other}: holds teachers ['vit_x'] that teachers/descriptors.py does not describe; "
                             "set data.teachers to the ones to train")
 
 
@@ -99,7 +99,7 @@ def test_the_cached_path_refuses_a_store_masked_at_other_ratios(prepared_data, t
     with pytest.raises(StoreError) as e:
         CachedSource(plan, store_path=store, teachers=("mae", "ibot"), decoder="pil")
     assert str(e.value) == (f"{store / 'ibot'}: config mask_ratio=0.25 (n_visible 137) but this run masks "
-                            "teacher ibot at 0.3 (n_visible 137, store/views.py MASK_RATIOS); extract a new store")
+                            "teacher ibot at 0.3 (n_visible 137, data/views.py MASK_RATIOS); extract a new store")
 
 
 @pytest.mark.parametrize("decoder", ["pil", "dali"])
@@ -109,7 +109,7 @@ def test_cached_batches_hold_the_stored_rows_of_their_images_and_an_abandoned_ep
     images the decoder's of the stored crops, over windows read ahead and looked up in bulk;
     with DALI one batch is decoding while the next is gathered, and an epoch abandoned after
     one step (its decode in flight) changes nothing in the next one."""
-    from store.decode import make_decoder
+    from data.decode import make_decoder
 
     data = ImageSet.open(prepared_data)
     plan = Plan(data, seed=0, views=2, batch_size=2, window=1, streams=2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from store.features import FeatureStore, StoreError
-from store.shards import ImageSet
+from data.shards import ImageSet
 from train.config import load_config
 from train.loader import Plan
 from train.loop import NonFiniteLoss, build_source, train
@@ -48,7 +48,7 @@ def test_cached_and_online_give_the_same_loss_and_gradients(prepared_data, teach
     teachers = "[mae,mocov3,ibot]"
     if codec == "int8":            # a one-teacher int8 store keeps this test short
         from extract.runner import run_extraction
-        from extract.teachers import build_teacher
+        from teachers.vit import build_teacher
         store = tmp_path / "int8"
         run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=ImageSet.open(prepared_data),
                        store_path=store, views=2, seed=0, batch_size=4, codec="int8", decoder="pil",
@@ -171,7 +171,7 @@ def test_mismatched_or_incomplete_stores_are_refused(prepared_data, photo_tree, 
     FeatureStore.open(broken).teacher("ibot").group["complete"][0, 1] = 3
     with pytest.raises(StoreError, match="1 of 6 blocks are incomplete"):
         train(_cfg(prepared_data, broken), out_dir=tmp_path / "d", max_steps=1)
-    from store.shards import prepare
+    from data.shards import prepare
     other = prepare(photo_tree, tmp_path / "other", shard_size=4, progress=False)
     with pytest.raises(StoreError, match="data_digest"):
         train(_cfg(other.root, teacher_store), out_dir=tmp_path / "e", max_steps=1)

@@ -139,7 +139,7 @@ def test_the_cli_refuses_a_data_changing_variant_in_one_line(prepared_data, teac
     cfg = load_config(None, _overrides(prepared_data, teacher_store))
     with pytest.raises(ValueError, match="learner 'b': .*gate.mod"):
         train(cfg, out_dir=tmp_path / "r", max_steps=2, progress=False, variants=[parse_variant("b:gate.mod=uniform")])
-    from store.shards import prepare
+    from data.shards import prepare
     other = prepare(photo_tree, tmp_path / "other", shard_size=4, progress=False, workers=0).root
     with pytest.raises(StoreError, match="(?s)^--heldout: .*store does not match.*DATA must be the images"):
         train(cfg, out_dir=tmp_path / "r", max_steps=2, progress=False, variants=[parse_variant("a:")],

@@ -3,7 +3,7 @@ learner of a sweep and an online-fresh run follow the one-process curve; a two-r
 crashed after a checkpoint and resumed with its recorded learners repeats every learner bit
 for bit, stochastic depth included (each rank's own noise restored); a one-process run goes
 on on two ranks; a non-finite loss on one rank stops both naming the same step. That the
-global batches do not depend on the world size is shown in process (tests/train/test_order.py,
+global batches do not depend on the world size is shown in process (tests/data/test_order.py,
 tests/train/test_loop.py)."""
 import json
 import os

@@ -1,0 +1,70 @@
+"""The PIL reference decoder of a view: the pixel rules of ``data/decode/pixels.py``,
+one image at a time in Python. ``data.decode.dali`` is the fast path and agrees with it
+within ``pixels.VIEW_BOUND`` / ``pixels.MEAN_BOUND``."""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.decode.pixels import SIXTEEN_BIT_MODES, SIZE, check_box, crop_corners, normalize_uint8, to_rgb
+from data.decoders import DecodeError, sample_name
+from data.imagecheck import PIL_ERRORS
+
+
+def pil_view(data: bytes, box: Sequence[int], flip: bool, size: int = SIZE) -> np.ndarray:
+    """Decode one view with PIL: the reference implementation.
+
+    data: the encoded image (any format PIL reads); box: (x, y, w, h) ints in the stored
+    image's pixels; flip: mirror left-right after resizing.
+    Returns np.uint8 (size, size, 3), RGB.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        box = check_box(box, width=width, height=height)
+        if image.mode in SIXTEEN_BIT_MODES:
+            rgb = Image.fromarray(to_rgb(image))
+        else:
+            rgb = image.convert("RGB")
+    crop = rgb.crop(crop_corners(box))
+    resized = crop.resize((size, size), resample=Image.Resampling.BILINEAR)
+    if flip:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(resized)
+
+
+def pil_views(
+    datas: Sequence[bytes],
+    boxes: np.ndarray | Sequence[Sequence[int]],
+    flips: np.ndarray | Sequence[bool],
+    size: int = SIZE,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Decode a batch of views with PIL.
+
+    datas: B encoded images; boxes: (B, 4) ints (x, y, w, h); flips: (B,) bool.
+    Returns float32 (B, 3, size, size): normalised with MEAN/STD if ``normalize``, else the
+    RGB pixel values on the 0..255 scale. Raises ``DecodeError`` naming the first sample that
+    cannot be decoded or whose box leaves it (``data.decoders.sample_name``).
+    """
+    boxes = np.asarray(boxes)
+    flips = np.asarray(flips)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) != len(datas) or flips.shape != (len(datas),):
+        raise ValueError(
+            f"pil_views: expected {len(datas)} images, boxes ({len(datas)}, 4) and flips "
+            f"({len(datas)},), got boxes {boxes.shape} and flips {flips.shape}"
+        )
+    pixels = np.empty((len(datas), size, size, 3), dtype=np.uint8)
+    for k, data in enumerate(datas):
+        try:
+            pixels[k] = pil_view(data, boxes[k], bool(flips[k]), size=size)
+        except PIL_ERRORS as error:
+            raise DecodeError(f"{sample_name(datas, k)}: PIL cannot decode its view with crop box "
+                              f"{boxes[k].tolist()} ({type(error).__name__}: {error})") from error
+    batch = torch.from_numpy(pixels)
+    if normalize:
+        return normalize_uint8(batch)
+    return batch.permute(0, 3, 1, 2).to(torch.float32)

@@ -1,0 +1,65 @@
+"""The image decoders a job may name, and which of them this environment has.
+
+- ``pil``: the reference (``data/decode/pil.py``), always installed;
+- ``dali``: NVIDIA DALI (``data/decode/dali.py``, ``data/decode/stored.py``), the fast path,
+  from the optional extra ``pip install '.[dali]'`` (pyproject.toml);
+- ``auto``: ``dali`` where DALI is installed, else ``pil`` (``resolve_decoder``).
+
+Light on purpose (no torch, and DALI is looked up, never imported): the command line takes its
+choices from here, and a DALI decoder checks ``require_dali`` when it is made, so that asking
+for DALI without it ends in one line naming the extra. A decoder that fails on a sample raises
+``DecodeError`` naming it (``sample_name``: the global index, source file and shard tar that
+``ImageSet.read`` attached to its bytes).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from core.errors import ExpectedError
+
+AUTO = "auto"
+DECODERS = (AUTO, "dali", "pil")
+DALI_EXTRA = "pip install '.[dali]'"
+DECODER_HELP = "Image decoder: dali (NVIDIA DALI, GPU decoder on CUDA; the extra " + DALI_EXTRA + \
+    "), pil (the reference) or auto (dali where it is installed, else pil)."
+
+
+class DaliMissing(ExpectedError, ImportError):
+    """A DALI decoder was asked for where NVIDIA DALI is not installed."""
+
+
+class DecodeError(ExpectedError, RuntimeError):
+    """A decoder failed on a sample of a batch; the message names the sample (``sample_name``)."""
+
+
+def sample_name(datas, k: int, keys=None) -> str:
+    """Sample ``k`` of a batch for messages: ``keys[k]`` if given, else the ``origin`` that
+    ``ImageSet.read`` gave its bytes (``image <i> (<source>, in <shard tar>)``), else its
+    position in the batch."""
+    if keys is not None:
+        return str(keys[k])
+    return getattr(datas[k], "origin", None) or f"sample {k} of the batch"
+
+
+def dali_installed() -> bool:
+    """Whether ``nvidia.dali`` can be imported here (looked up, not imported)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):    # no ``nvidia`` package at all, or an import hook refused it
+        return False
+
+
+def require_dali() -> None:
+    """Raise DaliMissing, one line naming the extra, unless DALI is installed."""
+    if not dali_installed():
+        raise DaliMissing(f"decoder=dali needs NVIDIA DALI (nvidia.dali), which is not installed: "
+                          f"install the extra, {DALI_EXTRA}, or choose decoder=pil (or auto)")
+
+
+def resolve_decoder(kind: str) -> str:
+    """``dali`` or ``pil`` for a decoder name of ``DECODERS`` (``auto``: ``dali`` where installed)."""
+    if kind not in DECODERS:
+        raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+    if kind == AUTO:
+        return "dali" if dali_installed() else "pil"
+    return kind

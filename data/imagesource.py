@@ -1,0 +1,347 @@
+"""The input side of ``prepare``: list an image source and check each image.
+
+Two kinds of source folder are understood (see ``docs/format.md``, "Images"):
+
+- **ImageFolder** (the ILSVRC-2012 layout): ``SRC/<class>/**/<file>``. Classes are the
+  sub-folders of SRC in sorted order (label = position); the samples of a class are all
+  files below its folder, recursively, in sorted relative-path order. Names starting
+  with ``.`` (``.DS_Store``, hidden folders) are ignored, and so are plain files lying
+  directly in SRC. Every other file must be an image.
+- **WebDataset shards**: ``SRC/*.tar`` (top level, sorted by name; ``pattern`` chooses
+  some of them), each sample a run of members sharing a key, with one image member
+  (``jpg``, ``jpeg``, ``png``, ...) and a ``cls`` member holding the integer label as
+  text. Class names come from ``SRC/classes.txt`` (one name per line, line k names label
+  k) if it exists; otherwise from the samples' ``json`` members (``class_name``, or the
+  folder of ``filename``) where they have one; otherwise they are the label numbers as
+  strings, ``"0" .. str(max_label)``. The tars are scanned up front (headers, ``cls``
+  and ``json`` only), so every candidate sample is known before any image is read.
+
+The listing numbers the candidate samples in that deterministic order; ``prepare``
+packs them in a seeded permutation of it (``data.shards.pack_order``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import tarfile
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+# what a good image is lives in data/imagecheck.py; re-exported for prepare's readers
+from data.imagecheck import FORMAT_EXT, BadImage, ImageInfo, PrepareError, inspect_image
+
+__all__ = [
+    "BadImage",
+    "PrepareError",
+    "ImageInfo",
+    "SourceItem",
+    "SourceListing",
+    "FORMAT_EXT",
+    "inspect_image",
+    "list_source",
+]
+
+# member extensions taken as the image of a WebDataset sample
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm", "jp2")
+CLASSES_FILE = "classes.txt"
+
+
+@dataclass
+class SourceItem:
+    """One candidate sample: ``source`` names it; its bytes are the file ``path``, or, when
+    ``size >= 0``, the ``size`` bytes at ``offset`` of ``path`` (a member of a tar).
+
+    ``error`` is set when the sample is already known to be bad (e.g. a WebDataset sample
+    without a label); such an item is rejected without being read.
+    """
+
+    source: str
+    label: int
+    path: Path | None = None
+    offset: int = 0
+    size: int = -1
+    error: str | None = None
+
+    def read(self) -> bytes:
+        assert self.path is not None
+        if self.size < 0:
+            return self.path.read_bytes()
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), self.size, self.offset)
+        if len(data) != self.size:
+            raise OSError(f"short read: {len(data)} of {self.size} bytes at offset {self.offset} of {self.path}")
+        return data
+
+
+@dataclass
+class SourceListing:
+    """A listing of SRC: its kind, classes, every candidate sample, and a digest of
+    (name, size, mtime) of every listed file.
+
+    ``sha256`` changes whenever a listed file is added, removed, resized or modified, which
+    is how ``prepare`` tells a finished OUT made from this SRC from one made from another.
+    Candidates are numbered 0..len-1 in the deterministic listing order (``item(k)``);
+    ``prepare`` packs them in a seeded permutation of that order.
+    """
+
+    kind: str  # "imagefolder" | "webdataset"
+    root: Path
+    classes: list[str]  # ImageFolder: the folders; WebDataset: classes.txt, or [] (see json_names)
+    num_files: int
+    sha256: str
+    names: list[str] = field(repr=False)  # the listed files, relative to SRC (images, or tars + classes.txt)
+    sources: list[str] = field(repr=False)  # per candidate: path relative to SRC, or tar:member
+    labels: array = field(repr=False)  # per candidate: class label (-1 where unknown)
+    pattern: str | None = None  # WebDataset: the --pattern the tars were chosen by (None: every *.tar)
+    json_names: dict[int, str] = field(default_factory=dict, repr=False)  # label -> name from samples' json
+    # WebDataset only, per candidate: which tar, data offset and size of the image member
+    _tars: list[Path] = field(default_factory=list, repr=False)
+    _tar_of: array = field(default_factory=lambda: array("q"), repr=False)
+    _offsets: array = field(default_factory=lambda: array("q"), repr=False)
+    _sizes: array = field(default_factory=lambda: array("q"), repr=False)
+    _errors: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        """Number of candidate samples (good or bad)."""
+        return len(self.sources)
+
+    def item(self, k: int) -> SourceItem:
+        """Candidate ``k`` (listing order)."""
+        if self.kind == "imagefolder":
+            return SourceItem(source=self.sources[k], label=self.labels[k], path=self.root / self.sources[k])
+        error = self._errors.get(k)
+        if error is not None:
+            return SourceItem(source=self.sources[k], label=self.labels[k], error=error)
+        return SourceItem(source=self.sources[k], label=self.labels[k], path=self._tars[self._tar_of[k]],
+                          offset=self._offsets[k], size=self._sizes[k])
+
+    def items(self, order: Iterable[int] | None = None) -> Iterator[SourceItem]:
+        """Candidates in ``order`` (positions in the listing; default: listing order)."""
+        for k in (range(len(self)) if order is None else order):
+            yield self.item(int(k))
+
+
+def list_source(src: Path, *, pattern: str | None = None, progress: bool = False) -> SourceListing:
+    """List SRC, deciding its kind: top-level ``*.tar`` files mean WebDataset shards,
+    otherwise sub-folders mean an ImageFolder tree. ``progress``: a tqdm bar over class
+    folders or tars.
+
+    Args:
+        src: the source folder.
+        pattern: WebDataset only: which top-level tars to take, a glob (``fnmatch``) with
+            optional brace expansion (``train-{0000..0146}.tar``, ``{train,val}-*.tar``);
+            None takes every ``*.tar``. A brace alternative without wildcards names one
+            file, which must exist.
+    Raises:
+        FileNotFoundError: SRC does not exist.
+        PrepareError: SRC holds neither tars nor class folders; the pattern matches nothing
+            or names a missing tar.
+        NotADirectoryError: SRC is a file.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"prepare: source folder {src} does not exist")
+    if not src.is_dir():
+        raise NotADirectoryError(f"prepare: source {src} is not a folder")
+    entries = sorted((e for e in os.scandir(src) if not e.name.startswith(".")), key=lambda e: e.name)
+    tars = [e for e in entries if e.name.endswith(".tar") and e.is_file()]
+    folders = [e for e in entries if e.is_dir()]
+    if pattern is not None:
+        return _list_webdataset(src, _match_tars(src, tars, pattern), pattern=pattern, progress=progress)
+    if tars:
+        return _list_webdataset(src, tars, pattern=None, progress=progress)
+    if folders:
+        return _list_imagefolder(src, folders, progress=progress)
+    raise PrepareError(f"prepare: {src} holds neither class folders (ImageFolder) nor *.tar shards (WebDataset)")
+
+
+def _match_tars(src: Path, tars: list[os.DirEntry], pattern: str) -> list[os.DirEntry]:
+    """The top-level tars whose name matches ``pattern`` (brace-expanded, then fnmatch), sorted."""
+    from braceexpand import braceexpand
+
+    alternatives = list(braceexpand(pattern))
+    for alternative in alternatives:
+        if "/" in alternative:
+            raise PrepareError(f"prepare: --pattern {pattern!r} names files in SRC itself, not in sub-folders "
+                               f"({alternative!r} has a '/')")
+    names = {e.name for e in tars}
+    missing = [a for a in alternatives if not any(c in a for c in "*?[") and a not in names]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise PrepareError(f"prepare: --pattern {pattern!r} names tars that are not in {src}: "
+                           f"{', '.join(missing[:3])}{more}")
+    chosen = [e for e in tars if any(fnmatch.fnmatchcase(e.name, a) for a in alternatives)]
+    if not chosen:
+        there = ", ".join(e.name for e in tars[:3]) + (" ..." if len(tars) > 3 else "") if tars else "none"
+        raise PrepareError(f"prepare: no *.tar in {src} matches --pattern {pattern!r} (tars there: {there})")
+    return chosen
+
+
+def _listing_line(name: str, stat: os.stat_result) -> bytes:
+    return os.fsencode(name) + b"\t" + str(stat.st_size).encode() + b"\t" + str(stat.st_mtime_ns).encode() + b"\n"
+
+
+def _walk_files(folder: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """All non-hidden files below ``folder``, as (relative name, entry), in sorted name order."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        name = f"{prefix}/{entry.name}"
+        if entry.is_dir():
+            yield from _walk_files(Path(entry.path), name)
+        else:
+            yield name, entry
+
+
+def _list_imagefolder(src: Path, folders: list[os.DirEntry], *, progress: bool) -> SourceListing:
+    from core.progress import progress_bar
+
+    digest = hashlib.sha256(b"imagefolder\n")
+    names: list[str] = []
+    labels = array("q")
+    classes = [f.name for f in folders]
+    for label, folder in enumerate(progress_bar(folders, desc=f"list {src.name}", unit="class", progress=progress)):
+        digest.update(b"class\t" + os.fsencode(folder.name) + b"\n")
+        for name, entry in _walk_files(Path(folder.path), folder.name):
+            digest.update(_listing_line(name, entry.stat()))
+            names.append(name)
+            labels.append(label)
+    return SourceListing(kind="imagefolder", root=src, classes=classes, num_files=len(names),
+                         sha256=digest.hexdigest(), names=names, sources=names, labels=labels)
+
+
+def _list_webdataset(src: Path, tars: list[os.DirEntry], *, pattern: str | None, progress: bool) -> SourceListing:
+    from core.progress import progress_bar
+
+    digest = hashlib.sha256(b"webdataset\n")
+    names = []
+    classes_path = src / CLASSES_FILE
+    classes: list[str] = []
+    if classes_path.is_file():
+        digest.update(_listing_line(CLASSES_FILE, classes_path.stat()))
+        names.append(CLASSES_FILE)
+        classes = [line.strip() for line in classes_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(set(classes)) != len(classes):
+            raise PrepareError(f"prepare: {classes_path} names a class twice")
+    listing = SourceListing(kind="webdataset", root=src, classes=classes, num_files=0, sha256="", names=names,
+                            sources=[], labels=array("q"), pattern=pattern)
+    named_by: dict[int, str] = {}  # label -> the sample whose json named it (for messages)
+    for entry in progress_bar(tars, desc=f"list {src.name}", unit="tar", progress=progress):
+        digest.update(_listing_line(entry.name, entry.stat()))
+        names.append(entry.name)
+        listing._tars.append(Path(entry.path))
+        _scan_tar(listing, len(listing._tars) - 1, entry.name, num_classes=len(classes) if classes else None,
+                  named_by=named_by)
+    listing.num_files, listing.sha256 = len(names), digest.hexdigest()
+    return listing
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the base name."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def _scan_tar(listing: SourceListing, tar: int, tar_name: str, *, num_classes: int | None,
+              named_by: dict[int, str]) -> None:
+    """Append the samples of one WebDataset tar, in member order, to ``listing``: where each
+    image member's data lies, the label (``cls``) and the class name its ``json`` gives.
+
+    Only headers, ``cls`` and ``json`` members are read (the tar is opened for random access);
+    a sample missing its image or its ``cls``, or with a bad label, gets an error instead.
+    """
+    path = listing._tars[tar]
+    try:
+        archive = tarfile.open(path, mode="r:")
+    except (OSError, tarfile.TarError) as error:
+        raise BadImage(tar_name, f"cannot open tar file ({error})") from None
+    end = os.stat(path).st_size
+    key, members = None, {}
+    with archive:
+        try:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_member(member.name)
+                base = member_key.rsplit("/", 1)[-1]
+                if not base or base.startswith(".") or base.startswith("__"):
+                    continue
+                if member.offset_data + member.size > end:
+                    raise BadImage(tar_name, f"damaged tar file (member {member.name} ends past the end of the file)")
+                if member_key != key:
+                    if key is not None:
+                        _add_sample(listing, tar, tar_name, key, members, num_classes, named_by)
+                    key, members = member_key, {}
+                data = archive.extractfile(member).read() if ext in ("cls", "json") else None
+                members[ext] = (member.name, member.offset_data, member.size, data)
+        except (OSError, tarfile.TarError) as error:
+            raise BadImage(tar_name, f"damaged tar file ({error})") from None
+    if key is not None:
+        _add_sample(listing, tar, tar_name, key, members, num_classes, named_by)
+
+
+def _json_class_name(data: bytes) -> str | None:
+    """The class name a sample's json gives: its ``class_name``, else the folder of its
+    ``filename`` (``n01440764/n01440764_3778.JPEG`` -> ``n01440764``); None if neither."""
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    name = meta.get("class_name")
+    if isinstance(name, str) and name.strip():
+        return name.strip()
+    filename = meta.get("filename")
+    if isinstance(filename, str) and "/" in filename.strip("/"):
+        return filename.strip("/").split("/", 1)[0]
+    return None
+
+
+def _add_sample(listing: SourceListing, tar: int, tar_name: str, key: str, members: dict,
+                num_classes: int | None, named_by: dict[int, str]) -> None:
+    k = len(listing.sources)
+    image_exts = [e for e in WDS_IMAGE_EXTS if e in members]
+    source, label, error = f"{tar_name}:{key}", -1, None
+    offset = size = 0
+    if not image_exts:
+        error = f"sample has no image member (members: {sorted(members)})"
+    elif len(image_exts) > 1:
+        error = f"sample has several image members {image_exts}"
+    else:
+        member_name, offset, size, _ = members[image_exts[0]]
+        source = f"{tar_name}:{member_name}"
+        if "cls" not in members:
+            error = "sample has no 'cls' member (label)"
+        else:
+            text = members["cls"][3].decode("utf-8", errors="replace").strip()
+            try:
+                label = int(text)
+            except ValueError:
+                error = f"'cls' is not an integer label: {text[:40]!r}"
+            else:
+                if label < 0 or (num_classes is not None and label >= num_classes):
+                    limit = f" [0, {num_classes})" if num_classes is not None else " >= 0"
+                    error = f"label {label} outside{limit}"
+    if error is None and "json" in members:
+        name = _json_class_name(members["json"][3])
+        if name is not None:
+            known = listing.json_names.setdefault(label, name)
+            named_by.setdefault(label, source)
+            if known != name:
+                raise PrepareError(f"prepare: the json of {listing.root}/{source} names label {label} {name!r}, "
+                                   f"the json of {listing.root}/{named_by[label]} names it {known!r}")
+    listing.sources.append(source)
+    listing.labels.append(label)
+    listing._tar_of.append(tar)
+    listing._offsets.append(offset)
+    listing._sizes.append(size)
+    if error is not None:
+        listing._errors[k] = error

@@ -1,0 +1,282 @@
+"""Frozen ViT teachers and their masked forward (METHOD.md "Teachers").
+
+A teacher is its descriptor's timm ViT (teachers/descriptors.py: ViT-B/16 at 224 px, DINOv2 B/14 and
+L/14 at 196 px, with or without registers; num_classes=0) holding one of the official
+self-supervised checkpoints (``teachers/checkpoints.py``), or, for tests, deterministic
+random weights. It runs MAE-style on its visible patches only: patch embedding, position
+embeddings (CLS included), then the masked patches are dropped and the blocks and the
+final LayerNorm run on CLS (+ the register tokens) + the visible tokens. Views come at
+224 px; a teacher of another input size (196 px for /14) resizes them first (the grid rule:
+its 14 x 14 patches cover the student's). The output is one surface for every teacher
+(registers dropped; C = 768 for ViT-B, 1024 for ViT-L)::
+
+    {"cls": (B, C) float32, "patch": (B, n, C) float32, "index": (B, n) int64}
+
+Under CUDA the forward runs in bf16 autocast with scaled-dot-product attention (timm's
+fused attention, forced on); on the CPU it runs in fp32 unless ``amp=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.io import sha256_file
+from core.keys import name_seed
+from teachers.checkpoints import (
+    TEACHERS,
+    fetch_official,
+    load_official_state_dict,
+    spec_of,
+    state_dict_sha256,
+    teacher_model_kwargs,
+)
+from teachers.descriptors import VIEW_SIZE, descriptor
+
+__all__ = ["TEACHERS", "Teacher", "build_teacher"]
+
+
+class Teacher(nn.Module):
+    """A frozen, eval-mode ViT teacher with a masked forward.
+
+    Attributes: ``name`` (registry name), ``digest`` (sha256 of the checkpoint file, or
+    of the random weights), ``untrained`` (True for ``random_init``), ``source`` (file
+    path or ``"random-init"``), ``embed_dim`` (768 for ViT-B, 1024 for ViT-L),
+    ``num_patches`` (196), ``img_size`` (its input: 224 or 196 px), ``amp`` (bf16 autocast
+    on or off), ``arch`` (timm model name), ``vit`` (the timm model).
+
+    Supported: a CLS token and an absolute position embedding, either over CLS + patches
+    (timm's default) or over the patches only (``no_embed_class=True``, DINOv2 with
+    registers), register tokens only in the latter (timm's reg4 DINOv2 layout: registers
+    carry no position embedding). Refused: no CLS, no position embedding, registers with an
+    embedded class (no teacher has that layout) and ``dynamic_img_size``.
+    """
+
+    def __init__(self, vit: nn.Module, *, name: str, digest: str, untrained: bool,
+                 source: str, arch: str, amp: bool | None = None):
+        super().__init__()
+        registers = getattr(vit, "reg_token", None) is not None
+        no_embed_class = bool(getattr(vit, "no_embed_class", False))
+        if getattr(vit, "cls_token", None) is None or getattr(vit, "pos_embed", None) is None:
+            raise ValueError(f"teacher {name}: {arch} has no CLS token or no position embedding; "
+                             f"the masked forward needs both")
+        if registers and not no_embed_class:
+            raise ValueError(f"teacher {name}: {arch} has reg_token with no_embed_class=False; "
+                             f"the masked forward supports registers only without position embedding")
+        if getattr(vit, "dynamic_img_size", False):
+            raise ValueError(f"teacher {name}: dynamic_img_size models are not supported")
+        self.vit = vit
+        self.name = name
+        self.digest = digest
+        self.untrained = untrained
+        self.source = source
+        self.arch = arch
+        self.embed_dim = int(vit.embed_dim)
+        self.num_patches = int(vit.patch_embed.num_patches)
+        self.img_size = tuple(vit.patch_embed.img_size)
+        self.no_embed_class = no_embed_class
+        self._amp = amp
+        for block in vit.blocks:  # scaled-dot-product attention, whatever TIMM_FUSED_ATTN says
+            if hasattr(block.attn, "fused_attn"):
+                block.attn.fused_attn = True
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """Teachers stay in eval mode; ``train()`` is a no-op kept for nn.Module callers."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vit.cls_token.device
+
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast: the value given at build, else on for CUDA and off for the CPU."""
+        return self.device.type == "cuda" if self._amp is None else bool(self._amp)
+
+    @property
+    def config(self) -> dict:
+        """What identifies this teacher's outputs (for store configs and run records)."""
+        return dict(name=self.name, digest=self.digest, untrained=self.untrained,
+                    source=self.source, arch=self.arch, embed_dim=self.embed_dim)
+
+    def _check_inputs(self, images: torch.Tensor, visible: torch.Tensor | None) -> None:
+        sizes = list(dict.fromkeys([(VIEW_SIZE, VIEW_SIZE), self.img_size]))
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) not in sizes:
+            raise ValueError(f"teacher {self.name}: images must be " + " or ".join(
+                f"(B, 3, {h}, {w})" for h, w in sizes) + f", got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"teacher {self.name}: images must be a float tensor (normalised), "
+                            f"got {images.dtype}")
+        if visible is None:
+            return
+        if visible.ndim != 2 or visible.shape[0] != images.shape[0]:
+            raise ValueError(f"teacher {self.name}: visible must be (B, n) with B="
+                             f"{images.shape[0]}, got {tuple(visible.shape)}")
+        if visible.dtype != torch.int64:
+            raise TypeError(f"teacher {self.name}: visible must be int64 patch ids, got {visible.dtype}")
+        if visible.device.type == "cpu" and visible.numel():  # checked without a device sync
+            if int(visible.min()) < 0 or int(visible.max()) >= self.num_patches:
+                raise ValueError(f"teacher {self.name}: visible patch ids must lie in "
+                                 f"[0, {self.num_patches}), got [{int(visible.min())}, "
+                                 f"{int(visible.max())}]")
+            if visible.shape[1] > 1 and not bool((visible[:, 1:] > visible[:, :-1]).all()):
+                raise ValueError(f"teacher {self.name}: visible patch ids must be strictly "
+                                 f"ascending in every row")
+
+    def _encode(self, images: torch.Tensor, visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Shared body of ``forward``/``forward_full``; ``visible=None`` keeps all patches."""
+        self._check_inputs(images, visible)
+        vit, device = self.vit, self.device
+        images = images.to(device, non_blocking=True)
+        autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                    if self.amp else contextlib.nullcontext())
+        with torch.no_grad():
+            if tuple(images.shape[2:]) != self.img_size:         # the grid rule's resize (224 -> 196 px)
+                images = F.interpolate(images, size=self.img_size, mode="bilinear",
+                                       antialias=True, align_corners=False)
+            with autocast:
+                x = vit.patch_embed(images)                      # (B, N, C)
+                batch, _, width = x.shape
+                pos = vit.pos_embed                              # (1, N, C) or (1, 1 + N, C)
+                cls = vit.cls_token
+                if self.no_embed_class:
+                    x = x + pos
+                else:
+                    x, cls = x + pos[:, 1:], cls + pos[:, :1]
+                if visible is None:
+                    index = torch.arange(self.num_patches, device=device).expand(batch, -1)
+                else:
+                    index = visible.to(device, non_blocking=True)
+                    x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, width))  # (B, n, C)
+                registers = getattr(vit, "reg_token", None)      # after CLS, no position embedding
+                prefix = [cls] if registers is None else [cls, registers]
+                prefix = torch.cat(prefix, dim=1).expand(batch, -1, -1)
+                x = torch.cat([prefix.to(x.dtype), x], dim=1)    # (B, 1 [+ R] + n, C)
+                x = vit.norm_pre(x)
+                x = vit.blocks(x)
+                x = vit.norm(x).float()
+        skip = prefix.shape[1]
+        return {"cls": x[:, 0], "patch": x[:, skip:], "index": index}
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Masked forward on the visible patches plus CLS.
+
+        images: (B, 3, 224, 224) float, ImageNet-normalised (any device; moved to the
+            teacher's); resized to the teacher's input if that is smaller (196 px for /14:
+            bilinear, antialiased), which may also be given directly.
+        visible: (B, n) int64, strictly ascending patch ids in [0, 196) (row-major 14 x 14
+            grid). Values are validated when ``visible`` is on the CPU.
+        Returns {"cls": (B, C) float32, "patch": (B, n, C) float32 (the final-LayerNorm
+            tokens of the visible patches, in the order of ``visible``),
+            "index": (B, n) int64 (= ``visible``)}, all on the teacher's device.
+        """
+        return self._encode(images, visible)
+
+    def forward_full(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unmasked forward (all 196 patches), for benchmarks and reference checks.
+
+        images: as ``forward``'s. Returns {"cls": (B, C), "patch": (B, 196, C),
+            "index": (B, 196) int64 = arange(196)}, float32.
+        """
+        return self._encode(images, None)
+
+
+def _create(arch: str, model_kwargs: dict | None) -> nn.Module:
+    import timm
+
+    return timm.create_model(arch, pretrained=False, num_classes=0, **(model_kwargs or {}))
+
+
+# std of timm's ViT initialisation (vision_transformer.py init_weights, mode ''): Linear
+# weights and pos_embed N(0, 0.02) truncated at +-2 (100 std: the same law as untruncated),
+# Linear biases 0, the CLS/register tokens N(0, 1e-6); the rest by its own reset_parameters()
+_TOKEN_STD = {"pos_embed": 0.02, "cls_token": 1e-6, "reg_token": 1e-6}
+_LINEAR_STD = 0.02
+
+
+def _random_vit(arch: str, model_kwargs: dict | None) -> nn.Module:
+    """A ``_create(arch)`` model with timm's initialisation law drawn fast from the global RNG
+    (the caller seeds it): the model is built on the meta device, then every Linear weight is
+    drawn with ``normal_`` (timm's ``trunc_normal_`` costs an erfinv per value: ~7 s of a ViT-B
+    on the CPU), biases zeroed, tokens drawn, and modules with ``reset_parameters`` (the patch
+    convolution, LayerNorms) reset. Raises naming any tensor this leaves unset."""
+    with torch.device("meta"):
+        vit = _create(arch, model_kwargs)
+    vit.to_empty(device="cpu")
+    unset = {id(t): n for n, t in list(vit.named_parameters()) + list(vit.named_buffers())}
+    with torch.no_grad():
+        for module in vit.modules():
+            own = dict(module.named_parameters(recurse=False))
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, _LINEAR_STD)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif own and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+            else:
+                for name, tensor in own.items():
+                    if name in _TOKEN_STD:
+                        tensor.normal_(0.0, _TOKEN_STD[name])
+                        unset.pop(id(tensor), None)
+                continue
+            for tensor in own.values():
+                unset.pop(id(tensor), None)
+    if unset:
+        raise ValueError(f"random_init of {arch}: no initialisation for {sorted(unset.values())[:5]}")
+    return vit
+
+
+def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
+                  random_init: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+                  amp: bool | None = None, cache_dir: str | os.PathLike | None = None,
+                  fetch_timeout_s: float = 5.0, arch: str | None = None,
+                  model_kwargs: dict | None = None) -> Teacher:
+    """Build teacher ``name`` (a descriptor of teachers/descriptors.py), frozen and in eval mode.
+
+    checkpoint: the official file (any of the layouts in ``teachers/checkpoints.py``).
+        Without one, ``CACHE/NAME/FILENAME`` is used, fetched from the official URL if
+        absent (``fetch_timeout_s`` bounds the first contact); without network the error
+        says which file to download and from where.
+    random_init: untrained weights with timm's initialisation law (``_random_vit``) drawn from
+        ``core.keys.name_seed(name, seed)`` inside a forked RNG: identical in every process,
+        global RNG untouched; ``untrained=True``.
+    amp: bf16 autocast; default on for CUDA, off for the CPU.
+    arch / model_kwargs: the timm architecture (default: the teacher's descriptor's,
+        teachers/descriptors.py) and what it is built with: the descriptor's ``model_kwargs`` (its
+        input size) under these (tests shrink it, the official checkpoints need the default).
+    """
+    spec_of(name)
+    arch = arch or descriptor(name).arch
+    built_with = teacher_model_kwargs(name, model_kwargs)
+    if random_init and checkpoint is not None:
+        raise ValueError(f"teacher {name}: give either checkpoint= or random_init=True, not both")
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(name_seed(name, seed))
+            vit = _random_vit(arch, built_with)
+        digest = state_dict_sha256(vit.state_dict())
+        source, untrained = "random-init", True
+    else:
+        if checkpoint is None:
+            path = fetch_official(name, cache_dir=cache_dir, timeout_s=fetch_timeout_s)
+        else:
+            path = Path(checkpoint)
+        weights = load_official_state_dict(name, path, arch=arch, model_kwargs=model_kwargs)
+        with torch.device("meta"):
+            vit = _create(arch, built_with)
+        vit.load_state_dict(weights, strict=True, assign=True)
+        left = [n for n, t in list(vit.named_parameters()) + list(vit.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"teacher {name}: {arch} has tensors the checkpoint does not "
+                               f"fill: {left[:5]}")
+        digest = sha256_file(path)
+        source, untrained = str(path), False
+    teacher = Teacher(vit, name=name, digest=digest, untrained=untrained, source=source,
+                      arch=arch, amp=amp)
+    return teacher.to(device)
