@@ -1,15 +1,17 @@
 """Command line of the CoMAD feature-cache project: ``python cli.py COMMAND --help``.
 
-Click commands only (no logic): each parses its options, builds what it needs and calls into
-``store/``, ``extract/``, ``train/`` or ``eval/``, importing heavy modules inside the command (fast ``--help``).
-"""
+Click commands only (no logic): each parses its options, builds what it needs and calls into its
+package, importing heavy modules inside the command (fast ``--help``)."""
 import click
 
-from data.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
 from core.errors import ExpectedError
-from teachers.descriptors import DESCRIPTORS
-from train.export_options import EXPORT_PARAMS
-from train.train_options import TRAIN_PARAMS
+from core.options import config_from, config_params
+from data.config import PrepareConfig, PrepareJob
+from demo.options import DemoOptions
+from extract.config import ExtractConfig, ExtractJob
+from store.options import InspectOptions, VerifyOptions
+from train.export_options import ExportOptions
+from train.train_options import TrainOptions
 
 CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
 
@@ -45,46 +47,21 @@ def main(debug):
 # --- commands: store (prepare, inspect) --------------------------------------------
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--shard-size", type=click.IntRange(min=1), default=256,
-              help="Samples per tar shard (the last shard may hold fewer).")
-@click.option("--seed", type=click.IntRange(min=0, max=2 ** 63 - 1), default=0,
-              help="Key of the pseudo-random order the samples are written in (class-mixed shards).")
-@click.option("--pattern", default=None, metavar="GLOB", show_default="every *.tar",
-              help="WebDataset source: take only the top-level tars matching this glob, with brace "
-                   "expansion (e.g. 'imagenet1k-train-*.tar', 'train-{0000..0146}.tar').")
-@click.option("--skip-bad", is_flag=True,
-              help="Leave unreadable or non-image files out (listed in the manifest's 'rejects') "
-                   "instead of stopping at the first one.")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Threads reading and verifying images (0: none; default: min(8, CPU count)).")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def prepare(src, out, shard_size, seed, pattern, skip_bad, workers, progress):
+@main.command(context_settings=CONTEXT, params=config_params(PrepareConfig) + config_params(PrepareJob))
+def prepare(config_file, progress, overrides, **values):
     """Pack SRC (ImageFolder tree or folder of WebDataset .tar shards) into OUT: tar shards with
     DALI index files and a manifest giving every image a stable global index (docs/format.md).
     Samples are written in a seeded pseudo-random order, so every shard mixes the classes.
 
-    Re-running on a finished OUT does nothing; an unfinished OUT is redone."""
-    from data.shards import prepare as prepare_images
+    Re-running on a finished OUT does nothing; an unfinished OUT is redone. KEY=VALUE (and
+    --config FILE) set any setting, e.g. shard_size=512; OUT/prepare.yaml records them."""
+    from data.pack import run_prepare
 
-    prepare_images(src, out, shard_size=shard_size, seed=seed, pattern=pattern, skip_bad=skip_bad,
-                   progress=progress, workers=workers, echo=lambda message: click.echo(message, err=True))
+    run_prepare(config_from(PrepareConfig, values, overrides, path=config_file), progress=progress,
+                echo=lambda message: click.echo(message, err=True))
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("store_path", metavar="STORE", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The images the store was extracted from (a `prepare` output).")
-@click.option("--index", required=True, type=int, help="Global image index of the sample.")
-@click.option("--view", type=int, default=0, help="View number v of that image.")
-@click.option("--epoch", type=int, default=None,
-              help="Epoch of the student mask shown  [default: the first epoch that trains on this view]")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A training run folder: adds its student's per-position gate weights.")
-@click.option("--out", type=click.Path(dir_okay=False), default="inspect.png", help="PNG to write.")
-@click.option("--device", default="auto", help="With --run: auto, cpu, cuda.")
+@main.command(context_settings=CONTEXT, params=config_params(InspectOptions))
 def inspect(store_path, data, index, view, epoch, run_dir, out, device):
     """Draw one sample of STORE: the view (decoded crop), each teacher's mask, the student's mask
     and, with --run, the gate weights w_k(p) of each teacher at every position."""
@@ -116,91 +93,37 @@ def _device(device: str) -> str:
     return device
 
 
-@main.command(context_settings=CONTEXT)
-@click.option("--teacher", required=True, type=click.Choice(list(DESCRIPTORS)),
-              help="Which frozen ViT-B/16 teacher to run.")
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Images packed by `prepare`.")
-@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False),
-              help="Feature store (zarr v3) to create or resume.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The teacher's official checkpoint file; fetched if omitted and the network allows.")
-@click.option("--random-init", is_flag=True,
-              help="Untrained teacher (tests, demos); the store records that it is untrained.")
-@click.option("--views", type=int, default=4, help="Cached views per image (V).")
-@click.option("--seed", type=int, default=0, help="Root seed of crops and masks.")
-@click.option("--codec", type=click.Choice(["fp16", "int8", "pca", "adapter"]), default="adapter",
-              help="How tokens are stored (docs/format.md); fp16 keeps the full tokens (trainable adapters).")
-@click.option("--pca-dim", type=int, default=256, help="Principal components kept by --codec pca.")
-@click.option("--batch-size", type=int, default=64, help="Images per teacher forward.")
-@click.option("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
-@click.option("--decoder", type=click.Choice(DECODERS), default=AUTO, help=DECODER_HELP)
-@click.option("--threads", type=int, default=2, help="Decoder threads.")
-@click.option("--hw-decoder-load", type=click.FloatRange(0, 1), default=0.65,
-              help="DALI on a GPU: share of the JPEGs for the hardware decoder (A100/H100); DALI's "
-                   "default until bench/gpu_check.py has measured a better one.")
-@click.option("--preallocate-hint", type=(click.IntRange(min=0), click.IntRange(min=0)), default=(0, 0),
-              metavar="W H", help="DALI on a GPU: preallocate the hardware decoder's buffers for W x H "
-                                  "images (0 0: no hint).")
-@click.option("--stats-images", type=int, default=1024,
-              help="Images whose tokens give the adapter statistics (mean, principal components).")
-@click.option("--stats-from", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Take the statistics (the coefficient codecs' basis) from this store's teacher: a held-out store "
-                   "read with a training store's adapters.")
-@click.option("--max-blocks", type=int, default=None,
-              help="Stop after this many (shard, view-slot) blocks (a partial run; resume later).")
-@click.option("--estimate", is_flag=True,
-              help="Measure a short run, print bytes on disk and hours for the whole run, and exit.")
-@click.option("--ranks", type=int, default=None,
-              help="With --estimate: ranks to project for (default: this run's world size).")
-@click.option("--view-pixels", type=click.Choice(["none", "jpeg", "raw"]), default="jpeg",
-              help="Also store each view's 224 px pixels (JPEG q95 or raw uint8), once per store, so that "
-                   "training never opens the image shards (docs/format.md).")
-def extract(teacher, data, store_path, checkpoint, random_init, views, seed, codec, pca_dim,
-            batch_size, device, decoder, threads, hw_decoder_load, preallocate_hint, stats_images, stats_from,
-            max_blocks, estimate, ranks, view_pixels):
+@main.command(context_settings=CONTEXT, params=config_params(ExtractConfig) + config_params(ExtractJob))
+def extract(config_file, estimate, ranks, overrides, **values):
     """Stage 1: run one teacher over every (image, view) of DATA into the STORE.
 
-    Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards."""
+    Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards.
+    KEY=VALUE (and --config FILE) set any setting, e.g. codec=fp16; the job writes them,
+    resolved, to STORE.<teacher>.extract.yaml."""
     from core import dist
-    from extract.runner import Extractor, run_extraction, teacher_input
-    from teachers.vit import build_teacher
+    from data.decoders import resolve_decoder
     from data.shards import ImageSet
+    from extract.runner import run_extraction
+    from teachers.vit import build_teacher
 
-    device, decoder = dist.local_device(_device(device)), resolve_decoder(decoder)
+    cfg = config_from(ExtractConfig, values, overrides, path=config_file)
+    device = dist.local_device(_device(cfg.device))
     dist.init_from_env(device)
-    ds = ImageSet.open(data)
-    model = build_teacher(teacher, checkpoint=checkpoint, random_init=random_init, seed=seed,
+    ds = ImageSet.open(cfg.data)
+    model = build_teacher(cfg.teacher, checkpoint=cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed,
                           device=device)
-    settings = dict(hw_decoder_load=hw_decoder_load, preallocate_width_hint=preallocate_hint[0],
-                    preallocate_height_hint=preallocate_hint[1])
     if estimate:
-        from extract.estimate import estimate_run, format_estimate
-        ex = Extractor(model, ds, seed=seed, views=views, batch_size=batch_size, device=device, decoder=decoder,
-                       num_threads=threads, decoder_settings=settings, teacher_input=teacher_input(view_pixels))
-        e = estimate_run(ex, codec=codec, pca_dim=pca_dim, num_images=len(ds), views=views,
-                         ranks=ranks or dist.world_size(), stats_images=stats_images, view_pixels=view_pixels)
-        click.echo(format_estimate(e))
-        return
-    summary = run_extraction(teacher=model, data=ds, store_path=store_path, views=views, seed=seed,
-                             codec=codec, pca_dim=pca_dim, batch_size=batch_size, device=device,
-                             decoder=decoder, num_threads=threads, stats_images=stats_images,
-                             max_blocks=max_blocks, decoder_settings=settings, view_pixels=view_pixels,
-                             stats_from=stats_from)
+        from extract.estimate import estimate_extraction, format_estimate
+        return click.echo(format_estimate(estimate_extraction(cfg, teacher=model, data=ds,
+                                                              ranks=ranks or dist.world_size())))
+    summary = run_extraction(cfg, teacher=model, data=ds)
     if dist.rank() == 0:
-        click.echo(f"{teacher}: {summary['blocks']} blocks written, {summary['skipped']} already complete, "
-                   f"{summary['images_per_second']:.1f} img/s (decoder {decoder}) -> {store_path}")
+        click.echo(f"{cfg.teacher}: {summary['blocks']} blocks written, {summary['skipped']} already complete, "
+                   f"{summary['images_per_second']:.1f} img/s (decoder {resolve_decoder(cfg.decoder)}) -> {cfg.store}")
     dist.shutdown()
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("store_path", metavar="STORE", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The images the store was extracted from.")
-@click.option("--teacher", "teachers", multiple=True, help="Check only these teachers (repeatable).")
-@click.option("--no-values", is_flag=True, help="Skip reading the token payload (its checksums, the non-finite scan).")
-@click.option("--rehash-data", is_flag=True,
-              help="Also re-hash every image shard of DATA against its manifest.json (reads all of DATA).")
+@main.command(context_settings=CONTEXT, params=config_params(VerifyOptions))
 def verify(store_path, data, teachers, no_values, rehash_data):
     """Check a store: completeness, ids and views against DATA, teacher configs, finite values;
     with --rehash-data, DATA's image shards too (its sample table is hashed on every open).
@@ -222,7 +145,7 @@ def verify(store_path, data, teachers, no_values, rehash_data):
 # --- commands: train (train, export) -----------------------------------------------
 
 
-@main.command(context_settings=CONTEXT, params=TRAIN_PARAMS)
+@main.command(context_settings=CONTEXT, params=config_params(TrainOptions))
 def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, variants, sweep_file, heldout,
           resume, ckpt_steps, device, overrides):
     """Stage 2: train the ViT-Tiny student against the store (or online teachers); with --variant or
@@ -253,7 +176,7 @@ def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_s
         raise click.ClickException(f"{len(summary['stopped'])} learner(s) stopped: {', '.join(summary['stopped'])}")
 
 
-@main.command(context_settings=CONTEXT, params=EXPORT_PARAMS)
+@main.command(context_settings=CONTEXT, params=config_params(ExportOptions))
 def export(run_dir, out, results, push_to_hub):
     """Write RUN's student to OUT as a timm model folder (config.json, model.safetensors, a model card
     README.md: timm.create_model('local-dir:OUT', pretrained=True)), or as one file if OUT is *.safetensors."""
@@ -274,32 +197,24 @@ def eval_group():
 
 def _eval_command(task: str) -> None:
     """Declare ``eval TASK``: one option per field of the protocol's config (eval/config.py), whose
-    docstring is the command's help."""
+    docstring is the command's help, and the command's own (eval/eval_options.py)."""
     from eval.config import CONFIGS
+    from eval.eval_options import EvalOptions, ResumableEvalOptions
     from eval.evaluate import RESUMABLE
-    from eval.options import config_params
 
     def run(out, device, overrides, resume=False, **values):
         from eval.common import print_table
         from eval.evaluate import evaluate
-        from eval.options import config_from
 
         record, path = evaluate(config_from(CONFIGS[task], values, overrides), out=out, device=device, resume=resume)
         if record is not None:      # None under torchrun on ranks other than 0 (rank 0 reports)
             print_table([{"task": task, **record["metrics"]}])
             click.echo(f"result written to {path}")
 
-    params = config_params(CONFIGS[task]) + [
-        click.Option(["--out"], type=click.Path(file_okay=False), default=None,
-                     show_default=f"runs/eval/<checkpoint stem>-<sha256[:8]>/{task}",
-                     help="Run folder: result.json" + (", checkpoint, metrics.jsonl, config.yaml"
-                                                       if task in RESUMABLE else "") + "."),
-        click.Option(["--device"], default="auto", show_default=True,
-                     help="Torch device: auto, cpu, cuda, cuda:1, ... (cuda: cuda:LOCAL_RANK under torchrun)"),
-        click.Argument(["overrides"], nargs=-1, metavar="[KEY=VALUE]...")]
-    if task in RESUMABLE:
-        params.append(click.Option(["--resume"], is_flag=True,
-                                   help="Continue the run in --out where its checkpoint left it."))
+    resumable = task in RESUMABLE
+    params = config_params(CONFIGS[task]) + config_params(
+        ResumableEvalOptions if resumable else EvalOptions, task=task,
+        files=", checkpoint, metrics.jsonl, config.yaml" if resumable else "")
     eval_group.add_command(click.Command(task, callback=run, params=params, help=CONFIGS[task].__doc__,
                                          context_settings=CONTEXT))
 
@@ -311,22 +226,7 @@ for _task in ("knn", "linear", "finetune", "detection", "segmentation"):
 # --- commands: demo ----------------------------------------------------------------
 
 
-@main.command(context_settings=CONTEXT)
-@click.option("--out", type=click.Path(file_okay=False), default="demo_out",
-              help="Folder for everything the demo makes; a rerun reuses what is there.")
-@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder holding the teachers' official files (teachers/checkpoints.py names); "
-                   "teachers without one are untrained (random init).")
-@click.option("--copies", type=int, default=None, help="Training images = 13 photos x COPIES crops.")
-@click.option("--heldout-copies", type=int, default=None,
-              help="Held-out images = 9 other photos x this many crops (never trained on).")
-@click.option("--steps", type=int, default=None, help="Student training steps.")
-@click.option("--batch-size", type=int, default=None, help="Student batch size.")
-@click.option("--bench-steps", type=int, default=None, help="Timed steps per throughput row (0: skip the measurement).")
-@click.option("--decoder", type=click.Choice(DECODERS), default=None, help=DECODER_HELP)
-@click.option("--device", default="auto", help="auto, cpu, cuda.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars inside stages.")
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@main.command(context_settings=CONTEXT, params=config_params(DemoOptions))
 def demo(out, checkpoints, device, progress, overrides, **values):
     """Run the whole product on scikit-image photos: prepare, extract (mae, mocov3, ibot), verify,
     train, evaluate, measure, and write OUT/report/README.md and report.html. A second run reuses

@@ -1,32 +1,10 @@
-"""What the teacher cache costs: the same student trained three ways, scored on held-out views.
+"""What the teacher cache costs: the same student trained three ways (cached, online-replay,
+online-fresh; docs/method.md, "Three ways to train"), scored on held-out views; what a run can and
+cannot show: docs/performance.md, "What the cache costs".
 
     python bench/cache_cost.py                          # CPU, demo photos, shallow random teachers
     python bench/cache_cost.py --views 1 2 4 --json cost.json
-    python bench/cache_cost.py --data D --heldout H --checkpoints CKPT --teacher-depth 12 \\
-        --device cuda --decoder dali --batch-size 256 --steps 5000 --views 1 2 4 --out WORK
-
-The three ways (``data.source``, docs/method.md "Three ways to train"), each from the same
-initial student, adapters (the statistics of the first store), images, batch order, student
-masks, learning-rate schedule and number of steps:
-
-- cached:         teacher tokens read from a store of V views per image (view (e + i) mod V);
-- online-replay:  the teachers run every step on the same V views (equal to cached up to
-                  the store's fp16 rounding: a check of the cache, not of V);
-- online-fresh:   the teachers run every step on a new crop, flip and masks per (image,
-                  epoch): the paper's setting, the reference the cache is measured against.
-
-Each row reports, on held-out images (their own 1-view store; the student's epoch-0 masks):
-the linear CKA of the student with the fused targets as the demo computes it
-(``train.diagnostics.cka_scores``; the untrained student's value beside it), the objective's
-token loss, and the training images/s (teacher forwards included for the online rows; the
-cached row's store was made beforehand, its extraction time is its own column). The
-teachers' own images/s on this machine are measured in the same run: the teachers used,
-and one full ViT-B/16 teacher (the official architecture) when the used ones are shallow.
-
-Defaults are sized for a 2-core CPU in a few minutes: 13 demo photos x 2 crops for training
-(3 steps of 8 per epoch), 9 other photos held out, random-init teachers of 1 block, 24 steps of 8. What such a run can
-and cannot show is in docs/performance.md.
-"""
+    python bench/cache_cost.py --data D --heldout H --checkpoints CKPT --teacher-depth 12 --device cuda --decoder dali --batch-size 256 --steps 5000 --views 1 2 4 --out WORK"""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from extract.config import ExtractConfig  # noqa: E402
 from extract.runner import run_extraction  # noqa: E402
 from teachers.vit import build_teacher  # noqa: E402
 from data import views as V  # noqa: E402
@@ -50,7 +29,9 @@ from teachers.descriptors import PAPER_TEACHERS  # noqa: E402
 from train import diagnostics  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loader import CachedSource, OnlineSource, Plan  # noqa: E402
-from train.loop import lr_schedule, make_optimizer, train_step  # noqa: E402
+from train.runstore import RunStore  # noqa: E402
+from core.optim import lr_schedule  # noqa: E402
+from train.learner import make_optimizer, train_step  # noqa: E402
 from train.objective import build_objective  # noqa: E402
 from train.online import FreshSource  # noqa: E402
 
@@ -140,9 +121,10 @@ def measure(args, work: Path, echo=print) -> dict:
     def extract(data, store, views):
         t = time.perf_counter()
         for name, teacher in teachers.items():
-            run_extraction(teacher=teacher, data=data, store_path=store, views=views, seed=0, batch_size=args.teacher_batch,
-                           device=device, decoder=args.decoder, num_threads=args.threads,
-                           stats_images=args.stats_images, progress=False)
+            run_extraction(ExtractConfig(store=store, views=views, seed=0, batch_size=args.teacher_batch,
+                                         device=device, decoder=args.decoder, threads=args.threads,
+                                         stats_images=args.stats_images, codec="fp16", view_pixels="none"),
+                           teacher=teacher, data=data, progress=False)
         return time.perf_counter() - t
 
     held_store = work / "features" / "heldout"
@@ -171,7 +153,8 @@ def measure(args, work: Path, echo=print) -> dict:
         if plan.steps_per_epoch < 1:
             raise SystemExit("too little data for one batch")
         if mode == "cached":
-            source = CachedSource(plan, store_path=stores[v], teachers=args.teachers, **kw)
+            store = RunStore.open(stores[v], train_set, seed=0, teachers=args.teachers, pixels="source")
+            source = CachedSource(plan, store, **kw)
         else:
             cls = FreshSource if mode == "online-fresh" else OnlineSource
             source = cls(plan, teachers=teachers, amp=amp, **kw)

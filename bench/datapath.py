@@ -1,47 +1,12 @@
-"""The cached training data path alone (read + decode + batch into tensors, no model).
+"""The cached training data path alone (read + decode + batch into tensors, no model), for three
+paths: ``today`` (the original JPEG's crop decoded, fp16 tokens), ``view_jpeg`` (stored 224 px
+JPEG views, adapter-space int8) and ``raw`` (stored raw views, the same features); what each
+column measures: docs/performance.md, "Data path".
 
     python bench/datapath.py                  # 384 ImageNet-like photos, 3 rounds, a table
     python bench/datapath.py --json rows.json # also the rows, for bench/projection.py
     python bench/datapath.py --quick          # 48 photos, 1 round (the test)
-    python bench/datapath.py --checksum-cost  # + each path on stores without checksums
-
-Three paths, each ending in the batch as tensors: the images and the three teachers'
-stored arrays (visible patches, codec payload) of the batch's rows:
-
-- ``today``: the original JPEG from the image shards (``ImageSet.read_many``), crop decode
-  by the product's decoder (DALI ``image_slice`` + resize + normalise to float32 CHW),
-  fp16 tokens (``read_block``, 547 KB/sample);
-- ``view_jpeg``: the stored view (``extract --view-pixels jpeg``: 224x224 JPEG q95, 4:4:4)
-  read from the tar aligned with the block (``ViewPixels.read_block``), decoded whole by the
-  training decoder of stored views (``data/decode/stored.py``, DALI) to uint8 HWC, as
-  training hands it to the device, which normalises it (``materialize``); adapter-space int8
-  features (``--codec adapter``, 69 KB/sample);
-- ``raw``: the stored view as raw uint8 224x224x3 pixels (``--view-pixels raw``: nothing to
-  decode, one copy into the batch), and the same adapter-space features.
-
-Normalising to float on this CPU (torch, fused) costs about 0.4 ms per 224x224 image, DALI's
-crop_mirror_normalize about 0.7 ms: ``today`` pays it in its decoder, the new paths hand the
-4x smaller uint8 batch to the device (on a GPU a few microseconds per image).
-
-The fixtures are made with the product's code: ``samples/imagenet_like.py`` photos (long side
-300-800 px, median ~500, JPEG q90-95), ``prepare``, and two stores written through
-``TeacherStore.write_block`` with the real codecs (fp16, adapter) and the real crops, flips
-and masks; the token values are seeded noise (the bench measures reading, not values). The
-view pixels are written by the extraction's writer (``ViewPixels.write_block``) from the PIL
-reference decoder's views.
-
-The paths are timed in turn (``rounds`` times: A B C A B C ...), one epoch over the data per
-round after an untimed warm-up, and each keeps its median round. ``images_per_s_per_core`` is
-images per second of CPU time of this process (every thread: DALI's too), which a shared
-machine disturbs much less than wall time; the wall rate and the load average are printed
-beside it. Bytes per sample-epoch: what was read (features + pixels) per sample in one epoch
-(V = 1: the whole store); every file is in the page cache, so this measures CPU cost, and
-bench/projection.py adds the disk at a stated bandwidth.
-
-``--checksum-cost`` adds each path's row on the same stores written as format_version 2 wrote
-them (no crc32c on the arrays) and read without comparing the view tars with their completion
-records: what the read-time checks (docs/format.md, "Checksums") cost on each path.
-"""
+    python bench/datapath.py --checksum-cost  # + each path on stores without checksums"""
 from __future__ import annotations
 
 import argparse
@@ -87,10 +52,12 @@ def write_store(path: Path, data, *, codec: str, seed: int = 0, views: int = 1, 
     ``view_pixels`` creates the (empty) view pixels group first, as extraction does, so the
     teachers are recorded as running on those views (``write_view_pixels`` fills it)."""
     from extract.runner import open_teacher_store
+    from teachers.vit import default_build
 
     for t, name in enumerate(TEACHERS):
         teacher = SimpleNamespace(name=name, source="bench/datapath.py synthetic tokens",
-                                  digest=f"synthetic-{name}-{seed}", untrained=True, embed_dim=EMBED)
+                                  digest=f"synthetic-{name}-{seed}", untrained=True, embed_dim=EMBED,
+                                  build=default_build(name, seed=seed))
         ts, _ = open_teacher_store(store_path=path, data=data, teacher=teacher, views=views, seed=seed,
                                    codec=codec, pca_dim=codecs.PCA_DIM, precision="fp32", view_pixels=view_pixels)
         st = _synthetic_stats(seed + t)
@@ -260,7 +227,8 @@ class Path_:
 
 
 def measure(fx: dict, *, rounds: int, batch_size: int, threads: int, seed: int = 0) -> list[dict]:
-    """Rows for every path, timed in alternating rounds (module docstring); then, where ``fx``
+    """Rows for every path, timed in alternating rounds (A B C A B C ...), one epoch over the data
+    per round after an untimed warm-up, each path keeping its median round; then, where ``fx``
     holds stores without checksums (``build_fixture(unchecked=True)``), every path on them."""
     checks = (True, False) if any(k.endswith("-unchecked") for k in fx["stores"]) else (True,)
     paths = [Path_(name, fx, batch_size=batch_size, threads=threads, checks=c) for c in checks for name in PATHS]

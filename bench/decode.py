@@ -1,31 +1,12 @@
-"""Benchmark: images per second of the view decoders (PIL reference vs DALI), same photos.
+"""Benchmark: images per second of the view decoders (PIL reference vs DALI, and stored views), same photos.
 
     python bench/decode.py                         # CPU: PIL and DALI on all cores
     python bench/decode.py --device cuda           # adds DALI with the GPU decoder
     python bench/decode.py --views 2048 --threads 8 --batch-size 128
     python bench/decode.py --views 128 --batch-size 32 --threads 2 --repeats 2 --agreement-views 0
 
-Photos: scikit-image's bundled photographs, resized to ImageNet's typical size (long
-side 500, e.g. 500x375) and re-encoded as JPEG quality 90 (about 50-100 kB each, like
-ImageNet's train images). Views: ``data.views.view_params`` (RandomResizedCrop boxes
-and flips), output 224x224, normalised float32, the exact work of extraction and
-training. Every path decodes the same list of (bytes, box, flip).
-
-Rows:
-  pil 1 proc       pil_views in this process, one core;
-  pil N procs      pil_views over a process pool of N workers (like DataLoader workers);
-  dali-cpu T thr   DaliViewDecoder(device="cpu", num_threads=T), 2 batches in flight;
-  dali-cuda        DaliViewDecoder(device="cuda") (only with --device cuda);
-  stored-*         the same views stored once (store/viewpixels.py: 224 px JPEG q95 or raw)
-                   and decoded by data/decode/stored.py: pil, dali-cpu, raw (np.frombuffer),
-                   dali-cuda (the mixed decoder, with --device cuda);
-  view-round-trip  what extraction adds per view when the store keeps JPEG views: encode the
-                   decoded crop (q95) and decode it with PIL (the teacher's input then), in
-                   the extraction's decode thread.
-Each row is timed ``--repeats`` times and the best is reported (shared machines are noisy).
-It then prints how closely DALI agrees with PIL on the same views, per photo kind
-(mean / max |DALI - PIL| on the 0..255 scale, before normalisation).
-"""
+Then how closely DALI agrees with PIL per photo kind. Photos and rows: docs/performance.md,
+"Decoding"."""
 from __future__ import annotations
 
 import argparse

@@ -1,22 +1,11 @@
-"""The first command's time, normalised to a reference machine: `python cli.py demo` from scratch.
+"""The first command's time, normalised to a reference machine: ``python cli.py demo`` from scratch
+with its defaults, its stage table (wall and process CPU seconds), and this machine's ViT-B
+forward rate (random-init mae, batch 8, fp32; masked and full) before, inside and after it. The
+normalised total, ``total x masked rate / 3``, is the time on a machine whose masked ViT-B forward
+runs at 3 images/s (docs/performance.md, "The first command").
 
     python bench/demo.py                 # a fresh demo in a temporary folder
-    python bench/demo.py --out DIR       # ... in DIR (must not exist yet; kept afterwards)
-
-Runs ``demo.pipeline.run_demo`` with its default settings (what `python cli.py demo` runs) and
-measures this machine's speed as the images per second of one ViT-B teacher forward
-(``train.throughput.teacher_rate``: random-init mae, batch 8, fp32), masked as in extraction (98
-visible patches) and full (196 patches): before the demo, inside it (masked, the extract
-stage's note), and after it. The normalised total is ``total x masked rate / 3``: the time
-the demo would take on a machine whose ViT-B forward runs at 3 images/s (issue 9), assuming
-the demo's time scales with that rate. The masked rate is the larger of the two, so this is
-the stricter normalisation; the full-forward one is printed too. On a shared machine the
-load changes during the run, so every rate is printed and the normalisation uses the mean
-of the masked ones.
-
-Prints the stage table (wall and process CPU seconds; CPU counts every thread of the
-process) and the totals.
-"""
+    python bench/demo.py --out DIR       # ... in DIR (must not exist yet; kept afterwards)"""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REFERENCE_RATE = 3.0      # images/s of one ViT-B forward on the reference machine (issue 9)
+REFERENCE_RATE = 3.0      # images/s of one ViT-B forward on the reference machine of the demo's target
 
 
 def _rates(device: str) -> tuple[float, float]:

@@ -1,18 +1,10 @@
-"""Extraction: token dropping vs full-token forward, and the codecs, in one run.
+"""Extraction: the teachers' masked forward against the full 196-patch forward, and the codecs
+(bytes per (image, view), fidelity, block write and read rates), in one run; what each table
+measures: docs/performance.md, "Extraction".
 
     python bench/extract.py                       # photos from scikit-image, untrained teachers
     python bench/extract.py --device cuda         # GPU: bf16 autocast, plus the matmul peak and MFU
-    python bench/extract.py --checkpoints DIR     # official teacher files (names: docs/teachers.md)
-
-Table 1, per teacher: images per second of the masked forward (CLS + visible patches, what
-the store holds) and of a full 196-patch forward, on the same decoded batches.
-Table 2, per codec: bytes per (image, view) over the three teachers (on disk, measured with
-du), fidelity against the float32 tokens (mean and worst cosine, relative error), and write
-and read throughput of whole blocks (store/features.py).
-
-Untrained teachers have an almost isotropic token spectrum, which is the worst case for the
-``pca`` codec; trained teachers concentrate their variance (state which you ran).
-"""
+    python bench/extract.py --checkpoints DIR     # official teacher files (names: docs/teachers.md)"""
 from __future__ import annotations
 
 import argparse

@@ -4,28 +4,9 @@
     python bench/gpu_check.py --device cuda:1        # another GPU
     python bench/gpu_check.py --device cpu --quick   # the same checks, small, on the CPU (CI)
 
-Writes OUT/gpu_check.json (every figure and check, machine-readable) and OUT/gpu_check.md
-(the same as tables, every figure with what it measures), rewritten after each section so
-that an interrupted run still leaves what it measured. Exits 1 if any check failed.
-
-Sections:
-1. environment: driver, torch and its CUDA, DALI, GPU name and memory; the measured matmul
-   peak (bf16 on a GPU, fp32 on the CPU), the denominator of every MFU below;
-2. DALI views vs the PIL reference on every photo kind (mean and worst per-view |diff| on
-   0..255; bounds of tests/data/test_decode.py, doubled for nvJPEG as that test does);
-3. decode images/s of DALI on the device vs DALI CPU vs PIL, on the same JPEG photos at
-   ImageNet size (long side 500), 224x224 views from data/views.py;
-4. teacher masked forward images/s per teacher (bf16 autocast on a GPU) and the fraction of
-   the measured peak it reaches;
-5. the real command line on generated photos (long side 500), in subprocesses:
-   prepare -> extract (mae, mocov3, ibot) -> verify -> train 40 steps, SIGKILLed after its
-   step-30 checkpoint (a preempted job) -> train --resume (the last 10 steps) -> export ->
-   eval knn (--quick: 8 steps, killed after 6); each step's wall time and images/s;
-6. training images/s on that store: cached, online and the in-memory ceiling
-   (bench/train.py), and the student's MFU in each.
-
-docs/performance.md says which GPU rows each figure fills.
-"""
+Writes OUT/gpu_check.json and OUT/gpu_check.md, rewritten after each of its six sections
+(bench/gpu_sections.py), and exits 1 if any check failed. What each section measures and which
+rows it fills: docs/performance.md, "Validating a GPU"."""
 from __future__ import annotations
 
 import argparse

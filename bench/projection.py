@@ -1,25 +1,12 @@
-"""Projection of a full ImageNet-1K run from the format, the FLOP counts and stated rates.
+"""Projection of a full ImageNet-1K run on one node from the format, the FLOP counts and stated
+rates (each an argument, printed); ``--datapath`` adds which resource bounds each data path,
+from the rows ``bench/datapath.py --json`` measured, and a sweep of K learners on the default
+path (docs/running.md, section 6).
 
     python bench/projection.py                       # the format and FLOP tables
     python bench/projection.py --datapath docs/datapath_cpu.json   # + which resource bounds each path
     python bench/projection.py --gpus 8 --peak-tflops 700 --decode-per-gpu 2500 ...
-    python bench/projection.py --datapath docs/datapath_cpu.json --sweep 1 2 4 8   # sweep rows' K
-
-``--datapath`` reads the rows of ``bench/datapath.py --json`` (measured: bytes read per
-sample-epoch, pixels decoded per sample, host CPU seconds per sample by stage) and shows,
-for the cached run of each data path and the online baseline, the time each resource needs
-and which one bounds the run (``datapath_rows``; docs/running.md section 6). It then projects a
-sweep (``train ... --variant``, train/sweep.py: K learners on one data pass) on the default
-path's row (view_jpeg) with the same overlap model (``sweep_rows``): the data pass (decode,
-host CPU, store read) is paid once, the students' compute K times.
-
-Exact: store bytes per (image, view) (extract/estimate.py: bytes_per_sample), FLOPs of the
-teachers' masked forward and of the student's step (train/flops.py: step_flops_per_image).
-Assumed (arguments, each printed): the card's bf16 matmul rate, the fraction of it the
-teacher and the student reach, JPEG decode rate per GPU, and the node's store bandwidth.
-Replace them with what bench/extract.py, bench/train.py and `extract --estimate` measure
-on your hardware.
-"""
+    python bench/projection.py --datapath docs/datapath_cpu.json --sweep 1 2 4 8   # sweep rows' K"""
 from __future__ import annotations
 
 import argparse

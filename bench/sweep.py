@@ -1,38 +1,11 @@
-"""K learners on one data pass (``train(..., variants=...)``) against K separate runs, in one run.
+"""K learners on one data pass (``train(..., variants=...)``) against K separate runs, with the
+data path alone beside them, in one run (docs/performance.md, "K learners on one data pass").
 
     python bench/sweep.py                     # 96 ImageNet-like photos, K = 1, 2, 4, 3 rounds, a table
     python bench/sweep.py --max-k 8           # ... and K = 8
     python bench/sweep.py --json rows.json    # also the rows
     python bench/sweep.py --data D --store S  # on your own prepared data and store
-    python bench/sweep.py --set model.depth=4 # any train config override, for every learner
-
-Each row trains K learners for ``--steps`` steps through ``train.loop.train``: K = 1 is a plain
-single run (``variants=None``, what each of K separate runs costs), K > 1 a sweep whose learners
-are the base config plus the first K of ``VARIANTS`` (gate mode, loss, seed: each about as
-costly as the base), all with frozen adapters from the store's statistics, so they share one adapted
-teacher grid per batch (train/loop.py ``share_frozen_adapters``). Its time is the summary's
-``seconds``: the step loop (the first batch's read and decode, every learner's steps, the last
-step's log and checkpoint of each learner), not the setup (store, students, run folders) nor
-the export after it. ``data path`` is the same batch source (``train.sources.build_source`` on
-the same ``train.loader.Plan``) iterated and materialised for the same steps without a learner:
-what one data pass costs, which a sweep pays once and K separate runs pay K times.
-
-Every measurement is timed once per round, rounds rotated (round r starts r places later in
-``data path, K=1, K=2, ...``), after one untimed 2-step single run that warms the process; each
-keeps its median round. ``x K runs`` is time(K) / (K x time(K=1)): below 1, the sweep is that
-much cheaper than training its learners one after the other. ``data share`` is
-time(data path) / time(K).
-
-The data (built-in, seconds to make): bench/datapath.py's fixture pieces for ``extract``'s default
-path: ``samples/imagenet_like.py`` photos, ``prepare``, and a three-teacher store of adapter-space
-int8 coefficients with the stored 224 px JPEG views (``write_store`` with seeded-noise tokens on an
-exact synthetic basis, ``write_view_pixels``), which the student reads (``data.pixels=auto``).
-``--data D --store S`` takes any prepared data and store (e.g. bench/train.py's,
-extracted by real teachers). torch runs with ``--torch-threads`` intra-op threads (default:
-every CPU), set explicitly and printed, DALI (or PIL) with ``--threads``. The machine's speed is
-stated as bench/demo.py does: one random-init ViT-B/16 teacher forward (mae, batch 8, fp32),
-masked and full, before and after the run.
-"""
+    python bench/sweep.py --set model.depth=4 # any train config override, for every learner"""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +28,9 @@ VARIANTS = ("base:", "uniform:gate.mode=uniform", "mse:loss.kind=mse", "seed1:tr
 
 
 def synthetic_store(root: Path, *, images: int, shard_size: int) -> tuple[Path, Path]:
-    """(data, store) of the built-in data under ``root`` (module docstring)."""
+    """(data, store) of the built-in data under ``root``: ``samples/imagenet_like.py`` photos,
+    ``prepare``, and a three-teacher store of adapter-space int8 coefficients (seeded-noise tokens on
+    an exact synthetic basis) with the stored 224 px JPEG views (bench/datapath.py's writers)."""
     from bench.datapath import write_store, write_view_pixels
     from samples.imagenet_like import write_imagenet_like
     from data.shards import prepare
@@ -77,13 +52,14 @@ def time_data_path(cfg, *, steps: int, device: str = "cpu") -> float:
     """Seconds of ``steps`` batches of the run's source (the loop's epochs from step 0, each
     batch materialised on ``device``), no learner; the source is built before the clock starts."""
     from data.shards import ImageSet
-    from train.loader import Plan, resolve_data
+    from train.loader import Plan
+    from train.runstore import open_run_store
     from train.sources import build_source
 
     data = ImageSet.open(cfg.data.images)
-    cfg = resolve_data(cfg, data)
-    plan = Plan.of(cfg, data)
-    source, _ = build_source(cfg, plan, device=device)
+    cfg, store = open_run_store(cfg, data)
+    plan = Plan.of(cfg, data, store)
+    source, _ = build_source(cfg, plan, device=device, store=store)
     step, t = 0, time.perf_counter()
     while step < steps:
         epoch, start = divmod(step, plan.steps_per_epoch)
@@ -117,7 +93,10 @@ def time_learners(cfg, k: int, *, steps: int, out: Path, device: str = "cpu") ->
 
 def measure(data, store, *, ks=(1, 2, 4), steps: int = 8, rounds: int = 3, batch_size: int = 8, threads: int = 2,
             overrides=(), root: Path, device: str = "cpu", warmup: bool = True) -> list[dict]:
-    """One row per K (module docstring); run folders go under ``root``."""
+    """One row per K, and one for the data path alone (the same batch source iterated and
+    materialised for the same steps without a learner), each timed once per round with the rounds
+    rotated, after an untimed 2-step single run; run folders go under ``root``. K = 1 is a plain
+    single run, K > 1 a sweep of the first K of ``VARIANTS`` (the base config first)."""
     if 1 not in ks:
         raise ValueError("the rows compare with K = 1 (separate runs): include it in ks")
     if len(VARIANTS) < max(ks):

@@ -1,27 +1,12 @@
-"""Training throughput: cached store vs online teachers vs the in-memory ceiling, in one run.
+"""Training throughput: cached store vs online teachers vs the in-memory ceiling, with the same
+objective, batch and steps, in one run (rows: docs/performance.md, "Training"); the table is
+``train.throughput.measure``'s, which the demo and bench/gpu_check.py call too.
 
     python bench/train.py                      # builds a small photo set + store in a temp dir
     python bench/train.py --data D --store S   # on your own prepared data and store
     python bench/train.py --device cuda        # GPU: DALI GPU decoder, bf16 autocast
     python bench/train.py --views 4            # the built-in store with 4 views (epochs read slot e mod 4)
-    python bench/train.py --no-new-path        # the built-in data without the second (new data path) store
-
-All three rows use the same objective, batch size, steps and machine:
-
-- cached:  CachedSource (store blocks + DALI decoding in a prefetch thread) + the step;
-- online:  OnlineSource (the same decoding) + the three teachers' forward + the step;
-- ceiling: the step alone on batches already materialised in memory (images and targets
-  on the device): what the student costs when data is free;
-- ``--other-store MODE=S2``: one more cached row from another store of the same data, e.g.
-  the new data path (``--codec adapter`` with ``--view-pixels jpeg``) beside today's;
-- ``cached-views`` (built-in data only, unless ``--no-new-path``): that new data path, from a
-  second store of the same photos extracted with ``codec=adapter`` and ``view_pixels=jpeg``
-  (the training run reads the stored 224 px views and the 192 adapter coefficients per token
-  instead of decoding the original JPEG's crop and reading fp16 tokens).
-
-Prints a table of ``train.throughput.measure`` (which the demo report and bench/gpu_check.py
-call too).
-"""
+    python bench/train.py --no-new-path        # the built-in data without the second (new data path) store"""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +27,7 @@ def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: b
     """A photo set at ImageNet-like size (long side 500) and a 3-teacher untrained store
     (fp16 tokens, ``root/store``); ``new_path`` also extracts ``root/store_views`` from the
     same teachers: the adapter-space codec with the views' pixels stored as JPEG."""
+    from extract.config import ExtractConfig
     from extract.runner import run_extraction
     from teachers.vit import build_teacher
     from samples.photos import write_photo_tree
@@ -51,11 +37,12 @@ def make_demo_store(root: Path, *, copies: int = 16, views: int = 1, progress: b
     data = prepare(photos, root / "data", shard_size=64, progress=progress)
     for name in PAPER_TEACHERS:
         teacher = build_teacher(name, random_init=True, seed=0)
-        common = dict(teacher=teacher, data=data, views=views, seed=0, batch_size=16, decoder="dali",
-                      progress=progress, stats_images=64)
-        run_extraction(store_path=root / "store", **common)
+        common = dict(views=views, seed=0, batch_size=16, decoder="dali", stats_images=64, device="cpu")
+        run_extraction(ExtractConfig(store=root / "store", codec="fp16", view_pixels="none", **common),
+                       teacher=teacher, data=data, progress=progress)
         if new_path:
-            run_extraction(store_path=root / "store_views", codec="adapter", view_pixels="jpeg", **common)
+            run_extraction(ExtractConfig(store=root / "store_views", codec="adapter", view_pixels="jpeg", **common),
+                           teacher=teacher, data=data, progress=progress)
     return root / "data", root / "store"
 
 

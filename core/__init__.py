@@ -1,2 +1,3 @@
-"""The bottom layer: what every long job shares (typed configs, run folders, checkpoints,
-schedules, optimiser groups, strict state-dict loading). Imports no other package of the project."""
+"""The bottom layer: what every job shares (typed configs, run folders, durable files, the keyed
+hash, locks, torchrun helpers, threads, expected errors, schedules, strict loading). Imports no
+other package of the project."""

@@ -1,21 +1,6 @@
-"""Typed configurations: nested dataclasses, strict keys, dotted overrides, YAML round trips.
-
-A job's config is a dataclass deriving from :class:`TypedConfig` whose fields are values
-(``int``, ``float``, ``bool``, ``str``, tuples, unions, ``Literal``, ``None``) or further
-dataclasses (sections, nested to any depth). The dataclass defaults *are* the default
-config; a run changes it with a YAML file (only the keys it changes) and then with dotted
-``a.b=value`` overrides, in that order::
-
-    cfg = MyConfig.load("exp.yaml", overrides=["optim.lr=1e-4"])
-
-Unknown keys are errors that name the key and list the valid ones. Values are checked
-against the field types (command-line text is converted when it parses as the field's
-type). Two hooks: :meth:`TypedConfig.validate` checks ranges and relations (raise
-ValueError naming the key), :meth:`TypedConfig.derived` computes derived values once;
-they are written under ``derived:`` in the resolved YAML, and loading a dump checks that
-they still agree with their inputs. :func:`get`, :func:`check_choices`,
-:func:`check_positive` and :func:`check_nonneg` help a ``validate`` name the key.
-"""
+"""Typed configurations: nested dataclasses whose defaults are the default config, changed by a
+YAML file and then dotted ``a.b=value`` overrides; unknown keys and mistyped values are refused
+naming the key; ``validate`` and ``derived`` hooks (docs/CONTRACTS.md, "Typed configs")."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,13 +1,8 @@
-"""Durable files and the code's identity: atomic saves, fsync of files and trees, file digests,
-the git commit.
-
-An atomic save writes a temporary file beside the target (``NAME.tmp<pid>``), fsyncs it,
-renames it over the target and fsyncs the directory, so that a crash (SIGKILL, power loss)
-leaves either the old file or the new one, never a partial file under the target's name.
-A save that fails (a full disk) raises an OSError naming the target, whose old version is
-left as it was; the temporary files a killed writer leaves are removed by the folder's next
-sole writer (:func:`remove_temp_files`).
-"""
+"""Durable files and the code's identity: atomic saves (``NAME.tmp<pid>`` beside the target,
+fsync, rename, directory fsync: a crash leaves the old file or the new one), fsync of files and
+trees, file digests, the git commit. A failed save (a full disk) raises an OSError naming the
+target and leaves its old version; a killed writer's temporary files are removed by the folder's
+next sole writer (:func:`remove_temp_files`)."""
 from __future__ import annotations
 
 import hashlib

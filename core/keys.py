@@ -1,27 +1,9 @@
-"""The project's one root of randomness: the keyed hash every draw comes from, every role id
-of its keys, and the integer seeds derived from keys for generators that need one.
+"""The project's one root of randomness: the keyed hash every draw comes from, the role ids of its
+keys (``Role``) and the integer seeds derived from keys for generators that need one.
 
-A value is a hash of its keys, never the next output of a stateful stream, so a draw depends
-only on its keys. A role is one key of every hash that draws a quantity, so that two
-quantities never share a stream. The ids are part of what the draws are: never renumber one
-that anything stored depends on, and give a new quantity a new id (``unique`` refuses two
-names for one id when this module is imported).
-
-Roles:
-
-  1-5    crop (area, ratio, top, left; 10 attempts), flip and teacher mask of the cached views,
-         keyed by (seed, index, view); student mask, keyed by (seed, index, epoch); statistics
-         sample, keyed by (seed, index) -- data/views.py; stored in every feature store;
-  11-12  shard order and sample order of an epoch, keyed by (seed, epoch) -- data/order.py;
-         not stored (a run's checkpoint records seed and step);
-  21     packing order of ``prepare``, keyed by (seed, listing position) -- data/pack.py;
-         stored: it fixes which image every sample index of a prepared set is;
-  31-33  fresh views (online-fresh training): crop, flip and teacher mask, keyed by
-         (seed, index, epoch) -- data/views.py; not stored;
-  41     the run's noise (torch's global generators: stochastic depth), keyed by (seed, rank) at
-         the start of a run and by (seed, rank, step) when a resume cannot restore each rank's
-         own state -- train/noise.py; not stored (checkpoints hold the generator states).
-"""
+A value is a hash of its keys, never the next output of a stateful stream, so a draw depends only
+on its keys. A role keeps two quantities off one stream. Role ids are part of what is stored:
+never renumber one, give a new quantity a new id (``unique`` refuses two names for one id)."""
 from __future__ import annotations
 
 import hashlib
@@ -32,17 +14,25 @@ import numpy as np
 
 @unique
 class Role(IntEnum):
-    CROP = 1
+    # data/views.py. The cached views, keyed by (seed, index, view), stored in every feature store:
+    CROP = 1              # crop (area, ratio, top, left; 10 attempts)
     FLIP = 2
-    TEACHER = 3
-    STUDENT = 4
-    STATS = 5
+    TEACHER = 3           # a teacher's mask (its key id is a key too)
+    STUDENT = 4           # the student's mask, keyed by (seed, index, epoch); not stored
+    STATS = 5             # the statistics sample, keyed by (seed, index); stored (stats/indices)
+    # data/order.py, keyed by (seed, epoch); not stored (a checkpoint records seed and step)
     SHARD_ORDER = 11
     SAMPLE_ORDER = 12
+    # data/pack.py: the packing order of ``prepare``, keyed by (seed, listing position); stored: it
+    # fixes which image every sample index of a prepared set is
     PACK_ORDER = 21
+    # data/views.py: fresh views of online-fresh training, keyed by (seed, index, epoch); not stored
     FRESH_CROP = 31
     FRESH_FLIP = 32
     FRESH_TEACHER = 33
+    # train/noise.py: torch's global generators (stochastic depth), keyed by (seed, rank) at the start
+    # of a run and by (seed, rank, step) when a resume cannot restore each rank's own state; not
+    # stored (checkpoints hold the generator states)
     NOISE = 41
 
 

@@ -1,12 +1,7 @@
-"""One writer at a time: an advisory lock file that names who holds it.
-
-The file is locked with ``flock(LOCK_EX | LOCK_NB)`` for as long as the writer runs. The
-kernel releases the lock when the process ends in any way, SIGKILL included, so a stale
-file never blocks anyone; the file itself stays (removing it would race with a new holder).
-The holder writes who it is (pid, host, start time, command) into the file, and a refused
-writer names it. The lock is keyed on the file's resolved path, so a path through a
-symlink meets the same lock. Readers never lock.
-"""
+"""One writer at a time: an advisory ``flock`` on a file that names its holder (pid, host, start
+time, command), held while the writer runs. The kernel frees it when the process ends in any way,
+SIGKILL included; the file stays (removing it would race with a new holder). Keyed on the file's
+resolved path, so a path through a symlink meets the same lock. Readers never lock."""
 from __future__ import annotations
 
 import fcntl

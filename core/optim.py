@@ -1,12 +1,6 @@
-"""Learning-rate schedules by step and AdamW parameter groups (weight decay, layer decay).
-
-One schedule serves every loop of the project (train/loop.py and the eval protocols): a linear
-warm-up factor times a decay (``DECAYS``: cosine, constant, step). It is ours, not timm's
-scheduler: timm's warm-up starts at ``warmup_lr_init`` and so cannot give the training and
-detection recipes' first step at ``peak / warmup_steps`` (docs/eval.md, "Optimisers and
-schedules"). The parameter groups are timm's (``param_groups_weight_decay``,
-``param_groups_layer_decay``).
-"""
+"""Learning-rate schedules by step and AdamW parameter groups (timm's weight-decay and layer-decay
+groups). One schedule serves train/loop.py and the eval protocols: a linear warm-up factor times
+a decay (``DECAYS``); why it is ours and not timm's: docs/eval.md, "Optimisers and schedules"."""
 from __future__ import annotations
 
 import math

@@ -1,22 +1,6 @@
-"""Producer threads and the host-to-device hand-off of the batches they make.
-
-Extraction (``extract/runner.py``) and training (``train/loader.py``) both read and decode
-batches in a background thread while the main thread runs the model. Two pieces:
-
-- ``Prefetch(gen, depth)``: runs a generator in a thread, at most ``depth`` items ahead;
-  errors are re-raised in the consumer; ``close`` stops the thread and waits for it, so
-  that whatever the thread used (a DALI decoder) is free again when it returns.
-- ``DeviceCopier(device)``: the producer ``send``s each batch (a dict/list/tuple tree of
-  tensors): on CUDA its CPU tensors are pinned and copied on the copier's own stream
-  (``non_blocking`` from pinned memory, so the copy really is asynchronous), and an event
-  marks the end of the batch's copies. The consumer ``receive``s it: its current stream
-  waits for that event (on the GPU; the host does not block) and every device tensor of
-  the batch is recorded on the consumer's stream, so the caching allocator does not reuse
-  its memory while the consumer's kernels may still read it. Tensors already on the GPU
-  (DALI's CUDA output) are ordered the same way: the producer thread runs with the
-  copier's stream as its current stream (``producer_stream``), and the decoder makes that
-  stream wait for its own work. On the CPU both ends are the identity.
-"""
+"""Producer threads and the host-to-device hand-off of their batches: ``Prefetch`` runs a generator
+in a thread ahead of its consumer (extraction and training read and decode there), and
+``DeviceCopier`` copies each batch to the GPU on its own stream, ordered by events."""
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +56,8 @@ class Prefetch:
             yield item
 
     def close(self) -> None:
-        """Stop the thread after the item it is making, and wait for it."""
+        """Stop the thread after the item it is making, and wait for it: whatever the thread used
+        (a DALI decoder) is free again when this returns."""
         self.stop.set()
         if self.thread is not threading.current_thread():
             self.thread.join()
@@ -97,8 +82,18 @@ def _map(tree, fn):
 
 
 class DeviceCopier:
-    """Pinned, side-stream host-to-device copies of batches, ordered by events (module
-    docstring). ``send`` runs in the producer thread, ``receive`` in the consumer."""
+    """Pinned, side-stream host-to-device copies of batches, ordered by events. ``send`` runs in
+    the producer thread, ``receive`` in the consumer.
+
+    ``send`` takes a batch (a dict/list/tuple tree of tensors): on CUDA its CPU tensors are pinned
+    and copied on the copier's own stream (``non_blocking`` from pinned memory, so the copy is
+    asynchronous), and an event marks the end of the batch's copies. ``receive`` makes the
+    consumer's current stream wait for that event (on the GPU; the host does not block) and records
+    every device tensor of the batch on the consumer's stream, so the caching allocator does not
+    reuse its memory while the consumer's kernels may still read it. Tensors already on the GPU
+    (DALI's CUDA output) are ordered the same way: the producer thread runs with the copier's
+    stream as its current stream (``producer_stream``), and the decoder makes that stream wait for
+    its own work. On the CPU both ends are the identity."""
 
     def __init__(self, device):
         self.device = torch.device(device)

@@ -1,10 +1,6 @@
-"""Progress bars: one place decides whether a tqdm bar is drawn.
-
-A bar is drawn only when the caller asks for one (``progress=True``), on rank 0 of a
-distributed job (``RANK``, as torchrun sets it, or an initialised ``torch.distributed``
-process group), and when its stream (stderr, tqdm's default) is a terminal: a log file, a
-pipe or a captured test run gets no bar (and no carriage-return noise).
-"""
+"""Progress bars: one place decides whether a tqdm bar is drawn: only when the caller asks for one,
+on rank 0 of a distributed job, and when stderr is a terminal (a log file, a pipe or a captured
+test run gets no bar)."""
 from __future__ import annotations
 
 import os

@@ -1,28 +1,8 @@
-"""The run folder of a long job (training, an evaluation protocol, the demo), and its metrics.
-
-A run folder holds::
-
-    config.yaml     the resolved config (what the run was started or resumed with)
-    run.json        git commit and dirty flag, plus what the job records (``info``, ``compare``)
-    last.pt         the checkpoint (atomic: tmp + fsync + rename + directory fsync)
-    metrics.jsonl   one JSON object per logged step (``"step"`` in each)
-    events.out.*    TensorBoard scalars of the same rows, when ``tensorboard`` is installed
-    run.lock        the writer lock (core/lock.py): held by the run's process while it runs
-
-:func:`open_run` opens a new run (refused when the folder already holds a checkpoint) or
-resumes one (refused when there is no checkpoint, or when the saved config differs from
-the current one in any key but the ``movable`` ones: the error is one line naming every
-differing key). On resume the checkpoint is loaded onto the CPU (``Run.state``) and
-metrics.jsonl is trimmed to its step, since the resumed run logs the later steps again.
-Only rank 0 writes, holding the folder's lock until ``close``: a second writer of the folder
-is refused naming the holder (:func:`lock_folder`); every rank checks and loads.
-Checkpoints are loaded with ``weights_only=True``: tensors and plain containers only, so a
-crafted file cannot run code (:func:`load_checkpoint`).
-
-:class:`StepMetrics` accumulates a step's scalar tensors on the device and finds the first
-step whose loss is not finite; it syncs with the host (and all-reduces over ranks) only
-when asked, at logging intervals.
-"""
+"""The run folder of a long job (training, an evaluation that trains, the demo): config.yaml,
+run.json, last.pt (atomic), metrics.jsonl, TensorBoard events and the writer lock run.lock
+(docs/running.md, section 4). :func:`open_run` starts one or resumes it (refusing other settings),
+:func:`load_checkpoint` loads with ``weights_only=True``, and :class:`StepMetrics` keeps a step's
+scalars on the device until a logging step."""
 from __future__ import annotations
 
 import json
@@ -90,7 +70,8 @@ def settings_diff(saved: Mapping[str, Any], current: Mapping[str, Any], *,
 
 
 class Run:
-    """An open run folder (see the module docstring); use as a context manager."""
+    """An open run folder (:func:`open_run` makes one); use as a context manager. Only rank 0
+    writes; every rank checks and loads."""
 
     def __init__(self, path: Path, *, rank: int, state: dict | None, step: int,
                  checkpoint: str = CHECKPOINT, tensorboard: bool = True, lock: FileLock | None = None):
@@ -156,7 +137,9 @@ def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[s
     Raises FileExistsError (a checkpoint exists and not ``resume``), FileNotFoundError
     (``resume`` without a checkpoint or a config.yaml), ValueError (the settings differ, or
     the checkpoint cannot be loaded safely) and Locked (another process writes the folder).
-    Rank 0 holds the folder's lock until the Run is closed.
+    Rank 0 holds the folder's lock until the Run is closed. On resume the checkpoint is loaded
+    onto the CPU (``Run.state``) and metrics.jsonl is trimmed to its step, since the resumed run
+    logs the later steps again.
     """
     path = Path(path)
     ckpt = path / checkpoint
@@ -264,7 +247,9 @@ def first_non_finite(first_bad: torch.Tensor, *, world: int) -> int | None:
 
 
 class StepMetrics:
-    """Sums of each step's scalar tensors, kept on the device between logging intervals."""
+    """Sums of each step's scalar tensors, kept on the device between logging intervals, and the
+    first step whose watched value is not finite; it syncs with the host (and all-reduces over
+    ranks) only when asked, at logging intervals."""
 
     def __init__(self, device: str | torch.device, *, watch: str = "loss"):
         self.watch = watch

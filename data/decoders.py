@@ -1,16 +1,8 @@
-"""The image decoders a job may name, and which of them this environment has.
-
-- ``pil``: the reference (``data/decode/pil.py``), always installed;
-- ``dali``: NVIDIA DALI (``data/decode/dali.py``, ``data/decode/stored.py``), the fast path,
-  from the optional extra ``pip install '.[dali]'`` (pyproject.toml);
-- ``auto``: ``dali`` where DALI is installed, else ``pil`` (``resolve_decoder``).
-
-Light on purpose (no torch, and DALI is looked up, never imported): the command line takes its
-choices from here, and a DALI decoder checks ``require_dali`` when it is made, so that asking
-for DALI without it ends in one line naming the extra. A decoder that fails on a sample raises
-``DecodeError`` naming it (``sample_name``: the global index, source file and shard tar that
-``ImageSet.read`` attached to its bytes).
-"""
+"""The image decoders a job may name (``pil``, the reference; ``dali``, the fast path from the
+optional extra ``.[dali]``; ``auto``, DALI where it is installed, else PIL), and the errors of
+decoding: ``DaliMissing`` (one line naming the extra) and ``DecodeError`` naming the image
+(``sample_name``). Light on purpose (no torch; DALI is looked up, never imported): the command
+line takes its choices from here."""
 from __future__ import annotations
 
 import importlib.util

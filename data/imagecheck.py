@@ -1,13 +1,5 @@
-"""One image's bytes as ``prepare`` and the decoders judge them: ``inspect_image`` (format,
-size, mode, EXIF orientation) or ``BadImage`` naming the file.
-
-``inspect_image`` is the one definition of "a good image": its format is one that the DALI
-decoders read, PIL's ``verify`` passes on a fresh open (PNG: every chunk's CRC, the IEND
-chunk) and ``load()`` decodes it, and its data does not stop early where PIL would fill the
-rest (a JPEG whose markers stop before its end-of-image marker, a PNG whose compressed
-stream holds fewer rows than its header says: DALI refuses both), whatever
-``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set to.
-"""
+"""What a good image is, as ``prepare`` and the decoders judge it: ``inspect_image`` (format, size,
+mode, EXIF orientation) or ``BadImage`` naming the file. The checks: docs/format.md, "Input (SRC)"."""
 from __future__ import annotations
 
 import io
@@ -70,7 +62,9 @@ class ImageInfo:
 
 def inspect_image(data: bytes, *, source: str) -> ImageInfo:
     """Open, verify and fully decode ``data`` with PIL; raise ``BadImage`` naming ``source`` if
-    any step fails or the data stops early (module docstring).
+    any step fails or the data stops early where PIL would fill the rest and DALI refuses (a JPEG
+    whose markers stop before its end-of-image marker, a PNG whose compressed stream holds fewer
+    rows than its header says), whatever ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set to.
 
     Args:
         data: the encoded file, as stored.

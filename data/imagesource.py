@@ -1,24 +1,7 @@
-"""The input side of ``prepare``: list an image source and check each image.
-
-Two kinds of source folder are understood (see ``docs/format.md``, "Images"):
-
-- **ImageFolder** (the ILSVRC-2012 layout): ``SRC/<class>/**/<file>``. Classes are the
-  sub-folders of SRC in sorted order (label = position); the samples of a class are all
-  files below its folder, recursively, in sorted relative-path order. Names starting
-  with ``.`` (``.DS_Store``, hidden folders) are ignored, and so are plain files lying
-  directly in SRC. Every other file must be an image.
-- **WebDataset shards**: ``SRC/*.tar`` (top level, sorted by name; ``pattern`` chooses
-  some of them), each sample a run of members sharing a key, with one image member
-  (``jpg``, ``jpeg``, ``png``, ...) and a ``cls`` member holding the integer label as
-  text. Class names come from ``SRC/classes.txt`` (one name per line, line k names label
-  k) if it exists; otherwise from the samples' ``json`` members (``class_name``, or the
-  folder of ``filename``) where they have one; otherwise they are the label numbers as
-  strings, ``"0" .. str(max_label)``. The tars are scanned up front (headers, ``cls``
-  and ``json`` only), so every candidate sample is known before any image is read.
-
-The listing numbers the candidate samples in that deterministic order; ``prepare``
-packs them in a seeded permutation of it (``data.shards.pack_order``).
-"""
+"""The input side of ``prepare``: list SRC, an ImageFolder tree or WebDataset tars, in a
+deterministic order with labels and class names, so that every candidate sample is known before
+any image is read (the rules: docs/format.md, "Input (SRC)"). ``prepare`` packs the listing in a
+seeded permutation (``data.pack.pack_order``)."""
 from __future__ import annotations
 
 import fnmatch

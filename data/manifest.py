@@ -1,16 +1,6 @@
-"""The manifest of packed images: format constants, the per-sample table and its digest.
-
-``prepare`` (``data/pack.py``) writes them and ``ImageSet`` (``data/imageset.py``) reads
-them; the format is documented in ``docs/format.md`` ("Images (prepare)")::
-
-    OUT/manifest.json          written last, atomically: OUT is a finished prepare iff it exists
-    OUT/manifest.columns       the per-sample table, one little-endian column after another
-    OUT/shards/shard-000000.tar  members {key}.{ext} (bytes exactly as read) and {key}.cls
-    OUT/shards/shard-000000.idx  DALI fn.readers.webdataset index (wds2idx "v1.2" text)
-
-with ``key = f"{index:09d}"`` (``sample_key``) and ``index`` the sample's stable global index: its
-row in the manifest.
-"""
+"""The manifest of packed images: format constants, sample keys, the per-sample columns and the
+digest. ``prepare`` (``data/pack.py``) writes them, ``ImageSet`` (``data/imageset.py``) reads
+them; the format: docs/format.md, "Images (prepare)"."""
 from __future__ import annotations
 
 import hashlib

@@ -1,39 +1,6 @@
-"""The training order: which samples global batch k of epoch e holds, and which rank serves
-which part of it (DESIGN.md "Hot paths"; the counterpart of ffcv's traversal orders).
-
-The data is read as ``streams`` independent streams, a number fixed by the config and not by
-the world size. At epoch e the image shards are shuffled by a hash of (seed, e) and dealt to
-the streams, largest first (equal sizes in the shuffled order), one to each stream in turn:
-stream j takes shards j, j + S, j + 2S, ... of that dealing, so the short shards (a set's
-last) go to the streams that got one shard more. A stream reads its shards in the shuffled
-order, groups them into windows of ``window`` shards, and shuffles the samples of a window by
-a hash of (seed, e, index). Global batch k is the k-th slice of ``batch_size / streams``
-samples of every stream. Rank r of W serves the streams j with j mod W == r; when W is a
-multiple of the streams (a small set read as one or two streams), the W / streams ranks of
-stream j = r // (W / streams) serve equal parts of its slice. So:
-
-- image shards and feature blocks are read whole and in sequence, each by one rank only
-  (by the ranks sharing a stream when there are fewer streams than ranks);
-- the samples of a global batch do not depend on the world size (1, 2, 4, 8 ranks with
-  8 streams, or with 1 stream, see the same global batches), which is what lets a 2-rank
-  run follow the single-process loss curve and resume a run on another world size;
-- a batch is a pure function of (seed, epoch, step): ``Order.batch`` computes step k
-  directly, reading nothing before it.
-
-Every epoch takes the same ``steps_per_epoch``, whatever the shuffle: which sizes each stream
-gets depends on the shard sizes only (shards of one size are interchangeable), so the
-shortest stream (``stream_guarantee``) is the same every epoch; with B the global batch, an
-epoch is its samples // (B / S) steps, and the rest of each stream's epoch is dropped (with
-at most one short shard, less than one shard per stream plus one slice), never a short batch.
-
-``data.streams=auto`` (``auto_streams``) takes the most of 8, 4, 2, 1 streams that the data
-and the global batch allow without dropping more than a tenth of what one stream would
-train on per epoch: 8 on ImageNet, 1 on a set of a few dozen images.
-
-Shards are given as ``[[first, count], ...]``: shard s holds the sample indices
-``first .. first + count - 1`` (store/shards.ImageSet ``shards``). The hashes' role ids:
-core/keys.py.
-"""
+"""The training order: which samples global batch k of epoch e holds, and which rank serves which
+part of it, from (seed, epoch, step) alone and independent of the world size; ``auto_streams``
+resolves ``data.streams=auto``. The rules: docs/CONTRACTS.md, "The training order"."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,12 +1,7 @@
-"""``prepare``: pack SRC (an ImageFolder tree or WebDataset tars) into tar shards, DALI
-indices and a manifest (the format: ``data/manifest.py``, ``docs/format.md``).
-
-Samples are written in a seeded pseudo-random permutation (``pack_order``) of the
-deterministic listing order of ``data.imagesource.list_source``, the usual practice for
-WebDataset shards: a class-sorted source (the ILSVRC folders) still gives class-mixed shards,
-so shard-sequential readers and any prefix of the indices see every class. Packing the same
-SRC with the same seed twice gives byte-identical shards, indices and manifest.
-"""
+"""``prepare``: pack SRC (an ImageFolder tree or WebDataset tars) into tar shards, DALI indices and a
+manifest, in a seeded pseudo-random permutation (``pack_order``) of the listing order, so that
+every shard mixes the classes; the same SRC and seed give byte-identical output (docs/format.md,
+"Images (prepare)")."""
 from __future__ import annotations
 
 import hashlib
@@ -25,13 +20,14 @@ from typing import Callable, Iterable, Iterator
 import google_crc32c
 import numpy as np
 
+from data.config import RESOLVED, PrepareConfig
 from data.imageset import ImageSet
 from data.imagesource import BadImage, ImageInfo, PrepareError, SourceItem, SourceListing, inspect_image, list_source
 from data.manifest import (
     COLUMN_DTYPES, COLUMNS, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_DIR, columns_blob, dataset_digest, sample_key,
     shard_stem,
 )
-from core.io import file_digests, remove_temp_files, write_atomic
+from core.io import file_digests, fsync_path, remove_temp_files, write_atomic
 from core.keys import Role, hash_keys
 
 _PARTIAL = re.compile(r"shard-\d{6,}\.(tar|idx)(\.tmp\d*)?")
@@ -93,9 +89,8 @@ class ShardWriter:
 
     def close(self) -> dict:
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
+        fsync_path(self._tmp)
         index_text = f"v1.2 {self.count}\n" + "".join(line + "\n" for line in self._index_lines)
         write_atomic(self.idx_path, index_text.encode())
         sha, self.crc32c = file_digests(self._tmp)      # crc32c: the view tars' records (viewpixels)
@@ -161,37 +156,35 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: int = 0,
-            pattern: str | None = None, skip_bad: bool = False, progress: bool = True,
-            workers: int | None = None, echo: Callable[[str], None] | None = None) -> "ImageSet":
-    """Pack SRC (ImageFolder tree or WebDataset tars) into OUT; see ``docs/format.md``.
+def prepare(src: Path | str, out: Path | str, *, progress: bool = True,
+            echo: Callable[[str], None] | None = None, **settings) -> "ImageSet":
+    """``run_prepare`` of ``PrepareConfig(src=SRC, out=OUT, **settings)``: the keyword form, the
+    settings' defaults being those of data/config.py (an unknown one is refused naming it)."""
+    return run_prepare(PrepareConfig.from_dict(dict(src=str(src), out=str(out), **settings)), progress=progress,
+                       echo=echo)
+
+
+def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
+                echo: Callable[[str], None] | None = None) -> "ImageSet":
+    """Pack ``cfg.src`` (ImageFolder tree or WebDataset tars) into ``cfg.out``; see ``docs/format.md``.
 
     Args:
-        src: the source folder.
-        out: the output folder (created). If it holds a finished prepare of the same SRC
-            listing, nothing is done; of a different SRC, shard size or seed, ``PrepareError``.
-            Without ``manifest.json`` it is a half-written run and is redone from scratch.
-        shard_size: samples per tar shard (the last shard may be smaller).
-        seed: key of the packing order (``pack_order``), >= 0; recorded in the manifest.
-        pattern: WebDataset input: which top-level tars to take (glob with brace expansion,
-            e.g. ``imagenet1k-train-*.tar``); None takes every ``*.tar``.
-        skip_bad: leave unreadable / non-image files out (listed in the manifest's
-            ``rejects``) instead of stopping with ``BadImage`` naming the file.
+        cfg: the settings (data/config.py: shard size, seed, WebDataset pattern, skip_bad,
+            workers). OUT is created. If it holds a finished prepare of the same SRC listing,
+            nothing is done; of a different SRC, shard size or seed, ``PrepareError``. Without
+            ``manifest.json`` it is a half-written run and is redone from scratch. A prepare
+            that packs writes ``cfg`` as ``OUT/prepare.yaml`` before its manifest.
         progress: tqdm progress bar.
-        workers: threads reading and verifying images (None: ``min(8, cpu_count)``; 0: inline).
         echo: where status messages go (None: stderr when ``progress``, else nowhere).
     Returns:
         The finished ``ImageSet``.
     """
     from core.progress import progress_bar
 
-    src, out = Path(src), Path(out)
-    if shard_size < 1:
-        raise PrepareError(f"prepare: shard_size must be >= 1, got {shard_size}")
-    if seed < 0:
-        raise PrepareError(f"prepare: seed must be >= 0, got {seed}")
+    src, out = Path(cfg.src), Path(cfg.out)
+    shard_size, seed, pattern, skip_bad = cfg.shard_size, cfg.seed, cfg.pattern, cfg.skip_bad
     say = echo if echo is not None else (_stderr if progress else (lambda message: None))
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    workers = min(8, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
     listing = list_source(src, pattern=pattern, progress=progress)
 
     if (out / MANIFEST).exists():
@@ -282,6 +275,7 @@ def prepare(src: Path | str, out: Path | str, *, shard_size: int = 256, seed: in
         "shards": shards, "rejects": rejects,
     }
     meta["digest"] = dataset_digest(meta)
+    write_atomic(out / RESOLVED, cfg.to_yaml().encode())
     write_atomic(out / MANIFEST, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
     rejected = f", {len(rejects)} files left out as bad (see {MANIFEST} 'rejects')" if rejects else ""
     say(f"prepare: packed {len(sources)} samples of {len(classes)} classes into {len(shards)} shards in {out}{rejected}")

@@ -1,16 +1,7 @@
-"""The one definition of a view: crop box, flip and patch masks (METHOD.md, "Views and masks").
-
-Every random draw that extraction and training must agree on is made here, from a
-counter-based generator: a value is a hash of its keys, never the next output of a
-stateful stream. So a draw depends only on (seed, image index, view, role[, teacher])
-or (seed, image index, epoch), and not on batch order, worker count, world size or
-machine. Everything is vectorised numpy on ``uint64`` (wrap-around arithmetic is the
-point of the hash), so a batch of a few thousand indices costs well under a millisecond
-per index.
-
-Roles keep the streams of different quantities apart; every role id in the project is
-registered in core/keys.py (``Role``) beside the hash, which refuses two names for one id.
-"""
+"""The one definition of a view: crop box, flip and patch masks, cached and fresh, and the
+statistics sample (docs/method.md, "Views and masks"). Every draw is a hash of its keys (seed,
+image index, view or epoch, role[, teacher]; roles in core/keys.py), so it does not depend on
+batch order, worker count, world size or machine; vectorised numpy on ``uint64``."""
 from __future__ import annotations
 
 import math

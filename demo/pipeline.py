@@ -1,37 +1,14 @@
-"""`demo`: the whole product on real photos in a few minutes, and a report of what it did.
+"""`demo`: the whole product on the bundled photos in a few minutes, and a report of what it did.
 
-Stages (each prints one line with its time; a second run reuses what the first made):
-
- 1. photos       scikit-image photos as two ImageFolder trees: training (``copies`` crops of
-                 each of the 13 photos) and held-out (``heldout_copies`` crops of 9 other
-                 photos: nothing held out is a crop of a training photo);
- 2. prepare      both trees packed into shards (a finished prepare says "nothing to do");
- 3. extract      the three teachers over every (image, view) of both sets, as `extract`
-                 does by default (``DemoSettings.codec`` adapter, the training views kept as
-                 JPEG and trained from); complete teachers are skipped without being built,
-                 partial ones resume; the held-out store takes the training store's
-                 statistics, so its coefficients are on the basis the run's adapters read;
-                 the note gives this machine's ViT-B forward rate (``teacher_rate``);
- 4. verify       both stores against their data;
- 5. train        the student on the cached store (a finished run with the same config is
-                 reused, an unfinished one resumed);
- 6. evaluate     the objective's loss of the trained vs the untrained student on the held-out
-                 views (the quality check), and linear CKA with the fused targets;
- 7. throughput   cached (the training stage's own rate) vs online vs in-memory ceiling
-                 (``train.throughput.measure``; the online row reuses the extract stage's teachers);
- 8. sizes        the store's bytes per codec, measured on its teachers' tokens of its views;
- 9. report       OUT/report/README.md with figures and panels, and the same report as one
-                 self-contained page, OUT/report/report.html (figures embedded).
-
-Teachers are untrained (seeded random init) unless ``checkpoints`` holds their official
-files (names in ``teachers/checkpoints.py``); the report says which. Measurements (stages
-6-8) are saved with a key of everything they depend on and reused when it is unchanged.
-OUT is a run folder (core/run.py): OUT/config.yaml holds the resolved settings (a typed config,
-``DemoSettings``) and OUT/run.json the git commit and the teachers' sources; a rerun with
-other settings is refused, naming them.
-"""
+Stages, each printing one line with its time: photos, prepare, extract (the three teachers with
+`extract`'s defaults; the held-out store on the training store's statistics), verify, train,
+evaluate (held-out loss of the trained vs the untrained student), throughput, sizes, report
+(OUT/report/README.md and report.html). A rerun reuses what is done; OUT is a run folder whose
+config.yaml holds the ``DemoSettings``, and a rerun with other settings is refused naming them.
+Teachers are random-init unless ``checkpoints`` holds their official files."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -74,11 +51,12 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     import torch
 
     from demo import report
+    from store.features import FeatureStore
     from store.verify import verify_store
     from data.shards import prepare
     from train import diagnostics as diag
     from train import plots
-    from train.loader import steps_per_epoch
+    from data.order import steps_per_epoch
 
     settings = (settings or DemoSettings()).validate()
     out = Path(out).resolve()
@@ -190,18 +168,23 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
     held_idx = np.arange(len(data["heldout"]))
     objectives = {}
 
+    @functools.cache
+    def opened(split: str):
+        """The split's store, opened once for the stages after training."""
+        return FeatureStore.open(stores[split])
+
     def objective(kind: str):
         if kind not in objectives:
             objectives[kind] = diag.load_run(run_dir, device=device, trained=(kind == "trained"),
-                                             store_path=stores["train"])[1]
+                                             store=opened("train"))[1]
         return objectives[kind]
 
     def evaluate():
         if "cka" in meas and "heldout_loss" in meas:
             reused.append("held-out evaluation")
             return "reused: " + _quality_note(meas)
-        samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx, epoch=0,
-                                    teachers=list(teacher_names(cfg)), adapters_from=stores["train"])
+        samples = diag.load_samples(opened("heldout"), data["heldout"], indices=held_idx, epoch=0,
+                                    teachers=list(teacher_names(cfg)), adapters_from=opened("train"))
         batch = diag.sample_batch(samples, teacher_names(cfg), device=device)
         with torch.no_grad():
             meas["heldout_loss"] = diag.heldout_losses(objective("trained"), objective("untrained"), batch)
@@ -230,7 +213,7 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
         else:
             teachers = {n: demo_teacher(n, sources=sources, settings=settings, device=device, built=built)
                         for n in teacher_names(cfg)}
-            meas["sizes"] = codec_sizes(stores["train"], data["train"], teachers=teachers,
+            meas["sizes"] = codec_sizes(opened("train"), data["train"], teachers=teachers,
                                         num_images=len(data["train"]), views=settings.views, device=device,
                                         decoder=settings.decoder)
         s = meas["sizes"]
@@ -250,8 +233,8 @@ def run_demo(*, out, checkpoints=None, settings: DemoSettings | None = None, dev
         plots.plot_losses(rows, report_dir / "losses.png")
         plots.plot_gate_shares(rows, report_dir / "gates.png")
         pick = np.unique(np.linspace(0, len(held_idx) - 1, max(1, settings.panels)).round().astype(int))
-        samples = diag.load_samples(stores["heldout"], data["heldout"], indices=held_idx[pick], epoch=0,
-                                    teachers=list(teacher_names(cfg)), adapters_from=stores["train"])
+        samples = diag.load_samples(opened("heldout"), data["heldout"], indices=held_idx[pick], epoch=0,
+                                    teachers=list(teacher_names(cfg)), adapters_from=opened("train"))
         maps = diag.gate_maps(objective("trained"), diag.sample_batch(samples, teacher_names(cfg), device=device))
         panels = []
         for s, w in zip(samples, maps):

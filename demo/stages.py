@@ -6,7 +6,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -47,7 +46,6 @@ class DemoSettings(TypedConfig):
     panels: int = 3                 # held-out samples shown with their gate weights
     bench_steps: int = 2            # timed steps per throughput row (0: skip the measurement)
     train_overrides: tuple[str, ...] = ()   # extra KEY=VALUE for the train config
-    teacher_depth: Optional[int] = None     # blocks of the random-init teachers (tests); None: ViT-B's 12
 
     def validate(self) -> "DemoSettings":
         try:
@@ -56,8 +54,6 @@ class DemoSettings(TypedConfig):
             check_nonneg(self, ["bench_steps"])
             check_choices(self, {"decoder": DECODERS, "codec": CODECS, "view_pixels": ("none", "jpeg", "raw")})
             self.decoder = resolve_decoder(self.decoder)
-            if self.teacher_depth is not None:
-                check_positive(self, ["teacher_depth"])
         except ValueError as error:
             raise DemoError(f"demo setting: {error}") from None
         return self
@@ -99,9 +95,7 @@ def demo_teacher(name: str, *, sources: dict, settings: DemoSettings, device: st
 
     if name not in built:
         built[name] = (build_teacher(name, checkpoint=sources[name], device=device) if sources[name] else
-                       build_teacher(name, random_init=True, seed=settings.seed, device=device,
-                                     model_kwargs=None if settings.teacher_depth is None else
-                                     {"depth": settings.teacher_depth}))
+                       build_teacher(name, random_init=True, seed=settings.seed, device=device))
     return built[name]
 
 
@@ -113,6 +107,7 @@ def extract_all(store: Path, data, *, views: int, stats_images: int, sources: di
     returns (stage note, all reused). A teacher already complete is not even built; ``built``
     caches the teachers that were. ``rate``, when given and empty, receives
     {"images_per_second": ``teacher_rate``} of the first teacher built."""
+    from extract.config import ExtractConfig
     from extract.runner import run_extraction
     from train.throughput import teacher_rate
 
@@ -125,10 +120,10 @@ def extract_all(store: Path, data, *, views: int, stats_images: int, sources: di
             demo_teacher(name, sources=sources, settings=settings, device=device, built=built)
             if rate is not None and not rate:
                 rate.update(teacher=name, images_per_second=teacher_rate(built[name], device=device))
-        s = run_extraction(teacher=built[name], data=data, store_path=store, views=views, seed=settings.seed,
-                           codec=settings.codec, batch_size=settings.teacher_batch, device=device,
-                           decoder=settings.decoder, num_threads=2, stats_images=stats_images,
-                           progress=progress, view_pixels=view_pixels, stats_from=stats_from)
+        s = run_extraction(ExtractConfig(store=store, views=views, seed=settings.seed, codec=settings.codec,
+                                         batch_size=settings.teacher_batch, device=device, decoder=settings.decoder,
+                                         threads=2, stats_images=stats_images, view_pixels=view_pixels,
+                                         stats_from=stats_from), teacher=built[name], data=data, progress=progress)
         rates.append(f"{name} {s['blocks']} blocks at {s['images_per_second']:.1f} img/s"
                      + (f" ({s['skipped']} already complete)" if s["skipped"] else ""))
     parts = [f"reused complete {', '.join(done)}"] if done else []
@@ -185,9 +180,9 @@ def train_or_reuse(cfg, run_dir: Path, *, steps: int, device: str, progress: boo
     return {"steps": summary["steps"]}, note
 
 
-def codec_sizes(store: Path, data, *, teachers: dict, num_images: int, views: int, device: str = "cpu",
+def codec_sizes(fs, data, *, teachers: dict, num_images: int, views: int, device: str = "cpu",
                 decoder: str = "pil", samples: int = 16) -> dict:
-    """Bytes per (image, view) for each codec, measured on the store's views.
+    """Bytes per (image, view) for each codec, measured on the views of the store ``fs`` (open).
 
     For each teacher ({name: Teacher}), its float tokens of the first ``samples`` images'
     slot-0 views (as extraction computes them: the store's crops, masks and teacher input)
@@ -201,9 +196,9 @@ def codec_sizes(store: Path, data, *, teachers: dict, num_images: int, views: in
     from extract.estimate import bytes_per_sample
     from extract.runner import Extractor
     from store import codecs
-    from store.features import PIXELS, FeatureStore
+    from store.features import PIXELS
 
-    fs = FeatureStore.open(store)
+    store = fs.path
     zstd = numcodecs.Zstd(level=1)
     rows = {c: {"codec": c, "raw_bytes": 0, "zstd_bytes": 0.0, "err": 0.0, "norm": 0.0} for c in codecs.CODECS}
     n = min(samples, fs.num_samples)

@@ -1,21 +1,6 @@
-"""ADE20K semantic segmentation data: layout, label convention, training and test transforms.
-
-Layout (ADEChallengeData2016, as released):
-
-    ROOT/images/{training,validation}/NAME.jpg
-    ROOT/annotations/{training,validation}/NAME.png     one uint8 class index per pixel
-
-Labels (the benchmark's ``reduce_zero_label``): 0 is "other" and is ignored; class k
-(1..150) becomes k-1; ignored pixels are 255. A label above ``num_classes`` is an error
-naming the file.
-
-Training transform (mmsegmentation's ADE20K pipeline, the one BEiT/MAE report with), for
-crop size S (512): resize keeping the aspect ratio into (4S r, S r) with r ~ U(0.5, 2.0);
-random S x S crop, retried up to 10 times until no class covers more than 75% of the crop;
-horizontal flip (p 0.5); photometric distortion (``photometric``, mmseg's
-PhotoMetricDistortion); ImageNet mean/std; pad to S x S (image 0, label 255). All draws are keyed by (seed, epoch, index). Test: the image resized keeping
-the ratio into (4S, S); the model slides an S x S window over it (``segmentation.py``).
-"""
+"""ADE20K semantic segmentation data (ADEChallengeData2016): the layout, the benchmark's label
+convention (0 ignored as 255, class k -> k-1), mmsegmentation's training transform with every draw
+keyed by (seed, epoch, index), and the test resize (docs/eval.md, "Segmentation")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

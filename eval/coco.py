@@ -1,15 +1,6 @@
-"""COCO instance data for Mask R-CNN: layout, samples (with LSJ), result JSON, COCOeval.
-
-Layouts accepted (``resolve_layout``), checked in this order for a split ``S``:
-
-    ROOT/annotations/instances_S2017.json  +  ROOT/S2017/      (official COCO 2017, S = train/val)
-    ROOT/annotations/instances_S.json      +  ROOT/S/          (same files, no year)
-
-Labels: COCO category ids (sparse, 1..90 for COCO) map to contiguous labels 1..K in
-ascending id order (0 is torchvision's background); ``label_to_category`` maps back when
-results are written. Crowd annotations are left out of training targets (they stay in the
-ground truth, where COCOeval treats them as "ignore" regions).
-"""
+"""COCO instance data for Mask R-CNN: the accepted layouts (``resolve_layout``), samples with
+large-scale jitter, contiguous labels for COCO's sparse category ids and back, result JSON and
+COCOeval (docs/eval.md, "Detection")."""
 from __future__ import annotations
 
 import contextlib

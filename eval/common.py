@@ -1,15 +1,6 @@
-"""What every evaluation shares: loading a backbone checkpoint, where its results go, describing a result.
-
-``load_backbone`` turns a plain timm ViT state dict (the student export, or any timm
-checkpoint) into a strict, headless timm model (``core.state``); the all-zero placeholder
-classifier of the student export is dropped, a trained classifier is refused as an
-unexpected key. ``default_out`` is the run folder an evaluation writes to when ``--out`` is
-not given: ``runs/eval/<checkpoint stem>-<sha256[:8]>/<task>``, so that evaluations of two
-checkpoints never overwrite each other. ``write_result`` writes the one JSON record an
-evaluation leaves behind (``result.json`` in that folder): the metric, the resolved config,
-the protocol settings, the sha256 of the checkpoint that was evaluated and the git commit of
-the code that evaluated it.
-"""
+"""What every evaluation shares: loading a backbone checkpoint strictly (``load_backbone``), the
+default run folder ``runs/eval/<checkpoint stem>-<sha256[:8]>/<task>`` (``default_out``) and the
+``result.json`` record of an evaluation (``write_result``; docs/eval.md)."""
 from __future__ import annotations
 
 import datetime as _dt

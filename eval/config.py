@@ -1,31 +1,18 @@
-"""The typed configs of the five evaluation protocols: every default is written here, once.
-
-Each protocol has one dataclass (``KnnConfig``, ``LinearConfig``, ``FinetuneConfig``,
-``DetectionConfig``, ``SegmentationConfig``) built on ``core.config.TypedConfig``: unknown
-keys are refused naming the valid ones, ``key=value`` overrides are type-checked, derived
-values (the absolute learning rate) are computed once by ``derived()`` and checked when a
-resolved dump is loaded, and ``validate()`` refuses bad values naming the key. The
-protocol functions (``eval/knn.py`` ...) take their config; the result JSON and the run
-folder's config.yaml record it resolved.
-
-A field's metadata carries its command-line form (``eval/options.py`` turns every field
-into a click option): ``help``, and optionally ``flag`` (another option name), ``argument``
-(a positional argument), ``required``, ``path`` ("file" or "dir": must exist) and ``metavar``.
-"""
+"""The typed configs of the five evaluation protocols (``KnnConfig``, ``LinearConfig``,
+``FinetuneConfig``, ``DetectionConfig``, ``SegmentationConfig``; ``core.config.TypedConfig``), each
+default written once: every field's metadata makes its command-line option (core/options.py), and a
+config's docstring is its command's ``--help`` text. The protocols take their config; the result
+JSON and the run folder's config.yaml record it resolved."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from core.config import TypedConfig, check_nonneg, check_positive
+from core.options import option
 
 __all__ = ["KnnConfig", "LinearConfig", "FinetuneConfig", "DetectionConfig", "SegmentationConfig",
            "CONFIGS", "parse_model_args"]
-
-
-def option(default: Any, help: str, **cli: Any):
-    """A config field with its default and its command-line help (see the module docstring)."""
-    return field(default=default, metadata={"help": help, **cli})
 
 
 def parse_model_args(items) -> dict[str, Any]:

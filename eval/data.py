@@ -1,22 +1,7 @@
-"""Labelled images for evaluation: a packed set (``prepare``) or an ImageFolder tree.
-
-``EvalImages(root, transform=...)`` reads either layout, detected by the presence of
-``root/manifest.json``:
-
-- packed: ``data.shards.ImageSet`` (classes and labels from the manifest);
-- ImageFolder: ``root/<class name>/<image file>``, classes sorted by name, files
-  sorted by path (the ILSVRC-2012 train/val layout).
-
-Images are decoded with PIL and converted to RGB whatever their mode. Random
-transforms never touch the global generators of the caller: each sample is
-transformed under generators seeded from (seed, epoch, index), so a sample's
-augmentation does not depend on worker count or batch order, and a resumed run sees
-the same pixels as an uninterrupted one.
-
-Transforms: ``eval_transform`` (resize to size/0.875, center crop, ImageNet
-normalisation: 256/224 at 224), ``probe_train_transform`` (MAE linear probe:
-RandomResizedCrop + flip), ``finetune_transform`` (timm ``create_transform``).
-"""
+"""Labelled images for evaluation: a packed set (``prepare``) or an ImageFolder tree, decoded with
+PIL to RGB (``EvalImages``), and the protocols' transforms, each sample transformed under
+generators keyed by (seed, epoch, index) so that a resumed run sees the same pixels
+(docs/eval.md, "Data")."""
 from __future__ import annotations
 
 import contextlib

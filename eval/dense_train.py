@@ -1,12 +1,8 @@
-"""Training plumbing shared by the dense evaluations (detection, segmentation).
-
-Optimizer groups with layer-wise lr decay (timm's param_groups_layer_decay), a sample
-order keyed by (seed, epoch), loaders that leave the global RNG alone (model init and each
-training step run inside ``eval.data.seeded_rngs`` keyed by (seed, step), so dropout, drop
-path and torchvision's RoI sampling are keyed too), and a non-finite-loss stop that names
-the step. Checkpoints, metrics and the config live
-in the run folder (``core.run``).
-"""
+"""Training plumbing shared by detection and segmentation: layer-decay parameter groups, a sample
+order keyed by (seed, epoch), loaders that leave the global generators alone (model
+initialisation and each training step run under ``eval.data.seeded_rngs`` keyed by (seed, step),
+so dropout, drop path and RoI sampling are keyed too), and a stop on a non-finite loss naming
+the step."""
 from __future__ import annotations
 
 import math

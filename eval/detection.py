@@ -1,16 +1,5 @@
-"""COCO detection and instance segmentation: Mask R-CNN on a ViTDet simple feature pyramid.
-
-Protocol defaults (ViTDet, Li et al. 2022, the recipe MAE-style papers report COCO with):
-1024 x 1024 large-scale jitter (scale 0.1-2.0), AdamW (betas 0.9/0.999, weight decay 0.1),
-lr 1e-4 at batch 64, layer-wise lr decay 0.7, drop path 0.1, 100 epochs, linear warm-up
-of 250 steps, lr x0.1 at 88.9% and 96.3% of the steps; test: longer side resized to 1024,
-padded to 1024 x 1024. Heads as ViTDet: two-conv RPN head, 4-conv + 1-fc box head and
-4-conv mask head with LayerNorm; anchors one size per level (32, 64, 128, 256, 512) at
-ratios 0.5/1/2; RoIAlign on strides 4-32 (7x7 boxes, 14x14 masks).
-Differences from ViTDet (choices): global attention in every block (no windows, no
-relative position bias), so that any plain timm checkpoint loads unchanged; the 64-image
-batch is one step (no gradient accumulation; lower --lr with --batch-size).
-"""
+"""COCO detection and instance segmentation: Mask R-CNN (torchvision) on a ViTDet simple feature
+pyramid, ViTDet's recipe, box and mask AP (docs/eval.md, "Detection")."""
 from __future__ import annotations
 
 import math

@@ -1,18 +1,6 @@
-"""Run one evaluation protocol from its config into its run folder and record the result.
-
-``evaluate(cfg, out=..., device=..., resume=...)`` picks the protocol from the config's type
-(eval/config.py), runs it with ``out`` as its run folder (default: ``eval.common.default_out``,
-derived from the checkpoint, so that evaluations of two checkpoints never overwrite each
-other) and writes ``OUT/result.json``. The protocols that train (linear, finetune, detection,
-segmentation) keep their checkpoint, metrics.jsonl and config.yaml in the same folder through
-``core.run``: a new run refuses a folder that holds one, ``resume`` continues it and is an
-error when there is nothing to resume.
-
-Under torchrun (``WORLD_SIZE`` > 1) the protocols of ``DISTRIBUTED`` run on every rank: each
-joins the process group (``core.dist``: gloo on the CPU, NCCL on CUDA with ``cuda`` meaning
-``cuda:LOCAL_RANK``), the ranks share the work, and rank 0 alone writes the run folder and
-result.json. The other protocols refuse to run under torchrun.
-"""
+"""Run one evaluation protocol from its config into its run folder and write ``OUT/result.json``
+(``evaluate``); under torchrun the protocols of ``DISTRIBUTED`` share the work over the ranks,
+rank 0 writes, and the others refuse to run (docs/eval.md)."""
 from __future__ import annotations
 
 import os

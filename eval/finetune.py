@@ -1,24 +1,5 @@
-"""End-to-end fine-tuning (the MAE/DeiT recipe) of a backbone checkpoint.
-
-Defaults (MAE fine-tune recipe, He et al. 2022, appendix A.1, which follows DeiT;
-values that MAE gives only for ViT-B/L/H are marked as our ViT-Tiny choice):
-AdamW betas (0.9, 0.999), weight decay 0.05, base lr 5e-4 with lr = blr * batch / 256,
-batch 1024, 100 epochs (choice for ViT-Tiny; DeiT trains 300 from scratch), 5 warm-up
-epochs then half-cycle cosine to 1e-6, layer-wise lr decay 0.75 (choice: MAE uses 0.65
-for ViT-B, 0.75 for ViT-L/H), drop path 0.1, RandAugment rand-m9-mstd0.5-inc1,
-random erasing 0.25, mixup 0.8 + cutmix 1.0 (switch prob 0.5), label smoothing 0.1
-(inside the mixed soft targets, SoftTargetCrossEntropy), CLS-token head (choice: MAE
-uses global average pooling for ViT-B; pooling the CLS keeps the checkpoint's
-``norm`` layer, so the backbone loads strictly) initialised trunc-normal std 2e-5.
-Eval: resize size/0.875, center crop, top-1/top-5.
-
-Every random draw is keyed: the sample order by (seed, epoch), each image's
-augmentation by (seed, epoch, index), mixup/cutmix and drop path by
-(seed, epoch, micro-step). The run folder (``core.run``) gets a checkpoint after every
-epoch (``last.pt``, atomically), one metrics.jsonl row per epoch and config.yaml;
-``resume=True`` continues from it; on the CPU a resumed run ends with the same weights
-as an uninterrupted one.
-"""
+"""End-to-end fine-tuning of a backbone checkpoint with the MAE/DeiT recipe, every draw keyed, one
+checkpoint per epoch in the run folder and an exact resume (docs/eval.md, "Fine-tuning")."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,11 +1,5 @@
-"""Weighted k-NN classification on frozen CLS features (the DINO protocol).
-
-Memory: the train split's L2-normalised CLS features (fp32). Query: each val image's
-feature. Cosine similarity to every memory feature, the k=20 nearest vote for their
-class with weight exp(sim / T), T=0.07. Top-1 and top-5 accuracy of the vote.
-Similarities are computed for a block of queries at a time, sized so that the
-(block x memory) similarity matrix stays under a fixed element budget.
-"""
+"""Weighted k-NN classification on frozen CLS features (the DINO protocol), the similarities
+computed for blocks of queries under a fixed element budget (docs/eval.md, "k-NN")."""
 from __future__ import annotations
 
 from typing import Any

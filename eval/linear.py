@@ -1,32 +1,7 @@
-"""Linear probe on the frozen CLS token (the MAE protocol).
-
-Head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (weight
-trunc-normal std 0.01, bias 0). Backbone frozen in eval mode. MAE recipe defaults:
-LARS (momentum 0.9, trust coefficient 0.001), base lr 0.1, lr = base * batch / 256,
-weight decay 0, batch 16384, 90 epochs, 10 warm-up epochs, half-cycle cosine to 0,
-RandomResizedCrop + flip on train images, resize 256 / center crop 224 on val.
-
-Large batches without large memory: the backbone is frozen, so images go through it
-in loader-sized micro-batches under ``no_grad``; their CLS features are gathered
-until ``batch_size`` rows are ready and the head takes one step on all of them
-(BatchNorm statistics over the whole batch). This is the same optimisation as one
-batch of ``batch_size`` images.
-
-``cache_features=True`` extracts each train image's feature once from its center crop
-and trains on those: much faster, but without the protocol's augmentation; the
-result's settings say so. Val features are always computed once (the backbone is
-frozen and val has no augmentation, so this changes nothing).
-
-Under torchrun (``core.dist``, joined by ``eval.evaluate``) the backbone's work is shared: the
-micro-batches of each step, and of the val and cached tables, go round-robin to the ranks and their
-features are all-gathered back in one process's order (``_chunk_features``); every rank takes the same
-head step (replicated, no DDP: it is tiny) and rank 0 alone writes. Each image's features come from the
-same micro-batch as in one process, so the run is one process's run (on the CPU bit for bit).
-
-A run keeps its head and optimiser in the run folder (``core.run``: ``last.pt`` after every
-epoch, written atomically, one metrics.jsonl row per epoch, config.yaml) and
-``resume=True`` continues from there (refusing different settings).
-"""
+"""Linear probe on the frozen CLS token (the MAE protocol: BatchNorm + Linear head, LARS): large
+batches from micro-batches of frozen features, optional cached features, the backbone's work
+shared over torchrun ranks, checkpoint per epoch and exact resume (docs/eval.md, "Linear
+probe")."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,22 +1,6 @@
-"""ViTDet simple feature pyramid over a plain timm ViT.
-
-The pyramid (Li et al., "Exploring Plain Vision Transformer Backbones for Object
-Detection", 2022) is built from the last block's patch tokens only (stride 16):
-
-    stride  4: ConvTranspose 2x2/2 -> LayerNorm -> GELU -> ConvTranspose 2x2/2
-    stride  8: ConvTranspose 2x2/2
-    stride 16: identity
-    stride 32: MaxPool 2x2/2
-    each then: Conv 1x1 -> LayerNorm -> Conv 3x3 -> LayerNorm   (to ``out_channels``)
-    "pool"   : max-pool (kernel 1, stride 2) of the stride-32 level (stride 64, for the RPN)
-
-The output is an ``OrderedDict`` keyed ``"0".."3"`` (and ``"pool"``) as torchvision's
-``BackboneWithFPN`` returns, and the module carries ``out_channels`` so that torchvision's
-``MaskRCNN`` accepts it directly. Choices (ViTDet uses window attention and relative
-position biases; we keep the plain timm ViT with global attention so that any exported
-student checkpoint loads unchanged): the tokens are taken after the ViT's final LayerNorm
-(``final_norm=True``), which is what the distilled student was trained to produce.
-"""
+"""ViTDet simple feature pyramid over a plain timm ViT (Li et al. 2022): strides 4 to 32 (and
+``pool``, stride 64) from the last block's tokens after the final norm, as the ``OrderedDict``
+torchvision's ``MaskRCNN`` takes (docs/eval.md, "Detection")."""
 from collections import OrderedDict
 
 import torch

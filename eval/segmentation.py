@@ -1,21 +1,5 @@
-"""ADE20K semantic segmentation: UperNet on a ViTDet simple feature pyramid; mIoU and pixel accuracy.
-
-Protocol defaults (BEiT/MAE ADE20K recipe, mmsegmentation): 512 x 512 crops, 160k
-iterations at batch 16, AdamW (betas 0.9/0.999, weight decay 0.05) lr 1e-4, layer-wise lr
-decay 0.65, drop path 0.1, linear warm-up 1500 iterations then poly decay (power 1) to 0;
-UperNet with 512 channels plus an FCN auxiliary head on the stride-16 level (loss weight
-0.4); cross-entropy ignoring 255. Test: single scale, the image resized into (2048, 512)
-keeping its ratio, a 512 x 512 window slid with stride 341, logits averaged where windows
-overlap, resized to the label's size.
-Choice: the pyramid is the detection one (4 levels of 256 channels from the last block),
-not BEiT's four-block taps, as the method's evaluation specifies a simple feature pyramid.
-
-Metrics (percent): mIoU = torchmetrics ``MulticlassJaccardIndex(average="macro",
-ignore_index=255)`` accumulated over the whole split; its macro average leaves out classes
-that are in neither the labels nor the predictions, which is mmseg's nan-mean over classes
-(IoU 0/0 = nan). aAcc = ``MulticlassAccuracy(average="micro", ignore_index=255)``: correct
-over labelled pixels.
-"""
+"""ADE20K semantic segmentation: UperNet on the ViTDet simple feature pyramid, the BEiT/MAE recipe,
+sliding-window test, mIoU and pixel accuracy (docs/eval.md, "Segmentation")."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -98,7 +82,8 @@ def slide_logits(model: nn.Module, image: torch.Tensor, *, crop: int, stride: in
 
 
 class SegmentationMetrics:
-    """mIoU and pixel accuracy over a split (see the module docstring for the convention)."""
+    """mIoU and pixel accuracy over a split, accumulated over the whole split; the convention:
+    docs/eval.md, "Segmentation" (Metrics)."""
 
     def __init__(self, *, num_classes: int, device: torch.device | str = "cpu"):
         from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex

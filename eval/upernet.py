@@ -1,10 +1,5 @@
-"""UperNet decode head (Xiao et al., "Unified Perceptual Parsing", 2018) and an FCN auxiliary head.
-
-As in mmsegmentation's ``UPerHead``: a pyramid pooling module (PPM, pool scales 1/2/3/6)
-on the coarsest level, 1x1 laterals on the others, a top-down FPN (upsample and add),
-a 3x3 conv per level, all levels upsampled to the finest and fused by a 3x3 conv,
-dropout, 1x1 classifier. Conv-BatchNorm-ReLU throughout (mmseg uses SyncBN on several GPUs).
-"""
+"""UperNet decode head (Xiao et al. 2018, as mmsegmentation's ``UPerHead``) and an FCN auxiliary
+head (docs/eval.md, "Segmentation")."""
 from __future__ import annotations
 
 from typing import Sequence

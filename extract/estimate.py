@@ -1,13 +1,8 @@
-"""`extract --estimate`: bytes on disk and hours for a run, from a short measured run.
-
-The rate is measured on this machine with the real pipeline (decode, teacher forward on
-the visible tokens, codec encode and the copy to the host) over a few batches after one
-warm-up batch. The bytes are what the store writes (docs/format.md): the token arrays
-uncompressed, the small per-sample arrays at their uncompressed size (they are zstd'ed on
-disk, so this slightly over-counts them), and the teacher's statistics once; with view pixels
-(``--view-pixels``), the views' tars once per store, from the encoded size of the warm-up
-batch's views (a 512-byte tar header per member, data padded to 512 bytes).
-"""
+"""`extract --estimate`: bytes on disk and hours for a run, from a short run of the real pipeline
+(decode, masked teacher forward, codec encode, copy to the host) over a few batches after one
+warm-up batch. The bytes are what the store writes (docs/format.md), uncompressed (the zstd'ed
+small arrays are slightly over-counted): tokens and per-sample arrays, the teacher's statistics
+once and, with ``--view-pixels``, the views' tars once per store (the warm-up batch's views)."""
 from __future__ import annotations
 
 import time
@@ -15,7 +10,10 @@ import time
 import numpy as np
 import torch
 
+from core import dist
+from extract.runner import Extractor
 from store import codecs
+from store.teacherstore import teacher_input
 from data import views as V
 from teachers.descriptors import VIT_B_WIDTH, descriptor
 from store.viewpixels import encode_view
@@ -44,8 +42,19 @@ def view_pixel_bytes(datas: list[bytes]) -> float:
     return float(np.mean([512 + -(-len(d) // 512) * 512 for d in datas]))
 
 
-def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views: int,
-                 ranks: int = 1, batches: int = 3, stats_images: int = 1024, view_pixels: str = "none") -> dict:
+def estimate_extraction(cfg, *, teacher, data, ranks: int) -> dict:
+    """``estimate_run`` of the extraction ``cfg`` (extract/config.py) of ``teacher`` over ``data``,
+    projected for ``ranks`` ranks."""
+    cfg = cfg.resolved(teacher=teacher, data=data)
+    ex = Extractor(teacher, data, seed=cfg.seed, views=cfg.views, batch_size=cfg.batch_size,
+                   device=dist.local_device(cfg.device), decoder=cfg.decoder, num_threads=cfg.threads,
+                   decoder_settings=cfg.decoder_settings, teacher_input=teacher_input(cfg.view_pixels))
+    return estimate_run(ex, codec=cfg.codec, pca_dim=cfg.pca_dim, num_images=len(data), views=cfg.views,
+                        ranks=ranks, stats_images=cfg.stats_images, view_pixels=cfg.view_pixels)
+
+
+def estimate_run(extractor, *, codec: str, pca_dim: int, num_images: int, views: int, stats_images: int,
+                 view_pixels: str, ranks: int = 1, batches: int = 3) -> dict:
     """Measure ``batches`` batches (after a warm-up) and project a full run."""
     bs = extractor.batch_size
     index = np.arange(min(len(extractor.data), bs * (batches + 1)))

@@ -1,26 +1,9 @@
-"""Stage 1: run one frozen teacher over every (image, view) and write its tokens to the store.
-
-Work is a list of (image shard, slot) blocks. Each rank (torchrun) owns the image shards
-``shard % world_size == rank``, so ranks never coordinate beyond creating the store, and a
-killed run resumes by skipping blocks already marked complete. Rank 0 holds the teacher's
-writer lock for the whole job (store/lock.py), so a second job is refused. Within a rank,
-decoding of the next batches, the teacher forward of this one and the write of the previous
-block overlap (one decode thread over all of the rank's batches, block after block; the main
-thread; a writer thread). On CUDA the decode thread also pins each batch and copies it to
-the GPU on its own stream, ordered for the teacher's stream by an event.
-
-Every batch is made of consecutive images of one block, in order, so the tokens of a
-block do not depend on how many ranks ran or where a previous run was killed.
-
-With ``view_pixels`` (``jpeg`` or ``raw``) the decoded views are also written once, into the
-store's view tars (store/viewpixels.py): the first run that asks for them writes them, a
-later one skips the complete ones (and decodes, without a teacher forward, the views of
-blocks whose tokens exist but whose pixels do not). One job writes them at a time (the
-``pixels`` writer lock, beside the teacher's). In a store with JPEG views every teacher runs
-on the stored view as PIL decodes it (``teacher_input``, recorded in the teacher's config as
-``input``), reading it from the store where it is already there, so that a student reading
-the views sees its teachers' pixels.
-"""
+"""Stage 1: run one frozen teacher over every (image, view) and write its tokens to the store, in
+(view slot, image shard) blocks: each rank (torchrun) owns the image shards ``shard % world_size ==
+rank``, a killed run resumes by skipping complete blocks, and a batch holds consecutive images of
+one block, so a block's tokens do not depend on the ranks. A decode thread (on CUDA it also pins
+each batch and copies it on its own stream), the teacher forward and a writer thread overlap.
+Locks, view pixels and the teachers' input: docs/running.md, section 3; docs/format.md."""
 from __future__ import annotations
 
 import time
@@ -34,11 +17,14 @@ import torch
 from tqdm import tqdm
 
 from core import dist
+from core.io import write_atomic
+from extract.config import ExtractConfig, config_path
 from store import codecs
 from data import views as V
 from data.decode import make_decoder
 from data.decode.stored import pil_stored_views
 from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, StoreError, TeacherStore, teacher_input
+from store.teacherstore import stored_build
 from store.lock import StoreLocked, WriterLock
 from core.prefetch import DeviceCopier, Prefetch
 from core.progress import progress_bar
@@ -69,12 +55,14 @@ class ViewBatch:
 
 def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str, input: str = "source") -> dict:
     """What identifies a teacher's tokens: stored in the store and checked on reopening.
-    ``input``: the pixels the teacher runs on (store/features.py TEACHER_INPUTS)."""
+    ``input``: the pixels the teacher runs on (store/features.py TEACHER_INPUTS); ``build``: what
+    a reader rebuilds it from (``stored_build``)."""
     d = descriptor(teacher.name)
     return dict(teacher=teacher.name, source=str(teacher.source), checkpoint_digest=teacher.digest,
                 untrained=bool(teacher.untrained), mask_ratio=d.mask_ratio, n_visible=V.num_visible(d.mask_ratio),
                 resolution=d.resolution, patch_size=d.patch_size, embed_dim=int(teacher.embed_dim), codec=codec,
-                pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision, input=input)
+                pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision, input=input,
+                build=stored_build(teacher.name, teacher.build))
 
 
 class Extractor:
@@ -219,20 +207,22 @@ def _write_stats(ts: TeacherStore, st: dict, origin: dict | None = None) -> None
                    origin=origin)
 
 
-def _check_stats_source(teacher, stats_from) -> None:
-    """Before any work: ``stats_from`` holds ``teacher`` extracted from the same weights (equal
-    checkpoint digests), else its statistics would describe other features; StoreError, one line."""
+def _stats_source(teacher, stats_from) -> TeacherStore:
+    """Before any work: the teacher's group in the store ``stats_from``, opened once, which must hold
+    ``teacher`` extracted from the same weights (equal checkpoint digests), else its statistics
+    would describe other features; StoreError, one line."""
     src = FeatureStore.open(stats_from).teacher(teacher.name)
     theirs = str(src.config.get("checkpoint_digest"))
     if theirs != teacher.digest:
         raise StoreError(f"--stats-from {stats_from}: its teacher {teacher.name} was extracted from checkpoint "
                          f"digest {theirs[:12]}, this one is {teacher.digest[:12]}; take the statistics of a "
                          "store extracted from the same checkpoint")
+    return src
 
 
-def _copy_stats(ts: TeacherStore, stats_from) -> None:
-    """Give ``ts`` the statistics of the same teacher in the store ``stats_from``, with their origin."""
-    src = FeatureStore.open(stats_from).teacher(ts.name)
+def _copy_stats(ts: TeacherStore, src: TeacherStore) -> None:
+    """Give ``ts`` the statistics of the same teacher in another store, ``src`` (``_stats_source``),
+    with their origin."""
     st = dict(src.stats)
     if st["indices"] is None:
         st["indices"] = np.zeros(0, dtype=np.int64)
@@ -244,8 +234,9 @@ def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, code
                        pca_dim: int, precision: str, view_pixels: str = "none"
                        ) -> tuple[TeacherStore, ViewPixels | None]:
     """Rank 0 creates (or checks) the store, its view pixels (``view_pixels`` other than
-    ``none``) and the teacher's group; the others then open them. Returns the teacher's group
-    and the view pixels to write (None for ``none``).
+    ``none``) and the teacher's group; the others then open them; each rank opens the store and
+    its view pixels once. Returns the teacher's group and the store's view pixels (None if it
+    has none; with ``view_pixels`` other than ``none``, those this run writes).
 
     The teacher's input follows the store's view form: with JPEG views (this run's or already
     stored) it runs on the decoded stored view, else on the decoded crop (raw views are that
@@ -254,22 +245,25 @@ def open_teacher_store(*, store_path, data, teacher, views: int, seed: int, code
     (``create_group_whole``), so a killed or failed creation is started again by a rerun."""
     info = DataInfo.of(data)
 
-    def config(fs: FeatureStore) -> dict:
-        vp = ViewPixels.open(fs)
+    def config(vp: ViewPixels | None) -> dict:
         form = view_pixels if view_pixels != "none" else vp.form if vp is not None else None
         return teacher_config(teacher, codec=codec, pca_dim=pca_dim, precision=precision,
                               input=teacher_input(form))
 
     if dist.rank() == 0:
         fs = FeatureStore.create_or_open(store_path, data=info, views=views, seed=seed)
-        if view_pixels != "none" and ViewPixels.open(fs) is not None:
-            ViewPixels.create_or_open(fs, view_pixels)        # refuses another form before any change
-        fs.create_teacher(teacher.name, config(fs))           # refuses another config, or other teachers' input
-        if view_pixels != "none":
-            ViewPixels.create_or_open(fs, view_pixels)
+        vp = ViewPixels.open(fs)
+        if view_pixels != "none" and vp is not None:
+            vp.require_form(view_pixels)                      # refuses another form before any change
+        ts = fs.create_teacher(teacher.name, config(vp))      # refuses another config, or other teachers' input
+        if view_pixels != "none" and vp is None:
+            vp = ViewPixels.create(fs, view_pixels)
     dist.barrier()
-    fs = FeatureStore.open(store_path, data=info, views=views, seed=seed)
-    return fs.create_teacher(teacher.name, config(fs)), (ViewPixels.open(fs) if view_pixels != "none" else None)
+    if dist.rank() != 0:
+        fs = FeatureStore.open(store_path, data=info, views=views, seed=seed)
+        vp = ViewPixels.open(fs)
+        ts = fs.create_teacher(teacher.name, config(vp))
+    return ts, vp
 
 
 @contextmanager
@@ -292,58 +286,62 @@ def sole_writer(store_path, teacher: str):
         lock.release()
 
 
-def run_extraction(*, teacher, store_path, **settings) -> dict:
-    """Extract ``teacher``'s tokens for every (image, view) into ``store_path`` (``_extract``'s
-    arguments), as the only writer of that teacher: a second one is refused (``StoreLocked``).
+def run_extraction(cfg: ExtractConfig, *, teacher, data, progress: bool = True) -> dict:
+    """Extract ``teacher``'s tokens for every (image, view) of ``data`` into the store
+    ``cfg.store`` with the settings of ``cfg`` (extract/config.py: their one default each), as
+    the only writer of that teacher: a second one is refused (``StoreLocked``). Rank 0 writes
+    the config, resolved (``ExtractConfig.resolved``), beside the store once it is open:
+    ``STORE.<teacher>.extract.yaml`` (``config_path``).
 
     Returns a summary: blocks done and skipped, images written, seconds, images per second.
-    ``max_blocks`` stops after that many blocks (used to measure a short run).
-    ``view_pixels``: ``none``, or ``jpeg`` / ``raw`` to store the views' pixels too.
+    ``cfg.max_blocks`` stops after that many blocks (used to measure a short run).
     """
-    pixels = settings.get("view_pixels", "none") != "none"
-    with sole_writer(store_path, teacher.name), (sole_writer(store_path, PIXELS) if pixels else nullcontext()):
-        return _extract(teacher=teacher, store_path=store_path, **settings)
+    cfg = cfg.resolved(teacher=teacher, data=data)
+    pixels = cfg.view_pixels != "none"
+    with sole_writer(cfg.store, teacher.name), (sole_writer(cfg.store, PIXELS) if pixels else nullcontext()):
+        return _extract(cfg, teacher=teacher, data=data, progress=progress)
 
 
-def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec: str = "fp16",
-             pca_dim: int = codecs.PCA_DIM, batch_size: int = 64, device: str = "cpu",
-             decoder: str = "auto", num_threads: int = 2, stats_images: int = 1024,
-             max_blocks: int | None = None, progress: bool = True,
-             decoder_settings: dict | None = None, view_pixels: str = "none", stats_from=None) -> dict:
-    """``run_extraction`` without the writer lock. ``decoder_settings``: the GPU decoder's
-    settings (``make_decoder``). ``stats_from``: another store whose statistics of this teacher
-    this store takes instead of its own (a held-out store read with the training store's
-    adapters: a coefficient codec then encodes on their basis, ``check_same_basis``)."""
+def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool) -> dict:
+    """``run_extraction`` without the writer lock; ``cfg`` resolved. ``cfg.stats_from``: another
+    store whose statistics of this teacher this store takes instead of its own (a held-out store
+    read with the training store's adapters: a coefficient codec then encodes on their basis,
+    ``check_same_basis``)."""
+    store_path, views, seed, codec, pca_dim = cfg.store, cfg.views, cfg.seed, cfg.codec, cfg.pca_dim
+    stats_from, view_pixels, max_blocks = cfg.stats_from, cfg.view_pixels, cfg.max_blocks
+    device = dist.local_device(cfg.device)
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if stats_from is not None:
-        _check_stats_source(teacher, stats_from)
-    ts, vp = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
-                                codec=codec, pca_dim=pca_dim, precision=precision, view_pixels=view_pixels)
-    ex = Extractor(teacher, data, seed=seed, views=views, batch_size=batch_size, device=device,
-                   decoder=decoder, num_threads=num_threads, decoder_settings=decoder_settings,
+    src = _stats_source(teacher, stats_from) if stats_from is not None else None
+    ts, pixels = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
+                                    codec=codec, pca_dim=pca_dim, precision=precision, view_pixels=view_pixels)
+    vp = pixels if view_pixels != "none" else None       # the view pixels this run writes
+    if dist.rank() == 0:
+        write_atomic(config_path(store_path, teacher.name), cfg.to_yaml().encode())
+    ex = Extractor(teacher, data, seed=seed, views=views, batch_size=cfg.batch_size, device=device,
+                   decoder=cfg.decoder, num_threads=cfg.threads, decoder_settings=cfg.decoder_settings,
                    teacher_input=ts.input)
     # the views the teacher reads where a block has them (the ones this run writes, or the store's)
-    stored = (vp or ViewPixels.open(ts.root)) if ts.input == "jpeg" else None
+    stored = pixels if ts.input == "jpeg" else None
     # The statistics (docs/format.md), for every codec: a teacher pass over the keyed sample
     # before any block (the coefficient codecs encode on their basis), unrounded tokens.
     stats_how = "already in the store" if ts.has_stats else None
     if stats_how is None and stats_from is not None:
         if dist.rank() == 0:
-            _copy_stats(ts, stats_from)
+            _copy_stats(ts, src)
         dist.barrier()
-        ts = FeatureStore.open(store_path).teacher(teacher.name)
+        ts = _written_by_rank_0(ts)
         stats_how = f"copied from {stats_from}"
     if stats_how is None:
         problem = None
         if dist.rank() == 0:
-            st = compute_stats(ex, num_images=stats_images, views=stored)
+            st = compute_stats(ex, num_images=cfg.stats_images, views=stored)
             problem = codecs.statistics_problem(codec, st["count"], pca_dim=pca_dim)
             if problem is None:
                 _write_stats(ts, st)
         problem = dist.broadcast(problem)                 # every rank refuses alike (and syncs)
         if problem:
             raise codecs.CodecError(f"{ts.path}: teacher {teacher.name}: {problem}")
-        ts = FeatureStore.open(store_path).teacher(teacher.name)
+        ts = _written_by_rank_0(ts)
         stats_how = "teacher pass before the blocks"
 
     done = ts.complete_matrix()
@@ -405,6 +403,13 @@ def _extract(*, teacher, data, store_path, views: int = 4, seed: int = 0, codec:
     return dict(teacher=teacher.name, blocks=len(todo), skipped=skipped, images=written,
                 seconds=seconds, images_per_second=written / seconds if seconds > 0 else float("nan"),
                 stats=stats_how, pixel_blocks=pixel_blocks)
+
+
+def _written_by_rank_0(ts: TeacherStore) -> TeacherStore:
+    """``ts`` with what rank 0 wrote into its group's metadata (the statistics): rank 0's own
+    handle, which wrote it; on another rank a new handle on the group, its metadata read again
+    (the store is not opened again)."""
+    return ts if dist.rank() == 0 else TeacherStore(ts.root, ts.root.group[ts.name])
 
 
 def _run_all(jobs) -> None:

@@ -1,23 +1,8 @@
-"""Photos with ImageNet-1K's size and quality spread, for measuring the data path.
-
-The test photos (``samples/photos.py``) are 13 scikit-image samples at one size; decoding
-cost grows with the pixels and the entropy of each JPEG, so a bench of the training data
-path needs the shape of the real set. ``write_imagenet_like`` writes an ImageFolder tree of
-``count`` RGB JPEGs whose
-
-- long side is drawn from a log-normal around 500 px clipped to 300..800 px (ImageNet-1K
-  train: most images 500 px on the long side, the rest spread from ~300 to ~800 once the
-  few very large ones are left out);
-- aspect ratio is 4:3 (60%), 3:4 (15%), 1:1 (10%), 16:9 (10%) or 2:3 (5%);
-- JPEG quality is an integer from 90 to 95, 4:2:0 chroma subsampling (libjpeg's default);
-- content is a random crop (30..100% of the side) of one of scikit-image's RGB photographs,
-  resized with Lanczos, randomly mirrored, its colours scaled by +-10% per channel and with
-  mild sensor-like noise (sigma 3), so that no two files are the same and their entropy
-  per pixel is that of a photograph, not of a flat test pattern.
-
-Every draw comes from ``numpy.random.default_rng(seed)``, so the same call writes
-byte-identical files. ``size_summary`` reports what a tree holds (pixels, bytes).
-"""
+"""Photos with ImageNet-1K's spread of size and JPEG quality, for measuring the data path, whose
+cost grows with the pixels and the entropy of each JPEG: ``write_imagenet_like`` writes an
+ImageFolder tree of random crops of scikit-image's photographs (long side 300-800 px around 500,
+ImageNet's aspect ratios, quality 90-95, mild colour changes and noise), byte-identical for a
+seed; ``size_summary`` reports what a tree holds."""
 from __future__ import annotations
 
 from pathlib import Path

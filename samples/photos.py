@@ -1,38 +1,9 @@
-"""A small ImageFolder tree of real photographs, for tests and the demo.
-
-The photos are scikit-image's bundled samples (``skimage.data``: astronaut, coffee,
-chelsea, rocket, camera, coins, ...), downscaled so that the long side is at most
-``max_side`` pixels and saved in a deliberate mix of the formats and PIL modes that a
-real ImageNet-style tree contains and that the decoders must handle:
-
-=========  =============================  =====  ======
-class      file                           mode   format
-=========  =============================  =====  ======
-animals    chelsea.jpg                    RGB    JPEG
-animals    cat_portrait_cmyk.jpg          CMYK   JPEG
-animals    horse.png                      L      PNG
-objects    coffee.jpg                     RGB    JPEG
-objects    rocket_portrait.jpg            RGB    JPEG
-objects    logo_rgba.png                  RGBA   PNG
-objects    clock_gray.jpg                 L      JPEG
-objects    colorwheel_palette.png         P      PNG
-science    hubble.jpg                     RGB    JPEG
-science    immunohistochemistry.png       RGB    PNG
-science    coins.png                      L      PNG
-science    text_la.png                    LA     PNG
-science    microaneurysms_small.jpg       L      JPEG
-=========  =============================  =====  ======
-
-Aspect ratios vary (landscape, portrait, square, a small 64 px image). Every file is
-encoded deterministically, so the same call writes byte-identical files.
-With ``copies > 1`` each photo is also written as ``copies - 1`` further variants
-(``name_c01.jpg``, ...), each a different deterministic crop of the same photo, for a
-demo that wants more than 13 images.
-
-``HELDOUT_PHOTOS`` are nine other photos of the wheel (astronaut, camera, brick, page, moon,
-cell, retina, grass, gravel), none of them a crop of a training photo: the demo's held-out
-split (``write_photo_splits``) is made of them only, so no pixel of it is ever trained on.
-"""
+"""A small ImageFolder tree of real photographs, for tests and the demo: scikit-image's bundled
+samples, downscaled and saved in the mix of formats and PIL modes the decoders must handle
+(``PHOTOS``: JPEG and PNG; RGB, CMYK, L, LA, RGBA, P; landscape, portrait and a 64 px image),
+byte-identical on every call, optionally with extra crops of each (``copies``). The held-out
+split (``HELDOUT_PHOTOS``, ``write_photo_splits``) is nine other photos, none a crop of a
+training photo."""
 from __future__ import annotations
 
 import json
@@ -162,7 +133,7 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
 
 def write_photo_tree(out: Path, *, max_side: int = 256, copies: int = 1, progress: bool = False,
                      photos=PHOTOS) -> Path:
-    """Write the ImageFolder tree described in this module's docstring under ``out``.
+    """Write ``photos`` as an ImageFolder tree under ``out`` (its class folders and files).
 
     Args:
         out: root folder; created if missing. Existing files of the same names are overwritten.

@@ -2,13 +2,9 @@
 
     python -m samples.toy_coco OUT [--train 200] [--val 40] [--size 128] [--seed 0] [--short]
 
-Each image has 1-3 non-overlapping shapes of three categories (red rectangle, green
-ellipse, blue triangle) on a grey background of random brightness. Annotations are
-polygons (the COCO "segmentation" list form); boxes are the polygons' bounds. Category
-ids are deliberately sparse (3, 7, 11), as COCO's are, so the label mapping is exercised.
-Writes ``annotations/instances_{train,val}2017.json`` + ``{train,val}2017/*.png``
-(``--short``: ``instances_{train,val}.json`` + ``{train,val}/``).
-"""
+1-3 non-overlapping shapes per image (red rectangle, green ellipse, blue triangle) on grey,
+polygon annotations, sparse category ids (3, 7, 11) as COCO's are. ``--short``: the layout
+without the year (``instances_train.json``, ``train/``)."""
 from __future__ import annotations
 
 import argparse

@@ -12,8 +12,8 @@ from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 
 # A crc32c over every stored byte of a teacher's arrays, which every zarr v3 reader checks:
 # after the bytes of each inner chunk of the payload's zarr shards (the shard index has its
-# own), after zstd for the small arrays and the statistics. Checking them costs 3-5% of the
-# images/s per core of the training data path (docs/performance.md, "Read-time checks").
+# own), after zstd for the small arrays and the statistics. What checking them costs:
+# docs/performance.md, "Read-time checks".
 PAYLOAD_COMPRESSORS = (Crc32cCodec(),)
 SMALL_COMPRESSORS = (ZstdCodec(level=1), Crc32cCodec())
 # Every chunk is written, all-fill ones too, so a complete block has every file and a missing

@@ -1,28 +1,7 @@
-"""Token codecs: how a teacher's (n, T, C) float tokens (C its width) become stored arrays and back.
-
-Each codec maps tokens to a dict of plain arrays (only zarr v3 specification codecs are
-used on disk, so any zarr v3 reader can open them) and back:
-
-- ``fp16``: ``tokens`` float16 (n, T, C).
-- ``int8``: ``tokens`` int8 (n, T, C) and ``scale`` float16 (n, T), symmetric per token:
-  ``t ~= q * scale`` with ``scale = max|t| / 127``.
-- ``pca``: ``coeffs`` float16 (n, T, P) on the teacher's top-P principal directions,
-  ``t ~= mean + coeffs @ basis``. The frozen adapters (the default) are initialised from
-  the same principal directions and use the top 192, so with P >= 192 the adapter
-  output is exact up to float16 rounding while the store is C / P times smaller.
-- ``adapter`` (adapter space): only the ``ADAPTER_DIM`` = 192 coefficients the frozen adapters
-  consume, whitened by the square root of their eigenvalues and quantised to int8 with one
-  scale per token: ``coeffs`` int8 (n, T, 192) and ``scale`` float16 (n, T),
-  ``c ~= q * scale * sqrt(eigenvalues)``, ``t ~= mean + c @ basis``. Whitening puts every
-  coordinate on one scale before the shared per-token step, so the low-variance directions
-  (which the adapter's LayerNorm weighs as much as the first) are not rounded away. About
-  (192 + 2) bytes per token: 69 KB per (image, view) for MAE + MoCo v3 + iBOT against 534 KB
-  for fp16. A frozen adapter reads the same coordinates (``init_from_pca``); a trainable one
-  needs the full tokens, so training refuses this codec with ``adapters.mode=trainable``.
-
-``pca`` and ``adapter`` encode with the teacher's statistics (``pca``: mean, basis and, for
-``adapter``, ``sqrt_eig``), so extraction computes those before the first block.
-"""
+"""Token codecs: how a teacher's (n, T, C) float tokens become stored arrays and back: ``fp16``,
+``int8`` (per-token scale), ``pca`` (top-P principal coordinates) and ``adapter`` (the 192
+whitened coordinates the frozen adapters read, int8). ``pca`` and ``adapter`` encode with the
+teacher's statistics. Formats, sizes and fidelity: docs/format.md, "Codecs"."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,38 +1,8 @@
-"""The teacher-feature store: a zarr v3 group, one sub-group per teacher (docs/format.md).
-
-Layout (V views, N images, image shards of S, T = 1 + n_k tokens, C = the teacher's width,
-its config's ``embed_dim``: 768 for a ViT-B, 1024 for a ViT-L)::
-
-    STORE/                      attrs: format, format_version, data_digest, num_samples,
-                                       views, seed, shards [[first, count], ...]
-      <teacher>/                attrs: config {...}, stats_complete
-        index     (V, N)        int64   global image index of each row (join key)
-        view      (V, N)        int16   view number v of each row
-        boxes     (V, N, 4)     int32   crop [x, y, w, h] in original pixels
-        flips     (V, N)        bool
-        visible   (V, N, n_k)   int16   the teacher's visible patch ids, ascending
-        tokens    (V, N, T, C)  float16 | int8      (codec)   CLS first, then visible patches
-        scale     (V, N, T)     float16             (int8 codec)
-        coeffs    (V, N, T, P)  float16             (pca codec)
-        complete  (V, n_shards) int32   samples written; == expected count means complete
-        stats/mean (C,)  stats/components (C, C)  stats/eigenvalues (C,)   float32
-        stats/indices (n,) int64   the images of the statistics sample (views.stats_sample)
-                                attrs: count, origin, digest (``stats_digest``)
-
-Row (s, i) of every (V, N, ...) array holds view v = (s + i) mod V of image i (a "slot";
-data/views.py), so epoch e reads slot e mod V only and reads it by whole shards.
-Every per-sample array is chunked (1, S, ...) along the image axis, aligned with the
-image shards; token arrays are zarr shards of (1, S, T, C) with uncompressed inner chunks
-of 16 samples, so a whole image shard is one file and a few samples can still be read alone.
-Every stored byte is under a crc32c (format_version 3) that each read checks, and a complete
-block must have all its files: a damaged or lost one is a StoreError naming it.
-
-A (slot, image shard) is written in one call per array, its files are fsync'ed, and only
-then is ``complete[slot, shard]`` set: a shard not marked complete does not exist for
-readers, and a killed writer leaves nothing a reader would trust. The root and each group
-are created whole or not at all (``create_group_whole``), and opening them checks their
-metadata against itself before anything is read (store/metadata.py).
-"""
+"""The teacher-feature store: a zarr v3 group, one sub-group per teacher (store/teacherstore.py),
+laid out as docs/format.md "Features (extract)" describes (slots, chunks, checksums). The root and
+each group are created whole or not at all (``create_group_whole``) and their metadata checked
+before anything is read (store/metadata.py); a (slot, image shard) block exists for readers only
+once its files are written, fsync'ed and marked in ``complete``."""
 from __future__ import annotations
 
 import glob
@@ -54,7 +24,8 @@ from store.checksums import PAYLOAD_COMPRESSORS, SMALL_COMPRESSORS, STATS_DTYPES
 from core.errors import StoreError
 from store.metadata import array_problems, config_problems, root_problems
 # the teacher group's names, re-exported: the store's readers import them from here
-from store.teacherstore import CONFIG_DEFAULTS, SAMPLE_KEYS, TEACHER_INPUTS, TeacherStore, teacher_input  # noqa: F401
+from store.teacherstore import (CONFIG_DEFAULTS, SAMPLE_KEYS, TEACHER_INPUTS, TeacherStore,  # noqa: F401
+                                 teacher_input, with_defaults)
 
 FORMAT = "comad-features"
 FORMAT_VERSION = 3
@@ -65,10 +36,9 @@ READABLE_VERSIONS = (1, 2, 3)
 PIXELS_VERSION = 2         # the version that added view pixels
 CHECKSUMS_VERSION = 3      # the version that added the checksums
 PIXELS = "pixels"          # the view pixels' group (store/viewpixels.py), never a teacher's name
-# Samples per inner chunk of the token arrays. zstd saves only 6-10% on float16/int8 tokens
-# but costs ~40% of read throughput, and one chunk per sample doubles the per-chunk cost
-# (measured with zarr-python 3.1 on 256 x 138 x 768 blocks: 1875 img/s with one zstd chunk
-# per sample, 4465 img/s with uncompressed chunks of 16); the small arrays keep zstd.
+# Samples per inner chunk of the token arrays, stored uncompressed: zstd saves little on tokens
+# and costs read throughput, as do chunks of one sample (docs/performance.md, "Extraction");
+# the small arrays keep zstd.
 INNER_CHUNK = 16
 
 
@@ -278,7 +248,7 @@ class FeatureStore:
             raise StoreError(f"{path}: could not create the teacher's group ({error}); rerun once the cause is "
                              "fixed (a full disk, permissions): it starts the creation again") from error
         ts = self.teacher(name)
-        problems = _diff(dict(CONFIG_DEFAULTS, **ts.config), dict(CONFIG_DEFAULTS, **config))
+        problems = _diff(with_defaults(ts.config), with_defaults(config))
         if problems:
             raise StoreError(f"{self.path}/{name}: exists with another configuration "
                              "(use a new store or the same settings):\n  " + "\n  ".join(problems))

@@ -1,23 +1,10 @@
-"""`inspect`: one sample of a feature store, as the panel (``train/plots.py: render_panel``) draws it.
-
-A sample is (image index i, view v). The panel shows what both stages agreed on for it:
-
-- the view: exactly the pixels the teachers saw: the store's JPEG view where they ran on it
-  (teacher input ``jpeg``), else the stored crop box and flip of image i decoded by the PIL
-  reference decoder;
-- each teacher's mask: the stored visible patch ids drawn on the crop (hidden patches
-  dimmed), checked against a fresh draw from ``data/views.py``;
-- the student's mask at the first epoch that trains on this view (epoch e uses view
-  (e + i) mod V, so that is epoch ``slot_of(i, v)``; any other epoch can be asked for);
-- optionally, per-position gate weights w_k(p) as 14 x 14 maps, one per teacher. They need
-  a trained student, so they are computed above this layer (``train/diagnostics.py``) and
-  passed in.
-
-Errors name the store, the data and what differs: an index or view out of range, a store
-that was not extracted from this data, an incomplete block.
-"""
+"""`inspect`: one sample (image index i, view v) of a feature store, read as the panel
+(``train/plots.py: render_panel``) draws it: the pixels the teachers saw, each teacher's mask
+checked against a fresh draw, the student's mask (docs/running.md, section 3). Gate weights need a
+trained student and are computed above this layer (``train/diagnostics.py``)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +16,7 @@ from data.decode.stored import pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
 from store.viewpixels import ViewPixels
 
-__all__ = ["SampleView", "open_store", "load_sample", "mask_image"]
+__all__ = ["SampleView", "open_store", "load_sample", "load_sample_views", "mask_image"]
 
 PATCH = 16
 
@@ -59,28 +46,53 @@ class SampleView:
     tokens: dict | None = None
 
 
-def open_store(store_path, data) -> FeatureStore:
-    """The store at ``store_path``, which must have been extracted from ``data`` (a
-    ``data.shards.ImageSet``); else StoreError naming both."""
+def open_store(store, data) -> FeatureStore:
+    """The store (a path, opened here, or a FeatureStore already open), which must have been
+    extracted from ``data`` (a ``data.shards.ImageSet``); else StoreError naming both."""
+    info = DataInfo.of(data)
+    hint = f"\n  (the store was not extracted from the data at {data.root}: pass the --data it was made from)"
+    if isinstance(store, FeatureStore):
+        if (store.data_digest, store.num_samples, [list(s) for s in store.shards]) != \
+                (info.digest, info.num_samples, info.shards):
+            raise StoreError(f"{store.path}: store does not match this data: it holds {store.num_samples} images "
+                             f"of digest {store.data_digest[:12]}, the data {info.num_samples} of {info.digest[:12]}"
+                             + hint)
+        return store
     try:
-        return FeatureStore.open(store_path, data=DataInfo.of(data))
+        return FeatureStore.open(store, data=info)
     except StoreError as error:
-        raise StoreError(f"{error}\n  (the store was not extracted from the data at {data.root}: "
-                         "pass the --data it was made from)") from None
+        raise StoreError(f"{error}{hint}") from None
 
 
-def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | None = None,
+def load_sample(store, data, *, index: int, view: int = 0, epoch: int | None = None,
                 n_student: int = V.STUDENT_VISIBLE, teachers: list[str] | None = None,
                 with_tokens: bool = False) -> SampleView:
-    """Read sample (index, view) of the store at ``store_path`` extracted from ``data``.
+    """Read sample (index, view) of the store extracted from ``data``: ``load_sample_views`` of one."""
+    return load_sample_views(store, data, indices=[index], views=[view], epoch=epoch, n_student=n_student,
+                             teachers=teachers, with_tokens=with_tokens)[0]
 
-    store_path: a path, or a FeatureStore that ``open_store(path, data)`` opened (callers that
-    read many samples open it once). data: a ``data.shards.ImageSet``. epoch: the student
-    mask's epoch (default: the first epoch that trains on this view). Raises ``StoreError`` if
-    the store does not belong to ``data`` or the block is incomplete, ``IndexError`` for an
-    index or view out of range.
+
+def load_sample_views(store, data, *, indices, views=None, epoch: int | None = None,
+                      n_student: int = V.STUDENT_VISIBLE, teachers: list[str] | None = None,
+                      with_tokens: bool = False) -> list[SampleView]:
+    """Read samples (indices[k], views[k]) (view 0 unless ``views``) of the store extracted from
+    ``data``, the store (a path, or a FeatureStore already open: ``open_store``) and its view
+    pixels opened once for all of them.
+
+    data: a ``data.shards.ImageSet``. epoch: the student mask's epoch (default: the first epoch
+    that trains on each view). Raises ``StoreError`` if the store does not belong to ``data`` or
+    a block is incomplete, ``IndexError`` for an index or view out of range.
     """
-    fs = store_path if isinstance(store_path, FeatureStore) else open_store(store_path, data)
+    fs = open_store(store, data)
+    view_pixels = functools.cache(lambda: ViewPixels.open(fs))      # opened by the first JPEG view read
+    views = [0] * len(indices) if views is None else list(views)
+    return [_load(fs, view_pixels, data, index=int(i), view=int(v), epoch=epoch, n_student=n_student,
+                  teachers=teachers, with_tokens=with_tokens) for i, v in zip(indices, views)]
+
+
+def _load(fs: FeatureStore, view_pixels, data, *, index: int, view: int, epoch: int | None, n_student: int,
+          teachers: list[str] | None, with_tokens: bool) -> SampleView:
+    """Sample (index, view) of ``fs``; ``view_pixels()`` gives the store's ViewPixels."""
     store_path = fs.path
     if not 0 <= index < fs.num_samples:
         raise IndexError(f"index {index} is out of range: {store_path} holds images 0..{fs.num_samples - 1}")
@@ -117,7 +129,7 @@ def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | Non
     if not (np.array_equal(fresh_box[0], box) and bool(fresh_flip[0]) == flip):
         raise StoreError(f"{store_path}: stored crop {box.tolist()} (flip {flip}) of image {index} view {view} "
                          f"differs from the view drawn from seed {fs.seed}: {fresh_box[0].tolist()}")
-    crop = _stored_view(fs, slot, index, jpeg) if jpeg else pil_view(data.read(index), box, flip)
+    crop = _stored_view(fs, view_pixels(), slot, index, jpeg) if jpeg else pil_view(data.read(index), box, flip)
     student = V.student_visible(fs.seed, idx, epoch, n_visible=n_student)[0]
     return SampleView(store=Path(store_path), index=index, view=view, slot=slot, epoch=epoch, box=box,
                       flip=flip, crop=crop, teacher_visible=visible, student_visible=student,
@@ -125,10 +137,10 @@ def load_sample(store_path, data, *, index: int, view: int = 0, epoch: int | Non
                       untrained=untrained, tokens=tokens if with_tokens else None)
 
 
-def _stored_view(fs: FeatureStore, slot: int, index: int, teachers: list[str]) -> np.ndarray:
+def _stored_view(fs: FeatureStore, vp: ViewPixels | None, slot: int, index: int, teachers: list[str]) -> np.ndarray:
     """(224, 224, 3) uint8: the JPEG view of ``index`` in ``slot`` that ``teachers`` ran on,
-    decoded by PIL as training decodes it (StoreError when the store lacks its block)."""
-    vp = ViewPixels.open(fs)
+    decoded by PIL as training decodes it, from the store's view pixels ``vp`` (StoreError when
+    the store lacks its block)."""
     shard = int(np.searchsorted([first for first, _ in fs.shards], index, side="right") - 1)
     if vp is None or not vp.is_complete(slot, shard):
         raise StoreError(f"{fs.path}: teachers {', '.join(teachers)} ran on the stored JPEG views, but the view "

@@ -1,14 +1,7 @@
-"""One writer per teacher group: an advisory lock file beside the store.
-
-``STORE.<teacher>.lock`` (beside, not inside, the zarr group, which warns about foreign
-files) is held with core/lock.py's ``FileLock`` for as long as a writer runs: the kernel
-frees it when the process ends in any way, and a refused writer names the holder (pid,
-host, start time, command). The store's path is resolved first, so a path through a
-symlink meets the same lock as the real one. Readers never lock.
-
-Under torchrun the job is the writer: rank 0 holds the lock for all its ranks (extract/
-runner.py), since ranks own disjoint shards; a second job is refused at its rank 0.
-"""
+"""One writer per teacher group: ``STORE.<teacher>.lock`` beside the store (not inside the zarr
+group), held with core/lock.py's ``FileLock`` while a writer runs, at the store's resolved path.
+Under torchrun the job is the writer: rank 0 holds the lock for all its ranks (ranks own
+disjoint shards). Readers never lock."""
 from __future__ import annotations
 
 from pathlib import Path

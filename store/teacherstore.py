@@ -3,6 +3,7 @@ defaults, whole (slot, image shard) blocks written and read back under their che
 statistics."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,37 @@ from store import codecs
 from data import views as V
 from store.checksums import MAY_BE_SKIPPED, SMALL_COMPRESSORS, STATS_DTYPES, WRITE, failure, has_crc32c, stats_digest
 from core.errors import StoreError
-from teachers.descriptors import VIT_B_WIDTH
+from teachers.descriptors import DESCRIPTORS, VIT_B_WIDTH
+from teachers.vit import default_build
 
 SAMPLE_KEYS = ("index", "view", "boxes", "flips", "visible")    # every teacher's; then its payload
 # Teacher config keys added after stores were written, with what a store without them means:
 # ``input``, the pixels the teacher ran on (``source``: the decoded source crop; ``jpeg``: that
 # crop after the store's JPEG view round trip, docs/format.md "View pixels"); ``embed_dim``, its
-# token width (every teacher of those stores was a ViT-B).
-CONFIG_DEFAULTS = {"input": "source", "embed_dim": VIT_B_WIDTH}
+# token width (every teacher of those stores was a ViT-B); ``build``, what rebuilds the teacher
+# (teachers/vit.py default_build): None, its descriptor's default build, seeded with the store's
+# seed when untrained (what readers rebuilt then), resolved by ``with_defaults``.
+CONFIG_DEFAULTS = {"input": "source", "embed_dim": VIT_B_WIDTH, "build": None}
 TEACHER_INPUTS = ("source", "jpeg")
+
+
+def stored_build(name: str, build: dict) -> dict:
+    """Teacher ``name``'s build record (teachers/vit.py ``default_build``) as a store keeps it: JSON
+    (tuples become lists); a ValueError if its model arguments are no JSON values."""
+    try:
+        return json.loads(json.dumps(build))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"teacher {name}: its build record {build!r} cannot be stored ({error}); "
+                         "build it with JSON model arguments") from None
+
+
+def with_defaults(config: dict) -> dict:
+    """A teacher's ``config`` with the keys an older store lacks filled in (``CONFIG_DEFAULTS``),
+    its ``build`` resolved (for a known teacher)."""
+    out = dict(CONFIG_DEFAULTS, **config)
+    if out["build"] is None and out.get("teacher") in DESCRIPTORS:
+        out["build"] = default_build(out["teacher"], seed=out.get("seed") if out.get("untrained") else None)
+    return out
 
 
 def teacher_input(view_form: str | None) -> str:
@@ -53,6 +76,11 @@ class TeacherStore:
     @property
     def path(self) -> Path:
         return self.root.path / self.name
+
+    @property
+    def build(self) -> dict:
+        """How the teacher was built (teachers/vit.py ``default_build``; ``rebuild_teacher`` takes it)."""
+        return with_defaults(self.config)["build"]
 
     def array(self, key: str) -> zarr.Array:
         """The teacher's array ``key``, opened once (opening reads its metadata from disk)."""

@@ -1,16 +1,6 @@
-"""`verify`: check a feature store against its data, block by block.
-
-Reports (and returns as a list of problem strings): incomplete blocks; files of complete
-blocks that are missing or fail their checksums (every file of every complete block is read);
-index, view, box, flip and mask disagreement with a fresh draw from data/views.py for DATA;
-configuration that differs between teachers where it must agree; statistics missing, differing
-from their recorded digest, or drawn from another sample than ``views.stats_sample``;
-non-finite values; and, where the store holds view pixels (store/viewpixels.py), view blocks
-that are incomplete, whose tar or index differs from its completion record, whose members are
-not the block's images in order, or that belong to other data. What a store of an older format
-version leaves unprotected (no checksums, no statistics digest) is a note in the summary, not a
-problem: those stores are what their version promised.
-"""
+"""``verify``: check a feature store against its data, block by block, reading every file of every
+complete block; returns the problems as strings (what is checked: docs/running.md, section 3).
+What an older format version leaves unprotected is a note, not a problem."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,24 +1,7 @@
-"""View pixels stored once, with the feature store (docs/format.md, "View pixels").
-
-At extraction every teacher decodes the same views (data/views.py keys crops and flips by
-(seed, index, view), not by teacher), so a view's 224 x 224 RGB pixels are a property of
-the store: the first extraction asked for them (``extract --view-pixels jpeg|raw``) writes
-them beside the tokens, and a training run reads them instead of the original image
-shards, which it then never opens.
-
-Layout, one WebDataset tar per (slot, image shard), aligned with the token blocks::
-
-    STORE/pixels/zarr.json                 attrs: form, quality, size, ext, data_digest, views, seed
-    STORE/pixels/slot-<s>/shard-<k>.tar     member {index:09d}.jpg (JPEG) or .rgb (raw HWC uint8)
-    STORE/pixels/slot-<s>/shard-<k>.idx     its DALI index (wds2idx format, store/pack.ShardWriter)
-    STORE/pixels/slot-<s>/shard-<k>.json    completion record, written last
-
-Row i of slot s holds view (s + i) mod V of image i, as the token arrays. The tar and its
-index are fsync'ed and renamed into place, and only then is the completion record
-(count, sha256 of the tar and of the index, crc32c of the tar) written atomically and its
-folder fsync'ed: a block without its record does not exist for readers, and extraction
-rewrites it whole. Every read checks the block's files against the record.
-"""
+"""View pixels stored once with the feature store (``extract --view-pixels jpeg|raw``): one
+WebDataset tar per (slot, image shard) aligned with the token blocks, its DALI index and a
+completion record written last; the writer, the reader and their checks (docs/format.md, "View
+pixels")."""
 from __future__ import annotations
 
 import hashlib
@@ -82,6 +65,11 @@ def jpeg_round_trip(images: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
     return encoded, pil_stored_views(encoded)
 
 
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"unknown view pixel form {form!r}; choose one of {FORMS}")
+
+
 class ViewPixels:
     """The view tars of one store: write whole (slot, shard) blocks, read them back, check them."""
 
@@ -94,16 +82,16 @@ class ViewPixels:
 
     @classmethod
     def create_or_open(cls, root, form: str) -> "ViewPixels":
-        """Create the group (rank 0 only; whole or not at all, ``create_group_whole``), or open it
-        and check it holds ``form``."""
-        if form not in FORMS:
-            raise ValueError(f"unknown view pixel form {form!r}; choose one of {FORMS}")
+        """Open the group and check it holds ``form`` (``require_form``), or create it (``create``)."""
+        _check_form(form)
         vp = cls.open(root)
-        if vp is not None:
-            if vp.form != form:
-                raise StoreError(f"{vp.path}: holds view pixels as {vp.form}, not {form}; extract with "
-                                 f"--view-pixels {vp.form} (or none), or into a new store")
-            return vp
+        return vp.require_form(form) if vp is not None else cls.create(root, form)
+
+    @classmethod
+    def create(cls, root, form: str) -> "ViewPixels":
+        """Create the group of ``form`` (rank 0 only; whole or not at all, ``create_group_whole``,
+        which keeps one another process made meanwhile) and open it: StoreError unless it holds ``form``."""
+        _check_form(form)
         root.upgrade_format()
         try:
             create_group_whole(root.path / PIXELS, {
@@ -113,14 +101,16 @@ class ViewPixels:
         except OSError as error:
             raise StoreError(f"{root.path / PIXELS}: could not create the view pixels' group ({error}); rerun "
                              "once the cause is fixed (a full disk, permissions)") from error
-        return cls.create_or_open(root, form)
+        return cls._opened(root).require_form(form)
 
     @classmethod
     def open(cls, root) -> "ViewPixels | None":
         """The store's view pixels, or None if it holds none; StoreError if they belong to
         other data, views or seed than the store."""
-        if not (root.path / PIXELS / "zarr.json").exists():
-            return None
+        return cls._opened(root) if (root.path / PIXELS / "zarr.json").exists() else None
+
+    @classmethod
+    def _opened(cls, root) -> "ViewPixels":
         vp = cls(root, zarr.open_group(store=str(root.path / PIXELS), mode="a", zarr_format=3))
         a = vp.group.attrs.asdict()
         wanted = dict(data_digest=root.data_digest, views=root.views, seed=root.seed)
@@ -128,6 +118,13 @@ class ViewPixels:
         if problems:
             raise StoreError(f"{vp.path}: view pixels do not belong to this store: " + "; ".join(problems))
         return vp
+
+    def require_form(self, form: str) -> "ViewPixels":
+        """These view pixels, if they are of ``form``; else StoreError saying what to do."""
+        if self.form != form:
+            raise StoreError(f"{self.path}: holds view pixels as {self.form}, not {form}; extract with "
+                             f"--view-pixels {self.form} (or none), or into a new store")
+        return self
 
     # -- paths and completion -----------------------------------------------------------
     def block_path(self, slot: int, shard: int, suffix: str) -> Path:

@@ -1,45 +1,7 @@
-"""The official teacher checkpoints: where they come from, how to read them safely, and
-how each one's layout is converted to its descriptor's timm architecture (teachers/descriptors.py).
-
-Eight released files (see ``docs/teachers.md`` for their layouts):
-
-===============  ====================================  =====================================
-teacher          official file                         weights (after unwrapping)
-===============  ====================================  =====================================
-mae              ``mae_pretrain_vit_base.pth``         ``model``: timm names (+ ``mask_token``
-                                                       and ``decoder_*`` in training files)
-mocov3           ``vit-b-300ep.pth.tar``               ``state_dict``:
-                                                       ``module.base_encoder.*`` (+ projector
-                                                       ``head.*``), ``module.momentum_encoder.*``,
-                                                       ``module.predictor.*``
-ibot             ``checkpoint_teacher.pth``            ``state_dict`` (full checkpoint:
-                                                       ``teacher`` with ``backbone.``/``head.``)
-dino             ``dino_vitbase16_pretrain.pth``       plain state dict (full checkpoint:
-                                                       ``teacher`` with ``backbone.``/``head.``)
-dinov2_b14       ``dinov2_vitb14_pretrain.pth``        plain state dict, timm names +
-dinov2_l14       ``dinov2_vitl14_pretrain.pth``        ``mask_token``; ``pos_embed`` at 518 px
-                                                       (1 + 37 x 37 entries)
-dinov2_b14_reg4  ``dinov2_vitb14_reg4_pretrain.pth``   the same + ``register_tokens`` (1, 4, C)
-dinov2_l14_reg4  ``dinov2_vitl14_reg4_pretrain.pth``
-===============  ====================================  =====================================
-
-The DINOv2 files need more than renames (``TeacherSpec.transform``): ``mask_token`` is dropped;
-with registers the official CLS carries ``pos_embed[:, 0]`` and the registers no position
-embedding, which timm's reg4 models (``no_embed_class=True``: no prefix entries in
-``pos_embed``) hold as ``reg_token = register_tokens``, ``cls_token = cls_token +
-pos_embed[:, 0]``, ``pos_embed = pos_embed[:, 1:]``; then the position embedding is resampled
-from 37 x 37 to the architecture's grid (14 x 14 at the descriptor's 196 px: the grid rule)
-with timm's ``resample_abs_pos_embed`` (bicubic, antialiased, as timm loads a ViT at another
-size).
-
-Files are read with ``torch.load(weights_only=True)``: tensors, containers and
-``argparse.Namespace`` (the ``args`` entry of training checkpoints) only; a pickle that
-would construct anything else, or run code, is refused before anything runs.
-
-A conversion keeps exactly the backbone: it drops the keys that the format is known to
-carry besides it (decoders, heads, momentum encoders, ...) and nothing else, so a file
-of another kind fails with the missing and unexpected keys named.
-"""
+"""The official teacher checkpoints: where they come from (cache, download), how they are read
+safely (``torch.load(weights_only=True)``, ``argparse.Namespace`` allowed), and how each file's
+layout converts to its descriptor's timm architecture, keeping exactly the backbone
+(docs/teachers.md, "Key layouts and conversion")."""
 from __future__ import annotations
 
 import argparse
@@ -106,7 +68,7 @@ class TeacherSpec:
 
 
 def _dinov2(weights: dict, grid: tuple[int, int], *, registers: bool) -> dict:
-    """DINOv2's steps besides renames (module docstring): for a reg4 file the registers and the
+    """DINOv2's steps besides renames (docs/teachers.md, "Key layouts and conversion"): for a reg4 file the registers and the
     CLS go to timm's ``no_embed_class`` layout, then ``pos_embed`` is resampled to ``grid``
     (bicubic, antialiased). What it cannot read (a key missing, a ``pos_embed`` that is not a
     square grid) is left as it is, for the strict check to name."""

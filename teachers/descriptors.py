@@ -1,16 +1,7 @@
-"""The teachers as data: one descriptor per teacher, the one place its facts are written.
-
-A descriptor holds what every layer must agree on about a teacher: its name, the id that keys
-its masks (``data/views.py``: never renumber), its mask ratio, its timm architecture and the
-geometry of its tokens (patch size, input resolution, width, grid). The CLI's choices, the
-config's known teachers, the mask draws and the store's per-teacher record read it; how a
-teacher's official file converts to that architecture lives with the checkpoints
-(``teachers/checkpoints.py``, one converter per descriptor). Adding a teacher is one entry here
-plus its converter and a test.
-
-The registry refuses, at import, two teachers sharing a key id and a geometry off the shared
-grid (``TeacherDescriptor``'s grid rule).
-"""
+"""The teachers as data: one descriptor per teacher (name, mask key id, mask ratio, timm
+architecture, patch size, input resolution, width, registers), the one place its facts are
+written (docs/teachers.md, "Teachers as data"). The registry refuses, at import, two teachers
+sharing a key id and a geometry off the student's grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,7 +60,7 @@ DESCRIPTORS: dict[str, TeacherDescriptor] = {d.name: d for d in (
     TeacherDescriptor("dinov2_l14_reg4", key_id=7, mask_ratio=0.30, arch="vit_large_patch14_reg4_dinov2",
                       patch_size=14, resolution=196, width=1024, registers=4),
 )}
-# CoMAD's three teachers (METHOD.md): the default ensemble of training, the demo and the benches.
+# CoMAD's three teachers (docs/method.md): the default ensemble of training, the demo and the benches.
 PAPER_TEACHERS = ("mae", "mocov3", "ibot")
 
 

@@ -37,7 +37,7 @@ from teachers.checkpoints import (
 )
 from teachers.descriptors import VIEW_SIZE, descriptor
 
-__all__ = ["TEACHERS", "Teacher", "build_teacher"]
+__all__ = ["TEACHERS", "Teacher", "build_teacher", "default_build", "rebuild_teacher"]
 
 
 class Teacher(nn.Module):
@@ -47,7 +47,8 @@ class Teacher(nn.Module):
     of the random weights), ``untrained`` (True for ``random_init``), ``source`` (file
     path or ``"random-init"``), ``embed_dim`` (768 for ViT-B, 1024 for ViT-L),
     ``num_patches`` (196), ``img_size`` (its input: 224 or 196 px), ``amp`` (bf16 autocast
-    on or off), ``arch`` (timm model name), ``vit`` (the timm model).
+    on or off), ``arch`` (timm model name), ``build`` (its build record, ``default_build``'s
+    form: what rebuilds it), ``vit`` (the timm model).
 
     Supported: a CLS token and an absolute position embedding, either over CLS + patches
     (timm's default) or over the patches only (``no_embed_class=True``, DINOv2 with
@@ -57,8 +58,9 @@ class Teacher(nn.Module):
     """
 
     def __init__(self, vit: nn.Module, *, name: str, digest: str, untrained: bool,
-                 source: str, arch: str, amp: bool | None = None):
+                 source: str, build: dict, amp: bool | None = None):
         super().__init__()
+        arch = build["arch"]
         registers = getattr(vit, "reg_token", None) is not None
         no_embed_class = bool(getattr(vit, "no_embed_class", False))
         if getattr(vit, "cls_token", None) is None or getattr(vit, "pos_embed", None) is None:
@@ -74,6 +76,7 @@ class Teacher(nn.Module):
         self.digest = digest
         self.untrained = untrained
         self.source = source
+        self.build = build
         self.arch = arch
         self.embed_dim = int(vit.embed_dim)
         self.num_patches = int(vit.patch_embed.num_patches)
@@ -103,7 +106,7 @@ class Teacher(nn.Module):
     def config(self) -> dict:
         """What identifies this teacher's outputs (for store configs and run records)."""
         return dict(name=self.name, digest=self.digest, untrained=self.untrained,
-                    source=self.source, arch=self.arch, embed_dim=self.embed_dim)
+                    source=self.source, arch=self.arch, embed_dim=self.embed_dim, build=self.build)
 
     def _check_inputs(self, images: torch.Tensor, visible: torch.Tensor | None) -> None:
         sizes = list(dict.fromkeys([(VIEW_SIZE, VIEW_SIZE), self.img_size]))
@@ -232,6 +235,16 @@ def _random_vit(arch: str, model_kwargs: dict | None) -> nn.Module:
     return vit
 
 
+def default_build(name: str, *, arch: str | None = None, model_kwargs: dict | None = None,
+                  seed: int | None = None) -> dict:
+    """The build record of teacher ``name`` (what a store keeps to rebuild it): {"arch": the timm
+    architecture (default: its descriptor's), "model_kwargs": all ``create_model`` got besides
+    the name and num_classes=0 (``teacher_model_kwargs``: the descriptor's under the caller's),
+    "seed": random init's seed, None for an official file}."""
+    return {"arch": arch or descriptor(name).arch, "model_kwargs": teacher_model_kwargs(name, model_kwargs),
+            "seed": None if seed is None else int(seed)}
+
+
 def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
                   random_init: bool = False, seed: int = 0, device: str | torch.device = "cpu",
                   amp: bool | None = None, cache_dir: str | os.PathLike | None = None,
@@ -250,10 +263,12 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
     arch / model_kwargs: the timm architecture (default: the teacher's descriptor's,
         teachers/descriptors.py) and what it is built with: the descriptor's ``model_kwargs`` (its
         input size) under these (tests shrink it, the official checkpoints need the default).
+    The teacher's ``build`` records the architecture, the arguments it got and random init's seed
+    (``default_build``), so that a store's readers rebuild it (``rebuild_teacher``).
     """
     spec_of(name)
-    arch = arch or descriptor(name).arch
-    built_with = teacher_model_kwargs(name, model_kwargs)
+    build = default_build(name, arch=arch, model_kwargs=model_kwargs, seed=seed if random_init else None)
+    arch, built_with = build["arch"], build["model_kwargs"]
     if random_init and checkpoint is not None:
         raise ValueError(f"teacher {name}: give either checkpoint= or random_init=True, not both")
     if random_init:
@@ -277,6 +292,17 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
                                f"fill: {left[:5]}")
         digest = sha256_file(path)
         source, untrained = str(path), False
-    teacher = Teacher(vit, name=name, digest=digest, untrained=untrained, source=source,
-                      arch=arch, amp=amp)
+    teacher = Teacher(vit, name=name, digest=digest, untrained=untrained, source=source, build=build,
+                      amp=amp)
     return teacher.to(device)
+
+
+def rebuild_teacher(name: str, build: dict, *, checkpoint: str | os.PathLike | None = None,
+                    device: str | torch.device = "cpu", amp: bool | None = None) -> Teacher:
+    """Teacher ``name`` as its build record ``build`` (``default_build``'s form, e.g. a store's)
+    says: random init with the record's seed when it has one, else the official file
+    ``checkpoint``; both with the record's architecture and model arguments."""
+    kwargs = dict(arch=build["arch"], model_kwargs=build["model_kwargs"], device=device, amp=amp)
+    if build["seed"] is not None:
+        return build_teacher(name, random_init=True, seed=build["seed"], **kwargs)
+    return build_teacher(name, checkpoint=checkpoint, **kwargs)

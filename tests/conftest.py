@@ -5,8 +5,23 @@
   at most 256 px (see ``samples/photos.py`` for the exact list).
 - ``prepared_data``: that tree packed by ``data.shards.prepare`` with
   ``shard_size=5`` (3 shards: 5 + 5 + 3 samples, the last one partial).
+- ``teacher_store``: a store of three tiny teachers over it.
+- ``one_image_shards``: the tree packed in shards of one image (many blocks, for SIGKILL tests).
 
-Both are built once per session and must be treated as read-only by tests.
+These are built once per session and must be treated as read-only by tests.
+
+The tests' teachers are tiny (``tiny_teacher``): the descriptor's timm architecture cut to one
+block, random init. Everything else is the real teacher's: patches, input size, width (768 for
+ViT-B, 1024 for ViT-L), so every token geometry and byte count (14 x 14 grid, masks, the resize
+of /14 teachers, the adapter codec keeping 192 of 768 directions, the pca codec's 256) is the
+one the product stores. What a store, a codec or training does with a teacher's tokens does not
+depend on its depth, and depth is the cost: a ViT-B of 12 blocks took ~60 s to extract the
+shared store on two cores, one block ~2 s. Narrower teachers would save ~1 s more but move what
+tests measure (a ViT-S-wide student's PCA adapters need 384 directions; at 384 wide the per-rank
+loss weighting of tests/train/test_two_ranks.py exceeds its bound). A subprocess gets them too
+(``tiny_cli``: a SIGKILLed or torchrun ``extract``). Full-depth ViT-B/16 and DINOv2 stay in the
+tests of the official checkpoints' conversion and the masked forward, and in one smoke of a real
+teacher extracted: the default ``extract`` command's test in tests/extract/test_view_pixels.py.
 """
 from __future__ import annotations
 
@@ -14,6 +29,62 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+TINY_TEACHER = {"depth": 1}     # model_kwargs of ``tiny_teacher``
+
+
+def _tiny_teacher(name: str, *, seed: int = 0, device: str = "cpu", **model_kwargs):
+    """Random-init teacher ``name`` (seed ``seed``) built with ``TINY_TEACHER`` under ``model_kwargs``."""
+    from teachers.vit import build_teacher
+
+    return build_teacher(name, random_init=True, seed=seed, device=device,
+                         model_kwargs={**TINY_TEACHER, **model_kwargs})
+
+
+def tiny_builds(build_teacher):
+    """``build_teacher`` that builds a random-init teacher with ``TINY_TEACHER`` when the caller gives
+    no model arguments (what ``extract --random-init`` and ``data.teachers_from=random-init`` do);
+    a build with model arguments (a store's record, replayed) is left as asked."""
+    def build(name, **kw):
+        if kw.get("random_init") and kw.get("model_kwargs") is None:
+            kw["model_kwargs"] = TINY_TEACHER
+        return build_teacher(name, **kw)
+    return build
+
+
+# ``python -c TINY_CLI ARGS`` is ``python cli.py ARGS`` with ``tiny_builds`` applied first: a subprocess
+# (a SIGKILLed or torchrun extraction) builds the teacher ``tiny_teacher`` builds in process. Run
+# from the repository root (the interpreter puts the working directory on its path for -c).
+TINY_CLI = ("import teachers.vit; from tests.conftest import tiny_builds; "
+            "teachers.vit.build_teacher = tiny_builds(teachers.vit.build_teacher); "
+            "from cli import main; main()")
+
+
+@pytest.fixture(scope="session")
+def tiny_cli():
+    """``tiny_cli(*args)``: the command line (a list) of ``python cli.py ARGS`` in a new interpreter
+    whose random-init teachers are tiny (``TINY_CLI``); under torchrun, put it after ``--no-python``."""
+    import sys
+
+    return lambda *args: [sys.executable, "-c", TINY_CLI, *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher():
+    """``tiny_teacher(name, seed=0, device="cpu", **model_kwargs)``: the tests' random-init teacher
+    (module docstring); ``model_kwargs`` override ``TINY_TEACHER``."""
+    return _tiny_teacher
+
+
+@pytest.fixture
+def tiny_random_init(monkeypatch):
+    """For this test, ``teachers.vit.build_teacher`` builds random-init teachers tiny when given no
+    model arguments (``tiny_builds``): ``extract --random-init`` through the CLI, and online-fresh
+    with ``data.teachers_from=random-init``. A store records the tiny build, so the commands that
+    read it later (``train``, ``verify``, ``inspect``) rebuild it without this patch."""
+    import teachers.vit
+
+    monkeypatch.setattr(teachers.vit, "build_teacher", tiny_builds(teachers.vit.build_teacher))
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +106,20 @@ def prepared_data(photo_tree, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def one_image_shards(photo_tree, tmp_path_factory) -> Path:
+    """``photo_tree`` packed with ``shard_size=1``: 13 shards, so an extraction of 2 views writes 26
+    blocks, enough for a SIGKILL test to land among them with a tiny teacher (~30 ms a block)."""
+    from data.shards import prepare
+
+    out = tmp_path_factory.mktemp("one_image_shards") / "data"
+    prepare(photo_tree, out, shard_size=1, progress=False, workers=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def teacher_store(prepared_data, tmp_path_factory, worker_id) -> Path:
-    """A complete feature store of ``prepared_data``: the three paper teachers, untrained
-    (random init, seed 0), 2 views, fp16 codec, no view pixels; adapter statistics from all 13
+    """A complete feature store of ``prepared_data``: the three paper teachers, tiny
+    (``tiny_teacher``, seed 0), 2 views, fp16 codec, no view pixels; adapter statistics from all 13
     images (a 4-image basis made the fused-target CKA of tests/train/test_demo.py depend on
     which 4 images the keyed sample drew).
     Read-only for tests. The xdist workers of a run share one copy, made by the first that asks
@@ -58,14 +140,15 @@ def teacher_store(prepared_data, tmp_path_factory, worker_id) -> Path:
 
 
 def _extract_teacher_store(prepared_data: Path, store: Path) -> Path:
+    from extract.config import ExtractConfig
     from extract.runner import run_extraction
-    from teachers.vit import build_teacher
     from data.shards import ImageSet
 
     data = ImageSet.open(prepared_data)
     for name in ("mae", "mocov3", "ibot"):
-        run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data, store_path=store,
-                       views=2, seed=0, batch_size=4, decoder="pil", progress=False, stats_images=13)
+        run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil", stats_images=13,
+                                     codec="fp16", view_pixels="none", device="cpu"),
+                       teacher=_tiny_teacher(name), data=data, progress=False)
     return store
 
 

@@ -3,9 +3,9 @@ train -> export -> eval, through the command line where a user would type it.
 
 The set is 41 photos (the session's 13 photos, three times, and two more) in one image
 shard of 256, extracted with 2 views: the defaults (``data.views`` and ``data.streams``
-``auto``) must fit it as they fit ImageNet. The teachers are untrained ViT-B/16 cut to one
-block (768 wide, what the store holds) to keep extraction to seconds; the student is the
-real ViT-Tiny, since its export must load in timm's ``vit_tiny_patch16_224``.
+``auto``) must fit it as they fit ImageNet. The teachers are the tests' tiny ones
+(tests/conftest.py ``tiny_teacher``) to keep extraction to seconds; the student is the real
+ViT-Tiny, since its export must load in timm's ``vit_tiny_patch16_224``.
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ def _invoke(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def small_set(photo_tree, tmp_path_factory) -> tuple[Path, Path]:
+def small_set(photo_tree, tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
     """(prepared data of 41 images in one shard, its 3-teacher store with 2 views)."""
+    from extract.config import ExtractConfig
     from extract.runner import run_extraction
-    from teachers.vit import build_teacher
     from data.shards import ImageSet
 
     root = tmp_path_factory.mktemp("small_set")
@@ -47,9 +47,10 @@ def small_set(photo_tree, tmp_path_factory) -> tuple[Path, Path]:
     data = ImageSet.open(root / "data")
     assert len(data) == 41 and len(data.shards) == 1
     for name in ("mae", "mocov3", "ibot"):
-        teacher = build_teacher(name, random_init=True, seed=0, model_kwargs=dict(depth=1))
-        run_extraction(teacher=teacher, data=data, store_path=root / "store", views=2, seed=0, batch_size=41,
-                       decoder="pil", progress=False, stats_images=8)
+        teacher = tiny_teacher(name)
+        run_extraction(ExtractConfig(store=root / "store", views=2, seed=0, batch_size=41, decoder="pil",
+                                     stats_images=8, codec="fp16", view_pixels="none", device="cpu"), teacher=teacher,
+                       data=data, progress=False)
     return root / "data", root / "store"
 
 

@@ -40,3 +40,17 @@ def test_every_command_has_help_with_defaults_shown():
         assert r.output.count("default:") >= len(with_default), (path, [p.name for p in with_default])
         undocumented = [p.name for p in cmd.params if isinstance(p, click.Option) and not p.help]
         assert not undocumented, (path, undocumented)
+
+
+def test_every_command_is_declared_from_dataclasses():
+    """cli.py writes no option or argument by hand (the group's --debug aside): each command's
+    parameters are generated from the fields of its dataclasses (core/options.py), so every
+    default and help text is written once, where the library reads it too."""
+    import ast
+
+    tree = ast.parse((ROOT / "cli.py").read_text())
+    declares = ("option", "Option", "argument", "Argument")
+    by_hand = [f"cli.py:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and isinstance(node.func, ast.Attribute) and node.func.attr in declares
+               and not (node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "--debug")]
+    assert not by_hand, by_hand

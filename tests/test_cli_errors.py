@@ -48,7 +48,7 @@ def test_prepare_of_an_unreadable_image_names_the_file(tmp_path):
     one_error(["prepare", tmp_path / "src", tmp_path / "out"], "broken.jpg")
 
 
-def test_extract_into_a_store_of_other_data_names_the_store(other_data, teacher_store, tmp_path):
+def test_extract_into_a_store_of_other_data_names_the_store(other_data, teacher_store, tmp_path, tiny_random_init):
     import shutil
 
     store = tmp_path / "store"              # a copy: the writer lock file lies beside the store
@@ -134,7 +134,7 @@ def test_the_projects_own_errors_are_expected_errors():
     from teachers.checkpoints import CheckpointError, CheckpointUnavailableError
     from data.shards import PrepareError
     from demo.stages import DemoError
-    from train.loop import NonFiniteLoss
+    from train.learner import NonFiniteLoss
 
     for cls, builtin in ((StoreError, RuntimeError), (PrepareError, ValueError), (CheckpointError, ValueError),
                          (CheckpointUnavailableError, FileNotFoundError), (DemoError, RuntimeError),

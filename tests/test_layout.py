@@ -243,3 +243,30 @@ def test_teacher_facts_are_written_only_in_the_descriptors_and_their_converters(
            for line, value in teacher_facts(path, names)]
     assert not bad, ("teacher facts written outside teachers/descriptors.py (read them from its descriptors, or mark "
                      f"a coincidence '{NOT_A_TEACHER_FACT}'):\n  " + "\n  ".join(bad))
+
+
+# Plumbing lives in the bottom layer: durable writes and seed derivations are core's (core/io.py,
+# core/keys.py), so a package above calls them instead of growing its own copy.
+PLUMBING_CALLS = {("os", "fsync"), ("os", "fdatasync"), ("random", "SeedSequence")}
+PLUMBING_DEFS = ("atomic", "fsync", "sha256_file", "file_digests", "hash_keys", "derive_seed", "name_seed")
+
+
+def plumbing_outside_core() -> list[str]:
+    found = []
+    for name, path in MODULES.items():
+        if name.split(".")[0] == "core":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = node.func.value
+                owner_name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+                if (owner_name, node.func.attr) in PLUMBING_CALLS:
+                    found.append(f"{where(name)}:{node.lineno} calls {owner_name}.{node.func.attr}")
+            elif isinstance(node, ast.FunctionDef) and any(p in node.name for p in PLUMBING_DEFS):
+                found.append(f"{where(name)}:{node.lineno} defines {node.name}")
+    return sorted(found)
+
+
+def test_durable_writes_digests_and_seeds_are_defined_only_in_core():
+    found = plumbing_outside_core()
+    assert not found, "plumbing outside core/ (use core/io.py or core/keys.py):\n" + "\n".join(found)

@@ -3,8 +3,8 @@ ViT-B/14 (patch 14, run at 196 px on the shared 14 x 14 grid) extracts, verifies
 no overrides, is inspected, exports and evaluates with k-NN, and its cached loss equals the
 online-replay loss; a ViT-L teacher's store is 1024 wide and its estimate matches the bytes written.
 
-The DINOv2 teacher is random-init at full depth (online replay rebuilds the teachers the store
-records); the ViT-L is cut to one block (its width, not its depth, is under test).
+Every teacher is a tiny one (tests/conftest.py ``tiny_teacher``: one block, its descriptor's
+width, which is under test); online replay rebuilds it from the store's build record.
 """
 from __future__ import annotations
 
@@ -35,15 +35,17 @@ def _invoke(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def four_teacher_store(teacher_store, prepared_data, tmp_path_factory) -> Path:
-    """The shared 3-teacher store (2 views, fp16) plus a random-init DINOv2 ViT-B/14."""
+def four_teacher_store(teacher_store, prepared_data, tmp_path_factory, tiny_teacher) -> Path:
+    """The shared 3-teacher store (2 views, fp16) plus a random-init DINOv2 ViT-B/14 of one block."""
+    from extract.config import ExtractConfig
     from extract.runner import run_extraction
-    from teachers.vit import build_teacher
 
     store = tmp_path_factory.mktemp("four_teachers") / "store"
     shutil.copytree(teacher_store, store)
-    run_extraction(teacher=build_teacher("dinov2_b14", random_init=True, seed=0), data=ImageSet.open(prepared_data),
-                   store_path=store, views=2, seed=0, batch_size=4, decoder="pil", progress=False, stats_images=13)
+    run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil", stats_images=13,
+                                 codec="fp16", view_pixels="none", device="cpu"),
+                   teacher=tiny_teacher("dinov2_b14"),
+                   data=ImageSet.open(prepared_data), progress=False)
     return store
 
 
@@ -65,7 +67,7 @@ def test_the_four_teacher_cached_loss_equals_the_online_replay_loss(prepared_dat
                                                                     step_difference):
     from train.config import load_config
     from train.loader import Plan, resolve_data
-    from train.loop import build_source
+    from train.sources import build_source
     from train.objective import build_objective
 
     data = ImageSet.open(prepared_data)
@@ -109,23 +111,26 @@ def test_a_four_teacher_store_verifies_trains_with_no_overrides_exports_and_eval
     assert 0 <= knn["metrics"]["top1"] <= 100
 
 
-def test_a_vit_l_teachers_store_is_1024_wide_and_its_estimate_matches_the_bytes(prepared_data, tmp_path):
+def test_a_vit_l_teachers_store_is_1024_wide_and_its_estimate_matches_the_bytes(prepared_data, tmp_path,
+                                                                                tiny_teacher):
     from extract.estimate import estimate_run
+    from extract.config import ExtractConfig
     from extract.runner import Extractor, run_extraction
-    from teachers.vit import build_teacher
 
     data = ImageSet.open(prepared_data)
-    teacher = build_teacher("dinov2_l14", random_init=True, seed=0, model_kwargs={"depth": 1})
+    teacher = tiny_teacher("dinov2_l14")
     assert teacher.embed_dim == descriptor("dinov2_l14").width == 1024
     store = tmp_path / "store"
-    run_extraction(teacher=teacher, data=data, store_path=store, views=2, seed=0, batch_size=4, decoder="pil",
-                   progress=False, stats_images=13)
+    run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil", stats_images=13,
+                                 codec="fp16", view_pixels="none", device="cpu"), teacher=teacher, data=data,
+                   progress=False)
     ts = FeatureStore.open(store).teacher("dinov2_l14")
     assert ts.config["embed_dim"] == ts.width == 1024 and ts.group["tokens"].shape[-1] == 1024
     assert ts.stats["components"].shape == (1024, 1024)
     assert ts.decode(ts.read_samples(0, [0])).shape == (1, 1 + ts.n_visible, 1024)
     ex = Extractor(teacher, data, seed=0, views=2, batch_size=2, device="cpu", decoder="pil", num_threads=1)
-    e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=2, batches=1, stats_images=13)
+    e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=2, batches=1, stats_images=13,
+                     view_pixels="none")
     on_disk = sum(f.stat().st_size for f in (store / "dinov2_l14").rglob("*") if f.is_file())
     print(f"dinov2_l14: estimated {e['total_bytes']} B, store {on_disk} B, {e['total_bytes'] / on_disk - 1:+.2%}")
     assert abs(e["total_bytes"] / on_disk - 1) < 0.05

@@ -7,7 +7,7 @@ DALI is made unimportable in this process (``without_dali``: every ``nvidia.dali
 dropped from ``sys.modules`` and ``nvidia.dali`` set to None, so that an import of it, or of
 any of its submodules, raises ImportError, and ``importlib.util.find_spec`` finds nothing), as
 on a machine where it was never installed. The chain runs on the 13 bundled photos with a
-one-block teacher (``build_teacher`` cut to depth 1) and a two-block ViT-Tiny student.
+tiny teacher (``extract --random-init`` under ``tiny_random_init``) and a two-block ViT-Tiny student.
 """
 from __future__ import annotations
 
@@ -38,16 +38,6 @@ def without_dali(monkeypatch):
         from nvidia.dali import fn  # noqa: F401
 
 
-@pytest.fixture
-def tiny_teachers(monkeypatch):
-    """``extract`` builds its teacher with one block (768 wide: what the store holds)."""
-    import teachers.vit
-
-    build = teachers.vit.build_teacher
-    monkeypatch.setattr(teachers.vit, "build_teacher",
-                        lambda *args, **kw: build(*args, **kw, model_kwargs=dict(depth=1)))
-
-
 def _invoke(*args) -> str:
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 0, (args, r.output, r.exception)
@@ -67,7 +57,7 @@ TINY_STUDENT = ["model.depth=2", "decoder.depth=1", "data.teachers=[mae]", "data
                 "data.shuffle_window=2", "train.log_every=1"]
 
 
-def test_the_whole_cli_chain_runs_on_pil_without_dali(without_dali, tiny_teachers, photo_tree, tmp_path):
+def test_the_whole_cli_chain_runs_on_pil_without_dali(without_dali, tiny_random_init, photo_tree, tmp_path):
     data, store, run, student = tmp_path / "data", tmp_path / "store", tmp_path / "run", tmp_path / "s.safetensors"
     _invoke("prepare", photo_tree, data, "--shard-size", 5, "--workers", 0, "--no-progress")
     out = _invoke("extract", "--teacher", "mae", "--data", data, "--store", store, "--random-init", "--views", 2,
@@ -85,7 +75,7 @@ def test_the_whole_cli_chain_runs_on_pil_without_dali(without_dali, tiny_teacher
     assert sys.modules["nvidia.dali"] is None              # nothing found another way to DALI
 
 
-def test_asking_for_dali_without_it_ends_in_one_line_naming_the_extra(without_dali, tiny_teachers,
+def test_asking_for_dali_without_it_ends_in_one_line_naming_the_extra(without_dali, tiny_random_init,
                                                                      prepared_data, teacher_store, tmp_path):
     from data.decode import DaliViewDecoder, make_decoder
     from data.decode.stored import make_view_decoder

@@ -1,24 +1,8 @@
-"""Teacher adapters: A_k(t) = LayerNorm(W_k t + b_k), teacher width C_k (768 for a ViT-B) -> student width.
+"""Teacher adapters A_k(t) = LayerNorm(W_k t + b_k): teacher width C_k -> student width.
 
-Initialised from the principal components of the teacher's stored tokens
-(``init_from_pca``): W = the top ``out_dim`` principal directions, b = -W @ mean, so
-W t + b are the token's coordinates in its best ``out_dim``-dim least-squares subspace
-(``mean + W^T (W t + b)`` is the optimal rank-``out_dim`` reconstruction of t).
-
-Mode ``frozen`` (default): every parameter has requires_grad=False and the forward runs
-without autograd. Mode ``trainable``: W, b and the LayerNorm affine learn, and a linear
-decoder U: out_dim -> in_dim gives the reconstruction term, in one of ``RECON_FORMS``
-(``loss.recon_form``):
-
-    unexplained_variance (default):  mean_tokens ||U A(t) - t||^2 / mean_tokens ||t - mean_batch(t)||^2
-    squared_error (METHOD's form):   mean_tokens ||U A(t) - t||^2
-
-the first being the fraction of the tokens' variance that the adapter output fails to
-explain (0: perfect, 1: no better than the batch mean; the denominator is detached): one
-scale for every teacher whatever its token norm, so ``loss.recon_weight`` means the same for
-all, and a collapsed adapter (a constant output) scores 1.
-``collapse_monitor`` gives the mean cosine between different tokens' targets.
-"""
+Initialised from the teacher's principal components (``init_from_pca``), ``frozen`` or
+``trainable`` (with a reconstruction decoder U and its term in one of ``RECON_FORMS``), and
+``collapse_monitor``; the rules and defaults are docs/method.md "Adapters"."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +15,7 @@ RECON_FORMS = CHOICES["loss.recon_form"]
 
 
 class TeacherAdapter(nn.Module):
-    """One teacher's adapter; see the module docstring."""
+    """One teacher's adapter A(t) = LayerNorm(W t + b) (docs/method.md "Adapters")."""
 
     def __init__(self, *, in_dim: int, out_dim: int = 192, trainable: bool = False,
                  name: str = "teacher", recon_form: str = "unexplained_variance"):
@@ -87,7 +71,9 @@ class TeacherAdapter(nn.Module):
             return self.norm(self.proj(tokens.float()))
 
     def reconstruction_loss(self, tokens: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
-        """The reconstruction term of U A(t) in ``self.recon_form`` (trainable mode only).
+        """The reconstruction term of U A(t) in ``self.recon_form`` (trainable mode only):
+        ``squared_error`` is mean_tokens ||U A(t) - t||^2, ``unexplained_variance`` that divided by
+        mean_tokens ||t - mean_batch(t)||^2 (detached; 0: perfect, 1: no better than the batch mean).
 
         tokens: (N, in_dim) the raw tokens, adapted: (N, out_dim) = A(tokens).
         Returns a float32 scalar.

@@ -1,23 +1,9 @@
-"""The one typed configuration of a CoMAD training run.
+"""The typed configuration of a CoMAD training run: its sections (dataclasses) and their checks.
 
-Every quantity that METHOD.md marks as a (choice) is a named value here, with the
-METHOD.md default. The dataclasses below *are* the default config; a run changes it
-with a YAML file (nested sections, only the keys it changes) and then with dotted
-``key=value`` overrides, in that order::
-
-    cfg = load_config("exp.yaml", overrides=["gate.mode=uniform", "optim.base_lr=1e-4"])
-
-Unknown keys are errors that name the key and list the valid ones; values are
-type-checked against the field types (a string from the command line is converted
-when it parses as the field's type). Derived values (the scaled learning rate) are
-computed once by :meth:`Config.derived` and written into the resolved YAML dump under
-``derived:``; loading a dump checks that they still agree with their inputs.
-
-The machinery (strict merging, coercion, YAML, the derived-value check) is generic and
-lives in ``core/config.py``; this module holds the training sections and their checks.
-Only builders read this object (``train/objective.py: build_objective``); modules
-take explicit keyword arguments.
-"""
+The dataclasses are the default config, every (choice) of the method a named value with its
+default (docs/method.md lists them by key). ``load_config("exp.yaml", overrides=["gate.mode=uniform"])``
+applies a YAML file, then ``key=value`` overrides (core/config.py; docs/CONTRACTS.md "Typed configs").
+Only builders read this object (``train/objective.py: build_objective``); modules take keyword arguments."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -82,7 +68,7 @@ class LossConfig:
     spatial_weight: float = 1.0         # (choice) lambda
     recon_weight: float = 1.0           # (choice) weight of the reconstruction term
     recon_form: str = "unexplained_variance"    # (choice) ||U_k A_k(t) - t||^2 / batch var(t); or
-                                        # "squared_error", METHOD's plain ||U_k A_k(t) - t||^2 (train/adapters.py)
+                                        # "squared_error", the method's plain ||U_k A_k(t) - t||^2 (train/adapters.py)
 
 
 @dataclass
@@ -121,15 +107,13 @@ class DataConfig:
                                         # of the official checkpoint files (teachers/checkpoints.py)
     stats_images: int = 1024            # online-fresh without data.store: images of the keyed
                                         # sample whose tokens give the adapter statistics
-    random_teacher_depth: int = 12      # blocks of data.teachers_from=random-init teachers (12: ViT-B/16;
-                                        # tests shrink them)
     views: int | str = "auto"           # v views per image trained on; epoch e uses slot e mod v of the
                                         # store (view (e + i) mod V when v = V); "auto": the store's V
                                         # (an explicit v may be 1..V: one store serves several budgets)
     seed: int = 0                       # root of every view/mask draw (must match the store)
     teachers: Literal["auto"] | tuple[str, ...] = "auto"   # the teachers distilled; "auto": the store's described
                                         # teachers in registry order (teachers/descriptors.py), the paper's
-                                        # three without a store (train/loader.py: resolve_data)
+                                        # three without a store (train/runstore.py: open_run_store)
     student_visible: int = 49           # 25% of 196 patches
     decoder: str = "auto"               # image decoder (data/decoders.py): "dali" (the extra
                                         # '.[dali]'), "pil" (reference) or "auto" (dali where it is
@@ -161,12 +145,12 @@ class TrainConfig:
     log_every: int = 50                 # steps between logged metrics (the only host syncs)
     ckpt_every: int = 1                 # epochs between checkpoints
     out_dir: str = "runs/comad"
-    compile: bool = False               # torch.compile (inductor) the student side (train/loop.py)
+    compile: bool = False               # torch.compile (inductor) the student side (train/learner.py)
     wandb: bool = False                 # also log to Weights & Biases (train/tracking.py; '.[wandb]')
     wandb_project: str = "comad"        # the W&B project of the run
 
 
-# Keys whose value "auto" is resolved when a run starts (train/loader.py: resolve_data) and
+# Keys whose value "auto" is resolved when a run starts (train/runstore.py: open_run_store) and
 # written resolved into the run's config.yaml: these counts, and data.teachers, data.pixels and
 # data.decoder.
 AUTO = "auto"
@@ -217,7 +201,7 @@ class Config(typed.TypedConfig):
             "loss.tau", "loss.tau_spatial", "optim.base_lr", "optim.lr_reference_batch",
             "schedule.epochs", "data.student_visible",
             "train.batch_size", "train.log_every", "train.ckpt_every",
-            "data.shuffle_window", "data.stats_images", "data.random_teacher_depth"])
+            "data.shuffle_window", "data.stats_images"])
         for key in AUTO_KEYS:
             value = typed.get(self, key)
             if value != AUTO and not (isinstance(value, int) and value > 0):

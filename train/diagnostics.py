@@ -1,25 +1,9 @@
-"""What a training run learned, as numbers: its objective rebuilt, stored samples as a batch,
-gate maps and linear CKA (used by `cli.py inspect --run`, the demo and bench/cache_cost.py).
+"""What a training run learned, as numbers (`cli.py inspect --run`, the demo, bench/cache_cost.py).
 
-- ``load_run``: rebuild a run's objective (student, decoder, adapters) from RUN/last.pt; the
-  frozen adapters are rebuilt from the statistics of the store the run trained on.
-- ``load_samples``/``sample_batch``: samples of a store as an objective batch (PIL reference decoder).
-- ``gate_maps``: per-position gate weights w_k(p) of one sample, as the panel shows them.
-- ``heldout_losses``: the objective's token and spatial losses of a trained and an untrained
-  student on some views (held out from training): what distillation lowers, and so the
-  demo's quality check (the trained losses stay at the untrained level if it does nothing).
-- ``cka_scores``: linear CKA between the student's encoder tokens and the fused teacher
-  targets on the same views, for the two students. A similarity of representations, not
-  what the loss optimises: with untrained teachers and a short run it need not rise
-  (random ViTs' tokens are already similar, CKA ~0.85 per teacher), so it is reported, not
-  used as the check.
-
-Both use the run's adapters and its gate without the student affinity term (``consensus`` ->
-``agreement``, ``affinity`` -> ``uniform``) for the fused targets, so the targets depend on no
-student: the same targets serve the trained and the untrained student, and the two rows
-differ only in the students. Per-teacher CKA columns compare with one teacher's adapted
-tokens where that teacher saw the patch.
-"""
+``load_run`` rebuilds a run's objective from RUN/last.pt; ``load_samples``/``sample_batch`` make
+stored samples an objective batch; ``gate_maps`` gives a sample's per-position gate weights;
+``heldout_losses`` (the demo's quality check) and ``cka_scores`` score a trained and an untrained
+student against the same student-free fused targets (docs/performance.md, "The first command")."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,7 +15,7 @@ from core.run import load_checkpoint
 from data import views as V
 from data.decode import normalize_uint8
 from store.features import FeatureStore, StoreError
-from store.inspect import SampleView, load_sample, open_store
+from store.inspect import SampleView, load_sample_views, open_store
 from train.config import teacher_names
 from train.objective import STUDENT_FREE_GATE, distill_losses, fused_targets
 
@@ -57,13 +41,14 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / norm) if norm > 0 else 0.0
 
 
-def load_run(run_dir, *, device: str = "cpu", store_path=None, trained: bool = True):
+def load_run(run_dir, *, device: str = "cpu", store: FeatureStore | None = None, trained: bool = True):
     """(config, objective in eval mode) of the run in ``run_dir``.
 
     The student side comes from RUN/last.pt (``trained=False`` keeps the seeded initial
     weights of the same config: the untrained baseline). Frozen adapters are not in the
-    checkpoint; they are rebuilt from the statistics of ``store_path`` (default: the run's
-    ``data.store``), which must be the store the run trained on.
+    checkpoint; they are rebuilt from the statistics of ``store``, a FeatureStore already open
+    (a sweep's report, the demo), else of the run's ``data.store``, opened here; it must be the
+    store the run trained on.
     """
     from train.config import Config
     from train.objective import build_objective
@@ -74,18 +59,21 @@ def load_run(run_dir, *, device: str = "cpu", store_path=None, trained: bool = T
         raise FileNotFoundError(f"{run_dir}: no checkpoint (last.pt); is it a training run folder?")
     ck = load_checkpoint(ck_path)
     cfg = Config.from_dict(ck["meta"]["config"])
-    store_path = Path(store_path or cfg.data.store)
-    try:
-        fs = FeatureStore.open(store_path, seed=cfg.data.seed)
-    except StoreError as error:
-        raise StoreError(f"{run_dir} trained on the store {store_path}, which is needed for its adapters: "
-                         f"{error}") from None
-    if not 1 <= int(cfg.data.views) <= fs.views:     # a run may train on the first v of the store's V views
-        raise StoreError(f"{run_dir} trained on {cfg.data.views} views of {store_path}, which holds {fs.views}; "
+    if store is None:
+        try:
+            store = FeatureStore.open(cfg.data.store, seed=cfg.data.seed)
+        except StoreError as error:
+            raise StoreError(f"{run_dir} trained on the store {cfg.data.store}, which is needed for its adapters: "
+                             f"{error}") from None
+    elif store.seed != cfg.data.seed:
+        raise StoreError(f"{run_dir} trained with data.seed={cfg.data.seed}, but {store.path} was extracted with "
+                         f"seed {store.seed}; is it the store the run trained on?")
+    if not 1 <= int(cfg.data.views) <= store.views:     # a run may train on the first v of the store's V views
+        raise StoreError(f"{run_dir} trained on {cfg.data.views} views of {store.path}, which holds {store.views}; "
                          "is it the store the run trained on?")
     stats = {}
     for name in teacher_names(cfg):
-        st = fs.teacher(name).stats
+        st = store.teacher(name).stats
         stats[name] = (st["mean"], st["components"])
     objective = build_objective(cfg, stats)
     if trained:
@@ -123,22 +111,23 @@ def _to(batch: dict, device) -> dict:
     return out
 
 
-def load_samples(store_path, data, *, indices, views=None, epoch: int | None = None,
+def load_samples(store, data, *, indices, views=None, epoch: int | None = None,
                  teachers=None, adapters_from=None) -> list[SampleView]:
-    """``load_sample(..., with_tokens=True)`` for each index (view 0 unless ``views``).
-    ``adapters_from``: the store whose statistics built the adapters that will read these
-    tokens (``load_run``'s), when it is not ``store_path``; its basis must be theirs
+    """``load_sample(..., with_tokens=True)`` for each index (view 0 unless ``views``), the store
+    (a path, or a FeatureStore already open) and its view pixels opened once for all of them
+    (store/inspect.py ``load_sample_views``). ``adapters_from``: the store (a path, or a
+    FeatureStore already open) whose statistics built the adapters that will read these tokens
+    (``load_run``'s), when it is not ``store``; its basis must be theirs
     (``train.requirements.check_same_basis``, StoreError)."""
-    fs = open_store(store_path, data)                 # once for every sample
+    fs = open_store(store, data)
     if adapters_from is not None:
         from train.requirements import check_same_basis
 
-        ref = FeatureStore.open(adapters_from)
+        ref = adapters_from if isinstance(adapters_from, FeatureStore) else FeatureStore.open(adapters_from)
         for name in teachers or fs.teachers:
             check_same_basis(fs.teacher(name), ref.teacher(name))
-    views = [0] * len(indices) if views is None else list(views)
-    return [load_sample(fs, data, index=int(i), view=int(v), epoch=epoch, teachers=teachers,
-                        with_tokens=True) for i, v in zip(indices, views)]
+    return load_sample_views(fs, data, indices=indices, views=views, epoch=epoch, teachers=teachers,
+                             with_tokens=True)
 
 
 @torch.no_grad()
@@ -202,7 +191,8 @@ def heldout_losses(trained, untrained, batch: dict) -> dict:
 @torch.no_grad()
 def cka_scores(trained, untrained, batch: dict) -> dict:
     """Linear CKA of the trained and the untrained student against the fused targets and
-    against each teacher, over CLS + the student-visible patches of every sample in ``batch``.
+    against each teacher (its adapted tokens where it saw the patch), over CLS + the
+    student-visible patches of every sample in ``batch``.
 
     trained, untrained: CoMADObjective (same config). Returns {"fused": {"trained", "untrained"},
     "<teacher>": {...}, "tokens": N (rows of the fused comparison), "gate": the target's gate mode}.

@@ -1,21 +1,9 @@
 """The trained student for others to use: a timm model folder with a model card, or one file.
 
-``export_run(RUN, OUT)`` rebuilds the student from RUN/last.pt and its config, then writes
-
-- OUT ending in ``.safetensors``: one file, the student's timm state dict with a zero
-  1000-class head (``student_state_dict``), what ``train`` leaves as RUN/student.safetensors;
-- any other OUT: a folder as timm's ``save_for_hf`` writes it, which
-  ``timm.create_model("local-dir:OUT", pretrained=True)`` (or ``"hf-hub:REPO"`` once pushed)
-  loads strictly: ``config.json`` (the architecture, ``model_args`` and ``pretrained_cfg``:
-  input size, the training mean/std, ``num_classes`` 0), ``model.safetensors`` (no classifier)
-  and ``README.md``, a model card (timm's ``generate_readme``) naming the teachers and their
-  checkpoint digests, the data digest, the steps and the evaluation results found for this
-  student (``find_results``). ``push_to_hub=REPO`` then publishes the same with timm's
-  ``push_to_hf_hub``.
-
-The architecture is the student's own (``architecture``): a ViT-Tiny config widened to ViT-S
-exports as ``vit_small_patch16_224``. The loss-curve figure is in train/plots.py.
-"""
+``export_run(RUN, OUT)`` rebuilds the student from RUN/last.pt: OUT ending in ``.safetensors`` is
+one file, the timm state dict with a zero 1000-class head (as RUN/student.safetensors); any other
+OUT is a folder as timm's ``save_for_hf`` writes it, optionally pushed to the hub, loaded back as
+the student's own architecture (``architecture``). What the folder holds: docs/running.md, section 5."""
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +25,6 @@ from train.config import teacher_names
 __all__ = ["student_state_dict", "export_student", "architecture", "hub_model", "find_results",
            "model_card", "export_run", "FOLDER_FILES"]
 
-# Where evaluations put their records (eval/common.py takes these names from here, a layer below it).
 # What an export folder holds: timm's weights and config, and the model card.
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 FOLDER_FILES = (WEIGHTS, CONFIG, CARD)

@@ -1,18 +1,21 @@
-"""The ``export`` command's parameters (cli.py declares the command; its parameters live here so
-that cli.py stays short). Importing this module imports click only."""
+"""The ``export`` command's options (cli.py declares the command from these fields with
+core/options.py, so that cli.py stays short). Importing this module imports click only."""
 from __future__ import annotations
 
-import click
+from dataclasses import dataclass
 
-__all__ = ["EXPORT_PARAMS"]
+from core.options import option
 
-EXPORT_PARAMS = [
-    click.Argument(["run_dir"], metavar="RUN", type=click.Path(exists=True, file_okay=False)),
-    click.Argument(["out"], metavar="OUT", type=click.Path()),
-    click.Option(["--results"], multiple=True, type=click.Path(file_okay=False),
-                 help="Folder searched for evaluation records (result.json) of the student, for the model "
-                      "card (repeatable)  [default: runs/eval; RUN always]"),
-    click.Option(["--push-to-hub"], metavar="REPO", default=None,
-                 help="Also publish the folder to this Hugging Face hub repository (timm's push_to_hf_hub; "
-                      "needs the network and a token)."),
-]
+__all__ = ["ExportOptions"]
+
+
+@dataclass
+class ExportOptions:
+    run_dir: str = option("", "A training run folder.", argument=True, path="dir", metavar="RUN")
+    out: str = option("", "The timm model folder, or a *.safetensors file.", argument=True, path="any", exists=False,
+                      metavar="OUT")
+    results: tuple[str, ...] = option(
+        (), "Folder searched for evaluation records (result.json) of the student, for the model card (repeatable)  "
+            "[default: runs/eval; RUN always]", path="dir", exists=False)
+    push_to_hub: str | None = option(None, "Also publish the folder to this Hugging Face hub repository (timm's "
+                                           "push_to_hf_hub; needs the network and a token).", metavar="REPO")

@@ -1,23 +1,8 @@
 """FLOPs of one training step per image, counted from what the step runs (for MFU).
 
-A FLOP is a multiply or an add (a multiply-add is 2). Matrix products are counted
-exactly, forward and backward, the way they run:
-
-- student encoder: the patch embedding of all 196 patches (the hidden ones are dropped
-  after it), forward + weight gradient (the images need no input gradient); the blocks on
-  CLS + the n visible patches, forward + both gradients (3x forward), attention included;
-- decoder: its input embedding on 1 + n tokens, its blocks on 197 tokens, its head on the
-  196 patches when it is not the identity, 3x forward;
-- adapters, per teacher on its 1 + n_k tokens: frozen ones forward only; trainable ones
-  forward + weight gradient, plus the reconstruction decoder U at 3x forward;
-- the gate: its cosine and fusion dot products over K teachers x 197 positions, forward
-  only (it runs without autograd). The losses, norms, softmaxes and the collapse monitor
-  are elementwise and left out (< 0.1% of a step).
-
-``step_flops_per_image`` returns the parts and their ``total``; every part but ``gate``
-is matrix products and is checked against ``torch.utils.flop_counter.FlopCounterMode``
-on a real step (tests/train/test_flops.py).
-"""
+A FLOP is a multiply or an add (a multiply-add is 2); matrix products are counted exactly,
+forward and backward, as they run (what each part counts: ``step_flops_per_image``), and
+checked against ``torch.utils.flop_counter.FlopCounterMode`` on a real step (tests/train/test_flops.py)."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -44,7 +29,17 @@ def step_flops_per_image(cfg, *, n_visible: int, teacher_tokens: Mapping[str, in
     n_visible: the student's visible patches (n). teacher_tokens: {teacher: 1 + n_k}, the
     tokens each teacher contributes per image; widths: {teacher: token width} (default
     ``objective.teacher_widths(cfg)``, the descriptors'). Returns {"encoder", "decoder", "adapters",
-    "gate", "total"} in FLOPs (forward and backward together).
+    "gate", "total"} in FLOPs (forward and backward together):
+
+    - encoder: the patch embedding of all 196 patches (the hidden ones are dropped after it),
+      forward + weight gradient (the images need no input gradient); the blocks on CLS + the n
+      visible patches, 3x forward (both gradients), attention included;
+    - decoder: its input embedding on 1 + n tokens, its blocks on 197 tokens, its head on the 196
+      patches when it is not the identity, 3x forward;
+    - adapters, per teacher on its 1 + n_k tokens: frozen ones forward only; trainable ones forward
+      + weight gradient, plus the reconstruction decoder U at 3x forward;
+    - gate: its cosines and fusion over K teachers x 197 positions, forward only (no autograd).
+    Losses, norms, softmaxes and the collapse monitor are elementwise and left out (< 0.1% of a step).
     """
     d, w = cfg.model.embed_dim, cfg.decoder.width
     widths = teacher_widths(cfg) if widths is None else widths

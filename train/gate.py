@@ -1,19 +1,6 @@
-"""The per-token consensus gate (METHOD.md "Consensus gate").
-
-At each position p (CLS and the 196 patches alike), with K(p) the teachers that saw p,
-a_k(p) their adapted tokens and u(p) the student's token there:
-
-    affinity   s_k(p) = cos(u(p), a_k(p))
-    agreement  c_k(p) = mean_{j in K(p), j != k} cos(a_k(p), a_j(p))   (0 if k is alone)
-    weights    w_k(p) = softmax_{k in K(p)} (logit_k(p) / tau_g)
-    target     y(p)   = sum_k w_k(p) a_k(p)
-
-with logit = 0 (``uniform``), s (``affinity``), c (``agreement``) or s + c
-(``consensus``). The weights are computed without autograd: gradients reach y only
-through a_k (trainable adapters), never through w. Teachers that did not see p get
-weight 0; a position no teacher saw gets all-zero weights and has no target.
-Everything is vectorised over teachers, batch and positions.
-"""
+"""The per-token consensus gate (docs/method.md "Consensus gate"): per-teacher fusion weights at every
+position (``gate_weights``, no autograd) and the fused targets (``fuse``), vectorised over teachers,
+batch and positions."""
 from __future__ import annotations
 
 import torch
@@ -24,7 +11,14 @@ GATE_MODES = ("uniform", "affinity", "agreement", "consensus")
 
 def gate_weights(*, student: torch.Tensor, adapted: torch.Tensor, seen: torch.Tensor,
                  mode: str = "consensus", tau: float = 0.1) -> torch.Tensor:
-    """Per-teacher, per-position fusion weights.
+    """Per-teacher, per-position fusion weights. At position p (CLS and patches alike), with K(p)
+    the teachers that saw p, a_k(p) their adapted tokens and u(p) the student's token there:
+
+        affinity   s_k(p) = cos(u(p), a_k(p))
+        agreement  c_k(p) = mean_{j in K(p), j != k} cos(a_k(p), a_j(p))   (0 if k is alone)
+        weights    w_k(p) = softmax_{k in K(p)} (logit_k(p) / tau_g)
+
+    with logit = 0 (``uniform``), s (``affinity``), c (``agreement``) or s + c (``consensus``).
 
     student: (B, P, D) the student's token at every position (any float dtype).
     adapted: (K, B, P, D) adapted teacher tokens, any value where unseen.

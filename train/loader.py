@@ -1,116 +1,23 @@
-"""Training batches: from the feature store (cached) or from teachers run every step (online).
+"""Training batches: from the feature store (``CachedSource``) or from teachers run every step
+(``OnlineSource``; online-fresh: train/online.py), the same batch for the same step.
 
-The order (which samples global batch k of epoch e holds, which rank serves which part,
-steps per epoch, ``data.streams=auto``) is data/order.py; ``Plan`` joins it to the data.
-``resolve_data`` turns ``auto`` (streams, and views, which come from the store) into numbers
-once, when a run starts; the run's config.yaml records them.
-
-Both sources give the same batch for the same step: the same images, views (e + i) mod V,
-crops, flips and student masks; only where the teacher tokens come from differs.
-Features and images are joined by index: a block's ``index`` array is checked against the
-image indices it must hold, and every teacher's crops against the others'. Every file of a
-block is checked as it is read (crc32c, the view tars against their completion records), and
-a block's masks against the keyed draw the first time a run reads it.
-
-Batches are made in a background thread (``core/prefetch.py``) while the step runs; on
-CUDA that thread also pins what the step reads and copies it to the GPU on its own stream,
-and the step's stream waits for an event, not the host. Index and view stay on the host.
-Inside that thread the cached path reads each stream's next window of blocks ahead in a
-second thread, finds the batch's rows by binary search (no per-sample Python), and keeps one
-batch decoding in DALI (submit/get) while it gathers the next one's rows. Stored views travel
-as uint8 (B, 224, 224, 3), a quarter of the float32 bytes, and are normalised on the training
-device in ``materialize``.
-"""
+``Plan`` joins the order (data/order.py) to the data; batches are made, checked and moved to the
+device in a background thread. The joins, checks and threads: docs/CONTRACTS.md, "Training batches"."""
 from __future__ import annotations
 
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import torch
 
 from data import views as V
 from data.decode.pixels import normalize_uint8
-from data.decoders import resolve_decoder
-from store.features import DataInfo, FeatureStore, StoreError
+from store.features import StoreError
 from core.prefetch import DeviceCopier, Prefetch
-from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS
-from train.config import AUTO, Config
-from train.requirements import check_mask_ratio, student_pixels
-from data.order import Order, auto_streams, steps_per_epoch  # noqa: F401 (steps_per_epoch: old import path)
-
-
-def resolve_data(cfg: Config, data, *, recorded: Mapping | None = None) -> Config:
-    """``cfg`` with ``data.teachers`` set to names, ``data.views`` and ``data.streams`` to numbers,
-    ``data.pixels`` to ``views`` or ``source`` and ``data.decoder`` to ``dali`` or ``pil``.
-
-    ``teachers``: ``auto`` takes the recorded list (a resumed run keeps its teachers if the
-    store gains one), else every teacher of the store in registry order (teachers/descriptors.py),
-    else, without a store, the paper's three.
-
-    data: the packed image set (store/shards.ImageSet). ``views``: ``auto`` takes the store's
-    V (1 without a store: online-fresh); an explicit v < V trains on the store's first v slots
-    (``Plan.store_views``); more views than the store holds are refused (StoreError naming the
-    store and the key).
-    ``streams``: ``auto`` takes ``recorded["streams"]`` when given (the ``data`` section of
-    the config a resumed run recorded), else ``auto_streams``.
-    ``pixels``: ``auto`` takes the recorded value, else ``views`` for a cached run whose store's
-    view pixels are complete (store/viewpixels.py) and are what its teachers ran on
-    (``student_pixels``), else ``source``; so a resumed run keeps its images even if view
-    pixels were added meanwhile.
-    ``decoder``: ``auto`` takes the recorded value, else ``dali`` where DALI is installed, else
-    ``pil`` (data/decoders.py); so a resumed run never changes decoder silently."""
-    teachers = cfg.data.teachers
-    if teachers == AUTO:
-        teachers = (recorded or {}).get("teachers", AUTO)
-    if teachers == AUTO:
-        teachers = PAPER_TEACHERS
-        if cfg.data.store:
-            held = FeatureStore.open(cfg.data.store).teachers
-            teachers = tuple(n for n in DESCRIPTORS if n in held)
-            unknown = sorted(set(held) - set(teachers))
-            if unknown:
-                raise StoreError(f"{cfg.data.store}: holds teachers {unknown} that teachers/descriptors.py does not "
-                                 f"describe; set data.teachers to the ones to train")
-            if not teachers:
-                raise StoreError(f"{cfg.data.store}: holds no teachers; run extract first")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, teachers=tuple(teachers)))
-    if cfg.data.decoder == AUTO:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, decoder=resolve_decoder((recorded or {}).get("decoder", AUTO))))
-    views, store = cfg.data.views, None
-    if cfg.data.store:
-        store = FeatureStore.open(cfg.data.store)
-        if views == AUTO:
-            views = store.views
-        elif not 1 <= views <= store.views:
-            raise StoreError(f"{store.path}: holds {store.views} views per image but the config sets "
-                             f"data.views={views}; set data.views to auto or to 1..{store.views}")
-    elif views == AUTO:
-        views = 1           # no store (online-fresh): no cached views; V only picks the statistics' views
-    streams = cfg.data.streams
-    if streams == AUTO:
-        streams = (recorded or {}).get("streams", AUTO)
-    if streams == AUTO:
-        shards = [[int(s["first"]), int(s["count"])] for s in data.shards]
-        streams = auto_streams(shards, global_batch=cfg.train.batch_size)
-    pixels = cfg.data.pixels
-    if pixels == AUTO:
-        pixels = (recorded or {}).get("pixels", AUTO)
-    if pixels == AUTO:
-        pixels = "source"
-        if store is not None and cfg.data.source == "cached":
-            pixels, _ = student_pixels(store, [store.teacher(n) for n in cfg.data.teachers if n in store.teachers],
-                                       AUTO)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=int(views), streams=int(streams),
-                                                             pixels=pixels))
-
-
-def store_views(cfg: Config) -> int:
-    """The V of the store a resolved ``cfg`` reads (``cfg.data.views`` without a store)."""
-    return FeatureStore.open(cfg.data.store).views if cfg.data.store else int(cfg.data.views)
+from train.config import Config
+from train.runstore import RunStore, resolve_data  # noqa: F401 (resolve_data: importable from here too)
+from data.order import Order
 
 
 @dataclass
@@ -140,9 +47,9 @@ class Plan:
     order: Order = field(init=False, repr=False)
 
     @classmethod
-    def of(cls, cfg: Config, data, *, rank: int = 0, world: int = 1) -> "Plan":
-        """The plan of a resolved run config (``resolve_data``) over ``data``, for one rank."""
-        return cls(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store_views(cfg),
+    def of(cls, cfg: Config, data, store: RunStore | None, *, rank: int = 0, world: int = 1) -> "Plan":
+        """The plan of a resolved run config over ``data`` and its ``store`` (``open_run_store``), for one rank."""
+        return cls(data, seed=cfg.data.seed, views=cfg.data.views, store_views=store.store_views if store else 0,
                    batch_size=cfg.train.batch_size, rank=rank, world=world, window=cfg.data.shuffle_window,
                    streams=cfg.data.streams, n_student=cfg.data.student_visible)
 
@@ -213,27 +120,23 @@ class _Source:
 
 
 class CachedSource(_Source):
-    """Batches whose teacher tokens come from the store, read by whole blocks.
+    """Batches whose teacher tokens come from the run's ``store`` (a train/runstore.RunStore of a
+    cached run, its checks passed), read by whole blocks.
 
-    ``pixels`` (``data.pixels``): ``views`` reads the images from the store's view tars
-    (store/viewpixels.py) and never opens an original image shard; ``source`` decodes the
-    original images with the stored crops; ``auto`` takes the view tars when they are complete."""
+    The images come from the store's view tars when ``store.view_pixels`` holds them
+    (store/viewpixels.py: no original image shard is opened), else from the original images
+    decoded with the stored crops (``data.pixels``)."""
 
-    def __init__(self, plan: Plan, *, store_path, teachers, pixels: str = "source", **kw):
+    def __init__(self, plan: Plan, store: RunStore, **kw):
         super().__init__(plan, **kw)
-        self.fs = FeatureStore.open(store_path, data=DataInfo.of(plan.data), views=plan.store_views,
-                                   seed=plan.seed)
-        self.stores = {}
-        for name in teachers:
-            ts = self.fs.teacher(name)
-            ts.require_complete()
-            check_mask_ratio(ts)
-            self.stores[name] = ts
+        if store.source != "cached" or (store.store_views, store.seed) != (plan.store_views, plan.seed):
+            raise ValueError(f"{store.path}: opened for a {store.source} run of V={store.store_views}, seed "
+                             f"{store.seed}; this plan reads V={plan.store_views}, seed {plan.seed} from the cache")
+        self.store, self.stores, self.view_pixels = store, store.teachers, store.view_pixels
         # (teacher, slot, shard) whose masks this run compared with the keyed draw: once per block,
-        # as later reads pass the crc32c only with the same bytes (a comparison costs 1-10% of
-        # the images/s per core of a read, docs/performance.md "Read-time checks")
+        # as later reads pass the crc32c only with the same bytes (the cost of a comparison:
+        # docs/performance.md "Read-time checks")
         self.masks_checked: set[tuple[str, int, int]] = set()
-        _, self.view_pixels = student_pixels(self.fs, list(self.stores.values()), pixels)
         if self.view_pixels is not None:
             from data.decode.stored import make_view_decoder
             self.decode_views = make_view_decoder(self.view_pixels.form, kw.get("decoder", "dali"),
@@ -339,7 +242,6 @@ class CachedSource(_Source):
         """The batches; with a decoder that can queue (DALI's submit/get), batch k + 1's
         images are decoding while batch k is handed over and the next rows are gathered."""
         plan = self.plan
-        slot = epoch % plan.views
         queued = self.view_pixels is None and hasattr(self.decode, "submit")
         if queued:
             self.decode.drain()                 # what an abandoned epoch left in flight

@@ -1,20 +1,6 @@
-"""The two distillation losses (METHOD.md "Losses") and their MSE alternatives.
-
-Token loss: for each valid token (CLS and every student-visible position with a
-target), tau^2 * KL(softmax(y/tau) || softmax(z/tau)) over the channels, averaged over
-the valid tokens of the batch.
-
-Spatial loss: for each image and channel c, a softmax over the *covered* positions of
-the 14 x 14 map (positions without a target are masked out of both softmaxes),
-tau_s^2 * KL(softmax(y_c/tau_s) || softmax(S_c/tau_s)), averaged over channels and over
-the images that have at least one covered position.
-
-MSE (the KL-vs-MSE ablation): mean squared error per channel, averaged over the same
-valid tokens / covered positions.
-
-All losses compute in float32 and return float32 scalars; invalid entries contribute
-neither value nor gradient, whatever they hold (even inf/NaN in the student).
-"""
+"""The two distillation losses, token KL and spatial KL, and their MSE alternatives (the KL-vs-MSE
+ablation); definitions: docs/method.md "Losses". All compute in float32 and return float32
+scalars; invalid entries contribute neither value nor gradient, whatever they hold (even inf/NaN)."""
 from __future__ import annotations
 
 import torch

@@ -1,11 +1,7 @@
-"""Training noise: torch's global generators (stochastic depth, anything else a step draws).
-
-The run's noise is seeded per rank from (train.seed, rank), so two runs of one config draw the
-same and the ranks draw differently; every checkpoint holds each rank's generator states and a
-resume on the same number of ranks restores its own (resumed == uninterrupted). A sweep's
-learners each keep their own states, swapped in around their step (train/loop.py, Learner), so
-a learner draws what its single run would.
-"""
+"""Training noise: torch's global generators (stochastic depth, anything else a step draws), seeded
+per rank from (train.seed, rank) and held in every checkpoint, so a resume on as many ranks draws
+what the uninterrupted run would; a sweep's learners each swap their own states in around their
+step (train/learner.py, Learner). The rules: docs/method.md, ``model.drop_path``."""
 from __future__ import annotations
 
 import torch

@@ -1,28 +1,6 @@
-"""The CoMAD objective: student + decoder + adapters + gate + losses, batch -> loss dict.
-
-A batch (from the feature store or from online teachers) is::
-
-    {"index": (B,) int64, "view": (B,) int64,
-     "images": (B, 3, 224, 224) float32 normalised,
-     "student_visible": (B, 49) int64 ascending patch ids in [0, 196),
-     "teachers": {name: {"cls": (B, C_k), "patch": (B, n_k, C_k),
-                         "index": (B, n_k) int64 ascending}}}
-
-Tokens may be float16; they are cast to float32 before the adapters. Teacher tokens are
-scattered by their ``index`` onto the 197-slot grid (slot 0 = CLS, slot 1 + p = patch p).
-
-DDP: only ``objective.trainable`` (a :class:`StudentSide`: student, decoder and, when
-adapters train, the adapters) has parameters that learn; wrap just it, e.g.
-``objective.wrap_trainable(lambda m: DDP(m, device_ids=[rank]))``, and optimise
-``objective.trainable.parameters()``. Frozen adapters stay outside, unwrapped.
-
-``forward`` returns tensors only (no ``.item()``, no host sync): ``loss`` (with graph)
-and detached parts ``loss_token``, ``loss_spatial``, ``loss_recon`` (0 for frozen
-adapters), ``gate/<teacher>`` (the teacher's share of the fused targets: mean of w_k
-over all positions with a target, so the shares sum to 1), ``collapse/<teacher>``
-(mean cosine between different adapted patch tokens of that teacher in the batch),
-``coverage`` (fraction of the 196 positions with a target).
-"""
+"""The CoMAD objective: student + decoder + adapters + gate + losses, batch -> loss dict
+(``CoMADObjective.forward``, built by ``build_objective``). Its parts, DDP wrapping and logged
+values: docs/method.md "The objective"; its steps: docs/CONTRACTS.md "The objective in steps"."""
 from __future__ import annotations
 
 from typing import Callable, Mapping, NamedTuple
@@ -70,7 +48,7 @@ class StudentSide(nn.Module):
 
 
 class CoMADObjective(nn.Module):
-    """batch -> {"loss", parts}; see the module docstring. Build with build_objective."""
+    """batch -> {"loss", parts} (``forward``). Build with build_objective."""
 
     def __init__(self, *, student: MaskedStudent, decoder: FeatureDecoder,
                  adapters: Mapping[str, TeacherAdapter], adapters_trainable: bool,
@@ -118,14 +96,26 @@ class CoMADObjective(nn.Module):
     def adapted_grid(self, batch: Mapping) -> "AdaptedGrid":
         """The batch's teacher tokens through ``self.adapters``, and on the 197-slot grid.
         Frozen adapters make it the same for every student: a sweep computes it once per
-        batch for the learners that share them (train/loop.py)."""
+        batch for the learners that share them (train/learner.py)."""
         tokens, slots = teacher_tokens(batch, self.teacher_names)
         adapted = {name: self.adapters[name](tokens[name]) for name in self.teacher_names}
         return AdaptedGrid(adapted, *scatter_grid(adapted, slots, self.teacher_names))
 
     def forward(self, batch: Mapping, *, grid: "AdaptedGrid | None" = None,
                 return_weights: bool = False) -> dict[str, torch.Tensor]:
-        """batch: see the module docstring. Returns the loss dict (tensors only).
+        """batch -> the loss dict (tensors only, no host sync). A batch (cached or online)::
+
+            {"index": (B,) int64, "view": (B,) int64,
+             "images": (B, 3, 224, 224) float32 normalised,
+             "student_visible": (B, 49) int64 ascending patch ids in [0, 196),
+             "teachers": {name: {"cls": (B, C_k), "patch": (B, n_k, C_k),
+                                 "index": (B, n_k) int64 ascending}}}
+
+        Tokens may be float16 (cast to float32 before the adapters); they are scattered by their
+        ``index`` onto the 197-slot grid (slot 0 = CLS, slot 1 + p = patch p). Returns ``loss``
+        (with graph) and detached ``loss_token``, ``loss_spatial``, ``loss_recon`` (0 for frozen
+        adapters), ``gate/<teacher>`` (the teacher's share of the fused targets, the shares sum
+        to 1), ``collapse/<teacher>`` and ``coverage`` (docs/method.md "The objective").
 
         grid: ``self.adapted_grid(batch)`` already computed (frozen adapters only).
         return_weights: also return "weights" (K, B, 197) float32, the gate weights of
@@ -286,8 +276,9 @@ def teacher_widths(cfg, teacher_stats: Mapping | None = None) -> dict[str, int]:
 def build_objective(cfg, teacher_stats: Mapping | None = None) -> CoMADObjective:
     """Build the objective from a :class:`train.config.Config`.
 
-    teacher_stats: {name: (mean (C,), components (>= D, C))} (or {name: {"mean", "components"}},
-    as ``FeatureStore`` stats hold them) for every teacher in ``cfg.data.teachers``
+    teacher_stats: {name: (mean (C,), components (>= D, C))} (a run's ``RunStore.stats``, read
+    once when it opens its store; or {name: {"mean", "components"}}, as ``TeacherStore.stats``
+    hold them) for every teacher in ``cfg.data.teachers``
     (used when ``cfg.adapters.init == "pca"``). ``None`` leaves the adapters at their seeded
     random init: only for rebuilding a model whose weights then come from a checkpoint
     (export, evaluation); training with ``adapters.init=pca`` must pass the stats. The parameters

@@ -1,22 +1,9 @@
 """Online training sources: the teachers run on every step instead of being read from a store.
-
-Two modes (``data.source``; docs/method.md "Three ways to train"):
-
-- ``online-replay``: the teachers see the views the cache serves (``Plan.view_of``: view
-  (e + i) mod V of image i at epoch e when a run uses all V of the store's) -- the same crops, flips and masks as the cache, so its batches equal the cached
-  source's (``train.loader.OnlineSource``). The reference of the cached == online proof.
-- ``online-fresh``: every (image, epoch) gets its own crop, flip and teacher masks, drawn by
-  ``data.views.fresh_view_params`` / ``fresh_teacher_visible`` from (seed, index, epoch)
-  (``FreshSource``). The paper's setting. It needs no token store: the teachers' identity
-  and adapter statistics come from ``data.store`` when one is given, otherwise from
-  ``data.teachers_from`` (official files or random init) and a statistics sample computed
-  once before training (``extract.runner.compute_stats``) and kept in the run folder, so a
-  resumed run uses the very same adapters.
-
-Batch order, student masks and the split over ranks are the loader's (``Plan``), so a
-fresh-view batch is a pure function of (seed, epoch, step): deterministic, resumable and the
-same for any world size.
-"""
+``online-replay`` (``train.loader.OnlineSource``) runs them on the store's views, so its batches
+equal the cached source's; ``online-fresh`` (``FreshSource``, the paper's setting) on a crop, flip
+and teacher masks drawn per (image, epoch), its teachers and adapter statistics from ``data.store``
+or ``data.teachers_from`` (docs/method.md "Three ways to train"). Order, student masks and ranks
+are the loader's ``Plan``: a batch is a pure function of (seed, epoch, step), for any world size."""
 from __future__ import annotations
 
 import json
@@ -27,7 +14,8 @@ import torch
 
 from core import dist
 from data import views as V
-from store.features import DataInfo, FeatureStore, StoreError
+from store.features import FeatureStore, StoreError
+from store.teacherstore import stored_build
 from train.config import teacher_names
 from train.loader import OnlineSource, Plan
 
@@ -61,32 +49,33 @@ class FreshSource(OnlineSource):
 
 
 def teachers_of_store(fs: FeatureStore, names, *, device: str, prebuilt: dict | None = None) -> dict:
-    """The teachers the store was made with, rebuilt (random init or official file) unless
-    ``prebuilt`` holds them, and checked against the digests it records; StoreError when one
-    differs."""
-    from teachers.vit import build_teacher
+    """The teachers the store was made with, rebuilt from its build records (random init with
+    the recorded seed, or the official file it names; the recorded architecture and model
+    arguments) unless ``prebuilt`` holds them, and checked against the digests and build records
+    it keeps; StoreError when one differs."""
+    from teachers.vit import rebuild_teacher
     teachers, prebuilt = {}, prebuilt or {}
     for name in names:
-        c = fs.teacher(name).config
+        ts = fs.teacher(name)
+        c, build = ts.config, ts.build
         t = (prebuilt[name].to(device) if name in prebuilt else
-             build_teacher(name, random_init=True, seed=fs.seed, device=device) if c["untrained"]
-             else build_teacher(name, checkpoint=c["source"], device=device))
-        if t.digest != c["checkpoint_digest"]:
+             rebuild_teacher(name, build, checkpoint=None if c["untrained"] else c["source"], device=device))
+        if t.digest != c["checkpoint_digest"] or stored_build(name, t.build) != build:
             raise StoreError(f"online teacher {name} ({t.source}) is not the one the store {fs.path} was made "
-                             f"with (digest {t.digest[:12]} vs {c['checkpoint_digest'][:12]})")
+                             f"with (digest {t.digest[:12]} vs {c['checkpoint_digest'][:12]}, build {t.build} vs "
+                             f"{build})")
         teachers[name] = t
     return teachers
 
 
-def teachers_from(spec: str, names, *, seed: int, device: str, random_depth: int = 12) -> dict:
-    """Teachers without a store: ``spec`` is "random-init" (seeded by ``seed``, as
-    ``extract --random-init --seed``; ``random_depth`` blocks) or a folder holding the
-    official files."""
+def teachers_from(spec: str, names, *, seed: int, device: str) -> dict:
+    """Teachers without a store: ``spec`` is "random-init" (the descriptors' default
+    architectures seeded by ``seed``, as ``extract --random-init --seed``) or a folder holding
+    the official files."""
     from teachers.checkpoints import TEACHERS as SPECS
     from teachers.vit import build_teacher
     if spec == "random-init":
-        kwargs = None if random_depth == 12 else {"depth": random_depth}
-        return {n: build_teacher(n, random_init=True, seed=seed, device=device, model_kwargs=kwargs) for n in names}
+        return {n: build_teacher(n, random_init=True, seed=seed, device=device) for n in names}
     folder = Path(spec)
     missing = [str(folder / SPECS[n].filename) for n in names if not (folder / SPECS[n].filename).is_file()]
     if missing:
@@ -130,18 +119,17 @@ def sample_stats(teachers: dict, data, *, seed: int, views: int, num_images: int
         return {n: (f[f"{n}.mean"], f[f"{n}.components"]) for n in teachers}
 
 
-def build_online_source(cfg, plan: Plan, *, fresh: bool, device: str, run_dir=None, prebuilt: dict | None = None,
-                        **kw):
+def build_online_source(cfg, plan: Plan, *, fresh: bool, device: str, store=None, run_dir=None,
+                        prebuilt: dict | None = None, **kw):
     """(source, {name: (mean, components)}) for ``online-replay`` (fresh=False) or
-    ``online-fresh`` (fresh=True); ``prebuilt``: teachers already built (checked against the
-    store); ``kw`` go to the source (decoder, num_threads)."""
+    ``online-fresh`` (fresh=True); ``store``: the run's store, a train/runstore.RunStore opened
+    for it (None: none); ``prebuilt``: teachers already built (checked against the store);
+    ``kw`` go to the source (decoder, num_threads)."""
     names = list(teacher_names(cfg))
     amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
-    if cfg.data.store:
-        fs = (FeatureStore.open(cfg.data.store, views=plan.store_views, seed=cfg.data.seed) if not fresh
-              else FeatureStore.open(cfg.data.store, data=DataInfo.of(plan.data)))
-        teachers = teachers_of_store(fs, names, device=device, prebuilt=prebuilt)
-        stats = {n: (fs.teacher(n).stats["mean"], fs.teacher(n).stats["components"]) for n in names}
+    if store is not None:
+        teachers = teachers_of_store(store.fs, names, device=device, prebuilt=prebuilt)
+        stats = {n: store.stats[n] for n in names}
     elif not fresh:
         raise ValueError("data.source=online-replay replays the store's views: set data.store")
     elif not cfg.data.teachers_from:
@@ -151,8 +139,7 @@ def build_online_source(cfg, plan: Plan, *, fresh: bool, device: str, run_dir=No
         if run_dir is None:
             raise ValueError("online-fresh without data.store keeps its adapter statistics in the run folder; "
                              "pass run_dir")
-        teachers = teachers_from(cfg.data.teachers_from, names, seed=cfg.data.seed, device=device,
-                                 random_depth=cfg.data.random_teacher_depth)
+        teachers = teachers_from(cfg.data.teachers_from, names, seed=cfg.data.seed, device=device)
         stats = sample_stats(teachers, plan.data, seed=cfg.data.seed, views=cfg.data.views,
                              num_images=cfg.data.stats_images, decoder=cfg.data.decoder, device=device,
                              num_threads=kw.get("num_threads", 2), path=Path(run_dir) / STATS_FILE)

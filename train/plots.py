@@ -1,12 +1,8 @@
-"""Every figure of the project, drawn with matplotlib (Agg) to PNG files.
-
-- ``plot_losses``: the loss curves of a run (train/loop.py writes RUN/loss.png; the demo
-  report's losses.png);
-- ``plot_gate_shares``: each teacher's mean gate weight against step (the demo report);
-- ``render_panel``: one stored sample: the view, each teacher's and the student's mask and,
-  with gate weights, w_k(p) per teacher and which teacher weighs most (`cli.py inspect`, the
-  demo report's panels).
-"""
+"""Every figure of the project, drawn with matplotlib (Agg) to PNG files: a run's loss curves
+(``plot_losses``: RUN/loss.png, the demo report's losses.png), each teacher's mean gate weight
+against step (``plot_gate_shares``) and one stored sample's panel (``render_panel``: the view,
+each teacher's and the student's mask, with gate weights w_k(p) per teacher and which teacher
+weighs most; `cli.py inspect`, the demo report's panels)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,17 +1,6 @@
-"""The student: a masked timm ViT encoder and the light decoder that completes the map.
-
-``MaskedStudent`` runs a timm ViT (default ``vit_tiny_patch16_224``, num_classes=0) on
-CLS plus the student's visible patches: the patches are embedded and given their
-position embeddings, then the hidden ones are dropped (MAE-style), and the rest go
-through the blocks and the final norm. Run on all 196 patches it equals timm's own
-``forward_features`` (tested).
-
-``FeatureDecoder`` is MAE's decoder recipe: a linear embed of the encoder tokens, a
-shared learned mask token at every hidden position, fixed 2-D sin-cos position
-embeddings (or learned ones), timm ``Block``s and a LayerNorm. It returns S, the
-reconstructed feature map at all 196 positions. Its CLS slot is decoded with the
-patches (so it can attend to the image summary) and dropped at the end.
-"""
+"""The student: a masked timm ViT encoder (``MaskedStudent``, MAE-style: the hidden patches dropped
+after their embedding) and the light decoder that completes the map (``FeatureDecoder``, MAE's
+recipe), as docs/method.md "Student and decoder" describes them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,7 +36,10 @@ def sincos_pos_embed_2d(*, dim: int, grid: int) -> torch.Tensor:
 
 
 class MaskedStudent(nn.Module):
-    """A timm ViT run on CLS + visible patches; see the module docstring.
+    """A timm ViT (default ``vit_tiny_patch16_224``, num_classes=0) run on CLS + the visible
+    patches: all patches are embedded and given their position embeddings, then the hidden ones
+    are dropped and the rest go through the blocks and the final norm. On all 196 patches it
+    equals timm's own ``forward_features`` (tested).
 
     Attribute ``vit`` is the plain timm model, so its state dict is a timm state dict.
     """
@@ -91,7 +83,11 @@ class MaskedStudent(nn.Module):
 
 
 class FeatureDecoder(nn.Module):
-    """MAE-style decoder: encoder tokens at visible positions -> S at all 196 positions."""
+    """MAE-style decoder: encoder tokens at visible positions -> S at all 196 positions.
+
+    A linear embed of the encoder tokens, a shared learned mask token at every hidden position,
+    fixed 2-D sin-cos position embeddings (or learned ones), timm ``Block``s and a LayerNorm. Its
+    CLS slot is decoded with the patches (so it can attend to the image summary) and dropped."""
 
     def __init__(self, *, in_dim: int, width: int = 192, depth: int = 2, num_heads: int = 3,
                  mlp_ratio: float = 4.0, out_dim: int = 192, pos_embed: str = "sincos"):

@@ -1,28 +1,7 @@
-"""A sweep: K learners trained against one data pass (train/loop.py runs them).
-
-A learner is the base config plus a variant's overrides, e.g. ``gate.mode=uniform``. Everything a
-learner owns may vary: the student (``model.*``), decoder, adapters, gate, loss, optimiser,
-schedule shape, seed, and the student's mask ratio (``data.student_visible``: its masks are
-drawn from the same keyed draw a single run with that ratio makes). What the learners share may
-not: the data pass (every other ``data.*`` key, the global batch, the epochs) and the loop's own
-cadence (logging and checkpoint intervals); a variant that sets one is refused naming the key.
-
-On the command line a variant is ``[NAME:]KEY=VALUE[ KEY=VALUE ...]`` (``--variant
-uniform:gate.mode=uniform``; without a name, one is made of its overrides); in a sweep file it is
-one entry of::
-
-    learners:
-      uniform: {gate.mode: uniform}
-      mse: {loss.kind: mse}
-      mask80: {data.student_visible: 39}
-      base: {}
-
-The run folder R of a sweep holds ``sweep.yaml`` (the learners, in order; a resume must give the
-same, and ``--resume`` alone reads them from it), one ordinary run folder per learner (R/NAME:
-config.yaml, metrics.jsonl, TensorBoard events, last.pt, student.safetensors: ``export`` and
-``eval`` take it as any run), and the sweep's report: ``sweep.md`` and ``sweep.json`` (one row per
-learner) and ``losses.png`` (every learner's curves in one figure).
-"""
+"""A sweep: K learners, each the base config plus a variant's overrides, trained against one data
+pass (train/loop.py runs them): parsing and checking the variants (``--variant`` or a sweep file),
+the sweep folder's records and its report (sweep.md, sweep.json, losses.png). What a learner may
+vary and what the folder holds: docs/running.md, "Ablations as one sweep"."""
 from __future__ import annotations
 
 import json
@@ -84,7 +63,13 @@ def _override(key: str, value) -> str:
 
 
 def load_sweep(path) -> list[Variant]:
-    """The variants of a sweep file (see the module docstring); ValueError naming the file."""
+    """The variants of a sweep file, in order; ValueError naming the file. The file is::
+
+        learners:
+          uniform: {gate.mode: uniform}
+          mask80: {data.student_visible: 39}
+          base: {}
+    """
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text()) or {}
@@ -103,7 +88,8 @@ def load_sweep(path) -> list[Variant]:
 
 def check_variants(variants: Sequence[Variant]) -> None:
     """Refuse, in one line, a sweep without learners, a repeated or unusable name, or a variant
-    that sets a shared key (the module docstring)."""
+    that sets a shared key: every ``data.*`` key but ``data.student_visible`` (the data pass) and
+    the global batch, epochs and the loop's logging and checkpoint cadence."""
     if not variants:
         raise ValueError("a sweep needs at least one learner (--variant or --sweep)")
     seen = set()
@@ -180,21 +166,29 @@ def write_report(out, variants: Sequence[Variant], *, status: Mapping[str, str],
     return out / "sweep.md"
 
 
-def check_heldout(store, data, *, train_store, teachers) -> None:
-    """Before any training: the held-out ``store`` must be extracted from the images ``data``, hold
-    ``teachers`` and, for a coefficient codec, be on the training store's basis; else StoreError."""
-    from store.features import DataInfo, FeatureStore, StoreError
+def check_heldout(store, data, *, train, teachers) -> tuple:
+    """Before any training: the held-out ``store`` (a path) must be extracted from the images
+    ``data`` (a path), hold ``teachers`` and, for a coefficient codec, be on the basis of the
+    training store ``train`` (a FeatureStore, or the run's RunStore; None: the run has none);
+    else StoreError. Returns (the held-out FeatureStore, its ImageSet), each opened once, for
+    ``heldout_columns``."""
     from data.shards import ImageSet
+    from store.features import DataInfo, FeatureStore, StoreError
     from train.requirements import check_same_basis
+    from train.runstore import RunStore
 
+    if train is None:
+        raise ValueError("--heldout reads the held-out store with the adapters of the training store: set data.store")
+    ref = train.fs if isinstance(train, RunStore) else train
     try:
-        held = FeatureStore.open(store, data=DataInfo.of(ImageSet.open(data)))
+        images = ImageSet.open(data)
+        held = FeatureStore.open(store, data=DataInfo.of(images))
     except StoreError as error:
         raise StoreError(f"--heldout: {error}\n  (DATA must be the images the held-out store was extracted "
                          "from)") from None
-    ref = FeatureStore.open(train_store)
     for name in teachers:
         check_same_basis(held.teacher(name), ref.teacher(name))
+    return held, images
 
 
 def heldout_columns(out, variants: Sequence[Variant], status: Mapping[str, str], *, store, data, train_store,
@@ -204,26 +198,25 @@ def heldout_columns(out, variants: Sequence[Variant], status: Mapping[str, str],
     heldout_losses: student-free fused targets) on every sample of the held-out ``store`` (the
     first ``images`` if given; view 0, epoch 0 masks, the same for every learner) of the images
     ``data``, and those of its untrained student. The mean over batches of ``batch`` samples,
-    weighted by their sizes; ``heldout_images`` is how many were scored."""
+    weighted by their sizes; ``heldout_images`` is how many were scored. ``store``, ``data``:
+    what ``check_heldout`` opened and checked against ``train_store``, the training FeatureStore,
+    whose statistics build the learners' adapters."""
     import numpy as np
     import torch
 
-    from data.shards import ImageSet
     from train import diagnostics as diag
     from train.config import teacher_names
 
-    held = ImageSet.open(data)
-    index = np.arange(len(held) if images is None else min(images, len(held)))
+    index = np.arange(len(data) if images is None else min(images, len(data)))
     samples, cols = None, {}
     for v in variants:
         if status.get(v.name) != "done":
             continue
-        cfg, trained = diag.load_run(Path(out) / v.name, device=device, store_path=train_store)
-        _, untrained = diag.load_run(Path(out) / v.name, device=device, store_path=train_store, trained=False)
+        cfg, trained = diag.load_run(Path(out) / v.name, device=device, store=train_store)
+        _, untrained = diag.load_run(Path(out) / v.name, device=device, store=train_store, trained=False)
         names = list(teacher_names(cfg))
-        if samples is None:             # the learners share the data, so their teachers
-            samples = diag.load_samples(store, held, indices=index, epoch=0, teachers=names,
-                                        adapters_from=train_store)
+        if samples is None:             # the learners share the data, so their teachers (basis: check_heldout)
+            samples = diag.load_samples(store, data, indices=index, epoch=0, teachers=names)
         sums = dict.fromkeys(("heldout_token", "heldout_spatial", "heldout_total", "heldout_untrained"), 0.0)
         with torch.no_grad():
             for i in range(0, len(samples), batch):

@@ -1,11 +1,7 @@
-"""Throughput measurements, in this process: the training step's images/s by data path, and one
-teacher forward's images/s (the machine's speed by which the demo's time is normalised).
-
-- ``measure``: cached store vs online teachers vs the in-memory ceiling, timed in turn
-  (bench/train.py prints it as a table; the demo report's throughput section; bench/gpu_check.py);
-- ``teacher_rate``: one teacher forward on seeded noise images (the demo's extract note,
-  bench/demo.py, bench/cache_cost.py).
-"""
+"""Throughput measured in this process: the training step's images/s by data path (``measure``:
+cached store vs online teachers vs the in-memory ceiling; bench/train.py, the demo report,
+bench/gpu_check.py) and one teacher forward's images/s (``teacher_rate``: the machine speed by
+which the demo's time is normalised; the demo, bench/demo.py, bench/cache_cost.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +14,10 @@ import torch
 from data import views as V
 from train.config import load_config, teacher_names
 from train.flops import step_flops_per_image
-from train.loader import Plan, resolve_data, store_views
-from train.loop import build_source, make_optimizer, train_step
+from train.loader import Plan
+from train.runstore import open_run_store
+from train.learner import make_optimizer, train_step
+from train.sources import build_source
 from train.objective import build_objective
 
 __all__ = ["measure", "teacher_rate"]
@@ -63,8 +61,8 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     cfg = load_config(None, [f"data.images={data}", f"data.store={store}", f"data.views={views}",
                              f"data.decoder={decoder}", f"data.num_workers={threads}", f"data.streams={streams}",
                              "data.shuffle_window=2", f"train.batch_size={batch_size}", *overrides])
-    cfg = resolve_data(cfg, images)
-    plan = Plan(images, seed=0, views=cfg.data.views, store_views=store_views(cfg), batch_size=batch_size,
+    cfg, store = open_run_store(cfg, images)
+    plan = Plan(images, seed=0, views=cfg.data.views, store_views=store.store_views, batch_size=batch_size,
                 window=2, streams=streams)
     need = warmup + steps
     if plan.steps_per_epoch < need:
@@ -72,14 +70,15 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
                          f"need {need}: use more data or a smaller batch")
     amp, clip = torch.device(device).type == "cuda", cfg.train.clip_grad
     setups = {}
-    configs = {mode: cfg for mode in modes}
+    configs = {mode: (cfg, store) for mode in modes}
     for mode, path in (other_stores or {}).items():
-        configs[mode] = resolve_data(dataclasses.replace(cfg, data=dataclasses.replace(
+        configs[mode] = open_run_store(dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, store=str(path), pixels="auto", views="auto")), images)
     modes = tuple(configs)
     for mode in modes:
-        cfg_m = configs[mode]
-        source, stats = build_source(cfg_m, plan, online=(mode == "online"), device=device, teachers=teachers)
+        cfg_m, store_m = configs[mode]
+        source, stats = build_source(cfg_m, plan, store=store_m, online=(mode == "online"), device=device,
+                                     teachers=teachers)
         objective = build_objective(cfg_m, stats).to(device)
         batches = None
         if mode == "ceiling":

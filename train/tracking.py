@@ -1,19 +1,8 @@
-"""Weights & Biases logging of a training run: ``train.wandb=true`` (the extra ``pip install '.[wandb]'``).
-
-Rank 0 sends W&B the rows it writes to metrics.jsonl, at their step, and the resolved config.
-The W&B run id lives in the run folder (``RUN/wandb.json``), so ``--resume`` after a kill continues
-the same W&B run. W&B's own files go under ``RUN/wandb/``. W&B's usual environment applies:
-``WANDB_MODE=offline`` logs without a network (``wandb sync RUN/wandb/offline-run-*`` uploads later),
-``WANDB_ENTITY`` picks the team.
-
-W&B keeps a run's history in step order and ignores a step it already holds: after a kill, the
-steps logged between the last checkpoint and the kill keep their first values there, while
-metrics.jsonl (trimmed on resume) holds the resumed run's. With the fixed data order and per-rank
-noise of a resume the two agree, up to nondeterministic kernels.
-
+"""Weights & Biases logging of a training run: ``train.wandb=true`` (the extra ``'.[wandb]'``). Rank 0
+sends the rows it writes to metrics.jsonl, at their step, and the resolved config; the W&B run id
+is kept in RUN/wandb.json, so ``--resume`` continues the same W&B run (docs/running.md, section 4).
 wandb is imported only when a run asks for it: ``require_wandb`` (looked up, not imported) ends a
-run that asks for it without it in one line naming the extra, before any work.
-"""
+run that asks for it without it in one line naming the extra, before any work."""
 from __future__ import annotations
 
 import importlib.util

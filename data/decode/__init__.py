@@ -1,18 +1,7 @@
-"""The pixels of a view: one decoder package.
-
-- ``data.decode.pixels``: the pixel rules in one place (crop box, resize, flip,
-  normalisation constants, dtype and layout, the tolerance between decoders);
-- ``data.decode.pil``: the PIL reference decoder (``pil_view``, ``pil_views``);
-- ``data.decode.dali``: the DALI pipelines (``DaliViewDecoder``), the fast path;
-- ``data.decode.factory``: ``make_decoder``, the decoder a job asks for by name;
-- ``data.decode.stored``: ``make_view_decoder``, the decoders of views stored once with a
-  feature store (store/viewpixels.py: final 224 px JPEG or raw, no crop).
-
-Modules import downwards only (pixels <- pil, dali <- factory); this file re-exports their
-public names. Importing it does not import DALI (the pipeline imports it when first built);
-DALI is the optional extra ``pip install '.[dali]'``, and the names a job may give
-(``auto``, ``dali``, ``pil``) and whether DALI is installed are ``data/decoders.py``.
-"""
+"""The pixels of a view: ``pixels`` (the rules), ``pil`` (the reference), ``dali`` (the fast path),
+``factory`` (``make_decoder``, by name) and ``stored`` (decoders of views stored with a feature
+store); this file re-exports their public names (docs/CONTRACTS.md, "The pixels of a view").
+Importing it does not import DALI."""
 from data.decode.dali import HW_DECODER_LOAD, PREALLOCATE_HINT, DaliViewDecoder, dali_device_id
 from data.decode.factory import make_decoder
 from data.decode.pil import pil_view, pil_views

@@ -1,42 +1,8 @@
-"""The pixels of a view, decoded by DALI: the fast path of ``data/decode/pil.py``.
-
-The pipeline takes encoded bytes and view boxes from Python (``fn.external_source``),
-decodes only the crop (``fn.decoders.image_slice`` with an absolute pixel anchor and
-shape; libjpeg-turbo/nvJPEG decode just the region for JPEGs), resizes it to
-``size x size`` (linear, antialiased), mirrors it and normalises it
-(``fn.crop_mirror_normalize``, CHW float32). The pixel rules, the crop conventions and
-the normalisation constants are those of ``data/decode/pixels.py`` (alpha dropped, EXIF
-orientation ignored, 16-bit scaled by 1/257), so the result agrees with ``pil_views``
-within ``pixels.VIEW_BOUND`` / ``pixels.MEAN_BOUND``. Importing this module does not
-import DALI: the pipeline is built (and DALI imported) on the first batch. DALI is the
-optional extra ``pip install '.[dali]'``: making a decoder without it raises
-``data.decoders.DaliMissing``, one line naming the extra.
-
-Two ways to use it:
-
-- ``decoder(datas, boxes, flips)``: decode one batch and wait for it;
-- ``decoder.submit(...)`` then ``decoder.get()``: up to ``prefetch`` batches in flight,
-  decoded by DALI's own threads while the caller computes; ``get`` returns them in
-  submission order. ``decoder.map(batches)`` wraps this into a generator.
-
-On the GPU (``device="cuda"``) the pipeline runs on ``device_id`` (derive it from a torch
-device with ``dali_device_id``: ``cuda:1`` decodes on GPU 1, not on GPU 0 followed by a
-copy across GPUs). ``get`` takes DALI's outputs bound to the decoder's own CUDA stream
-(``outputs(cuda_stream=...)``: no host wait), copies them into a torch tensor on that
-stream and makes the caller's current stream wait for the copy with an event, so the
-decoding thread never waits on the GPU and never on the training stream. The nvJPEG
-hardware decoder (A100, H100 and later) takes ``hw_decoder_load`` of the JPEG work (DALI's
-default 0.65 until a GPU has measured the best value for this pipeline;
-``bench/gpu_check.py``) and may preallocate its buffers for images of
-``preallocate_width_hint`` x ``preallocate_height_hint`` pixels (0: no hint).
-
-Batches may hold any number of samples from 1 to ``batch_size`` (a final partial batch
-is fine). If DALI fails on a batch (corrupt bytes, a box outside its image), ``get``
-raises ``data.decoders.DecodeError`` naming the offending samples (found by ``prepare``'s
-own image check, ``inspect_image``, and the box rule; ``data.decoders.sample_name``: for
-bytes from ``ImageSet.read`` the global index, source file and shard tar), drops the
-batches still in flight and rebuilds the pipeline on the next call.
-"""
+"""The pixels of a view decoded by DALI, the fast path of ``data/decode/pil.py``: only the crop is
+decoded (``fn.decoders.image_slice``), then resized, mirrored and normalised
+(``fn.crop_mirror_normalize``), on the CPU or on a GPU (nvJPEG), by the rules of
+``data/decode/pixels.py``. Importing this module does not import DALI: the pipeline is built on
+the first batch, and a decoder made without DALI raises ``data.decoders.DaliMissing``."""
 from __future__ import annotations
 
 import collections
@@ -92,7 +58,24 @@ class DaliViewDecoder:
       device_id: CUDA device; by default the one ``device`` names (``dali_device_id``);
         if both are given they must agree.
       hw_decoder_load, preallocate_width_hint, preallocate_height_hint: the nvJPEG hardware
-        decoder's settings (device="cuda" only; see the module docstring).
+        decoder (A100, H100 and later; device="cuda" only): its share of the JPEG work (DALI's
+        default 0.65 until a GPU has measured the best value, bench/gpu_check.py) and the image
+        size its buffers are preallocated for (0: no hint).
+
+    ``decoder(datas, boxes, flips)`` decodes one batch and waits for it; ``submit(...)`` then
+    ``get()`` keep up to ``prefetch`` batches in flight on DALI's own threads while the caller
+    computes, returned in submission order (``map(batches)`` wraps this into a generator). A
+    batch holds 1 to ``batch_size`` samples.
+
+    On the GPU, ``get`` takes DALI's outputs bound to the decoder's own CUDA stream (no host
+    wait), copies them into a torch tensor on that stream and makes the caller's current stream
+    wait for the copy with an event, so the decoding thread never waits on the GPU nor on the
+    training stream.
+
+    If DALI fails on a batch (corrupt bytes, a box outside its image), ``get`` raises
+    ``data.decoders.DecodeError`` naming the offending samples (found by ``inspect_image`` and the
+    box rule; ``sample_name``), drops the batches still in flight and rebuilds the pipeline on the
+    next call.
 
     The DALI pipeline is built on the first batch, so a decoder may be constructed
     before worker processes fork; use one decoder per thread or process (it is not

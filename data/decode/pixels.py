@@ -1,33 +1,6 @@
-"""The pixel rules of a view: one definition, shared by every decoder of the project.
-
-A view of an image is a crop box ``(x, y, w, h)`` in the original image's integer
-pixels plus a horizontal flip (``data/views.py`` draws them). Its pixels are, in this
-order:
-
-1. decode the stored bytes and convert to 8-bit RGB with these rules
-   - any alpha channel is dropped, never composited (L/LA/P/PA/RGBA -> RGB; a
-     palette's transparency is ignored), which is what DALI does when it decodes to RGB;
-   - grey images are replicated into three channels;
-   - CMYK JPEGs (Adobe/Photoshop convention) go through PIL's CMYK -> RGB conversion;
-   - 16-bit samples are scaled to 8 bits as ``round(v / 257)`` (DALI's rule; PIL's own
-     ``convert`` would clip them);
-   - EXIF orientation is ignored: boxes are in the pixel order of the stored bytes,
-     the order in which ``PIL.Image.size`` (and so the manifest) reports width and height;
-2. crop the box ``[x, x + w) x [y, y + h)`` (``check_box``: non-empty, inside the image;
-   ``crop_corners`` for PIL's ``(left, top, right, bottom)``, ``crop_anchor_shape`` for
-   DALI's slice anchor and shape on the axes ``CROP_AXES``);
-3. resize to ``SIZE x SIZE`` (stretched, aspect ratio not kept), bilinear, antialiased
-   when shrinking (PIL's ``BILINEAR`` widens its triangle filter by the scale factor;
-   DALI's ``resize(interp_type=INTERP_LINEAR, antialias=True)``);
-4. flip left-right if the view says so (after resizing);
-5. for the model: ``(pixels / 255 - MEAN) / STD`` per channel, layout CHW, float32
-   (``normalize_uint8``; ``scaled_mean_std`` gives the same on the 0..255 scale for
-   DALI's ``crop_mirror_normalize``); without normalising, float32 CHW pixel values 0..255.
-
-``data.decode.pil`` is the reference, ``data.decode.dali`` the fast path. They agree
-within ``VIEW_BOUND`` / ``MEAN_BOUND`` (below; checked by ``tests/data/test_decode.py``
-and ``bench/gpu_check.py``, measured numbers in ``docs/performance.md``).
-"""
+"""The pixel rules of a view, shared by every decoder: conversion to 8-bit RGB, crop, resize, flip,
+normalisation, layout, and the tolerance between decoders (docs/CONTRACTS.md, "The pixels of a
+view"; measured differences in docs/performance.md, "Decoding")."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -48,12 +21,11 @@ CROP_AXES = "WH"
 
 # Tolerance between decoders (0..255 scale, before normalisation, DALI CPU vs PIL on the
 # same bytes and boxes): per view, mean absolute difference <= VIEW_BOUND; over all views
-# of a check, <= MEAN_BOUND. Measured when these bounds were set (DALI 2.4.0, Pillow 13.0,
-# 21 photos, 8 views each from view_params): worst view 0.20, mean 0.12 (JPEG decoders and
-# resampling rounding differ by a level or two on a few pixels). For scale: shifting a box
-# by one source pixel changes a view by 3-8, and nearest-neighbour instead of bilinear by
-# 2-4, so the bounds catch geometry mistakes. nvJPEG's IDCT (and the A100/H100 hardware
-# decoder) is not libjpeg-turbo's: DALI on CUDA is allowed CUDA_BOUND_SCALE times these.
+# of a check, <= MEAN_BOUND. JPEG decoders and resampling rounding differ by a level or two on
+# a few pixels (docs/performance.md, "Agreement"), while shifting a box by one source pixel
+# changes a view by 3-8 and nearest-neighbour instead of bilinear by 2-4, so the bounds catch
+# geometry mistakes. nvJPEG's IDCT (and the A100/H100 hardware decoder) is not
+# libjpeg-turbo's: DALI on CUDA is allowed CUDA_BOUND_SCALE times these.
 VIEW_BOUND = 0.6
 MEAN_BOUND = 0.3
 CUDA_BOUND_SCALE = 2.0
@@ -62,7 +34,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
-    """Convert a PIL image of any mode to 8-bit RGB by rule 1 of the module docstring.
+    """Convert a PIL image of any mode to 8-bit RGB by rule 1 (docs/CONTRACTS.md, "The pixels of a view").
 
     Returns np.uint8 (H, W, 3), H and W as ``image.size`` reports them (no EXIF rotation).
     """

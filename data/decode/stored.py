@@ -1,18 +1,6 @@
-"""Decoders of stored views (store/viewpixels.py): the view is final, 224 x 224 RGB, so
-there is no crop, resize or flip; only decoding (JPEG) or none at all (raw) and the
-normalisation of rule 5 (``data.decode.pixels``).
-
-``make_view_decoder(form, kind, ...)`` returns a callable ``datas -> (B, 3, 224, 224)``
-float32 normalised, on the CPU, or on the GPU for DALI on CUDA; with ``normalize=False``
-the pixels as they are, uint8 (B, 224, 224, 3), which training normalises on its device
-(``pixels.normalize_uint8`` in train/loader.py's ``materialize``):
-
-- ``raw``: ``np.frombuffer`` of each view's HWC bytes (any ``kind``);
-- ``jpeg`` with ``pil``: PIL decodes each view (the reference);
-- ``jpeg`` with ``dali``: ``fn.decoders.image`` (``device="cpu"``, or the ``mixed`` nvJPEG
-  decoder on a GPU) on bytes fed through ``fn.external_source``, then
-  ``fn.crop_mirror_normalize`` (no crop, no mirror) to CHW float32.
-"""
+"""Decoders of stored views (store/viewpixels.py): the view is final, 224 x 224 RGB, so only
+decoding (JPEG: PIL, or DALI ``fn.decoders.image`` on the CPU or nvJPEG on a GPU) or none at all
+(raw: ``np.frombuffer``) and the normalisation remain; ``make_view_decoder`` picks one."""
 from __future__ import annotations
 
 import functools

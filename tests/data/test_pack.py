@@ -72,7 +72,8 @@ def test_global_batches_on_a_class_sorted_imagenet_listing_hold_iid_many_classes
     from types import SimpleNamespace
 
     from train.config import DataConfig
-    from train.loader import Plan, auto_streams
+    from data.order import auto_streams
+    from train.loader import Plan
 
     sizes = np.full(1000, 1300)
     sizes[895:] -= 179

@@ -1,4 +1,4 @@
-"""eval/config.py and eval/options.py: one typed config per protocol, its defaults written once and
+"""eval/config.py and core/options.py: one typed config per protocol, its defaults written once and
 shown by the command, strict keys, checked values, derived values checked on load."""
 import dataclasses
 
@@ -28,7 +28,7 @@ def test_the_command_builds_the_config_the_dataclass_defaults_give(tmp_path):
     command = main.commands["eval"].commands["detection"]
     ctx = command.make_context("detection", [str(tmp_path), "--checkpoint", str(ck), "--heads", "light",
                                              "--scale-range", "0.5", "1.5", "epochs=3"])
-    from eval.options import config_from
+    from core.options import config_from
 
     values = {k: v for k, v in ctx.params.items() if k not in ("out", "device", "overrides", "resume")}
     cfg = config_from(DetectionConfig, values, ctx.params["overrides"])

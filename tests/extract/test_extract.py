@@ -1,5 +1,9 @@
 """Extraction end to end: cached tokens equal a fresh teacher forward, a SIGKILLed run
-resumes to the same store, two torchrun ranks write the same store as one, verify."""
+resumes to the same store (its view pixels too), two torchrun ranks write the same store as
+one, verify.
+
+Every teacher is tiny (tests/conftest.py ``tiny_teacher``; ``tiny_cli`` and ``tiny_random_init``
+for the command line): what is tested is what extraction does with a teacher's tokens."""
 import os
 import subprocess
 import sys
@@ -13,27 +17,26 @@ from click.testing import CliRunner
 
 from cli import main
 
+from extract.config import ExtractConfig
 from extract.runner import Extractor, run_extraction
-from teachers.vit import build_teacher
 from store.verify import verify_store
 from store.features import FeatureStore
+from store.viewpixels import ViewPixels
 from data.shards import ImageSet
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWS = 2
 # fp32 CPU kernels sum in an order that depends on the thread count, and torchrun gives each
 # rank one thread: every run compared here uses one thread, so stores are bit-identical.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
 
 
-def _cli(*args):
-    return [sys.executable, str(ROOT / "cli.py"), *args]
-
-
-def _extract_args(data, store, teacher="mae", *extra):
-    return ["extract", "--teacher", teacher, "--data", str(data), "--store", str(store), "--random-init",
+def _extract_args(data, store, *extra, view_pixels="none"):
+    return ["extract", "--teacher", "mae", "--data", str(data), "--store", str(store), "--random-init",
             "--views", str(VIEWS), "--batch-size", "2", "--decoder", "pil", "--device", "cpu", "--codec", "fp16",
-            "--view-pixels", "none", *extra]
+            "--view-pixels", view_pixels, *extra]
 
 
 def _arrays(store, teacher="mae"):
@@ -42,25 +45,24 @@ def _arrays(store, teacher="mae"):
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    return build_teacher("mae", random_init=True, seed=0)
+def teacher(tiny_teacher):
+    return tiny_teacher("mae")       # what ``extract --random-init`` builds under tiny_cli / tiny_random_init
 
 
-@pytest.fixture(scope="module")
-def reference_store(prepared_data, tmp_path_factory, teacher):
+def _reference(data, store, teacher, view_pixels="none"):
     """One uninterrupted single-process, single-thread run (the PIL decoder, as the CLI runs below)."""
-    store = tmp_path_factory.mktemp("ref") / "store"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_extraction(teacher=teacher, data=ImageSet.open(prepared_data), store_path=store, views=VIEWS,
-                       seed=0, batch_size=2, decoder="pil", progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    run_extraction(ExtractConfig(store=store, views=VIEWS, seed=0, batch_size=2, decoder="pil", codec="fp16",
+                                 view_pixels=view_pixels, device="cpu"), teacher=teacher,
+                   data=ImageSet.open(data), progress=False)
     return store
 
 
-def test_cached_fp16_tokens_equal_a_fresh_forward(prepared_data, reference_store, teacher, one_torch_thread):
+@pytest.fixture(scope="module")
+def reference_store(prepared_data, tmp_path_factory, teacher, one_torch_thread):
+    return _reference(prepared_data, tmp_path_factory.mktemp("ref") / "store", teacher)
+
+
+def test_cached_fp16_tokens_equal_a_fresh_forward(prepared_data, reference_store, teacher):
     """Bit-exact (after the fp16 cast) for the same batch composition and thread count."""
     ds = ImageSet.open(prepared_data)
     ts = FeatureStore.open(reference_store).teacher("mae")
@@ -78,8 +80,9 @@ def test_cached_fp16_tokens_equal_a_fresh_forward(prepared_data, reference_store
 @pytest.mark.parametrize("codec,min_cos,max_rel", [("int8", 0.9999, 0.01), ("pca", None, None)])
 def test_other_codecs_are_faithful(prepared_data, reference_store, teacher, tmp_path, codec, min_cos, max_rel):
     ds = ImageSet.open(prepared_data)
-    summary = run_extraction(teacher=teacher, data=ds, store_path=tmp_path / "s", views=VIEWS, seed=0,
-                             batch_size=4, decoder="pil", codec=codec, pca_dim=256, progress=False)
+    summary = run_extraction(ExtractConfig(store=tmp_path / "s", views=VIEWS, seed=0, batch_size=4, decoder="pil",
+                                           codec=codec, pca_dim=256, view_pixels="none", device="cpu"),
+                             teacher=teacher, data=ds, progress=False)
     assert summary["stats"] == "teacher pass before the blocks"     # one rule for every codec
     ts = FeatureStore.open(tmp_path / "s").teacher("mae")
     ref = FeatureStore.open(reference_store).teacher("mae")
@@ -102,8 +105,7 @@ def _covariance(st) -> np.ndarray:
     return st["components"].T.astype(np.float64) * st["eigenvalues"] @ st["components"].astype(np.float64)
 
 
-def test_statistics_of_every_codec_are_a_teacher_pass_over_the_keyed_sample(prepared_data, reference_store, teacher,
-                                                                           one_torch_thread):
+def test_statistics_of_every_codec_are_a_teacher_pass_over_the_keyed_sample(prepared_data, reference_store, teacher):
     """One rule: the unrounded tokens of a teacher pass over ``views.stats_sample``, before the
     blocks, whatever the codec; so an fp16 store's statistics are exactly a fresh pass's (not
     its own fp16-rounded tokens', ~2e-4 away), and those of a pca or adapter store."""
@@ -126,30 +128,66 @@ def test_statistics_of_every_codec_are_a_teacher_pass_over_the_keyed_sample(prep
     assert np.linalg.norm(_covariance(four) - _covariance(fresh)) > 0
 
 
-def test_sigkill_then_resume_gives_identical_store(prepared_data, reference_store, tmp_path, sigkill_when):
-    store = tmp_path / "store"
+def test_sigkill_then_resume_gives_identical_store(one_image_shards, teacher, tmp_path, sigkill_when, tiny_cli,
+                                                  tiny_random_init):
+    """Killed among 26 blocks of one image each (the tokens' writer: a tiny teacher writes a block in
+    ~30 ms, so the 24 left after the kill's condition are ~10 polls of it), resumed in process."""
+    store, reference = tmp_path / "store", _reference(one_image_shards, tmp_path / "reference", teacher)
 
     def two_blocks_done():
         return ((store / "mae" / "complete" / "zarr.json").exists()
                 and FeatureStore.open(store).teacher("mae").complete_matrix().sum() >= 2)
 
-    sigkill_when(_cli(*_extract_args(prepared_data, store)), two_blocks_done, env=ENV, cwd=ROOT)
+    sigkill_when(tiny_cli(*_extract_args(one_image_shards, store)), two_blocks_done, env=ENV, cwd=ROOT)
     partial = FeatureStore.open(store).teacher("mae").complete_matrix()
+    done = int((partial > 0).sum())
+    print(f"killed with {done} of {partial.size} blocks complete")
     assert 0 < partial.sum() < partial.size
-    out = subprocess.run(_cli(*_extract_args(prepared_data, store)), cwd=ROOT, capture_output=True,
-                         text=True, check=True, env=ENV)
-    assert "already complete" in out.stdout + out.stderr
-    got, want = _arrays(store), _arrays(reference_store)
+    out = CliRunner().invoke(main, _extract_args(one_image_shards, store))
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert f"mae: {partial.size - done} blocks written, {done} already complete" in out.output
+    got, want = _arrays(store), _arrays(reference)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    problems, _ = verify_store(store, ImageSet.open(prepared_data), progress=False)
+    problems, _ = verify_store(store, ImageSet.open(one_image_shards), progress=False)
     assert problems == []
 
 
-def test_two_torchrun_ranks_write_the_same_store_as_one(prepared_data, reference_store, tmp_path):
+def _view_files(store):
+    return {p.relative_to(store): p.read_bytes() for p in sorted((store / "pixels").rglob("*")) if p.is_file()}
+
+
+def test_sigkill_then_resume_with_view_pixels_gives_an_identical_store(one_image_shards, teacher, tmp_path,
+                                                                   sigkill_when, tiny_cli, tiny_random_init):
+    """Killed among 26 view blocks (the view tars' writer, as above), resumed in process."""
     store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "cli.py"), *_extract_args(prepared_data, store)]
+    reference = _reference(one_image_shards, tmp_path / "reference", teacher, view_pixels="jpeg")
+
+    def two_view_blocks_done():
+        return len(list((store / "pixels").glob("slot-*/*.json"))) >= 2
+
+    args = _extract_args(one_image_shards, store, view_pixels="jpeg")
+    sigkill_when(tiny_cli(*args), two_view_blocks_done, env=ENV, cwd=ROOT)
+    partial = ViewPixels.open(FeatureStore.open(store)).complete_matrix()
+    done = int(((partial > 0) & (FeatureStore.open(store).teacher("mae").complete_matrix() > 0)).sum())
+    print(f"killed with {partial.sum()} of {partial.size} view blocks complete ({done} with their tokens)")
+    assert 0 < partial.sum() < partial.size
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert f"mae: {partial.size - done} blocks written, {done} already complete" in out.output
+    got, want = _view_files(store), _view_files(reference)
+    assert sorted(got) == sorted(want) and len(want) == 1 + 3 * 26     # zarr.json + (tar, idx, record) x 26
+    for name in want:
+        assert got[name] == want[name], name
+    got, want = _arrays(store), _arrays(reference)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert verify_store(store, ImageSet.open(one_image_shards), progress=False)[0] == []
+
+
+def test_two_torchrun_ranks_write_the_same_store_as_one(prepared_data, reference_store, tmp_path, tiny_cli):
+    store = tmp_path / "store"
+    cmd = [*TORCHRUN, *tiny_cli(*_extract_args(prepared_data, store))]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=ENV)
     got, want = _arrays(store), _arrays(reference_store)
     for k in want:
@@ -193,22 +231,23 @@ def test_verify_reports_incomplete_and_mismatched_stores(prepared_data, photo_tr
     assert r.exit_code == 1 and "PROBLEM" in r.stderr
 
 
-def test_estimate_prints_bytes_and_hours(prepared_data, tmp_path):
-    r = CliRunner().invoke(main, _extract_args(prepared_data, tmp_path / "s", "mae", "--estimate"))
+def test_estimate_prints_bytes_and_hours(prepared_data, tmp_path, tiny_random_init):
+    r = CliRunner().invoke(main, _extract_args(prepared_data, tmp_path / "s", "--estimate"))
     assert r.exit_code == 0, (r.output, r.exception)
     assert "GiB" in r.stdout and " h on 1 rank" in r.stdout
     assert not (tmp_path / "s").exists()
 
 
-def test_estimated_bytes_match_the_finished_store_within_5_percent(prepared_data, teacher_store, teacher):
-    """The store's tokens are uncompressed and its statistics a fixed 2.4 MB (measured: mae
-    +2.7%, the zstd'ed statistics and small arrays; the old zstd-ratio estimate was -41%)."""
-    model, teacher = teacher, "mae"        # the module's teacher: mae, random init, seed 0, as the store's
+def test_estimated_bytes_match_the_finished_store_within_5_percent(prepared_data, teacher_store, tiny_teacher):
+    """The store's tokens are uncompressed and its statistics a fixed size (measured: mae
+    +2.7% on a ViT-B, the zstd'ed statistics and small arrays; the old zstd-ratio estimate was -41%)."""
+    model, teacher = tiny_teacher("mae"), "mae"        # the shared store's teacher
     assert (model.name, model.untrained) == (teacher, True)
     from extract.estimate import estimate_run
     data = ImageSet.open(prepared_data)
     ex = Extractor(model, data, seed=0, views=2, batch_size=2, device="cpu", decoder="pil", num_threads=1)
-    e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=2, batches=1, stats_images=4)
+    e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=2, batches=1, stats_images=4,
+                     view_pixels="none")
     on_disk = sum(f.stat().st_size for f in (Path(teacher_store) / teacher).rglob("*") if f.is_file())
     print(f"{teacher}: estimated {e['total_bytes']} B, store {on_disk} B, "
           f"{e['total_bytes'] / on_disk - 1:+.2%}")

@@ -10,15 +10,15 @@ from click.testing import CliRunner
 
 from cli import main
 from extract import runner
+from extract.config import ExtractConfig
 from extract.runner import run_extraction
-from teachers.vit import build_teacher
 from store.verify import verify_store
 from store.features import DataInfo, FeatureStore, StoreError, TeacherStore
 from data.shards import ImageSet
 
 
 def test_a_teacher_whose_input_disagrees_with_the_store_is_refused_before_any_work(prepared_data, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, tiny_teacher):
     data = ImageSet.open(prepared_data)
     store = tmp_path / "store"
     fs = FeatureStore.create_or_open(store, data=DataInfo.of(data), views=2, seed=0)
@@ -31,13 +31,32 @@ def test_a_teacher_whose_input_disagrees_with_the_store_is_refused_before_any_wo
         return refuse
     monkeypatch.setattr(runner, "compute_stats", began("the statistics pass"))
     monkeypatch.setattr(TeacherStore, "write_block", began("a block's write"))
-    teacher = build_teacher("mae", random_init=True, model_kwargs=dict(depth=1))
+    teacher = tiny_teacher("mae")
     with pytest.raises(StoreError) as refusal:
-        run_extraction(teacher=teacher, data=data, store_path=store, views=2, seed=0, batch_size=4,
-                       decoder="pil", progress=False, stats_images=13, view_pixels="jpeg")
+        run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil", stats_images=13,
+                                     view_pixels="jpeg", codec="fp16", device="cpu"), teacher=teacher, data=data,
+                       progress=False)
     message = str(refusal.value)
     assert "\n" not in message and all(w in message for w in ("'mae'", "jpeg", "'mocov3'", "source")), message
     assert sorted(p.name for p in store.iterdir()) == ["mocov3", "zarr.json"]          # no mae, no pixels
+
+
+def test_a_teacher_recorded_before_build_records_reopens_for_its_default_build_only(prepared_data, tmp_path):
+    """A teacher group without ``build`` (an older store) reads as its descriptor's default build,
+    seeded with the store's seed when untrained: extraction may resume it with that build, and is
+    refused with any other."""
+    from teachers.vit import default_build
+
+    fs = FeatureStore.create_or_open(tmp_path / "store", data=DataInfo.of(ImageSet.open(prepared_data)), views=2,
+                                     seed=3)
+    older = dict(codec="fp16", n_visible=98, mask_ratio=0.5, embed_dim=768, pca_dim=0, input="source",
+                 untrained=True)
+    fs.create_teacher("mae", older)
+    assert "build" not in fs.teacher("mae").config and fs.teacher("mae").build == default_build("mae", seed=3)
+    fs.create_teacher("mae", dict(older, build=default_build("mae", seed=3)))
+    with pytest.raises(StoreError, match="exists with another configuration") as refusal:
+        fs.create_teacher("mae", dict(older, build=default_build("mae", seed=3, model_kwargs=dict(depth=1))))
+    assert "build: store has" in str(refusal.value)
 
 
 def _one_error(args, *names):

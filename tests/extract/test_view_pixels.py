@@ -4,14 +4,14 @@ With JPEG views the teacher runs on the stored view as decoded, so the student r
 sees the teacher's pixels (PIL exactly, DALI within the decoders' bound); stored JPEG views
 against a fresh decode of the original images (the measured bound, printed with ``-s``), raw
 views bit-exact; the student's pixels must be the teachers'; one training step from each; a
-run from view pixels opens no original image shard; verify; SIGKILL then resume; format versions.
+run from view pixels opens no original image shard; verify; format versions (SIGKILL then resume:
+tests/extract/test_extract.py). Every teacher is tiny (tests/conftest.py ``tiny_teacher``) but that
+of the default ``extract`` command's test, a full ViT-B/16: the suite's smoke of a real teacher.
 """
 import builtins
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from click.testing import CliRunner
 
+from cli import main
+from extract.config import ExtractConfig
 from extract.runner import Extractor, run_extraction
-from teachers.vit import build_teacher
 from store.verify import verify_store
 from data import views as V
 from data.decode import VIEW_BOUND, denormalize, pil_views
@@ -30,22 +32,31 @@ from store.features import DataInfo, FeatureStore, StoreError
 from core.io import sha256_file
 from data.shards import ImageSet
 from store.viewpixels import ViewPixels
-import train.loader as loader
+from teachers.vit import default_build
+import train.runstore as runstore
 from train.config import load_config
 from train.loader import CachedSource, Plan, resolve_data
-from train.loop import build_source, train
+from train.runstore import RunStore
+from train.loop import train
+from train.sources import build_source
 from train.objective import build_objective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 VIEWS = 2
 
 
-def _extract(data, store, **kw):
-    return run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=ImageSet.open(data),
-                          store_path=store, views=VIEWS, seed=0, batch_size=2, decoder="pil", progress=False,
-                          stats_images=13, **kw)
+def _extract(data, store, teacher, **kw):
+    """``teacher`` (a tiny one) over ``data`` into ``store``: 2 views, batches of 2, fp16 tokens,
+    statistics from all 13 images; ``kw`` sets the rest (``view_pixels``: none)."""
+    cfg = dict(store=store, views=VIEWS, seed=0, batch_size=2, decoder="pil", stats_images=13, codec="fp16",
+               view_pixels="none", device="cpu")
+    return run_extraction(ExtractConfig(**{**cfg, **kw}), teacher=teacher, data=ImageSet.open(data),
+                          progress=False)
+
+
+@pytest.fixture(scope="module")
+def mae(tiny_teacher):
+    return tiny_teacher("mae")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,7 @@ def teacher_inputs():
 
 
 @pytest.fixture(scope="module")
-def jpeg_store(prepared_data, tmp_path_factory, teacher_inputs):
+def jpeg_store(prepared_data, tmp_path_factory, teacher_inputs, mae):
     """MAE (random init), 2 views, fp16 tokens and the views as JPEG: one uninterrupted run,
     recording the teacher's input images (``teacher_inputs``)."""
     store = tmp_path_factory.mktemp("jpeg") / "store"
@@ -68,28 +79,28 @@ def jpeg_store(prepared_data, tmp_path_factory, teacher_inputs):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Extractor, "view_batch", recording)
-        summary = _extract(prepared_data, store, view_pixels="jpeg")
+        summary = _extract(prepared_data, store, mae, view_pixels="jpeg")
     assert summary["pixel_blocks"] == 6 and summary["blocks"] == 6
     return store
 
 
 @pytest.fixture(scope="module")
-def source_store(prepared_data, tmp_path_factory):
+def source_store(prepared_data, tmp_path_factory, mae):
     """MAE (random init), 2 views, fp16 tokens, no view pixels: the teacher ran on the crops."""
     store = tmp_path_factory.mktemp("source") / "store"
-    _extract(prepared_data, store)
+    _extract(prepared_data, store, mae)
     return store
 
 
 @pytest.fixture(scope="module")
-def raw_store(source_store, prepared_data, tmp_path_factory):
+def raw_store(source_store, prepared_data, tmp_path_factory, mae):
     """The source store's tokens; the views then added as raw uint8 by a run that decodes only:
     the teacher forward is made to fail, so no block may need one."""
     store = tmp_path_factory.mktemp("raw") / "store"
     shutil.copytree(source_store, store)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Extractor, "_forward", lambda *a: pytest.fail("a teacher forward for complete tokens"))
-        summary = _extract(prepared_data, store, view_pixels="raw")
+        summary = _extract(prepared_data, store, mae, view_pixels="raw")
     assert summary["pixel_blocks"] == 6 and summary["skipped"] == 0
     return store
 
@@ -133,7 +144,8 @@ def test_a_teacher_on_the_jpeg_views_gives_other_tokens_than_on_the_crops(jpeg_s
 
 
 def test_a_later_teacher_runs_on_the_views_the_store_holds_without_reading_an_image(jpeg_store, prepared_data,
-                                                                                    tmp_path, monkeypatch):
+                                                                                    tmp_path, monkeypatch,
+                                                                                    tiny_teacher):
     store, seen = tmp_path / "store", {}
     shutil.copytree(jpeg_store, store)
     real = Extractor.view_batch
@@ -145,9 +157,7 @@ def test_a_later_teacher_runs_on_the_views_the_store_holds_without_reading_an_im
 
     monkeypatch.setattr(Extractor, "view_batch", recording)
     monkeypatch.setattr(ImageSet, "read_many", lambda *a: pytest.fail("read a source image of a stored view"))
-    run_extraction(teacher=build_teacher("mocov3", random_init=True, seed=0), data=ImageSet.open(prepared_data),
-                   store_path=store, views=VIEWS, seed=0, batch_size=2, decoder="pil", progress=False,
-                   stats_images=13)                                  # no --view-pixels: the store's form decides
+    _extract(prepared_data, store, tiny_teacher("mocov3"))          # no --view-pixels: the store's form decides
     assert FeatureStore.open(store).teacher("mocov3").input == "jpeg" and len(seen) == 26
     vp = ViewPixels.open(FeatureStore.open(store))
     for slot, shard in np.argwhere(vp.complete_matrix()):
@@ -221,7 +231,7 @@ def test_one_step_from_stored_views_matches_the_fresh_images(form, jpeg_store, r
     store = jpeg_store if form == "jpeg" else raw_store
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
     with monkeypatch.context() as mp:   # the fresh crops as a reference, which training refuses for JPEG-fed teachers
-        mp.setattr(loader, "student_pixels", lambda fs, stores, pixels: ("source", None))
+        mp.setattr(runstore, "student_pixels", lambda fs, stores, pixels: ("source", None))
         fresh, stats = build_source(_cfg(prepared_data, store, **{"data.pixels": "source"}), plan, device="cpu")
     stored, _ = build_source(_cfg(prepared_data, store, **{"data.pixels": "views"}), plan, device="cpu")
     assert fresh.view_pixels is None and stored.view_pixels.form == form
@@ -276,10 +286,7 @@ def test_training_from_view_pixels_opens_no_image_shard(jpeg_store, source_store
 
 def test_extract_by_default_writes_adapter_coefficients_and_jpeg_views_that_training_reads(prepared_data, tmp_path,
                                                                                          monkeypatch):
-    from click.testing import CliRunner
-
-    from cli import main
-
+    """The smoke of a real teacher: the default command builds a full-depth random-init ViT-B/16."""
     store = tmp_path / "store"
     r = CliRunner().invoke(main, ["extract", "--teacher", "mae", "--data", str(prepared_data), "--store", str(store),
                                   "--random-init", "--views", str(VIEWS), "--batch-size", "4", "--decoder", "pil",
@@ -288,6 +295,7 @@ def test_extract_by_default_writes_adapter_coefficients_and_jpeg_views_that_trai
     fs = FeatureStore.open(store)
     ts, vp = fs.teacher("mae"), ViewPixels.open(fs)
     assert (ts.codec, ts.input, vp.form, vp.missing()) == ("adapter", "jpeg", "jpeg", [])
+    assert ts.build == default_build("mae", seed=0)                    # the descriptor's ViT-B/16
     opened = _watch_image_shards(monkeypatch, prepared_data)
     train(_cfg(prepared_data, store, **{"model.depth": 2}), out_dir=tmp_path / "run", max_steps=2, progress=False)
     assert opened == [] and load_config(tmp_path / "run" / "config.yaml").data.pixels == "views"
@@ -329,35 +337,6 @@ def test_verify_reports_missing_incomplete_and_tampered_view_shards(jpeg_store, 
     assert any("view pixels do not belong to this store" in p for p in problems)
 
 
-def _files(store):
-    return {p.relative_to(store): p.read_bytes() for p in sorted((store / "pixels").rglob("*")) if p.is_file()}
-
-
-def test_sigkill_then_resume_with_view_pixels_gives_an_identical_store(jpeg_store, prepared_data, tmp_path,
-                                                                   sigkill_when):
-    store = tmp_path / "store"
-    cmd = [sys.executable, str(ROOT / "cli.py"), "extract", "--teacher", "mae", "--data", str(prepared_data),
-           "--store", str(store), "--random-init", "--views", str(VIEWS), "--batch-size", "2", "--decoder",
-           "pil", "--device", "cpu", "--stats-images", "13", "--view-pixels", "jpeg", "--codec", "fp16"]
-
-    def two_view_blocks_done():
-        return len(list((store / "pixels").glob("slot-*/*.json"))) >= 2
-
-    sigkill_when(cmd, two_view_blocks_done, env=ENV, cwd=ROOT)
-    partial = ViewPixels.open(FeatureStore.open(store)).complete_matrix()
-    assert 0 < partial.sum() < partial.size
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=ENV)
-    assert "already complete" in out.stdout + out.stderr
-    got, want = _files(store), _files(jpeg_store)
-    assert sorted(got) == sorted(want) and len(want) == 1 + 3 * 6      # zarr.json + (tar, idx, record) x 6
-    for name in want:
-        assert got[name] == want[name], name
-    a, b = zarr.open_group(str(store / "mae"), mode="r"), zarr.open_group(str(jpeg_store / "mae"), mode="r")
-    for key in ("index", "boxes", "flips", "visible", "tokens", "complete"):
-        np.testing.assert_array_equal(a[key][...], b[key][...], err_msg=key)
-    assert verify_store(store, ImageSet.open(prepared_data), progress=False)[0] == []
-
-
 def test_a_version_1_store_opens_and_a_newer_one_is_refused_saying_what_to_do(jpeg_store, prepared_data,
                                                                              tmp_path):
     info = DataInfo.of(ImageSet.open(prepared_data))
@@ -379,24 +358,31 @@ def test_data_pixels_views_without_view_pixels_is_refused_in_one_line(raw_store,
     shutil.copytree(raw_store, store)
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
     (store / "pixels" / "slot-0" / "shard-000001.json").unlink()
-    auto = CachedSource(plan, store_path=store, teachers=["mae"], pixels="auto", decoder="pil")
+    auto = CachedSource(plan, RunStore.open(store, plan.data, seed=0, teachers=["mae"], pixels="auto"), decoder="pil")
     assert auto.view_pixels is None                                   # incomplete: auto decodes the images
     cfg = _cfg(prepared_data, store)
     assert resolve_data(cfg, plan.data).data.pixels == "source"
-    assert resolve_data(cfg, plan.data, recorded={"pixels": "views"}).data.pixels == "views"   # a resumed run keeps it
+    # a resumed run keeps the pixels it recorded: a recorded source stays where auto now takes the
+    # complete views, and a recorded views is refused, here as anywhere, once the views are incomplete
+    complete = _cfg(prepared_data, raw_store)
+    assert resolve_data(complete, plan.data).data.pixels == "views"
+    assert resolve_data(complete, plan.data, recorded={"pixels": "source"}).data.pixels == "source"
     with pytest.raises(StoreError, match="has 1 incomplete view blocks, but data.pixels=views; run") as info:
-        CachedSource(plan, store_path=store, teachers=["mae"], pixels="views", decoder="pil")
+        resolve_data(cfg, plan.data, recorded={"pixels": "views"})
     assert "\n" not in str(info.value)
+    with pytest.raises(StoreError, match="has 1 incomplete view blocks, but data.pixels=views; run"):
+        RunStore.open(store, plan.data, seed=0, teachers=["mae"], pixels="views")
     shutil.rmtree(store / "pixels")
     with pytest.raises(StoreError, match="holds no view pixels, but data.pixels=views"):
-        CachedSource(plan, store_path=store, teachers=["mae"], pixels="views", decoder="pil")
+        RunStore.open(store, plan.data, seed=0, teachers=["mae"], pixels="views")
 
 
 def test_the_student_must_read_the_pixels_its_teachers_ran_on(jpeg_store, raw_store, prepared_data, tmp_path):
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=VIEWS, batch_size=4, window=2, streams=2)
 
     def source(store, pixels):
-        return CachedSource(plan, store_path=store, teachers=["mae"], pixels=pixels, decoder="pil")
+        return CachedSource(plan, RunStore.open(store, plan.data, seed=0, teachers=["mae"], pixels=pixels),
+                            decoder="pil")
 
     for store in (jpeg_store, raw_store):         # the teachers ran on these views (raw: the crops exactly)
         assert resolve_data(_cfg(prepared_data, store), plan.data).data.pixels == "views"
@@ -423,12 +409,11 @@ def test_the_student_must_read_the_pixels_its_teachers_ran_on(jpeg_store, raw_st
     assert "\n" not in str(info.value)
 
 
-def test_estimate_counts_the_view_tars(raw_store, jpeg_store, prepared_data):
+def test_estimate_counts_the_view_tars(raw_store, jpeg_store, prepared_data, mae):
     from extract.estimate import estimate_run, format_estimate
 
     data = ImageSet.open(prepared_data)
-    ex = Extractor(build_teacher("mae", random_init=True, seed=0), data, seed=0, views=VIEWS, batch_size=7,
-                   device="cpu", decoder="pil", num_threads=1)
+    ex = Extractor(mae, data, seed=0, views=VIEWS, batch_size=7, device="cpu", decoder="pil", num_threads=1)
     sizes = {}
     for form, store in (("raw", raw_store), ("jpeg", jpeg_store)):
         e = estimate_run(ex, codec="fp16", pca_dim=256, num_images=len(data), views=VIEWS, batches=1,

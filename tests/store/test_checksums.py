@@ -19,6 +19,7 @@ from store.features import DataInfo, FeatureStore, StoreError
 from data.shards import ImageSet
 from store.viewpixels import ViewPixels
 from train.loader import CachedSource, Plan
+from train.runstore import RunStore
 
 VIEWS, WIDTH, TEACHER = 2, 8, "mae"
 SLOT, SHARD = 1, 1                     # the damaged block; training epoch 1 reads slot 1
@@ -77,7 +78,8 @@ def _flip(file, offset: int) -> None:
 def _train_reads(store, data, epoch: int = SLOT, pixels: str = "source", views: int = VIEWS) -> None:
     """Every batch of ``epoch`` through the cached source's read path (``train/loader.py``)."""
     plan = Plan(data, seed=0, views=views, batch_size=4, window=2, streams=2)
-    source = CachedSource(plan, store_path=store, teachers=(TEACHER,), pixels=pixels, decoder="pil")
+    source = CachedSource(plan, RunStore.open(store, plan.data, seed=plan.seed, teachers=(TEACHER,), pixels=pixels),
+                          decoder="pil")
     for _ in source.epoch(epoch):
         pass
 

@@ -87,13 +87,14 @@ def _cli():
     return main
 
 
-def test_a_sample_of_teachers_that_ran_on_the_stored_jpeg_views_shows_those_views(prepared_data, tmp_path):
+def test_a_sample_of_teachers_that_ran_on_the_stored_jpeg_views_shows_those_views(prepared_data, tmp_path,
+                                                                                  tiny_teacher):
     """The default store's teachers see the JPEG view, not the source crop (they differ by a
     few levels): inspect, the held-out losses and CKA read the view, as training does."""
     import torch
 
+    from extract.config import ExtractConfig
     from extract.runner import run_extraction
-    from teachers.vit import build_teacher
     from data.decode import normalize_uint8
     from data.decode.stored import pil_stored_views
     from store.features import FeatureStore
@@ -102,9 +103,9 @@ def test_a_sample_of_teachers_that_ran_on_the_stored_jpeg_views_shows_those_view
 
     data = ImageSet.open(prepared_data)
     store = tmp_path / "store"
-    run_extraction(teacher=build_teacher("mae", random_init=True, seed=0, model_kwargs=dict(depth=1)), data=data,
-                   store_path=store, views=2, seed=0, batch_size=8, decoder="pil", progress=False, stats_images=13,
-                   view_pixels="jpeg")
+    run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=8, decoder="pil", stats_images=13,
+                                 view_pixels="jpeg", codec="fp16", device="cpu"),
+                   teacher=tiny_teacher("mae"), data=data, progress=False)
     s = load_sample(store, data, index=7, view=1)
     fs = FeatureStore.open(store)
     _, datas = ViewPixels.open(fs).read_block(s.slot, 1)                  # image 7 is in shard 1 (5..9)

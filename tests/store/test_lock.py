@@ -46,24 +46,27 @@ def test_a_symlinked_store_path_is_refused_while_the_real_path_is_locked(tmp_pat
 
 def test_run_extraction_holds_the_lock_while_it_writes(monkeypatch, tmp_path):
     import extract.runner as runner
+    from extract.config import ExtractConfig
 
     seen = []
 
-    def probe(*, teacher, store_path, **settings):
+    def probe(cfg, *, teacher, **job):
         with pytest.raises(StoreLocked):
-            WriterLock(store_path, teacher.name).acquire()
-        seen.append(lock_path(store_path, teacher.name))
+            WriterLock(cfg.store, teacher.name).acquire()
+        seen.append(lock_path(cfg.store, teacher.name))
         return {}
     monkeypatch.setattr(runner, "_extract", probe)
-    teacher = type("Teacher", (), {"name": "mocov3"})()
-    runner.run_extraction(teacher=teacher, data=None, store_path=tmp_path / "store")
+    teacher = type("Teacher", (), {"name": "mocov3", "untrained": True, "source": "random-init"})()
+    data = type("ImageSet", (), {"root": tmp_path / "data"})()
+    runner.run_extraction(ExtractConfig(store=tmp_path / "store", view_pixels="none", device="cpu"), teacher=teacher,
+                          data=data)
     assert seen == [tmp_path / "store.mocov3.lock"]
     with WriterLock(tmp_path / "store", "mocov3"):        # released afterwards
         pass
 
 
 def test_second_extract_is_refused_in_one_line_and_a_rerun_proceeds_after_sigkill(
-        prepared_data, teacher_store, tmp_path):
+        prepared_data, teacher_store, tmp_path, tiny_random_init):
     store = tmp_path / "store"
     shutil.copytree(teacher_store, store)
     args = ["extract", "--teacher", "mae", "--data", str(prepared_data), "--store", str(store), "--random-init",

@@ -38,6 +38,7 @@ def test_the_store_records_each_teachers_geometry_from_its_descriptor(teacher_st
         assert (config["resolution"], config["patch_size"], config["embed_dim"]) == (d.resolution, d.patch_size,
                                                                                      d.width)
         assert config["mask_ratio"] == d.mask_ratio and d.grid == V.GRID
+        assert config["build"] == {"arch": d.arch, "model_kwargs": {"img_size": d.resolution, "depth": 1}, "seed": 0}
     with pytest.raises(KeyError, match="unknown teacher 'dinov2'; known: mae, mocov3, ibot, dino, dinov2_b14, "):
         T.descriptor("dinov2")
 

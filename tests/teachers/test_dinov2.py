@@ -50,7 +50,7 @@ def _official_state(name: str, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _expected_conversion(name: str, official: dict) -> dict[str, torch.Tensor]:
-    """The mapping of the module docstring of teachers/checkpoints.py, written out."""
+    """The mapping in docs/teachers.md ("Key layouts and conversion"), written out."""
     out = {k: v for k, v in official.items() if k not in ("mask_token", "register_tokens")}
     if descriptor(name).registers:
         out["reg_token"] = official["register_tokens"]

@@ -9,16 +9,16 @@ class Crash(Exception):
 
 
 def _arm(monkeypatch, step: int, learner: str | None = None) -> type[Crash]:
-    import train.loop as loop
+    from train.learner import Learner
 
-    real, fired = loop.Learner.checkpoint, []
+    real, fired = Learner.checkpoint, []
 
     def checkpoint(self):
         real(self)
         if not fired and self.step == step and learner in (None, self.name):
             fired.append(step)
             raise Crash(f"{self.label}after the checkpoint of step {step}")
-    monkeypatch.setattr(loop.Learner, "checkpoint", checkpoint)
+    monkeypatch.setattr(Learner, "checkpoint", checkpoint)
     return Crash
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from extract.estimate import bytes_per_sample
+from extract.config import ExtractConfig
 from extract.runner import run_extraction
-from teachers.vit import build_teacher
 from store import codecs
 from data import views as V
 from store.features import FeatureStore, StoreError
@@ -18,7 +18,7 @@ from data.shards import ImageSet
 from train.adapters import TeacherAdapter
 from train.config import load_config
 from train.loader import Plan
-from train.loop import build_source
+from train.sources import build_source
 from train.objective import build_objective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,15 +27,15 @@ STORED = ("mae",)        # one teacher extracted keeps the module short; bytes a
 
 
 @pytest.fixture(scope="module")
-def adapter_store(prepared_data, tmp_path_factory):
+def adapter_store(prepared_data, tmp_path_factory, tiny_teacher):
     """The shared store's MAE teacher again (same random init, views, seed), adapter codec,
     statistics from all 13 images as the fp16 store's."""
     store = tmp_path_factory.mktemp("adapter") / "store"
     data = ImageSet.open(prepared_data)
     for name in STORED:
-        summary = run_extraction(teacher=build_teacher(name, random_init=True, seed=0), data=data,
-                                 store_path=store, views=2, seed=0, batch_size=4, decoder="pil",
-                                 codec="adapter", progress=False, stats_images=13)
+        summary = run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil",
+                                               codec="adapter", stats_images=13, view_pixels="none", device="cpu"),
+                                 teacher=tiny_teacher(name), data=data, progress=False)
         assert summary["stats"] == "teacher pass before the blocks"
     return store
 
@@ -123,15 +123,16 @@ def test_random_adapters_refuse_a_coefficient_store_in_one_line(adapter_store, p
 
 @pytest.mark.parametrize("codec", ["adapter", "pca"])
 def test_a_coefficient_codec_refuses_statistics_of_fewer_tokens_than_coefficients(prepared_data, tmp_path,
-                                                                                 adapter_store, codec):
+                                                                                 adapter_store, codec, tiny_teacher):
     """One image's tokens span fewer directions than the codec keeps: the extraction refuses
     before any block (nothing written but the store's skeleton), naming the teacher and the
     counts; a store whose recorded statistics are that thin is refused by training."""
     data = ImageSet.open(prepared_data)
     store = tmp_path / "thin"
     with pytest.raises(codecs.CodecError) as info:
-        run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=data, store_path=store,
-                       views=1, seed=0, batch_size=4, decoder="pil", codec=codec, progress=False, stats_images=1)
+        run_extraction(ExtractConfig(store=store, views=1, seed=0, batch_size=4, decoder="pil", codec=codec,
+                                     stats_images=1, view_pixels="none", device="cpu"),
+                       teacher=tiny_teacher("mae"), data=data, progress=False)
     dim = codecs.stored_dim(codec)
     assert str(info.value) == (f"{store / 'mae'}: teacher mae: codec {codec} keeps {dim} coefficients per token "
                                f"but its statistics come from only 99 tokens (at least {dim + 1} are needed); "
@@ -182,7 +183,8 @@ def test_estimate_counts_the_adapter_codec_bytes():
     assert bytes_per_sample("adapter", n) - bytes_per_sample("fp16", n) == (n + 1) * (192 + 2 - 768 * 2)
 
 
-def test_a_store_read_with_another_stores_adapters_must_hold_their_basis(adapter_store, prepared_data, tmp_path):
+def test_a_store_read_with_another_stores_adapters_must_hold_their_basis(adapter_store, prepared_data, tmp_path,
+                                                                         tiny_teacher):
     """A held-out store evaluated with the training store's adapters: on its own statistics'
     basis it is refused in one line; extracted with ``stats_from`` it holds the same
     coefficients as the training store (same images here), and verify accepts the copy."""
@@ -192,8 +194,9 @@ def test_a_store_read_with_another_stores_adapters_must_hold_their_basis(adapter
     data = ImageSet.open(prepared_data)
 
     def extract(store, **kw):
-        return run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=data, store_path=store,
-                              seed=0, batch_size=4, decoder="pil", codec="adapter", progress=False, **kw)
+        return run_extraction(ExtractConfig(store=store, seed=0, batch_size=4, decoder="pil", codec="adapter",
+                                            view_pixels="none", device="cpu", **kw),
+                              teacher=tiny_teacher("mae"), data=data, progress=False)
 
     extract(tmp_path / "own", views=1, stats_images=7)
     with pytest.raises(StoreError, match=r"own/mae: codec adapter holds coefficients on its own statistics' "
@@ -213,7 +216,7 @@ def test_a_store_read_with_another_stores_adapters_must_hold_their_basis(adapter
 
 
 def test_the_extract_command_takes_the_statistics_of_another_store_with_stats_from(adapter_store, prepared_data,
-                                                                                    tmp_path):
+                                                                                    tmp_path, tiny_random_init):
     from click.testing import CliRunner
 
     from cli import main

@@ -4,28 +4,27 @@ on fewer views than its store holds reloads."""
 import numpy as np
 import pytest
 
+from extract.config import ExtractConfig
 from extract.runner import run_extraction
-from teachers.vit import build_teacher
 from store.features import FeatureStore, StoreError
 from data.shards import ImageSet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-TINY = dict(depth=1)
 
 
-def _extract(store, data, *, seed, **kw):
-    return run_extraction(teacher=build_teacher("mae", random_init=True, seed=seed, model_kwargs=TINY), data=data,
-                          store_path=store, views=2, seed=0, batch_size=8, decoder="pil", progress=False,
-                          stats_images=13, **kw)
+def _extract(store, data, teacher, **kw):
+    cfg = dict(store=store, views=2, seed=0, batch_size=8, decoder="pil", stats_images=13, codec="fp16",
+               view_pixels="none", device="cpu")
+    return run_extraction(ExtractConfig(**{**cfg, **kw}), teacher=teacher, data=data, progress=False)
 
 
 @pytest.fixture(scope="module")
-def two_mae_stores(prepared_data, tmp_path_factory):
-    """Two fp16 stores (2 views) of the same images by depth-1 ``mae`` teachers of other random weights."""
+def two_mae_stores(prepared_data, tmp_path_factory, tiny_teacher):
+    """Two fp16 stores (2 views) of the same images by tiny ``mae`` teachers of other random weights."""
     root = tmp_path_factory.mktemp("heldout")
     data = ImageSet.open(prepared_data)
-    _extract(root / "a", data, seed=0)
-    _extract(root / "b", data, seed=1)
+    _extract(root / "a", data, tiny_teacher("mae", seed=0))
+    _extract(root / "b", data, tiny_teacher("mae", seed=1))
     return root / "a", root / "b"
 
 
@@ -36,7 +35,7 @@ def test_a_held_out_store_of_other_teacher_weights_is_refused_naming_the_teacher
     a, b = two_mae_stores
     digests = [FeatureStore.open(s).teacher("mae").config["checkpoint_digest"] for s in (a, b)]
     assert digests[0] != digests[1]
-    for call in (lambda: check_heldout(b, prepared_data, train_store=a, teachers=["mae"]),
+    for call in (lambda: check_heldout(b, prepared_data, train=FeatureStore.open(a), teachers=["mae"]),
                  lambda: load_samples(b, ImageSet.open(prepared_data), indices=[0], teachers=["mae"],
                                       adapters_from=a)):
         with pytest.raises(StoreError, match=rf"{b}/mae: teacher mae has checkpoint digest {digests[1][:12]}, "
@@ -44,15 +43,16 @@ def test_a_held_out_store_of_other_teacher_weights_is_refused_naming_the_teacher
             call()
         assert "\n" not in str(info.value)
     # the same weights pass (full tokens need no common basis)
-    check_heldout(a, prepared_data, train_store=a, teachers=["mae"])
+    check_heldout(a, prepared_data, train=FeatureStore.open(a), teachers=["mae"])
 
 
 def test_stats_from_a_store_of_other_teacher_weights_is_refused_before_any_block(two_mae_stores, prepared_data,
-                                                                                 tmp_path):
+                                                                                 tmp_path, tiny_teacher):
     a, _ = two_mae_stores
     with pytest.raises(StoreError, match=r"--stats-from .*/a: its teacher mae was extracted from checkpoint "
                                          r"digest [0-9a-f]{12}, this one is [0-9a-f]{12}"):
-        _extract(tmp_path / "held", ImageSet.open(prepared_data), seed=1, codec="adapter", stats_from=a)
+        _extract(tmp_path / "held", ImageSet.open(prepared_data), tiny_teacher("mae", seed=1), codec="adapter",
+                 stats_from=a)
     held = tmp_path / "held"
     assert not (held / "mae").exists() or FeatureStore.open(held).teacher("mae").complete_matrix().sum() == 0
 
@@ -62,7 +62,7 @@ def test_the_held_out_columns_score_every_held_out_image_and_say_how_many(two_ma
     from train.config import load_config
     from train.diagnostics import load_run
     from train.loop import train
-    from train.sweep import heldout_columns, parse_variant
+    from train.sweep import check_heldout, heldout_columns, parse_variant
 
     a, _ = two_mae_stores
     overrides = {"data.images": prepared_data, "data.store": a, "data.views": 1, "data.decoder": "pil",
@@ -73,33 +73,34 @@ def test_the_held_out_columns_score_every_held_out_image_and_say_how_many(two_ma
     train(cfg, out_dir=tmp_path / "sweep", max_steps=1, progress=False, variants=variants)
     assert load_run(tmp_path / "sweep" / "base")[0].data.views == 1
     n = len(ImageSet.open(prepared_data))
-    cols = heldout_columns(tmp_path / "sweep", variants, {"base": "done"}, store=a, data=prepared_data,
-                           train_store=a, batch=5)
+    train_store = FeatureStore.open(a)
+    held, images = check_heldout(a, prepared_data, train=train_store, teachers=["mae"])
+    cols = heldout_columns(tmp_path / "sweep", variants, {"base": "done"}, store=held, data=images,
+                           train_store=train_store, batch=5)
     assert cols["base"]["heldout_images"] == n
     assert np.isfinite(cols["base"]["heldout_total"])
-    few = heldout_columns(tmp_path / "sweep", variants, {"base": "done"}, store=a, data=prepared_data,
-                          train_store=a, images=4)
+    few = heldout_columns(tmp_path / "sweep", variants, {"base": "done"}, store=held, data=images,
+                          train_store=train_store, images=4)
     assert few["base"]["heldout_images"] == 4 and few["base"]["heldout_total"] != cols["base"]["heldout_total"]
 
 
 def test_the_documented_ablations_run_on_the_default_store_and_the_vit_s_one_names_the_stores_it_needs(
-        prepared_data, tmp_path):
+        prepared_data, tmp_path, tiny_teacher):
     """docs/ablations.yaml on a store of extract's default codec (adapter: 192 coefficients); the
     ViT-S learner of docs/ablations-vit-small.yaml is refused there naming options that serve it."""
     from pathlib import Path
-    from types import SimpleNamespace
 
     from train.config import apply_overrides, load_config
-    from train.sources import check_learner_codec
+    from train.runstore import RunStore
     from train.sweep import load_sweep
 
     docs = Path(__file__).resolve().parents[2] / "docs"
-    _extract(tmp_path / "store", ImageSet.open(prepared_data), seed=0, codec="adapter")
-    source = SimpleNamespace(stores={"mae": FeatureStore.open(tmp_path / "store").teacher("mae")})
+    _extract(tmp_path / "store", ImageSet.open(prepared_data), tiny_teacher("mae"), codec="adapter")
+    store = RunStore.open(tmp_path / "store", ImageSet.open(prepared_data), seed=0, teachers=["mae"])
     for v in load_sweep(docs / "ablations.yaml"):
-        check_learner_codec(apply_overrides(load_config(None, []), list(v.overrides)), source)
+        store.check_learners([apply_overrides(load_config(None, []), list(v.overrides))])
     (small,) = load_sweep(docs / "ablations-vit-small.yaml")
     with pytest.raises(StoreError, match=r"keeps 192 principal coefficients per token, fewer than the adapters' "
                                          r"width 384 \(model.embed_dim\); train this student on a store extracted "
                                          r"with --codec fp16 or int8, or --codec pca --pca-dim 384 or more"):
-        check_learner_codec(apply_overrides(load_config(None, []), list(small.overrides)), source)
+        store.check_learners([apply_overrides(load_config(None, []), list(small.overrides))])

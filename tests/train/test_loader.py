@@ -15,6 +15,7 @@ from data.shards import ImageSet
 from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS
 from train.config import load_config
 from train.loader import CachedSource, Plan, resolve_data
+from train.runstore import RunStore
 
 
 def _data(counts):
@@ -97,7 +98,7 @@ def test_the_cached_path_refuses_a_store_masked_at_other_ratios(prepared_data, t
     group.attrs["config"] = {**group.attrs["config"], "mask_ratio": 0.25}
     plan = Plan(ImageSet.open(prepared_data), seed=0, views=2, batch_size=4, window=2, streams=2)
     with pytest.raises(StoreError) as e:
-        CachedSource(plan, store_path=store, teachers=("mae", "ibot"), decoder="pil")
+        RunStore.open(store, plan.data, seed=0, teachers=("mae", "ibot"))
     assert str(e.value) == (f"{store / 'ibot'}: config mask_ratio=0.25 (n_visible 137) but this run masks "
                             "teacher ibot at 0.3 (n_visible 137, data/views.py MASK_RATIOS); extract a new store")
 
@@ -113,7 +114,8 @@ def test_cached_batches_hold_the_stored_rows_of_their_images_and_an_abandoned_ep
 
     data = ImageSet.open(prepared_data)
     plan = Plan(data, seed=0, views=2, batch_size=2, window=1, streams=2)
-    source = CachedSource(plan, store_path=teacher_store, teachers=("mae", "ibot"), decoder=decoder, prefetch=1)
+    source = CachedSource(plan, RunStore.open(teacher_store, data, seed=0, teachers=("mae", "ibot")), decoder=decoder,
+                          prefetch=1)
     reference = make_decoder(decoder, batch_size=2, device="cpu")
     fs = FeatureStore.open(teacher_store)
     for epoch in (0, 1):
@@ -138,7 +140,8 @@ def test_a_run_on_fewer_views_than_stored_reads_the_first_slots_cached_as_online
         prepared_data, teacher_store, tmp_path):
     """data.views=1 on a V=2 store: every epoch reads slot 0 (view i mod 2 of image i), cached
     and online-replay batches agree, and the run folder records the budget."""
-    from train.loop import build_source, train
+    from train.loop import train
+    from train.sources import build_source
 
     data = ImageSet.open(prepared_data)
     base = [f"data.images={prepared_data}", f"data.store={teacher_store}", "train.batch_size=4",

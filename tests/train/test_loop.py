@@ -17,7 +17,9 @@ from store.features import FeatureStore, StoreError
 from data.shards import ImageSet
 from train.config import load_config
 from train.loader import Plan
-from train.loop import NonFiniteLoss, build_source, train
+from train.learner import NonFiniteLoss
+from train.loop import train
+from train.sources import build_source
 from train.objective import build_objective
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,15 +45,16 @@ def _losses(run):
 
 @pytest.mark.parametrize("codec", ["fp16", "int8"])
 def test_cached_and_online_give_the_same_loss_and_gradients(prepared_data, teacher_store, tmp_path, codec,
-                                                            step_difference):
+                                                            step_difference, tiny_teacher):
     store = teacher_store
     teachers = "[mae,mocov3,ibot]"
     if codec == "int8":            # a one-teacher int8 store keeps this test short
+        from extract.config import ExtractConfig
         from extract.runner import run_extraction
-        from teachers.vit import build_teacher
         store = tmp_path / "int8"
-        run_extraction(teacher=build_teacher("mae", random_init=True, seed=0), data=ImageSet.open(prepared_data),
-                       store_path=store, views=2, seed=0, batch_size=4, codec="int8", decoder="pil",
+        run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, codec="int8", decoder="pil",
+                                     view_pixels="none", device="cpu"),
+                       teacher=tiny_teacher("mae"), data=ImageSet.open(prepared_data),
                        progress=False)
         teachers = "[mae]"
     cfg = _cfg(prepared_data, store, **TINY, **{"data.teachers": teachers})
@@ -73,6 +76,35 @@ def test_cached_and_online_give_the_same_loss_and_gradients(prepared_data, teach
               f"relative gradient diff {rel_grad:.2e}")
         bound = 1e-3 if codec == "fp16" else 2e-2
         assert rel_loss < bound and rel_grad < bound
+
+
+def test_online_sources_rebuild_a_stores_teachers_from_its_build_records_and_refuse_another_build(
+        teacher_store, tmp_path):
+    """The shared store's tiny teachers come back from the store alone (no patch, no config key):
+    the build each records (architecture, model arguments, seed) gives the recorded digest. A
+    record altered to another build, or absent as in an older store (read as the descriptor's
+    default build, a ViT-B, which these weights are not), is refused naming the teacher."""
+    import zarr
+    from teachers.vit import default_build
+    from train.online import teachers_of_store
+
+    fs = FeatureStore.open(teacher_store)
+    for name, t in teachers_of_store(fs, ["mae", "ibot"], device="cpu").items():
+        ts = fs.teacher(name)
+        assert t.build == ts.build == ts.config["build"] and ts.build["seed"] == 0
+        assert len(t.vit.blocks) == 1 and t.embed_dim == ts.width and t.digest == ts.config["checkpoint_digest"]
+    store = tmp_path / "store"
+    shutil.copytree(teacher_store, store)
+    group = zarr.open_group(str(store / "mae"), mode="a")
+    config = dict(group.attrs["config"])
+    config["build"] = {**config["build"], "seed": 1}
+    group.attrs["config"] = config
+    with pytest.raises(StoreError, match=r"online teacher mae \(random-init\) is not the one the store .* made with"):
+        teachers_of_store(FeatureStore.open(store), ["mae"], device="cpu")
+    group.attrs["config"] = {k: v for k, v in config.items() if k != "build"}
+    assert FeatureStore.open(store).teacher("mae").build == default_build("mae", seed=0)
+    with pytest.raises(StoreError, match=r"online teacher mae \(random-init\) is not the one the store"):
+        teachers_of_store(FeatureStore.open(store), ["mae"], device="cpu")
 
 
 def test_two_runs_with_one_seed_log_identical_losses(prepared_data, teacher_store, tmp_path):
@@ -179,8 +211,8 @@ def test_mismatched_or_incomplete_stores_are_refused(prepared_data, photo_tree, 
 
 def _nan_on_forward(monkeypatch, n: int) -> None:
     """Make the loss of the objective's ``n``-th forward NaN."""
-    import train.loop as loop
-    real = loop.build_objective
+    import train.learner as learner
+    real = learner.build_objective
 
     def poisoned(cfg, stats):
         obj = real(cfg, stats)
@@ -194,7 +226,7 @@ def _nan_on_forward(monkeypatch, n: int) -> None:
             return out
         obj.forward = forward_nan
         return obj
-    monkeypatch.setattr(loop, "build_objective", poisoned)
+    monkeypatch.setattr(learner, "build_objective", poisoned)
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(prepared_data, teacher_store, tmp_path, monkeypatch):
@@ -225,8 +257,8 @@ def test_compiled_student_side_matches_eager_losses(prepared_data, teacher_store
     """train.compile=true wraps the student side in torch.compile (after DDP, if any). The
     aot_eager backend keeps this test short (inductor's first C++ compile of the student
     takes ~90 s on two CPU cores); it traces the same graph inductor would compile."""
-    import train.loop as loop
-    monkeypatch.setattr(loop, "COMPILE_BACKEND", "aot_eager")
+    import train.learner as learner
+    monkeypatch.setattr(learner, "COMPILE_BACKEND", "aot_eager")
     small = {"model.depth": 2, "data.teachers": "[mae]"}
     train(_cfg(prepared_data, teacher_store, **small), out_dir=tmp_path / "eager", max_steps=2, progress=False)
     train(_cfg(prepared_data, teacher_store, **small, **{"train.compile": "true"}), out_dir=tmp_path / "compiled",
@@ -243,7 +275,8 @@ def test_resume_loads_to_the_cpu_and_restores_each_generator_with_its_own_setter
     state there and torch.set_rng_state refuses it ("meta" stands in for a GPU); loaded onto
     the CPU, the CPU state is restored exactly and the CUDA state goes, as a CPU byte
     tensor, to torch.cuda.set_rng_state for the run's device."""
-    import train.loop as loop
+    from core.run import load_checkpoint
+    from train.noise import restore_rng
     torch.manual_seed(3)
     cuda_state = torch.randint(0, 256, (16,), dtype=torch.uint8)      # stands in for a GPU's state
     saved = dict(torch=torch.get_rng_state(), cuda=cuda_state)
@@ -252,25 +285,26 @@ def test_resume_loads_to_the_cpu_and_restores_each_generator_with_its_own_setter
     expected = torch.rand(4)
     with pytest.raises((RuntimeError, TypeError)):
         torch.set_rng_state(torch.load(path, map_location="meta", weights_only=False)["rng"]["torch"])
-    ck = loop.load_checkpoint(path)
+    ck = load_checkpoint(path)
     assert all(t.device.type == "cpu" for t in ck["rng"].values())
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
     torch.rand(100)                                                     # move the generator on
-    loop.restore_rng(ck["rng"], "cuda:1")
+    restore_rng(ck["rng"], "cuda:1")
     assert torch.equal(torch.rand(4), expected)
     ((state, device),) = calls
     assert state.device.type == "cpu" and state.dtype == torch.uint8 and torch.equal(state, cuda_state)
     assert device == torch.device("cuda:1")
     calls.clear()
-    loop.restore_rng(ck["rng"], "cpu")                                  # a CPU run sets no CUDA state
+    restore_rng(ck["rng"], "cpu")                                  # a CPU run sets no CUDA state
     assert calls == [] and torch.equal(torch.rand(4), expected)
 
 
 # ---- online-fresh: a new view per (image, epoch) ------------------------------------------------
-# online-fresh without a store: two 1-block random teachers, statistics on 4 images, a 2-block student
-FRESH = {"data.source": "online-fresh", "data.teachers_from": "random-init", "data.random_teacher_depth": 1,
-         "data.teachers": "[mae,ibot]", "data.stats_images": 4, **TINY}
+# online-fresh without a store: two random teachers (tiny under the tiny_random_init fixture), statistics
+# on 4 images, a 2-block student
+FRESH = {"data.source": "online-fresh", "data.teachers_from": "random-init", "data.teachers": "[mae,ibot]",
+         "data.stats_images": 4, **TINY}
 
 
 def _views_by_index(source, epoch):
@@ -327,7 +361,7 @@ def test_fresh_view_global_batches_do_not_depend_on_the_world_size(prepared_data
 
 
 def test_fresh_view_training_crashed_and_resumed_repeats_the_uninterrupted_losses_and_keeps_its_statistics(
-        prepared_data, tmp_path, one_torch_thread, arm_crash, monkeypatch):
+        prepared_data, tmp_path, one_torch_thread, arm_crash, monkeypatch, tiny_random_init):
     ref, run = tmp_path / "ref", tmp_path / "run"
     cfg = _cfg(prepared_data, "", **FRESH)
     train(cfg, out_dir=ref, max_steps=4, progress=False)

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from train.config import load_config
-from train.loop import resume_noise, seed_noise, train
+from train.loop import train
+from train.noise import resume_noise, seed_noise
 
 NOISY = {"model.drop_path": 0.1, "model.depth": 2}      # stochastic depth in a 2-block student
 

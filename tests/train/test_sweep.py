@@ -184,8 +184,9 @@ def test_a_sweep_crashed_between_its_learners_checkpoints_resumes_with_its_recor
 
 
 def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, teacher_store, tmp_path, monkeypatch):
-    import train.loop as loop
-    real = loop.build_objective
+    import train.learner as learner
+    from train.loop import train
+    real = learner.build_objective
 
     def poisoned(cfg, stats):
         obj = real(cfg, stats)
@@ -201,12 +202,12 @@ def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, tea
             return out
         obj.forward = forward_nan
         return obj
-    monkeypatch.setattr(loop, "build_objective", poisoned)
+    monkeypatch.setattr(learner, "build_objective", poisoned)
     cfg = load_config(None, _overrides(prepared_data, teacher_store))
     out = tmp_path / "sweep"
     variants = [parse_variant(v) for v in VARIANTS[:2]]
     # the held-out columns come from a store of other images in use; here the training store stands in
-    summary = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants,
+    summary = train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants,
                          heldout=(teacher_store, prepared_data))
     message = ("learner 'uniform': non-finite loss at step 2; stopping (last good checkpoint: "
                f"{out / 'uniform' / 'last.pt'})")
@@ -222,7 +223,7 @@ def test_a_learner_whose_loss_turns_nan_stops_alone_and_named(prepared_data, tea
     assert np.isclose(mse["heldout_total"], mse["heldout_token"] + mse["heldout_spatial"])
     assert 0 < mse["heldout_total"] and np.isfinite(mse["heldout_untrained"])
     # a resume leaves the stopped learner stopped
-    again = loop.train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants, resume=True)
+    again = train(cfg, out_dir=out, max_steps=5, ckpt_steps=1, progress=False, variants=variants, resume=True)
     assert again["stopped"] == {"uniform": message} and len(_losses(out / "mse")) == 5
     # the command names the stopped learner on the console, finishes the others and exits with status 1
     from click.testing import CliRunner

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import teachers.vit
+from tests.conftest import tiny_builds
 from train.config import load_config
 from train.loop import train
 from train.sweep import parse_variant
@@ -29,10 +31,10 @@ CACHED = {"data.views": "auto", "data.streams": "auto", "data.shuffle_window": 2
           "schedule.warmup_epochs": 1, "model.depth": 2}
 # plain and mse follow the one-process curve; noisy draws stochastic depth per rank
 VARIANTS = ["plain:", "mse:loss.kind=mse", "noisy:model.drop_path=0.1"]
-# online-fresh without a store: two 1-block random teachers, statistics from 4 images
+# online-fresh without a store: two random teachers, tiny (tests/conftest.py tiny_builds, in this process
+# and in each rank), statistics from 4 images
 FRESH = {**CACHED, "data.views": 2, "data.streams": 2, "data.source": "online-fresh",
-         "data.teachers_from": "random-init", "data.random_teacher_depth": 1, "data.teachers": "[mae,ibot]",
-         "data.stats_images": 4}
+         "data.teachers_from": "random-init", "data.teachers": "[mae,ibot]", "data.stats_images": 4}
 # (rank 0's, rank 1's) first step with a non-finite loss, -1: none
 AGREE = [(-1, 3), (7, 4), (-1, -1)]
 
@@ -45,7 +47,11 @@ _JOB = """
 import datetime, json, sys
 import torch, torch.distributed as td
 td.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
+import teachers.vit
+import train.learner as learner
 import train.loop as loop
+from tests.conftest import tiny_builds
+teachers.vit.build_teacher = tiny_builds(teachers.vit.build_teacher)
 from cli import main
 from train.config import load_config
 from train.sweep import parse_variant
@@ -54,7 +60,7 @@ spec = json.loads(open(sys.argv[1]).read())
 rank = td.get_rank()
 said = []
 for case in spec["agree"]:
-    message = loop.non_finite_message(torch.tensor(case[rank]), world=2, ckpt_path=spec["last_pt"])
+    message = learner.non_finite_message(torch.tensor(case[rank]), world=2, ckpt_path=spec["last_pt"])
     if message is None:
         td.all_reduce(torch.ones(3))
     said.append(message or "continued")
@@ -66,17 +72,17 @@ loop.train(sweep, out_dir=spec["two"], max_steps=4, progress=False, variants=var
 class Crash(Exception):
     pass
 
-checkpoint = loop.Learner.checkpoint
+checkpoint = learner.Learner.checkpoint
 def crash_after(learner):
     checkpoint(learner)
     if learner.name == "plain" and learner.step == 2:
         raise Crash
-loop.Learner.checkpoint = crash_after
+learner.Learner.checkpoint = crash_after
 try:
     loop.train(sweep, out_dir=spec["cut"], max_steps=4, ckpt_steps=1, progress=False, variants=variants)
     raise AssertionError("the sweep did not crash")
 except Crash:
-    loop.Learner.checkpoint = checkpoint
+    learner.Learner.checkpoint = checkpoint
 main(spec["resume"], standalone_mode=False)
 loop.train(load_config(None, spec["cached"]), out_dir=spec["mixed"], max_steps=4, ckpt_steps=1, resume=True,
            progress=False)
@@ -112,7 +118,9 @@ def runs(prepared_data, teacher_store, tmp_path_factory, one_torch_thread, arm_c
         with pytest.raises(crash):
             train(load_config(None, cached), out_dir=out / "single", max_steps=4, ckpt_steps=1, progress=False)
     shutil.copytree(out / "single", out / "mixed")
-    train(load_config(None, fresh), out_dir=out / "fresh_one", max_steps=4, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(teachers.vit, "build_teacher", tiny_builds(teachers.vit.build_teacher))
+        train(load_config(None, fresh), out_dir=out / "fresh_one", max_steps=4, progress=False)
 
     (out / "last.pt").write_bytes(b"")              # the checkpoint the non-finite message names
     resume = ["train", "--data", prepared_data, "--store", teacher_store, "--out", out / "cut", "--steps", 4,
