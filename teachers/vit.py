@@ -1,19 +1,7 @@
-"""Frozen ViT teachers and their masked forward (METHOD.md "Teachers").
-
-A teacher is its descriptor's timm ViT (teachers/descriptors.py: ViT-B/16 at 224 px, DINOv2 B/14 and
-L/14 at 196 px, with or without registers; num_classes=0) holding one of the official
-self-supervised checkpoints (``teachers/checkpoints.py``), or, for tests, deterministic
-random weights. It runs MAE-style on its visible patches only: patch embedding, position
-embeddings (CLS included), then the masked patches are dropped and the blocks and the
-final LayerNorm run on CLS (+ the register tokens) + the visible tokens. Views come at
-224 px; a teacher of another input size (196 px for /14) resizes them first (the grid rule:
-its 14 x 14 patches cover the student's). The output is one surface for every teacher
-(registers dropped; C = 768 for ViT-B, 1024 for ViT-L)::
-
-    {"cls": (B, C) float32, "patch": (B, n, C) float32, "index": (B, n) int64}
-
-Under CUDA the forward runs in bf16 autocast with scaled-dot-product attention (timm's
-fused attention, forced on); on the CPU it runs in fp32 unless ``amp=True``.
+"""Frozen ViT teachers (``build_teacher``: a descriptor's timm ViT with official or random weights,
+and its build record) and their masked forward on the visible patches only, one output surface
+``{"cls": (B, C), "patch": (B, n, C), "index": (B, n)}`` for every teacher (docs/CONTRACTS.md,
+"Teachers"; docs/teachers.md). bf16 autocast with fused attention under CUDA, fp32 on the CPU.
 """
 from __future__ import annotations
 

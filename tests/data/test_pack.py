@@ -86,7 +86,7 @@ def test_global_batches_on_a_class_sorted_imagenet_listing_hold_iid_many_classes
     def classes_per_batch(labels: np.ndarray, steps: int = 24) -> np.ndarray:
         n = len(labels)
         shards = SimpleNamespace(shards=[{"first": a, "count": min(256, n - a)} for a in range(0, n, 256)])
-        # the defaults as a run resolves them: V = 4 (METHOD.md), data.streams=auto
+        # the defaults as a run resolves them: V = 4 (docs/method.md), data.streams=auto
         streams = auto_streams([(s["first"], s["count"]) for s in shards.shards], global_batch=4096)
         plan = Plan(shards, seed=defaults.seed, views=4, batch_size=4096, window=defaults.shuffle_window,
                     streams=streams)

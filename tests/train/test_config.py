@@ -1,4 +1,4 @@
-"""train/config.py: defaults from METHOD.md, strict keys, typed overrides, round trips."""
+"""train/config.py: defaults from docs/method.md, strict keys, typed overrides, round trips."""
 from __future__ import annotations
 
 import pytest

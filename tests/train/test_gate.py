@@ -20,7 +20,7 @@ def _one_position(vectors, student, seen=None):
 
 
 def _reference(student, adapted, seen, mode, tau):
-    """Straight transcription of METHOD.md with Python loops (the spec, not the fast path)."""
+    """Straight transcription of docs/method.md with Python loops (the spec, not the fast path)."""
     k_n, b_n, p_n, _ = adapted.shape
     w = torch.zeros(k_n, b_n, p_n)
     for b in range(b_n):
