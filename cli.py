@@ -97,9 +97,9 @@ def _device(device: str) -> str:
 def extract(config_file, estimate, ranks, overrides, **values):
     """Stage 1: run one teacher over every (image, view) of DATA into the STORE.
 
-    Resumes by skipping completed blocks. Under torchrun each rank owns disjoint image shards.
-    KEY=VALUE (and --config FILE) set any setting, e.g. codec=fp16; the job writes them,
-    resolved, to STORE.<teacher>.extract.yaml."""
+    Always resumes, no flag needed: completed blocks are skipped. Under torchrun each rank owns
+    disjoint image shards. KEY=VALUE (and --config FILE) set any setting, e.g. codec=fp16; the job
+    writes them, resolved, to STORE.<teacher>.extract.yaml."""
     from core import dist
     from data.decoders import resolve_decoder
     from data.shards import ImageSet
@@ -147,7 +147,7 @@ def verify(store_path, data, teachers, no_values, rehash_data):
 
 @main.command(context_settings=CONTEXT, params=config_params(TrainOptions))
 def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, variants, sweep_file, heldout,
-          resume, ckpt_steps, device, overrides):
+          resume, auto_resume, ckpt_steps, device, overrides):
     """Stage 2: train the ViT-Tiny student against the store (or online teachers); with --variant or
     --sweep, several learners against one pass of the data.
 
@@ -163,9 +163,11 @@ def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_s
         extra.append(f"train.batch_size={batch_size}")
     cfg = load_config(config_file, list(overrides) + extra)
     learners = [parse_variant(v) for v in variants] + (load_sweep(sweep_file) if sweep_file else [])
-    learners = learners or (recorded_variants(out_dir) if resume else None)
+    learners = learners or (recorded_variants(out_dir) if resume or auto_resume else None)
     summary = run(cfg, out_dir=out_dir, online=online, max_steps=steps, resume=resume, device=_device(device),
-                  ckpt_steps=ckpt_steps, variants=learners or None, heldout=heldout)
+                  ckpt_steps=ckpt_steps, variants=learners or None, heldout=heldout, auto_resume=auto_resume)
+    if summary["finished"]:
+        return click.echo(f"{out_dir} already finished ({summary['steps']} steps); nothing to train")
     if not learners:
         return click.echo(f"trained {summary['steps']} steps; student -> {out_dir}/student.safetensors")
     for message in summary["stopped"].values():

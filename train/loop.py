@@ -12,21 +12,21 @@ import torch
 
 from core import dist
 from core.progress import progress_bar
-from core.run import lock_folder, saved_config
+from core.run import CHECKPOINT, load_checkpoint, lock_folder, saved_config
 from train.config import Config, apply_overrides, teacher_names
 from train.learner import Learner, SharedBatch, share_frozen_adapters
 from train.loader import Plan
 from train.runstore import open_run_store
 from train.sources import build_source
-from train.sweep import (STOPPED, check_heldout, check_sweep_folder, check_variants, heldout_columns, write_report,
-                         write_sweep)
+from train.sweep import (STOPPED, SWEEP, check_heldout, check_sweep_folder, check_variants, heldout_columns,
+                         write_report, write_sweep)
 
 
 def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None = None, resume: bool = False,
           device: str = "cpu", ckpt_steps: int = 0, progress: bool = True, variants=None,
-          heldout: tuple | None = None) -> dict:
+          heldout: tuple | None = None, auto_resume: bool = False) -> dict:
     """Train the student; returns {steps, out_dir, last (metrics), seconds, learners: {name:
-    {status, steps, last}}}.
+    {status, steps, last}}, finished}.
 
     ``variants`` (train/sweep.py Variant list): a sweep, one learner per variant in OUT/NAME;
     ``--resume`` of a sweep continues each learner from its own checkpoint (one that has none
@@ -36,6 +36,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     many steps (besides every ``train.ckpt_every`` epochs). ``online=True`` is the old switch
     for ``data.source=online-replay``. ``heldout`` (a sweep): (store, images) of held-out data,
     whose losses under each learner join the sweep's report (train/sweep.py heldout_columns).
+    ``auto_resume``: resume when OUT holds what ``resume`` continues (a run's last.pt, a sweep's
+    sweep.yaml), start otherwise; a run whose every learner is at its last step (or stopped) is
+    left untouched and the summary says ``finished``.
     """
     if online:
         if cfg.data.source == "online-fresh":
@@ -43,6 +46,10 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         cfg = apply_overrides(cfg, ["data.source=online-replay"])
     out = Path(out_dir)
     sweep = variants is not None
+    if auto_resume:
+        if resume:
+            raise ValueError("--resume and --auto-resume exclude each other; give one of them")
+        resume = (out / (SWEEP if sweep else CHECKPOINT)).is_file()
     if sweep:
         check_variants(variants)
         if cfg.train.wandb:
@@ -71,6 +78,11 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         heldout = check_heldout(heldout[0], heldout[1], train=store, teachers=teacher_names(cfg))
     spe = plan.steps_per_epoch
     total = cfg.schedule.epochs * spe if max_steps is None else min(max_steps, cfg.schedule.epochs * spe)
+    if auto_resume and resume:
+        if sweep:
+            check_sweep_folder(out, variants, resume=True)
+        if all(_finished(folder, total, sweep=sweep) for folder in folders.values()):
+            return dict(steps=total, out_dir=str(out), last={}, seconds=0.0, learners={}, stopped={}, finished=True)
     root = lock_folder(out, rank=rank) if sweep else None   # the sweep's own files; a learner locks its folder
     status, learners, bar = {}, [], None
     try:
@@ -141,7 +153,15 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                for learner in learners}
     summary.update({n: dict(status=s, steps=None, last={}) for n, s in status.items() if n not in summary})
     return dict(steps=step, out_dir=str(out), last=learners[0].last if learners else {}, seconds=elapsed,
-                learners=summary, stopped={n: s for n, s in status.items() if s != "done"})
+                learners=summary, stopped={n: s for n, s in status.items() if s != "done"}, finished=False)
+
+
+def _finished(folder: Path, total: int, *, sweep: bool) -> bool:
+    """Whether a resume of ``folder`` has nothing to do: a learner of a sweep that stopped, or a
+    checkpoint at step ``total``."""
+    if sweep and (folder / STOPPED).is_file():
+        return True
+    return (folder / CHECKPOINT).is_file() and int(load_checkpoint(folder / CHECKPOINT).get("step", 0)) >= total
 
 
 def _learner_config(cfg: Config, variant, folder: Path) -> Config:

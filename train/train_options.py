@@ -38,6 +38,9 @@ class TrainOptions:
         path="dir", metavar="STORE DATA")
     resume: bool = option(False, "Continue the run (or every learner of the sweep) in --out exactly where its "
                                  "checkpoint left it.", negatable=False)
+    auto_resume: bool = option(False, "Resume when --out holds a run (its last.pt) or a sweep (its sweep.yaml), start "
+                                      "otherwise; a run already at its last step is left as it is (exit status 0).",
+                               negatable=False)
     ckpt_steps: int = option(0, "Also checkpoint every N steps (0: epoch ends only).")
     device: str = option("auto", "auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
     overrides: tuple[str, ...] = option((), "Config values: KEY=VALUE.", argument=True, metavar="[KEY=VALUE]...")
