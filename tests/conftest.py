@@ -87,6 +87,25 @@ def tiny_random_init(monkeypatch):
     monkeypatch.setattr(teachers.vit, "build_teacher", tiny_builds(teachers.vit.build_teacher))
 
 
+def one_error(args, *names, env=None, code=None, alone=False) -> str:
+    """Run ``cli.py ARGS`` in process and assert an expected failure: exit status ``code`` (any
+    non-zero without it), no traceback, exactly one ``Error: ...`` line (``alone``: and no other
+    output line) naming every one of ``names``; return that line."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    assert isinstance(r.exception, SystemExit), (r.exception, r.output)   # not an uncaught exception
+    assert r.exit_code == code if code is not None else r.exit_code != 0, r.output
+    assert "Traceback" not in r.output, r.output
+    lines = [line for line in r.output.splitlines() if (line.strip() if alone else "Error:" in line)]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    for name in names:
+        assert str(name) in lines[0], (name, r.output)
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def photo_tree(tmp_path_factory) -> Path:
     """ImageFolder root ``<tmp>/photos/{animals,objects,science}/*.{jpg,png}``."""

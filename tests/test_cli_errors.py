@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from cli import main
 from core.errors import ExpectedError
 from store.features import StoreError
+from tests.conftest import one_error
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +26,6 @@ def junk(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"these bytes are not a pickle" * 4)
     return path
-
-
-def one_error(args, *names, env=None):
-    """Run ``cli.py ARGS`` in process; assert one ``Error:`` line naming every one of ``names``,
-    no traceback, a non-zero exit; return that line."""
-    r = CliRunner().invoke(main, [str(a) for a in args], env=env)
-    assert isinstance(r.exception, SystemExit), (r.exception, r.output)   # not an uncaught exception
-    assert r.exit_code != 0, r.output
-    assert "Traceback" not in r.output, r.output
-    lines = [line for line in r.output.splitlines() if "Error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    for name in names:
-        assert str(name) in lines[0], (name, r.output)
-    return lines[0]
 
 
 def test_prepare_of_an_unreadable_image_names_the_file(tmp_path):

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from cli import main
 from data.decoders import DALI_EXTRA, DaliMissing, dali_installed, resolve_decoder
+from tests.conftest import one_error
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,15 +43,6 @@ def _invoke(*args) -> str:
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 0, (args, r.output, r.exception)
     return r.output
-
-
-def _one_error(*args) -> str:
-    """The one ``Error:`` line of a failing command (no traceback)."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    assert isinstance(r.exception, SystemExit) and r.exit_code == 1, (r.exception, r.output)
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.output
-    return lines[0]
 
 
 TINY_STUDENT = ["model.depth=2", "decoder.depth=1", "data.teachers=[mae]", "data.num_workers=1",
@@ -80,11 +72,12 @@ def test_asking_for_dali_without_it_ends_in_one_line_naming_the_extra(without_da
     from data.decode import DaliViewDecoder, make_decoder
     from data.decode.stored import make_view_decoder
 
-    line = _one_error("extract", "--teacher", "mae", "--data", prepared_data, "--store", tmp_path / "store",
-                      "--random-init", "--views", 2, "--decoder", "dali", "--device", "cpu")
+    line = one_error(("extract", "--teacher", "mae", "--data", prepared_data, "--store", tmp_path / "store",
+                      "--random-init", "--views", 2, "--decoder", "dali", "--device", "cpu"), code=1, alone=True)
     assert DALI_EXTRA in line and "decoder=dali" in line, line
-    assert line == _one_error("train", "--data", prepared_data, "--store", teacher_store, "--out", tmp_path / "run",
-                              "--steps", 1, "--batch-size", 4, "--device", "cpu", "data.decoder=dali", *TINY_STUDENT)
+    assert line == one_error(("train", "--data", prepared_data, "--store", teacher_store, "--out", tmp_path / "run",
+                              "--steps", 1, "--batch-size", 4, "--device", "cpu", "data.decoder=dali", *TINY_STUDENT),
+                              code=1, alone=True)
     for make in (lambda: make_decoder("dali", batch_size=2, device="cpu"),
                  lambda: DaliViewDecoder(batch_size=2, device="cpu"),
                  lambda: make_view_decoder("jpeg", "dali", batch_size=2)):      # the stored-view decoder

@@ -17,18 +17,9 @@ import core.io
 from cli import main
 from core.lock import Locked
 from core.run import lock_folder, open_run
+from tests.conftest import one_error
 
 CFG = {"model": {"depth": 2}}
-
-
-def _one_error(args) -> str:
-    """Run ``cli.py ARGS`` in process; assert one ``Error:`` line and no traceback; return it."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    assert isinstance(r.exception, SystemExit) and r.exit_code != 0, (r.exception, r.output)
-    assert "Traceback" not in r.output, r.output
-    lines = [line for line in r.output.splitlines() if "Error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    return lines[0]
 
 
 def _train(data, store, out, *extra):
@@ -59,7 +50,7 @@ def test_a_crafted_checkpoint_is_refused_in_one_line_by_every_command_that_loads
     run = tmp_path / "run"
     runs_code, marker = code_running_object
     if command == "eval linear --resume":                  # an eval run folder with its config, then --resume
-        _one_error(_linear(photo_tree, run))
+        one_error(_linear(photo_tree, run))
         args = _linear(photo_tree, run, "--resume")
     else:
         shutil.copytree(trained_run, run)
@@ -68,7 +59,7 @@ def test_a_crafted_checkpoint_is_refused_in_one_line_by_every_command_that_loads
                 "inspect --run": ["inspect", teacher_store, "--data", prepared_data, "--index", 0, "--run", run,
                                   "--out", tmp_path / "panel.png", "--device", "cpu"]}[command]
     torch.save({"step": 1, "model": {}, "meta": {"config": {}}, "payload": runs_code}, run / "last.pt")
-    line = _one_error(args)
+    line = one_error(args)
     assert line.startswith(f"Error: {run / 'last.pt'}: not a checkpoint this code can load safely ("), line
     assert not marker.exists()
 
@@ -79,7 +70,7 @@ def test_a_truncated_checkpoint_on_resume_is_refused_in_one_line_naming_it(
     shutil.copytree(trained_run, run)
     whole = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(whole[:len(whole) // 2])
-    line = _one_error(_train(prepared_data, teacher_store, run, "--resume"))
+    line = one_error(_train(prepared_data, teacher_store, run, "--resume"))
     assert line.startswith(f"Error: {run / 'last.pt'}: not a readable checkpoint ("), line
     assert "damaged or cut short" in line
 
@@ -95,7 +86,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(
     folder = out / "b" if held == "sweep learner" else out
     lock = lock_folder(folder)                      # the other writer, as a run holds it
     try:
-        line = _one_error(args[held])
+        line = one_error(args[held])
     finally:
         lock.release()
     assert line.startswith(f"Error: {folder}: another process is writing this run folder (pid {os.getpid()} "

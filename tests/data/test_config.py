@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from cli import main
 from data.config import RESOLVED, PrepareConfig
+from tests.conftest import one_error
 
 
 def test_the_library_and_the_command_share_one_default_per_setting():
@@ -47,9 +48,7 @@ def test_unknown_or_mistyped_keys_are_refused_in_one_line_naming_them(photo_tree
     for extra, named in ((["shard_sise=4"], ["unknown config key shard_sise", "shard_size"]),
                          (["seed=-1"], ["seed=-1", ">= 0"]),
                          (["workers=many"], ["workers=many"])):
-        r = CliRunner().invoke(main, base + extra)
-        lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
-        assert r.exit_code == 1 and len(lines) == 1 and all(n in lines[0] for n in named), r.output
+        one_error(base + extra, *named, code=1)
     (tmp_path / "bad.yaml").write_text("shards: 4\n")
     r = CliRunner().invoke(main, base + ["--config", str(tmp_path / "bad.yaml")])
     assert r.exit_code == 1 and "unknown config key shards" in r.output and "bad.yaml" in r.output, r.output

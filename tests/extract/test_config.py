@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from cli import main
 from extract.config import ExtractConfig, config_path
+from tests.conftest import one_error
 
 
 def test_the_library_and_the_command_share_one_default_per_setting():
@@ -71,9 +72,7 @@ def test_unknown_or_mistyped_keys_are_refused_in_one_line_naming_them(prepared_d
     for extra, named in ((["no_such_key=1"], ["unknown config key no_such_key", "view_pixels"]),
                          (["views=two"], ["views=two"]),
                          (["codec=png"], ["codec=png", "adapter"])):
-        r = CliRunner().invoke(main, base + extra)
-        lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
-        assert r.exit_code == 1 and len(lines) == 1 and all(n in lines[0] for n in named), r.output
+        one_error(base + extra, *named, code=1)
     (tmp_path / "bad.yaml").write_text("codecs: fp16\n")
     r = CliRunner().invoke(main, base + ["--config", str(tmp_path / "bad.yaml")])
     assert r.exit_code == 1 and "unknown config key codecs" in r.output and "bad.yaml" in r.output, r.output

@@ -6,15 +6,14 @@ import shutil
 import time
 
 import pytest
-from click.testing import CliRunner
 
-from cli import main
 from extract import runner
 from extract.config import ExtractConfig
 from extract.runner import run_extraction
 from store.verify import verify_store
 from store.features import DataInfo, FeatureStore, StoreError, TeacherStore
 from data.shards import ImageSet
+from tests.conftest import one_error
 
 
 def test_a_teacher_whose_input_disagrees_with_the_store_is_refused_before_any_work(prepared_data, tmp_path,
@@ -59,15 +58,6 @@ def test_a_teacher_recorded_before_build_records_reopens_for_its_default_build_o
     assert "build: store has" in str(refusal.value)
 
 
-def _one_error(args, *names):
-    """``cli.py ARGS`` in process: one ``Error:`` line naming every one of ``names``, no traceback."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    assert isinstance(r.exception, SystemExit) and r.exit_code != 0, (r.exception, r.output)
-    lines = [line for line in r.output.splitlines() if "Error:" in line]
-    assert "Traceback" not in r.output and len(lines) == 1, r.output
-    assert all(str(name) in lines[0] for name in names), (names, r.output)
-
-
 # (file changed, key path in its JSON, crafted value, file the refusal names)
 CRAFTS = {
     "root claiming 10^7 views": ("zarr.json", ("attributes", "views"), 10 ** 7, "zarr.json"),
@@ -92,6 +82,6 @@ def test_verify_and_train_refuse_crafted_metadata_in_one_line_naming_the_file(pr
     problems, _ = verify_store(store, ImageSet.open(prepared_data), progress=False)
     assert any(f"{store / named}:" in p and "\n" not in p for p in problems), problems
     start = time.perf_counter()
-    _one_error(["train", "--data", prepared_data, "--store", store, "--out", tmp_path / "run", "--steps", 1,
+    one_error(["train", "--data", prepared_data, "--store", store, "--out", tmp_path / "run", "--steps", 1,
                 "--batch-size", 8, "--device", "cpu"], store / named)
     assert time.perf_counter() - start < 30
