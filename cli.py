@@ -5,6 +5,8 @@ package, importing heavy modules inside the command (fast ``--help``)."""
 import click
 
 from core.errors import ExpectedError
+from core.log import command_logs
+from core.preempt import Preempted
 from core.options import config_from, config_params
 from data.config import PrepareConfig, PrepareJob
 from demo.options import DemoOptions
@@ -20,20 +22,40 @@ CONTEXT = dict(show_default=True, help_option_names=["-h", "--help"])
 # setting, a diverged loss), ValueError (Python's type for a bad value given by the caller;
 # the config, layout and checkpoint checks raise it), OSError (missing, unreadable or
 # unwritable files, a full disk) and FloatingPointError (a diverged evaluation). Anything
-# else is a bug and keeps its traceback; --debug (or COMAD_DEBUG=1) keeps it for all.
+# else is a bug and keeps its traceback; --debug (or COMAD_DEBUG=1) keeps it for all. A job stopped
+# by SIGTERM/SIGUSR1 after saving its work (core/preempt.py) prints its line and exits with status 75.
 EXPECTED = (ExpectedError, ValueError, OSError, FloatingPointError)
 
 
 class Commands(click.Group):
-    """The top-level group: any command's expected error becomes one ``Error:`` line."""
+    """The top-level group: any command's expected error becomes one ``Error:`` line. The run logs
+    the command opened (core/log.py) get its last line: that one, the preemption's, or ``finished``."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except EXPECTED as error:
-            if ctx.params.get("debug"):
+        with command_logs() as final:
+            try:
+                result = super().invoke(ctx)
+            except Preempted as stopped:
+                from core import dist
+                final(str(stopped))
+                if dist.rank() == 0:
+                    click.echo(str(stopped), err=True)
+                ctx.exit(stopped.exit_code)
+            except EXPECTED as error:
+                final(f"Error: {str(error) or type(error).__name__}")
+                if ctx.params.get("debug"):
+                    raise
+                raise click.ClickException(str(error) or type(error).__name__) from None
+            except click.ClickException as error:       # a command's own one-line refusal
+                final(f"Error: {error.format_message()}")
                 raise
-            raise click.ClickException(str(error) or type(error).__name__) from None
+            except (click.exceptions.Exit, click.Abort):
+                raise
+            except Exception as error:                  # a bug: the traceback goes to stderr
+                final(f"crashed: {type(error).__name__}: {error} (traceback on stderr)")
+                raise
+            final("finished")
+            return result
 
 
 @click.group(cls=Commands, context_settings=CONTEXT)
@@ -49,9 +71,9 @@ def main(debug):
 
 @main.command(context_settings=CONTEXT, params=config_params(PrepareConfig) + config_params(PrepareJob))
 def prepare(config_file, progress, overrides, **values):
-    """Pack SRC (ImageFolder tree or folder of WebDataset .tar shards) into OUT: tar shards with
-    DALI index files and a manifest giving every image a stable global index (docs/format.md).
-    Samples are written in a seeded pseudo-random order, so every shard mixes the classes.
+    """Pack SRC (ImageFolder tree, images without classes, or WebDataset .tar shards; --labels) into
+    OUT: tar shards with DALI index files and a manifest giving every image a stable global index
+    (docs/format.md). Samples are written in a seeded pseudo-random order (class-mixed shards).
 
     Re-running on a finished OUT does nothing; an unfinished OUT is redone. KEY=VALUE (and
     --config FILE) set any setting, e.g. shard_size=512; OUT/prepare.yaml records them."""
@@ -104,14 +126,13 @@ def extract(config_file, estimate, ranks, overrides, **values):
     from data.decoders import resolve_decoder
     from data.shards import ImageSet
     from extract.runner import run_extraction
-    from teachers.vit import build_teacher
+    from extract.teacher import build_extraction_teacher
 
     cfg = config_from(ExtractConfig, values, overrides, path=config_file)
     device = dist.local_device(_device(cfg.device))
     dist.init_from_env(device)
     ds = ImageSet.open(cfg.data)
-    model = build_teacher(cfg.teacher, checkpoint=cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed,
-                          device=device)
+    model = build_extraction_teacher(cfg, device=device)
     if estimate:
         from extract.estimate import estimate_extraction, format_estimate
         return click.echo(format_estimate(estimate_extraction(cfg, teacher=model, data=ds,
@@ -147,7 +168,7 @@ def verify(store_path, data, teachers, no_values, rehash_data):
 
 @main.command(context_settings=CONTEXT, params=config_params(TrainOptions))
 def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_size, variants, sweep_file, heldout,
-          resume, auto_resume, ckpt_steps, device, overrides):
+          resume, auto_resume, ckpt_steps, device, requeue, overrides):
     """Stage 2: train the ViT-Tiny student against the store (or online teachers); with --variant or
     --sweep, several learners against one pass of the data.
 
@@ -165,7 +186,8 @@ def train(data, store_path, out_dir, config_file, online, epochs, steps, batch_s
     learners = [parse_variant(v) for v in variants] + (load_sweep(sweep_file) if sweep_file else [])
     learners = learners or (recorded_variants(out_dir) if resume or auto_resume else None)
     summary = run(cfg, out_dir=out_dir, online=online, max_steps=steps, resume=resume, device=_device(device),
-                  ckpt_steps=ckpt_steps, variants=learners or None, heldout=heldout, auto_resume=auto_resume)
+                  ckpt_steps=ckpt_steps, variants=learners or None, heldout=heldout, auto_resume=auto_resume,
+                  requeue=requeue)
     if summary["finished"]:
         return click.echo(f"{out_dir} already finished ({summary['steps']} steps); nothing to train")
     if not learners:
@@ -204,11 +226,14 @@ def _eval_command(task: str) -> None:
     from eval.eval_options import EvalOptions, ResumableEvalOptions
     from eval.evaluate import RESUMABLE
 
-    def run(out, device, overrides, resume=False, **values):
+    def run(out, device, overrides, resume=False, auto_resume=False, **values):
         from eval.common import print_table
         from eval.evaluate import evaluate
 
-        record, path = evaluate(config_from(CONFIGS[task], values, overrides), out=out, device=device, resume=resume)
+        record, path = evaluate(config_from(CONFIGS[task], values, overrides), out=out, device=device, resume=resume,
+                                auto_resume=auto_resume)
+        if record is not None and record.get("finished"):
+            return click.echo(f"{path.parent} already finished ({path.name}); nothing to evaluate")
         if record is not None:      # None under torchrun on ranks other than 0 (rank 0 reports)
             print_table([{"task": task, **record["metrics"]}])
             click.echo(f"result written to {path}")

@@ -31,6 +31,7 @@ from train.config import load_config  # noqa: E402
 from train.loader import CachedSource, OnlineSource, Plan  # noqa: E402
 from train.runstore import RunStore  # noqa: E402
 from core.optim import lr_schedule  # noqa: E402
+from core.precision import autocast_dtype, grad_scaler  # noqa: E402
 from train.learner import make_optimizer, train_step  # noqa: E402
 from train.objective import build_objective  # noqa: E402
 from train.online import FreshSource  # noqa: E402
@@ -80,13 +81,14 @@ def train_one(source, *, cfg, stats, steps: int, device: str) -> tuple:
     objective = build_objective(cfg, stats).to(device)
     opt = make_optimizer(cfg, objective)
     lrs = lr_schedule(total_steps=steps, warmup_steps=max(1, steps // 10), peak=cfg.derived()["lr"])
-    amp = torch.device(device).type == "cuda"
+    amp = autocast_dtype(cfg.train.amp, device)
+    scaler = grad_scaler(amp, device)
     step, t0 = 0, time.perf_counter()
     spe = source.plan.steps_per_epoch
     while step < steps:
         for _, cpu_batch in source.epoch(step // spe, start_step=step % spe):
             train_step(objective, opt, source.materialize(cpu_batch, device), lr=float(lrs[step]),
-                       clip_grad=cfg.train.clip_grad, amp=amp)
+                       clip_grad=cfg.train.clip_grad, amp=amp, scaler=scaler)
             step += 1
             if step == steps:
                 break

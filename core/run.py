@@ -1,8 +1,8 @@
 """The run folder of a long job (training, an evaluation that trains, the demo): config.yaml,
-run.json, last.pt (atomic), metrics.jsonl, TensorBoard events and the writer lock run.lock
-(docs/running.md, section 4). :func:`open_run` starts one or resumes it (refusing other settings),
-:func:`load_checkpoint` loads with ``weights_only=True``, and :class:`StepMetrics` keeps a step's
-scalars on the device until a logging step."""
+run.json, last.pt (atomic), metrics.jsonl, log.txt (core/log.py), TensorBoard events and the
+writer lock run.lock (docs/running.md, section 4). :func:`open_run` starts one or resumes it
+(refusing other settings), :func:`load_checkpoint` loads with ``weights_only=True``, and
+:class:`StepMetrics` keeps a step's scalars on the device until a logging step."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ import yaml
 from core.config import DERIVED, flatten
 from core.io import git_commit, git_dirty, remove_temp_files, save_atomic, write_atomic
 from core.lock import FileLock, Locked
+from core.log import LOG, RunLog, command_line, open_log
 
 __all__ = ["Run", "open_run", "lock_folder", "saved_config", "load_checkpoint", "trim_metrics", "read_metrics",
            "settings_diff", "StepMetrics", "first_non_finite"]
@@ -74,10 +75,11 @@ class Run:
     writes; every rank checks and loads."""
 
     def __init__(self, path: Path, *, rank: int, state: dict | None, step: int,
-                 checkpoint: str = CHECKPOINT, tensorboard: bool = True, lock: FileLock | None = None):
+                 checkpoint: str = CHECKPOINT, tensorboard: bool = True, lock: FileLock | None = None,
+                 log: RunLog | None = None):
         self.path, self.rank, self.state, self.step = path, rank, state, step
         self.checkpoint_path = path / checkpoint
-        self._lock = lock
+        self._lock, self._log = lock, log
         self._metrics = None
         self._tb = None
         if rank == 0:
@@ -99,6 +101,11 @@ class Run:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, global_step=int(row["step"]))
 
+    def note(self, message: str) -> None:
+        """Write ``message`` (one line) into this run's log.txt alone; rank 0 only."""
+        if self._log is not None:
+            self._log.write(message)
+
     def save(self, obj: Any, name: str | None = None) -> Path:
         """Save ``obj`` atomically as the checkpoint (or as ``name`` in the folder); rank 0 only."""
         path = self.checkpoint_path if name is None else self.path / name
@@ -113,6 +120,9 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -137,17 +147,20 @@ def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[s
     Raises FileExistsError (a checkpoint exists and not ``resume``), FileNotFoundError
     (``resume`` without a checkpoint or a config.yaml), ValueError (the settings differ, or
     the checkpoint cannot be loaded safely) and Locked (another process writes the folder).
-    Rank 0 holds the folder's lock until the Run is closed. On resume the checkpoint is loaded
-    onto the CPU (``Run.state``) and metrics.jsonl is trimmed to its step, since the resumed run
-    logs the later steps again.
+    Rank 0 holds the folder's lock and keeps its log.txt open (the command line first; progress
+    lines and the command's last line go there too) until the Run is closed. On resume the
+    checkpoint is loaded onto the CPU (``Run.state``) and metrics.jsonl is trimmed to its step,
+    since the resumed run logs the later steps again.
     """
     path = Path(path)
     ckpt = path / checkpoint
     current = config.to_dict() if hasattr(config, "to_dict") else _plain(config)
     compare = _plain(dict(compare or {}))
     _check_checkpoint(ckpt, resume=resume)              # refused before anything is made
-    lock = lock_folder(path, rank=rank)
+    lock, log = lock_folder(path, rank=rank), None
     try:
+        if rank == 0:                                   # the first line even of a refused resume
+            log = open_log(path / LOG, start=f"start: {command_line()}")
         _check_checkpoint(ckpt, resume=resume)          # again as the sole writer: another run may have ended
         state, step = None, 0
         if resume:
@@ -162,6 +175,8 @@ def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[s
                 raise ValueError(f"cannot resume {ckpt}: it was made with other settings: " + "; ".join(diff))
             state = load_checkpoint(ckpt)
             step = int(state.get(step_key, 0)) if isinstance(state, Mapping) else 0
+            if log is not None:
+                log.write(f"resumed from {ckpt} at {step_key} {step}")
         if rank == 0:
             text = config.to_yaml() if hasattr(config, "to_yaml") else yaml.safe_dump(current, sort_keys=False)
             write_atomic(path / CONFIG, text)
@@ -169,8 +184,10 @@ def open_run(path: str | Path, *, config: Any, resume: bool, movable: Iterable[s
             write_atomic(path / INFO, json.dumps(record, indent=2) + "\n")
             trim_metrics(path / METRICS, step)
         return Run(path, rank=rank, state=state, step=step, checkpoint=checkpoint, tensorboard=tensorboard,
-                   lock=lock)
+                   lock=lock, log=log)
     except BaseException:
+        if log is not None:
+            log.close()
         if lock is not None:
             lock.release()
         raise

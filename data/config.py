@@ -10,6 +10,7 @@ command's own options. Importing this module imports click and yaml only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from core.config import TypedConfig
 from core.options import check_bounds, option
@@ -22,7 +23,8 @@ RESOLVED = "prepare.yaml"       # OUT/prepare.yaml: the config of the prepare th
 @dataclass
 class PrepareConfig(TypedConfig):
     """What one prepare does: the source, the output folder, the shard size, the key of the
-    packing order, which WebDataset tars, what to do with a bad file, and the reader threads."""
+    packing order, which WebDataset tars, where labels come from, what to do with a bad file, and
+    the reader threads."""
 
     src: str = option("", "The source folder.", argument=True, path="dir")
     out: str = option("", "The output folder.", argument=True, path="dir", exists=False)
@@ -32,6 +34,10 @@ class PrepareConfig(TypedConfig):
     pattern: str | None = option(
         None, "WebDataset source: take only the top-level tars matching this glob, with brace expansion "
               "(e.g. 'imagenet1k-train-*.tar', 'train-{0000..0146}.tar').", metavar="GLOB", show_default="every *.tar")
+    labels: Literal["auto", "classes", "none"] = option(
+        "auto", "Where labels come from. auto: class folders, or none when images lie directly in SRC; "
+                "'cls' members of tars, or none when no sample has one. classes: require them. "
+                "none: pack unlabeled (every image below SRC; 'cls' ignored).")
     skip_bad: bool = option(False, "Leave unreadable or non-image files out (listed in the manifest's 'rejects') "
                                    "instead of stopping at the first one.", negatable=False)
     workers: int | None = option(None, "Threads reading and verifying images (0: none; default: min(8, CPU count)).",

@@ -1,6 +1,7 @@
-"""The image decoders a job may name (``pil``, the reference; ``dali``, the fast path from the
-optional extra ``.[dali]``; ``auto``, DALI where it is installed, else PIL), and the errors of
-decoding: ``DaliMissing`` (one line naming the extra) and ``DecodeError`` naming the image
+"""The image decoders a job may name (``pil``, the reference, over a thread pool; ``dali``, the
+fast path from the optional extra ``.[dali]``; ``torchvision``, torchvision's batched JPEG
+decoder, nvJPEG on a GPU; ``auto``: ``resolve_decoder``), and the errors of decoding:
+``DaliMissing`` (one line naming the extra) and ``DecodeError`` naming the image
 (``sample_name``). Light on purpose (no torch; DALI is looked up, never imported): the command
 line takes its choices from here."""
 from __future__ import annotations
@@ -10,10 +11,11 @@ import importlib.util
 from core.errors import ExpectedError
 
 AUTO = "auto"
-DECODERS = (AUTO, "dali", "pil")
+DECODERS = (AUTO, "dali", "pil", "torchvision")
 DALI_EXTRA = "pip install '.[dali]'"
 DECODER_HELP = "Image decoder: dali (NVIDIA DALI, GPU decoder on CUDA; the extra " + DALI_EXTRA + \
-    "), pil (the reference) or auto (dali where it is installed, else pil)."
+    "), pil (the reference, on a thread pool), torchvision (batched decode_jpeg, nvJPEG on CUDA; other " \
+    "formats by PIL) or auto (dali where it is installed, else torchvision on a CUDA device, else pil)."
 
 
 class DaliMissing(ExpectedError, ImportError):
@@ -48,10 +50,14 @@ def require_dali() -> None:
                           f"install the extra, {DALI_EXTRA}, or choose decoder=pil (or auto)")
 
 
-def resolve_decoder(kind: str) -> str:
-    """``dali`` or ``pil`` for a decoder name of ``DECODERS`` (``auto``: ``dali`` where installed)."""
+def resolve_decoder(kind: str, device=None) -> str:
+    """The decoder that a name of ``DECODERS`` stands for on ``device`` (a torch device or its
+    name; None: not known, as the CPU): ``auto`` is ``dali`` where DALI is installed, else
+    ``torchvision`` on a CUDA device, else ``pil``; another name is itself."""
     if kind not in DECODERS:
         raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
     if kind == AUTO:
-        return "dali" if dali_installed() else "pil"
+        if dali_installed():
+            return "dali"
+        return "torchvision" if str(device).split(":")[0] == "cuda" else "pil"
     return kind

@@ -137,6 +137,9 @@ class ImageSet:
         if dataset_digest(meta) != meta.get("digest"):
             raise ValueError(f"ImageSet: {manifest}: its digest is not the one of its contents (the "
                              f"manifest was edited after prepare); restore it or prepare the source again")
+        if meta.get("labeled", True) != bool(meta["classes"]):   # classes are in the digest, "labeled" is not
+            raise ValueError(f"ImageSet: {manifest} says labeled={meta.get('labeled')} but lists "
+                             f"{len(meta['classes'])} classes (the manifest was edited after prepare)")
         n = meta["num_samples"]
         if not np.array_equal(columns["index"], np.arange(n)):
             raise ValueError(f"ImageSet: {root / COLUMNS}: the index column is not 0..{n - 1}")
@@ -155,15 +158,36 @@ class ImageSet:
         return self.meta["num_samples"]
 
     def __repr__(self) -> str:
-        return f"ImageSet({str(self.root)!r}, samples={len(self)}, classes={len(self.classes)}, shards={len(self.shards)})"
+        classes = f"classes={len(self.classes)}" if self.labeled else "unlabeled"
+        return f"ImageSet({str(self.root)!r}, samples={len(self)}, {classes}, shards={len(self.shards)})"
 
     @property
     def classes(self) -> list[str]:
+        """Class names, label k is ``classes[k]`` ([] when unlabeled)."""
         return self.meta["classes"]
 
     @property
+    def labeled(self) -> bool:
+        """Whether the samples carry class labels (False: prepared from images without classes,
+        tars without ``cls`` or with ``labels=none``; every label is -1, no classes)."""
+        return bool(self.meta["classes"])
+
+    def require_labels(self, task: str) -> None:
+        """ValueError naming this set's folder unless it is labeled; ``task`` (e.g. "eval knn")
+        is what needs the labels."""
+        if self.labeled:
+            return
+        source = self.meta["source"]
+        why = {"images": "a folder of images without class folders",
+               "webdataset": "WebDataset samples without 'cls' members"}.get(source["kind"], source["kind"])
+        if source.get("labels") == "none":
+            why = "labels=none"
+        raise ValueError(f"{task} needs labels; {self.root} was prepared without labels ({why}); prepare "
+                         f"a labeled copy (class folders, or tars with 'cls' members) for it")
+
+    @property
     def labels(self) -> np.ndarray:
-        """(N,) int64 class label of each sample."""
+        """(N,) int64 class label of each sample (-1 in an unlabeled set)."""
         return self._columns["label"]
 
     @property

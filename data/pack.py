@@ -1,7 +1,7 @@
-"""``prepare``: pack SRC (an ImageFolder tree or WebDataset tars) into tar shards, DALI indices and a
-manifest, in a seeded pseudo-random permutation (``pack_order``) of the listing order, so that
-every shard mixes the classes; the same SRC and seed give byte-identical output (docs/format.md,
-"Images (prepare)")."""
+"""``prepare``: pack SRC (an ImageFolder tree, a tree of unlabeled images or WebDataset tars) into
+tar shards, DALI indices and a manifest, in a seeded pseudo-random permutation (``pack_order``) of
+the listing order, so that every shard mixes the classes; the same SRC and seed give
+byte-identical output (docs/format.md, "Images (prepare)")."""
 from __future__ import annotations
 
 import hashlib
@@ -166,10 +166,11 @@ def prepare(src: Path | str, out: Path | str, *, progress: bool = True,
 
 def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
                 echo: Callable[[str], None] | None = None) -> "ImageSet":
-    """Pack ``cfg.src`` (ImageFolder tree or WebDataset tars) into ``cfg.out``; see ``docs/format.md``.
+    """Pack ``cfg.src`` (ImageFolder tree, unlabeled image tree or WebDataset tars) into ``cfg.out``;
+    see ``docs/format.md``.
 
     Args:
-        cfg: the settings (data/config.py: shard size, seed, WebDataset pattern, skip_bad,
+        cfg: the settings (data/config.py: shard size, seed, WebDataset pattern, labels, skip_bad,
             workers). OUT is created. If it holds a finished prepare of the same SRC listing,
             nothing is done; of a different SRC, shard size or seed, ``PrepareError``. Without
             ``manifest.json`` it is a half-written run and is redone from scratch. A prepare
@@ -185,7 +186,7 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
     shard_size, seed, pattern, skip_bad = cfg.shard_size, cfg.seed, cfg.pattern, cfg.skip_bad
     say = echo if echo is not None else (_stderr if progress else (lambda message: None))
     workers = min(8, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
-    listing = list_source(src, pattern=pattern, progress=progress)
+    listing = list_source(src, pattern=pattern, labels=cfg.labels, progress=progress)
 
     if (out / MANIFEST).exists():
         try:
@@ -223,7 +224,7 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
         for item, (data, info, reason) in _ordered_map(_check_item, listing.items(order), workers=workers):
             bar.update(1)
             if reason is not None:
-                where = str(src / item.source) if listing.kind == "imagefolder" else f"{src}/{item.source}"
+                where = str(src / item.source) if listing.kind != "webdataset" else f"{src}/{item.source}"
                 if not skip_bad:
                     raise BadImage(where, f"{reason} (use --skip-bad to leave such files out)")
                 rejects.append({"source": item.source, "reason": reason})
@@ -235,7 +236,7 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
                 if writer is not None:
                     shards.append(writer.close())
                 writer = ShardWriter(shard_dir, shard, first=index)
-            offset = writer.add(index, info.ext, data, item.label)
+            offset = writer.add(index, info.ext, data, item.label if listing.labeled else None)
             for table, value in ((modes, info.mode), (exts, info.ext)):
                 if value not in table:
                     table.append(value)
@@ -254,7 +255,7 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
         raise PrepareError(f"prepare: no usable image in {src} ({len(rejects)} rejected)")
 
     classes = listing.classes
-    if listing.kind == "webdataset" and not classes:
+    if listing.kind == "webdataset" and listing.labeled and not classes:
         classes = [listing.json_names.get(k, str(k)) for k in range(max(cols["label"]) + 1)]
     source_lengths = np.array([len(s) for s in sources], dtype=np.int64)
     columns = {name: np.asarray(values, dtype={"q": np.int64, "B": np.uint8, "L": np.uint32}[values.typecode])
@@ -265,11 +266,11 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
     write_atomic(out / COLUMNS, blob)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "num_samples": len(sources),
-        "shard_size": shard_size, "key_format": "{index:09d}", "classes": classes,
+        "shard_size": shard_size, "key_format": "{index:09d}", "classes": classes, "labeled": listing.labeled,
         "modes": modes, "exts": exts,
         "order": {"kind": "keyed-hash", "seed": seed, "candidates": len(listing)},
         "source": {"kind": listing.kind, "root": str(src.resolve()), "num_files": listing.num_files,
-                   "listing_sha256": listing.sha256, "pattern": listing.pattern},
+                   "listing_sha256": listing.sha256, "pattern": listing.pattern, "labels": cfg.labels},
         "columns": {"file": COLUMNS, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
                     "layout": layout},
         "shards": shards, "rejects": rejects,
@@ -278,18 +279,24 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True,
     write_atomic(out / RESOLVED, cfg.to_yaml().encode())
     write_atomic(out / MANIFEST, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
     rejected = f", {len(rejects)} files left out as bad (see {MANIFEST} 'rejects')" if rejects else ""
-    say(f"prepare: packed {len(sources)} samples of {len(classes)} classes into {len(shards)} shards in {out}{rejected}")
+    what = f"of {len(classes)} classes" if listing.labeled else "without labels"
+    say(f"prepare: packed {len(sources)} samples {what} into {len(shards)} shards in {out}{rejected}")
     return ImageSet.open(out)
 
 
 def _check_same_prepare(done: "ImageSet", listing: SourceListing, *, shard_size: int, seed: int) -> None:
-    """Refuse to reuse a finished OUT that was made from another SRC listing, shard size or seed."""
+    """Refuse to reuse a finished OUT that was made from another SRC listing, labeling, shard size or seed."""
     old = done.meta["source"]
+    if done.labeled != listing.labeled:
+        said = {True: "with labels", False: "without labels"}
+        raise PrepareError(f"prepare: {done.root} was prepared {said[done.labeled]} (a {old['kind']} source), this "
+                           f"prepare of {listing.root} would be {said[listing.labeled]} (a {listing.kind} source): "
+                           f"prepare into a new folder, or delete {done.root} to redo it")
     if old["kind"] != listing.kind or old["listing_sha256"] != listing.sha256:
         hint = ""
         if old.get("pattern") != listing.pattern:
             hint += f"; tars chosen by --pattern {old.get('pattern')!r} then, {listing.pattern!r} now"
-        if listing.kind == "imagefolder" and old["kind"] == "imagefolder":
+        if listing.kind == old["kind"] != "webdataset":
             before = {done.source(i) for i in range(len(done))} | {r["source"] for r in done.rejects}
             now = set(listing.names)
             added, missing = sorted(now - before), sorted(before - now)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from core.keys import Role, hash_keys, uniform
-from teachers.descriptors import DESCRIPTORS, STUDENT_GRID
+from teachers.descriptors import DESCRIPTORS, STUDENT_GRID, descriptor
 
 GRID = STUDENT_GRID            # the shared grid of the student and every teacher (teachers/descriptors.py)
 NUM_PATCHES = GRID * GRID      # 196 patches
@@ -18,7 +18,8 @@ CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 
-# Per teacher (teachers/descriptors.py): the id that keys its masks, the fraction of patches masked.
+# Per described teacher (teachers/descriptors.py): the id that keys its masks, the fraction of
+# patches masked; ``teacher_id`` and the mask draws also know timm teachers (``descriptor``).
 TEACHER_IDS = {name: d.key_id for name, d in DESCRIPTORS.items()}
 MASK_RATIOS = {name: d.mask_ratio for name, d in DESCRIPTORS.items()}
 
@@ -127,10 +128,7 @@ def num_visible(mask_ratio: float, num_patches: int = NUM_PATCHES) -> int:
 def teacher_id(teacher) -> int:
     if isinstance(teacher, (int, np.integer)):
         return int(teacher)
-    try:
-        return TEACHER_IDS[teacher]
-    except KeyError:
-        raise KeyError(f"unknown teacher {teacher!r}; known: {sorted(TEACHER_IDS)}") from None
+    return descriptor(teacher).key_id
 
 
 def teacher_visible(seed: int, indices, views, teacher, *, mask_ratio: float | None = None,
@@ -139,7 +137,7 @@ def teacher_visible(seed: int, indices, views, teacher, *, mask_ratio: float | N
 
     Args:
         indices: (B,) int; views: (B,) int or scalar; teacher: name or id.
-        mask_ratio: fraction masked; defaults to MASK_RATIOS[teacher].
+        mask_ratio: fraction masked; defaults to the teacher's descriptor's.
     Returns: (B, n_k) int64 ascending in [0, num_patches), n_k = num_visible(mask_ratio).
     """
     idx = _as_index(indices, "indices")
@@ -162,7 +160,7 @@ def _teacher_subset(seed: int, idx: np.ndarray, key: np.ndarray, role: int, teac
     if mask_ratio is None:
         if not isinstance(teacher, str):
             raise ValueError("mask_ratio is required when the teacher is given by id")
-        mask_ratio = MASK_RATIOS[teacher]
+        mask_ratio = descriptor(teacher).mask_ratio
     patch = np.arange(num_patches, dtype=np.int64)[None, :]
     h = hash_keys(seed, idx[:, None], key[:, None], role, tid, patch)
     return _random_subset(h, num_visible(mask_ratio, num_patches))

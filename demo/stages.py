@@ -39,7 +39,7 @@ class DemoSettings(TypedConfig):
     lr: float = 5e-4                # peak learning rate (base_lr = lr * 256 / batch) (choice)
     codec: str = "adapter"          # extract's default: 192 int8 coefficients per token on the statistics' basis
     view_pixels: str = "jpeg"       # the training store keeps its views; training reads them (data.pixels=views)
-    decoder: str = "auto"           # auto (DALI where installed, else PIL), dali or pil; OUT/config.yaml
+    decoder: str = "auto"           # auto (DALI where installed, else PIL), dali, pil or torchvision; OUT/config.yaml
                                     # records the resolved one
     stats_images: int = 16          # images whose tokens give each teacher's adapter statistics
     teacher_batch: int = 16

@@ -43,7 +43,8 @@ def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224
 
     ``timm_kwargs`` go to ``timm.create_model`` (e.g. ``img_size=32``,
     ``drop_path_rate=0.1``). ``checkpoint=None`` gives a randomly initialised model
-    (for baselines and tests). The model is returned on the CPU in eval mode.
+    (for baselines and tests); a training checkpoint (RUN/last.pt, RUN/snapshots/epoch_NNNN.pt)
+    gives its student (``run_student``). The model is returned on the CPU in eval mode.
     An all-zero classifier (the student export's placeholder) is dropped first
     (``drop_placeholder_head``); then any missing key, unexpected key or shape
     mismatch raises ``ValueError`` naming all of them.
@@ -57,11 +58,23 @@ def load_backbone(checkpoint: Path | None, *, model: str = "vit_tiny_patch16_224
         torch.manual_seed(0)
         net = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
     if checkpoint is not None:
-        state = drop_placeholder_head(read_state_dict(Path(checkpoint)), net)
+        state = drop_placeholder_head(run_student(read_state_dict(Path(checkpoint))), net)
         kw = ", ".join(f"{k}={v!r}" for k, v in sorted(timm_kwargs.items()))
         load_strict(net, state, what=f"checkpoint {checkpoint} does not fit timm model {model!r}"
                                      f"{' (' + kw + ')' if kw else ''} with num_classes=0")
     return net.eval()
+
+
+# A training checkpoint's student encoder, a timm ViT, under its ``model`` entry (train/objective.py StudentSide).
+RUN_STUDENT = "student.vit."
+
+
+def run_student(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The timm state dict of ``state``: the student encoder of a training checkpoint (its keys
+    ``student.vit.*``, without the decoder and adapters), else ``state`` as it is."""
+    if not any(k.startswith(RUN_STUDENT) for k in state):
+        return state
+    return {k[len(RUN_STUDENT):]: v for k, v in state.items() if k.startswith(RUN_STUDENT)}
 
 
 def cls_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

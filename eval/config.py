@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from core.config import TypedConfig, check_nonneg, check_positive
 from core.options import option
+from core.precision import AMP
 
 __all__ = ["KnnConfig", "LinearConfig", "FinetuneConfig", "DetectionConfig", "SegmentationConfig",
            "CONFIGS", "parse_model_args"]
@@ -29,6 +30,12 @@ def parse_model_args(items) -> dict[str, Any]:
             raise ValueError(f"model argument {item!r}: expected KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def _amp_option():
+    """The ``amp`` field of the protocols that autocast (k-NN runs fp32): one default, one help."""
+    return option("bf16", "Autocast on CUDA: bf16 (A100/H100), fp16 (V100/T4; a training step takes a gradient scaler) "
+                          "or none (fp32); the CPU runs fp32.")
 
 
 @dataclass
@@ -109,6 +116,7 @@ class LinearConfig(_Splits):
     optimizer: Literal["lars", "sgd"] = option("lars", "LARS as in MAE, or SGD with momentum 0.9.")
     cache_features: bool = option(False, "Train on center-crop features extracted once: fast, but without the "
                                          "protocol's RandomResizedCrop+flip (recorded in the result).")
+    amp: Literal[AMP] = _amp_option()
     seed: int = option(0, "Seed of head init, order and augmentation.")
 
     def derived(self) -> dict[str, Any]:
@@ -145,6 +153,7 @@ class FinetuneConfig(_Splits):
     auto_augment: str = option("rand-m9-mstd0.5-inc1", "timm RandAugment spec.")
     reprob: float = option(0.25, "Random erasing probability.")
     eval_every: int = option(1, "Evaluate on val every N epochs.")
+    amp: Literal[AMP] = _amp_option()
     seed: int = option(0, "Seed of head init, order, augmentation.")
 
     def derived(self) -> dict[str, Any]:
@@ -170,6 +179,7 @@ class _Dense(BackboneConfig):
     """A dense protocol's data: one folder holding both splits (a positional argument)."""
 
     data: str = option("", "The dataset folder.", argument=True, path="dir")
+    amp: Literal[AMP] = _amp_option()
 
     def validate(self):
         super().validate()

@@ -76,10 +76,11 @@ class EvalImages(torch.utils.data.Dataset):
     ``classes``: if given (e.g. the train set's classes when opening val), labels are
     indices into it and every class of this set must appear in it; otherwise this
     set's own sorted classes. ``__getitem__`` returns (transform(image), label int).
+    ``task`` (e.g. "eval knn") names what needs the labels when a packed set has none (ValueError).
     """
 
     def __init__(self, root: Path, *, transform: Callable | None = None,
-                 classes: Sequence[str] | None = None, seed: int = 0):
+                 classes: Sequence[str] | None = None, seed: int = 0, task: str = "this evaluation"):
         self.root = Path(root)
         self.transform = transform
         self.seed = int(seed)
@@ -90,13 +91,14 @@ class EvalImages(torch.utils.data.Dataset):
             from data.shards import ImageSet
 
             self._packed = ImageSet.open(self.root)
+            self._packed.require_labels(task)
             self._files = None
             own_classes = list(self._packed.classes)
             own_labels = np.asarray(self._packed.labels, dtype=np.int64)
             self.layout = "packed"
         else:
             self._packed = None
-            own_classes, self._files, own_labels = _scan_image_folder(self.root)
+            own_classes, self._files, own_labels = _scan_image_folder(self.root, task)
             self.layout = "imagefolder"
         if classes is None:
             self.classes = own_classes
@@ -160,7 +162,7 @@ class EvalImages(torch.utils.data.Dataset):
         return img, int(self.labels[i])
 
 
-def _scan_image_folder(root: Path):
+def _scan_image_folder(root: Path, task: str):
     if (root / "shards").is_dir() and any((root / "shards").glob("*.tar")):
         raise ValueError(
             f"dataset {root}: has shards/*.tar but no manifest.json: an unfinished `prepare` "
@@ -169,7 +171,8 @@ def _scan_image_folder(root: Path):
     if not subdirs:
         hint = ""
         if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
-            hint = " It holds image files directly; put them in one folder per class."
+            hint = (f" It holds image files directly, without labels, and {task} needs labels: put them in "
+                    f"one folder per class.")
         raise ValueError(
             f"dataset {root}: neither a packed set (no manifest.json) nor an ImageFolder "
             f"tree (no class subfolders: expected {root}/<class>/<image>).{hint}")

@@ -74,6 +74,29 @@ def optimizer_for(run, model: nn.Module, *, lr: float, weight_decay: float, laye
     return optimizer, start
 
 
+def scaler_for(run, dtype, device) -> torch.amp.GradScaler | None:
+    """The gradient scaler of training under autocast ``dtype`` (float16's, else None:
+    core/precision.py ``grad_scaler``), restored from ``run``'s checkpoint when it resumes one
+    that holds it, so that the resume is exact."""
+    from core.precision import grad_scaler
+    scaler = grad_scaler(dtype, device)
+    if scaler is not None and run.resumed and run.state.get("scaler"):
+        scaler.load_state_dict(run.state["scaler"])
+    return scaler
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """``loss.backward()`` and ``optimizer.step()``; with a scaler, the loss scaled for the
+    backward and a step whose gradients overflowed skipped (``GradScaler.step``)."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr * group['lr_scale']``."""
     for group in optimizer.param_groups:

@@ -16,9 +16,10 @@ from eval.coco import CocoInstances, collate, evaluate, to_results, write_result
 from core.keys import derive_seed
 from eval.data import seeded_rngs
 from eval.config import DetectionConfig
-from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr
+from eval.dense_train import backward_step, check_finite, epoch_order, optimizer_for, ordered_loader, scaler_for, set_lr
 from eval.pyramid import SimpleFeaturePyramid
 from data.decode import MEAN, STD
+from core.precision import autocast, autocast_dtype
 from core.progress import progress_bar
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -111,15 +112,15 @@ def _to_device(images, targets, device):
 
 @torch.no_grad()
 def predict(*, model: nn.Module, dataset: CocoInstances, batch_size: int, workers: int,
-            device: torch.device) -> tuple[list[dict], list[dict]]:
-    """Run ``model`` over ``dataset`` (train=False) -> (bbox results, segm results), COCO format."""
+            device: torch.device, amp: torch.dtype | None = None) -> tuple[list[dict], list[dict]]:
+    """Run ``model`` over ``dataset`` (train=False) under autocast ``amp`` (None: fp32) -> (bbox
+    results, segm results), COCO format."""
     model.eval()
     loader = ordered_loader(dataset, order=list(range(len(dataset))), batch_size=batch_size, workers=workers,
                             collate_fn=collate)
     bbox, segm = [], []
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for images, targets in progress_bar(loader, desc="detect", unit="batch"):
-        with amp:
+        with autocast(device, amp):
             outputs = model([im.to(device) for im in images])
         for target, output in zip(targets, outputs):
             b, s = to_results(image_id=int(target["image_id"]), prediction=output,
@@ -179,7 +180,7 @@ def run_detection(cfg: DetectionConfig, *, out: Path, device: str = "auto", resu
                                                layer_decay=cfg.layer_decay, unit="epoch")
         _train(cfg, model=net, optimizer=optimizer, dataset=train_set, run=run, start_epoch=start_epoch, device=dev)
         bbox, segm = predict(model=net, dataset=val_set, batch_size=min(cfg.batch_size, 8), workers=cfg.workers,
-                             device=dev)
+                             device=dev, amp=autocast_dtype(cfg.amp, dev))
     write_results(Path(out) / "bbox_results.json", bbox)
     write_results(Path(out) / "segm_results.json", segm)
     metrics: dict[str, float] = OrderedDict()
@@ -196,7 +197,8 @@ def _train(cfg: DetectionConfig, *, model: nn.Module, optimizer: torch.optim.Opt
 
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = autocast_dtype(cfg.amp, device)
+    scaler = scaler_for(run, amp, device)
     lr = lambda step: lr_at(step, total=total, lr=cfg.lr, warmup=cfg.warmup)  # noqa: E731
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -211,16 +213,15 @@ def _train(cfg: DetectionConfig, *, model: nn.Module, optimizer: torch.optim.Opt
             set_lr(optimizer, lr(step))
             images, targets = _to_device(images, targets, device)
             with seeded_rngs(derive_seed(cfg.seed, step, STEP_KEY), cuda_devices=[device]):
-                with amp:
+                with autocast(device, amp):
                     parts = model(images, targets)
                 loss = sum(parts.values())
                 check_finite(loss, step=step, parts=parts)  # one host sync per step (the progress bar reads it)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
+                backward_step(loss, optimizer, scaler)
             sums.add(step, {"loss": loss, **parts})
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         end = (epoch + 1) * steps_per_epoch
         run.log({"step": end, "epoch": epoch + 1, "lr_end": lr(step), **sums.reduce()})  # before the checkpoint
         run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": {"epoch": epoch + 1},
-                  "step": end})
+                  "step": end, **({"scaler": scaler.state_dict()} if scaler is not None else {})})

@@ -1,6 +1,7 @@
 """The ``eval TASK`` commands' own options, beside the protocol's config (eval/config.py):
 where the run goes, the device, ``KEY=VALUE`` overrides and, for a resumable protocol,
-``--resume``. ``{task}`` and ``{files}`` in the texts are filled per command (cli.py)."""
+``--resume`` and ``--auto-resume``. ``{task}`` and ``{files}`` in the texts are filled per
+command (cli.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,3 +22,6 @@ class EvalOptions:
 @dataclass
 class ResumableEvalOptions(EvalOptions):
     resume: bool = option(False, "Continue the run in --out where its checkpoint left it.", negatable=False)
+    auto_resume: bool = option(False, "Resume when --out holds a checkpoint, start otherwise; a finished run "
+                                      "(its result.json written) is left as it is (exit status 0).",
+                               negatable=False)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from eval.config import FinetuneConfig
+from core.precision import autocast, autocast_dtype, grad_scaler
 from core.progress import progress_bar
 
 __all__ = ["build_classifier", "evaluate_classifier", "run_finetune"]
@@ -33,15 +34,16 @@ def build_classifier(*, checkpoint: Path, model: str, timm_kwargs: dict[str, Any
 
 
 @torch.no_grad()
-def evaluate_classifier(net: nn.Module, loader, *, device: torch.device,
+def evaluate_classifier(net: nn.Module, loader, *, device: torch.device, amp: torch.dtype | None = None,
                         desc: str = "eval") -> dict[str, float]:
-    """Top-1/top-5 percent of ``net`` (images (B, 3, H, W) -> logits (B, C)) over loader."""
+    """Top-1/top-5 percent of ``net`` (images (B, 3, H, W) -> logits (B, C)) over loader, under
+    autocast ``amp`` (None: fp32)."""
     net.eval()
     hits = torch.zeros(2, dtype=torch.float64)
     total = 0
     for images, target in progress_bar(loader, desc=desc, unit="batch", leave=False):
         target = torch.as_tensor(target).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, amp):
             logits = net(images.to(device, non_blocking=True))
         top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == target[:, None]
@@ -73,12 +75,13 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
                   compare={"checkpoint_sha256": digest}) as run:
         dev = resolve_device(device)
         micro = cfg.batch_size // cfg.accum_iter
-        train_set = EvalImages(cfg.train, seed=cfg.seed)
+        train_set = EvalImages(cfg.train, seed=cfg.seed, task="eval finetune")
         net = build_classifier(checkpoint=cfg.checkpoint, model=cfg.model, timm_kwargs=cfg.timm_kwargs,
                                num_classes=len(train_set.classes), drop_path=cfg.drop_path, seed=cfg.seed)
         size = input_size_of(net)
         train_set.transform = finetune_transform(size, auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
-        val_set = EvalImages(cfg.val, transform=eval_transform(size), classes=train_set.classes)
+        val_set = EvalImages(cfg.val, transform=eval_transform(size), classes=train_set.classes,
+                             task="eval finetune")
         steps = (len(train_set) // micro) // cfg.accum_iter
         if steps == 0:
             raise ValueError(f"fine-tune: --batch-size {cfg.batch_size} is larger than the train set "
@@ -113,10 +116,14 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
         else:
             criterion = nn.CrossEntropyLoss()
 
+        amp = autocast_dtype(cfg.amp, dev)
+        scaler = grad_scaler(amp, dev)          # fp16's; in the checkpoint, so that a resume is exact
         start, history = 0, []
         if run.resumed:
             net.load_state_dict(run.state["model"])
             opt.load_state_dict(run.state["optimizer"])
+            if scaler is not None and run.state.get("scaler"):
+                scaler.load_state_dict(run.state["scaler"])
             start, history = int(run.state["epoch"]), list(run.state["history"])
 
         val_loader = make_loader(val_set, batch_size=micro, shuffle=False, num_workers=cfg.workers,
@@ -143,12 +150,17 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
                 with seeded_rngs(derive_seed(cfg.seed, epoch, it, 0xF7), cuda_devices=cuda):
                     if mixer is not None:
                         images, target = mixer(images, target)
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    with autocast(dev, amp):
                         loss = criterion(net(images), target)
-                    (loss / cfg.accum_iter).backward()
+                    part = loss / cfg.accum_iter
+                    (part if scaler is None else scaler.scale(part)).backward()
                 sums.add(step, {"loss": loss})
                 if (it + 1) % cfg.accum_iter == 0:
-                    opt.step()
+                    if scaler is None:
+                        opt.step()
+                    else:                       # skips a step whose gradients overflowed
+                        scaler.step(opt)
+                        scaler.update()
                     opt.zero_grad(set_to_none=True)
                     bar.update(1)
             bad = sums.first_non_finite()  # host sync once per epoch
@@ -157,16 +169,17 @@ def run_finetune(cfg: FinetuneConfig, *, out: Path, device: str = "auto",
             mean_loss = sums.reduce()["loss"]  # over the epoch's micro-batches
             record = {"epoch": epoch + 1, "loss": mean_loss}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                record.update(evaluate_classifier(net, val_loader, device=dev, desc="val"))
+                record.update(evaluate_classifier(net, val_loader, device=dev, amp=amp, desc="val"))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", top1=f"{record['top1']:.2f}")
             history.append(record)
             run.log({"step": (epoch + 1) * steps, **record})  # before the checkpoint: a resume trims it
             run.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                      "step": (epoch + 1) * steps, "history": history})
+                      "step": (epoch + 1) * steps, "history": history,
+                      **({"scaler": scaler.state_dict()} if scaler is not None else {})})
         bar.close()
         if history and "top1" in history[-1]:
             final = {"top1": history[-1]["top1"], "top5": history[-1]["top5"]}
         else:
-            final = evaluate_classifier(net, val_loader, device=dev, desc="val")
+            final = evaluate_classifier(net, val_loader, device=dev, amp=amp, desc="val")
     best = max([h["top1"] for h in history if "top1" in h] + [final["top1"]])
     return {**final, "best_top1": best}, settings

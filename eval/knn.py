@@ -108,8 +108,8 @@ def run_knn(cfg: KnnConfig, *, device: str = "auto") -> tuple[dict[str, float], 
     net = load_backbone(cfg.checkpoint, model=cfg.model, **cfg.timm_kwargs)
     size = input_size_of(net)
     tf = eval_transform(size)
-    train_set = EvalImages(cfg.train, transform=tf)
-    val_set = EvalImages(cfg.val, transform=tf, classes=train_set.classes)
+    train_set = EvalImages(cfg.train, transform=tf, task="eval knn")
+    val_set = EvalImages(cfg.val, transform=tf, classes=train_set.classes, task="eval knn")
     loader = lambda ds: make_loader(ds, batch_size=cfg.batch_size, shuffle=False,  # noqa: E731
                                     num_workers=cfg.workers, pin_memory=dev.type == "cuda")
     mem, mem_labels = extract_features(net, loader(train_set), device=dev, desc="train features")

@@ -14,6 +14,7 @@ from torch import nn
 
 from eval.config import LinearConfig
 from core import dist
+from core.precision import autocast, autocast_dtype
 from core.progress import progress_bar
 
 __all__ = ["LARS", "probe_head", "run_linear"]
@@ -72,17 +73,19 @@ def probe_head(dim: int, num_classes: int, *, seed: int = 0) -> nn.Sequential:
 
 
 @torch.no_grad()
-def _features(backbone: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """images (B, 3, H, W) float32 -> CLS features (B, D) float32 (bf16 autocast on CUDA)."""
+def _features(backbone: nn.Module, images: torch.Tensor, device: torch.device, amp: torch.dtype | None
+              ) -> torch.Tensor:
+    """images (B, 3, H, W) float32 -> CLS features (B, D) float32 (under autocast ``amp``: None is fp32)."""
     from eval.common import cls_features
 
     images = images.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device, amp):
         return cls_features(backbone, images).float()
 
 
 def _chunk_features(backbone, dataset, order: torch.Tensor, *, count: int, micro_batch: int, dim: int,
-                    device, num_workers: int, desc: str | None = None) -> Iterator[torch.Tensor]:
+                    device, num_workers: int, amp: torch.dtype | None = None,
+                    desc: str | None = None) -> Iterator[torch.Tensor]:
     """Yield the CLS features (n, D) float32 of the chunks ``order[k * micro_batch:(k + 1) * micro_batch]``,
     k = 0 .. count - 1, in that order, on every rank.
 
@@ -101,7 +104,7 @@ def _chunk_features(backbone, dataset, order: torch.Tensor, *, count: int, micro
                                pin_memory=device.type == "cuda"))
     bar = progress_bar(total=count, desc=desc, unit="batch", leave=False, disable=desc is None)
     for first in range(0, count, world):
-        own = _features(backbone, next(batches)[0], device) if first + rank < count else None
+        own = _features(backbone, next(batches)[0], device, amp) if first + rank < count else None
         if world == 1:
             chunks = [own]
         else:
@@ -116,18 +119,18 @@ def _chunk_features(backbone, dataset, order: torch.Tensor, *, count: int, micro
     bar.close()
 
 
-def _feature_table(backbone, dataset, *, device, micro_batch, dim, num_workers, desc):
+def _feature_table(backbone, dataset, *, device, micro_batch, dim, num_workers, amp, desc):
     """Features (N, D) float32 and labels (N,) int64 of the whole ``dataset`` in its order (split over ranks)."""
     n = len(dataset)
     dataset.set_epoch(0)
     feats = torch.cat(list(_chunk_features(backbone, dataset, torch.arange(n), count=-(-n // micro_batch),
                                            micro_batch=micro_batch, dim=dim, device=device,
-                                           num_workers=num_workers, desc=desc)))
+                                           num_workers=num_workers, amp=amp, desc=desc)))
     return feats, torch.tensor(dataset.labels, dtype=torch.int64).to(device)   # a copy: labels may be read-only
 
 
 def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int, seed: int, dim: int,
-                   backbone, train_set, cached, device, num_workers) -> Iterator:
+                   backbone, train_set, cached, device, num_workers, amp=None) -> Iterator:
     """Yield ``steps`` batches (features (batch_size, D) float32, labels (batch_size,)).
 
     Without ``cached``: the epoch's order comes from (seed, epoch) and each image's augmentation
@@ -149,7 +152,7 @@ def _epoch_batches(*, epoch: int, batch_size: int, micro_batch: int, steps: int,
     order = next(iter(make_loader(range(n), batch_size=n, shuffle=True, seed=seed, epoch=epoch)))
     labels = torch.tensor(train_set.labels, dtype=torch.int64)[order].to(device)   # a copy: labels may be read-only
     chunks = _chunk_features(backbone, train_set, order, count=-(-steps * batch_size // micro_batch),
-                             micro_batch=micro_batch, dim=dim, device=device, num_workers=num_workers)
+                             micro_batch=micro_batch, dim=dim, device=device, num_workers=num_workers, amp=amp)
     buf, have, done = [], 0, 0
     for f in chunks:
         buf.append(f)
@@ -177,8 +180,8 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
         backbone.requires_grad_(False)
         size = input_size_of(backbone)
         train_tf = eval_transform(size) if cfg.cache_features else probe_train_transform(size)
-        train_set = EvalImages(cfg.train, transform=train_tf, seed=cfg.seed)
-        val_set = EvalImages(cfg.val, transform=eval_transform(size), classes=train_set.classes)
+        train_set = EvalImages(cfg.train, transform=train_tf, seed=cfg.seed, task="eval linear")
+        val_set = EvalImages(cfg.val, transform=eval_transform(size), classes=train_set.classes, task="eval linear")
         steps = len(train_set) // cfg.batch_size
         if steps == 0:
             raise ValueError(f"linear probe: --batch-size {cfg.batch_size} is larger than the train "
@@ -212,7 +215,8 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
             opt.load_state_dict(run.state["optimizer"])
             start, history = int(run.state["epoch"]), list(run.state["history"])
 
-        table = dict(device=dev, micro_batch=cfg.micro_batch, dim=dim, num_workers=cfg.workers)
+        amp = autocast_dtype(cfg.amp, dev)          # the frozen backbone's; the head trains in fp32
+        table = dict(device=dev, micro_batch=cfg.micro_batch, dim=dim, num_workers=cfg.workers, amp=amp)
         val_f, val_l = _feature_table(backbone, val_set, **table, desc="val features")
         cached = None
         if cfg.cache_features and start < cfg.epochs:
@@ -224,7 +228,7 @@ def run_linear(cfg: LinearConfig, *, out: Path, device: str = "auto", resume: bo
             for s, (f, lab) in enumerate(_epoch_batches(
                     epoch=epoch, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, steps=steps,
                     seed=cfg.seed, dim=dim, backbone=backbone, train_set=train_set, cached=cached, device=dev,
-                    num_workers=cfg.workers)):
+                    num_workers=cfg.workers, amp=amp)):
                 step_lr = cosine_lr(epoch * steps + s, steps_per_epoch=steps, epochs=cfg.epochs,
                                     warmup_epochs=cfg.warmup_epochs, base_lr=abs_lr)
                 for group in opt.param_groups:

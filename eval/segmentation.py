@@ -13,9 +13,11 @@ from eval.ade import IGNORE, AdeSegmentation
 from core.keys import derive_seed
 from eval.data import seeded_rngs
 from eval.config import SegmentationConfig
-from eval.dense_train import check_finite, epoch_order, optimizer_for, ordered_loader, set_lr, warmup_factor
+from eval.dense_train import (backward_step, check_finite, epoch_order, optimizer_for, ordered_loader, scaler_for,
+                              set_lr, warmup_factor)
 from eval.pyramid import SimpleFeaturePyramid
 from eval.upernet import FCNHead, UperHead
+from core.precision import autocast, autocast_dtype
 from core.progress import progress_bar
 
 INIT_KEY, STEP_KEY = 0x1417, 0x57E9
@@ -101,16 +103,17 @@ class SegmentationMetrics:
         return {"mIoU": float(self.iou.compute()) * 100, "aAcc": float(self.acc.compute()) * 100}
 
 
-def evaluate(*, model: nn.Module, dataset: AdeSegmentation, device: torch.device, workers: int) -> dict[str, float]:
-    """Slide inference over ``dataset`` (train=False), prediction at the label's size -> mIoU, aAcc."""
+def evaluate(*, model: nn.Module, dataset: AdeSegmentation, device: torch.device, workers: int,
+             amp: torch.dtype | None = None) -> dict[str, float]:
+    """Slide inference over ``dataset`` (train=False) under autocast ``amp`` (None: fp32), prediction
+    at the label's size -> mIoU, aAcc."""
     model.eval()
     size = dataset.image_size
     metrics = SegmentationMetrics(num_classes=dataset.num_classes, device=device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for image, label in progress_bar(loader, desc="segment", unit="image"):
-        with amp:
+        with autocast(device, amp):
             logits = slide_logits(model, image.to(device), crop=size, stride=size * 2 // 3,
                                   num_classes=dataset.num_classes)
         logits = F.interpolate(logits[None], size=label.shape, mode="bilinear", align_corners=False)[0]
@@ -167,7 +170,8 @@ def run_segmentation(cfg: SegmentationConfig, *, out: Path, device: str = "auto"
         optimizer, start = optimizer_for(run, net, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          layer_decay=cfg.layer_decay, unit="iter")
         _train(cfg, model=net, optimizer=optimizer, dataset=train_set, run=run, start=start, device=dev)
-        metrics = evaluate(model=net, dataset=val_set, device=dev, workers=cfg.workers)
+        metrics = evaluate(model=net, dataset=val_set, device=dev, workers=cfg.workers,
+                           amp=autocast_dtype(cfg.amp, dev))
     return metrics, {**settings, "device": str(dev), "run_dir": str(out)}
 
 
@@ -179,7 +183,8 @@ def _train(cfg: SegmentationConfig, *, model: Segmenter, optimizer: torch.optim.
     from core.run import StepMetrics
 
     steps_per_epoch = len(dataset) // cfg.batch_size
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = autocast_dtype(cfg.amp, device)
+    scaler = scaler_for(run, amp, device)
     lr = lambda step: lr_at(step, total=cfg.iters, lr=cfg.lr, warmup=cfg.warmup)  # noqa: E731
     bar = progress_bar(total=cfg.iters, initial=start, desc="train", unit="iter")
     step, sums = start, StepMetrics(device)
@@ -194,12 +199,11 @@ def _train(cfg: SegmentationConfig, *, model: Segmenter, optimizer: torch.optim.
         for images, labels in loader:
             set_lr(optimizer, lr(step))
             with seeded_rngs(derive_seed(cfg.seed, step, STEP_KEY), cuda_devices=[device]):
-                with amp:
+                with autocast(device, amp):
                     parts = model.losses(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
                 check_finite(parts["loss"], step=step, parts=parts)  # one host sync per step, read by the bar too
                 optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-            optimizer.step()
+                backward_step(parts["loss"], optimizer, scaler)
             sums.add(step, parts)
             step += 1
             bar.update(1)
@@ -208,7 +212,8 @@ def _train(cfg: SegmentationConfig, *, model: Segmenter, optimizer: torch.optim.
                 run.log({"step": step, "iter": step, "lr": lr(step - 1), **sums.reduce()})
             if step % cfg.checkpoint_every == 0 or step == cfg.iters:
                 run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "progress": {"iter": step}, "step": step})
+                          "progress": {"iter": step}, "step": step,
+                          **({"scaler": scaler.state_dict()} if scaler is not None else {})})
             if step >= cfg.iters:
                 break
     bar.close()

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 from core.config import TypedConfig, check_nonneg, check_positive
+from core.precision import AMP
 from core.options import check_bounds, option
 from data.decoders import AUTO, DECODER_HELP, DECODERS, resolve_decoder
-from teachers.descriptors import DESCRIPTORS
+from teachers.descriptors import DESCRIPTORS, is_teacher_name
 
 __all__ = ["ExtractConfig", "ExtractJob", "config_path"]
 
@@ -24,11 +25,14 @@ class ExtractConfig(TypedConfig):
     """What one extraction does: the teacher and its weights, the images, the store, the views,
     the codec, the view pixels, and how it runs (device, decoder, batch, statistics sample)."""
 
-    teacher: str = option("", "Which frozen ViT-B/16 teacher to run.", required=True, choices=tuple(DESCRIPTORS))
+    teacher: str = option("", f"Which frozen teacher to run: {', '.join(DESCRIPTORS)}, or timm:NAME for any timm ViT "
+                              "(docs/teachers.md).", required=True)
     data: str = option("", "Images packed by `prepare`.", required=True, path="dir")
     store: str = option("", "Feature store (zarr v3) to create or resume.", required=True, path="dir", exists=False)
     checkpoint: str | None = option(None, "The teacher's official checkpoint file; fetched if omitted and the network "
                                           "allows.", path="file")
+    mask_ratio: float | None = option(None, "A timm:NAME teacher's mask ratio (default 0.40); the described "
+                                            "teachers' are fixed.", min=0, max=1)
     random_init: bool = option(False, "Untrained teacher (tests, demos); the store records that it is untrained.",
                                negatable=False)
     views: int = option(4, "Cached views per image (V).")
@@ -37,6 +41,8 @@ class ExtractConfig(TypedConfig):
         "adapter", "How tokens are stored (docs/format.md); fp16 keeps the full tokens (trainable adapters).")
     pca_dim: int = option(256, "Principal components kept by --codec pca.")
     batch_size: int = option(64, "Images per teacher forward.")
+    amp: Literal[AMP] = option("bf16", "The teacher's autocast on CUDA: bf16 (A100/H100), fp16 (V100/T4) or none "
+                                       "(fp32); the CPU runs fp32. The store records the precision used.")
     device: str = option("auto", "auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
     decoder: str = option(AUTO, DECODER_HELP, choices=DECODERS)
     threads: int = option(2, "Decoder threads.")
@@ -56,8 +62,8 @@ class ExtractConfig(TypedConfig):
                 "opens the image shards (docs/format.md).")
 
     def validate(self):
-        if self.teacher and self.teacher not in DESCRIPTORS:
-            raise ValueError(f"config teacher={self.teacher!r} is not one of {list(DESCRIPTORS)}")
+        if self.teacher and not is_teacher_name(self.teacher):
+            raise ValueError(f"config teacher={self.teacher!r} is not one of {list(DESCRIPTORS)} or timm:NAME")
         if self.decoder not in DECODERS:
             raise ValueError(f"config decoder={self.decoder!r} is not one of {list(DECODERS)}")
         check_positive(self, ["views", "pca_dim", "batch_size", "threads", "stats_images"])
@@ -88,9 +94,12 @@ class ExtractConfig(TypedConfig):
         if device == "auto":
             import torch
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        from teachers.descriptors import descriptor
+        d = getattr(teacher, "descriptor", None) or descriptor(teacher.name)
         return dataclasses.replace(cfg, teacher=teacher.name, data=str(data.root), random_init=bool(teacher.untrained),
+                                   mask_ratio=d.mask_ratio if d.is_timm else None,
                                    checkpoint=None if teacher.untrained else str(teacher.source),
-                                   decoder=resolve_decoder(cfg.decoder), device=device)
+                                   decoder=resolve_decoder(cfg.decoder, device=device), device=device)
 
 
 def config_path(store, teacher: str) -> Path:

@@ -48,7 +48,8 @@ def estimate_extraction(cfg, *, teacher, data, ranks: int) -> dict:
     cfg = cfg.resolved(teacher=teacher, data=data)
     ex = Extractor(teacher, data, seed=cfg.seed, views=cfg.views, batch_size=cfg.batch_size,
                    device=dist.local_device(cfg.device), decoder=cfg.decoder, num_threads=cfg.threads,
-                   decoder_settings=cfg.decoder_settings, teacher_input=teacher_input(cfg.view_pixels))
+                   decoder_settings=cfg.decoder_settings, teacher_input=teacher_input(cfg.view_pixels),
+                   amp=cfg.amp)
     return estimate_run(ex, codec=cfg.codec, pca_dim=cfg.pca_dim, num_images=len(data), views=cfg.views,
                         ranks=ranks, stats_images=cfg.stats_images, view_pixels=cfg.view_pixels)
 

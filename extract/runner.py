@@ -18,17 +18,20 @@ from tqdm import tqdm
 
 from core import dist
 from core.io import write_atomic
+from core.log import command_line, log_line, open_log
+from core.precision import resolve_amp
 from extract.config import ExtractConfig, config_path
 from store import codecs
 from data import views as V
 from data.decode import make_decoder
 from data.decode.stored import pil_stored_views
 from store.features import PIXELS, TEACHER_INPUTS, DataInfo, FeatureStore, StoreError, TeacherStore, teacher_input
-from store.teacherstore import stored_build
 from store.lock import StoreLocked, WriterLock
+from core.preempt import PreemptSignals
 from core.prefetch import DeviceCopier, Prefetch
 from core.progress import progress_bar
-from teachers.descriptors import descriptor
+from extract.teacher import teacher_config
+from teachers.descriptors import descriptor, register
 from store.viewpixels import ViewPixels, jpeg_round_trip, uint8_views
 
 
@@ -53,18 +56,6 @@ class ViewBatch:
     encoded: list[bytes] | None = None
 
 
-def teacher_config(teacher, *, codec: str, pca_dim: int, precision: str, input: str = "source") -> dict:
-    """What identifies a teacher's tokens: stored in the store and checked on reopening.
-    ``input``: the pixels the teacher runs on (store/features.py TEACHER_INPUTS); ``build``: what
-    a reader rebuilds it from (``stored_build``)."""
-    d = descriptor(teacher.name)
-    return dict(teacher=teacher.name, source=str(teacher.source), checkpoint_digest=teacher.digest,
-                untrained=bool(teacher.untrained), mask_ratio=d.mask_ratio, n_visible=V.num_visible(d.mask_ratio),
-                resolution=d.resolution, patch_size=d.patch_size, embed_dim=int(teacher.embed_dim), codec=codec,
-                pca_dim=codecs.stored_dim(codec, pca_dim), precision=precision, input=input,
-                build=stored_build(teacher.name, teacher.build))
-
-
 class Extractor:
     """Decode views, run the teacher on its visible patches, return (B, T, C) tokens (C its width).
 
@@ -72,11 +63,13 @@ class Extractor:
     ``prefetch``: batches the decode thread may run ahead of the teacher;
     ``teacher_input``: ``source`` runs the teacher on the decoded crops; ``jpeg`` on the
     views the store keeps (``encode_view``), decoded by PIL as training's reference decoder
-    does, so a student reading the stored views sees the teacher's pixels up to decoder rounding."""
+    does, so a student reading the stored views sees the teacher's pixels up to decoder rounding.
+    ``amp``: the teacher's precision, a setting of core/precision.py resolved on ``device`` (the
+    CPU runs fp32) and set on the teacher (``Teacher.set_amp``); None runs the teacher as built."""
 
     def __init__(self, teacher, data, *, seed: int, views: int, batch_size: int, device: str,
                  decoder: str = "auto", num_threads: int = 2, decoder_settings: dict | None = None,
-                 prefetch: int = 2, teacher_input: str = "source"):
+                 prefetch: int = 2, teacher_input: str = "source", amp: str | None = None):
         if teacher_input not in TEACHER_INPUTS:
             raise ValueError(f"teacher_input={teacher_input!r}: choose one of {TEACHER_INPUTS}")
         self.teacher, self.teacher_input = teacher, teacher_input
@@ -87,8 +80,8 @@ class Extractor:
                                    **(decoder_settings or {}))
         self.copier = DeviceCopier(self.device)
         self.prefetch = prefetch
-        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else nullcontext())
+        if amp is not None:
+            teacher.set_amp(resolve_amp(amp, self.device))
 
     def view_batch(self, index: np.ndarray, datas: list[bytes], slot: int, stored: bool = False) -> ViewBatch:
         """``datas``: the source images, or with ``stored`` the store's encoded views of them."""
@@ -109,8 +102,7 @@ class Extractor:
 
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        with self.amp:
-            out = self.teacher(images, visible)
+        out = self.teacher(images, visible)                 # in the teacher's precision (amp)
         return torch.cat([out["cls"][:, None], out["patch"]], dim=1).float()
 
     def stream(self, blocks):
@@ -294,15 +286,25 @@ def run_extraction(cfg: ExtractConfig, *, teacher, data, progress: bool = True) 
     ``STORE.<teacher>.extract.yaml`` (``config_path``).
 
     Returns a summary: blocks done and skipped, images written, seconds, images per second.
-    ``cfg.max_blocks`` stops after that many blocks (used to measure a short run).
+    ``cfg.max_blocks`` stops after that many blocks (used to measure a short run). SIGTERM or SIGUSR1
+    stops it once the current block is written (``core.preempt.Preempted``).
     """
     cfg = cfg.resolved(teacher=teacher, data=data)
+    register(getattr(teacher, "descriptor", None) or descriptor(teacher.name))   # its masks: this teacher's ratio
     pixels = cfg.view_pixels != "none"
-    with sole_writer(cfg.store, teacher.name), (sole_writer(cfg.store, PIXELS) if pixels else nullcontext()):
-        return _extract(cfg, teacher=teacher, data=data, progress=progress)
+    with sole_writer(cfg.store, teacher.name), (sole_writer(cfg.store, PIXELS) if pixels else nullcontext()), \
+            PreemptSignals() as signals, _log(cfg.store, teacher.name):
+        return _extract(cfg, teacher=teacher, data=data, progress=progress, signals=signals)
 
 
-def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool) -> dict:
+def _log(store, teacher: str):
+    """Rank 0: the extraction's log, STORE.<teacher>.extract.log beside its config (core/log.py), open."""
+    if dist.rank() != 0:
+        return nullcontext()
+    return open_log(config_path(store, teacher).with_suffix(".log"), start=f"start: {command_line()}")
+
+
+def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool, signals: PreemptSignals | None = None) -> dict:
     """``run_extraction`` without the writer lock; ``cfg`` resolved. ``cfg.stats_from``: another
     store whose statistics of this teacher this store takes instead of its own (a held-out store
     read with the training store's adapters: a coefficient codec then encodes on their basis,
@@ -310,7 +312,8 @@ def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool) -> dict:
     store_path, views, seed, codec, pca_dim = cfg.store, cfg.views, cfg.seed, cfg.codec, cfg.pca_dim
     stats_from, view_pixels, max_blocks = cfg.stats_from, cfg.view_pixels, cfg.max_blocks
     device = dist.local_device(cfg.device)
-    precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    amp = resolve_amp(cfg.amp, device)
+    precision = "fp32" if amp == "none" else amp          # what the store records its tokens were computed in
     src = _stats_source(teacher, stats_from) if stats_from is not None else None
     ts, pixels = open_teacher_store(store_path=store_path, data=data, teacher=teacher, views=views, seed=seed,
                                     codec=codec, pca_dim=pca_dim, precision=precision, view_pixels=view_pixels)
@@ -319,7 +322,7 @@ def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool) -> dict:
         write_atomic(config_path(store_path, teacher.name), cfg.to_yaml().encode())
     ex = Extractor(teacher, data, seed=seed, views=views, batch_size=cfg.batch_size, device=device,
                    decoder=cfg.decoder, num_threads=cfg.threads, decoder_settings=cfg.decoder_settings,
-                   teacher_input=ts.input)
+                   teacher_input=ts.input, amp=amp)
     # the views the teacher reads where a block has them (the ones this run writes, or the store's)
     stored = pixels if ts.input == "jpeg" else None
     # The statistics (docs/format.md), for every codec: a teacher pass over the keyed sample
@@ -356,6 +359,7 @@ def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool) -> dict:
     total = sum(ts.root.shards[k][1] for k, _ in todo)
     if skipped and dist.rank() == 0:
         tqdm.write(f"{teacher.name}: {skipped} blocks already complete, {len(todo)} to do")
+    log_line(f"extract {teacher.name}: {len(todo)} blocks to do, {skipped} already complete; statistics {stats_how}")
 
     t0, written, pixel_blocks = time.perf_counter(), 0, 0
     bar = progress_bar(total=total, unit="img", desc=f"extract {teacher.name}", progress=progress and total > 0,
@@ -371,8 +375,8 @@ def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool) -> dict:
             parts.append(vb)
             if tok is not None:
                 tokens.append(tok)
-            bar.update(len(vb.index))
             if not last:
+                bar.update(len(vb.index))
                 continue
             (shard, slot), (index, _, want_tokens, want_pixels, _) = todo[k], blocks[k]
             count = len(index)
@@ -394,7 +398,12 @@ def _extract(cfg: ExtractConfig, *, teacher, data, progress: bool) -> dict:
             pending = writer.submit(_run_all, jobs)
             parts, tokens = [], []
             written += count
-            bar.set_postfix(img_s=f"{written / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(blocks=f"{k + 1}/{len(todo)}")
+            bar.update(len(vb.index))                       # after the postfix: a progress line shows this block
+            if signals is not None and signals.received():  # this rank's own: blocks need no agreement
+                pending.result()                            # the block is in the store; a rerun skips it
+                raise signals.stop(f"preempted by {signals.received()} after block {k + 1} of {len(todo)}: the store "
+                                   f"holds {teacher.name}'s finished blocks; run the same command to continue")
         if pending is not None:
             pending.result()
     bar.close()

@@ -15,6 +15,7 @@ from data.decode import pil_view
 from data.decode.stored import pil_stored_views
 from store.features import DataInfo, FeatureStore, StoreError
 from store.viewpixels import ViewPixels
+from teachers.descriptors import teacher_order
 
 __all__ = ["SampleView", "open_store", "load_sample", "load_sample_views", "mask_image"]
 
@@ -98,7 +99,7 @@ def _load(fs: FeatureStore, view_pixels, data, *, index: int, view: int, epoch: 
         raise IndexError(f"index {index} is out of range: {store_path} holds images 0..{fs.num_samples - 1}")
     if not 0 <= view < fs.views:
         raise IndexError(f"view {view} is out of range: {store_path} holds views 0..{fs.views - 1} per image")
-    names = teachers or sorted(fs.teachers, key=lambda n: V.TEACHER_IDS.get(n, len(V.TEACHER_IDS)))
+    names = teachers or sorted(fs.teachers, key=teacher_order)
     if not names:
         raise StoreError(f"{store_path}: the store holds no teacher")
     slot = int(V.slot_of(np.array([index]), np.array([view]), fs.views)[0])

@@ -14,7 +14,7 @@ from store import codecs
 from data import views as V
 from store.checksums import MAY_BE_SKIPPED, SMALL_COMPRESSORS, STATS_DTYPES, WRITE, failure, has_crc32c, stats_digest
 from core.errors import StoreError
-from teachers.descriptors import DESCRIPTORS, VIT_B_WIDTH
+from teachers.descriptors import DESCRIPTORS, VIT_B_WIDTH, TeacherDescriptor, register
 from teachers.vit import default_build
 
 SAMPLE_KEYS = ("index", "view", "boxes", "flips", "visible")    # every teacher's; then its payload
@@ -23,8 +23,10 @@ SAMPLE_KEYS = ("index", "view", "boxes", "flips", "visible")    # every teacher'
 # crop after the store's JPEG view round trip, docs/format.md "View pixels"); ``embed_dim``, its
 # token width (every teacher of those stores was a ViT-B); ``build``, what rebuilds the teacher
 # (teachers/vit.py default_build): None, its descriptor's default build, seeded with the store's
-# seed when untrained (what readers rebuilt then), resolved by ``with_defaults``.
-CONFIG_DEFAULTS = {"input": "source", "embed_dim": VIT_B_WIDTH, "build": None}
+# seed when untrained (what readers rebuilt then); ``descriptor``, the teacher's facts
+# (teachers/descriptors.py ``TeacherDescriptor.record``): None, its described record. Both are
+# resolved by ``with_defaults``.
+CONFIG_DEFAULTS = {"input": "source", "embed_dim": VIT_B_WIDTH, "build": None, "descriptor": None}
 TEACHER_INPUTS = ("source", "jpeg")
 
 
@@ -40,11 +42,26 @@ def stored_build(name: str, build: dict) -> dict:
 
 def with_defaults(config: dict) -> dict:
     """A teacher's ``config`` with the keys an older store lacks filled in (``CONFIG_DEFAULTS``),
-    its ``build`` resolved (for a known teacher)."""
+    its ``build`` and ``descriptor`` resolved (for a described teacher)."""
     out = dict(CONFIG_DEFAULTS, **config)
     if out["build"] is None and out.get("teacher") in DESCRIPTORS:
         out["build"] = default_build(out["teacher"], seed=out.get("seed") if out.get("untrained") else None)
+    if out["descriptor"] is None and out.get("teacher") in DESCRIPTORS:
+        out["descriptor"] = DESCRIPTORS[out["teacher"]].record()
     return out
+
+
+def register_recorded(config: dict, *, where) -> None:
+    """Make a timm teacher's recorded descriptor known to this process (teachers/descriptors.py
+    ``register``), so that its masks and width are the store's; StoreError naming ``where`` if
+    it conflicts with another (e.g. another mask ratio, a shared key id)."""
+    record = config.get("descriptor")
+    if not record or record.get("name") in DESCRIPTORS:
+        return
+    try:
+        register(TeacherDescriptor.from_record(record))
+    except (ValueError, TypeError, KeyError) as error:
+        raise StoreError(f"{where}: teacher {config.get('teacher')!r}: {error}") from None
 
 
 def teacher_input(view_form: str | None) -> str:
@@ -62,6 +79,7 @@ class TeacherStore:
         self.group = group
         self.config = dict(group.attrs["config"])
         self.name = self.config["teacher"]
+        register_recorded(self.config, where=root.path / self.name)
         self.input = self.config.get("input", CONFIG_DEFAULTS["input"])
         self.width = int(self.config.get("embed_dim", CONFIG_DEFAULTS["embed_dim"]))    # token channels C
         self.codec = self.config["codec"]

@@ -150,6 +150,13 @@ TEACHERS: dict[str, TeacherSpec] = {
     "dinov2_l14_reg4": _dinov2_spec("dinov2_l14_reg4", "l", registers=True),
 }
 
+# A timm teacher's file (``--checkpoint`` of ``timm:NAME``): a timm state dict, plain or under
+# "state_dict"/"model", maybe from DDP ("module."); classifier heads are dropped (teachers are
+# built with num_classes=0). timm's own checkpoint filter then maps other layouts (OpenAI CLIP,
+# big_vision) and resamples the position embedding to the teacher's grid.
+TIMM_FILE = TeacherSpec(name="timm", filename="", url="", paper="", containers=("state_dict", "model", None),
+                        strip_prefixes=("module.",), drop=("head.", "head_dist."))
+
 # Globals a weights-only load may construct besides tensors and containers.
 SAFE_GLOBALS = (argparse.Namespace,)
 
@@ -313,6 +320,34 @@ def load_official_state_dict(name: str, path: str | os.PathLike, *, arch: str | 
     check_keys(converted, expected, what=what, path=path, where=where)
     return {k: v.float() if v.is_floating_point() else v          # in the model's key order
             for k, v in ((k, converted[k]) for k in expected)}
+
+
+def load_timm_state_dict(name: str, path: str | os.PathLike, *, arch: str,
+                         model_kwargs: dict | None) -> dict[str, torch.Tensor]:
+    """Timm teacher ``name``'s weights from ``path`` (``TIMM_FILE``; a ``.safetensors`` file is
+    read with safetensors), checked strictly against ``arch`` built with ``model_kwargs``."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    path = Path(path)
+    model = _meta_model(arch, model_kwargs)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(str(path))
+        except Exception as err:        # a damaged or foreign file
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    else:
+        obj = safe_load(path)
+    weights, where = TIMM_FILE.convert(obj)
+    try:
+        weights = checkpoint_filter_fn(weights, model)
+    except Exception as err:            # timm's filter fails in its own ways on a foreign layout
+        raise CheckpointError(f"{path}: timm cannot map its weights to {arch} ({type(err).__name__}: {err})") from None
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(weights, expected, what=f"{name} ({arch})", path=path, where=where)
+    return {k: weights[k].float() if weights[k].is_floating_point() else weights[k] for k in expected}
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:

@@ -1,11 +1,12 @@
 """Frozen ViT teachers (``build_teacher``: a descriptor's timm ViT with official or random weights,
 and its build record) and their masked forward on the visible patches only, one output surface
 ``{"cls": (B, C), "patch": (B, n, C), "index": (B, n)}`` for every teacher (docs/CONTRACTS.md,
-"Teachers"; docs/teachers.md). bf16 autocast with fused attention under CUDA, fp32 on the CPU.
+"Teachers"; docs/teachers.md). bf16 autocast with fused attention under CUDA, fp32 on the CPU,
+unless ``amp`` says otherwise (core/precision.py).
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -13,19 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import precision
 from core.io import sha256_file
 from core.keys import name_seed
 from teachers.checkpoints import (
     TEACHERS,
     fetch_official,
     load_official_state_dict,
+    load_timm_state_dict,
     spec_of,
     state_dict_sha256,
     teacher_model_kwargs,
 )
-from teachers.descriptors import VIEW_SIZE, descriptor
+from teachers.descriptors import IMAGENET_MEAN, IMAGENET_STD, VIEW_SIZE, descriptor
 
-__all__ = ["TEACHERS", "Teacher", "build_teacher", "default_build", "rebuild_teacher"]
+__all__ = ["TEACHERS", "TIMM_PRETRAINED", "Teacher", "build_teacher", "default_build", "rebuild_teacher"]
+
+# The source of a timm teacher whose weights timm fetched (its pretrained tag), not a file.
+TIMM_PRETRAINED = "timm-pretrained"
 
 
 class Teacher(nn.Module):
@@ -34,31 +40,33 @@ class Teacher(nn.Module):
     Attributes: ``name`` (registry name), ``digest`` (sha256 of the checkpoint file, or
     of the random weights), ``untrained`` (True for ``random_init``), ``source`` (file
     path or ``"random-init"``), ``embed_dim`` (768 for ViT-B, 1024 for ViT-L),
-    ``num_patches`` (196), ``img_size`` (its input: 224 or 196 px), ``amp`` (bf16 autocast
-    on or off), ``arch`` (timm model name), ``build`` (its build record, ``default_build``'s
-    form: what rebuilds it), ``vit`` (the timm model).
+    ``num_patches`` (196), ``img_size`` (its input: 224 or 196 px), ``amp`` (whether the
+    forward autocasts; ``amp_dtype``: in which dtype), ``arch`` (timm model name), ``build``
+    (its build record, ``default_build``'s form: what rebuilds it), ``vit`` (the timm model).
 
-    Supported: a CLS token and an absolute position embedding, either over CLS + patches
-    (timm's default) or over the patches only (``no_embed_class=True``, DINOv2 with
-    registers), register tokens only in the latter (timm's reg4 DINOv2 layout: registers
-    carry no position embedding). Refused: no CLS, no position embedding, registers with an
-    embedded class (no teacher has that layout) and ``dynamic_img_size``.
+    Supported: timm's VisionTransformer with an absolute position embedding, over the prefix
+    tokens and the patches (timm's default) or over the patches only (``no_embed_class=True``);
+    prefix tokens in timm's order: class token, then a distillation token or registers. The CLS
+    slot is the class token, or for a ViT without one what its head pools from the tokens it saw
+    (teachers/descriptors.py ``TeacherDescriptor``). Refused: no position embedding, a dynamic
+    input size.
     """
 
     def __init__(self, vit: nn.Module, *, name: str, digest: str, untrained: bool,
-                 source: str, build: dict, amp: bool | None = None):
+                 source: str, build: dict, amp: bool | str | None = None):
         super().__init__()
         arch = build["arch"]
-        registers = getattr(vit, "reg_token", None) is not None
-        no_embed_class = bool(getattr(vit, "no_embed_class", False))
-        if getattr(vit, "cls_token", None) is None or getattr(vit, "pos_embed", None) is None:
-            raise ValueError(f"teacher {name}: {arch} has no CLS token or no position embedding; "
-                             f"the masked forward needs both")
-        if registers and not no_embed_class:
-            raise ValueError(f"teacher {name}: {arch} has reg_token with no_embed_class=False; "
-                             f"the masked forward supports registers only without position embedding")
+        if getattr(vit, "pos_embed", None) is None:
+            raise ValueError(f"teacher {name}: {arch} has no position embedding; the masked forward needs one")
         if getattr(vit, "dynamic_img_size", False):
             raise ValueError(f"teacher {name}: dynamic_img_size models are not supported")
+        self.descriptor = descriptor(name)
+        self.prefix_names = [n for n in ("cls_token", "dist_token", "reg_token") if getattr(vit, n, None) is not None]
+        prefix = sum(int(getattr(vit, n).shape[1]) for n in self.prefix_names)
+        if prefix != int(getattr(vit, "num_prefix_tokens", prefix)):
+            raise ValueError(f"teacher {name}: {arch} has {vit.num_prefix_tokens} prefix tokens, "
+                             f"{self.prefix_names} hold {prefix}")
+        no_embed_class = bool(getattr(vit, "no_embed_class", False))
         self.vit = vit
         self.name = name
         self.digest = digest
@@ -70,7 +78,16 @@ class Teacher(nn.Module):
         self.num_patches = int(vit.patch_embed.num_patches)
         self.img_size = tuple(vit.patch_embed.img_size)
         self.no_embed_class = no_embed_class
-        self._amp = amp
+        self.class_token = getattr(vit, "cls_token", None) is not None
+        # the view arrives ImageNet-normalised: x -> x * scale + shift is its own normalisation
+        mean, std = self.descriptor.mean, self.descriptor.std
+        self.renormalise = (tuple(mean), tuple(std)) != (IMAGENET_MEAN, IMAGENET_STD)
+        scale = torch.tensor(IMAGENET_STD, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
+        shift = (torch.tensor(IMAGENET_MEAN, dtype=torch.float32) - torch.tensor(mean, dtype=torch.float32)) \
+            / torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self._amp = _amp_setting(name, amp)
         for block in vit.blocks:  # scaled-dot-product attention, whatever TIMM_FUSED_ATTN says
             if hasattr(block.attn, "fused_attn"):
                 block.attn.fused_attn = True
@@ -83,12 +100,25 @@ class Teacher(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.vit.cls_token.device
+        return self.vit.pos_embed.device
 
     @property
     def amp(self) -> bool:
-        """bf16 autocast: the value given at build, else on for CUDA and off for the CPU."""
-        return self.device.type == "cuda" if self._amp is None else bool(self._amp)
+        """Whether the forward autocasts (``amp_dtype``)."""
+        return self.amp_dtype is not None
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The forward's autocast dtype: the setting given (at build or ``set_amp``) on any
+        device; without one, bfloat16 on CUDA and None (float32) on the CPU."""
+        if self._amp is None:
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return precision.amp_dtype(self._amp)
+
+    def set_amp(self, amp: bool | str | None) -> "Teacher":
+        """Set the forward's precision as the constructor's ``amp`` does; returns the teacher."""
+        self._amp = _amp_setting(self.name, amp)
+        return self
 
     @property
     def config(self) -> dict:
@@ -125,35 +155,38 @@ class Teacher(nn.Module):
         self._check_inputs(images, visible)
         vit, device = self.vit, self.device
         images = images.to(device, non_blocking=True)
-        autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                    if self.amp else contextlib.nullcontext())
+        autocast = precision.autocast(device, self.amp_dtype)     # this setting, whatever encloses the call
         with torch.no_grad():
+            if self.renormalise:                                 # its own mean/std (descriptor)
+                images = images.float() * self._scale + self._shift
             if tuple(images.shape[2:]) != self.img_size:         # the grid rule's resize (224 -> 196 px)
                 images = F.interpolate(images, size=self.img_size, mode="bilinear",
                                        antialias=True, align_corners=False)
             with autocast:
                 x = vit.patch_embed(images)                      # (B, N, C)
                 batch, _, width = x.shape
-                pos = vit.pos_embed                              # (1, N, C) or (1, 1 + N, C)
-                cls = vit.cls_token
+                pos = vit.pos_embed                              # (1, N, C) or (1, P + N, C)
+                prefix = torch.cat([getattr(vit, n) for n in self.prefix_names], dim=1) if self.prefix_names \
+                    else x.new_zeros(1, 0, width)                # (1, P, C): class, dist / register tokens
                 if self.no_embed_class:
                     x = x + pos
                 else:
-                    x, cls = x + pos[:, 1:], cls + pos[:, :1]
+                    skip = prefix.shape[1]
+                    x, prefix = x + pos[:, skip:], prefix + pos[:, :skip]
                 if visible is None:
                     index = torch.arange(self.num_patches, device=device).expand(batch, -1)
                 else:
                     index = visible.to(device, non_blocking=True)
                     x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, width))  # (B, n, C)
-                registers = getattr(vit, "reg_token", None)      # after CLS, no position embedding
-                prefix = [cls] if registers is None else [cls, registers]
-                prefix = torch.cat(prefix, dim=1).expand(batch, -1, -1)
-                x = torch.cat([prefix.to(x.dtype), x], dim=1)    # (B, 1 [+ R] + n, C)
+                prefix = prefix.expand(batch, -1, -1)
+                x = torch.cat([prefix.to(x.dtype), x], dim=1)    # (B, P + n, C)
                 x = vit.norm_pre(x)
                 x = vit.blocks(x)
-                x = vit.norm(x).float()
+                x = vit.norm(x)
+                # the CLS slot: the class token, else the model's own pooling of what it saw
+                cls = x[:, 0] if self.class_token else vit.forward_head(x, pre_logits=True)
         skip = prefix.shape[1]
-        return {"cls": x[:, 0], "patch": x[:, skip:], "index": index}
+        return {"cls": cls.float(), "patch": x[:, skip:].float(), "index": index}
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
         """Masked forward on the visible patches plus CLS.
@@ -178,6 +211,16 @@ class Teacher(nn.Module):
         return self._encode(images, None)
 
 
+def _amp_setting(name: str, amp) -> str | None:
+    """A teacher's ``amp`` as it keeps it: None (auto), or one of core.precision.AMP (True is
+    "bf16", False "none"); ValueError naming the teacher for anything else."""
+    if amp is None or isinstance(amp, bool):
+        return None if amp is None else "bf16" if amp else "none"
+    if amp not in precision.AMP:
+        raise ValueError(f"teacher {name}: amp={amp!r} must be None, a bool or one of {list(precision.AMP)}")
+    return amp
+
+
 def _create(arch: str, model_kwargs: dict | None) -> nn.Module:
     import timm
 
@@ -187,7 +230,7 @@ def _create(arch: str, model_kwargs: dict | None) -> nn.Module:
 # std of timm's ViT initialisation (vision_transformer.py init_weights, mode ''): Linear
 # weights and pos_embed N(0, 0.02) truncated at +-2 (100 std: the same law as untruncated),
 # Linear biases 0, the CLS/register tokens N(0, 1e-6); the rest by its own reset_parameters()
-_TOKEN_STD = {"pos_embed": 0.02, "cls_token": 1e-6, "reg_token": 1e-6}
+_TOKEN_STD = {"pos_embed": 0.02, "cls_token": 1e-6, "reg_token": 1e-6, "dist_token": 0.02, "latent": 0.02}
 _LINEAR_STD = 0.02
 
 
@@ -223,6 +266,26 @@ def _random_vit(arch: str, model_kwargs: dict | None) -> nn.Module:
     return vit
 
 
+def _timm_pretrained(name: str, arch: str, model_kwargs: dict) -> nn.Module:
+    """timm's model ``arch`` with the pretrained weights timm fetches (Hugging Face hub or its
+    URL; cached by timm); ``CheckpointUnavailableError`` in one line where they cannot be had."""
+    import timm
+
+    from teachers.checkpoints import CheckpointUnavailableError
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)         # its retry warnings would print before our one line
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=0, **model_kwargs)
+    except Exception as error:          # no network, no such tag, a hub error: all say the same to the user
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointUnavailableError(
+            f"teacher {name}: timm could not fetch the pretrained weights of {arch} ({type(error).__name__}: "
+            f"{first[:200]}); pass a file with --checkpoint, or --random-init for an untrained teacher") from None
+    finally:
+        hub_log.setLevel(level)
+
+
 def default_build(name: str, *, arch: str | None = None, model_kwargs: dict | None = None,
                   seed: int | None = None) -> dict:
     """The build record of teacher ``name`` (what a store keeps to rebuild it): {"arch": the timm
@@ -235,7 +298,7 @@ def default_build(name: str, *, arch: str | None = None, model_kwargs: dict | No
 
 def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
                   random_init: bool = False, seed: int = 0, device: str | torch.device = "cpu",
-                  amp: bool | None = None, cache_dir: str | os.PathLike | None = None,
+                  amp: bool | str | None = None, cache_dir: str | os.PathLike | None = None,
                   fetch_timeout_s: float = 5.0, arch: str | None = None,
                   model_kwargs: dict | None = None) -> Teacher:
     """Build teacher ``name`` (a descriptor of teachers/descriptors.py), frozen and in eval mode.
@@ -247,14 +310,17 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
     random_init: untrained weights with timm's initialisation law (``_random_vit``) drawn from
         ``core.keys.name_seed(name, seed)`` inside a forked RNG: identical in every process,
         global RNG untouched; ``untrained=True``.
-    amp: bf16 autocast; default on for CUDA, off for the CPU.
+    amp: the forward's autocast (``_amp_setting``): "bf16" (or True), "fp16", "none" (or False);
+        None (default): bf16 on CUDA, fp32 on the CPU.
     arch / model_kwargs: the timm architecture (default: the teacher's descriptor's,
         teachers/descriptors.py) and what it is built with: the descriptor's ``model_kwargs`` (its
         input size) under these (tests shrink it, the official checkpoints need the default).
     The teacher's ``build`` records the architecture, the arguments it got and random init's seed
     (``default_build``), so that a store's readers rebuild it (``rebuild_teacher``).
     """
-    spec_of(name)
+    d = descriptor(name)
+    if not d.is_timm:
+        spec_of(name)
     build = default_build(name, arch=arch, model_kwargs=model_kwargs, seed=seed if random_init else None)
     arch, built_with = build["arch"], build["model_kwargs"]
     if random_init and checkpoint is not None:
@@ -265,12 +331,16 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
             vit = _random_vit(arch, built_with)
         digest = state_dict_sha256(vit.state_dict())
         source, untrained = "random-init", True
+    elif d.is_timm and checkpoint in (None, TIMM_PRETRAINED):
+        vit = _timm_pretrained(name, arch, built_with)
+        digest, source, untrained = state_dict_sha256(vit.state_dict()), TIMM_PRETRAINED, False
     else:
         if checkpoint is None:
             path = fetch_official(name, cache_dir=cache_dir, timeout_s=fetch_timeout_s)
         else:
             path = Path(checkpoint)
-        weights = load_official_state_dict(name, path, arch=arch, model_kwargs=model_kwargs)
+        weights = (load_timm_state_dict(name, path, arch=arch, model_kwargs=built_with) if d.is_timm else
+                   load_official_state_dict(name, path, arch=arch, model_kwargs=model_kwargs))
         with torch.device("meta"):
             vit = _create(arch, built_with)
         vit.load_state_dict(weights, strict=True, assign=True)
@@ -286,7 +356,7 @@ def build_teacher(name: str, *, checkpoint: str | os.PathLike | None = None,
 
 
 def rebuild_teacher(name: str, build: dict, *, checkpoint: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu", amp: bool | None = None) -> Teacher:
+                    device: str | torch.device = "cpu", amp: bool | str | None = None) -> Teacher:
     """Teacher ``name`` as its build record ``build`` (``default_build``'s form, e.g. a store's)
     says: random init with the record's seed when it has one, else the official file
     ``checkpoint``; both with the record's architecture and model arguments."""

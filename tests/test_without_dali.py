@@ -92,7 +92,8 @@ def test_auto_is_pil_without_dali_and_dali_with_it_in_every_command_and_the_demo
     from data.decode.stored import make_view_decoder, pil_stored_views
 
     assert resolve_decoder("auto") == "pil" and resolve_decoder("dali") == "dali"
-    assert make_decoder("auto", batch_size=2, device="cpu") is pil_views
+    assert make_decoder("auto", batch_size=2, device="cpu").func is pil_views      # on its thread pool
+    assert resolve_decoder("auto", device="cuda:0") == "torchvision"
     assert make_view_decoder("jpeg", "auto", batch_size=2).func is pil_stored_views
     from demo.stages import DemoSettings                  # the demo too (its OUT/config.yaml records which)
     assert DemoSettings().validate().decoder == "pil"

@@ -90,6 +90,43 @@ class TeacherAdapter(nn.Module):
         return err / var
 
 
+class TeacherModules(nn.ModuleDict):
+    """A ModuleDict keyed by teacher name. A module's name cannot hold ".", which a timm teacher's
+    name may (``timm:vit_base_patch16_clip_224.openai``): it is kept under the name with "."
+    replaced by "_" (its key in checkpoints), two names that map to one key being refused."""
+
+    def __init__(self, modules=None):
+        super().__init__()
+        self._names: dict[str, str] = {}
+        for name, module in dict(modules or {}).items():
+            self[name] = module
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "_")
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        key = self.key(name)
+        if self._names.setdefault(key, name) != name:
+            raise ValueError(f"teachers {self._names[key]} and {name} would share the module name {key}")
+        super().__setitem__(key, module)
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(self.key(name))
+
+    def __contains__(self, name: str) -> bool:
+        return self.key(name) in self._modules
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def keys(self):
+        return [self._names[k] for k in self._modules]
+
+    def items(self):
+        return [(self._names[k], m) for k, m in self._modules.items()]
+
+
 def collapse_monitor(targets: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity between different tokens: a collapse alarm.
 

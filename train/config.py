@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from core import config as typed
+from core.precision import AMP
 from data.decoders import DECODERS
-from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS
+from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS, is_teacher_name
 from data.views import NUM_PATCHES
 
 TEACHER_NAMES = tuple(DESCRIPTORS)
@@ -116,8 +117,10 @@ class DataConfig:
                                         # three without a store (train/runstore.py: open_run_store)
     student_visible: int = 49           # 25% of 196 patches
     decoder: str = "auto"               # image decoder (data/decoders.py): "dali" (the extra
-                                        # '.[dali]'), "pil" (reference) or "auto" (dali where it is
-                                        # installed; resolved at the start, recorded in config.yaml)
+                                        # '.[dali]'), "pil" (reference, num_workers threads), "torchvision"
+                                        # (decode_jpeg, nvJPEG on CUDA) or "auto" (dali where it is installed,
+                                        # else torchvision on CUDA, else pil; resolved at the start, recorded
+                                        # in config.yaml)
     num_workers: int = 8
     hw_decoder_load: float = 0.65       # DALI on a GPU: share of the JPEGs for the hardware decoder
                                         # (DALI's default, to be replaced by what bench/gpu_check.py measures)
@@ -140,10 +143,14 @@ class TrainConfig:
 
     batch_size: int = 4096              # global batch over all ranks
     clip_grad: float = 0.0              # max grad norm; 0 (MAE's recipe) disables clipping
-    amp: str = "bf16"                   # "bf16" autocast on GPU or "none"; CPU runs fp32
+    amp: str = "bf16"                   # autocast on CUDA (core/precision.py): "bf16" (A100/H100), "fp16"
+                                        # (V100/T4: with a gradient scaler) or "none"; the CPU runs fp32
     seed: int = 0                       # model initialisation and any training-time noise
     log_every: int = 50                 # steps between logged metrics (the only host syncs)
     ckpt_every: int = 1                 # epochs between checkpoints
+    snapshot_every: int = 0             # every N epochs also keep the student as RUN/snapshots/
+                                        # epoch_NNNN.safetensors (NNNN: epochs done); 0: off
+    snapshot_full: bool = False         # snapshots also keep the whole checkpoint (epoch_NNNN.pt)
     out_dir: str = "runs/comad"
     compile: bool = False               # torch.compile (inductor) the student side (train/learner.py)
     wandb: bool = False                 # also log to Weights & Biases (train/tracking.py; '.[wandb]')
@@ -167,7 +174,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.decoder": DECODERS,
     "data.source": ("cached", "online-replay", "online-fresh"),
     "data.pixels": ("auto", "source", "views"),
-    "train.amp": ("bf16", "none"),
+    "train.amp": AMP,
 }
 
 
@@ -209,7 +216,7 @@ class Config(typed.TypedConfig):
         typed.check_nonneg(self, [
             "model.drop_path", "loss.spatial_weight", "loss.recon_weight", "optim.eps",
             "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
-            "data.seed", "data.num_workers", "train.clip_grad", "data.preallocate_width_hint",
+            "data.seed", "data.num_workers", "train.clip_grad", "train.snapshot_every", "data.preallocate_width_hint",
             "data.preallocate_height_hint"])
         if not 0 <= self.data.hw_decoder_load <= 1:
             raise ValueError(f"config data.hw_decoder_load={self.data.hw_decoder_load!r} must be in [0, 1]")
@@ -223,9 +230,9 @@ class Config(typed.TypedConfig):
             raise ValueError("config data.teachers is empty; name at least one of "
                              f"{list(TEACHER_NAMES)}")
         for name in teacher_names(self):
-            if name not in TEACHER_NAMES:
+            if not is_teacher_name(name):
                 raise ValueError(f"config data.teachers has unknown teacher {name!r}; "
-                                 f"valid: {list(TEACHER_NAMES)}")
+                                 f"valid: {list(TEACHER_NAMES)} or timm:NAME")
         if self.adapters.in_dim is not None and not self.adapters.in_dim > 0:
             raise ValueError(f"config adapters.in_dim={self.adapters.in_dim!r} must be > 0 or null")
         if len(set(teacher_names(self))) != len(teacher_names(self)):

@@ -20,6 +20,8 @@ from core.io import sha256_file, write_atomic
 from core.run import EVAL_ROOT, RESULT, load_checkpoint, read_metrics
 from core.state import load_strict
 from data.decode import MEAN, SIZE, STD
+from store.teacherstore import with_defaults
+from teachers.descriptors import descriptor, most_restrictive
 from train.config import teacher_names
 
 __all__ = ["student_state_dict", "export_student", "architecture", "hub_model", "find_results",
@@ -35,6 +37,9 @@ DATA_CONFIG = {"input_size": (3, SIZE, SIZE), "mean": tuple(MEAN), "std": tuple(
 PAPER = "https://arxiv.org/abs/2508.04816"
 # What config.json's pretrained_cfg says besides timm's own record (the folder and a push write the same).
 HUB_CONFIG = {"pretrained_cfg": {"tag": "comad", "license": "other"}}
+# What the ImageNet data's terms are called in a card (class folders named by WordNet ids).
+IMAGENET_TERMS = ("ImageNet's terms of access apply (https://image-net.org/download.php: non-commercial "
+                  "research and educational use)")
 
 
 def _vit(student) -> nn.Module:
@@ -148,7 +153,7 @@ def find_results(roots: Iterable[str | Path], digests: Iterable[str]) -> list[di
 
 
 def _teachers(cfg, run_dir: Path) -> tuple[list[dict], str | None, str]:
-    """([{name, source, untrained, digest}], data digest, where they were read) from the run's
+    """([{name, source, untrained, digest, license}], data digest, where they were read) from the run's
     store, or for an online-fresh run without one from its adapter statistics' key; digests are
     None when neither is there."""
     from store.features import FeatureStore, StoreError
@@ -161,7 +166,7 @@ def _teachers(cfg, run_dir: Path) -> tuple[list[dict], str | None, str]:
             where = f"the store {cfg.data.store} could not be opened ({str(error).splitlines()[0]})"
         else:
             teachers = [{"name": n, "source": c["source"], "untrained": c["untrained"],
-                         "digest": c["checkpoint_digest"]}
+                         "digest": c["checkpoint_digest"], "license": with_defaults(c)["descriptor"]["license"]}
                         for n in names for c in [fs.teacher(n).config]]
             return teachers, fs.data_digest, f"the store {cfg.data.store}"
     else:
@@ -171,11 +176,37 @@ def _teachers(cfg, run_dir: Path) -> tuple[list[dict], str | None, str]:
             with np.load(stats) as f:
                 key = json.loads(str(f["key"]))
             teachers = [{"name": n, "source": cfg.data.teachers_from,
-                         "untrained": cfg.data.teachers_from == "random-init", "digest": key["teachers"].get(n)}
-                        for n in names]
+                         "untrained": cfg.data.teachers_from == "random-init", "digest": key["teachers"].get(n),
+                         "license": descriptor(n).license} for n in names]
             return teachers, key.get("data"), f"the run's {STATS_FILE}"
         where = f"no store and no {stats}"
-    return [{"name": n, "source": None, "untrained": None, "digest": None} for n in names], None, where
+    return [{"name": n, "source": None, "untrained": None, "digest": None, "license": descriptor(n).license}
+            for n in names], None, where
+
+
+def card_license(teachers: list[dict], *, imagenet: bool) -> tuple[str, str]:
+    """(the card's licence id, its sentence): the most restrictive licence of the trained teachers'
+    weights (an untrained teacher carries none), "other" when none is known; the sentence names
+    each teacher's and, for ImageNet data, its terms."""
+    trained = [t for t in teachers if not t["untrained"]]
+    lic = most_restrictive(t["license"] for t in trained) or "other"
+    text = (f"{lic}: the most restrictive licence of the teachers' weights ("
+            + ", ".join(f"{t['name']} {t['license']}" for t in trained) + ")" if trained else
+            "other: no licence of teacher weights applies (the teachers are untrained)")
+    if imagenet:
+        text += f"; trained on ImageNet: {IMAGENET_TERMS}"
+    return lic, text + "; the training images' own terms apply too"
+
+
+def is_imagenet(images) -> bool:
+    """Whether the packed image set ``images`` (a folder) is ImageNet: 1000 classes named by WordNet
+    ids (n01440764, ...), as ILSVRC-2012's folders and classes.txt are."""
+    from data.shards import ImageSet
+    try:
+        classes = ImageSet.open(images).classes
+    except (OSError, ValueError):
+        return False
+    return len(classes) == 1000 and all(len(c) == 9 and c[0] == "n" and c[1:].isdigit() for c in classes)
 
 
 def _metric_text(metrics: Mapping[str, Any]) -> str:
@@ -189,6 +220,7 @@ def model_card(*, model: nn.Module, cfg, checkpoint: Mapping, run_dir: Path, res
     the steps, the last logged loss, the evaluations found) and usage."""
     name = model.pretrained_cfg["architecture"]
     teachers, data_digest, where = _teachers(cfg, run_dir)
+    lic, lic_text = card_license(teachers, imagenet=is_imagenet(cfg.data.images))
     meta = checkpoint.get("meta", {})
     rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     last = next((r for r in reversed(rows) if "loss" in r), None)
@@ -207,7 +239,7 @@ def model_card(*, model: nn.Module, cfg, checkpoint: Mapping, run_dir: Path, res
         "--results at the folders the evaluations wrote to")
     return {
         "tags": [TASK, "timm", "comad", "knowledge-distillation"],
-        "license": "other",
+        "license": lic,
         "description": (f"A {name} image encoder (no classifier) distilled with CoMAD ({PAPER}) from the "
                         f"frozen teachers {', '.join(t['name'] for t in teachers)}: "
                         f"`python cli.py export` of the run {run_dir.name}."),
@@ -225,8 +257,7 @@ def model_card(*, model: nn.Module, cfg, checkpoint: Mapping, run_dir: Path, res
                          f"{meta.get('git_commit')}"),
             "Last logged training loss": (f"{last['loss']:.4f} at step {last.get('step')}" if last else "none logged"),
             "Evaluations": evaluations,
-            "License": "not set by the export: the weights derive from the teachers' checkpoints and the "
-                       "training images, whose licenses apply",
+            "License": lic_text,
         },
         "usage": ("```python\nimport timm\n"
                   f"model = timm.create_model('local-dir:{out_name}', pretrained=True)  # or 'hf-hub:<repo>'\n"
@@ -263,6 +294,11 @@ def _staging(out: Path) -> Path:
     return tmp
 
 
+def _hub_config(card: Mapping | None) -> dict:
+    """config.json's extra record: ``HUB_CONFIG`` with the card's licence."""
+    return {"pretrained_cfg": {**HUB_CONFIG["pretrained_cfg"], "license": (card or {}).get("license", "other")}}
+
+
 def _save_folder(model: nn.Module, folder: Path) -> None:
     from timm.models import save_for_hf
     save_for_hf(model, folder, safe_serialization=True, data_config=DATA_CONFIG, model_config=HUB_CONFIG)
@@ -275,7 +311,7 @@ def push(model: nn.Module, repo: str, card: Mapping) -> str:
     from timm.models import push_to_hf_hub
     try:
         return str(push_to_hf_hub(model, repo, model_card=dict(card), safe_serialization=True, task_name=TASK,
-                                  data_config=DATA_CONFIG, model_config=HUB_CONFIG))
+                                  data_config=DATA_CONFIG, model_config=_hub_config(card)))
     except Exception as error:      # network, authentication and hub errors come in many types
         detail = (str(error).strip().splitlines() or [""])[0]
         raise OSError(f"--push-to-hub {repo}: the push failed ({type(error).__name__}: {detail}); "
@@ -305,6 +341,9 @@ def export_run(run_dir, out, *, results: Iterable[str | Path] | None = None, pus
         card = model_card(model=model, cfg=cfg, checkpoint=ck, run_dir=run_dir, searched=searched,
                           results=find_results(searched, digests), out_name=str(out))
         (tmp / CARD).write_text(generate_readme(card, out.name, task_name=TASK), encoding="utf-8")
+        config = json.loads((tmp / CONFIG).read_text())    # config.json carries the card's licence too
+        config.setdefault("pretrained_cfg", {})["license"] = card["license"]
+        (tmp / CONFIG).write_text(json.dumps(config, indent=4), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

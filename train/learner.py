@@ -9,8 +9,9 @@ import torch
 
 from core import dist
 from core.errors import ExpectedError
-from core.io import git_commit, write_atomic
+from core.io import git_commit, remove_temp_files, save_atomic, write_atomic
 from core.optim import lr_schedule, param_groups
+from core.precision import autocast, autocast_dtype, grad_scaler
 from core.run import StepMetrics, first_non_finite, open_run
 from core.state import load_strict
 from data import views as V
@@ -25,23 +26,37 @@ class NonFiniteLoss(ExpectedError, RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
 
-# Paths may move between a run and its resume; what they hold is checked by digests.
-_MOVABLE = {"data.images", "data.store", "train.out_dir", "train.wandb", "train.wandb_project"}
+SNAPSHOTS = "snapshots"          # RUN/snapshots/epoch_NNNN.safetensors (and .pt): train.snapshot_every
+
+# Paths may move between a run and its resume (what they hold is checked by digests); logging to
+# W&B and keeping snapshots may change too.
+_MOVABLE = {"data.images", "data.store", "train.out_dir", "train.wandb", "train.wandb_project",
+            "train.snapshot_every", "train.snapshot_full"}
 
 
-def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: bool, grid=None) -> dict:
-    """One optimiser step on a materialised batch; returns the objective's loss dict. ``grid``:
-    the batch's adapted teacher grid already computed (``objective.adapted_grid``, frozen adapters)."""
+def train_step(objective, opt, batch: dict, *, lr: float, clip_grad: float, amp: torch.dtype | None,
+               scaler: torch.amp.GradScaler | None = None, grid=None) -> dict:
+    """One optimiser step on a materialised batch; returns the objective's loss dict (its parts
+    float32 under any autocast). ``amp``: the autocast dtype (None: float32; core/precision.py);
+    ``scaler``: float16's gradient scaler (``grad_scaler``): the loss is scaled for the backward,
+    the gradients unscaled before clipping, and a step whose gradients overflowed is skipped by
+    the scaler, which then lowers its scale. ``grid``: the batch's adapted teacher grid already
+    computed (``objective.adapted_grid``, frozen adapters)."""
     for g in opt.param_groups:
         g["lr"] = lr
-    dev = batch["images"].device
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+    with autocast(batch["images"].device, amp):
         parts = objective(batch) if grid is None else objective(batch, grid=grid)
     opt.zero_grad(set_to_none=True)
-    parts["loss"].backward()
+    (parts["loss"] if scaler is None else scaler.scale(parts["loss"])).backward()
     if clip_grad > 0:
+        if scaler is not None:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(objective.trainable.parameters(), clip_grad)
-    opt.step()
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
     return parts
 
 
@@ -111,6 +126,8 @@ class Learner:
         self.objective = build_objective(cfg, stats).to(device)
         wrap_student_side(self.objective, world=world, device=device, use_compile=cfg.train.compile)
         self.opt = make_optimizer(cfg, self.objective)
+        self.amp = autocast_dtype(cfg.train.amp, device)   # None: float32
+        self.scaler = grad_scaler(self.amp, device)     # float16's; its state is in the checkpoint
         info = dict(source=cfg.data.source, world_size=world, steps_per_epoch=spe)
         self.run = open_run(self.out, config=cfg, resume=resume, movable=_MOVABLE, compare=dict(total_steps=total),
                             info=info, rank=rank)
@@ -127,6 +144,8 @@ class Learner:
                 load_strict(self.objective.student_side(), self.run.state["model"],
                             what=f"checkpoint {self.run.checkpoint_path}")
                 self.opt.load_state_dict(self.run.state["optimizer"])
+                if self.scaler is not None and self.run.state.get("scaler"):
+                    self.scaler.load_state_dict(self.run.state["scaler"])
                 resume_noise(self.run.state.get("rng"), seed=cfg.train.seed, rank=rank, world=world, step=self.step,
                              device=device)
         except BaseException:                           # a learner that cannot start gives its folder back
@@ -134,11 +153,11 @@ class Learner:
             raise
         self.rng = rng_state(device)                    # this learner's generators between its steps
         self.acc = StepMetrics(device)
-        self.amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
         self.stopped: str | None = None
         self.last: dict = {}
         self.flops = None                               # per image, from the first batch's shapes
         self.grid_key = None                            # set by share_frozen_adapters
+        self.saved = self.step                          # the step of its last checkpoint (or start)
 
     @property
     def label(self) -> str:
@@ -153,7 +172,7 @@ class Learner:
                 teacher_tokens={n: 1 + t["index"].shape[1] for n, t in batch["teachers"].items()},
                 widths={n: a.in_dim for n, a in self.objective.adapters.items()})["total"]
         parts = train_step(self.objective, self.opt, batch, lr=float(self.lrs[self.step]),
-                           clip_grad=self.cfg.train.clip_grad, amp=self.amp, grid=grid)
+                           clip_grad=self.cfg.train.clip_grad, amp=self.amp, scaler=self.scaler, grid=grid)
         self.rng = rng_state(self.device)
         self.acc.add(self.step, parts)
         self.step += 1
@@ -165,6 +184,7 @@ class Learner:
         self.stopped = f"{self.label}{message}"
         if self.rank == 0:
             write_atomic(self.out / STOPPED, self.stopped + "\n")
+        self.run.note(self.stopped)                     # the learner's log.txt ends with why
         self.close()
         self.objective = self.opt = None                # its memory goes back to the others
 
@@ -182,8 +202,10 @@ class Learner:
         if self.tracker is not None:
             self.tracker.log(self.last)
 
-    def checkpoint(self) -> None:
-        """Save the learner; a non-finite loss or state never replaces its last good checkpoint."""
+    def checkpoint(self, *, snapshot: bool = False) -> None:
+        """Save the learner; a non-finite loss or state never replaces its last good checkpoint.
+        ``snapshot``: also keep the student (and with ``train.snapshot_full`` the checkpoint) in
+        RUN/snapshots/epoch_NNNN.* (NNNN: epochs done)."""
         ckpt_path = self.run.checkpoint_path
         message = non_finite_message(self.acc.first_bad, world=self.world, ckpt_path=ckpt_path)
         if message is None and not all_finite(self.objective.student_side().parameters()):
@@ -192,10 +214,28 @@ class Learner:
         if message is not None:
             return self.stop(message)
         rngs = dist.all_gather(self.rng)                # every rank's generators, by rank
-        self.run.save(dict(model=self.objective.student_side().state_dict(), optimizer=self.opt.state_dict(),
-                           step=self.step, epoch=self.step // self.spe, step_in_epoch=self.step % self.spe,
-                           meta=self.meta, rng=rngs))
+        state = dict(model=self.objective.student_side().state_dict(), optimizer=self.opt.state_dict(),
+                     step=self.step, epoch=self.step // self.spe, step_in_epoch=self.step % self.spe,
+                     meta=self.meta, rng=rngs)
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        self.run.save(state)
+        if snapshot and self.rank == 0:
+            self._snapshot(state)
+        self.saved = self.step
         dist.barrier()
+
+    def _snapshot(self, state: dict) -> None:
+        """RUN/snapshots/epoch_NNNN.safetensors, the student as RUN/student.safetensors holds it
+        (what ``eval`` and ``model.checkpoint`` load), and with ``train.snapshot_full`` the
+        checkpoint ``state`` as epoch_NNNN.pt (last.pt's form); each written atomically."""
+        from train.export import student_file
+        folder = self.out / SNAPSHOTS
+        remove_temp_files(folder)                       # of a save cut short by a kill (this run holds the lock)
+        name = f"epoch_{self.step // self.spe:04d}"
+        write_atomic(folder / f"{name}.safetensors", student_file(self.objective.student))
+        if self.cfg.train.snapshot_full:
+            save_atomic(state, folder / f"{name}.pt")
 
     def finish(self) -> None:
         """Rank 0: the student as RUN/student.safetensors and the loss curves as RUN/loss.png."""
@@ -258,7 +298,6 @@ class SharedBatch:
         if learner.grid_key is None:
             return batch, None
         if learner.grid_key not in self.grids:
-            dev = torch.device(self.device)
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=learner.amp):
+            with torch.no_grad(), autocast(self.device, learner.amp):
                 self.grids[learner.grid_key] = learner.objective.adapted_grid(batch)
         return batch, self.grids[learner.grid_key]

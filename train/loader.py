@@ -288,10 +288,15 @@ class CachedSource(_Source):
 class OnlineSource(_Source):
     """The same batches, with the teachers run on every step (the baseline)."""
 
-    def __init__(self, plan: Plan, *, teachers: dict, amp: bool = False, **kw):
+    def __init__(self, plan: Plan, *, teachers: dict, amp: bool | str | None = None, **kw):
+        """``amp``: the teachers' precision (``Teacher.set_amp``; the run's train.amp resolved on its
+        device, core/precision.py); None keeps each as built."""
         super().__init__(plan, **kw)
         self.teachers = teachers          # name -> teachers.vit.Teacher, on the training device
-        self.amp = amp
+        if amp is not None:
+            for teacher in teachers.values():
+                if teacher is not None:
+                    teacher.set_amp(amp)
 
     def _batches(self, epoch: int, start_step: int):
         plan = self.plan
@@ -312,11 +317,9 @@ class OnlineSource(_Source):
     @torch.no_grad()
     def materialize(self, batch: dict, device) -> dict:
         out = _move_common(batch, device)
-        dev = torch.device(device)
         for name, teacher in self.teachers.items():
             vis = batch["teachers"][name]["visible"].to(device)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                o = teacher(out["images"], vis)
+            o = teacher(out["images"], vis)                         # in the teacher's precision (amp)
             out["teachers"][name] = {"cls": o["cls"].float(), "patch": o["patch"].float(), "index": vis.long()}
         return out
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from core import dist
+from core.preempt import PreemptSignals, requeue_wanted
 from core.progress import progress_bar
 from core.run import CHECKPOINT, load_checkpoint, lock_folder, saved_config
 from train.config import Config, apply_overrides, teacher_names
@@ -24,7 +25,7 @@ from train.sweep import (STOPPED, SWEEP, check_heldout, check_sweep_folder, chec
 
 def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None = None, resume: bool = False,
           device: str = "cpu", ckpt_steps: int = 0, progress: bool = True, variants=None,
-          heldout: tuple | None = None, auto_resume: bool = False) -> dict:
+          heldout: tuple | None = None, auto_resume: bool = False, requeue: bool = False) -> dict:
     """Train the student; returns {steps, out_dir, last (metrics), seconds, learners: {name:
     {status, steps, last}}, finished}.
 
@@ -38,7 +39,9 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     whose losses under each learner join the sweep's report (train/sweep.py heldout_columns).
     ``auto_resume``: resume when OUT holds what ``resume`` continues (a run's last.pt, a sweep's
     sweep.yaml), start otherwise; a run whose every learner is at its last step (or stopped) is
-    left untouched and the summary says ``finished``.
+    left untouched and the summary says ``finished``. SIGTERM or SIGUSR1 stops the run after the
+    current step with every learner's checkpoint written: ``core.preempt.Preempted`` (``requeue``,
+    or COMAD_REQUEUE=1: then requeue the SLURM job; docs/running.md section 4, "Preemption").
     """
     if online:
         if cfg.data.source == "online-fresh":
@@ -66,7 +69,7 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
     data = ImageSet.open(cfg.data.images)
     folders = {None: out} if not sweep else {v.name: out / v.name for v in variants}
     recorded = next(filter(None, map(saved_config, folders.values())), None) if resume else None
-    cfg, store = open_run_store(cfg, data, recorded=(recorded or {}).get("data"))     # the store's one open
+    cfg, store = open_run_store(cfg, data, recorded=(recorded or {}).get("data"), device=device)  # the store's one open
     configs = {None: cfg} if not sweep else {v.name: _learner_config(cfg, v, folders[v.name]) for v in variants}
     if store is not None:
         store.check_learners(configs.values())          # every learner, before any is built
@@ -84,8 +87,10 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
         if all(_finished(folder, total, sweep=sweep) for folder in folders.values()):
             return dict(steps=total, out_dir=str(out), last={}, seconds=0.0, learners={}, stopped={}, finished=True)
     root = lock_folder(out, rank=rank) if sweep else None   # the sweep's own files; a learner locks its folder
+    signals = PreemptSignals(world=world, rank=rank, requeue=requeue_wanted(requeue))
     status, learners, bar = {}, [], None
     try:
+        signals.install()
         if sweep:
             check_sweep_folder(out, variants, resume=resume)
             dist.barrier()                              # every rank has checked before rank 0 writes
@@ -115,7 +120,6 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                     learner.train_on(*shared.for_learner(learner))
                 step += 1
                 img_log += plan.batch_size
-                bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total:
                     now = time.perf_counter()
                     ips = img_log / (now - t_log)
@@ -123,15 +127,20 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
                         learner.log(epoch=epoch, ips=ips, peak=peak)
                     shown = next((x.last for x in now_training if x.stopped is None and x.last), {})
                     if shown:
-                        bar.set_postfix(loss=f"{shown['loss']:.4f}", img_s=f"{ips:.1f}")
+                        bar.set_postfix(_postfix(shown, ips))
                     t_log, img_log = now, 0
+                bar.update(1)                           # after the postfix: a progress line shows this step's
+                snapshot = bool(cfg.train.snapshot_every) and step % (spe * cfg.train.snapshot_every) == 0
                 if (ckpt_steps and step % ckpt_steps == 0) or step % (spe * cfg.train.ckpt_every) == 0 \
-                        or step == total:
+                        or step == total or snapshot:
                     for learner in now_training:
                         if learner.stopped is None:
-                            learner.checkpoint()
+                            learner.checkpoint(snapshot=snapshot)
                 if step >= total or all(x.stopped is not None for x in learners):
                     break
+                received = signals.agreed()             # every step: a host integer, no device sync
+                if received is not None:
+                    raise _preempted(signals, received, learners, step=step, total=total, out=out, sweep=sweep)
         elapsed = time.perf_counter() - t0
         for learner in learners:
             learner.finish()
@@ -149,11 +158,33 @@ def train(cfg: Config, *, out_dir, online: bool = False, max_steps: int | None =
             learner.close()
         if root is not None:
             root.release()
+        signals.close()                                 # the handlers back; a requeue once all is closed
     summary = {learner.name: dict(status=status[learner.name], steps=learner.step, last=learner.last)
                for learner in learners}
     summary.update({n: dict(status=s, steps=None, last={}) for n, s in status.items() if n not in summary})
     return dict(steps=step, out_dir=str(out), last=learners[0].last if learners else {}, seconds=elapsed,
                 learners=summary, stopped={n: s for n, s in status.items() if s != "done"}, finished=False)
+
+
+def _preempted(signals: PreemptSignals, received: str, learners: list[Learner], *, step: int, total: int, out: Path,
+               sweep: bool) -> Exception:
+    """Checkpoint every live learner not saved at its step (on every rank, together: a learner
+    resumed ahead of the pass is saved at its own); the Preempted error naming the step."""
+    for learner in learners:
+        if learner.stopped is None and learner.saved != learner.step:
+            learner.checkpoint()
+    live = [x for x in learners if x.stopped is None]
+    where = f"checkpoint written to {out / CHECKPOINT}" if not sweep else \
+        f"checkpoints of {len(live)} learner(s) written to {out}/NAME/{CHECKPOINT}"
+    return signals.stop(f"preempted by {received} at step {step} of {total}: {where}; resume with --resume or "
+                        "--auto-resume")
+
+
+def _postfix(last: dict, ips: float) -> dict:
+    """What the progress bar and its lines show of a learner's last metrics row: the loss, its
+    parts, the learning rate and images per second."""
+    parts = {k[len("loss_"):]: f"{v:.4f}" for k, v in last.items() if k.startswith("loss_")}
+    return {"loss": f"{last['loss']:.4f}", **parts, "lr": f"{last['lr']:.3g}", "img_s": f"{ips:.1f}"}
 
 
 def _finished(folder: Path, total: int, *, sweep: bool) -> bool:

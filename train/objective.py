@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from teachers.descriptors import descriptor
-from train.adapters import TeacherAdapter, collapse_monitor
+from train.adapters import TeacherAdapter, TeacherModules, collapse_monitor
 from train.config import teacher_names
 from train.gate import fuse, gate_weights
 from train.losses import spatial_kl, spatial_mse, token_kl, token_mse
@@ -25,7 +25,7 @@ class StudentSide(nn.Module):
     """
 
     def __init__(self, *, student: MaskedStudent, decoder: FeatureDecoder,
-                 adapters: nn.ModuleDict | None):
+                 adapters: TeacherModules | None):
         super().__init__()
         self.student, self.decoder, self.adapters = student, decoder, adapters
 
@@ -59,7 +59,7 @@ class CoMADObjective(nn.Module):
         if loss_kind not in ("kl", "mse"):
             raise ValueError(f"loss kind {loss_kind!r}; use 'kl' or 'mse'")
         self.teacher_names = list(adapters)
-        adapters = nn.ModuleDict(dict(adapters))
+        adapters = TeacherModules(adapters)
         self.trainable = StudentSide(student=student, decoder=decoder,
                                      adapters=adapters if adapters_trainable else None)
         self.frozen_adapters = None if adapters_trainable else adapters
@@ -89,7 +89,7 @@ class CoMADObjective(nn.Module):
         return self.student_side().student
 
     @property
-    def adapters(self) -> nn.ModuleDict:
+    def adapters(self) -> TeacherModules:
         return self.frozen_adapters if self.frozen_adapters is not None else self.student_side().adapters
 
     # ---- the step -----------------------------------------------------------------

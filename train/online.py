@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from core import dist
+from core.precision import resolve_amp
 from data import views as V
 from store.features import FeatureStore, StoreError
 from store.teacherstore import stored_build
@@ -71,25 +72,28 @@ def teachers_of_store(fs: FeatureStore, names, *, device: str, prebuilt: dict | 
 def teachers_from(spec: str, names, *, seed: int, device: str) -> dict:
     """Teachers without a store: ``spec`` is "random-init" (the descriptors' default
     architectures seeded by ``seed``, as ``extract --random-init --seed``) or a folder holding
-    the official files."""
+    the official files (a timm teacher's weights are timm's pretrained ones)."""
     from teachers.checkpoints import TEACHERS as SPECS
     from teachers.vit import build_teacher
     if spec == "random-init":
         return {n: build_teacher(n, random_init=True, seed=seed, device=device) for n in names}
     folder = Path(spec)
-    missing = [str(folder / SPECS[n].filename) for n in names if not (folder / SPECS[n].filename).is_file()]
+    official = [n for n in names if n in SPECS]         # a timm teacher takes its pretrained weights from timm
+    missing = [str(folder / SPECS[n].filename) for n in official if not (folder / SPECS[n].filename).is_file()]
     if missing:
         raise FileNotFoundError(f"data.teachers_from={spec}: missing official checkpoint file(s) {missing}")
-    return {n: build_teacher(n, checkpoint=folder / SPECS[n].filename, device=device) for n in names}
+    return {n: build_teacher(n, checkpoint=folder / SPECS[n].filename if n in SPECS else None, device=device)
+            for n in names}
 
 
 def sample_stats(teachers: dict, data, *, seed: int, views: int, num_images: int, decoder: str, device: str,
-                 num_threads: int, path: Path) -> dict:
+                 num_threads: int, path: Path, amp: str | None = None) -> dict:
     """{name: (mean (C,), components (C, C))} from ``compute_stats`` on a keyed sample.
 
     Rank 0 computes them once and writes ``path`` (with a key of what they depend on); every
     rank then reads that file, so all ranks and a resumed run share the same adapters. A file
-    whose key differs (other teachers, data, seed or sample size) is refused, never replaced."""
+    whose key differs (other teachers, data, seed or sample size) is refused, never replaced.
+    ``amp``: the teachers' precision for the pass (``Extractor``)."""
     from extract.runner import Extractor, compute_stats
     key = json.dumps({"data": data.digest, "seed": seed, "views": views, "num_images": num_images,
                       "teachers": {n: t.digest for n, t in sorted(teachers.items())}}, sort_keys=True)
@@ -107,7 +111,7 @@ def sample_stats(teachers: dict, data, *, seed: int, views: int, num_images: int
         arrays = {"key": np.array(key)}
         for name, t in teachers.items():
             ex = Extractor(t, data, seed=seed, views=views, batch_size=32, device=device, decoder=decoder,
-                           num_threads=num_threads)
+                           num_threads=num_threads, amp=amp)
             st = compute_stats(ex, num_images=num_images)
             arrays[f"{name}.mean"], arrays[f"{name}.components"] = st["mean"], st["components"]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +130,7 @@ def build_online_source(cfg, plan: Plan, *, fresh: bool, device: str, store=None
     for it (None: none); ``prebuilt``: teachers already built (checked against the store);
     ``kw`` go to the source (decoder, num_threads)."""
     names = list(teacher_names(cfg))
-    amp = torch.device(device).type == "cuda" and cfg.train.amp == "bf16"
+    amp = resolve_amp(cfg.train.amp, device)         # the teachers' precision, the statistics' pass too
     if store is not None:
         teachers = teachers_of_store(store.fs, names, device=device, prebuilt=prebuilt)
         stats = {n: store.stats[n] for n in names}
@@ -142,6 +146,6 @@ def build_online_source(cfg, plan: Plan, *, fresh: bool, device: str, store=None
         teachers = teachers_from(cfg.data.teachers_from, names, seed=cfg.data.seed, device=device)
         stats = sample_stats(teachers, plan.data, seed=cfg.data.seed, views=cfg.data.views,
                              num_images=cfg.data.stats_images, decoder=cfg.data.decoder, device=device,
-                             num_threads=kw.get("num_threads", 2), path=Path(run_dir) / STATS_FILE)
+                             num_threads=kw.get("num_threads", 2), path=Path(run_dir) / STATS_FILE, amp=amp)
     cls = FreshSource if fresh else OnlineSource
     return cls(plan, teachers=teachers, amp=amp, device=device, **kw), stats

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from store import codecs
 from data import views as V
+from teachers.descriptors import descriptor
 from store.features import FeatureStore, StoreError, teacher_input
 from store.viewpixels import ViewPixels
 
@@ -47,14 +48,14 @@ def student_pixels(fs: FeatureStore, stores, pixels: str) -> tuple[str, ViewPixe
 
 
 def check_mask_ratio(ts) -> None:
-    """The store's masks must be the ones this code draws for the teacher (data/views.py
-    MASK_RATIOS, what the online path and the method use); else StoreError, one line."""
-    ratio = V.MASK_RATIOS[ts.name]
+    """The store's masks must be the ones this code draws for the teacher (its descriptor's ratio,
+    what the online path and the method use); else StoreError, one line."""
+    ratio = descriptor(ts.name).mask_ratio
     stored = (ts.config.get("mask_ratio"), ts.n_visible)
     if stored != (ratio, V.num_visible(ratio)):
         raise StoreError(f"{ts.path}: config mask_ratio={stored[0]} (n_visible {stored[1]}) but this run "
                          f"masks teacher {ts.name} at {ratio} (n_visible {V.num_visible(ratio)}, "
-                         "data/views.py MASK_RATIOS); extract a new store")
+                         "teachers/descriptors.py); extract a new store")
 
 
 def check_codec(ts, *, trainable: bool, width: int, init: str = "pca") -> None:

@@ -10,7 +10,7 @@ from typing import Iterable, Mapping
 from data.decoders import resolve_decoder
 from data.order import auto_streams
 from store.features import DataInfo, FeatureStore, StoreError
-from teachers.descriptors import DESCRIPTORS, PAPER_TEACHERS
+from teachers.descriptors import PAPER_TEACHERS, is_teacher_name, teacher_order
 from train.config import AUTO, Config
 from train.requirements import check_codec, check_mask_ratio, student_pixels
 
@@ -96,9 +96,10 @@ class RunStore:
 
 
 def _described_teachers(fs: FeatureStore) -> tuple[str, ...]:
-    """The store's teachers in registry order; StoreError if it holds none, or one no descriptor names."""
+    """The store's teachers in registry order (``teacher_order``: the described ones, then timm
+    teachers); StoreError if it holds none, or one no descriptor names."""
     held = fs.teachers
-    names = tuple(n for n in DESCRIPTORS if n in held)
+    names = tuple(sorted((n for n in held if is_teacher_name(n)), key=teacher_order))
     unknown = sorted(set(held) - set(names))
     if unknown:
         raise StoreError(f"{fs.path}: holds teachers {unknown} that teachers/descriptors.py does not describe; "
@@ -108,9 +109,10 @@ def _described_teachers(fs: FeatureStore) -> tuple[str, ...]:
     return names
 
 
-def open_run_store(cfg: Config, data, *, recorded: Mapping | None = None) -> tuple[Config, RunStore | None]:
+def open_run_store(cfg: Config, data, *, recorded: Mapping | None = None,
+                   device=None) -> tuple[Config, RunStore | None]:
     """(``cfg`` with ``data.teachers`` set to names, ``data.views`` and ``data.streams`` to numbers,
-    ``data.pixels`` to ``views`` or ``source`` and ``data.decoder`` to ``dali`` or ``pil``; its
+    ``data.pixels`` to ``views`` or ``source`` and ``data.decoder`` to ``dali``, ``torchvision`` or ``pil``; its
     store ``data.store`` opened once for the run and checked, ``RunStore.open``, or None without one).
 
     data: the packed image set (data/imageset.ImageSet). ``recorded``: the ``data`` section of
@@ -123,7 +125,8 @@ def open_run_store(cfg: Config, data, *, recorded: Mapping | None = None) -> tup
     than the store holds are refused. ``streams``: ``auto`` is ``auto_streams``. ``pixels``:
     ``auto`` is ``views`` for a cached run whose store's view pixels are complete
     (store/viewpixels.py) and are what its teachers ran on (``student_pixels``), else ``source``.
-    ``decoder``: ``auto`` is ``dali`` where DALI is installed, else ``pil`` (data/decoders.py)."""
+    ``decoder``: ``auto`` is ``dali`` where DALI is installed, else ``torchvision`` on a CUDA ``device``
+    (the run's; None: not known), else ``pil`` (data/decoders.py: ``resolve_decoder``)."""
     recorded = recorded or {}
 
     def chosen(key: str):
@@ -139,7 +142,7 @@ def open_run_store(cfg: Config, data, *, recorded: Mapping | None = None) -> tup
         teachers = PAPER_TEACHERS if chosen("teachers") == AUTO else tuple(chosen("teachers"))
         views = 1 if cfg.data.views == AUTO else int(cfg.data.views)   # online-fresh: V picks the statistics' views
         pixels = "source" if chosen("pixels") == AUTO else chosen("pixels")
-    decoder = resolve_decoder(chosen("decoder")) if cfg.data.decoder == AUTO else cfg.data.decoder
+    decoder = resolve_decoder(chosen("decoder"), device=device) if cfg.data.decoder == AUTO else cfg.data.decoder
     streams = chosen("streams")
     if streams == AUTO:
         streams = auto_streams([[int(s["first"]), int(s["count"])] for s in data.shards],

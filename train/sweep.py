@@ -25,7 +25,7 @@ SWEEP, STOPPED = "sweep.yaml", "stopped.txt"
 _SHARED_PREFIXES = ("data.",)
 _OWN_DATA_KEYS = ("data.student_visible",)
 _SHARED_KEYS = ("train.batch_size", "schedule.epochs", "train.log_every", "train.ckpt_every", "train.out_dir",
-                "train.wandb", "train.wandb_project")
+                "train.wandb", "train.wandb_project", "train.snapshot_every", "train.snapshot_full")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 

@@ -11,7 +11,9 @@ import time
 import numpy as np
 import torch
 
+from core.precision import autocast_dtype, grad_scaler
 from data import views as V
+from teachers.descriptors import descriptor
 from train.config import load_config, teacher_names
 from train.flops import step_flops_per_image
 from train.loader import Plan
@@ -23,14 +25,15 @@ from train.objective import build_objective
 __all__ = ["measure", "teacher_rate"]
 
 
-def _time_steps(objective, opt, batches, *, amp: bool, device, clip_grad: float) -> float:
-    """Seconds for the steps over ``batches`` (an iterator of materialised batches)."""
-    dev = torch.device(device)
+def _time_steps(objective, opt, batches, *, amp: torch.dtype | None, device, clip_grad: float) -> float:
+    """Seconds for the steps over ``batches`` (an iterator of materialised batches) under autocast
+    ``amp`` (float16 with a gradient scaler, as training runs)."""
+    dev, scaler = torch.device(device), grad_scaler(amp, device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t = time.perf_counter()
     for b in batches:
-        train_step(objective, opt, b, lr=1e-4, clip_grad=clip_grad, amp=amp)
+        train_step(objective, opt, b, lr=1e-4, clip_grad=clip_grad, amp=amp, scaler=scaler)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return time.perf_counter() - t
@@ -68,7 +71,7 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     if plan.steps_per_epoch < need:
         raise ValueError(f"the data gives {plan.steps_per_epoch} steps of {batch_size} per epoch; "
                          f"need {need}: use more data or a smaller batch")
-    amp, clip = torch.device(device).type == "cuda", cfg.train.clip_grad
+    amp, clip = autocast_dtype(cfg.train.amp, device), cfg.train.clip_grad
     setups = {}
     configs = {mode: (cfg, store) for mode in modes}
     for mode, path in (other_stores or {}).items():
@@ -109,7 +112,7 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
     ceiling = next((r["images_per_second"] for r in rows if r["mode"] == "ceiling"), None)
     online = next((r["images_per_second"] for r in rows if r["mode"] == "online"), None)
     flops = step_flops_per_image(cfg, n_visible=cfg.data.student_visible, teacher_tokens={
-        n: 1 + V.num_visible(V.MASK_RATIOS[n]) for n in teacher_names(cfg)})["total"]
+        n: 1 + V.num_visible(descriptor(n).mask_ratio) for n in teacher_names(cfg)})["total"]
     for r in rows:
         r["vs_online"] = r["images_per_second"] / online if online else None
         r["vs_ceiling"] = r["images_per_second"] / ceiling if ceiling else None

@@ -43,4 +43,6 @@ class TrainOptions:
                                negatable=False)
     ckpt_steps: int = option(0, "Also checkpoint every N steps (0: epoch ends only).")
     device: str = option("auto", "auto, cpu, cuda (cuda:LOCAL_RANK under torchrun).")
+    requeue: bool = option(False, "On SIGTERM/SIGUSR1 (checkpoint written, exit status 75) also run `scontrol requeue "
+                                  "$SLURM_JOB_ID` (also COMAD_REQUEUE=1).", negatable=False)
     overrides: tuple[str, ...] = option((), "Config values: KEY=VALUE.", argument=True, metavar="[KEY=VALUE]...")

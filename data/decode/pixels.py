@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-# ImageNet statistics of RGB in [0, 1]: the one definition, used by every decoder,
-# teacher and student of the project.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from teachers.descriptors import IMAGENET_MEAN, IMAGENET_STD
+
+# ImageNet statistics of RGB in [0, 1] (written in teachers/descriptors.py): every decoder gives
+# views normalised with them, the student's input; a teacher whose weights expect other
+# statistics renormalises (teachers/vit.py).
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 224  # output side of a view in pixels (the teachers' and the student's resolution)
 

@@ -84,13 +84,14 @@ class DaliStoredViews:
 def make_view_decoder(form: str, kind: str, *, batch_size: int, device: str = "cpu", num_threads: int = 2,
                       normalize: bool = True):
     """The decoder of stored views of ``form`` (``jpeg`` or ``raw``) for the job's decoder
-    ``kind`` (``auto``, ``dali`` or ``pil``; data/decoders.py): a callable datas -> (B, 3, 224, 224)
-    float32 normalised (``normalize=False``: uint8 (B, 224, 224, 3))."""
+    ``kind`` (``auto``, ``dali``, ``pil`` or ``torchvision``; data/decoders.py; ``torchvision``
+    decodes the small stored views by PIL): a callable datas -> (B, 3, 224, 224) float32 normalised
+    (``normalize=False``: uint8 (B, 224, 224, 3))."""
     kind = resolve_decoder(kind)
     if form == "raw":
         return functools.partial(raw_views, normalize=normalize)
     if form != "jpeg":
         raise ValueError(f"unknown view pixel form {form!r}; choose 'jpeg' or 'raw'")
-    if kind == "pil":
+    if kind in ("pil", "torchvision"):
         return functools.partial(pil_stored_views, normalize=normalize)
     return DaliStoredViews(batch_size=batch_size, device=device, num_threads=num_threads, normalize=normalize)

@@ -34,8 +34,8 @@ def test_config_file_options_and_overrides_set_the_job_and_out_records_it(photo_
                                   "--workers", "0", "--no-progress", "shard_size=4"])
     assert r.exit_code == 0, (r.output, r.exception)
     recorded = yaml.safe_load((out / RESOLVED).read_text())
-    assert recorded == dict(src=str(photo_tree), out=str(out), shard_size=4, seed=3, pattern=None, skip_bad=False,
-                            workers=0)
+    assert recorded == dict(src=str(photo_tree), out=str(out), shard_size=4, seed=3, pattern=None, labels="auto",
+                            skip_bad=False, workers=0)
     ds = ImageSet.open(out)
     assert ds.meta["shard_size"] == 4 and ds.meta["order"]["seed"] == 3            # what the job did
     assert PrepareConfig.load(out / RESOLVED).to_dict() == recorded                   # it loads back

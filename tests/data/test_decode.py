@@ -1,5 +1,5 @@
 """The pixels of a view: PIL reference vs DALI (CPU), modes, flips, borders, batches
-(data/decode/).
+(data/decode/; the PIL pool and torchvision's decoder: test_decode_fast.py).
 
 Tolerance (0..255 scale, before normalisation, DALI CPU vs PIL on the same bytes and
 boxes): per view, mean absolute difference <= VIEW_BOUND; over all views of a test,
@@ -25,75 +25,14 @@ from data.decode import (
     make_decoder, pil_view, pil_views, to_rgb,
 )
 from data.decoders import DecodeError
-from data.views import view_params
+from tests.data.conftest import mean_abs, photo_sizes, photo_views
 
 SIZE = 224
-
-
-# -- photos ---------------------------------------------------------------------------
-def _encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def _tree_photos(photo_tree: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(photo_tree.rglob("*.*"))}
-
-
-@pytest.fixture(scope="module")
-def extra_photos() -> dict[str, bytes]:
-    """Real photos at ImageNet-like sizes (~500x375) plus the rarer encodings that the
-    photo tree lacks: 16-bit grey PNG, palette PNG with transparency, 1-bit PNG, a JPEG
-    with an EXIF rotation tag, WebP and BMP."""
-    import skimage.data
-
-    astronaut = Image.fromarray(skimage.data.astronaut()).resize((500, 500), Image.Resampling.LANCZOS)
-    coffee = Image.fromarray(skimage.data.coffee()).resize((500, 333), Image.Resampling.LANCZOS)
-    rocket = Image.fromarray(skimage.data.rocket()).resize((500, 334), Image.Resampling.LANCZOS)
-    camera = skimage.data.camera()[::2, ::2]
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display": both decoders must ignore it
-    palette = rocket.convert("P")
-    return {
-        "astronaut_500.jpg": _encode(astronaut, "JPEG", quality=90),
-        "coffee_cmyk_500.jpg": _encode(coffee.convert("CMYK"), "JPEG", quality=90),
-        "rocket_exif6.jpg": _encode(rocket, "JPEG", quality=90, exif=exif.tobytes()),
-        "rocket_palette_trns.png": _encode(palette, "PNG", transparency=0),
-        "camera_16bit.png": _encode(Image.fromarray(camera.astype(np.uint16) * 257 + 100), "PNG"),
-        "camera_1bit.png": _encode(Image.fromarray(camera > 100), "PNG"),
-        "coffee.webp": _encode(coffee, "WEBP", quality=90),
-        "coffee.bmp": _encode(coffee, "BMP"),
-    }
-
-
-@pytest.fixture(scope="module")
-def all_photos(photo_tree, extra_photos) -> dict[str, bytes]:
-    return {**_tree_photos(photo_tree), **extra_photos}
-
-
-def _sizes(datas: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    dims = [Image.open(io.BytesIO(d)).size for d in datas]
-    return np.array([w for w, _ in dims]), np.array([h for _, h in dims])
-
-
-def _views(datas: list[bytes], *, seed: int, views: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """Every photo times ``views`` views drawn by data.views.view_params."""
-    widths, heights = _sizes(datas)
-    n = len(datas)
-    indices = np.repeat(np.arange(n), views)
-    boxes, flips = view_params(seed, indices, np.tile(np.arange(views), n), widths[indices], heights[indices])
-    return [datas[i] for i in indices], boxes, flips
 
 
 @pytest.fixture(scope="module")
 def dali_cpu():
     return DaliViewDecoder(batch_size=16, device="cpu", num_threads=2, size=SIZE, prefetch=2, normalize=False)
-
-
-def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) float pixels -> (B,) mean absolute difference."""
-    return (a - b).abs().flatten(1).mean(1)
 
 
 # -- PIL reference ----------------------------------------------------------------------
@@ -124,7 +63,7 @@ def test_pil_view_rejects_box_outside_image(all_photos):
 
 def test_pil_views_normalises_with_imagenet_mean_and_std(all_photos):
     datas = [all_photos["chelsea.jpg"], all_photos["coins.png"]]
-    widths, heights = _sizes(datas)
+    widths, heights = photo_sizes(datas)
     boxes = np.stack([np.zeros(2, int), np.zeros(2, int), widths, heights], 1)
     flips = np.array([False, True])
     raw = pil_views(datas, boxes, flips, size=48, normalize=False)
@@ -140,14 +79,14 @@ def test_pil_views_normalises_with_imagenet_mean_and_std(all_photos):
 # -- DALI vs PIL ------------------------------------------------------------------------
 def test_dali_matches_pil_within_tolerance_on_every_mode_and_format(dali_cpu, all_photos):
     names = list(all_photos)
-    datas, boxes, flips = _views([all_photos[n] for n in names], seed=7, views=1)
+    datas, boxes, flips = photo_views([all_photos[n] for n in names], seed=7, views=1)
     diffs = []
     for start in range(0, len(datas), dali_cpu.batch_size):
         part = slice(start, start + dali_cpu.batch_size)
         got = dali_cpu(datas[part], boxes[part], flips[part])
         want = pil_views(datas[part], boxes[part], flips[part], size=SIZE, normalize=False)
         assert got.shape == want.shape and got.dtype == torch.float32
-        diffs.append(_mean_abs(got, want))
+        diffs.append(mean_abs(got, want))
     diffs = torch.cat(diffs)
     worst = int(diffs.argmax())
     assert diffs.max() <= VIEW_BOUND, f"{names[worst]}: mean |DALI - PIL| = {diffs.max():.3f}"
@@ -160,15 +99,15 @@ def test_dali_flip_mirrors_exactly_and_matches_pil_flip(dali_cpu, all_photos):
     plain = dali_cpu([data], box, np.array([False]))
     mirrored = dali_cpu([data], box, np.array([True]))
     assert torch.equal(mirrored, plain.flip(-1))
-    assert _mean_abs(mirrored, plain).item() > 10.0  # the astronaut is not symmetric
+    assert mean_abs(mirrored, plain).item() > 10.0  # the astronaut is not symmetric
     pil_mirrored = pil_views([data], box, np.array([True]), size=SIZE, normalize=False)
-    assert _mean_abs(mirrored, pil_mirrored).item() <= VIEW_BOUND
-    assert _mean_abs(plain, pil_mirrored).item() > 10.0
+    assert mean_abs(mirrored, pil_mirrored).item() <= VIEW_BOUND
+    assert mean_abs(plain, pil_mirrored).item() > 10.0
 
 
 def test_dali_boxes_at_image_borders_and_corners_match_pil(dali_cpu, all_photos):
     data = all_photos["coffee_cmyk_500.jpg"]
-    (w,), (h,) = _sizes([data])
+    (w,), (h,) = photo_sizes([data])
     boxes = np.array([
         [0, 0, w, h],                # the whole image
         [w - 120, h - 90, 120, 90],  # bottom-right corner, touching both edges
@@ -180,7 +119,7 @@ def test_dali_boxes_at_image_borders_and_corners_match_pil(dali_cpu, all_photos)
     flips = np.array([False, True, False, True, False, False])
     got = dali_cpu([data] * len(boxes), boxes, flips)
     want = pil_views([data] * len(boxes), boxes, flips, size=SIZE, normalize=False)
-    diffs = _mean_abs(got, want)
+    diffs = mean_abs(got, want)
     assert diffs.max() <= VIEW_BOUND, diffs.tolist()
     # A one-pixel box is that pixel's colour everywhere, in both decoders.
     assert got[4].flatten(1).std(1).max() == 0 and want[4].flatten(1).std(1).max() == 0
@@ -189,7 +128,7 @@ def test_dali_boxes_at_image_borders_and_corners_match_pil(dali_cpu, all_photos)
 def test_dali_normalised_output_inverts_to_pil_pixels(all_photos):
     decoder = DaliViewDecoder(batch_size=4, device="cpu", num_threads=1, size=64)
     datas = [all_photos["chelsea.jpg"], all_photos["logo_rgba.png"], all_photos["text_la.png"]]
-    datas, boxes, flips = _views(datas, seed=3, views=1)
+    datas, boxes, flips = photo_views(datas, seed=3, views=1)
     got = decoder(datas, boxes, flips)
     assert got.dtype == torch.float32 and got.shape == (3, 3, 64, 64) and got.device.type == "cpu"
     want = pil_views(datas, boxes, flips, size=64)
@@ -197,13 +136,13 @@ def test_dali_normalised_output_inverts_to_pil_pixels(all_photos):
     pixels = denormalize(got)
     assert pixels.min() > -0.01 and pixels.max() < 255.01
     assert (pixels - pixels.round()).abs().max() < 1e-3  # whole 8-bit levels, before normalising
-    assert _mean_abs(pixels, denormalize(want)).max() <= VIEW_BOUND
+    assert mean_abs(pixels, denormalize(want)).max() <= VIEW_BOUND
 
 
 # -- batching ---------------------------------------------------------------------------
 def test_map_handles_partial_last_batch_in_order(all_photos):
     decoder = DaliViewDecoder(batch_size=4, device="cpu", num_threads=1, size=32, prefetch=2, normalize=False)
-    datas, boxes, flips = _views(list(all_photos.values())[:5], seed=11, views=2)  # 10 views
+    datas, boxes, flips = photo_views(list(all_photos.values())[:5], seed=11, views=2)  # 10 views
     batches = [(datas[s:s + 4], boxes[s:s + 4], flips[s:s + 4]) for s in range(0, 10, 4)]
     outs = list(decoder.map(batches))
     assert [len(o) for o in outs] == [4, 4, 2]
@@ -212,7 +151,7 @@ def test_map_handles_partial_last_batch_in_order(all_photos):
     for out, (d, b, f) in zip(outs, batches):
         assert torch.equal(out, decoder(d, b, f))
     want = pil_views(datas, boxes, flips, size=32, normalize=False)
-    assert _mean_abs(torch.cat(outs), want).max() <= VIEW_BOUND
+    assert mean_abs(torch.cat(outs), want).max() <= VIEW_BOUND
 
 
 def test_submit_refuses_more_than_prefetch_and_call_refuses_while_pending(all_photos):
@@ -247,7 +186,7 @@ def test_dali_error_names_the_bad_sample_and_decoder_recovers(all_photos):
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("decoder", ["pil", "dali"])
+@pytest.mark.parametrize("decoder", ["pil", "dali", "torchvision"])
 def test_a_damaged_image_is_named_by_its_index_source_file_and_shard(prepared_data, tmp_path, decoder):
     """A byte flipped in a packed PNG after prepare: ``ImageSet.read`` refuses it by its crc32c,
     naming the global index, the source file and the shard tar; bytes that reach a batch
@@ -286,11 +225,11 @@ def test_a_damaged_image_is_named_by_its_index_source_file_and_shard(prepared_da
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dali_cuda_matches_pil_within_tolerance(all_photos):
     decoder = DaliViewDecoder(batch_size=32, device="cuda", size=SIZE, normalize=False)
-    datas, boxes, flips = _views(list(all_photos.values()), seed=5, views=1)
+    datas, boxes, flips = photo_views(list(all_photos.values()), seed=5, views=1)
     got = decoder(datas, boxes, flips)
     assert got.device.type == "cuda" and got.shape == (len(datas), 3, SIZE, SIZE)
     want = pil_views(datas, boxes, flips, size=SIZE, normalize=False)
-    diffs = _mean_abs(got.cpu(), want)
+    diffs = mean_abs(got.cpu(), want)
     # nvJPEG's IDCT (and the A100/H100 hardware decoder) is not libjpeg-turbo's: allow 2x.
     assert diffs.max() <= CUDA_BOUND_SCALE * VIEW_BOUND, dict(zip(all_photos, diffs.tolist()))
     assert diffs.mean() <= CUDA_BOUND_SCALE * MEAN_BOUND
@@ -363,7 +302,7 @@ def test_auto_is_dali_where_it_is_installed():
     assert [resolve_decoder(k) for k in ("auto", "dali", "pil")] == ["dali", "dali", "pil"]
     auto = make_decoder("auto", batch_size=2, device="cpu", num_threads=1)
     assert isinstance(auto, DaliViewDecoder) and (auto.batch_size, auto.num_threads) == (2, 1)
-    assert make_decoder("pil", batch_size=2, device="cpu") is pil_views
+    assert make_decoder("pil", batch_size=2, device="cpu").func is pil_views
     assert isinstance(make_view_decoder("jpeg", "auto", batch_size=2), DaliStoredViews)
     with pytest.raises(ValueError, match="unknown decoder 'nvjpeg'; choose one of auto, dali, pil"):
         make_decoder("nvjpeg", batch_size=2, device="cpu")

@@ -264,7 +264,7 @@ def test_webdataset_input_gives_the_same_samples_as_the_tree(photo_tree, prepare
     assert ds.source(0).startswith("train-0000.tar:animals_")
 
 
-def test_webdataset_sample_without_label_is_rejected_or_stops(photo_tree, tmp_path):
+def test_webdataset_sample_without_label_is_rejected_or_stops_when_labels_are_required(photo_tree, tmp_path):
     import webdataset as wds
 
     src = tmp_path / "wds"
@@ -274,8 +274,8 @@ def test_webdataset_sample_without_label_is_rejected_or_stops(photo_tree, tmp_pa
         sink.write({"__key__": "good", "jpg": data, "cls": 1})
         sink.write({"__key__": "nolabel", "jpg": data})
     with pytest.raises(BadImage, match="nolabel.jpg.*no 'cls' member"):
-        prepare(src, tmp_path / "out", progress=False, workers=0)
-    ds = prepare(src, tmp_path / "out", skip_bad=True, progress=False, workers=0)
+        prepare(src, tmp_path / "out", labels="classes", progress=False, workers=0)
+    ds = prepare(src, tmp_path / "out", labels="classes", skip_bad=True, progress=False, workers=0)
     assert len(ds) == 1 and ds.classes == ["0", "1"] and ds.labels.tolist() == [1]
     assert ds.rejects == [{"source": "a.tar:nolabel.jpg", "reason": "sample has no 'cls' member (label)"}]
 
@@ -397,10 +397,10 @@ def test_exif_orientation_is_recorded_and_size_is_as_stored(photo_tree, tmp_path
     assert ds.orientations.tolist().count(0) == len(ds) - 1
 
 
-def test_source_with_neither_class_folders_nor_tars_is_refused(tmp_path):
+def test_source_with_neither_class_folders_images_nor_tars_is_refused(tmp_path):
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "loose.jpg").write_bytes(b"x")
-    with pytest.raises(PrepareError, match="neither class folders"):
+    (tmp_path / "src" / "notes.txt").write_bytes(b"x")
+    with pytest.raises(PrepareError, match="no class folders .*no image files .*no \\*.tar"):
         prepare(tmp_path / "src", tmp_path / "out", progress=False)
 
 

@@ -1,12 +1,10 @@
 """Extraction end to end: cached tokens equal a fresh teacher forward, a SIGKILLed run
-resumes to the same store (its view pixels too), two torchrun ranks write the same store as
-one, verify.
+resumes to the same store (its view pixels too), two torchrun node launchers (one rank each,
+a c10d rendezvous) write the same store as one process, verify.
 
 Every teacher is tiny (tests/conftest.py ``tiny_teacher``; ``tiny_cli`` and ``tiny_random_init``
 for the command line): what is tested is what extraction does with a teacher's tokens."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from store.verify import verify_store
 from store.features import FeatureStore
 from store.viewpixels import ViewPixels
 from data.shards import ImageSet
+from tests.two_nodes import run_two_nodes
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWS = 2
@@ -30,7 +29,6 @@ VIEWS = 2
 # rank one thread: every run compared here uses one thread, so stores are bit-identical.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
 
 
 def _extract_args(data, store, *extra, view_pixels="none"):
@@ -185,10 +183,14 @@ def test_sigkill_then_resume_with_view_pixels_gives_an_identical_store(one_image
     assert verify_store(store, ImageSet.open(one_image_shards), progress=False)[0] == []
 
 
-def test_two_torchrun_ranks_write_the_same_store_as_one(prepared_data, reference_store, tmp_path, tiny_cli):
+def test_two_torchrun_nodes_of_one_rank_write_the_same_store_as_one_process(prepared_data, reference_store,
+                                                                            tmp_path, tiny_cli):
     store = tmp_path / "store"
-    cmd = [*TORCHRUN, *tiny_cli(*_extract_args(prepared_data, store))]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=ENV)
+    nodes = run_two_nodes(["--no-python", *tiny_cli(*_extract_args(prepared_data, store))], logs=tmp_path / "logs",
+                          cwd=ROOT, env=ENV, timeout=300)
+    assert [code for code, _ in nodes] == [0, 0], "\n".join(out[-3000:] for _, out in nodes)
+    # rank 0 wrote the blocks of image shards 0 and 2 of 3 (2 views each): a world of two
+    assert sum("mae: 4 blocks written, 0 already complete" in out for _, out in nodes) == 1
     got, want = _arrays(store), _arrays(reference_store)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -21,7 +21,10 @@ def test_every_list_of_teachers_and_their_mask_keys_come_from_the_descriptors():
     assert V.MASK_RATIOS == {n: d.mask_ratio for n, d in T.DESCRIPTORS.items()}
     assert list(TEACHER_NAMES) == names and list(CHECKPOINTS) == names     # one converter per descriptor
     teacher_option = next(p for p in cli.extract.params if p.name == "teacher")
-    assert list(teacher_option.type.choices) == names
+    assert f"Which frozen teacher to run: {', '.join(names)}, or timm:NAME" in teacher_option.help
+    from extract.config import ExtractConfig
+    with pytest.raises(ValueError, match=r"config teacher='dinov2' is not one of \['mae', .* or timm:NAME"):
+        ExtractConfig(teacher="dinov2").validate()
     from train.config import teacher_names
     assert Config().data.teachers == "auto" and teacher_names(Config()) == T.PAPER_TEACHERS == DEMO_TEACHERS
     # part of every stored mask's key: renumbering would silently change every store's masks
@@ -49,7 +52,7 @@ def test_every_teacher_is_on_the_students_grid_and_the_registry_refuses_a_shared
     assert (T.descriptor("dinov2_b14").resolution, T.descriptor("dinov2_l14").width) == (196, 1024)
     mae = T.descriptor("mae")
     monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, "copy": dataclasses.replace(mae, name="copy")})
-    with pytest.raises(ValueError, match="two teachers share a mask key id"):
+    with pytest.raises(ValueError, match="teachers mae and copy share the mask key id 0"):
         T._check_registry()
     b14 = dataclasses.replace(mae, name="b14_at_224", key_id=9, patch_size=14)      # a 16 x 16 grid
     monkeypatch.setattr(T, "DESCRIPTORS", {"mae": mae, b14.name: b14})

@@ -244,9 +244,15 @@ def test_images_of_another_size_fail_naming_both_accepted_sizes(loaded):
         loaded["dinov2_b14"](torch.zeros(1, 3, 192, 192), torch.arange(4)[None])
 
 
-def test_registers_with_an_embedded_class_are_refused():
-    with pytest.raises(ValueError, match="reg_token with no_embed_class=False"):
-        build_teacher("dinov2_b14_reg4", random_init=True, model_kwargs={"depth": 1, "no_embed_class": False})
+def test_registers_with_an_embedded_class_run_as_timms_own_forward():
+    # timm's layout: the position embedding covers CLS, the registers and the patches
+    teacher = build_teacher("dinov2_b14_reg4", random_init=True, model_kwargs={"depth": 1, "no_embed_class": False})
+    images = _images(2, batch=1)
+    reference = teacher.vit.forward_features(F.interpolate(images, size=(196, 196), mode="bilinear",
+                                                           antialias=True, align_corners=False))
+    full = teacher.forward_full(images)
+    torch.testing.assert_close(full["cls"], reference[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full["patch"], reference[:, 5:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", DINOV2)

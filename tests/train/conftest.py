@@ -13,8 +13,8 @@ def _arm(monkeypatch, step: int, learner: str | None = None) -> type[Crash]:
 
     real, fired = Learner.checkpoint, []
 
-    def checkpoint(self):
-        real(self)
+    def checkpoint(self, **kw):
+        real(self, **kw)
         if not fired and self.step == step and learner in (None, self.name):
             fired.append(step)
             raise Crash(f"{self.label}after the checkpoint of step {step}")

@@ -100,7 +100,7 @@ def test_the_cached_path_refuses_a_store_masked_at_other_ratios(prepared_data, t
     with pytest.raises(StoreError) as e:
         RunStore.open(store, plan.data, seed=0, teachers=("mae", "ibot"))
     assert str(e.value) == (f"{store / 'ibot'}: config mask_ratio=0.25 (n_visible 137) but this run masks "
-                            "teacher ibot at 0.3 (n_visible 137, data/views.py MASK_RATIOS); extract a new store")
+                            "teacher ibot at 0.3 (n_visible 137, teachers/descriptors.py); extract a new store")
 
 
 @pytest.mark.parametrize("decoder", ["pil", "dali"])

@@ -1,15 +1,15 @@
-"""Training on two torchrun ranks (gloo, CPU), one launch for every two-rank proof: each cached
-learner of a sweep and an online-fresh run follow the one-process curve; a two-rank sweep
-crashed after a checkpoint and resumed with its recorded learners repeats every learner bit
-for bit, stochastic depth included (each rank's own noise restored); a one-process run goes
-on on two ranks; a non-finite loss on one rank stops both naming the same step. That the
-global batches do not depend on the world size is shown in process (tests/data/test_order.py,
-tests/train/test_loop.py)."""
+"""Training on two torchrun ranks (gloo, CPU), started as two node launchers of one rank each
+joined by a c10d rendezvous (tests/two_nodes.py: the multi-node path), one launch for every
+two-rank proof: each cached learner of a sweep and an online-fresh run follow the one-process
+curve; a two-rank sweep crashed after a checkpoint and resumed with its recorded learners
+repeats every learner bit for bit, stochastic depth included (each rank's own noise
+restored); a one-process run goes on on two ranks; a non-finite loss on one rank stops both
+naming the same step, and so does a SIGTERM that one rank gets (core/preempt.py), each writing
+the checkpoint of that step. That the global batches do not depend on the world size is shown
+in process (tests/data/test_order.py, tests/train/test_loop.py)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +18,12 @@ import torch
 
 import teachers.vit
 from tests.conftest import tiny_builds
+from tests.two_nodes import run_two_nodes
 from train.config import load_config
 from train.loop import train
 from train.sweep import parse_variant
 
 ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 # a 2-block student on the shared store; views and streams resolved ("auto") and recorded
 CACHED = {"data.views": "auto", "data.streams": "auto", "data.shuffle_window": 2, "data.decoder": "pil",
@@ -73,8 +73,8 @@ class Crash(Exception):
     pass
 
 checkpoint = learner.Learner.checkpoint
-def crash_after(learner):
-    checkpoint(learner)
+def crash_after(learner, **kw):
+    checkpoint(learner, **kw)
     if learner.name == "plain" and learner.step == 2:
         raise Crash
 learner.Learner.checkpoint = crash_after
@@ -87,6 +87,21 @@ main(spec["resume"], standalone_mode=False)
 loop.train(load_config(None, spec["cached"]), out_dir=spec["mixed"], max_steps=4, ckpt_steps=1, resume=True,
            progress=False)
 loop.train(load_config(None, spec["fresh"]), out_dir=spec["fresh_two"], max_steps=4, progress=False)
+
+import os, signal
+from core.preempt import Preempted
+train_on = learner.Learner.train_on
+def signal_rank_1(self, *args, **kw):
+    train_on(self, *args, **kw)
+    if rank == 1 and self.step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+learner.Learner.train_on = signal_rank_1
+try:
+    loop.train(load_config(None, spec["cached"]), out_dir=spec["preempted"], max_steps=4, progress=False)
+    said = "not preempted"
+except Preempted as stopped:
+    said = str(stopped)
+open(spec["preempt_out"] % rank, "w").write(said)
 td.destroy_process_group()
 """
 
@@ -108,7 +123,7 @@ def _relative(a, b):
 def runs(prepared_data, teacher_store, tmp_path_factory, one_torch_thread, arm_crash) -> Path:
     """A folder of the runs compared below: one/, single/ and fresh_one/ in this process, two/,
     cut/, mixed/ (single/ stopped after 2 steps, then resumed on 2 ranks) and fresh_two/ from
-    one torchrun launch."""
+    one launch of two torchrun nodes."""
     out = tmp_path_factory.mktemp("two_ranks")
     cached, fresh = _overrides(prepared_data, teacher_store, CACHED), _overrides(prepared_data, "", FRESH)
     variants = [parse_variant(v) for v in VARIANTS]
@@ -127,13 +142,13 @@ def runs(prepared_data, teacher_store, tmp_path_factory, one_torch_thread, arm_c
               "--ckpt-steps", 1, "--device", "cpu", "--resume", *cached[2:]]
     spec = dict(agree=AGREE, last_pt=str(out / "last.pt"), agree_out=str(out / "agree-%d.json"), cached=cached,
                 variants=VARIANTS, fresh=fresh, resume=[str(a) for a in resume],
-                **{k: str(out / k) for k in ("two", "cut", "mixed", "fresh_two")})
+                preempt_out=str(out / "preempt-%d.txt"),
+                **{k: str(out / k) for k in ("two", "cut", "mixed", "fresh_two", "preempted")})
     (out / "spec.json").write_text(json.dumps(spec))
     (out / "job.py").write_text(_JOB)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    job = subprocess.run([*TORCHRUN, str(out / "job.py"), str(out / "spec.json")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    nodes = run_two_nodes([out / "job.py", out / "spec.json"], logs=out / "logs", cwd=ROOT, env=env, timeout=600)
+    assert [code for code, _ in nodes] == [0, 0], "\n".join(text[-3000:] for _, text in nodes)
     return out
 
 
@@ -185,3 +200,11 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_naming_the_same_step(run
         want.append("continued" if first is None
                     else f"non-finite loss at step {first}; stopping (last good checkpoint: {runs / 'last.pt'})")
     assert [json.loads((runs / f"agree-{r}.json").read_text()) for r in (0, 1)] == [want, want]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_its_step_with_that_steps_checkpoint(runs):
+    line = (f"preempted by SIGTERM at step 3 of 4: checkpoint written to {runs / 'preempted' / 'last.pt'}; resume "
+            "with --resume or --auto-resume")
+    assert [(runs / f"preempt-{r}.txt").read_text() for r in (0, 1)] == [line, line]
+    assert torch.load(runs / "preempted" / "last.pt", map_location="cpu", weights_only=True)["step"] == 3
+    assert _losses(runs / "preempted") == _losses(runs / "two" / "plain")[:3]   # a learner is its single run
