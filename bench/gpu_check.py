@@ -4,6 +4,10 @@
     python bench/gpu_check.py --device cuda:1        # another GPU
     python bench/gpu_check.py --device cpu --quick   # the same checks, small, on the CPU (CI)
 
+--quick also cuts the three random-init ViT-B/16 teachers to one block (QUICK's teacher_depth):
+the same architecture, patches, width and token geometry, so the CPU form checks the plumbing of
+every section, end to end; the teachers' speed is measured by the full form only.
+
 Writes OUT/gpu_check.json and OUT/gpu_check.md, rewritten after each of its six sections
 (bench/gpu_sections.py), and exits 1 if any check failed. What each section measures and which
 rows it fills: docs/performance.md, "Validating a GPU"."""
@@ -25,14 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_sections import (check_agreement, check_cli, check_decode,  # noqa: E402 - after sys.path
-                                check_environment, check_teachers, check_training)
+                                check_environment, check_teachers, check_training, teacher_label)
 
 # Sizes of a run: the full one for a GPU, and --quick (CI on 2 CPU cores, <= 3 minutes).
-FULL = dict(budget_s=540, agree_views=32, decode_views=2048, decode_batch=128, fwd_batch=256, fwd_iters=8,
-            copies=80, shard=128, views=2, ex_batch=128, stats=256, train_batch=128, bench_steps=6,
+# teacher_depth: None for the real ViT-B/16 teachers, else their blocks (bench/gpu_sections.py).
+FULL = dict(budget_s=540, teacher_depth=None, agree_views=32, decode_views=2048, decode_batch=128, fwd_batch=256,
+            fwd_iters=8, copies=80, shard=128, views=2, ex_batch=128, stats=256, train_batch=128, bench_steps=6,
             bench_warmup=2, bench_rounds=3, peak_n=8192, knn_batch=256, knn_k=20, train_steps=40, kill_after=30)
-QUICK = dict(budget_s=180, agree_views=4, decode_views=64, decode_batch=32, fwd_batch=2, fwd_iters=1,
-             copies=1, shard=4, views=1, ex_batch=4, stats=4, train_batch=4, bench_steps=2,
+QUICK = dict(budget_s=180, teacher_depth=1, agree_views=4, decode_views=64, decode_batch=32, fwd_batch=2,
+             fwd_iters=1, copies=1, shard=4, views=1, ex_batch=4, stats=4, train_batch=4, bench_steps=2,
              bench_warmup=1, bench_rounds=1, peak_n=2048, knn_batch=16, knn_k=5, train_steps=8, kill_after=6)
 
 
@@ -70,7 +75,7 @@ class Report:
         m = self.meta
         lines = [f"# gpu_check: {'PASSED' if not self.failed else 'FAILED'}", "",
                  f"`{m['command']}` on {m['device_name']}, {m['date']}; "
-                 f"{m['seconds']:.0f} s of a {m['budget_s']} s budget.", ""]
+                 f"{m['seconds']:.0f} s of a {m['budget_s']} s budget; teachers: {m['teachers']}.", ""]
         if self.failed:
             lines += ["Failed checks:", ""] + [f"- {f}" for f in self.failed] + [""]
         for s in self.sections:
@@ -122,7 +127,8 @@ def main(argv=None) -> int:
     meta = dict(command="python bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 device=str(device), quick=args.quick, budget_s=size["budget_s"], date=time.strftime("%Y-%m-%d %H:%M"),
                 device_name=(torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available()
-                             else f"CPU ({os.cpu_count()} cores)"), seconds=0.0, sizes=size)
+                             else f"CPU ({os.cpu_count()} cores)"), seconds=0.0, sizes=size,
+                teachers=f"random-init {teacher_label(size)}")
     rep = Report(args.out, meta)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_")) if args.work is None else args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,12 @@ Each section is ``check_*(rep, sec, ctx)``: it adds figures and checks to ``sec`
 ``rep`` (a ``bench.gpu_check.Report``) and may leave results in ``ctx`` for later sections
 (``peak`` from 1; ``teachers`` from 4; ``data`` and ``store`` from 5). ``ctx`` holds
 ``device``, ``size`` (FULL or QUICK) and ``tmp`` (the work folder).
+
+The teachers are random-init ViT-B/16s; ``size["teacher_depth"]`` (QUICK: 1) cuts them to that
+many blocks (``teacher_kwargs``), in this process (sections 4 and 6) and in the command line's
+subprocesses (section 5, ``_cli``): the same architecture, patches, width and token geometry,
+so the CPU form checks every step of the plumbing at a fraction of the cost, while the GPU
+form (FULL) measures the real teachers.
 """
 from __future__ import annotations
 
@@ -28,6 +34,19 @@ from data.decode.pixels import CUDA_BOUND_SCALE, MEAN_BOUND, VIEW_BOUND
 from teachers.descriptors import PAPER_TEACHERS, VIT_B_WIDTH
 
 TEACHERS = PAPER_TEACHERS
+TEACHER_DEPTH = 12                      # blocks of the paper teachers' ViT-B/16
+
+
+def teacher_kwargs(size: dict) -> dict | None:
+    """The random-init teachers' model_kwargs: None (the descriptor's ViT-B/16), or the same cut
+    to ``size["teacher_depth"]`` blocks."""
+    depth = size.get("teacher_depth")
+    return None if depth is None else {"depth": depth}
+
+
+def teacher_label(size: dict) -> str:
+    depth = size.get("teacher_depth")
+    return "ViT-B/16" if depth is None else f"ViT-B/16 cut to {depth} of {TEACHER_DEPTH} blocks"
 
 
 def _sync(device: torch.device) -> None:
@@ -197,7 +216,7 @@ def time_dali_cuda(datas, boxes, flips, *, device, threads: int, batch_size: int
 
 
 # -- 4. teacher forward -------------------------------------------------------------
-def teacher_flops(n_visible: int, *, width: int = VIT_B_WIDTH, depth: int = 12) -> float:
+def teacher_flops(n_visible: int, *, width: int = VIT_B_WIDTH, depth: int = TEACHER_DEPTH) -> float:
     """Matmul FLOPs of one masked ViT-B/16 forward on CLS + ``n_visible`` patches."""
     t = n_visible + 1
     return 2 * n_visible * (3 * 16 * 16) * width + depth * (2 * t * 12 * width * width + 4 * t * t * width)
@@ -212,8 +231,9 @@ def check_teachers(rep: Report, sec: dict, ctx: dict) -> None:
     index = np.arange(b)
     images = torch.randn(b, 3, 224, 224, device=device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    depth = size.get("teacher_depth") or TEACHER_DEPTH
     for name in TEACHERS:
-        teacher = build_teacher(name, random_init=True, seed=0, device=device)
+        teacher = build_teacher(name, random_init=True, seed=0, device=device, model_kwargs=teacher_kwargs(size))
         visible = torch.from_numpy(V.teacher_visible(0, index, 0, name)).to(device)
         with torch.inference_mode():
             out = teacher(images, visible)
@@ -224,9 +244,10 @@ def check_teachers(rep: Report, sec: dict, ctx: dict) -> None:
             _sync(device)
         rate = b * iters / (time.perf_counter() - start)
         nv = visible.shape[1]
-        frac = rate * teacher_flops(nv) / ctx["peak"]
+        frac = rate * teacher_flops(nv, depth=depth) / ctx["peak"]
         rep.figure(sec, f"{name} masked forward", rate, "images/s",
-                   f"untrained ViT-B/16 on CLS + {nv} visible patches, batch {b}, {precision}, {iters} batches")
+                   f"untrained {teacher_label(size)} on CLS + {nv} visible patches, batch {b}, {precision}, "
+                   f"{iters} batches")
         rep.figure(sec, f"{name} fraction of peak", frac, "", "its matmul FLOP/s over the measured peak")
         rep.check(sec, f"{name} tokens finite", bool(torch.isfinite(out["patch"]).all()),
                   f"patch tokens {tuple(out['patch'].shape)}")
@@ -234,8 +255,36 @@ def check_teachers(rep: Report, sec: dict, ctx: dict) -> None:
 
 
 # -- 5. the command line end to end ---------------------------------------------------
-def _cli(*args) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), *map(str, args)]
+# ``python -c _CUT_CLI DEPTH ARGS`` is ``python cli.py ARGS`` whose random-init teachers built without
+# model arguments (extract --random-init) are cut to DEPTH blocks; a store records that build, so
+# the commands that read it later rebuild the same teachers. (tests/conftest.py's TINY_CLI does
+# the same for the tests.)
+_CUT_CLI = ("import sys, teachers.vit as vit; depth = int(sys.argv.pop(1)); build = vit.build_teacher\n"
+            "def cut(name, **kw):\n"
+            "    if kw.get('random_init') and kw.get('model_kwargs') is None:\n"
+            "        kw['model_kwargs'] = {'depth': depth}\n"
+            "    return build(name, **kw)\n"
+            "vit.build_teacher = cut\n"
+            "from cli import main; main()")
+
+
+def _cli(*args, size: dict | None = None) -> list[str]:
+    """The command line of ``cli.py ARGS`` in a new interpreter (run from the repository root),
+    with the teachers of ``size`` (``teacher_kwargs``)."""
+    depth = (size or {}).get("teacher_depth")
+    if depth is None:
+        return [sys.executable, str(ROOT / "cli.py"), *map(str, args)]
+    return [sys.executable, "-c", _CUT_CLI, str(depth), *map(str, args)]
+
+
+def _subprocess_env(tmp: Path) -> dict:
+    """The subprocesses' environment. Under PYTHONDONTWRITEBYTECODE every interpreter compiles
+    all it imports again (torch, timm: seconds of a core each time); the commands here share one
+    bytecode cache under the work folder instead (removed with it)."""
+    env = dict(os.environ)
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):
+        env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+    return env
 
 
 def _metric_steps(path: Path) -> list[int]:
@@ -250,12 +299,13 @@ def _metric_steps(path: Path) -> list[int]:
     return steps
 
 
-def _run_until(cmd: list[str], ready, *, log: Path, timeout: float) -> tuple[int | None, bool]:
+def _run_until(cmd: list[str], ready, *, log: Path, timeout: float,
+               env: dict | None = None) -> tuple[int | None, bool]:
     """Run ``cmd``; SIGKILL it as soon as ``ready()`` holds. Returns (exit code, killed).
     (Each step's timeout, three times the whole budget, only catches a hung step: a slow run
     still finishes and fails the budget check.)"""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         try:
             while proc.poll() is None and time.time() < deadline:
@@ -308,22 +358,22 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
                             "--val", data, "--device", dev, "--batch-size", size["knn_batch"], "--workers", 2,
                             "--k", size["knn_k"],
                             "--out", tmp / "knn"], 2 * n)]
-    metrics = run / "metrics.jsonl"
+    metrics, env = run / "metrics.jsonl", _subprocess_env(tmp)
     for k, (name, args, images) in enumerate(steps):
         log = logs / f"{k}.log"
         start = time.perf_counter()
         if killed_step(name):
             # log_every=1: a line past step kill_after means that checkpoint is on disk, and the
             # final one is not (it is written after the last step's line)
-            rc, killed = _run_until(_cli(*args), lambda: any(kill_after < s < n_steps
-                                                             for s in _metric_steps(metrics)),
-                                    log=log, timeout=3 * ctx["size"]["budget_s"])
+            rc, killed = _run_until(_cli(*args, size=size), lambda: any(kill_after < s < n_steps
+                                                                        for s in _metric_steps(metrics)),
+                                    log=log, timeout=3 * size["budget_s"], env=env)
             ok = killed
             detail = f"killed after its step-{kill_after} checkpoint" if killed else f"exit {rc} before it could be killed"
         else:
             try:
-                proc = subprocess.run(_cli(*args), cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                      timeout=3 * ctx["size"]["budget_s"])
+                proc = subprocess.run(_cli(*args, size=size), cwd=ROOT, stdout=open(log, "w"),
+                                      stderr=subprocess.STDOUT, timeout=3 * size["budget_s"], env=env)
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -331,7 +381,8 @@ def check_cli(rep: Report, sec: dict, ctx: dict) -> None:
         seconds = time.perf_counter() - start
         rate = f", {images / seconds:.1f} images/s" if images else ""
         rep.figure(sec, name, seconds, "s", f"wall time of `cli.py {args[0]}` in a subprocess"
-                   + (f" ({images} images{rate})" if images else ""))
+                   + (f" ({images} images{rate})" if images else "")
+                   + (f"; teachers {teacher_label(size)}" if args[0] == "extract" else ""))
         if not ok:
             tail = log.read_text()[-600:].replace("\n", " / ")
             detail += f": {tail}"
@@ -366,7 +417,7 @@ def check_training(rep: Report, sec: dict, ctx: dict) -> None:
                    threads=min(os.cpu_count() or 1, 4), views=size["views"], streams=1,
                    teachers=ctx.get("teachers"))
     what = {"cached": "store blocks + DALI decoding in a prefetch thread + the step",
-            "online": "the same decoding + the three ViT-B teachers' forward + the step",
+            "online": f"the same decoding + the three teachers' forward ({teacher_label(size)}) + the step",
             "ceiling": "the step alone on batches already on the device"}
     for r in rows:
         mfu = r["student_tflops"] * 1e12 / ctx["peak"]

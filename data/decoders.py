@@ -12,7 +12,7 @@ from core.errors import ExpectedError
 
 AUTO = "auto"
 DECODERS = (AUTO, "dali", "pil", "torchvision")
-DALI_EXTRA = "pip install '.[dali]'"
+DALI_EXTRA = "pip install '.[dali]' (CUDA 13) or '.[dali-cuda12]' (CUDA 12)"
 DECODER_HELP = "Image decoder: dali (NVIDIA DALI, GPU decoder on CUDA; the extra " + DALI_EXTRA + \
     "), pil (the reference, on a thread pool), torchvision (batched decode_jpeg, nvJPEG on CUDA; other " \
     "formats by PIL) or auto (dali where it is installed, else torchvision on a CUDA device, else pil)."

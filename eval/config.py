@@ -42,7 +42,8 @@ def _amp_option():
 class BackboneConfig(TypedConfig):
     """What every protocol evaluates: a timm backbone and its weights."""
 
-    checkpoint: str = option("", "Backbone weights (.safetensors or .pth/.pt), a timm state dict.",
+    checkpoint: str = option("", "Backbone weights (.safetensors or .pth/.pt): a timm state dict, a run's last.pt "
+                                 "or a snapshot (RUN/snapshots/).",
                              required=True, path="file")
     model: str = option("vit_tiny_patch16_224", "timm model name the checkpoint belongs to.")
     model_args: tuple[str, ...] = option((), "Extra timm.create_model argument, repeatable (e.g. img_size=32).",
