@@ -123,10 +123,10 @@ def measure(*, data, store, batch_size: int = 16, steps: int = 8, warmup: int = 
 def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False, repeats: int = 3) -> float:
     """Images per second of one teacher forward on a batch of ``images`` seeded noise images,
     the median of ``repeats`` timed batches after a warm-up batch of 2: masked as in extraction
-    (its visible patches of view 0, seed 0), or ``full`` (196 patches); fp32 on the CPU, bf16
-    autocast on CUDA (as extraction runs). The machine's speed, by which the demo's time is
-    normalised (bench/demo.py, docs/performance.md); bench/cache_cost.py combines it over its
-    teachers."""
+    (its visible patches of view 0, seed 0), or ``full`` (196 patches); in the teacher's precision
+    (by default fp32 on the CPU, bf16 autocast on CUDA, as extraction runs). The machine's speed,
+    by which the demo's time is normalised (bench/demo.py, docs/performance.md);
+    bench/cache_cost.py combines it over its teachers."""
     g = torch.Generator().manual_seed(0)
     batch = torch.randn(images, 3, 224, 224, generator=g).to(device)
     visible = torch.from_numpy(V.teacher_visible(0, np.arange(images), 0, teacher.name)).to(device)
@@ -139,7 +139,7 @@ def teacher_rate(teacher, *, device: str, images: int = 8, full: bool = False, r
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     seconds = []
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    with torch.inference_mode():                 # the teacher's own precision: bf16 on CUDA, fp32 on the CPU
         forward(2)
         for _ in range(repeats):
             sync()

@@ -2,11 +2,9 @@
 at the current step and stops with ``Preempted`` (the command: one line, exit status 75); the resume
 repeats the uninterrupted losses bit for bit. ``extract`` stops after the current block, which a rerun
 skips. ``--requeue`` runs ``scontrol requeue``. Two ranks agreeing on the step: tests/train/test_two_ranks.py."""
-import json
 import os
 import signal
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,33 +13,14 @@ from click.testing import CliRunner
 from cli import main
 from core.preempt import PREEMPTED_EXIT, Preempted, PreemptSignals, requeue_job
 from core.run import load_checkpoint
-from train.config import load_config
 from train.learner import Learner
+from tests.train.conftest import TINY_RUN, logged_losses, tiny_run_config
 from train.loop import train
 from train.sweep import parse_variant
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")      # fp32 CPU sums repeat at a fixed thread count
-
-
-@pytest.fixture(autouse=True)
-def no_loss_plots(monkeypatch):
-    """No loss.png / losses.png (matplotlib: most of a tiny run's time; not what is tested here)."""
-    monkeypatch.setattr("train.plots.plot_losses", lambda *args, **kw: None)
-
-# a 2-block student on the shared 13-image store, 4 steps (2 an epoch: step 3 has no epoch checkpoint)
-SETTINGS = {"data.views": 2, "data.shuffle_window": 2, "data.decoder": "pil", "data.num_workers": 1,
-            "data.streams": 2, "train.batch_size": 4, "train.log_every": 1, "schedule.epochs": 4,
-            "schedule.warmup_epochs": 1, "model.depth": 2}
+# fp32 CPU sums repeat at a fixed thread count; a TINY_RUN of 4 steps (step 3 has no epoch checkpoint)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_loss_plots")
 VARIANTS = ["uniform:gate.mode=uniform", "mse:loss.kind=mse"]
-
-
-def _cfg(data, store):
-    return load_config(None, [f"data.images={data}", f"data.store={store}",
-                              *(f"{k}={v}" for k, v in SETTINGS.items())])
-
-
-def _losses(run):
-    return [json.loads(ln)["loss"] for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _signal_at(monkeypatch, step: int, sig=signal.SIGTERM):
@@ -58,7 +37,7 @@ def _signal_at(monkeypatch, step: int, sig=signal.SIGTERM):
 
 def test_sigterm_checkpoints_the_step_and_the_resume_repeats_the_uninterrupted_losses(
         prepared_data, teacher_store, tmp_path, monkeypatch):
-    cfg, ref, run = _cfg(prepared_data, teacher_store), tmp_path / "ref", tmp_path / "run"
+    cfg, ref, run = tiny_run_config(prepared_data, teacher_store), tmp_path / "ref", tmp_path / "run"
     train(cfg, out_dir=ref, max_steps=4, progress=False)
     before = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as mp:
@@ -69,14 +48,14 @@ def test_sigterm_checkpoints_the_step_and_the_resume_repeats_the_uninterrupted_l
                                   "resume with --resume or --auto-resume")
     assert signal.getsignal(signal.SIGTERM) is before               # the handlers are given back
     assert load_checkpoint(run / "last.pt")["step"] == 3 and not (run / "student.safetensors").exists()
-    assert _losses(run) == _losses(ref)[:3]
+    assert logged_losses(run) == logged_losses(ref)[:3]
     train(cfg, out_dir=run, max_steps=4, progress=False, resume=True)
-    assert _losses(run) == _losses(ref) and len(_losses(ref)) == 4
+    assert logged_losses(run) == logged_losses(ref) and len(logged_losses(ref)) == 4
 
 
 def test_sigusr1_stops_a_sweep_with_each_learners_checkpoint_and_the_resume_repeats_each(
         prepared_data, teacher_store, tmp_path, monkeypatch):
-    cfg, ref, run = _cfg(prepared_data, teacher_store), tmp_path / "ref", tmp_path / "run"
+    cfg, ref, run = tiny_run_config(prepared_data, teacher_store), tmp_path / "ref", tmp_path / "run"
     variants = [parse_variant(v) for v in VARIANTS]
     train(cfg, out_dir=ref, max_steps=4, progress=False, variants=variants)
     with monkeypatch.context() as mp:
@@ -88,7 +67,7 @@ def test_sigusr1_stops_a_sweep_with_each_learners_checkpoint_and_the_resume_repe
         assert load_checkpoint(run / name / "last.pt")["step"] == 3
     train(cfg, out_dir=run, max_steps=4, progress=False, variants=variants, resume=True)
     for name in ("uniform", "mse"):
-        assert _losses(run / name) == _losses(ref / name) and len(_losses(ref / name)) == 4, name
+        assert logged_losses(run / name) == logged_losses(ref / name) and len(logged_losses(ref / name)) == 4, name
 
 
 def test_the_train_command_prints_one_line_exits_75_and_requeues_the_slurm_job(
@@ -103,7 +82,7 @@ def test_the_train_command_prints_one_line_exits_75_and_requeues_the_slurm_job(
     run = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--data", prepared_data, "--store", teacher_store, "--out", run,
                                        "--steps", "4", "--device", "cpu", "--requeue",
-                                       *(f"{k}={v}" for k, v in SETTINGS.items())])
+                                       *(f"{k}={v}" for k, v in TINY_RUN.items())])
     assert result.exit_code == PREEMPTED_EXIT == 75, (result.output, result.exception)
     assert result.output.splitlines() == [
         f"preempted by SIGTERM at step 1 of 4: checkpoint written to {run / 'last.pt'}; resume with --resume or "

@@ -3,7 +3,6 @@
 and a resume continues from like last.pt."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,36 +13,17 @@ from cli import main
 from core.run import load_checkpoint
 from eval.common import load_backbone
 from tests.eval.conftest import make_toy_folder
-from train.config import load_config
+from tests.train.conftest import logged_losses, tiny_run_config
 from train.loop import train
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")      # fp32 CPU sums repeat at a fixed thread count
-
-
-@pytest.fixture(autouse=True)
-def no_loss_plots(monkeypatch):
-    """No loss.png / losses.png (matplotlib: most of a tiny run's time; not what is tested here)."""
-    monkeypatch.setattr("train.plots.plot_losses", lambda *args, **kw: None)
-
-# a 2-block student on the shared 13-image store; 2 steps an epoch, 5 steps of a 4-epoch schedule
-SETTINGS = {"data.views": 2, "data.shuffle_window": 2, "data.decoder": "pil", "data.num_workers": 1,
-            "data.streams": 2, "train.batch_size": 4, "train.log_every": 1, "schedule.epochs": 4,
-            "schedule.warmup_epochs": 1, "model.depth": 2}
-
-
-def _cfg(data, store, **kw):
-    return load_config(None, [f"data.images={data}", f"data.store={store}",
-                              *(f"{k}={v}" for k, v in {**SETTINGS, **kw}.items())])
-
-
-def _losses(run):
-    return [json.loads(ln)["loss"] for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+# fp32 CPU sums repeat at a fixed thread count; a TINY_RUN: 2 steps an epoch, 5 steps of its 4 epochs
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_loss_plots")
 
 
 def test_snapshots_keep_the_student_every_n_epochs_for_eval_and_the_checkpoint_for_a_resume(
         prepared_data, teacher_store, tmp_path):
     run = tmp_path / "run"
-    cfg = _cfg(prepared_data, teacher_store, **{"train.snapshot_every": 2, "train.snapshot_full": "true"})
+    cfg = tiny_run_config(prepared_data, teacher_store, **{"train.snapshot_every": 2, "train.snapshot_full": "true"})
     train(cfg, out_dir=run, max_steps=5, progress=False)
     snaps = run / "snapshots"
     assert sorted(p.name for p in snaps.iterdir()) == ["epoch_0002.pt", "epoch_0002.safetensors"]   # not epoch 1
@@ -71,5 +51,5 @@ def test_snapshots_keep_the_student_every_n_epochs_for_eval_and_the_checkpoint_f
     branch = tmp_path / "branch"
     shutil.copytree(run, branch, ignore=shutil.ignore_patterns("snapshots", "student.safetensors"))
     shutil.copy(snaps / "epoch_0002.pt", branch / "last.pt")
-    train(_cfg(prepared_data, teacher_store), out_dir=branch, max_steps=5, progress=False, resume=True)
-    assert _losses(branch) == _losses(run) and len(_losses(run)) == 5
+    train(tiny_run_config(prepared_data, teacher_store), out_dir=branch, max_steps=5, progress=False, resume=True)
+    assert logged_losses(branch) == logged_losses(run) and len(logged_losses(run)) == 5
