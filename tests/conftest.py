@@ -159,12 +159,19 @@ def teacher_store(prepared_data, tmp_path_factory, worker_id) -> Path:
 
 
 def _extract_teacher_store(prepared_data: Path, store: Path) -> Path:
+    return extract_tiny(prepared_data, store, ("mae", "mocov3", "ibot"))
+
+
+def extract_tiny(prepared_data: Path, store: Path, names) -> Path:
+    """Extract tiny teachers ``names`` (``tiny_teacher``, seed 0) over ``prepared_data`` into ``store``
+    as ``teacher_store`` holds its three: 2 views, fp16 codec, no view pixels, statistics from all
+    13 images."""
     from extract.config import ExtractConfig
     from extract.runner import run_extraction
     from data.shards import ImageSet
 
     data = ImageSet.open(prepared_data)
-    for name in ("mae", "mocov3", "ibot"):
+    for name in names:
         run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil", stats_images=13,
                                      codec="fp16", view_pixels="none", device="cpu"),
                        teacher=_tiny_teacher(name), data=data, progress=False)

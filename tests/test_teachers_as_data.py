@@ -23,6 +23,7 @@ from data import views as V
 from store.features import FeatureStore
 from data.shards import ImageSet
 from teachers.descriptors import PAPER_TEACHERS, descriptor
+from tests.conftest import extract_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FOUR = (*PAPER_TEACHERS, "dinov2_b14")
@@ -35,18 +36,11 @@ def _invoke(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def four_teacher_store(teacher_store, prepared_data, tmp_path_factory, tiny_teacher) -> Path:
+def four_teacher_store(teacher_store, prepared_data, tmp_path_factory) -> Path:
     """The shared 3-teacher store (2 views, fp16) plus a random-init DINOv2 ViT-B/14 of one block."""
-    from extract.config import ExtractConfig
-    from extract.runner import run_extraction
-
     store = tmp_path_factory.mktemp("four_teachers") / "store"
     shutil.copytree(teacher_store, store)
-    run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil", stats_images=13,
-                                 codec="fp16", view_pixels="none", device="cpu"),
-                   teacher=tiny_teacher("dinov2_b14"),
-                   data=ImageSet.open(prepared_data), progress=False)
-    return store
+    return extract_tiny(prepared_data, store, ["dinov2_b14"])
 
 
 def test_a_patch_14_teacher_is_stored_on_the_shared_grid_with_its_own_masks(four_teacher_store):

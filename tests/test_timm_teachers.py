@@ -22,7 +22,7 @@ from cli import main
 from data import views as V
 from data.shards import ImageSet
 from store.features import FeatureStore
-from tests.conftest import one_error
+from tests.conftest import extract_tiny, one_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CLIP, DEIT, DINO8, GAP = ("timm:vit_base_patch16_clip_224.openai", "timm:deit_tiny_distilled_patch16_224",
@@ -37,19 +37,12 @@ def _invoke(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def timm_store(teacher_store, prepared_data, tmp_path_factory, tiny_teacher) -> Path:
+def timm_store(teacher_store, prepared_data, tmp_path_factory) -> Path:
     """The shared store of the paper's three (tiny) teachers plus the four timm teachers, tiny."""
-    from extract.config import ExtractConfig
-    from extract.runner import run_extraction
-
     store = tmp_path_factory.mktemp("timm_teachers") / "store"
     shutil.copytree(teacher_store, store)
     T.register(T.with_mask_ratio(T.timm_descriptor(DINO8), 0.3))   # as `extract --mask-ratio 0.3` does
-    for name in TIMM:
-        run_extraction(ExtractConfig(store=store, views=2, seed=0, batch_size=4, decoder="pil", stats_images=13,
-                                     codec="fp16", view_pixels="none", device="cpu"),
-                       teacher=tiny_teacher(name), data=ImageSet.open(prepared_data), progress=False)
-    return store
+    return extract_tiny(prepared_data, store, TIMM)
 
 
 def test_a_timm_teachers_descriptor_is_read_from_its_model():
